@@ -1,0 +1,3 @@
+from hydra_watchdog.cli import main
+
+raise SystemExit(main())

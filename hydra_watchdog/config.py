@@ -1,0 +1,474 @@
+"""The one place that knows the configuration schema.
+
+Each TOML table is a frozen dataclass below; a field's metadata says how its value is parsed and
+documents it (the docs feed `check-config`, the example file's test and the NixOS module's test).
+`load_config()` turns a file into a `Config` or raises `ConfigError`, whose message names the key,
+the bad value and what is accepted. The CLI maps `ConfigError` to exit status 78 (EX_CONFIG).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import tomllib
+import urllib.parse
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from hydra_watchdog.durations import ACCEPTED as DURATION_ACCEPTED
+from hydra_watchdog.durations import format_duration, parse_duration
+
+DEFAULT_CONFIG_PATH = Path("/etc/hydra-watchdog/config.toml")
+EX_CONFIG = 78
+
+
+class ConfigError(Exception):
+    """An invalid configuration; str() is the whole, actionable message."""
+
+    def __init__(self, key: str, message: str) -> None:
+        super().__init__(f"{key}: {message}" if key else message)
+        self.key = key
+
+
+def _opt(default: Any, doc: str, kind: str, **rules: Any) -> Any:
+    meta = {"doc": doc, "kind": kind, **rules}
+    if isinstance(default, list | tuple):
+        return field(default=tuple(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass(frozen=True)
+class WatchdogSection:
+    interval: float = _opt(5.0, "How often to observe, decide and act.", "duration", min=0.05)
+    state_dir: str = _opt(
+        "/var/lib/hydra-watchdog",
+        "Where state (back-off, history, events, pause) survives restarts.",
+        "path",
+    )
+    dry_run: bool = _opt(False, "Decide as usual, but only log what would be done.", "bool")
+    events_kept: int = _opt(200, "How many recent events the state file keeps.", "int", min=1)
+
+
+@dataclass(frozen=True)
+class TabbyAPISection:
+    url: str = _opt(
+        "http://127.0.0.1:5000",
+        "TabbyAPI's base URL; must be on this node (loopback).",
+        "local_url",
+    )
+    unit: str = _opt("tabbyapi.service", "The systemd unit that runs TabbyAPI.", "unit")
+    admin_key_file: str = _opt(
+        "",
+        "File holding TabbyAPI's admin key (empty: none; under systemd the credential "
+        "'admin_key' is used when present).",
+        "path_or_empty",
+    )
+    health_timeout: float = _opt(5.0, "Total deadline of one /health probe.", "duration", min=0.01)
+    slow_threshold: float = _opt(
+        2.0, "Health latency above this is slow (the runbook's alert).", "duration", min=0.001
+    )
+    slow_probes: int = _opt(
+        3, "Consecutive slow probes before the node counts as degraded.", "int", min=1
+    )
+    failures_before_down: int = _opt(
+        3, "Consecutive failed probes before TabbyAPI counts as down.", "int", min=1
+    )
+    startup_grace: float = _opt(
+        300.0,
+        "After a (re)start, refused connections mean 'starting' for this long "
+        "(TabbyAPI loads its startup model before it opens the port).",
+        "duration",
+    )
+    canary_interval: float = _opt(
+        300.0, "How often a 1-token completion checks generation (0: only when slow).", "duration"
+    )
+    canary_deadline: float = _opt(
+        30.0,
+        "A canary slower than this while /health is 200 is a generation hang.",
+        "duration",
+        min=0.01,
+    )
+    venv: str = _opt(
+        "/opt/tabbyapi/venv",
+        "TabbyAPI's virtualenv, for the missing-library (ldd) check.",
+        "path_or_empty",
+    )
+    cmdline_patterns: tuple[str, ...] = _opt(
+        ("/opt/tabbyapi",),
+        "Substrings of a command line that mark a process as TabbyAPI's.",
+        "str_list",
+        nonempty=True,
+    )
+
+    @property
+    def port(self) -> int:
+        parsed = urllib.parse.urlsplit(self.url)
+        return parsed.port or (443 if parsed.scheme == "https" else 80)
+
+
+@dataclass(frozen=True)
+class ModelSection:
+    name: str = _opt(
+        "Midnight-Miqu-70B-v1.5-exl2-2.5bpw",
+        "The model to keep loaded (a folder under models_dir; empty: never load).",
+        "str",
+    )
+    models_dir: str = _opt(
+        "/mnt/models", "Where the model folders live (a mount on hydra-ai).", "path"
+    )
+    vram_required_gib: float | None = _opt(
+        None,
+        "VRAM the model needs, summed over the GPUs (unset: estimated from the folder size).",
+        "optional_float",
+        min=0.0,
+    )
+    estimate_overhead_gib: float = _opt(
+        4.0, "Added to the folder size when estimating (KV cache, CUDA context).", "float", min=0.0
+    )
+    load_timeout: float = _opt(
+        900.0, "Give up on a model load after this long.", "duration", min=1.0
+    )
+    max_load_attempts: int = _opt(
+        3, "Failed loads of the model before the fallback is tried.", "int", min=1
+    )
+    fallback: str = _opt(
+        "", "A smaller model to load when the main one cannot (empty: none).", "str"
+    )
+    fallback_vram_required_gib: float | None = _opt(
+        None, "VRAM the fallback needs (unset: estimated).", "optional_float", min=0.0
+    )
+
+
+@dataclass(frozen=True)
+class RestartLoopSection:
+    max_restarts: int = _opt(
+        3, "More restarts than this within `window` is a restart loop.", "int", min=1
+    )
+    window: float = _opt(600.0, "The window restarts are counted in.", "duration", min=1.0)
+    backoff_initial: float = _opt(
+        30.0, "First wait before a start attempt in a loop.", "duration", min=0.01
+    )
+    backoff_max: float = _opt(900.0, "Longest wait between start attempts.", "duration", min=0.01)
+    reset_after: float = _opt(600.0, "Healthy time that resets the back-off.", "duration")
+    escalate_after: float = _opt(1800.0, "Time in a loop before escalating.", "duration")
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    index: int | None = _opt(None, "NVML index of the GPU.", "optional_int", min=0)
+    uuid: str | None = _opt(None, "UUID of the GPU (instead of index).", "optional_str")
+    power_limit_watts: float | None = _opt(
+        None, "Power limit to enforce (unset: leave it alone).", "optional_float", min=1.0
+    )
+
+    @property
+    def label(self) -> str:
+        return f"gpu{self.index}" if self.index is not None else f"gpu {self.uuid}"
+
+
+@dataclass(frozen=True)
+class GpuSection:
+    nvml_library: str = _opt(
+        "", "Explicit path of libnvidia-ml.so.1 (empty: the loader's search path).", "path_or_empty"
+    )
+    call_timeout: float = _opt(
+        2.0, "Deadline for one NVML call (a lost GPU can hang it).", "duration", min=0.01
+    )
+    device: tuple[GpuDevice, ...] = _opt(
+        (), "The GPUs TabbyAPI uses ([[gpu.device]] tables).", "devices"
+    )
+
+
+@dataclass(frozen=True)
+class OrphansSection:
+    enabled: bool = _opt(True, "Kill TabbyAPI processes left outside the unit's cgroup.", "bool")
+    term_grace: float = _opt(10.0, "Wait between SIGTERM and SIGKILL.", "duration")
+
+
+@dataclass(frozen=True)
+class GpuResetSection:
+    enabled: bool = _opt(
+        False,
+        "Allow `GPU reset` in full recovery (only when no other process uses the GPU).",
+        "bool",
+    )
+
+
+@dataclass(frozen=True)
+class FallbackRouteSection:
+    url: str = _opt(
+        "", "LiteLLM base URL to verify the fallback route (empty: off).", "url_or_empty"
+    )
+    model: str = _opt("tabby", "Model name to ask LiteLLM for.", "str")
+    timeout: float = _opt(10.0, "Deadline of the fallback-route check.", "duration", min=0.01)
+
+
+@dataclass(frozen=True)
+class MetricsSection:
+    listen: str = _opt(
+        "127.0.0.1:9835", "host:port of the Prometheus exporter (empty: off).", "listen_or_empty"
+    )
+
+
+@dataclass(frozen=True)
+class Config:
+    watchdog: WatchdogSection = field(default_factory=WatchdogSection)
+    tabbyapi: TabbyAPISection = field(default_factory=TabbyAPISection)
+    model: ModelSection = field(default_factory=ModelSection)
+    restart_loop: RestartLoopSection = field(default_factory=RestartLoopSection)
+    gpu: GpuSection = field(default_factory=GpuSection)
+    orphans: OrphansSection = field(default_factory=OrphansSection)
+    gpu_reset: GpuResetSection = field(default_factory=GpuResetSection)
+    fallback_route: FallbackRouteSection = field(default_factory=FallbackRouteSection)
+    metrics: MetricsSection = field(default_factory=MetricsSection)
+    source: str = field(default="(defaults)", compare=False)
+
+
+SECTIONS: dict[str, type[Any]] = {
+    f.name: f.default_factory  # type: ignore[misc]
+    for f in dataclasses.fields(Config)
+    if f.name != "source"
+}
+
+
+def schema() -> dict[str, dict[str, dataclasses.Field[Any]]]:
+    """Every section and key, for docs and cross-checks (example file, NixOS module)."""
+    return {name: {f.name: f for f in dataclasses.fields(cls)} for name, cls in SECTIONS.items()}
+
+
+# --- parsing ------------------------------------------------------------------------------------
+
+
+def _is_loopback_host(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _url(key: str, value: object, *, local: bool) -> str:
+    if not isinstance(value, str):
+        raise ConfigError(key, f"{value!r} is not a string; expected an http:// or https:// URL")
+    parsed = urllib.parse.urlsplit(value)
+    if parsed.scheme not in ("http", "https") or not parsed.hostname:
+        raise ConfigError(key, f"{value!r} is not an http:// or https:// URL with a host")
+    try:
+        _ = parsed.port
+    except ValueError:
+        raise ConfigError(key, f"{value!r} has an invalid port") from None
+    if local and not _is_loopback_host(parsed.hostname):
+        raise ConfigError(
+            key,
+            f"{value!r} is not on this node; the watchdog runs beside TabbyAPI and only "
+            "talks to a loopback address (127.0.0.0/8, ::1 or localhost)",
+        )
+    return value.rstrip("/")
+
+
+def _number(key: str, value: object, rules: Mapping[str, Any], integer: bool) -> float:
+    what = "an integer" if integer else "a number"
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ConfigError(key, f"{value!r} is not {what}")
+    if integer and not isinstance(value, int):
+        raise ConfigError(key, f"{value!r} is not {what}")
+    if "min" in rules and value < rules["min"]:
+        raise ConfigError(key, f"{value!r} is below the minimum {rules['min']}")
+    return value
+
+
+def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
+    kind = meta["kind"]
+    if kind == "duration":
+        try:
+            seconds = parse_duration(value)
+        except ValueError:
+            raise ConfigError(key, f"{value!r} is not {DURATION_ACCEPTED}") from None
+        if "min" in meta and seconds < meta["min"]:
+            raise ConfigError(key, f"{value!r} is shorter than {format_duration(meta['min'])}")
+        return seconds
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise ConfigError(key, f"{value!r} is not a boolean; use true or false")
+        return value
+    if kind in ("int", "optional_int"):
+        return int(_number(key, value, meta, integer=True))
+    if kind in ("float", "optional_float"):
+        return float(_number(key, value, meta, integer=False))
+    if kind in ("str", "optional_str", "path", "path_or_empty", "unit"):
+        if not isinstance(value, str):
+            raise ConfigError(key, f"{value!r} is not a string")
+        if kind == "path" and not value.startswith("/"):
+            raise ConfigError(key, f"{value!r} is not an absolute path")
+        if kind == "path_or_empty" and value and not value.startswith("/"):
+            raise ConfigError(key, f"{value!r} is not an absolute path (or empty)")
+        if kind == "unit" and (not value or "/" in value or not value.endswith(".service")):
+            raise ConfigError(
+                key, f"{value!r} is not a systemd service name like 'tabbyapi.service'"
+            )
+        return value
+    if kind == "str_list":
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise ConfigError(key, f"{value!r} is not a list of non-empty strings")
+        if meta.get("nonempty") and not value:
+            raise ConfigError(key, "the list is empty; give at least one pattern")
+        return tuple(value)
+    if kind == "local_url":
+        return _url(key, value, local=True)
+    if kind == "url_or_empty":
+        return "" if value == "" else _url(key, value, local=False)
+    if kind == "listen_or_empty":
+        if not isinstance(value, str):
+            raise ConfigError(key, f"{value!r} is not a string like '127.0.0.1:9835'")
+        if value == "":
+            return value
+        host, sep, port = value.rpartition(":")
+        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ConfigError(
+                key, f"{value!r} is not 'host:port' like '127.0.0.1:9835' (or empty: off)"
+            )
+        return value
+    raise AssertionError(f"unknown field kind {kind}")  # pragma: no cover - schema bug
+
+
+def _reject_unknown(prefix: str, table: Mapping[str, object], known: Sequence[str]) -> None:
+    for key in table:
+        if key not in known:
+            hint = difflib.get_close_matches(key, known, n=1)
+            did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            raise ConfigError(
+                f"{prefix}{key}",
+                f"unknown key{did_you_mean} (known here: {', '.join(sorted(known))})",
+            )
+
+
+def _parse_table(prefix: str, cls: type[Any], table: object) -> Any:
+    if not isinstance(table, dict):
+        raise ConfigError(prefix.rstrip("."), f"{table!r} is not a table")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    _reject_unknown(prefix, table, list(fields))
+    values: dict[str, Any] = {}
+    for name, raw in table.items():
+        meta = fields[name].metadata
+        if meta["kind"] == "devices":
+            values[name] = _parse_devices(f"{prefix}{name}", raw)
+        else:
+            values[name] = _parse_value(f"{prefix}{name}", raw, meta)
+    return cls(**values)
+
+
+def _parse_devices(key: str, raw: object) -> tuple[GpuDevice, ...]:
+    if not isinstance(raw, list):
+        raise ConfigError(key, "expected [[gpu.device]] tables")
+    devices = tuple(_parse_table(f"{key}[{i}].", GpuDevice, t) for i, t in enumerate(raw))
+    seen: set[str] = set()
+    for i, dev in enumerate(devices):
+        if (dev.index is None) == (dev.uuid is None):
+            raise ConfigError(f"{key}[{i}]", "give exactly one of 'index' or 'uuid'")
+        ident = str(dev.index if dev.index is not None else dev.uuid)
+        if ident in seen:
+            raise ConfigError(f"{key}[{i}]", f"the GPU {ident!r} is listed twice")
+        seen.add(ident)
+    return devices
+
+
+def _check_cross_keys(cfg: Config) -> None:
+    t, r, m = cfg.tabbyapi, cfg.restart_loop, cfg.model
+    if t.slow_threshold >= t.health_timeout:
+        raise ConfigError(
+            "tabbyapi.slow_threshold",
+            f"{format_duration(t.slow_threshold)} is not below tabbyapi.health_timeout "
+            f"({format_duration(t.health_timeout)}); a slow probe must be able to finish",
+        )
+    if r.backoff_initial > r.backoff_max:
+        raise ConfigError(
+            "restart_loop.backoff_initial",
+            f"{format_duration(r.backoff_initial)} exceeds restart_loop.backoff_max "
+            f"({format_duration(r.backoff_max)})",
+        )
+    if m.fallback and m.fallback == m.name:
+        raise ConfigError("model.fallback", f"{m.fallback!r} is the main model; pick a smaller one")
+
+
+def parse_config(data: Mapping[str, object], source: str = "(inline)") -> Config:
+    _reject_unknown("", data, list(SECTIONS))
+    sections = {
+        name: _parse_table(f"{name}.", SECTIONS[name], table) for name, table in data.items()
+    }
+    cfg = Config(**sections, source=source)
+    _check_cross_keys(cfg)
+    return cfg
+
+
+def load_config(path: Path | str) -> Config:
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError("", f"config file {path} does not exist (pass --config PATH)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError("", f"config file {path} cannot be read: {exc}") from None
+    try:
+        data = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    return parse_config(data, source=str(path))
+
+
+# --- rendering ----------------------------------------------------------------------------------
+
+
+def redact_url(url: str) -> str:
+    """Hide credentials a URL may carry (user:password@, query strings)."""
+    if not url:
+        return url
+    parts = urllib.parse.urlsplit(url)
+    netloc = parts.netloc
+    if "@" in netloc:
+        netloc = "***@" + netloc.rpartition("@")[2]
+    query = "***" if parts.query else ""
+    return urllib.parse.urlunsplit((parts.scheme, netloc, parts.path, query, ""))
+
+
+def _toml_value(value: object, kind: str) -> str:
+    if kind == "duration" and isinstance(value, float):
+        return f'"{format_duration(value)}"'
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int | float):
+        return repr(value)
+    if isinstance(value, tuple):
+        return "[" + ", ".join(_toml_value(v, "str") for v in value) + "]"
+    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{text}"'
+
+
+def _render_table(lines: list[str], obj: object) -> None:
+    for f in dataclasses.fields(obj):  # type: ignore[arg-type]
+        if f.metadata["kind"] == "devices":
+            continue  # rendered as [[gpu.device]] tables after the section
+        value = getattr(obj, f.name)
+        if f.metadata.get("kind") in ("url_or_empty", "local_url"):
+            value = redact_url(value)
+        if value is None:
+            lines.append(f"# {f.name} = (unset)")
+        else:
+            lines.append(f"{f.name} = {_toml_value(value, f.metadata['kind'])}")
+
+
+def render_config(cfg: Config) -> str:
+    """The effective configuration as TOML, secrets redacted; parse_config() accepts it again."""
+    lines = [f"# effective configuration from {cfg.source}"]
+    for name in SECTIONS:
+        section = getattr(cfg, name)
+        lines.append(f"\n[{name}]")
+        _render_table(lines, section)
+        if name == "gpu":
+            for dev in cfg.gpu.device:
+                lines.append("\n[[gpu.device]]")
+                _render_table(lines, dev)
+    return "\n".join(lines) + "\n"

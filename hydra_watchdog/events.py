@@ -1,0 +1,42 @@
+"""Events: what the daemon tells humans (journald, `events`, status). One kind, one MESSAGE_ID."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+from hydra_watchdog.states import Phase, Rule, Severity
+
+
+class EventKind(StrEnum):
+    """Public names (HYDRA_EVENT); each has a stable MESSAGE_ID and a journal catalog entry."""
+
+    STARTED = "watchdog_started"
+    STOPPING = "watchdog_stopping"
+    STATE_CHANGED = "state_changed"
+    DIAGNOSIS = "diagnosis"  # a finding (cause) appeared
+    ACTION = "action"  # an action ran and succeeded (or would have, in dry-run)
+    ACTION_FAILED = "action_failed"
+    ACTION_REFUSED = "action_refused"  # a safety check said no
+    RESTART_LOOP = "restart_loop"
+    ESCALATED = "escalated"
+    RECOVERED = "recovered"
+    LOAD_PROGRESS = "load_progress"
+    PAUSED = "paused"
+    RESUMED = "resumed"
+    CONFIG_RELOADED = "config_reloaded"
+    CONFIG_REJECTED = "config_rejected"
+
+
+@dataclass(frozen=True)
+class Event:
+    wall: float  # time.time(): events are read by humans and other processes
+    kind: EventKind
+    severity: Severity
+    message: str
+    state: Phase
+    rule: Rule | None = None
+    action: str = ""  # actions.action_name()
+    reason: str = ""  # the evidence
+    unit: str = ""  # set on records about TabbyAPI's unit (-> OBJECT_SYSTEMD_UNIT)
+    fields: tuple[tuple[str, str], ...] = ()  # extra journald fields: GPU_INDEX, TARGET_PID, ...

@@ -1,0 +1,253 @@
+"""One frozen snapshot of the node per cycle: what the probes saw, never how they saw it.
+
+Probes (hydra_watchdog/probes/) build these; the pure policy reads them. Times are monotonic
+seconds (time.monotonic()), sizes bytes, power watts. `None` means "not read" (not probed this
+cycle, or the read failed: the matching error field says why) and is never a guess.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from hydra_watchdog.actions import ActionResult
+
+
+class Outcome(StrEnum):
+    """How an HTTP probe ended: the one error vocabulary of the TabbyAPI client."""
+
+    OK = "ok"
+    REFUSED = "refused"  # nothing listening (or connection reset before an answer)
+    TIMEOUT = "timeout"  # the total deadline passed (hung, trickling, slow)
+    HTTP_ERROR = "http_error"  # an HTTP status that is not the expected one
+    BAD_BODY = "bad_body"  # malformed JSON, wrong content type or shape, protocol garbage
+    UNAUTHORIZED = "unauthorized"  # 401/403: the admin key is missing or wrong
+
+
+@dataclass(frozen=True)
+class HttpResult:
+    outcome: Outcome
+    latency_s: float
+    status: int | None = None
+    detail: str = ""  # for humans; never contains a key
+
+
+@dataclass(frozen=True)
+class Health:
+    """GET /health. `unhealthy_issues` non-empty only for TabbyAPI's sticky 503."""
+
+    result: HttpResult
+    healthy: bool
+    unhealthy_issues: tuple[str, ...] = ()
+
+    @property
+    def sticky_unhealthy(self) -> bool:
+        return self.result.status == 503 and self.result.outcome is Outcome.HTTP_ERROR
+
+
+@dataclass(frozen=True)
+class ModelStatus:
+    """GET /v1/model. `loaded` is the model id; None with known=True means "no model loaded"."""
+
+    result: HttpResult
+    loaded: str | None
+    known: bool
+
+
+@dataclass(frozen=True)
+class Canary:
+    """A 1-token POST /v1/completions with a deadline."""
+
+    result: HttpResult
+
+
+class NvmlErrorKind(StrEnum):
+    NO_PERMISSION = "no_permission"
+    NOT_SUPPORTED = "not_supported"
+    GPU_LOST = "gpu_lost"
+    DRIVER_NOT_LOADED = "driver_not_loaded"
+    LIBRARY_NOT_FOUND = "library_not_found"
+    FUNCTION_NOT_FOUND = "function_not_found"
+    LIBRARY_MISMATCH = "library_mismatch"
+    NOT_FOUND = "not_found"  # the configured index/UUID does not exist
+    INVALID_ARGUMENT = "invalid_argument"
+    TIMEOUT = "timeout"  # the call did not return within gpu.call_timeout
+    OTHER = "other"
+
+
+@dataclass(frozen=True)
+class GpuProcess:
+    pid: int
+    used_bytes: int | None
+
+
+@dataclass(frozen=True)
+class PowerInfo:
+    usage_w: float | None = None
+    limit_w: float | None = None
+    enforced_w: float | None = None
+    min_w: float | None = None
+    max_w: float | None = None
+    default_w: float | None = None
+
+
+@dataclass(frozen=True)
+class GpuSnapshot:
+    index: int
+    uuid: str
+    name: str
+    memory_total: int | None = None
+    memory_used: int | None = None
+    memory_free: int | None = None
+    processes: tuple[GpuProcess, ...] = ()
+    power: PowerInfo = field(default_factory=PowerInfo)
+    temperature_c: int | None = None
+    utilization_pct: int | None = None
+    throttle_reasons: tuple[str, ...] = ()  # decoded clock-event reason names
+    errors: tuple[tuple[str, NvmlErrorKind], ...] = ()  # (what was read, why it failed)
+
+
+@dataclass(frozen=True)
+class GpuReport:
+    devices: tuple[GpuSnapshot, ...] = ()
+    error: NvmlErrorKind | None = None  # the whole probe failed (init, library)
+    detail: str = ""
+
+
+class ProcessRole(StrEnum):
+    MAIN = "main"  # the unit's MainPID
+    UNIT = "unit"  # in the unit's current cgroup
+    ORPHAN = "orphan"  # matches tabbyapi.cmdline_patterns, outside the unit's cgroup
+    FOREIGN = "foreign"  # anything else: reported, never signalled
+
+
+@dataclass(frozen=True)
+class ProcessInfo:
+    """A process worth knowing about. (pid, start_time, cmdline) is its identity: an actuator
+    re-reads all three before it signals, so a reused PID is never hit."""
+
+    pid: int
+    start_time: float  # psutil create_time(): seconds since the epoch
+    cmdline: tuple[str, ...]
+    role: ProcessRole
+    gpu_bytes: int = 0  # memory it holds on the configured GPUs
+    listens_on: tuple[int, ...] = ()  # of the ports we watch (port, port+1)
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.cmdline)
+
+
+@dataclass(frozen=True)
+class Listener:
+    port: int
+    pid: int | None  # None: a LISTEN socket whose owner we could not see
+
+
+@dataclass(frozen=True)
+class PortReport:
+    port: int  # the configured port; port + 1 is watched too (TabbyAPI moves there when busy)
+    listeners: tuple[Listener, ...] = ()
+    full_scan: bool = False  # owners were searched host-wide, not only among the unit's PIDs
+
+    def owners(self, port: int) -> tuple[int | None, ...]:
+        return tuple(lst.pid for lst in self.listeners if lst.port == port)
+
+
+@dataclass(frozen=True)
+class UnitStatus:
+    """`systemctl show` of the TabbyAPI unit. available=False: no systemd to ask (detail says)."""
+
+    name: str
+    available: bool
+    load_state: str = ""  # "loaded", "not-found", ...
+    active_state: str = ""  # active, activating, deactivating, inactive, failed, reloading
+    sub_state: str = ""
+    result: str = ""  # success, exit-code, signal, core-dump, oom-kill, timeout, start-limit-hit
+    n_restarts: int | None = None
+    main_pid: int | None = None
+    control_group: str = ""
+    invocation_id: str = ""
+    exec_main_status: int | None = None
+    active_enter_mono: float | None = None  # seconds, CLOCK_MONOTONIC like `now`
+    detail: str = ""
+
+    @property
+    def exists(self) -> bool:
+        return self.available and self.load_state not in ("", "not-found")
+
+    @property
+    def running(self) -> bool:
+        return self.active_state in ("active", "activating", "reloading")
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    name: str
+    path: str
+    exists: bool
+    has_config: bool = False
+    weight_files: int = 0  # *.safetensors
+    size_bytes: int = 0
+    detail: str = ""
+
+    @property
+    def usable(self) -> bool:
+        return self.exists and self.has_config and self.weight_files > 0
+
+
+@dataclass(frozen=True)
+class HostReport:
+    models_dir_ok: bool
+    models_dir_detail: str = ""  # why not ok: "missing", "not a mount point", "not readable"
+    model: ModelDir | None = None
+    fallback: ModelDir | None = None
+    missing_libraries: tuple[str, ...] | None = None  # None: not checked this cycle
+    journal_excerpt: tuple[str, ...] | None = None  # None: not read this cycle
+
+
+@dataclass(frozen=True)
+class PauseRequest:
+    reason: str
+    until: float | None  # monotonic; None: until `resume`
+
+
+@dataclass(frozen=True)
+class LoadProgress:
+    """A model load in flight, as the load actuator reports it."""
+
+    model: str
+    started_at: float
+    module: int = 0
+    modules: int = 0
+
+
+class Probe(StrEnum):
+    """Expensive probes the policy asks for; the daemon runs them only when asked."""
+
+    CANARY = "canary"
+    PORT_SCAN = "port_scan"  # host-wide owner search for the port listeners
+    LIBRARIES = "libraries"  # ldd on the ExLlamaV2 extension
+    JOURNAL = "journal"  # the unit's last journal lines
+    MODEL = "model"  # GET /v1/model even when health failed
+
+
+@dataclass(frozen=True)
+class Observation:
+    at: float
+    health: Health
+    unit: UnitStatus
+    host: HostReport
+    model: ModelStatus | None = None
+    canary: Canary | None = None
+    gpus: GpuReport = field(default_factory=GpuReport)
+    port: PortReport | None = None
+    processes: tuple[ProcessInfo, ...] = ()
+    load: LoadProgress | None = None
+    results: tuple[ActionResult, ...] = ()  # actions finished since the previous cycle
+    pause: PauseRequest | None = None
+
+    def process(self, pid: int) -> ProcessInfo | None:
+        return next((p for p in self.processes if p.pid == pid), None)

@@ -1,0 +1,143 @@
+"""What the policy remembers between cycles, and its JSON form (persisted by the daemon).
+
+All times are monotonic seconds, as `now` is passed to decide(). The state file stores the boot
+id beside them: after a reboot the clock starts over, and `rebased()` drops what no longer holds.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import types
+import typing
+from dataclasses import dataclass
+from enum import Enum
+from typing import Any
+
+from hydra_watchdog.observation import Probe
+from hydra_watchdog.states import Phase, Rule, Severity
+
+STATE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class RestartRecord:
+    at: float
+    by: str  # "watchdog" (a start/restart it issued) or "systemd" (Restart= counted in NRestarts)
+
+
+@dataclass(frozen=True)
+class Finding:
+    """A diagnosis: a cause the watchdog found; shown by `status`, logged once when it appears."""
+
+    rule: Rule
+    severity: Severity
+    message: str
+
+
+@dataclass(frozen=True)
+class PolicyState:
+    phase: Phase = Phase.UNKNOWN
+    phase_since: float = 0.0
+    # health streaks
+    failures: int = 0  # consecutive probes that failed (refused/timeout/bad status)
+    last_failure: str = ""
+    slow_streak: int = 0
+    last_canary_at: float | None = None
+    # restarts and the loop
+    restarts: tuple[RestartRecord, ...] = ()  # those inside restart_loop.window
+    nrestarts_seen: int | None = None  # last NRestarts, to count systemd's restarts by delta
+    invocation_id: str = ""
+    recovery_started: float | None = None  # a start/restart was issued; grace counts from here
+    healthy_since: float | None = None
+    backoff_step: int = 0  # 0: not in a loop; n: the n-th back-off wait
+    backoff_until: float | None = None  # next start attempt not before this
+    loop_since: float | None = None
+    escalated: bool = False
+    # model loads
+    load_in_flight: str = ""  # model of the load issued and not yet finished
+    load_started: float | None = None
+    load_failures: int = 0
+    next_load_at: float | None = None
+    using_fallback: bool = False
+    # power limits refused for lack of permission, as (gpu index, target watts): reported once
+    power_denied: tuple[tuple[int, float], ...] = ()
+    fallback_route_checked: bool = False
+    findings: tuple[Finding, ...] = ()
+    wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
+
+    def restarts_in_window(self, now: float, window: float, by: str | None = None) -> int:
+        return sum(1 for r in self.restarts if now - r.at <= window and (by is None or r.by == by))
+
+    def rebased(self) -> PolicyState:
+        """After a reboot: monotonic stamps are meaningless. Keep the back-off step (a loop
+        that survived a reboot is still a loop), restart the wait from zero, forget the rest."""
+        return PolicyState(
+            backoff_step=self.backoff_step,
+            load_failures=self.load_failures,
+            using_fallback=self.using_fallback,
+            escalated=self.escalated,
+            power_denied=self.power_denied,
+            backoff_until=0.0 if self.backoff_step else None,
+            loop_since=0.0 if self.backoff_step else None,
+        )
+
+
+# --- JSON ---------------------------------------------------------------------------------------
+
+
+def to_jsonable(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, Enum):
+        return value.value
+    if isinstance(value, frozenset):
+        return sorted(to_jsonable(v) for v in value)
+    if isinstance(value, tuple | list):
+        return [to_jsonable(v) for v in value]
+    return value
+
+
+def _from(tp: Any, raw: Any) -> Any:
+    origin = typing.get_origin(tp)
+    if origin in (typing.Union, types.UnionType):
+        if raw is None:
+            return None
+        return _from(next(a for a in typing.get_args(tp) if a is not type(None)), raw)
+    if origin is tuple:
+        args = typing.get_args(tp)
+        if len(args) == 2 and args[1] is Ellipsis:
+            return tuple(_from(args[0], v) for v in raw)
+        return tuple(_from(a, v) for a, v in zip(args, raw, strict=True))
+    if origin is frozenset:
+        (arg,) = typing.get_args(tp)
+        return frozenset(_from(arg, v) for v in raw)
+    if isinstance(tp, type) and issubclass(tp, Enum):
+        return tp(raw)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return from_jsonable(tp, raw)
+    if tp is float:
+        if isinstance(raw, bool) or not isinstance(raw, int | float):
+            raise TypeError(f"expected a number, got {raw!r}")
+        return float(raw)
+    if tp in (int, str, bool):
+        if not isinstance(raw, tp) or (tp is int and isinstance(raw, bool)):
+            raise TypeError(f"expected {tp.__name__}, got {raw!r}")
+        return raw
+    raise TypeError(f"unsupported type {tp!r}")  # pragma: no cover - schema bug
+
+
+T = typing.TypeVar("T")
+
+
+def from_jsonable(cls: type[T], raw: Any) -> T:
+    """Inverse of to_jsonable for our dataclasses; TypeError/ValueError/KeyError on bad data.
+    Unknown keys are ignored (a newer minor writer), missing ones take their defaults."""
+    if not isinstance(raw, dict):
+        raise TypeError(f"expected an object for {cls.__name__}")
+    hints = typing.get_type_hints(cls)
+    kwargs = {
+        f.name: _from(hints[f.name], raw[f.name])
+        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
+        if f.name in raw
+    }
+    return cls(**kwargs)
