@@ -48,6 +48,11 @@ class WatchdogSection:
         "Where state (back-off, history, events, pause) survives restarts.",
         "path",
     )
+    runtime_dir: str = _opt(
+        "/run/hydra-watchdog",
+        "World-readable status (no secrets) for `hydra-watchdog status` as any user.",
+        "path",
+    )
     dry_run: bool = _opt(False, "Decide as usual, but only log what would be done.", "bool")
     events_kept: int = _opt(200, "How many recent events the state file keeps.", "int", min=1)
 
