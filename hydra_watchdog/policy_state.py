@@ -59,9 +59,12 @@ class PolicyState:
     load_failures: int = 0
     next_load_at: float | None = None
     using_fallback: bool = False
-    # power limits refused for lack of permission, as (gpu index, target watts): reported once
-    power_denied: tuple[tuple[int, float], ...] = ()
+    last_load_error: str = ""
+    # power limits that failed (no permission, invalid...), as (gpu index, target watts, retry at):
+    # reported once, retried only after POWER_RETRY_AFTER, never every cycle
+    power_denied: tuple[tuple[int, float, float], ...] = ()
     fallback_route_checked: bool = False
+    fallback_route_detail: str = ""
     findings: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
 
@@ -76,7 +79,6 @@ class PolicyState:
             load_failures=self.load_failures,
             using_fallback=self.using_fallback,
             escalated=self.escalated,
-            power_denied=self.power_denied,
             backoff_until=0.0 if self.backoff_step else None,
             loop_since=0.0 if self.backoff_step else None,
         )
