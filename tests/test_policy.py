@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import pytest
@@ -403,7 +404,7 @@ def test_failed_loads_back_off_then_fall_back() -> None:
     assert [a.model for a in loads] == ["M", "M", "M", "F"]
     assert loads[-1].reason.rule is Rule.FALLBACK_MODEL
     times = [at for at, _, acts in run.trace if any(isinstance(a, LoadModel) for a in acts)]
-    gaps = [b - a for a, b in zip(times, times[1:], strict=False)]
+    gaps = [b - a for a, b in itertools.pairwise(times)]
     assert gaps[0] >= 5 and gaps[1] >= 10  # load failures count toward back-off
     assert any("Insufficient VRAM" in f.message for f in run.trace[-2][1].findings)
 
