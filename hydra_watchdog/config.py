@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import difflib
 import ipaddress
+import math
 import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -259,7 +260,10 @@ def _is_loopback_host(host: str) -> bool:
 def _url(key: str, value: object, *, local: bool) -> str:
     if not isinstance(value, str):
         raise ConfigError(key, f"{value!r} is not a string; expected an http:// or https:// URL")
-    parsed = urllib.parse.urlsplit(value)
+    try:
+        parsed = urllib.parse.urlsplit(value)
+    except ValueError:  # e.g. an unclosed "[::1" IPv6 literal
+        raise ConfigError(key, f"{value!r} is not an http:// or https:// URL with a host") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(key, f"{value!r} is not an http:// or https:// URL with a host")
     try:
@@ -281,6 +285,9 @@ def _number(key: str, value: object, rules: Mapping[str, Any], integer: bool) ->
         raise ConfigError(key, f"{value!r} is not {what}")
     if integer and not isinstance(value, int):
         raise ConfigError(key, f"{value!r} is not {what}")
+    # TOML spells inf and nan; nan would also slip past the minimum check below.
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ConfigError(key, f"{value!r} is not a finite number")
     if "min" in rules and value < rules["min"]:
         raise ConfigError(key, f"{value!r} is below the minimum {rules['min']}")
     return value
@@ -332,7 +339,12 @@ def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
         if value == "":
             return value
         host, sep, port = value.rpartition(":")
-        if not sep or not host or not port.isdigit() or not 0 < int(port) < 65536:
+        if (
+            not sep
+            or not host
+            or not (port.isascii() and port.isdigit())
+            or not 0 < int(port) < 65536
+        ):
             raise ConfigError(
                 key, f"{value!r} is not 'host:port' like '127.0.0.1:9835' (or empty: off)"
             )
@@ -370,13 +382,14 @@ def _parse_devices(key: str, raw: object) -> tuple[GpuDevice, ...]:
     if not isinstance(raw, list):
         raise ConfigError(key, "expected [[gpu.device]] tables")
     devices = tuple(_parse_table(f"{key}[{i}].", GpuDevice, t) for i, t in enumerate(raw))
-    seen: set[str] = set()
+    seen: set[tuple[str, str]] = set()
     for i, dev in enumerate(devices):
         if (dev.index is None) == (dev.uuid is None):
             raise ConfigError(f"{key}[{i}]", "give exactly one of 'index' or 'uuid'")
-        ident = str(dev.index if dev.index is not None else dev.uuid)
+        # Keyed by kind too: index 0 and a uuid spelled "0" are different GPUs.
+        ident = ("index", str(dev.index)) if dev.index is not None else ("uuid", str(dev.uuid))
         if ident in seen:
-            raise ConfigError(f"{key}[{i}]", f"the GPU {ident!r} is listed twice")
+            raise ConfigError(f"{key}[{i}]", f"the GPU {ident[1]!r} is listed twice")
         seen.add(ident)
     return devices
 
@@ -448,8 +461,21 @@ def _toml_value(value: object, kind: str) -> str:
         return repr(value)
     if isinstance(value, tuple):
         return "[" + ", ".join(_toml_value(v, "str") for v in value) + "]"
-    text = str(value).replace("\\", "\\\\").replace('"', '\\"')
-    return f'"{text}"'
+    return _toml_string(str(value))
+
+
+def _toml_string(text: str) -> str:
+    # TOML basic strings forbid raw control characters (a newline in a model name would end the
+    # line), so those are escaped along with the quote and the backslash.
+    out = []
+    for ch in text:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _render_table(lines: list[str], obj: object) -> None:
@@ -467,7 +493,8 @@ def _render_table(lines: list[str], obj: object) -> None:
 
 def render_config(cfg: Config) -> str:
     """The effective configuration as TOML, secrets redacted; parse_config() accepts it again."""
-    lines = [f"# effective configuration from {cfg.source}"]
+    # Escaped because TOML comments may not hold control characters (a newline would end one).
+    lines = [f"# effective configuration from {_toml_string(cfg.source)[1:-1]}"]
     for name in SECTIONS:
         section = getattr(cfg, name)
         lines.append(f"\n[{name}]")
