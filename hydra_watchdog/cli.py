@@ -1,10 +1,352 @@
-"""Command line: hydra-watchdog run|status|check|verify|pause|resume|events|check-config|demo."""
+"""Command line: hydra-watchdog run|status|check|verify|pause|resume|events|check-config|demo.
+
+Verdicts follow the Nagios plugin convention (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN); a bad
+configuration exits 78 (EX_CONFIG) with one line naming the key, never a traceback.
+"""
 
 from __future__ import annotations
 
+import argparse
+import json
+import os
 import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from hydra_watchdog import __version__
+from hydra_watchdog.config import (
+    DEFAULT_CONFIG_PATH,
+    EX_CONFIG,
+    Config,
+    ConfigError,
+    load_config,
+    render_config,
+)
+from hydra_watchdog.durations import parse_duration
+from hydra_watchdog.states import Verdict
+
+Command = Callable[[argparse.Namespace], int]
 
 
-def main(argv: list[str] | None = None) -> int:
-    print("hydra-watchdog: under construction", file=sys.stderr)
-    return 3
+class CliError(Exception):
+    def __init__(self, code: int, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def _config(args: argparse.Namespace) -> Config:
+    try:
+        return load_config(args.config)
+    except ConfigError as exc:
+        raise CliError(EX_CONFIG, f"config error: {exc}") from None
+
+
+def _config_or_defaults(args: argparse.Namespace) -> tuple[Config, str]:
+    """Read-only commands still work when the config cannot be read (an unprivileged user)."""
+    try:
+        return load_config(args.config), ""
+    except ConfigError as exc:
+        return Config(), f"(config not read: {exc}; using defaults)"
+
+
+def stale_after(cfg: Config) -> float:
+    """A status older than this means the loop is hung or gone: three missed cycles, plus the
+    longest probe deadline a cycle may legitimately wait for."""
+    t = cfg.tabbyapi
+    longest = max(t.health_timeout, t.canary_deadline, cfg.gpu.call_timeout * 2, 10.0)
+    return 3 * cfg.watchdog.interval + longest
+
+
+# --- commands -----------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from hydra_watchdog.daemon import run_daemon  # noqa: PLC0415 - keep `status` start-up light
+
+    _config(args)  # fail fast with EX_CONFIG before any machinery starts
+    return run_daemon(args.config, dry_run=args.dry_run, once=args.once)
+
+
+def cmd_check_config(args: argparse.Namespace) -> int:
+    cfg = _config(args)
+    sys.stdout.write(render_config(cfg))
+    return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from hydra_watchdog.report.status import (  # noqa: PLC0415
+        evaluate,
+        from_json,
+        render_human,
+        to_json,
+    )
+
+    cfg, note = _config_or_defaults(args)
+    runtime_dir = Path(args.runtime_dir or cfg.watchdog.runtime_dir)
+    path = runtime_dir / "status.json"
+    report, problem = None, ""
+    try:
+        report = from_json(path.read_bytes())
+    except FileNotFoundError:
+        problem = (
+            f"no status file {path}: hydra-watchdog is not running (or never completed a cycle)"
+        )
+    except PermissionError:
+        problem = f"cannot read {path}: permission denied"
+    except (OSError, ValueError) as exc:
+        problem = f"{path}: {exc}"
+    verdict, why = evaluate(report, wall_now=time.time(), stale_after=stale_after(cfg))
+    if problem:
+        why = problem
+    if args.json:
+        doc: dict[str, Any] = {
+            "verdict": verdict.name,
+            "exit_code": int(verdict),
+            "reason": why,
+            "report": json.loads(to_json(report)) if report is not None else None,
+        }
+        print(json.dumps(doc, indent=2))
+    else:
+        print(f"{verdict.name}: {why}")
+        if report is not None:
+            print(render_human(report))
+        if note:
+            print(note, file=sys.stderr)
+    return int(verdict)
+
+
+def cmd_events(args: argparse.Namespace) -> int:
+    from hydra_watchdog.policy_state import to_jsonable  # noqa: PLC0415
+    from hydra_watchdog.statefile import StateFile  # noqa: PLC0415
+
+    cfg, note = _config_or_defaults(args)
+    try:
+        persisted = StateFile(
+            Path(cfg.watchdog.state_dir), events_kept=cfg.watchdog.events_kept
+        ).load()
+    except PermissionError:
+        raise CliError(
+            3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
+        ) from None
+    events = list(persisted.events)[-args.n :] if args.n > 0 else []
+    if args.json:
+        print(json.dumps([to_jsonable(e) for e in events], indent=2))
+        return 0
+    if not events:
+        print("no events recorded" + (f" {note}" if note else ""))
+    for e in events:
+        stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(e.wall))
+        rule = f" [{e.rule.value}]" if e.rule else ""
+        print(f"{stamp} {e.severity.value:<7} {e.kind.value}{rule}: {e.message}")
+        if e.reason and e.reason not in e.message:
+            print(f"{'':20}because {e.reason}")
+    return 0
+
+
+def cmd_pause(args: argparse.Namespace) -> int:
+    from hydra_watchdog import control  # noqa: PLC0415
+
+    cfg = _config(args)
+    until = None
+    if args.duration:
+        try:
+            until = time.time() + parse_duration(args.duration)
+        except ValueError as exc:
+            raise CliError(2, f"--for {args.duration!r}: {exc}") from None
+    try:
+        control.pause(cfg.watchdog.state_dir, args.reason, until)
+    except OSError as exc:
+        raise CliError(3, f"cannot write to {cfg.watchdog.state_dir}: {exc}") from None
+    when = (
+        "until resumed" if until is None else time.strftime("until %H:%M:%S", time.localtime(until))
+    )
+    print(f"paused {when}: {args.reason} (the daemon observes only, from its next cycle)")
+    return 0
+
+
+def cmd_resume(args: argparse.Namespace) -> int:
+    from hydra_watchdog import control  # noqa: PLC0415
+
+    cfg = _config(args)
+    try:
+        was = control.resume(cfg.watchdog.state_dir)
+    except OSError as exc:
+        raise CliError(3, f"cannot write to {cfg.watchdog.state_dir}: {exc}") from None
+    print("resumed" if was else "was not paused")
+    return 0
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """One real observe + decide cycle: the diagnosis and the plan, never an action."""
+    from hydra_watchdog.actions import describe  # noqa: PLC0415
+    from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
+    from hydra_watchdog.observe import Observer  # noqa: PLC0415
+    from hydra_watchdog.policy import decide  # noqa: PLC0415
+    from hydra_watchdog.policy_state import PolicyState, to_jsonable  # noqa: PLC0415
+    from hydra_watchdog.states import Phase  # noqa: PLC0415
+
+    cfg = _config(args)
+    adapters = build_adapters(cfg)
+    observer = Observer(
+        cfg,
+        tabby=adapters.tabby,
+        gpu=adapters.gpu,
+        units=adapters.units,
+        scanner=adapters.scanner,
+        host=adapters.host,
+    )
+    # Two passes: the first asks for the expensive probes the rules need, the second runs them.
+    state = PolicyState()
+    obs = observer.observe(state.wants)
+    state, _ = decide(state, obs, obs.at, cfg)
+    obs = observer.observe(state.wants)
+    state, actions = decide(state, obs, obs.at, cfg)
+    verdict = Verdict.WARNING if state.phase is Phase.UNKNOWN else state.phase.verdict
+    if args.json:
+        doc = {
+            "verdict": verdict.name,
+            "phase": state.phase.value,
+            "findings": [to_jsonable(f) for f in state.findings],
+            "planned_actions": [
+                {"action": describe(a), "rule": a.reason.rule.value, "reason": a.reason.evidence}
+                for a in actions
+            ],
+            "observation": to_jsonable(obs),
+        }
+        print(json.dumps(doc, indent=2, default=str))
+        return int(verdict)
+    print(f"{verdict.name}: TabbyAPI is {state.phase.value}")
+    h = obs.health.result
+    print(f"  health: {h.outcome.value} {h.status or ''} in {h.latency_s * 1000:.0f} ms")
+    if obs.model is not None:
+        print(f"  model: {obs.model.loaded or 'none loaded'}")
+    print(f"  unit: {obs.unit.name} {obs.unit.active_state or 'unknown'}/{obs.unit.sub_state}")
+    for g in obs.gpus.devices:
+        free = f"{g.memory_free / 2**30:.1f} GiB free" if g.memory_free is not None else "VRAM ?"
+        print(f"  gpu{g.index} {g.name}: {free}, limit {g.power.limit_w} W")
+    for f in state.findings:
+        print(f"  [{f.severity.value}] {f.rule.value}: {f.message}")
+    if not actions:
+        print("planned: nothing")
+    for a in actions:
+        print(f"would {describe(a)}  <- {a.reason.rule.value}: {a.reason.evidence}")
+    return int(verdict)
+
+
+def cmd_verify(args: argparse.Namespace) -> int:
+    """The runbook's post-rebuild verification, step by step."""
+    from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
+
+    cfg = _config(args)
+    adapters = build_adapters(cfg)
+    checks: list[tuple[str, bool, str]] = []
+    host = adapters.host.check(libraries=True)
+    libs = host.missing_libraries
+    checks.append(
+        (
+            "libraries resolve",
+            not libs,
+            "all found"
+            if libs is not None and not libs
+            else (", ".join(libs or ()) or "not checked"),
+        )
+    )
+    checks.append(
+        ("models mount", host.models_dir_ok, host.models_dir_detail or cfg.model.models_dir)
+    )
+    if cfg.model.name:
+        usable = host.model is not None and host.model.usable
+        checks.append(("model dir", usable, host.model.path if host.model else "not checked"))
+    health = adapters.tabby.health()
+    checks.append(
+        (
+            "health",
+            health.healthy,
+            f"{health.result.outcome.value} {health.result.latency_s * 1000:.0f} ms",
+        )
+    )
+    model = adapters.tabby.model() if health.healthy else None
+    loaded = model is not None and bool(model.loaded)
+    checks.append(("model loaded", loaded, (model.loaded or "none") if model else "not checked"))
+    if loaded:
+        canary = adapters.tabby.canary(cfg.tabbyapi.canary_deadline)
+        r = canary.result
+        checks.append(
+            (
+                "1-token completion",
+                r.outcome.value == "ok",
+                f"{r.outcome.value} {r.latency_s * 1000:.0f} ms",
+            )
+        )
+    else:
+        checks.append(("1-token completion", False, "skipped: no model"))
+    failed = [c for c in checks if not c[1]]
+    for name, good, detail in checks:
+        print(f"{'OK  ' if good else 'FAIL'} {name}: {detail}")
+    verdict = Verdict.CRITICAL if failed else Verdict.OK
+    print(f"{verdict.name}: {len(checks) - len(failed)}/{len(checks)} checks passed")
+    return int(verdict)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from hydra_watchdog.demo import run_demo  # noqa: PLC0415
+
+    return run_demo(fast=args.fast)
+
+
+# --- parser -------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hydra-watchdog",
+        description="TabbyAPI's incident runbook as an on-node watchdog.",
+    )
+    parser.add_argument("--version", action="version", version=f"hydra-watchdog {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument(
+            "--config",
+            type=Path,
+            default=Path(os.environ.get("HYDRA_WATCHDOG_CONFIG", DEFAULT_CONFIG_PATH)),
+            help=f"config file (default {DEFAULT_CONFIG_PATH}, or $HYDRA_WATCHDOG_CONFIG)",
+        )
+        p.set_defaults(func=fn)
+        return p
+
+    p = add("run", cmd_run, "run the daemon")
+    p.add_argument("--dry-run", action="store_true", help="decide, log 'would …', never act")
+    p.add_argument("--once", action="store_true", help="one cycle, then exit")
+    p = add("status", cmd_status, "the current verdict (Nagios exit codes)")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--runtime-dir", help="where the daemon writes status.json")
+    p = add("check", cmd_check, "one observe + decide cycle: diagnosis and plan; never acts")
+    p.add_argument("--json", action="store_true")
+    add("verify", cmd_verify, "the runbook's post-rebuild verification")
+    p = add("pause", cmd_pause, "maintenance mode: observe only")
+    p.add_argument("--for", dest="duration", help='how long, e.g. "30m" (default: until resume)')
+    p.add_argument("--reason", default="maintenance", help="shown in status and logs")
+    add("resume", cmd_resume, "leave maintenance mode")
+    p = add("events", cmd_events, "recent events")
+    p.add_argument("-n", type=int, default=20, help="how many (default 20)")
+    p.add_argument("--json", action="store_true")
+    add("check-config", cmd_check_config, "validate the config; print it with secrets redacted")
+    p = add("demo", cmd_demo, "the daemon against a simulated node, with scripted incidents")
+    p.add_argument("--fast", action="store_true", help="shorter scenario timings")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        code: int = args.func(args)
+    except CliError as exc:
+        print(f"hydra-watchdog: {exc}", file=sys.stderr)
+        return exc.code
+    except KeyboardInterrupt:
+        return 130
+    return code
