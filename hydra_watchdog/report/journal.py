@@ -1,0 +1,363 @@
+"""Logging: structlog in front, journald's native protocol (or the console) behind.
+
+Under systemd the records go to journald as real fields (HYDRA_STATE, HYDRA_RULE, ...), not as
+JSON inside MESSAGE: structlog has no journald writer, and systemd-python needs libsystemd, so this
+module speaks the native protocol itself (systemd's JOURNAL_NATIVE_PROTOCOL.md, declared stable):
+one datagram of `KEY=value\\n` per record to /run/systemd/journal/socket; a value holding a
+newline is sent as `KEY\\n<u64 little-endian length><bytes>\\n`; a record too big for one datagram
+travels in a sealed memfd passed with SCM_RIGHTS.
+
+Each EventKind has a fixed MESSAGE_ID; systemd/hydra-watchdog.catalog explains every one of them
+(`journalctl -x`). Records about TabbyAPI's unit carry OBJECT_SYSTEMD_UNIT, which puts them in
+`journalctl -u tabbyapi` too.
+
+Logging never raises into the daemon: without journald (or when a send fails) the record goes to
+the console renderer on stderr instead.
+"""
+
+from __future__ import annotations
+
+import array
+import contextlib
+import errno
+import fcntl
+import logging
+import os
+import socket
+import struct
+import sys
+import threading
+from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, TextIO
+
+import structlog
+
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.states import Severity
+
+JOURNAL_SOCKET = "/run/systemd/journal/socket"
+SYSLOG_IDENTIFIER = "hydra-watchdog"
+
+# Fixed forever: the catalog, saved journalctl queries and alerting key on them.
+MESSAGE_IDS: Mapping[EventKind, str] = {
+    EventKind.STARTED: "73d4f12165064e29bfa91d4a9b7f6386",
+    EventKind.STOPPING: "df0d77a6e62c44f89ad673b833932e8e",
+    EventKind.STATE_CHANGED: "b6f03d071414463e8a1bc9731d2854d7",
+    EventKind.DIAGNOSIS: "eaf4e95abd3042408208c50a0398ca03",
+    EventKind.ACTION: "c32d8ac185494636a75dd41c7d0e41cf",
+    EventKind.ACTION_FAILED: "b55e3fd852ce4beaadb6c5c1d300b8a1",
+    EventKind.ACTION_REFUSED: "a77ce888775642e09bb5534a0ecd0671",
+    EventKind.RESTART_LOOP: "7a01b035dca1496d95cd584754b03efe",
+    EventKind.ESCALATED: "b8f4c1c186e643a3b2cada233bb8323d",
+    EventKind.RECOVERED: "8a4636d83e8c4e3081c7c72aa2b8f21d",
+    EventKind.LOAD_PROGRESS: "99b279f192224dfba0f8a034cdcd3b54",
+    EventKind.PAUSED: "74e9b674ba9e4c4a9e1c1adc1640667c",
+    EventKind.RESUMED: "d1271b7198ef4078881f0e95b2e02096",
+    EventKind.CONFIG_RELOADED: "7d9b1bea45134c1eaf45dc0c995eba2d",
+    EventKind.CONFIG_REJECTED: "935a9f45c03645b38089aada39e42637",
+}
+
+# One value is capped so a runaway journal excerpt cannot balloon a record; journald itself
+# accepts far more, but nobody reads a megabyte in `journalctl`.
+MAX_VALUE_BYTES = 1024 * 1024
+_TRUNCATED = b" [truncated]"
+_SEND_TIMEOUT_S = 1.0  # a wedged journald must not stall the loop (and its WATCHDOG=1 pings)
+
+_LEVEL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
+_SEVERITY_METHOD = {
+    Severity.DEBUG: "debug",
+    Severity.INFO: "info",
+    Severity.NOTICE: "info",  # structlog has no notice; PRIORITY=5 still comes from the event
+    Severity.WARNING: "warning",
+    Severity.ERR: "error",
+    Severity.CRIT: "critical",
+}
+# Renamed on the way to journald; anything else is upper-cased.
+_RENAMES = {"event": "MESSAGE", "unit": "OBJECT_SYSTEMD_UNIT"}
+_DROPPED = {"level", "timestamp", "logger"}  # journald stamps time and level itself
+
+
+# --- the wire format (pure) ---------------------------------------------------------------------
+
+
+def field_name(key: str) -> str | None:
+    """A journald field name for `key`: A-Z, 0-9 and _, not starting with _ or a digit (those
+    are journald's trusted fields), at most 64 characters; None if nothing usable is left."""
+    name = "".join(c if c.isascii() and c.isalnum() else "_" for c in key.upper())
+    name = name.lstrip("_0123456789")[:64]
+    return name or None
+
+
+def _truncate(data: bytes) -> bytes:
+    if len(data) <= MAX_VALUE_BYTES:
+        return data
+    cut = data[: MAX_VALUE_BYTES - len(_TRUNCATED)]
+    # Drop a split UTF-8 sequence at the cut rather than emit a broken character.
+    cut = cut.decode("utf-8", "ignore").encode()
+    return cut + _TRUNCATED
+
+
+def encode(fields: Iterable[tuple[str, str]]) -> bytes:
+    """One native-protocol record. Keys must already be valid field names."""
+    out = bytearray()
+    for key, value in fields:
+        data = _truncate(value.encode("utf-8", "replace"))
+        name = key.encode("ascii")
+        if b"\n" in data:
+            out += name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
+        else:
+            out += name + b"=" + data + b"\n"
+    return bytes(out)
+
+
+def event_fields(event: Event) -> list[tuple[str, str]]:
+    """The journald record of one Event (what log_event sends through structlog)."""
+    return render_fields(event_dict_of(event))
+
+
+def event_dict_of(event: Event) -> dict[str, Any]:
+    """The structlog keyword arguments that carry one Event."""
+    kw: dict[str, Any] = {
+        "event": event.message,
+        "message_id": MESSAGE_IDS[event.kind],
+        "priority": event.severity.priority,
+        "hydra_event": event.kind.value,
+        "hydra_state": event.state.value,
+        "hydra_severity": event.severity.value,
+    }
+    if event.rule is not None:
+        kw["hydra_rule"] = event.rule.value
+    if event.action:
+        kw["hydra_action"] = event.action
+    if event.reason:
+        kw["hydra_reason"] = event.reason
+    if event.unit:
+        kw["unit"] = event.unit
+    for key, value in event.fields:
+        kw.setdefault(key.lower(), value)
+    return kw
+
+
+def render_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
+    """structlog's event dict as journald fields (MESSAGE first, PRIORITY from the level)."""
+    fields: list[tuple[str, str]] = [("MESSAGE", str(event_dict.get("event", "")))]
+    priority = event_dict.get("priority")
+    if not isinstance(priority, int) or isinstance(priority, bool):
+        priority = _LEVEL_PRIORITY.get(str(event_dict.get("level", "info")), 6)
+    fields.append(("PRIORITY", str(priority)))
+    seen = {"MESSAGE", "PRIORITY"}
+    for key, value in event_dict.items():
+        if key in _DROPPED or key in ("event", "priority") or value is None:
+            continue
+        name = _RENAMES.get(key) or field_name(key)
+        if name is None or name in seen:
+            continue
+        seen.add(name)
+        fields.append((name, _text(value)))
+    if "SYSLOG_IDENTIFIER" not in seen:
+        fields.append(("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER))
+    return fields
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "1" if value else "0"
+    return str(value)
+
+
+# --- the socket (imperative shell) --------------------------------------------------------------
+
+
+class JournalWriter:
+    """Sends records to journald's native socket; send() returns False instead of raising."""
+
+    def __init__(self, path: str = JOURNAL_SOCKET) -> None:
+        self.path = path
+        self._sock: socket.socket | None = None
+        self._lock = threading.Lock()
+
+    def available(self) -> bool:
+        """Is someone listening on the socket? (A datagram connect fails when no one is.)"""
+        try:
+            with socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC) as probe:
+                probe.connect(self.path)
+        except OSError:
+            return False
+        return True
+
+    def send(self, fields: Iterable[tuple[str, str]]) -> bool:
+        data = encode(fields)
+        with self._lock:
+            try:
+                sock = self._socket()
+                try:
+                    sock.sendto(data, self.path)
+                except OSError as exc:
+                    if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
+                        raise
+                    self._send_memfd(sock, data)
+            except OSError:
+                self._close_locked()
+                return False
+        return True
+
+    def close(self) -> None:
+        with self._lock:
+            self._close_locked()
+
+    def _socket(self) -> socket.socket:
+        if self._sock is None:
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            sock.settimeout(_SEND_TIMEOUT_S)
+            self._sock = sock
+        return self._sock
+
+    def _close_locked(self) -> None:
+        if self._sock is not None:
+            self._sock.close()
+            self._sock = None
+
+    def _send_memfd(self, sock: socket.socket, data: bytes) -> None:
+        # journald only accepts a memfd that is sealed: it must not change while being read.
+        fd = os.memfd_create("hydra-watchdog-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view) :]
+            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
+            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
+            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
+            sock.sendmsg([], rights, 0, self.path)
+        finally:
+            os.close(fd)
+
+
+# --- structlog wiring ---------------------------------------------------------------------------
+
+
+def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
+    """systemd sets $JOURNAL_STREAM=<dev>:<inode> when it connects stdout/stderr to journald;
+    it only counts if that is still our stderr (a child may have inherited the variable)."""
+    raw = environ.get("JOURNAL_STREAM", "")
+    dev, sep, ino = raw.partition(":")
+    if not sep or not dev.isdigit() or not ino.isdigit():
+        return False
+    try:
+        st = os.fstat(stream.fileno())
+    except (OSError, ValueError, AttributeError):
+        return False
+    return st.st_dev == int(dev) and st.st_ino == int(ino)
+
+
+def _console_line(fields: Sequence[tuple[str, str]]) -> str:
+    values = dict(fields)
+    extras = " ".join(
+        f"{k.lower()}={v!r}" if "\n" in v or " " in v else f"{k.lower()}={v}"
+        for k, v in fields
+        if k not in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "MESSAGE_ID")
+    )
+    return f"<{values.get('PRIORITY', '6')}>{values.get('MESSAGE', '')}  {extras}".rstrip()
+
+
+class JournalLogger:
+    """structlog's logger for the journal sink: receives the rendered fields and sends them;
+    when journald is gone it writes the record to the fallback stream instead."""
+
+    def __init__(self, writer: JournalWriter, fallback: TextIO) -> None:
+        self._writer = writer
+        self._fallback = fallback
+
+    def msg(self, fields: Sequence[tuple[str, str]]) -> None:
+        if self._writer.send(fields):
+            return
+        # Nowhere left to say it if this fails too; logging must not crash the watchdog.
+        with contextlib.suppress(OSError, ValueError):
+            print(_console_line(fields), file=self._fallback, flush=True)
+
+    debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
+
+
+class _JournalLoggerFactory:
+    def __init__(self, writer: JournalWriter, fallback: TextIO) -> None:
+        self._logger = JournalLogger(writer, fallback)
+
+    def __call__(self, *args: Any) -> JournalLogger:
+        return self._logger
+
+
+def _to_journal(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> tuple[tuple[list[tuple[str, str]]], dict[str, Any]]:
+    return (render_fields(event_dict),), {}
+
+
+def _drop_journal_only(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # The console shows the level already; MESSAGE_ID and PRIORITY only matter to journald.
+    event_dict.pop("message_id", None)
+    event_dict.pop("priority", None)
+    return event_dict
+
+
+_state_lock = threading.Lock()
+_writer: JournalWriter | None = None
+
+
+def configure_logging(
+    *,
+    journal: bool | None = None,
+    socket_path: str = JOURNAL_SOCKET,
+    stream: TextIO | None = None,
+    level: int = logging.INFO,
+) -> None:
+    """Point structlog at journald or the console.
+
+    journal=None decides by itself: journald when stderr is the journal ($JOURNAL_STREAM), the
+    console otherwise. journal=True still falls back to the console when nobody listens on
+    `socket_path`. `stream` is the console (default: stderr).
+    """
+    global _writer  # structlog's configuration is process-wide by design
+    out = sys.stderr if stream is None else stream
+    if journal is None:
+        journal = stderr_is_journal(os.environ, out)
+    writer = JournalWriter(socket_path) if journal else None
+    if writer is not None and not writer.available():
+        writer = None
+    shared: list[Any] = [
+        structlog.contextvars.merge_contextvars,
+        structlog.processors.add_log_level,
+    ]
+    processors: list[Any]
+    factory: Any
+    if writer is not None:
+        # A traceback becomes one multi-line EXCEPTION field; the console renders its own.
+        processors = [*shared, structlog.processors.format_exc_info, _to_journal]
+        factory = _JournalLoggerFactory(writer, out)
+    else:
+        colors = bool(getattr(out, "isatty", lambda: False)())
+        processors = [
+            *shared,
+            _drop_journal_only,
+            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+            structlog.dev.ConsoleRenderer(colors=colors),
+        ]
+        factory = structlog.WriteLoggerFactory(file=out)
+    with _state_lock:
+        old, _writer = _writer, writer
+        structlog.configure(
+            processors=processors,
+            logger_factory=factory,
+            wrapper_class=structlog.make_filtering_bound_logger(level),
+            cache_logger_on_first_use=False,
+        )
+    if old is not None:
+        old.close()
+
+
+def log_event(event: Event) -> None:
+    """Log one Event through structlog: journald fields under systemd, a console line otherwise."""
+    kw = event_dict_of(event)
+    message = kw.pop("event")
+    logger = structlog.get_logger("hydra_watchdog")
+    getattr(logger, _SEVERITY_METHOD[event.severity])(message, **kw)

@@ -1,0 +1,230 @@
+"""Prometheus metrics: the watchdog's own state and decisions (dcgm-exporter covers the GPUs).
+
+Gauges are read from the last StatusReport by a custom collector at scrape time, so the page is
+always one consistent snapshot; counters and the latency histogram are fed as things happen.
+Everything lives in this object's own CollectorRegistry (no process-global state, so two
+instances, or a test beside the daemon, never clash). Label sets are small and fixed: phase
+names, GPU indices, action names and result statuses.
+
+The exporter binds exactly the configured host: prometheus_client's own default is 0.0.0.0,
+which would publish the node's recovery state to the whole network.
+"""
+
+from __future__ import annotations
+
+import socket
+import threading
+from collections.abc import Iterator
+from dataclasses import dataclass
+from http.server import ThreadingHTTPServer
+from typing import Any
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.exposition import MetricsHandler
+
+from hydra_watchdog.report.status import StatusReport
+from hydra_watchdog.states import Phase
+
+PREFIX = "hydra_watchdog"
+RESTART_SOURCES = ("watchdog", "systemd")
+# 2 s is the runbook's slow-health threshold: it must be a bucket boundary for the alert.
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+
+
+@dataclass(frozen=True)
+class Serving:
+    """What serve() did: ok with the bound address, or why not."""
+
+    ok: bool
+    host: str = ""
+    port: int = 0
+    detail: str = ""
+
+
+def parse_listen(listen: str) -> tuple[str, int]:
+    """'127.0.0.1:9835' or '[::1]:9835' -> (host, port); ValueError saying what is accepted."""
+    host, sep, port = listen.rpartition(":")
+    if host.startswith("[") and host.endswith("]"):
+        host = host[1:-1]
+    if not sep or not host or not port.isdigit() or int(port) > 65535:
+        raise ValueError(f"{listen!r} is not 'host:port' like '127.0.0.1:9835'")
+    return host, int(port)
+
+
+class _ReportCollector:
+    """Turns the last StatusReport into gauges when Prometheus scrapes."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._report: StatusReport | None = None
+
+    def set(self, report: StatusReport) -> None:
+        with self._lock:
+            self._report = report
+
+    def describe(self) -> list[Any]:
+        return []  # the set of series depends on the report; nothing to check at registration
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            report = self._report
+        if report is None:
+            return
+        state = GaugeMetricFamily(
+            f"{PREFIX}_state",
+            "1 for the watchdog's current phase, 0 for the others.",
+            labels=["state"],
+        )
+        for phase in Phase:
+            state.add_metric([phase.value], 1.0 if report.phase is phase else 0.0)
+        yield state
+        yield GaugeMetricFamily(
+            f"{PREFIX}_last_cycle_timestamp_seconds",
+            "Wall time of the last completed observe-decide-act cycle (0 before the first).",
+            value=report.heartbeat if report.heartbeat is not None else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_paused",
+            "1 while in maintenance mode (observe only).",
+            value=1.0 if report.paused.paused else 0.0,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_dry_run",
+            "1 when actions are only logged, never executed.",
+            value=1.0 if report.dry_run else 0.0,
+        )
+        if report.health is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_tabbyapi_up",
+                "1 if TabbyAPI's /health answered healthy in the last cycle.",
+                value=1.0 if report.health.healthy else 0.0,
+            )
+        if report.model.known:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_model_loaded",
+                "1 if TabbyAPI has a model loaded (as read from /v1/model).",
+                value=1.0 if report.model.loaded else 0.0,
+            )
+        if report.model.vram_needed_bytes is not None:
+            yield GaugeMetricFamily(
+                f"{PREFIX}_vram_required_bytes",
+                "VRAM the wanted model needs, summed over the GPUs.",
+                value=float(report.model.vram_needed_bytes),
+            )
+        b = report.backoff
+        remaining = 0.0
+        if b.step and b.next_attempt_at is not None:
+            remaining = max(0.0, b.next_attempt_at - report.generated_at)
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backoff_seconds",
+            "Seconds until the next start attempt of a restart loop (0: not backing off).",
+            value=remaining,
+        )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_backoff_step", "Back-off step of a restart loop (0: none).", value=b.step
+        )
+        free = GaugeMetricFamily(f"{PREFIX}_vram_free_bytes", "Free VRAM per GPU.", labels=["gpu"])
+        limit = GaugeMetricFamily(
+            f"{PREFIX}_power_limit_watts", "Power limit in force per GPU.", labels=["gpu"]
+        )
+        target = GaugeMetricFamily(
+            f"{PREFIX}_power_limit_target_watts",
+            "Configured power limit per GPU (absent: left alone).",
+            labels=["gpu"],
+        )
+        for g in report.gpus:
+            if g.vram_free_bytes is not None:
+                free.add_metric([str(g.index)], float(g.vram_free_bytes))
+            if g.power_limit_w is not None:
+                limit.add_metric([str(g.index)], g.power_limit_w)
+            if g.power_target_w is not None:
+                target.add_metric([str(g.index)], g.power_target_w)
+        yield free
+        yield limit
+        yield target
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry(auto_describe=True)
+        self._report = _ReportCollector()
+        self.registry.register(self._report)
+        self._restarts = Counter(
+            f"{PREFIX}_restarts",
+            "TabbyAPI restarts: issued by the watchdog, or by systemd's Restart= (NRestarts).",
+            ["by"],
+            registry=self.registry,
+        )
+        for by in RESTART_SOURCES:
+            self._restarts.labels(by=by)  # present from the start, so increase() sees the first
+        self._actions = Counter(
+            f"{PREFIX}_actions",
+            "Actions the watchdog ran, by action name and result.",
+            ["action", "result"],
+            registry=self.registry,
+        )
+        self._latency = Histogram(
+            f"{PREFIX}_health_latency_seconds",
+            "Latency of TabbyAPI's /health probes that got an answer.",
+            buckets=LATENCY_BUCKETS,
+            registry=self.registry,
+        )
+        self._server: ThreadingHTTPServer | None = None
+        self._thread: threading.Thread | None = None
+
+    def update(self, report: StatusReport) -> None:
+        self._report.set(report)
+
+    def record_action(self, name: str, result: str) -> None:
+        self._actions.labels(action=name, result=result).inc()
+
+    def record_restart(self, by: str) -> None:
+        if by not in RESTART_SOURCES:
+            raise ValueError(f"restart source {by!r} is not one of {RESTART_SOURCES}")
+        self._restarts.labels(by=by).inc()
+
+    def observe_health_latency(self, seconds: float) -> None:
+        self._latency.observe(seconds)
+
+    def exposition(self) -> bytes:
+        data: bytes = generate_latest(self.registry)
+        return data
+
+    def serve(self, listen: str) -> Serving:
+        """Serve /metrics on exactly `listen` ('host:port'; port 0 picks a free one)."""
+        if not listen:
+            return Serving(ok=False, detail="metrics are off (metrics.listen is empty)")
+        if self._server is not None:
+            host, port = self._server.server_address[:2]
+            return Serving(ok=True, host=str(host), port=int(port), detail="already serving")
+        try:
+            host, port = parse_listen(listen)
+        except ValueError as exc:
+            return Serving(ok=False, detail=str(exc))
+        handler = MetricsHandler.factory(self.registry)
+
+        class Server(ThreadingHTTPServer):
+            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            daemon_threads = True
+
+        try:
+            server = Server((host, port), handler)
+        except OSError as exc:
+            return Serving(ok=False, detail=f"cannot listen on {listen}: {exc.strerror or exc}")
+        thread = threading.Thread(
+            target=server.serve_forever, name="hydra-watchdog-metrics", daemon=True
+        )
+        thread.start()
+        self._server, self._thread = server, thread
+        bound_host, bound_port = server.server_address[:2]
+        return Serving(ok=True, host=str(bound_host), port=int(bound_port))
+
+    def shutdown(self) -> None:
+        server, thread = self._server, self._thread
+        self._server = self._thread = None
+        if server is not None:
+            server.shutdown()
+            server.server_close()
+        if thread is not None:
+            thread.join(timeout=5)

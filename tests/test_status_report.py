@@ -1,0 +1,455 @@
+"""The status report: building it from the policy's memory, JSON, rendering, the Nagios verdict."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+
+import pytest
+
+from hydra_watchdog.config import Config, parse_config
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.observation import (
+    GpuReport,
+    GpuSnapshot,
+    Health,
+    HostReport,
+    HttpResult,
+    Listener,
+    LoadProgress,
+    ModelDir,
+    ModelStatus,
+    NvmlErrorKind,
+    Observation,
+    Outcome,
+    PauseRequest,
+    PortReport,
+    PowerInfo,
+    ProcessInfo,
+    ProcessRole,
+    UnitStatus,
+)
+from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
+from hydra_watchdog.report import status
+from hydra_watchdog.report.status import (
+    GIB,
+    SCHEMA_VERSION,
+    StatusReport,
+    build_status,
+    evaluate,
+    from_json,
+    render_human,
+    to_json,
+)
+from hydra_watchdog.states import Phase, Rule, Severity, Verdict
+
+WALL = 1_750_000_000.0
+MONO = 10_000.0  # the same instant on the monotonic clock
+
+
+def config(**model: object) -> Config:
+    return parse_config(
+        {
+            "model": {"name": "Midnight-Miqu-70B", "fallback": "Small-8B", **model},
+            "gpu": {
+                "device": [
+                    {"index": 0, "power_limit_watts": 450},
+                    {"uuid": "GPU-bbbb", "power_limit_watts": 300},
+                ]
+            },
+        }
+    )
+
+
+def gpu(index: int, uuid: str, limit: float, used_gib: int) -> GpuSnapshot:
+    return GpuSnapshot(
+        index=index,
+        uuid=uuid,
+        name=f"Sim GPU {index}",
+        memory_total=32 * GIB,
+        memory_used=used_gib * GIB,
+        memory_free=(32 - used_gib) * GIB,
+        power=PowerInfo(usage_w=100.0, limit_w=limit),
+        errors=(("temperature", NvmlErrorKind.NOT_SUPPORTED),) if index == 1 else (),
+    )
+
+
+def observation(**overrides: object) -> Observation:
+    orphan = ProcessInfo(
+        pid=4242,
+        start_time=WALL - 900,
+        cmdline=("python", "/opt/tabbyapi/main.py"),
+        role=ProcessRole.ORPHAN,
+        gpu_bytes=20 * GIB,
+        listens_on=(5000,),
+    )
+    main = ProcessInfo(
+        pid=100, start_time=WALL - 60, cmdline=("python", "main.py"), role=ProcessRole.MAIN
+    )
+    base: dict[str, object] = {
+        "at": MONO - 2.0,
+        "health": Health(HttpResult(Outcome.REFUSED, 0.001, detail="connection refused"), False),
+        "unit": UnitStatus(
+            name="tabbyapi.service",
+            available=True,
+            load_state="loaded",
+            active_state="failed",
+            sub_state="failed",
+            result="exit-code",
+            n_restarts=4,
+            main_pid=None,
+        ),
+        "host": HostReport(
+            models_dir_ok=True,
+            model=ModelDir("Midnight-Miqu-70B", "/mnt/models/m", True, True, 4, 44 * GIB),
+        ),
+        "model": None,
+        "gpus": GpuReport(devices=(gpu(0, "GPU-aaaa", 400.0, 20), gpu(1, "GPU-bbbb", 300.0, 2))),
+        "port": PortReport(port=5000, listeners=(Listener(5000, 4242), Listener(5001, None))),
+        "processes": (orphan, main),
+        "load": None,
+        "pause": None,
+    }
+    base.update(overrides)
+    return Observation(**base)  # type: ignore[arg-type]
+
+
+def event(kind: EventKind, message: str, wall: float, **kw: object) -> Event:
+    return Event(
+        wall=wall, kind=kind, severity=Severity.NOTICE, message=message, state=Phase.DOWN, **kw
+    )  # type: ignore[arg-type]
+
+
+RECENT = (
+    event(EventKind.STATE_CHANGED, "down", WALL - 100),
+    event(
+        EventKind.ACTION,
+        "kill orphan 4242 (python /opt/tabbyapi/main.py)",
+        WALL - 90,
+        rule=Rule.PORT_CONFLICT,
+        action="kill_orphan",
+        reason="pid 4242 holds port 5000 outside the unit",
+    ),
+    event(
+        EventKind.ACTION_FAILED,
+        "restart tabbyapi.service",
+        WALL - 80,
+        rule=Rule.DOWN,
+        action="restart_unit",
+        reason="refused 3 times",
+    ),
+    event(EventKind.DIAGNOSIS, "VRAM held by orphan", WALL - 70),
+)
+
+STATE = PolicyState(
+    phase=Phase.BACKOFF,
+    phase_since=MONO - 300,
+    restarts=(
+        RestartRecord(MONO - 500, "systemd"),
+        RestartRecord(MONO - 400, "systemd"),
+        RestartRecord(MONO - 200, "watchdog"),
+        RestartRecord(MONO - 5000, "watchdog"),  # outside the 10 min window
+    ),
+    backoff_step=2,
+    backoff_until=MONO + 60,
+    loop_since=MONO - 300,
+    findings=(Finding(Rule.PORT_CONFLICT, Severity.WARNING, "port 5000 held by pid 4242"),),
+)
+
+
+def build(
+    state: PolicyState = STATE,
+    obs: Observation | None = None,
+    cfg: Config | None = None,
+    recent: tuple[Event, ...] = RECENT,
+    **kw: int,
+) -> StatusReport:
+    return build_status(
+        state,
+        observation() if obs is None else obs,
+        config() if cfg is None else cfg,
+        recent,
+        wall_now=WALL,
+        mono_now=MONO,
+        pid=1234,
+        **kw,
+    )
+
+
+# --- build ----------------------------------------------------------------------------------------
+
+
+def test_monotonic_stamps_become_wall_times() -> None:
+    report = build()
+    assert report.schema == SCHEMA_VERSION
+    assert report.generated_at == WALL
+    assert report.pid == 1234
+    assert report.heartbeat == WALL - 2.0
+    assert report.since == WALL - 300
+    assert report.backoff.next_attempt_at == WALL + 60
+    assert report.backoff.loop_since == WALL - 300
+
+
+def test_phase_verdict_and_summary() -> None:
+    report = build()
+    assert report.phase is Phase.BACKOFF
+    assert report.verdict is Verdict.CRITICAL
+    assert report.summary.startswith("backoff")
+    assert "back-off step 2, next start in 60 s" in report.summary
+    assert "health refused" in report.summary
+    assert "port 5000 held by pid 4242" in report.summary
+
+
+def test_restarts_counted_inside_the_window_by_who() -> None:
+    b = build().backoff
+    assert (b.restarts_in_window, b.restarts_by_systemd, b.restarts_by_watchdog) == (3, 2, 1)
+    assert b.window_s == 600.0
+    assert b.step == 2
+
+
+def test_gpus_vram_and_power_against_target() -> None:
+    g0, g1 = build().gpus
+    assert (g0.vram_used_bytes, g0.vram_free_bytes, g0.vram_total_bytes) == (
+        20 * GIB,
+        12 * GIB,
+        32 * GIB,
+    )
+    assert (g0.power_limit_w, g0.power_target_w) == (400.0, 450.0)  # matched by index
+    assert (g1.power_limit_w, g1.power_target_w) == (300.0, 300.0)  # matched by UUID
+    assert g1.errors == ("temperature: not_supported",)
+
+
+def test_vram_needed_estimated_from_the_folder_or_taken_from_config() -> None:
+    estimated = build().model
+    assert estimated.vram_needed_bytes == 44 * GIB + 4 * GIB
+    assert estimated.vram_needed_source == "estimate"
+    configured = build(cfg=config(vram_required_gib=48.0)).model
+    assert configured.vram_needed_bytes == 48 * GIB
+    assert configured.vram_needed_source == "config"
+    no_folder = observation(host=HostReport(models_dir_ok=False, models_dir_detail="missing"))
+    assert build(obs=no_folder).model.vram_needed_bytes is None
+
+
+def test_fallback_in_use_is_the_wanted_model() -> None:
+    report = build(state=dataclasses.replace(STATE, using_fallback=True))
+    assert report.model.wanted == "Small-8B"
+    assert report.model.fallback_in_use
+
+
+def test_listeners_and_only_orphan_or_foreign_processes() -> None:
+    report = build()
+    assert [(lst.port, lst.pid, lst.role) for lst in report.listeners] == [
+        (5000, 4242, "orphan"),
+        (5001, None, ""),
+    ]
+    assert report.listeners[0].command == "python /opt/tabbyapi/main.py"
+    assert [(p.pid, p.role) for p in report.processes] == [(4242, "orphan")]
+
+
+def test_unit_state() -> None:
+    unit = build().unit
+    assert unit is not None
+    assert (unit.active_state, unit.result, unit.n_restarts) == ("failed", "exit-code", 4)
+
+
+def test_last_actions_with_reasons_only_actions_newest_last() -> None:
+    report = build()
+    assert [(a.event, a.action) for a in report.actions] == [
+        ("action", "kill_orphan"),
+        ("action_failed", "restart_unit"),
+    ]
+    assert report.actions[0].reason == "pid 4242 holds port 5000 outside the unit"
+    assert report.actions[0].rule == "port_conflict"
+    assert report.actions[0].at == WALL - 90
+    assert [a.action for a in build(actions_kept=1).actions] == ["restart_unit"]
+
+
+def test_load_in_flight_with_progress_and_deadline() -> None:
+    state = dataclasses.replace(
+        STATE, phase=Phase.LOADING, load_in_flight="Midnight-Miqu-70B", load_started=MONO - 30
+    )
+    obs = observation(
+        health=Health(HttpResult(Outcome.OK, 0.012, status=200), True),
+        model=ModelStatus(HttpResult(Outcome.OK, 0.01, 200), None, True),
+        load=LoadProgress("Midnight-Miqu-70B", MONO - 30, module=12, modules=80),
+    )
+    report = build(state=state, obs=obs)
+    assert report.load is not None
+    assert (report.load.module, report.load.modules) == (12, 80)
+    assert report.load.started_at == WALL - 30
+    assert report.load.deadline_at == WALL - 30 + 900
+    assert "loading Midnight-Miqu-70B 12/80" in report.summary
+    assert report.health is not None and report.health.healthy
+
+
+def test_pause_reason_and_until() -> None:
+    obs = observation(pause=PauseRequest("nixos-rebuild", MONO + 3600))
+    report = build(state=dataclasses.replace(STATE, phase=Phase.PAUSED), obs=obs)
+    assert report.paused.paused
+    assert report.paused.reason == "nixos-rebuild"
+    assert report.paused.until == WALL + 3600
+
+
+def test_before_the_first_observation() -> None:
+    report = build_status(PolicyState(), None, Config(), (), wall_now=WALL, mono_now=MONO, pid=7)
+    assert report.heartbeat is None
+    assert report.since is None
+    assert report.phase is Phase.UNKNOWN
+    assert report.health is None and report.unit is None and report.gpus == ()
+    assert evaluate(report, wall_now=WALL, stale_after=60)[0] is Verdict.UNKNOWN
+
+
+def test_gpu_probe_error_is_reported() -> None:
+    obs = observation(
+        gpus=GpuReport(error=NvmlErrorKind.LIBRARY_NOT_FOUND, detail="no libnvidia-ml")
+    )
+    assert build(obs=obs).gpu_error == "library_not_found: no libnvidia-ml"
+
+
+# --- JSON -----------------------------------------------------------------------------------------
+
+
+def test_json_round_trip() -> None:
+    report = build()
+    text = to_json(report)
+    assert from_json(text) == report
+    raw = json.loads(text)
+    assert raw["schema"] == 1
+    assert raw["phase"] == "backoff"
+    assert raw["verdict"] == 2
+    assert raw["gpus"][0]["power_target_w"] == 450.0
+
+
+def test_from_json_ignores_unknown_fields_and_defaults_missing_ones() -> None:
+    raw = json.loads(to_json(build()))
+    raw["added_in_a_later_minor"] = {"x": 1}
+    raw["backoff"]["new_field"] = 3
+    del raw["findings"]
+    del raw["model"]["fallback"]
+    report = from_json(json.dumps(raw))
+    assert report.findings == ()
+    assert report.model.fallback == ""
+    assert report.backoff.step == 2
+
+
+@pytest.mark.parametrize(
+    ("text", "words"),
+    [
+        ("", "not valid JSON"),
+        ("{truncated", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        ('{"phase": "healthy"}', "schema"),
+        ('{"schema": 2}', "upgrade"),
+        ('{"schema": 0}', "invalid schema"),
+        ('{"schema": 1, "phase": "on fire"}', "does not match schema 1"),
+        ('{"schema": 1, "heartbeat": "yesterday"}', "does not match schema 1"),
+        ('{"schema": 1, "gpus": [{"index": "zero"}]}', "does not match schema 1"),
+        (b"\xff\xfe garbage", "not valid JSON"),
+    ],
+)
+def test_from_json_garbage_is_a_clear_value_error(text: str | bytes, words: str) -> None:
+    with pytest.raises(ValueError, match=words):
+        from_json(text)
+
+
+# --- evaluate -------------------------------------------------------------------------------------
+
+
+def test_missing_report_is_unknown() -> None:
+    verdict, why = evaluate(None, wall_now=WALL, stale_after=60)
+    assert verdict is Verdict.UNKNOWN
+    assert "not running" in why
+
+
+def test_stale_report_is_unknown_and_says_why() -> None:
+    report = build()
+    verdict, why = evaluate(report, wall_now=WALL + 120, stale_after=60)
+    assert verdict is Verdict.UNKNOWN
+    assert "stale" in why and "122 s ago" in why and "pid 1234" in why
+
+
+@pytest.mark.parametrize("phase", list(Phase))
+def test_fresh_report_verdict_per_phase(phase: Phase) -> None:
+    report = build(state=dataclasses.replace(STATE, phase=phase))
+    verdict, why = evaluate(report, wall_now=WALL + 1, stale_after=60)
+    assert verdict is phase.verdict
+    assert why.startswith(f"{verdict.name}: {phase.value}")
+
+
+def test_verdicts_of_key_phases() -> None:
+    def verdict_of(phase: Phase) -> Verdict:
+        report = build(state=dataclasses.replace(STATE, phase=phase))
+        return evaluate(report, wall_now=WALL, stale_after=60)[0]
+
+    assert verdict_of(Phase.HEALTHY) is Verdict.OK
+    assert verdict_of(Phase.DEGRADED) is Verdict.WARNING
+    assert verdict_of(Phase.DOWN) is Verdict.CRITICAL
+    assert verdict_of(Phase.ESCALATED) is Verdict.CRITICAL
+
+
+# --- render ---------------------------------------------------------------------------------------
+
+
+def test_render_human_shows_what_the_runbook_asks_first() -> None:
+    obs = observation(pause=PauseRequest("nixos-rebuild", MONO + 3600))
+    text = render_human(build(obs=obs))
+    assert "BACKOFF [CRITICAL]" in text
+    assert "(5.0 min ago)" in text or "(5 min ago)" in text
+    assert "wanted Midnight-Miqu-70B" in text
+    assert "VRAM used 20.0 GiB, free 12.0 GiB of 32.0 GiB; power limit 400 W (target 450 W)" in text
+    assert "VRAM need:  48.0 GiB in total (estimate)" in text
+    assert "port 5000:  pid 4242 (orphan: python /opt/tabbyapi/main.py)" in text
+    assert "back-off:   step 2" in text and "(in 60 s)" in text
+    assert "3 in the last 10 min (1 by the watchdog, 2 by systemd)" in text
+    assert "paused:     yes, nixos-rebuild" in text
+    assert "[warning] port_conflict: port 5000 held by pid 4242" in text
+    assert (
+        "kill orphan 4242 (python /opt/tabbyapi/main.py) "
+        "(because port_conflict: pid 4242 holds port 5000 outside the unit)" in text
+    )
+    assert "FAILED restart tabbyapi.service (because tabbyapi_down: refused 3 times)" in text
+    assert "unit:       tabbyapi.service failed/failed, result exit-code, NRestarts 4" in text
+
+
+def test_render_human_of_a_healthy_idle_node() -> None:
+    obs = observation(
+        health=Health(HttpResult(Outcome.OK, 0.015, status=200), True),
+        model=ModelStatus(HttpResult(Outcome.OK, 0.01, 200), "Midnight-Miqu-70B", True),
+        port=None,
+        processes=(),
+    )
+    state = PolicyState(phase=Phase.HEALTHY, phase_since=MONO - 3600)
+    text = render_human(build(state=state, obs=obs, recent=()))
+    assert "HEALTHY [OK]" in text
+    assert "health:     ok 200 in 15 ms" in text
+    assert "loaded Midnight-Miqu-70B" in text
+    assert "back-off:   none" in text
+    assert "paused:     no" in text
+    assert "last actions" not in text
+
+
+# --- the documented schema ------------------------------------------------------------------------
+
+
+def test_schema_doc_lists_every_field_of_every_object() -> None:
+    doc = (Path(__file__).resolve().parent.parent / "docs" / "status-schema.md").read_text()
+    sections = {
+        "Top level": status.StatusReport,
+        "`health`": status.HealthInfo,
+        "`model`": status.ModelInfo,
+        "`load`": status.LoadInfo,
+        "`gpus[]`": status.GpuInfo,
+        "`unit`": status.UnitInfo,
+        "`listeners[]`": status.ListenerInfo,
+        "`processes[]`": status.ProcessEntry,
+        "`actions[]`": status.ActionEntry,
+        "`backoff`": status.BackoffInfo,
+        "`paused`": status.PauseInfo,
+        "`findings[]`": status.FindingEntry,
+    }
+    for title, cls in sections.items():
+        body = doc.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+        documented = re.findall(r"^\| `(\w+)` \|", body, flags=re.MULTILINE)
+        assert documented == [f.name for f in dataclasses.fields(cls)], title
