@@ -205,6 +205,7 @@ class HostReport:
     model: ModelDir | None = None
     fallback: ModelDir | None = None
     missing_libraries: tuple[str, ...] | None = None  # None: not checked this cycle
+    libraries_detail: str = ""  # why the check could not run (no venv, no extension, ldd hung)
     journal_excerpt: tuple[str, ...] | None = None  # None: not read this cycle
 
 

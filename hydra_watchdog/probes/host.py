@@ -1,0 +1,209 @@
+"""Host facts TabbyAPI depends on: the models folder, the model folders, the venv's libraries.
+
+The models folder is a mount on hydra-ai. When the mount is missing, what remains is normally the
+empty directory it was mounted on; so by default "ok" means: exists, readable, and a mount point
+or at least not empty ("empty where models should be" is the missing-mount signal). With
+`require_mount=True` only a mount point will do (for nodes where the folder is always a mount).
+
+The library check is the runbook's NixOS-rebuild failure: after a rebuild the ExLlamaV2
+extension in TabbyAPI's venv links against store paths that are gone, and `ldd` says "not found".
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import subprocess
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+from hydra_watchdog.observation import HostReport, ModelDir
+
+if TYPE_CHECKING:
+    from hydra_watchdog.config import Config
+
+_GIB = 1024**3
+
+# The compiled extension of ExLlamaV2: prebuilt wheels ship `exllamav2_ext*.so` at the top of
+# site-packages; some builds put it (or more) inside the package.
+_EXTENSION_GLOBS = (
+    "lib/python3*/site-packages/exllamav2_ext*.so",
+    "lib/python3*/site-packages/exllamav2/**/*.so",
+)
+
+
+def estimate_vram_bytes(model_dir: ModelDir, overhead_gib: float) -> int:
+    """VRAM the model needs: its weights (the folder's size) plus the KV cache and CUDA context
+    overhead. A rough, deliberately generous estimate for "will it fit" decisions."""
+    return model_dir.size_bytes + int(overhead_gib * _GIB)
+
+
+def parse_ldd(text: str) -> tuple[str, ...]:
+    """Library names `ldd` reports as "not found", in order, without repeats."""
+    missing: list[str] = []
+    for line in text.splitlines():
+        name, sep, rest = line.strip().partition("=>")
+        if sep and rest.strip() == "not found" and name.strip() not in missing:
+            missing.append(name.strip())
+    return tuple(missing)
+
+
+def check_models_dir(path: str, *, require_mount: bool) -> tuple[bool, str]:
+    """(ok, detail): detail says what is wrong, or how it was found good."""
+    if not os.path.exists(path):
+        return False, f"{path} missing"
+    if not os.path.isdir(path):
+        return False, f"{path} is not a directory"
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        return False, f"{path} not readable: {exc.strerror or exc}"
+    mounted = os.path.ismount(path)
+    if mounted:
+        return True, f"{path} is a mount point"
+    if require_mount:
+        return False, f"{path} is not a mount point (is the models mount missing?)"
+    if not entries:
+        return False, f"{path} is empty and not a mount point (is the models mount missing?)"
+    return True, f"{path} is not a mount point but holds {len(entries)} entries"
+
+
+def inspect_model(models_dir: str, name: str) -> ModelDir:
+    """The model folder `models_dir/name`: config.json, *.safetensors, total size in bytes."""
+    path = os.path.join(models_dir, name)
+    if not name or "/" in name or name in (".", ".."):
+        return ModelDir(name=name, path=path, exists=False, detail=f"invalid model name {name!r}")
+    if not os.path.isdir(path):
+        return ModelDir(name=name, path=path, exists=False, detail=f"{path} missing")
+    try:
+        entries = os.listdir(path)
+    except OSError as exc:
+        return ModelDir(
+            name=name, path=path, exists=True, detail=f"{path} not readable: {exc.strerror}"
+        )
+    has_config = os.path.isfile(os.path.join(path, "config.json"))
+    weights = sum(1 for e in entries if e.endswith(".safetensors"))
+    problems = []
+    if not has_config:
+        problems.append("no config.json")
+    if not weights:
+        problems.append("no *.safetensors")
+    return ModelDir(
+        name=name,
+        path=path,
+        exists=True,
+        has_config=has_config,
+        weight_files=weights,
+        size_bytes=_tree_size(path),
+        detail=", ".join(problems),
+    )
+
+
+def _tree_size(path: str) -> int:
+    """Bytes of the files under path; symlinked files count (HF caches link blobs)."""
+    total = 0
+    for dirpath, _, files in os.walk(path, onerror=lambda _exc: None):
+        for name in files:
+            try:
+                total += os.stat(os.path.join(dirpath, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
+@dataclass(frozen=True)
+class LibraryCheck:
+    missing: tuple[str, ...] | None  # None: could not check
+    detail: str
+
+
+def check_libraries(venv: str, *, timeout: float) -> LibraryCheck:
+    """`ldd` on every ExLlamaV2 extension in the venv; every "not found" library."""
+    if not venv:
+        return LibraryCheck(None, "no venv configured")
+    if not os.path.isdir(venv):
+        return LibraryCheck(None, f"venv {venv} missing: cannot check its libraries")
+    extensions = sorted(
+        {
+            f
+            for pattern in _EXTENSION_GLOBS
+            for f in glob.glob(os.path.join(venv, pattern), recursive=True)
+        }
+    )
+    if not extensions:
+        return LibraryCheck(None, f"no ExLlamaV2 extension (exllamav2_ext*.so) under {venv}")
+    missing: list[str] = []
+    problems: list[str] = []
+    for ext in extensions:
+        try:
+            proc = subprocess.run(
+                ["ldd", ext],
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except FileNotFoundError:
+            return LibraryCheck(None, "ldd not found (Debian package libc-bin)")
+        except subprocess.TimeoutExpired:
+            problems.append(f"ldd {ext} did not return within {timeout:g} s")
+            continue
+        except OSError as exc:
+            problems.append(f"cannot run ldd on {ext}: {exc}")
+            continue
+        found = parse_ldd(proc.stdout)
+        if not found and proc.returncode != 0:
+            problems.append(f"ldd {ext} failed: {proc.stderr.strip() or proc.returncode}")
+        missing.extend(lib for lib in found if lib not in missing)
+    if problems and not missing and len(problems) == len(extensions):
+        return LibraryCheck(None, "; ".join(problems))
+    checked = f"checked {len(extensions)} extension(s)"
+    return LibraryCheck(tuple(missing), "; ".join([checked, *problems]))
+
+
+class HostProbe:
+    """HostChecker for the models folder, the model and fallback folders, and the venv."""
+
+    def __init__(
+        self,
+        models_dir: str,
+        model_name: str,
+        fallback_name: str = "",
+        venv: str = "",
+        *,
+        require_mount: bool = False,
+        ldd_timeout: float = 10.0,
+    ) -> None:
+        self.models_dir = models_dir
+        self.model_name = model_name
+        self.fallback_name = fallback_name
+        self.venv = venv
+        self.require_mount = require_mount
+        self.ldd_timeout = ldd_timeout
+
+    @classmethod
+    def from_config(cls, config: Config) -> HostProbe:
+        return cls(
+            config.model.models_dir,
+            config.model.name,
+            config.model.fallback,
+            config.tabbyapi.venv,
+        )
+
+    def check(self, *, libraries: bool) -> HostReport:
+        ok, detail = check_models_dir(self.models_dir, require_mount=self.require_mount)
+        model = inspect_model(self.models_dir, self.model_name) if self.model_name else None
+        fallback = (
+            inspect_model(self.models_dir, self.fallback_name) if self.fallback_name else None
+        )
+        libs = check_libraries(self.venv, timeout=self.ldd_timeout) if libraries else None
+        return HostReport(
+            models_dir_ok=ok,
+            models_dir_detail=detail,
+            model=model,
+            fallback=fallback,
+            missing_libraries=libs.missing if libs else None,
+            libraries_detail=libs.detail if libs else "",
+        )

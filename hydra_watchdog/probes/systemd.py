@@ -1,0 +1,234 @@
+"""The TabbyAPI unit as systemd sees it, through the `systemctl` and `journalctl` commands.
+
+A subprocess per call (about 3 ms here) is simple and plenty at one status read per cycle; D-Bus
+would add a dependency for nothing. Nothing here raises for an outside failure: no systemd,
+a missing systemctl, a hung call or an unknown unit all become typed outcomes with a reason.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import subprocess
+from collections.abc import Mapping, Sequence
+
+from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.interfaces import CommandOutcome
+from hydra_watchdog.observation import UnitStatus
+
+PROPERTIES = (
+    "LoadState",
+    "ActiveState",
+    "SubState",
+    "Result",
+    "NRestarts",
+    "MainPID",
+    "ControlGroup",
+    "InvocationID",
+    "ExecMainStatus",
+    "ActiveEnterTimestampMonotonic",
+)
+
+# What systemctl prints when there is no service manager to talk to (PID 1 is not systemd, or
+# its bus socket is gone): such a failure means "refused", not "the command failed".
+_NO_SYSTEMD_MARKERS = (
+    "not been booted with systemd",
+    "Failed to connect to bus",
+    "Failed to connect to system scope bus",
+)
+
+
+def parse_show(name: str, text: str) -> UnitStatus:
+    """`systemctl show -p ...` output → UnitStatus. Lines are parsed by property name (systemd
+    does not promise an order); a property that is absent or unparsable stays None/""."""
+    props: dict[str, str] = {}
+    for line in text.splitlines():
+        key, sep, value = line.partition("=")
+        if sep:
+            props[key.strip()] = value.strip()
+    load_state = props.get("LoadState", "")
+    detail = ""
+    if load_state == "not-found":
+        detail = f"unit {name} not found (no unit file loaded)"
+    elif not load_state:
+        detail = "systemctl show returned no LoadState"
+    main_pid = _int(props, "MainPID")
+    enter_us = _int(props, "ActiveEnterTimestampMonotonic")
+    return UnitStatus(
+        name=name,
+        available=True,
+        load_state=load_state,
+        active_state=props.get("ActiveState", ""),
+        sub_state=props.get("SubState", ""),
+        result=props.get("Result", ""),
+        n_restarts=_int(props, "NRestarts"),
+        main_pid=main_pid if main_pid else None,  # 0: no main process
+        control_group=props.get("ControlGroup", ""),
+        invocation_id=props.get("InvocationID", ""),
+        exec_main_status=_int(props, "ExecMainStatus"),
+        # Microseconds on CLOCK_MONOTONIC, the clock of time.monotonic(); 0: never active.
+        active_enter_mono=enter_us / 1e6 if enter_us else None,
+        detail=detail,
+    )
+
+
+def _int(props: Mapping[str, str], key: str) -> int | None:
+    try:
+        return int(props[key])
+    except (KeyError, ValueError):
+        return None
+
+
+class SystemctlUnit:
+    """UnitManager for one unit.
+
+    `argv_prefix` and `root` point the adapter at another machine's systemd, e.g. a container
+    entered with ("nsenter", "-t", PID, "-a") and root "/proc/PID/root"; by default it is this
+    host's. `timeout` bounds reads, `command_timeout` bounds start/stop/restart/reset-failed.
+    """
+
+    def __init__(
+        self,
+        unit: str,
+        *,
+        timeout: float = 10.0,
+        command_timeout: float = 60.0,
+        argv_prefix: Sequence[str] = (),
+        root: str = "/",
+    ) -> None:
+        self.unit = unit
+        self.timeout = timeout
+        self.command_timeout = command_timeout
+        self._prefix = tuple(argv_prefix)
+        self._root = root
+
+    def _no_systemd(self) -> str | None:
+        """Why there is no systemd to ask, or None. /run/systemd/system exists exactly when
+        systemd is the init system (what sd_booted() checks)."""
+        if not os.path.isdir(os.path.join(self._root, "run/systemd/system")):
+            return "systemd is not the init system here (no /run/systemd/system)"
+        return None
+
+    def _run(self, argv: Sequence[str], timeout: float) -> subprocess.CompletedProcess[str] | str:
+        """Run a command; a string says why it could not run to completion.
+
+        Its own process group, killed whole on timeout: behind a prefix such as nsenter the
+        command is a grandchild, which killing the child alone would leave running."""
+        full = [*self._prefix, *argv]
+        try:
+            proc = subprocess.Popen(
+                full,
+                stdin=subprocess.DEVNULL,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+                errors="replace",
+                start_new_session=True,
+            )
+        except FileNotFoundError:
+            return f"{full[0]} not found"
+        except OSError as exc:
+            return f"cannot run {full[0]}: {exc}"
+        try:
+            out, err = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            kill_group(proc)
+            return f"`{' '.join(argv[:3])}` did not return within {timeout:g} s"
+        return subprocess.CompletedProcess(full, proc.returncode, out, err)
+
+    def status(self) -> UnitStatus:
+        reason = self._no_systemd()
+        if reason is not None:
+            return UnitStatus(name=self.unit, available=False, detail=reason)
+        argv = ["systemctl", "show", self.unit]
+        for prop in PROPERTIES:
+            argv += ["-p", prop]
+        proc = self._run(argv, self.timeout)
+        if isinstance(proc, str):
+            return UnitStatus(name=self.unit, available=False, detail=proc)
+        if proc.returncode != 0:
+            # `show` exits 0 even for an unknown unit: a failure here means systemd could not
+            # be asked (bus down, bad unit name).
+            return UnitStatus(
+                name=self.unit,
+                available=False,
+                detail=f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}",
+            )
+        return parse_show(self.unit, proc.stdout)
+
+    def command(self, verb: UnitVerb) -> CommandOutcome:
+        reason = self._no_systemd()
+        if reason is not None:
+            return CommandOutcome(ok=False, refused=True, detail=f"{verb} refused: {reason}")
+        # start/restart do not wait for the start job: TabbyAPI loads its startup model before it
+        # is up, which can take minutes (and with Type=simple systemctl returns at once anyway).
+        # The policy watches the outcome through status() in later cycles. stop and reset-failed
+        # wait, bounded by command_timeout, so a following start sees the unit really stopped.
+        no_block = ["--no-block"] if verb in (UnitVerb.START, UnitVerb.RESTART) else []
+        proc = self._run(["systemctl", *no_block, str(verb), self.unit], self.command_timeout)
+        if isinstance(proc, str):
+            return CommandOutcome(ok=False, detail=f"systemctl {verb} {self.unit}: {proc}")
+        if proc.returncode == 0:
+            return CommandOutcome(ok=True, detail=f"systemctl {verb} {self.unit}: ok")
+        err = _first_line(proc.stderr) or f"exit code {proc.returncode}"
+        if verb is UnitVerb.RESET_FAILED and "not loaded" in err:
+            # systemd unloads an inactive unit it no longer needs: nothing is failed to reset.
+            return CommandOutcome(
+                ok=True, detail=f"systemctl {verb} {self.unit}: not loaded, no failed state"
+            )
+        refused = any(marker in proc.stderr for marker in _NO_SYSTEMD_MARKERS)
+        return CommandOutcome(
+            ok=False, refused=refused, detail=f"systemctl {verb} {self.unit}: {err}"
+        )
+
+    def journal(self, lines: int) -> tuple[str, ...]:
+        """The unit's last `lines` journal lines, oldest first. When the journal cannot be read,
+        one line saying why (an excerpt is for humans; an empty one would hide the reason)."""
+        if lines <= 0:
+            return ()
+        argv = ["journalctl", "--no-pager", "-q", "-o", "short-iso", "-n", str(lines)]
+        proc = self._run([*argv, "-u", self.unit], self.timeout)
+        if isinstance(proc, str):
+            return (f"[journal unavailable: {proc}]",)
+        if proc.returncode != 0:
+            return (f"[journal unavailable: {_first_line(proc.stderr) or proc.returncode}]",)
+        return tuple(proc.stdout.splitlines()[-lines:])
+
+
+def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
+    """SIGKILL the process group that `proc` leads, members before the leader, and reap it.
+
+    Behind nsenter the command is the leader's child in another pid namespace; killed together,
+    it would lose its parent first and linger as a zombie parented outside that namespace
+    (holding up its shutdown). Killed first, it is reaped by the leader, which then exits."""
+    for pid in _group_members(proc.pid):
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    try:
+        proc.communicate(timeout=2.0)
+    except subprocess.TimeoutExpired:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.communicate()
+
+
+def _group_members(pgid: int) -> list[int]:
+    members = []
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit() or int(entry.name) == pgid:
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as f:
+                stat = f.read()
+        except OSError:
+            continue
+        # Fields after the ")" that ends the command name: state, ppid, pgrp, ...
+        fields = stat.rpartition(")")[2].split()
+        if len(fields) > 2 and fields[2] == str(pgid):
+            members.append(int(entry.name))
+    return members
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")

@@ -1,0 +1,262 @@
+"""SystemctlUnit against real systemd (PID 1 of a namespace), and against a host without it."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.probes.systemd import SystemctlUnit, parse_show
+from tests.harness.systemd_ns import SystemdNamespace
+
+pytest_plugins = ["tests.harness.systemd_fixtures"]
+
+SLEEPER = """\
+[Service]
+Type=simple
+ExecStart=/bin/sh -c 'echo "hw-sleeper up $$"; exec sleep 600'
+"""
+
+
+def adapter(ns: SystemdNamespace, unit: str, **kw: float) -> SystemctlUnit:
+    return SystemctlUnit(unit, argv_prefix=ns.nsenter, root=ns.root, **kw)
+
+
+@pytest.fixture
+def unit_name(systemd_ns: SystemdNamespace) -> Iterator[str]:
+    name = f"hw-{uuid.uuid4().hex[:8]}.service"
+    yield name
+    systemd_ns.reset_unit(name, remove=True)
+
+
+def wait_status(unit: SystemctlUnit, ns: SystemdNamespace, check: object, what: str) -> UnitStatus:
+    last = unit.status()
+
+    def reached() -> bool:
+        nonlocal last
+        last = unit.status()
+        return bool(check(last))  # type: ignore[operator]
+
+    ns.wait_for(reached, what=lambda: f"{what} (last: {last})")
+    return last
+
+
+# -- parsing ------------------------------------------------------------------------------------
+
+
+def test_parse_show_reads_by_name_in_any_order() -> None:
+    text = (
+        "NRestarts=4\nMainPID=0\nActiveEnterTimestampMonotonic=2500000\nLoadState=loaded\n"
+        "Result=exit-code\nActiveState=failed\nSubState=failed\nExecMainStatus=3\n"
+        "ControlGroup=\nInvocationID=abc\n"
+    )
+    st = parse_show("t.service", text)
+    assert (st.load_state, st.active_state, st.result) == ("loaded", "failed", "exit-code")
+    assert st.n_restarts == 4
+    assert st.exec_main_status == 3
+    assert st.main_pid is None
+    assert st.active_enter_mono == 2.5
+    assert st.exists and not st.running
+
+
+def test_parse_show_garbage_gives_empty_fields_not_an_exception() -> None:
+    st = parse_show("t.service", "NRestarts=[not set]\nno equals sign\n=\n")
+    assert st.n_restarts is None
+    assert st.load_state == ""
+    assert "no LoadState" in st.detail
+
+
+# -- without systemd ------------------------------------------------------------------------------
+
+
+def test_host_without_systemd_is_unavailable_and_refuses() -> None:
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("this host runs systemd as PID 1")
+    unit = SystemctlUnit("hydra-watchdog-test-absent.service")
+    st = unit.status()
+    assert not st.available
+    assert not st.exists
+    assert "/run/systemd/system" in st.detail
+    for verb in UnitVerb:
+        out = unit.command(verb)
+        assert not out.ok
+        assert out.refused
+        assert "not the init system" in out.detail
+
+
+def test_systemctl_that_cannot_connect_is_unavailable_and_refused(tmp_path: Path) -> None:
+    # A root that claims systemd, while the real systemctl finds no systemd to talk to.
+    if Path("/run/systemd/system").is_dir():
+        pytest.skip("this host runs systemd as PID 1")
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    unit = SystemctlUnit("hydra-watchdog-test-absent.service", root=str(tmp_path))
+    st = unit.status()
+    assert not st.available
+    assert "systemctl show failed" in st.detail
+    out = unit.command(UnitVerb.RESET_FAILED)
+    assert (out.ok, out.refused) == (False, True)
+
+
+def test_missing_systemctl_is_unavailable(tmp_path: Path) -> None:
+    (tmp_path / "run/systemd/system").mkdir(parents=True)
+    unit = SystemctlUnit("x.service", argv_prefix=["/nonexistent/bin/nsenter"], root=str(tmp_path))
+    st = unit.status()
+    assert not st.available
+    assert "not found" in st.detail
+    out = unit.command(UnitVerb.START)
+    assert not out.ok
+    assert "not found" in out.detail
+    assert unit.journal(5)[0].startswith("[journal unavailable")
+
+
+# -- against real systemd -----------------------------------------------------------------------
+
+
+@pytest.mark.systemd
+def test_unknown_unit_is_not_found(systemd_ns: SystemdNamespace) -> None:
+    st = adapter(systemd_ns, "hydra-no-such-unit.service").status()
+    assert st.available
+    assert st.load_state == "not-found"
+    assert not st.exists
+    assert "not found" in st.detail
+
+
+@pytest.mark.systemd
+def test_start_restart_stop(systemd_ns: SystemdNamespace, unit_name: str) -> None:
+    systemd_ns.install_unit(unit_name, SLEEPER)
+    unit = adapter(systemd_ns, unit_name)
+    before = unit.status()
+    assert before.exists and before.active_state == "inactive" and before.main_pid is None
+
+    assert unit.command(UnitVerb.START).ok
+    up = wait_status(unit, systemd_ns, lambda s: s.active_state == "active", "active")
+    assert up.sub_state == "running"
+    assert up.main_pid is not None and up.main_pid > 1
+    assert up.control_group.endswith(f"/system.slice/{unit_name}")
+    assert up.invocation_id
+    # The cgroup systemd reports is the one the main process is in.
+    cgroup = systemd_ns.run(["cat", f"/proc/{up.main_pid}/cgroup"]).stdout
+    assert f":{up.control_group}\n" in cgroup
+
+    assert unit.command(UnitVerb.RESTART).ok
+    again = wait_status(
+        unit,
+        systemd_ns,
+        lambda s: s.active_state == "active" and s.invocation_id not in ("", up.invocation_id),
+        "a new invocation",
+    )
+    assert again.main_pid != up.main_pid
+    assert again.n_restarts == 0  # a manual restart is not counted by NRestarts
+
+    assert unit.command(UnitVerb.STOP).ok  # stop waits for the job: inactive right after
+    down = unit.status()
+    assert down.active_state == "inactive"
+    assert down.main_pid is None
+    assert down.result == "success"
+
+
+@pytest.mark.systemd
+def test_active_enter_timestamp_is_on_the_monotonic_clock(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    def mono_inside() -> float:
+        return float(systemd_ns.python("import time; print(time.monotonic())").stdout)
+
+    systemd_ns.install_unit(unit_name, SLEEPER)
+    unit = adapter(systemd_ns, unit_name)
+    t0 = mono_inside()
+    assert unit.command(UnitVerb.START).ok
+    st = wait_status(unit, systemd_ns, lambda s: s.active_state == "active", "active")
+    t1 = mono_inside()
+    assert st.active_enter_mono is not None
+    assert t0 <= st.active_enter_mono <= t1
+
+
+@pytest.mark.systemd
+def test_failed_exit_code_and_reset_failed(systemd_ns: SystemdNamespace, unit_name: str) -> None:
+    systemd_ns.install_unit(unit_name, "[Service]\nExecStart=/bin/sh -c 'exit 7'\n")
+    unit = adapter(systemd_ns, unit_name)
+    assert unit.command(UnitVerb.START).ok
+    st = wait_status(unit, systemd_ns, lambda s: s.active_state == "failed", "failed")
+    assert st.result == "exit-code"
+    assert st.exec_main_status == 7
+    assert st.running is False
+
+    assert unit.command(UnitVerb.RESET_FAILED).ok
+    cleared = unit.status()
+    assert cleared.active_state == "inactive"
+    assert cleared.result == "success"
+
+
+@pytest.mark.systemd
+def test_restart_on_failure_counts_n_restarts(systemd_ns: SystemdNamespace, unit_name: str) -> None:
+    systemd_ns.install_unit(
+        unit_name,
+        "[Unit]\nStartLimitIntervalSec=0\n"
+        "[Service]\nExecStart=/bin/sh -c 'exit 3'\nRestart=on-failure\nRestartSec=1\n",
+    )
+    unit = adapter(systemd_ns, unit_name)
+    assert unit.command(UnitVerb.START).ok
+    # Result holds the failed run's outcome while systemd waits to restart (a new run resets it).
+    st = wait_status(
+        unit,
+        systemd_ns,
+        lambda s: (s.n_restarts or 0) >= 2 and s.sub_state == "auto-restart",
+        "two restarts",
+    )
+    assert st.n_restarts is not None and st.n_restarts >= 2
+    assert st.result == "exit-code"
+    assert st.exec_main_status == 3
+    assert st.active_state == "activating"
+    assert st.running  # activating counts as running: systemd is on it
+    assert unit.command(UnitVerb.STOP).ok
+    # A stopped, unreferenced unit may already be unloaded: resetting it is not an error.
+    out = unit.command(UnitVerb.RESET_FAILED)
+    assert out.ok, out.detail
+
+
+@pytest.mark.systemd
+def test_journal_returns_the_units_last_lines(systemd_ns: SystemdNamespace, unit_name: str) -> None:
+    token = uuid.uuid4().hex
+    systemd_ns.install_unit(
+        unit_name,
+        f"[Service]\nType=oneshot\nExecStart=/bin/sh -c 'for i in 1 2 3 4 5; do echo {token}-$i; "
+        "done'\n",
+    )
+    unit = adapter(systemd_ns, unit_name)
+    assert unit.command(UnitVerb.START).ok
+    lines: tuple[str, ...] = ()
+
+    def logged() -> bool:
+        nonlocal lines
+        lines = unit.journal(3)
+        return any(f"{token}-5" in line for line in lines)
+
+    systemd_ns.wait_for(logged, what="the unit's output in the journal")
+    assert len(lines) == 3
+    assert not any(f"{token}-1" in line for line in lines)  # only the last 3
+    assert unit.journal(0) == ()
+
+
+@pytest.mark.systemd
+def test_command_is_bounded_by_its_timeout(systemd_ns: SystemdNamespace, unit_name: str) -> None:
+    systemd_ns.install_unit(
+        unit_name,
+        "[Service]\nExecStart=/bin/sleep 600\nExecStop=/bin/sleep 30\nTimeoutStopSec=60\n",
+    )
+    unit = adapter(systemd_ns, unit_name, command_timeout=1.0)
+    assert unit.command(UnitVerb.START).ok
+    wait_status(unit, systemd_ns, lambda s: s.active_state == "active", "active")
+    out = unit.command(UnitVerb.STOP)
+    assert not out.ok
+    assert not out.refused
+    assert "did not return within 1 s" in out.detail
+    assert unit.status().active_state == "deactivating"  # the job goes on in systemd
+    # The timed-out systemctl was killed, not left waiting inside the namespace.
+    procs = systemd_ns.run(["ps", "-eo", "stat,args"]).stdout
+    assert f"systemctl stop {unit_name}" not in procs, procs
+    systemd_ns.run(["systemctl", "kill", "--signal=SIGKILL", unit_name])
