@@ -146,7 +146,12 @@ def _count_restarts(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         seen = n
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
-    return replace(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
+    fresh = bool(s.invocation_id) and obs.unit.invocation_id not in ("", s.invocation_id)
+    s = replace(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
+    if fresh and s.load_failures:
+        # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try.
+        s = replace(s, load_failures=0, next_load_at=None, last_load_error="")
+    return s
 
 
 # --- 2. track ----------------------------------------------------------------------------------
@@ -339,13 +344,13 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
                 + "; not a reason to restart",
             )
         )
-    for gpu_index, watts, retry_at in s.power_denied:
+    for gpu_index, watts, _retry_at in s.power_denied:
         out.append(
             Finding(
                 Rule.POWER_LIMIT,
                 Severity.WARNING,
-                f"gpu{gpu_index}: setting the power limit to {watts:g} W failed; "
-                f"retried in {_dur(max(retry_at - now, 0))} (needs CAP_SYS_ADMIN)",
+                f"gpu{gpu_index}: setting the power limit to {watts:g} W failed; retried "
+                f"hourly, not every cycle (needs CAP_SYS_ADMIN)",
             )
         )
     if s.last_load_error:
@@ -579,7 +584,7 @@ def _backoff(
             Finding(
                 Rule.ESCALATION,
                 Severity.CRIT,
-                f"restart loop unresolved for {_dur(now - (s.loop_since or now))}: "
+                f"restart loop unresolved for over {_dur(r.escalate_after)}: "
                 "needs a human (runbook: Escalation); "
                 + ("the fallback model will be loaded" if cfg.model.fallback else "no fallback"),
             )
@@ -596,8 +601,8 @@ def _backoff(
                 Finding(
                     Rule.RESTART_LOOP,
                     Severity.CRIT,
-                    f"back-off step {s.backoff_step}: next start attempt in "
-                    f"{_dur(s.backoff_until - now)}",
+                    f"back-off step {s.backoff_step}: one start attempt after "
+                    f"{_dur(backoff_delay(s.backoff_step, cfg))}",
                 )
             )
             return _enter(s, waiting, now), cleanup, notes

@@ -690,3 +690,27 @@ def test_nvml_failure_is_a_finding_and_loads_proceed_unchecked() -> None:
     assert [type(a) for a in acts] == [LoadModel]
     assert "VRAM not checked" in acts[0].reason.evidence
     assert any("NVML unavailable" in f.message for f in run.state.findings)
+
+
+def test_findings_do_not_change_while_nothing_changes() -> None:
+    """Findings are announced when they appear: a countdown inside one would re-announce it
+    every cycle."""
+    run = Run(
+        state=PolicyState(phase=Phase.BACKOFF, backoff_step=2, backoff_until=50.0, loop_since=0.0)
+    )
+    stopped = {"health": refused(), "unit": unit("inactive", "dead"), "gpus": gpus(limit0=575.0)}
+    acts = run.step(obs(10, **stopped))
+    denied = result(
+        acts[0], ResultStatus.FAILED, "NoPermission", at=10.1, error_kind="no_permission"
+    )
+    run.step(obs(11, results=(denied,), **stopped))
+    first = run.state.findings
+    for t in range(12, 40):
+        run.step(obs(t, **stopped))
+        assert run.state.findings == first
+
+
+def test_a_fresh_tabbyapi_process_gets_the_main_model_again() -> None:
+    run = Run(state=PolicyState(load_failures=5, last_load_error="OOM", invocation_id="old"))
+    acts = run.step(obs(0, model=model(None), unit=unit()))  # invocation "inv": a new process
+    assert [(type(a), a.model) for a in acts] == [(LoadModel, "M")]  # type: ignore[union-attr]
