@@ -360,3 +360,25 @@ def test_read_tokens(tmp_path: Path) -> None:
     tokens = tmp_path / "api_tokens.yml"
     tokens.write_text("# keys\napi_key: 'abc'\nadmin_key: def  # admin\n", encoding="utf-8")
     assert read_tokens(tokens) == ("abc", "def")
+
+
+def test_a_model_is_split_over_the_gpus_like_gpu_split_auto(
+    sims: TabbySims, tmp_path: Path
+) -> None:
+    state_file = tmp_path / "nvml.state"
+    gpus = tuple(
+        nvml_state.SimDevice(i, f"GPU-{i}", "Sim", mem_total=4 * nvml_state.GIB) for i in (0, 1)
+    )
+    nvml_state.write_state(state_file, nvml_state.SimState(devices=gpus))
+    sim = sims.start(
+        models={"m": {"vram": 6 * nvml_state.GIB}, "huge": {"vram": 9 * nvml_state.GIB}},
+        extra=("--nvml-state", str(state_file)),
+    )
+    [event] = sse_events(load_raw(sim, "huge").text)
+    assert "CUDA out of memory" in event["error"]["message"]
+    assert sse_events(load_raw(sim, "m").text)[-1]["status"] == "finished"
+    held = sorted((p.gpu, p.used_bytes) for p in nvml_state.read_state(state_file).processes)
+    assert [g for g, _ in held] == [0, 1]
+    assert sum(b for _, b in held) == 6 * nvml_state.GIB
+    assert held[0][1] > held[1][1]  # GPU 0 is filled first
+    assert nvml_state.free_bytes(state_file, 0) == 0

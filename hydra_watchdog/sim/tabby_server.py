@@ -206,6 +206,24 @@ class Node:
     def _nvml(self) -> Any:
         return importlib.import_module("hydra_watchdog.sim.nvml_state")
 
+    def _auto_split(self, need: int) -> tuple[list[tuple[int, int]], int]:
+        """ExLlamaV2's gpu_split_auto: fill the GPUs in index order. ([], total free) when the
+        model does not fit on all of them together."""
+        nvml = self._nvml()
+        path = self.opts.nvml_state
+        state = nvml.read_state(path)
+        free = [(d.index, nvml.free_bytes(path, d.index)) for d in state.devices]
+        total = sum(f for _, f in free)
+        if total < need:
+            return [], total
+        split, left = [], need
+        for gpu, avail in free:
+            share = min(avail, left)
+            if share > 0:
+                split.append((gpu, share))
+                left -= share
+        return split, total
+
     def _release_vram(self) -> None:
         if self.opts.nvml_state is not None:
             self._nvml().remove_process(self.opts.nvml_state, os.getpid())
@@ -244,9 +262,10 @@ class Node:
             yield _error(f"No config.json found in model directory {folder}")
             return
         need = self.vram_need(name)
+        split: list[tuple[int, int]] = []
         if self.opts.nvml_state is not None:
-            free = self._nvml().free_bytes(self.opts.nvml_state, 0)
-            if free < need:
+            split, free = self._auto_split(need)
+            if not split:
                 yield _error(_oom_text(need, free))
                 return
         modules = max(1, faults.modules or self.opts.modules)
@@ -263,8 +282,8 @@ class Node:
                 yield _error(_oom_text(need, 0))
                 return
             yield _progress(module, modules, "processing")
-        if self.opts.nvml_state is not None:
-            self._nvml().set_process(self.opts.nvml_state, 0, os.getpid(), need)
+        for gpu, share in split:
+            self._nvml().set_process(self.opts.nvml_state, gpu, os.getpid(), share)
         with self.lock:
             self.loaded = name
         yield _progress(modules, modules, "finished")
@@ -281,7 +300,7 @@ def _error(message: str) -> dict[str, Any]:
 def _oom_text(need: int, free: int) -> str:
     return (
         f"CUDA out of memory. Tried to allocate {need / GIB:.2f} GiB. "
-        f"GPU 0 has {free / GIB:.2f} GiB free."
+        f"The GPUs have {free / GIB:.2f} GiB free in total."
     )
 
 

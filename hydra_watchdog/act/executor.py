@@ -1,0 +1,143 @@
+"""Runs one decision's actions, in order, and says what came of each.
+
+Rules every action goes through here, so no actuator has to remember them:
+- dry run: nothing is executed; each action gets DRY_RUN "would …", which counts as success so
+  the policy decides exactly as in a real run;
+- skip after failure: actions of one decision depend on their predecessors (stop, then kill the
+  orphans, then start), so once one fails or is refused, the rest are SKIPPED;
+- no exception escapes: an actuator that raises yields a FAILED result, and the loop goes on.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+
+from hydra_watchdog.act.fallback_route import check_fallback_route
+from hydra_watchdog.act.gpu_reset import reset_gpu
+from hydra_watchdog.act.load import ModelLoader
+from hydra_watchdog.act.orphans import kill_orphan
+from hydra_watchdog.act.power import set_power_limit
+from hydra_watchdog.act.unit import run_unit_command
+from hydra_watchdog.actions import (
+    Action,
+    ActionResult,
+    CheckFallbackRoute,
+    KillOrphan,
+    LoadModel,
+    ResetGpu,
+    ResultStatus,
+    SetPowerLimit,
+    UnitCommand,
+    describe,
+)
+from hydra_watchdog.config import Config
+from hydra_watchdog.interfaces import GpuAdapter, TabbyApi, UnitManager
+from hydra_watchdog.observation import LoadProgress
+
+_CONTINUE = (ResultStatus.OK, ResultStatus.DRY_RUN, ResultStatus.IN_PROGRESS)
+
+
+class Executor:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tabby: TabbyApi,
+        gpu: GpuAdapter,
+        units: UnitManager,
+        dry_run: bool = False,
+        reset_command: Sequence[str] = ("nvidia-smi",),
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.tabby = tabby
+        self.gpu = gpu
+        self.units = units
+        self.dry_run = dry_run
+        self.reset_command = tuple(reset_command)
+        self._clock = clock
+        self.loader = ModelLoader(tabby, config.model.load_timeout, clock=clock)
+
+    def reconfigure(
+        self, config: Config, *, tabby: TabbyApi, gpu: GpuAdapter, units: UnitManager
+    ) -> None:
+        """New config and adapters (SIGHUP). A load in flight finishes on the adapter it began
+        with; the next load uses the new one."""
+        self.config, self.tabby, self.gpu, self.units = config, tabby, gpu, units
+        self.loader.tabby = tabby
+        self.loader.load_timeout = config.model.load_timeout
+
+    def run(self, actions: Sequence[Action]) -> tuple[ActionResult, ...]:
+        results: list[ActionResult] = []
+        failed: ActionResult | None = None
+        for action in actions:
+            if failed is not None:
+                results.append(
+                    ActionResult(
+                        action,
+                        ResultStatus.SKIPPED,
+                        f"skipped: '{describe(failed.action)}' did not succeed ({failed.status})",
+                        self._clock(),
+                        "skipped",
+                    )
+                )
+                continue
+            result = self.run_one(action)
+            results.append(result)
+            if result.status not in _CONTINUE:
+                failed = result
+        return tuple(results)
+
+    def run_one(self, action: Action) -> ActionResult:
+        if self.dry_run:
+            return ActionResult(
+                action, ResultStatus.DRY_RUN, f"would {describe(action)}", self._clock()
+            )
+        try:
+            return self._dispatch(action)
+        except Exception as exc:  # a bug in one actuator must not take the loop down
+            return ActionResult(
+                action,
+                ResultStatus.FAILED,
+                f"{describe(action)} crashed: {type(exc).__name__}: {exc}",
+                self._clock(),
+                "exception",
+            )
+
+    def _dispatch(self, action: Action) -> ActionResult:
+        cfg, clock = self.config, self._clock
+        match action:
+            case SetPowerLimit():
+                return set_power_limit(action, self.gpu, clock=clock)
+            case KillOrphan():
+                return kill_orphan(action, cfg.orphans, clock=clock)
+            case UnitCommand():
+                return run_unit_command(action, self.units, cfg.tabbyapi.unit, clock=clock)
+            case LoadModel():
+                return self.loader.start(action)
+            case ResetGpu():
+                return reset_gpu(
+                    action,
+                    enabled=cfg.gpu_reset.enabled,
+                    gpu=self.gpu,
+                    patterns=cfg.tabbyapi.cmdline_patterns,
+                    command=self.reset_command,
+                    clock=clock,
+                )
+            case CheckFallbackRoute():
+                return check_fallback_route(
+                    action, self.tabby, cfg.fallback_route.timeout, clock=clock
+                )
+        raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
+
+    def load_progress(self) -> LoadProgress | None:
+        return self.loader.progress()
+
+    def drain(self) -> tuple[ActionResult, ...]:
+        """Long actions (model loads) that finished since the last call."""
+        return self.loader.drain()
+
+    def shutdown(self, wait: float = 10.0) -> bool:
+        """Cancel a load in flight (cleanly: the adapter closes the stream itself)."""
+        return self.loader.cancel(wait)

@@ -1,0 +1,87 @@
+"""`nvidia-smi --gpu-reset`: the runbook's last resort in full recovery.
+
+A reset tears down every context on the card, so it is refused unless `gpu_reset.enabled` and
+nothing but TabbyAPI's own processes uses the GPU. That is re-checked through NVML right before
+the reset, not taken from the (seconds old) observation: a job started meanwhile must not lose
+its work.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+
+import psutil
+
+from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
+from hydra_watchdog.config import GpuDevice
+from hydra_watchdog.interfaces import GpuAdapter
+
+RESET_TIMEOUT = 120.0  # a reset normally takes seconds; a wedged driver must not hang the loop
+
+
+def _foreign_users(
+    gpu: GpuAdapter, index: int, patterns: Sequence[str]
+) -> tuple[list[str], str | None]:
+    """(descriptions of non-TabbyAPI GPU users, or why we could not tell)."""
+    report = gpu.read((GpuDevice(index=index),))
+    if report.error is not None:
+        return [], f"cannot read gpu{index}: {report.error.value} {report.detail}".strip()
+    snap = next((d for d in report.devices if d.index == index), None)
+    if snap is None:
+        return [], f"gpu{index} not found"
+    if any(what == "processes" for what, _ in snap.errors):
+        return [], f"cannot list the processes on gpu{index}"
+    foreign: list[str] = []
+    for gp in snap.processes:
+        try:
+            cmd = " ".join(psutil.Process(gp.pid).cmdline())
+        except psutil.NoSuchProcess:
+            continue  # exited since NVML listed it: its context is gone with it
+        except psutil.AccessDenied:
+            cmd = ""
+        if not any(p in cmd for p in patterns):
+            foreign.append(f"{gp.pid} ({cmd[:60] or 'unreadable'})")
+    return foreign, None
+
+
+def reset_gpu(
+    action: ResetGpu,
+    *,
+    enabled: bool,
+    gpu: GpuAdapter,
+    patterns: Sequence[str],
+    command: Sequence[str] = ("nvidia-smi",),
+    timeout: float = RESET_TIMEOUT,
+    clock: Callable[[], float] = time.monotonic,
+) -> ActionResult:
+    """Run `<command> --gpu-reset -i N` (bounded) when it is safe; REFUSED otherwise."""
+
+    def result(status: ResultStatus, detail: str, kind: str = "") -> ActionResult:
+        return ActionResult(action, status, detail, clock(), kind)
+
+    if not enabled:
+        return result(ResultStatus.REFUSED, "GPU reset is disabled (gpu_reset.enabled)", "disabled")
+    foreign, unknown = _foreign_users(gpu, action.gpu_index, patterns)
+    if unknown is not None:
+        return result(ResultStatus.REFUSED, f"{unknown}; not resetting blind", "cannot_verify")
+    if foreign:
+        return result(
+            ResultStatus.REFUSED,
+            f"gpu{action.gpu_index} is in use by non-TabbyAPI processes: {', '.join(foreign)}",
+            "foreign_gpu_user",
+        )
+    argv = [*command, "--gpu-reset", "-i", str(action.gpu_index)]
+    try:
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+    except FileNotFoundError:
+        return result(ResultStatus.FAILED, f"{command[0]} not found", "not_found")
+    except subprocess.TimeoutExpired:
+        return result(ResultStatus.FAILED, f"GPU reset took over {timeout:g}s", "timeout")
+    except OSError as exc:
+        return result(ResultStatus.FAILED, f"cannot run {command[0]}: {exc}", "exec_failed")
+    output = " ".join((proc.stdout + " " + proc.stderr).split())[:300]
+    if proc.returncode != 0:
+        return result(ResultStatus.FAILED, f"exit {proc.returncode}: {output}", "command_failed")
+    return result(ResultStatus.OK, output or f"gpu{action.gpu_index} reset")

@@ -1,0 +1,481 @@
+"""The daemon: every `interval`, observe -> decide -> act -> tell -> remember.
+
+The loop is the imperative shell around the pure policy. Each cycle:
+1. read the pause file; collect the results of actions finished since the last cycle;
+2. observe (probes concurrently, bounded; expensive ones only when the policy asked);
+3. decide (pure; `now` is the monotonic clock);
+4. act (in order, skip after failure, dry-run says "would ...");
+5. narrate the cycle as events -> journald / console, and keep the last N;
+6. persist the state (atomic), publish status.json, update metrics;
+7. sd_notify: READY=1 after the first complete cycle, STATUS= on every phase change.
+
+WATCHDOG=1 is sent from this loop itself, never from a helper thread: if the loop hangs, systemd
+must notice and restart us. An exception inside one cycle is logged and the next cycle runs.
+SIGTERM ends the loop after the current step; a model load in flight is cancelled cleanly, the
+state persisted, exit 0. SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED)
+and the old one stays.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+import sys
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from types import FrameType
+from typing import Protocol
+
+import structlog
+
+from hydra_watchdog import control
+from hydra_watchdog.act.executor import Executor
+from hydra_watchdog.actions import Action, ActionResult, action_name
+from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.interfaces import (
+    GpuAdapter,
+    HostChecker,
+    ProcessScanner,
+    TabbyApi,
+    UnitManager,
+)
+from hydra_watchdog.narrate import narrate
+from hydra_watchdog.observation import (
+    Health,
+    HostReport,
+    HttpResult,
+    LoadProgress,
+    Observation,
+    Outcome,
+    UnitStatus,
+)
+from hydra_watchdog.observe import Observer
+from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.report.journal import configure_logging, log_event
+from hydra_watchdog.report.metrics import Metrics
+from hydra_watchdog.report.sdnotify import Notifier
+from hydra_watchdog.report.status import StatusReport, build_status
+from hydra_watchdog.statefile import StateFile
+from hydra_watchdog.states import Phase, Severity
+
+TEST_HOOKS_ENV = "HYDRA_WATCHDOG_TEST_HOOKS"
+HANG_FILE = "hang-loop"
+SHUTDOWN_LOAD_WAIT = 10.0
+
+Decide = Callable[[PolicyState, Observation, float, Config], tuple[PolicyState, tuple[Action, ...]]]
+
+log = structlog.get_logger("hydra_watchdog.daemon")
+
+
+@dataclass(frozen=True)
+class Adapters:
+    tabby: TabbyApi
+    gpu: GpuAdapter
+    units: UnitManager
+    scanner: ProcessScanner
+    host: HostChecker
+
+
+class Notify(Protocol):
+    def ready(self) -> bool: ...
+    def status(self, line: str) -> bool: ...
+    def watchdog(self) -> bool: ...
+    def stopping(self) -> bool: ...
+    def watchdog_interval(self) -> float | None: ...
+
+
+def build_adapters(config: Config) -> Adapters:
+    """The real adapters for this node."""
+    from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415 - heavy imports at start only
+    from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
+    from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
+    from hydra_watchdog.probes.systemd import SystemctlUnit  # noqa: PLC0415
+    from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
+
+    return Adapters(
+        tabby=TabbyClient.from_config(config),
+        gpu=NvmlGpu.from_config(config),
+        units=SystemctlUnit(config.tabbyapi.unit),
+        scanner=ProcScanner.from_config(config),
+        host=HostProbe.from_config(config),
+    )
+
+
+def default_decide() -> Decide:
+    from hydra_watchdog.policy import decide  # noqa: PLC0415 - written in parallel
+
+    return decide
+
+
+def status_line(state: PolicyState, dry_run: bool) -> str:
+    """sd_notify STATUS=: what `systemctl status hydra-watchdog` shows."""
+    head = f"{state.phase.value}"
+    if state.findings:
+        head += f": {state.findings[0].message}"
+    elif state.last_failure and state.phase is not Phase.HEALTHY:
+        head += f": {state.last_failure}"
+    return ("[dry-run] " if dry_run else "") + head[:200]
+
+
+class Daemon:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        adapters: Adapters,
+        decide: Decide,
+        config_path: Path | None = None,
+        adapter_factory: Callable[[Config], Adapters] = build_adapters,
+        dry_run: bool = False,
+        notifier: Notify | None = None,
+        metrics: Metrics | None = None,
+        emit: Callable[[Event], None] = log_event,
+        clock: Callable[[], float] = time.monotonic,
+        wall: Callable[[], float] = time.time,
+        reset_command: Sequence[str] = ("nvidia-smi",),
+    ) -> None:
+        self.config = config
+        self.config_path = config_path
+        self.adapter_factory = adapter_factory
+        self.decide = decide
+        self._cli_dry_run = dry_run
+        self.dry_run = dry_run or config.watchdog.dry_run
+        self.notifier: Notify = notifier if notifier is not None else Notifier()
+        self.metrics = metrics
+        self.emit = emit
+        self.clock = clock
+        self.wall = wall
+        self.observer = Observer(
+            config,
+            tabby=adapters.tabby,
+            gpu=adapters.gpu,
+            units=adapters.units,
+            scanner=adapters.scanner,
+            host=adapters.host,
+            clock=clock,
+        )
+        self.executor = Executor(
+            config,
+            tabby=adapters.tabby,
+            gpu=adapters.gpu,
+            units=adapters.units,
+            dry_run=self.dry_run,
+            reset_command=reset_command,
+            clock=clock,
+        )
+        self.statefile = StateFile(
+            config.watchdog.state_dir, events_kept=config.watchdog.events_kept
+        )
+        loaded = self.statefile.load()
+        self.state = loaded.state
+        self.events: deque[Event] = deque(loaded.events, maxlen=config.watchdog.events_kept)
+        self._saved_state: PolicyState | None = loaded.state if not loaded.notes else None
+        self._events_dirty = False
+        self._pending: tuple[ActionResult, ...] = ()  # results for the next observation
+        self._prev_load: LoadProgress | None = None
+        self._ready = False
+        self._stop = threading.Event()
+        self._reload = threading.Event()
+        self._wake = threading.Event()  # set by signal handlers: the loop's sleep ends at once
+        self.cycles = 0  # completed ones
+        self._record(
+            EventKind.STARTED,
+            Severity.NOTICE,
+            f"watchdog started (config {config.source}{', dry run' if self.dry_run else ''})",
+        )
+        for note in loaded.notes:
+            self._record(EventKind.DIAGNOSIS, Severity.WARNING, note)
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _record(self, kind: EventKind, severity: Severity, message: str, reason: str = "") -> None:
+        self._tell((Event(self.wall(), kind, severity, message, self.state.phase, reason=reason),))
+
+    def _tell(self, events: Sequence[Event]) -> None:
+        for event in events:
+            self.events.append(event)
+            self._events_dirty = True
+            try:
+                self.emit(event)
+            except Exception:  # a logging failure must not stop the watchdog
+                with contextlib.suppress(Exception):
+                    sys.stderr.write(f"hydra-watchdog: cannot log event: {event.message}\n")
+
+    # --- one cycle --------------------------------------------------------------------------
+
+    def _hang_hook(self) -> None:
+        # For the WatchdogSec chaos test only: a loop that stops pinging, on purpose.
+        if os.environ.get(TEST_HOOKS_ENV) != "1":
+            return
+        hang = Path(self.config.watchdog.state_dir) / HANG_FILE
+        while hang.exists():
+            time.sleep(0.2)
+
+    def cycle(self) -> None:
+        """observe -> decide -> act -> narrate -> persist -> publish. Raises only on bugs; the
+        loop (run) catches and logs those."""
+        self._hang_hook()
+        cfg = self.config
+        pause = control.read_pause(cfg.watchdog.state_dir, self.wall(), self.clock())
+        # Progress before drain: a load that ends in between then shows up as a final result
+        # (which wins), never as neither in flight nor finished.
+        load = self.executor.load_progress()
+        finished = (*self._pending, *self.executor.drain())
+        self._pending = ()
+        obs = self.observer.observe(self.state.wants, results=finished, load=load, pause=pause)
+        self._ping()
+        prev = self.state
+        new, actions = self.decide(prev, obs, self.clock(), cfg)
+        results = self.executor.run(actions)
+        self._pending = results
+        self.state = new
+        self._tell(
+            narrate(
+                prev,
+                new,
+                actions,
+                results,
+                obs,
+                config=cfg,
+                wall=self.wall(),
+                prev_load=self._prev_load,
+            )
+        )
+        self._prev_load = obs.load
+        self._persist()
+        self._count_restarts(prev, new)
+        self._publish(obs, results)
+        self.cycles += 1
+        if not self._ready or prev.phase != new.phase:
+            self.notifier.status(status_line(new, self.dry_run))
+        if not self._ready:
+            self._ready = True
+            self.notifier.ready()
+
+    def _persist(self) -> None:
+        # Most healthy cycles change nothing: skip the fsyncs then.
+        if self.state == self._saved_state and not self._events_dirty:
+            return
+        try:
+            self.statefile.save(self.state, tuple(self.events))
+        except OSError as exc:  # a full disk must not stop the watchdog; retried next cycle
+            log.error("cannot persist the state", error=str(exc), path=str(self.statefile.path))
+            return
+        self._saved_state = self.state
+        self._events_dirty = False
+
+    def report(self, obs: Observation | None) -> StatusReport:
+        return build_status(
+            self.state,
+            obs,
+            self.config,
+            tuple(self.events),
+            wall_now=self.wall(),
+            mono_now=self.clock(),
+            pid=os.getpid(),
+        )
+
+    def _publish(self, obs: Observation, results: tuple[ActionResult, ...]) -> None:
+        report = self.report(obs)
+        try:
+            control.write_status(self.config.watchdog.runtime_dir, report)
+        except OSError as exc:
+            log.warning("cannot write status.json", error=str(exc))
+        m = self.metrics
+        if m is None:
+            return
+        m.update(report)
+        for r in results:
+            m.record_action(action_name(r.action), r.status.value)
+        if obs.health.result.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT):
+            m.observe_health_latency(obs.health.result.latency_s)
+
+    def _count_restarts(self, prev: PolicyState, new: PolicyState) -> None:
+        if self.metrics is None:
+            return
+        seen = set(prev.restarts)
+        for record in new.restarts:
+            if record not in seen:
+                self.metrics.record_restart(record.by)
+
+    # --- the loop ---------------------------------------------------------------------------
+
+    def _ping(self) -> None:
+        if self.notifier.watchdog_interval() is not None:
+            self.notifier.watchdog()
+
+    def request_stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+
+    def request_reload(self) -> None:
+        self._reload.set()
+        self._wake.set()
+
+    def reload(self) -> bool:
+        """SIGHUP: a new config if it is valid; otherwise the old one stays and we say why."""
+        if self.config_path is None:
+            return False
+        try:
+            new = load_config(self.config_path)
+            adapters = self.adapter_factory(new)
+        except ConfigError as exc:
+            self._record(
+                EventKind.CONFIG_REJECTED,
+                Severity.ERR,
+                f"new config rejected, keeping the old one: {exc}",
+                reason=str(exc),
+            )
+            return False
+        except Exception as exc:
+            self._record(
+                EventKind.CONFIG_REJECTED,
+                Severity.ERR,
+                f"new config could not be applied, keeping the old one: {exc}",
+                reason=str(exc),
+            )
+            return False
+        self.config = new
+        self.dry_run = self._cli_dry_run or new.watchdog.dry_run
+        self.executor.dry_run = self.dry_run
+        self.observer = Observer(
+            new,
+            tabby=adapters.tabby,
+            gpu=adapters.gpu,
+            units=adapters.units,
+            scanner=adapters.scanner,
+            host=adapters.host,
+            clock=self.clock,
+        )
+        self.executor.reconfigure(new, tabby=adapters.tabby, gpu=adapters.gpu, units=adapters.units)
+        self.statefile = StateFile(new.watchdog.state_dir, events_kept=new.watchdog.events_kept)
+        self.events = deque(self.events, maxlen=new.watchdog.events_kept)
+        self._record(
+            EventKind.CONFIG_RELOADED, Severity.NOTICE, f"config reloaded from {new.source}"
+        )
+        return True
+
+    def _safe_cycle(self) -> None:
+        try:
+            self.cycle()
+        except Exception as exc:
+            log.exception("cycle failed; the next one runs as usual", error=str(exc))
+
+    def run(self, *, once: bool = False) -> int:
+        interval_ping = self.notifier.watchdog_interval()
+        next_cycle = self.clock()
+        next_ping = self.clock()
+        while not self._stop.is_set():
+            if self._reload.is_set():
+                self._reload.clear()
+                self.reload()
+            now = self.clock()
+            if now >= next_cycle:
+                self._safe_cycle()
+                if once:
+                    break
+                # Fixed rate from the cycle's start; an overrun starts the next one at once.
+                next_cycle = max(next_cycle + self.config.watchdog.interval, now)
+            if interval_ping is not None and self.clock() >= next_ping:
+                self.notifier.watchdog()
+                next_ping = self.clock() + interval_ping
+            wake = next_cycle if interval_ping is None else min(next_cycle, next_ping)
+            self._wake.wait(max(0.0, wake - self.clock()))
+            self._wake.clear()
+        return self.shutdown()
+
+    def shutdown(self) -> int:
+        self.notifier.stopping()
+        self._record(EventKind.STOPPING, Severity.NOTICE, "watchdog stopping")
+        if not self.executor.shutdown(SHUTDOWN_LOAD_WAIT):
+            self._record(
+                EventKind.ACTION_FAILED,
+                Severity.WARNING,
+                f"a model load did not stop within {SHUTDOWN_LOAD_WAIT:g}s of the cancel",
+            )
+        leftovers = self.executor.drain()
+        if leftovers:
+            self._tell(
+                narrate(
+                    self.state,
+                    self.state,
+                    (),
+                    leftovers,
+                    self._empty_obs(),
+                    config=self.config,
+                    wall=self.wall(),
+                )
+            )
+        try:
+            self.statefile.save(self.state, tuple(self.events))
+        except OSError as exc:
+            log.error("cannot persist the state at shutdown", error=str(exc))
+            return 1
+        return 0
+
+    def _empty_obs(self) -> Observation:
+        return Observation(
+            at=self.clock(),
+            health=Health(HttpResult(Outcome.TIMEOUT, 0.0, None, "shutting down"), False),
+            unit=UnitStatus(name=self.config.tabbyapi.unit, available=False),
+            host=HostReport(models_dir_ok=False),
+        )
+
+
+def run_daemon(
+    config_path: Path | str,
+    *,
+    dry_run: bool = False,
+    once: bool = False,
+    adapter_factory: Callable[[Config], Adapters] = build_adapters,
+) -> int:
+    """`hydra-watchdog run`: exit 0 after SIGTERM (or after one cycle with `once`), 78 on a bad
+    config. `adapter_factory` is the seam the demo and the end-to-end tests use to put a
+    stand-in unit under the daemon where there is no systemd."""
+    path = Path(config_path)
+    try:
+        config = load_config(path)
+    except ConfigError as exc:
+        print(f"hydra-watchdog: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    configure_logging()
+    try:
+        adapters = adapter_factory(config)
+        decide = default_decide()
+    except ImportError as exc:
+        print(f"hydra-watchdog: not available yet: {exc}", file=sys.stderr)
+        return 3
+    metrics = Metrics()
+    if config.metrics.listen:
+        serving = metrics.serve(config.metrics.listen)
+        if not serving.ok:
+            log.warning("metrics exporter not started", reason=serving.detail)
+    daemon = Daemon(
+        config,
+        adapters=adapters,
+        decide=decide,
+        config_path=path,
+        adapter_factory=adapter_factory,
+        dry_run=dry_run,
+        metrics=metrics,
+    )
+
+    def on_term(_signum: int, _frame: FrameType | None) -> None:
+        daemon.request_stop()
+
+    def on_hup(_signum: int, _frame: FrameType | None) -> None:
+        daemon.request_reload()
+
+    signal.signal(signal.SIGTERM, on_term)
+    signal.signal(signal.SIGINT, on_term)
+    signal.signal(signal.SIGHUP, on_hup)
+    try:
+        return daemon.run(once=once)
+    finally:
+        metrics.shutdown()

@@ -1,0 +1,244 @@
+"""What happened this cycle, told as events: a pure function of before, after and the results.
+
+Events are for humans reading the journal and `hydra-watchdog events`, so they are edge-triggered:
+a finding is told when it appears, not every cycle it persists; load progress in coarse steps
+(every 25%); a phase change once. Every action result is told, with its rule and evidence.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from collections.abc import Sequence
+
+from hydra_watchdog.actions import (
+    Action,
+    ActionResult,
+    KillOrphan,
+    LoadModel,
+    ResetGpu,
+    ResultStatus,
+    SetPowerLimit,
+    UnitCommand,
+    action_name,
+    describe,
+)
+from hydra_watchdog.config import Config
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.observation import LoadProgress, Observation
+from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.states import Phase, Rule, Severity, Verdict
+
+PROGRESS_STEP = 25  # percent
+_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
+
+_BY_VERDICT = {
+    Verdict.OK: Severity.NOTICE,
+    Verdict.WARNING: Severity.WARNING,
+    Verdict.CRITICAL: Severity.ERR,
+    Verdict.UNKNOWN: Severity.NOTICE,
+}
+# Leaving one of these for HEALTHY is a recovery worth its own record.
+_TROUBLE = frozenset(
+    {
+        Phase.DOWN,
+        Phase.RECOVERING,
+        Phase.BACKOFF,
+        Phase.ESCALATED,
+        Phase.BLOCKED,
+        Phase.NO_MODEL,
+        Phase.LOADING,
+    }
+)
+
+
+def _action_fields(action: Action) -> tuple[tuple[str, str], ...]:
+    match action:
+        case KillOrphan(pid=pid):
+            return (("TARGET_PID", str(pid)),)
+        case SetPowerLimit(gpu_index=i, watts=w):
+            return (("GPU_INDEX", str(i)), ("HYDRA_WATTS", f"{w:g}"))
+        case ResetGpu(gpu_index=i):
+            return (("GPU_INDEX", str(i)),)
+        case LoadModel(model=model):
+            return (("HYDRA_MODEL", model),)
+        case UnitCommand(verb=verb):
+            return (("HYDRA_VERB", verb.value),)
+    return ()
+
+
+def _about_unit(action: Action) -> bool:
+    return isinstance(action, UnitCommand | KillOrphan | LoadModel)
+
+
+def _result_event(result: ActionResult, phase: Phase, unit: str, wall: float) -> Event:
+    action, status = result.action, result.status
+    what = describe(action)
+    if status in (ResultStatus.OK, ResultStatus.DRY_RUN):
+        kind, severity = EventKind.ACTION, Severity.NOTICE
+        message = result.detail if status is ResultStatus.DRY_RUN else f"{what}: {result.detail}"
+    elif status is ResultStatus.IN_PROGRESS:
+        kind, severity, message = EventKind.ACTION, Severity.INFO, f"{what}: started"
+    elif status is ResultStatus.FAILED:
+        kind, severity, message = EventKind.ACTION_FAILED, Severity.ERR, f"{what} failed: "
+        message += result.detail
+    elif status is ResultStatus.REFUSED:
+        kind, severity, message = EventKind.ACTION_REFUSED, Severity.WARNING, f"{what} refused: "
+        message += result.detail
+    else:  # SKIPPED: not attempted because an earlier action of the decision did not succeed
+        kind, severity, message = EventKind.ACTION_REFUSED, Severity.NOTICE, f"{what}: "
+        message += result.detail
+    fields = (*_action_fields(action), ("HYDRA_RESULT", status.value))
+    if result.error_kind:
+        fields += (("HYDRA_ERROR_KIND", result.error_kind),)
+    return Event(
+        wall=wall,
+        kind=kind,
+        severity=severity,
+        message=message,
+        state=phase,
+        rule=action.reason.rule,
+        action=action_name(action),
+        reason=action.reason.evidence,
+        unit=unit if _about_unit(action) else "",
+        fields=fields,
+    )
+
+
+def _gist(finding: Finding) -> tuple[Rule, Severity, str]:
+    # A finding's message may carry a countdown or a count ("next start attempt in 598s"):
+    # the same finding with new numbers is not news.
+    return finding.rule, finding.severity, _NUMBERS.sub("#", finding.message)
+
+
+def _percent(load: LoadProgress | None) -> int:
+    if load is None or load.modules <= 0:
+        return 0
+    return min(100, load.module * 100 // load.modules)
+
+
+def narrate(
+    prev: PolicyState,
+    new: PolicyState,
+    actions: Sequence[Action],
+    results: Sequence[ActionResult],
+    obs: Observation,
+    *,
+    config: Config,
+    wall: float | None = None,
+    prev_load: LoadProgress | None = None,
+) -> tuple[Event, ...]:
+    """The events of one cycle, in the order they happened: new findings, the phase change (and
+    what it means: paused, restart loop, recovered, escalated), load progress, then one event per
+    action result. `actions` (the decision) name the rule of a phase change that has no finding;
+    `prev_load` is the previous cycle's Observation.load, for the progress steps."""
+    wall = time.time() if wall is None else wall
+    tabby_unit = config.tabbyapi.unit
+    phase = new.phase
+    events: list[Event] = []
+
+    def add(
+        kind: EventKind,
+        severity: Severity,
+        message: str,
+        *,
+        rule: Rule | None,
+        reason: str = "",
+        unit: str = "",
+        fields: tuple[tuple[str, str], ...] = (),
+    ) -> None:
+        events.append(Event(wall, kind, severity, message, phase, rule, "", reason, unit, fields))
+
+    old = {_gist(f) for f in prev.findings}
+    fresh = [f for f in new.findings if _gist(f) not in old]
+    for finding in fresh:
+        add(
+            EventKind.DIAGNOSIS,
+            finding.severity,
+            finding.message,
+            rule=finding.rule,
+            reason=finding.message,
+            unit=tabby_unit,
+        )
+
+    cause = fresh[0] if fresh else (new.findings[0] if new.findings else None)
+    rule: Rule | None = cause.rule if cause else (actions[0].reason.rule if actions else None)
+    evidence = cause.message if cause else (new.last_failure or "")
+    if prev.phase != new.phase:
+        change = f"{prev.phase.value} -> {new.phase.value}"
+        add(
+            EventKind.STATE_CHANGED,
+            _BY_VERDICT[new.phase.verdict],
+            f"{change}: {evidence}" if evidence else change,
+            rule=rule,
+            reason=evidence,
+            unit=tabby_unit,
+            fields=(("HYDRA_PREV_STATE", prev.phase.value),),
+        )
+        if new.phase is Phase.PAUSED:
+            why = obs.pause.reason if obs.pause else ""
+            add(
+                EventKind.PAUSED,
+                Severity.NOTICE,
+                f"paused: {why}" if why else "paused",
+                rule=Rule.PAUSED,
+                reason=why,
+            )
+        elif prev.phase is Phase.PAUSED:
+            add(
+                EventKind.RESUMED,
+                Severity.NOTICE,
+                f"resumed; now {new.phase.value}",
+                rule=Rule.PAUSED,
+            )
+        if new.phase is Phase.BACKOFF and prev.phase is not Phase.ESCALATED:
+            window = config.restart_loop.window
+            add(
+                EventKind.RESTART_LOOP,
+                Severity.CRIT,
+                f"restart loop: {new.restarts_in_window(obs.at, window)} restarts within "
+                f"{window:g}s; unit stopped, back-off step {new.backoff_step}",
+                rule=Rule.RESTART_LOOP,
+                reason=evidence,
+                unit=tabby_unit,
+            )
+        if new.phase is Phase.HEALTHY and (
+            prev.phase in _TROUBLE
+            or (prev.phase is Phase.STARTING and prev.recovery_started is not None)
+        ):
+            add(
+                EventKind.RECOVERED,
+                Severity.NOTICE,
+                f"recovered: healthy again after {prev.phase.value}",
+                rule=Rule.RECOVERED,
+                unit=tabby_unit,
+            )
+    if (new.phase is Phase.ESCALATED and prev.phase is not Phase.ESCALATED) or (
+        new.escalated and not prev.escalated and new.phase is not Phase.ESCALATED
+    ):
+        add(
+            EventKind.ESCALATED,
+            Severity.CRIT,
+            f"escalated: unresolved for over {config.restart_loop.escalate_after:g}s; "
+            "a human is needed",
+            rule=Rule.ESCALATION,
+            reason=evidence,
+            unit=tabby_unit,
+        )
+
+    load = obs.load
+    if load is not None and load.modules > 0:
+        before = _percent(prev_load) if prev_load and prev_load.model == load.model else -1
+        now_pct = _percent(load)
+        if now_pct // PROGRESS_STEP > before // PROGRESS_STEP:
+            add(
+                EventKind.LOAD_PROGRESS,
+                Severity.INFO,
+                f"loading {load.model}: {now_pct}% ({load.module}/{load.modules} modules)",
+                rule=Rule.NO_MODEL,
+                unit=tabby_unit,
+                fields=(("HYDRA_MODEL", load.model), ("HYDRA_PROGRESS_PCT", str(now_pct))),
+            )
+
+    events.extend(_result_event(r, phase, tabby_unit, wall) for r in results)
+    return tuple(events)

@@ -1,0 +1,207 @@
+"""One Observation per cycle, from the adapters, within a bounded time.
+
+Cheap probes run every cycle: /health, /v1/model, the unit's status, the GPU read, the cheap port
+check (listeners of the port and port+1 among known PIDs) and the models dir. Expensive ones run
+only when the policy asked in `state.wants`: the canary, the host-wide port scan, ldd, the journal.
+
+The probes of one cycle run concurrently, each in its own thread, and the whole observation has
+one deadline: the longest deadline among the probes it runs. Every adapter bounds its own calls,
+but an adapter that hangs anyway (a lost GPU inside NVML, a wedged systemctl) must not hang the
+loop: its answer is replaced by a typed "timed out" outcome, and while its thread is still stuck
+the probe is not started again (a hung probe costs one thread, not one per cycle).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from typing import Generic, TypeVar
+
+from hydra_watchdog.actions import ActionResult
+from hydra_watchdog.config import Config
+from hydra_watchdog.interfaces import (
+    GpuAdapter,
+    HostChecker,
+    ProcessScanner,
+    TabbyApi,
+    UnitManager,
+)
+from hydra_watchdog.observation import (
+    Canary,
+    GpuReport,
+    Health,
+    HostReport,
+    HttpResult,
+    LoadProgress,
+    NvmlErrorKind,
+    Observation,
+    Outcome,
+    PauseRequest,
+    PortReport,
+    Probe,
+    ProcessInfo,
+    UnitStatus,
+)
+
+T = TypeVar("T")
+T_co = TypeVar("T_co", covariant=True)
+
+# systemctl, /proc walks and ldd are bounded by their adapters; this is the loop's own backstop.
+SUBPROCESS_DEADLINE = 10.0
+JOURNAL_LINES = 50
+_SLACK = 0.25  # thread start-up and hand-over on a loaded 2-core machine
+
+
+class _Task(Generic[T_co]):
+    """A probe call in a daemon thread (a stuck one never blocks interpreter exit)."""
+
+    def __init__(self, name: str, fn: Callable[[], T_co]) -> None:
+        self.name = name
+        self.done = threading.Event()
+        self.value: T_co | None = None
+        self.error = ""
+        threading.Thread(target=self._run, args=(fn,), name=f"probe-{name}", daemon=True).start()
+
+    def _run(self, fn: Callable[[], T_co]) -> None:
+        try:
+            self.value = fn()
+        except Exception as exc:  # adapters must not raise; if one does, it is a typed failure
+            self.error = f"{type(exc).__name__}: {exc}"[:300]
+        finally:
+            self.done.set()
+
+    def get(self, deadline: float, clock: Callable[[], float]) -> tuple[T_co | None, str]:
+        """(value, "") or (None, why not)."""
+        if not self.done.wait(max(0.0, deadline - clock())):
+            return None, f"{self.name} probe did not answer in time"
+        if self.error:
+            return None, f"{self.name} probe crashed: {self.error}"
+        return self.value, ""
+
+
+def _http_failed(why: str, elapsed: float) -> HttpResult:
+    return HttpResult(Outcome.TIMEOUT, elapsed, None, why)
+
+
+class Observer:
+    def __init__(
+        self,
+        config: Config,
+        *,
+        tabby: TabbyApi,
+        gpu: GpuAdapter,
+        units: UnitManager,
+        scanner: ProcessScanner,
+        host: HostChecker,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self.config = config
+        self.tabby = tabby
+        self.gpu = gpu
+        self.units = units
+        self.scanner = scanner
+        self.host = host
+        self._clock = clock
+        self._stuck: dict[str, _Task[object]] = {}
+
+    def deadline(self, wants: frozenset[Probe]) -> float:
+        """The longest deadline among the probes a cycle with `wants` runs."""
+        cfg = self.config
+        longest = max(cfg.tabbyapi.health_timeout, cfg.gpu.call_timeout * 2, SUBPROCESS_DEADLINE)
+        if Probe.CANARY in wants:
+            longest = max(longest, cfg.tabbyapi.canary_deadline)
+        return longest
+
+    def _start(self, name: str, fn: Callable[[], T]) -> _Task[T] | None:
+        old = self._stuck.get(name)
+        if old is not None and not old.done.is_set():
+            return None
+        task = _Task(name, fn)
+        self._stuck[name] = task
+        return task
+
+    def _get(self, task: _Task[T] | None, name: str, deadline: float) -> tuple[T | None, str]:
+        if task is None:
+            return None, f"{name} probe is still stuck from an earlier cycle"
+        return task.get(deadline, self._clock)
+
+    def observe(
+        self,
+        wants: frozenset[Probe] = frozenset(),
+        *,
+        results: tuple[ActionResult, ...] = (),
+        load: LoadProgress | None = None,
+        pause: PauseRequest | None = None,
+    ) -> Observation:
+        cfg = self.config
+        start = self._clock()
+        deadline = start + self.deadline(wants) + _SLACK
+        devices = cfg.gpu.device
+
+        health_t = self._start("health", self.tabby.health)
+        model_t = self._start("model", self.tabby.model)
+        unit_t = self._start("unit", self.units.status)
+        gpu_t = self._start("gpu", lambda: self.gpu.read(devices))
+        libraries = Probe.LIBRARIES in wants
+        host_t = self._start("host", lambda: self.host.check(libraries=libraries))
+        canary_t = (
+            self._start("canary", lambda: self.tabby.canary(cfg.tabbyapi.canary_deadline))
+            if Probe.CANARY in wants
+            else None
+        )
+        journal_t = (
+            self._start("journal", lambda: self.units.journal(JOURNAL_LINES))
+            if Probe.JOURNAL in wants
+            else None
+        )
+
+        unit, why = self._get(unit_t, "unit", deadline)
+        if unit is None:
+            unit = UnitStatus(name=cfg.tabbyapi.unit, available=False, detail=why)
+        gpus, why = self._get(gpu_t, "gpu", deadline)
+        if gpus is None:
+            gpus = GpuReport(error=NvmlErrorKind.TIMEOUT, detail=why)
+
+        # The process scan needs the unit's cgroup and the GPU's holders, so it starts once
+        # those are in, and gets what is left of the cycle's deadline.
+        full = Probe.PORT_SCAN in wants
+        unit_now, gpus_now = unit, gpus
+        scan_t = self._start("scan", lambda: self.scanner.scan(unit_now, gpus_now, full=full))
+        port: PortReport | None = None
+        processes: tuple[ProcessInfo, ...] = ()
+        scanned, _ = self._get(scan_t, "scan", deadline)
+        if scanned is not None:
+            port, processes = scanned
+
+        health, why = self._get(health_t, "health", deadline)
+        if health is None:
+            health = Health(_http_failed(why, self._clock() - start), healthy=False)
+        model, _ = self._get(model_t, "model", deadline)
+        canary: Canary | None = None
+        if Probe.CANARY in wants:
+            canary, why = self._get(canary_t, "canary", deadline)
+            if canary is None:
+                canary = Canary(_http_failed(why, self._clock() - start))
+        host, why = self._get(host_t, "host", deadline)
+        if host is None:
+            host = HostReport(models_dir_ok=False, models_dir_detail=f"not checked: {why}")
+        if Probe.JOURNAL in wants:
+            lines, why = self._get(journal_t, "journal", deadline)
+            host = dataclasses.replace(host, journal_excerpt=lines if lines is not None else (why,))
+
+        return Observation(
+            at=self._clock(),
+            health=health,
+            unit=unit,
+            host=host,
+            model=model,
+            canary=canary,
+            gpus=gpus,
+            port=port,
+            processes=processes,
+            load=load,
+            results=results,
+            pause=pause,
+        )

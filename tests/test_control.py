@@ -1,0 +1,141 @@
+"""Pause/resume through the state dir, and the world-readable status file."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hydra_watchdog import control
+from hydra_watchdog.observation import PauseRequest
+from hydra_watchdog.report.status import StatusReport, from_json
+from hydra_watchdog.states import Phase
+
+
+def test_pause_until_converts_wall_expiry_to_the_monotonic_clock(tmp_path: Path) -> None:
+    control.pause(tmp_path, "driver upgrade", until_wall=10_000.0)
+    got = control.read_pause(tmp_path, wall_now=9_000.0, mono_now=50.0)
+    assert got == PauseRequest(reason="driver upgrade", until=1_050.0)
+
+
+def test_pause_without_expiry_lasts_until_resume(tmp_path: Path) -> None:
+    control.pause(tmp_path, "maintenance", until_wall=None)
+    assert control.read_pause(tmp_path, 1e12, 5.0) == PauseRequest("maintenance", None)
+    assert control.resume(tmp_path) is True
+    assert control.read_pause(tmp_path, 1e12, 5.0) is None
+    assert control.resume(tmp_path) is False
+
+
+def test_expired_pause_is_no_pause(tmp_path: Path) -> None:
+    control.pause(tmp_path, "short", until_wall=100.0)
+    assert control.read_pause(tmp_path, wall_now=100.0, mono_now=1.0) is None
+    assert control.read_pause(tmp_path, wall_now=99.0, mono_now=1.0) == PauseRequest("short", 2.0)
+
+
+def test_a_second_pause_replaces_the_first(tmp_path: Path) -> None:
+    control.pause(tmp_path, "first", until_wall=None)
+    control.pause(tmp_path, "second", until_wall=500.0)
+    assert control.read_pause(tmp_path, 400.0, 0.0) == PauseRequest("second", 100.0)
+
+
+def test_pause_file_is_private(tmp_path: Path) -> None:
+    d = tmp_path / "state"
+    control.pause(d, "x", None)
+    assert d.stat().st_mode & 0o777 == 0o700
+    assert (d / control.PAUSE_FILE).stat().st_mode & 0o777 == 0o600
+
+
+def test_non_finite_expiry_is_rejected(tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="finite"):
+        control.pause(tmp_path, "x", float("nan"))
+    assert not (tmp_path / control.PAUSE_FILE).exists()
+
+
+@pytest.mark.parametrize(
+    "content",
+    [
+        b"garbage",
+        b"[]",
+        b'{"reason": 5}',
+        b'{"reason": "x", "until_wall": "tomorrow"}',
+        b'{"reason": "x", "until_wall": true}',
+        b'{"reason": "x", "until_wall": NaN}',
+    ],
+)
+def test_garbage_pauses_nothing_and_is_moved_aside(
+    tmp_path: Path, content: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    (tmp_path / control.PAUSE_FILE).write_bytes(content)
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    assert not (tmp_path / control.PAUSE_FILE).exists()
+    aside = list(tmp_path.glob(f"{control.PAUSE_FILE}.corrupt-*"))
+    assert [p.read_bytes() for p in aside] == [content]
+    assert any("unusable" in r.getMessage() for r in caplog.records)
+
+
+def test_pause_from_another_process_is_seen(tmp_path: Path) -> None:
+    code = (
+        "import sys, time; from hydra_watchdog import control; "
+        "control.pause(sys.argv[1], 'from cli', time.time() + 3600)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(tmp_path)], check=True, timeout=60)
+    got = control.read_pause(tmp_path, wall_now=time.time(), mono_now=0.0)
+    assert got is not None and got.reason == "from cli"
+    assert got.until is not None and 3500 < got.until <= 3600
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: its parents are 0700, so another user could not reach it.
+    top = Path(tempfile.mkdtemp(prefix="hydra-status-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def test_status_file_is_world_readable_and_atomic(shared_dir: Path) -> None:
+    runtime = shared_dir / "run"
+    control.write_status(runtime, StatusReport(pid=1, phase=Phase.HEALTHY))
+    control.write_status(runtime, StatusReport(pid=2, phase=Phase.DOWN, summary="refused x3"))
+    assert runtime.stat().st_mode & 0o777 == 0o755
+    assert (runtime / control.STATUS_FILE).stat().st_mode & 0o777 == 0o644
+    assert control.read_status(runtime) == StatusReport(
+        pid=2, phase=Phase.DOWN, summary="refused x3"
+    )
+    assert sorted(p.name for p in runtime.iterdir()) == [control.STATUS_FILE]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_status_file_is_readable_by_an_unprivileged_user(shared_dir: Path) -> None:
+    runtime = shared_dir / "run"
+    control.write_status(runtime, StatusReport(pid=7, phase=Phase.HEALTHY))
+    # The venv lives under /root, out of nobody's reach: read with cat, parse here.
+    out = subprocess.run(
+        ["cat", str(runtime / control.STATUS_FILE)],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        check=False,
+        timeout=60,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    report = from_json(out.stdout)
+    assert (report.pid, report.phase) == (7, Phase.HEALTHY)
+
+
+def test_read_status_tolerates_absence_and_explains_garbage(tmp_path: Path) -> None:
+    assert control.read_status(tmp_path) is None
+    (tmp_path / control.STATUS_FILE).write_text("{half")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        control.read_status(tmp_path)
