@@ -348,15 +348,15 @@ def run_demo(*, fast: bool = False, out: Callable[[str], None] = print) -> int:
         demo = Demo(Path(tmp), out)
         try:
             incidents = demo.run()
+            from hydra_watchdog.control import read_status  # noqa: PLC0415
+            from hydra_watchdog.report.status import render_human  # noqa: PLC0415
+
+            # what `hydra-watchdog status` shows: the status file the daemon published
+            report = read_status(demo.cfg.watchdog.runtime_dir)
         finally:
             demo.close()
-        from hydra_watchdog.report.status import build_status, render_human  # noqa: PLC0415
-
-        report = build_status(
-            demo.daemon.state, None, demo.cfg, [e for _, e in demo.events],
-            wall_now=time.time(), mono_now=time.monotonic(), pid=os.getpid(),
-        )  # fmt: skip
-        out("\n== `hydra-watchdog status` at the end\n" + render_human(report))
+        if report is not None:
+            out("\n== `hydra-watchdog status` at the end\n" + render_human(report))
     out(f"\n== summary ({time.monotonic() - started:.0f} s)\n" + _table(incidents))
     failed = [i.name for i in incidents if i.recovered_s is None]
     if failed:
