@@ -198,11 +198,10 @@ def cmd_check(args: argparse.Namespace) -> int:
         host=adapters.host,
     )
     # Two passes: the first asks for the expensive probes the rules need, the second runs them.
-    state = PolicyState()
-    obs = observer.observe(state.wants)
-    state, _ = decide(state, obs, obs.at, cfg)
-    obs = observer.observe(state.wants)
-    state, actions = decide(state, obs, obs.at, cfg)
+    # Nothing is executed, so the second pass starts afresh with only the probe requests.
+    first, _ = decide(PolicyState(), observer.observe(frozenset()), time.monotonic(), cfg)
+    obs = observer.observe(first.wants)
+    state, actions = decide(PolicyState(wants=first.wants), obs, obs.at, cfg)
     verdict = Verdict.WARNING if state.phase is Phase.UNKNOWN else state.phase.verdict
     if args.json:
         doc = {
@@ -244,15 +243,13 @@ def cmd_verify(args: argparse.Namespace) -> int:
     checks: list[tuple[str, bool, str]] = []
     host = adapters.host.check(libraries=True)
     libs = host.missing_libraries
-    checks.append(
-        (
-            "libraries resolve",
-            not libs,
-            "all found"
-            if libs is not None and not libs
-            else (", ".join(libs or ()) or "not checked"),
-        )
-    )
+    if libs is None:
+        # not checkable (no venv configured, no extension found): say so, do not fail on it
+        skipped = f"skipped: {host.libraries_detail or 'no venv configured'}"
+        checks.append(("libraries resolve", True, skipped))
+    else:
+        found = f"{', '.join(libs)} not found" if libs else "all found"
+        checks.append(("libraries resolve", not libs, found))
     checks.append(
         ("models mount", host.models_dir_ok, host.models_dir_detail or cfg.model.models_dir)
     )

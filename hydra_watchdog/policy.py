@@ -248,7 +248,7 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
             )
         )
     for proc, role_port in _port_holders(obs, port):
-        if proc is None:
+        if proc is None or (proc.role is ProcessRole.ORPHAN and not unit.available):
             continue
         if proc.role is ProcessRole.FOREIGN:
             out.append(
@@ -278,6 +278,8 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
             )
         )
     for proc in obs.processes:
+        if not unit.available:
+            break  # orphan or the unit's own? unknowable without systemd: not reported as orphan
         if proc.role is ProcessRole.ORPHAN and not proc.listens_on:
             held = (
                 f"holds {proc.gpu_bytes / GIB:.1f} GiB VRAM" if proc.gpu_bytes else "holds nothing"
@@ -432,7 +434,10 @@ def _in_unit(p: ProcessInfo) -> bool:
 
 
 def _orphans_in_the_way(obs: Observation) -> list[ProcessInfo]:
-    """Orphans provably harmful: holding our port (or port+1) or GPU memory."""
+    """Orphans provably harmful: holding our port (or port+1) or GPU memory. Without systemd to
+    say which processes are the unit's, "outside the unit" is a guess: then there are none."""
+    if not obs.unit.available:
+        return []
     return [
         p
         for p in obs.processes
@@ -496,7 +501,9 @@ def _plan(
     holders = _port_holders(obs, cfg.tabbyapi.port)
     if any(p is not None and p.role is ProcessRole.FOREIGN for p, _ in holders):
         return _enter(s, Phase.BLOCKED, now), cleanup, []
-    orphan_holders = [p for p, _ in holders if p is not None and p.role is ProcessRole.ORPHAN]
+    orphan_holders = [
+        p for p, _ in holders if p is not None and p.role is ProcessRole.ORPHAN and unit.available
+    ]
     if orphan_holders and cleanup and s.backoff_step == 0:
         evidence = (
             f"port {cfg.tabbyapi.port} held by orphan pid {orphan_holders[0].pid}; "

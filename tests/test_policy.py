@@ -714,3 +714,19 @@ def test_a_fresh_tabbyapi_process_gets_the_main_model_again() -> None:
     run = Run(state=PolicyState(load_failures=5, last_load_error="OOM", invocation_id="old"))
     acts = run.step(obs(0, model=model(None), unit=unit()))  # invocation "inv": a new process
     assert [(type(a), a.model) for a in acts] == [(LoadModel, "M")]  # type: ignore[union-attr]
+
+
+def test_without_systemd_no_process_is_treated_as_an_orphan() -> None:
+    """No unit cgroup to compare with: a TabbyAPI process on the port may well be the service."""
+    maybe = proc(300, ProcessRole.ORPHAN, listens=(PORT,), gpu_gib=25.0)
+    run = Run()
+    o = {
+        "unit": unit(available=False, enter=None),
+        "port": ports((PORT, 300)),
+        "processes": (maybe,),
+    }
+    acts = run.step(obs(0, model=model(None), **o))
+    assert [type(a) for a in acts] == [LoadModel]
+    acts = run.step(obs(1, health=timeout(), **o))
+    assert not any(isinstance(a, KillOrphan) for a in run.actions)
+    assert not any("orphan" in f.message for f in run.state.findings)
