@@ -24,7 +24,7 @@ import signal
 import sys
 import threading
 import time
-from collections import deque
+from collections import Counter, deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,6 +111,13 @@ def default_decide() -> Decide:
     from hydra_watchdog.policy import decide  # noqa: PLC0415 - written in parallel
 
     return decide
+
+
+def new_restarts(prev: PolicyState, new: PolicyState) -> list[str]:
+    """Who issued each restart the policy recorded this cycle ("watchdog" or "systemd"). A
+    multiset difference: systemd's restarts seen in one cycle share one timestamp."""
+    added = Counter(new.restarts) - Counter(prev.restarts)
+    return [record.by for record, n in added.items() for _ in range(n)]
 
 
 def status_line(state: PolicyState, dry_run: bool) -> str:
@@ -299,10 +306,8 @@ class Daemon:
     def _count_restarts(self, prev: PolicyState, new: PolicyState) -> None:
         if self.metrics is None:
             return
-        seen = set(prev.restarts)
-        for record in new.restarts:
-            if record not in seen:
-                self.metrics.record_restart(record.by)
+        for by in new_restarts(prev, new):
+            self.metrics.record_restart(by)
 
     # --- the loop ---------------------------------------------------------------------------
 

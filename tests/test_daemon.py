@@ -451,3 +451,13 @@ def test_an_exception_in_one_cycle_is_logged_and_the_next_runs(node: Node) -> No
     assert daemon.cycles == 1 and len(calls) == 2
     assert node.phase() is not None  # the good cycle published its status
     assert told[0].kind is EventKind.STARTED
+
+
+def test_new_restarts_counts_each_of_several_in_one_cycle() -> None:
+    from hydra_watchdog.daemon import new_restarts
+    from hydra_watchdog.policy_state import PolicyState, RestartRecord
+
+    before = PolicyState(restarts=(RestartRecord(1.0, "watchdog"),))
+    after = PolicyState(restarts=(*before.restarts, *[RestartRecord(5.0, "systemd")] * 3))
+    assert sorted(new_restarts(before, after)) == ["systemd", "systemd", "systemd"]
+    assert new_restarts(after, after) == []
