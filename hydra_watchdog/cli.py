@@ -119,12 +119,17 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_events(args: argparse.Namespace) -> int:
     from hydra_watchdog.policy_state import to_jsonable  # noqa: PLC0415
-    from hydra_watchdog.statefile import StateFile  # noqa: PLC0415
+    from hydra_watchdog.statefile import (  # noqa: PLC0415
+        DRY_RUN_STATE_FILE,
+        STATE_FILE,
+        StateFile,
+    )
 
     cfg, note = _config_or_defaults(args)
     try:
+        name = DRY_RUN_STATE_FILE if cfg.watchdog.dry_run else STATE_FILE
         persisted = StateFile(
-            Path(cfg.watchdog.state_dir), events_kept=cfg.watchdog.events_kept
+            Path(cfg.watchdog.state_dir), events_kept=cfg.watchdog.events_kept, name=name
         ).load()
     except PermissionError:
         raise CliError(

@@ -20,9 +20,9 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import sys
-import threading
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
@@ -61,7 +61,7 @@ from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.sdnotify import Notifier
 from hydra_watchdog.report.status import StatusReport, build_status
-from hydra_watchdog.statefile import StateFile
+from hydra_watchdog.statefile import DRY_RUN_STATE_FILE, STATE_FILE, StateFile
 from hydra_watchdog.states import Phase, Severity
 
 TEST_HOOKS_ENV = "HYDRA_WATCHDOG_TEST_HOOKS"
@@ -176,9 +176,7 @@ class Daemon:
             reset_command=reset_command,
             clock=clock,
         )
-        self.statefile = StateFile(
-            config.watchdog.state_dir, events_kept=config.watchdog.events_kept
-        )
+        self.statefile = self._statefile(config)
         loaded = self.statefile.load()
         self.state = loaded.state
         self.events: deque[Event] = deque(loaded.events, maxlen=config.watchdog.events_kept)
@@ -187,9 +185,11 @@ class Daemon:
         self._pending: tuple[ActionResult, ...] = ()  # results for the next observation
         self._prev_load: LoadProgress | None = None
         self._ready = False
-        self._stop = threading.Event()
-        self._reload = threading.Event()
-        self._wake = threading.Event()  # set by signal handlers: the loop's sleep ends at once
+        # Set from signal handlers, which run on the main thread between bytecodes: plain flags
+        # and a self-pipe, never a lock the interrupted loop might be holding.
+        self._stop = False
+        self._reload = False
+        self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.cycles = 0  # completed ones
         self._record(
             EventKind.STARTED,
@@ -239,9 +239,13 @@ class Daemon:
         self._ping()
         prev = self.state
         new, actions = self.decide(prev, obs, self.clock(), cfg)
-        results = self.executor.run(actions)
-        self._pending = results
         self.state = new
+        if actions:
+            # The intent first (restart budget, back-off, load in flight): a kill -9 in the middle
+            # of the actions must not forget that they were started.
+            self._persist()
+        results = self.executor.run(actions, between=self._ping)
+        self._pending = results
         self._tell(
             narrate(
                 prev,
@@ -315,13 +319,29 @@ class Daemon:
         if self.notifier.watchdog_interval() is not None:
             self.notifier.watchdog()
 
+    def _statefile(self, config: Config) -> StateFile:
+        name = DRY_RUN_STATE_FILE if self.dry_run else STATE_FILE
+        return StateFile(
+            config.watchdog.state_dir, events_kept=config.watchdog.events_kept, name=name
+        )
+
+    def _wake_up(self) -> None:
+        with contextlib.suppress(OSError):  # a full pipe already wakes the loop
+            os.write(self._wake_w, b"!")
+
+    def _sleep(self, seconds: float) -> None:
+        readable, _, _ = select.select([self._wake_r], [], [], max(0.0, seconds))
+        if readable:
+            with contextlib.suppress(OSError):
+                os.read(self._wake_r, 4096)
+
     def request_stop(self) -> None:
-        self._stop.set()
-        self._wake.set()
+        self._stop = True
+        self._wake_up()
 
     def request_reload(self) -> None:
-        self._reload.set()
-        self._wake.set()
+        self._reload = True
+        self._wake_up()
 
     def reload(self) -> bool:
         """SIGHUP: a new config if it is valid; otherwise the old one stays and we say why."""
@@ -358,8 +378,19 @@ class Daemon:
             host=adapters.host,
             clock=self.clock,
         )
+        old_tabby, old_gpu = self.executor.tabby, self.executor.gpu
         self.executor.reconfigure(new, tabby=adapters.tabby, gpu=adapters.gpu, units=adapters.units)
-        self.statefile = StateFile(new.watchdog.state_dir, events_kept=new.watchdog.events_kept)
+        # The old adapters hold a thread, an NVML handle and a connection pool each: close them,
+        # except a client that a load in flight still streams through (it ends with the load).
+        closing: list[object] = [old_gpu]
+        if not self.executor.loader.in_flight:
+            closing.append(old_tabby)
+        for adapter in closing:
+            close = getattr(adapter, "close", None)
+            if callable(close) and adapter not in (adapters.gpu, adapters.tabby):
+                with contextlib.suppress(Exception):
+                    close()
+        self.statefile = self._statefile(new)
         self.events = deque(self.events, maxlen=new.watchdog.events_kept)
         self._record(
             EventKind.CONFIG_RELOADED, Severity.NOTICE, f"config reloaded from {new.source}"
@@ -376,9 +407,9 @@ class Daemon:
         interval_ping = self.notifier.watchdog_interval()
         next_cycle = self.clock()
         next_ping = self.clock()
-        while not self._stop.is_set():
-            if self._reload.is_set():
-                self._reload.clear()
+        while not self._stop:
+            if self._reload:
+                self._reload = False
                 self.reload()
             now = self.clock()
             if now >= next_cycle:
@@ -391,8 +422,7 @@ class Daemon:
                 self.notifier.watchdog()
                 next_ping = self.clock() + interval_ping
             wake = next_cycle if interval_ping is None else min(next_cycle, next_ping)
-            self._wake.wait(max(0.0, wake - self.clock()))
-            self._wake.clear()
+            self._sleep(wake - self.clock())
         return self.shutdown()
 
     def shutdown(self) -> int:

@@ -104,6 +104,11 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             denied = [d for d in s.power_denied if d[0] != action.gpu_index]
             denied.append((action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
             s = replace(s, power_denied=tuple(denied))
+        elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.DRY_RUN:
+            # The limit never changes in a dry run: say "would set" hourly, not every cycle.
+            held = [d for d in s.power_held if d[0] != action.gpu_index]
+            held.append((action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
+            s = replace(s, power_held=tuple(held))
         elif isinstance(action, CheckFallbackRoute) and res.status is not ResultStatus.SKIPPED:
             verdict = "works" if res.succeeded else "FAILS"
             s = replace(
@@ -888,7 +893,7 @@ def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             target = min(target, gpu.power.max_w)
         if abs(gpu.power.limit_w - target) <= POWER_TOLERANCE_W:
             continue
-        if any(d[0] == gpu.index and d[2] > now for d in s.power_denied):
+        if any(d[0] == gpu.index and d[2] > now for d in (*s.power_denied, *s.power_held)):
             continue
         clamped = (
             ""

@@ -63,6 +63,8 @@ class PolicyState:
     # power limits that failed (no permission, invalid...), as (gpu index, target watts, retry at):
     # reported once, retried only after POWER_RETRY_AFTER, never every cycle
     power_denied: tuple[tuple[int, float, float], ...] = ()
+    # a dry run's "would set" power limits, (gpu index, target watts, repeat at): not every cycle
+    power_held: tuple[tuple[int, float, float], ...] = ()
     fallback_route_checked: bool = False
     fallback_route_detail: str = ""
     findings: tuple[Finding, ...] = ()

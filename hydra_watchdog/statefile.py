@@ -27,6 +27,9 @@ from hydra_watchdog.events import Event
 from hydra_watchdog.policy_state import STATE_VERSION, PolicyState, from_jsonable, to_jsonable
 
 STATE_FILE = "state.json"
+# A dry run keeps its own memory: its pretended restarts and loads must not count against the
+# real daemon's budget, nor look like a lost load to it.
+DRY_RUN_STATE_FILE = "state.dry-run.json"
 BOOT_ID_PATH = Path("/proc/sys/kernel/random/boot_id")
 _TMP_PREFIX = ".tmp-"
 STALE_TEMP_AGE = 60.0  # seconds; a write takes milliseconds
@@ -107,9 +110,16 @@ class Persisted:
 class StateFile:
     """`state.json` in `state_dir` (0700), written 0600."""
 
-    def __init__(self, state_dir: Path | str, *, events_kept: int, boot_id: str | None = None):
+    def __init__(
+        self,
+        state_dir: Path | str,
+        *,
+        events_kept: int,
+        boot_id: str | None = None,
+        name: str = STATE_FILE,
+    ):
         self.dir = Path(state_dir)
-        self.path = self.dir / STATE_FILE
+        self.path = self.dir / name
         self.events_kept = events_kept
         self.boot_id = read_boot_id() if boot_id is None else boot_id
 
@@ -160,7 +170,7 @@ class StateFile:
         # Left by a writer killed between mkstemp and rename. Only old ones: another process
         # (the daemon, while `hydra-watchdog events` loads) may be writing a fresh one right now.
         cutoff = time.time() - STALE_TEMP_AGE
-        for tmp in self.dir.glob(f"{_TMP_PREFIX}{STATE_FILE}.*"):
+        for tmp in self.dir.glob(f"{_TMP_PREFIX}{self.path.name}.*"):
             with contextlib.suppress(OSError):
                 if tmp.stat().st_mtime < cutoff:
                     tmp.unlink()

@@ -43,6 +43,7 @@ from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.sim import nvml_state as ns
 from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
+from tests.harness.systemd_ns import SystemdNamespace
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim, wait_for  # noqa: F401
 
 WHY = Reason(Rule.ORPHAN_CLEANUP, "holds 18 GiB outside the unit's cgroup")
@@ -105,7 +106,9 @@ def _reaper(proc: subprocess.Popen[str]) -> threading.Thread:
 def test_orphan_that_obeys_sigterm_exits_on_it(orphans: Orphans) -> None:
     proc = orphans.spawn()
     _reaper(proc)
-    result = kill_orphan(_kill_action(proc.pid), OrphansSection(term_grace=30.0))
+    result = kill_orphan(
+        _kill_action(proc.pid), OrphansSection(term_grace=30.0), unit="tabbyapi.service"
+    )
     assert result.status is ResultStatus.OK, result.detail
     assert "SIGTERM" in result.detail and "SIGKILL" not in result.detail
     assert proc.wait(30) == -signal.SIGTERM
@@ -115,7 +118,9 @@ def test_orphan_that_ignores_sigterm_gets_sigkill_after_the_grace(orphans: Orpha
     proc = orphans.spawn("ignore-term")
     _reaper(proc)
     started = time.monotonic()
-    result = kill_orphan(_kill_action(proc.pid), OrphansSection(term_grace=0.5))
+    result = kill_orphan(
+        _kill_action(proc.pid), OrphansSection(term_grace=0.5), unit="tabbyapi.service"
+    )
     assert result.status is ResultStatus.OK, result.detail
     assert "SIGKILL" in result.detail
     assert time.monotonic() - started >= 0.5  # the grace was honoured before SIGKILL
@@ -125,7 +130,9 @@ def test_orphan_that_ignores_sigterm_gets_sigkill_after_the_grace(orphans: Orpha
 def test_orphan_zombie_counts_as_gone_even_unreaped(orphans: Orphans) -> None:
     # No reaper: the killed child stays a zombie; it has freed its memory and sockets.
     proc = orphans.spawn()
-    result = kill_orphan(_kill_action(proc.pid), OrphansSection(term_grace=30.0))
+    result = kill_orphan(
+        _kill_action(proc.pid), OrphansSection(term_grace=30.0), unit="tabbyapi.service"
+    )
     assert result.status is ResultStatus.OK, result.detail
     assert proc.wait(30) == -signal.SIGTERM
 
@@ -134,7 +141,7 @@ def test_changed_start_time_is_refused_and_never_signalled(orphans: Orphans) -> 
     proc = orphans.spawn()
     action = _kill_action(proc.pid)
     stale = replace(action, start_time=action.start_time - 7.0)  # a PID reused since
-    result = kill_orphan(stale, OrphansSection(term_grace=0.1))
+    result = kill_orphan(stale, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
     time.sleep(0.2)  # would a stray SIGTERM have landed? (the process exits at once on it)
@@ -144,7 +151,7 @@ def test_changed_start_time_is_refused_and_never_signalled(orphans: Orphans) -> 
 def test_changed_cmdline_is_refused_and_never_signalled(orphans: Orphans) -> None:
     proc = orphans.spawn()
     action = replace(_kill_action(proc.pid), cmdline=("/opt/tabbyapi/venv/bin/python", "main.py"))
-    result = kill_orphan(action, OrphansSection(term_grace=0.1))
+    result = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
     time.sleep(0.2)
@@ -156,14 +163,16 @@ def test_vanished_process_is_refused(orphans: Orphans) -> None:
     action = _kill_action(proc.pid)
     proc.kill()
     proc.wait(30)
-    result = kill_orphan(action, OrphansSection(term_grace=0.1))
+    result = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
 
 
 def test_orphan_killing_disabled_refuses_outright(orphans: Orphans) -> None:
     proc = orphans.spawn()
-    result = kill_orphan(_kill_action(proc.pid), OrphansSection(enabled=False))
+    result = kill_orphan(
+        _kill_action(proc.pid), OrphansSection(enabled=False), unit="tabbyapi.service"
+    )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "disabled")
     time.sleep(0.2)
     assert _alive(proc)
@@ -508,3 +517,38 @@ def test_fallback_route_ok_and_down(tabby_sim: TabbySims) -> None:
         CheckFallbackRoute(proxy.url, "m1", Reason(Rule.FALLBACK_ROUTE, "escalated")), client, 5.0
     )
     assert (down.status, down.error_kind) == (ResultStatus.FAILED, "refused")
+
+
+@pytest.mark.systemd
+def test_a_process_in_the_units_cgroup_is_never_killed_as_an_orphan(
+    systemd_ns: SystemdNamespace,
+) -> None:
+    """The observation that called it an orphan may predate a restart by systemd: the kill
+    itself re-checks the cgroup, under real systemd."""
+    ns = systemd_ns
+    unit = "kill-guard.service"
+    ns.install_unit(unit, "[Service]\nExecStart=/bin/sleep 600\n")
+    try:
+        assert ns.systemctl("start", unit).returncode == 0
+        pid = int(ns.wait_for_state(unit, ["active"])["MainPID"])
+        code = (
+            "import psutil\n"
+            "from hydra_watchdog.act.orphans import kill_orphan\n"
+            "from hydra_watchdog.actions import KillOrphan, Reason\n"
+            "from hydra_watchdog.config import OrphansSection\n"
+            "from hydra_watchdog.probes.procs import read_cmdline\n"
+            "from hydra_watchdog.states import Rule\n"
+            f"p = psutil.Process({pid})\n"
+            f"cmd = read_cmdline({pid})\n"
+            f"a = KillOrphan({pid}, p.create_time(), cmd, Reason(Rule.ORPHAN_CLEANUP, 't'))\n"
+            f"r = kill_orphan(a, OrphansSection(term_grace=0.1), unit={unit!r})\n"
+            "print(r.status.value, r.error_kind)\n"
+        )
+        out = ns.python(code)
+        assert out.stdout.split() == ["refused", "in_unit"], out.stdout + out.stderr
+        assert ns.show(unit, "ActiveState", "MainPID") == {
+            "ActiveState": "active",
+            "MainPID": str(pid),
+        }
+    finally:
+        ns.reset_unit(unit, remove=True)

@@ -155,9 +155,11 @@ class Node:
         self.config.write_text("\n".join(lines) + "\n")
 
     def events(self) -> tuple[Event, ...]:
-        if not (self.state_dir / "state.json").exists():
-            return ()
-        return StateFile(self.state_dir, events_kept=500).load().events
+        # a dry run keeps its own state file
+        for name in ("state.json", "state.dry-run.json"):
+            if (self.state_dir / name).exists():
+                return StateFile(self.state_dir, events_kept=500, name=name).load().events
+        return ()
 
     def kinds(self) -> list[EventKind]:
         return [e.kind for e in self.events()]
@@ -391,6 +393,7 @@ def test_dry_run_decides_the_same_and_does_nothing(
         if dry:
             assert action.message == "would load model m1"
             assert node.loads() == []  # never executed
+            assert not (node.state_dir / "state.json").exists()  # the real memory is untouched
         else:
             assert action.message.startswith("load model m1")
             assert len(node.loads()) == 1

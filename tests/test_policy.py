@@ -730,3 +730,14 @@ def test_without_systemd_no_process_is_treated_as_an_orphan() -> None:
     acts = run.step(obs(1, health=timeout(), **o))
     assert not any(isinstance(a, KillOrphan) for a in run.actions)
     assert not any("orphan" in f.message for f in run.state.findings)
+
+
+def test_dry_run_power_limit_is_repeated_hourly_not_every_cycle() -> None:
+    run = Run()
+    acts = run.step(obs(0, gpus=gpus(limit0=575.0)))
+    would = result(acts[0], ResultStatus.DRY_RUN, "would set", at=0.1)
+    assert run.step(obs(1, gpus=gpus(limit0=575.0), results=(would,))) == ()
+    for t in range(2, 30):
+        assert run.step(obs(t, gpus=gpus(limit0=575.0))) == ()
+    assert not any(f.rule is Rule.POWER_LIMIT for f in run.state.findings)  # nothing failed
+    assert len(run.step(obs(1 + POWER_RETRY_AFTER, gpus=gpus(limit0=575.0)))) == 1

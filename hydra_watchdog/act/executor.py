@@ -68,7 +68,11 @@ class Executor:
         self.loader.tabby = tabby
         self.loader.load_timeout = config.model.load_timeout
 
-    def run(self, actions: Sequence[Action]) -> tuple[ActionResult, ...]:
+    def run(
+        self, actions: Sequence[Action], between: Callable[[], None] = lambda: None
+    ) -> tuple[ActionResult, ...]:
+        """Runs a decision's actions in order; `between` is called before each one (the daemon
+        pings systemd's watchdog there: a full recovery can outlast one WatchdogSec)."""
         results: list[ActionResult] = []
         failed: ActionResult | None = None
         for action in actions:
@@ -83,6 +87,7 @@ class Executor:
                     )
                 )
                 continue
+            between()
             result = self.run_one(action)
             results.append(result)
             if result.status not in _CONTINUE:
@@ -111,7 +116,7 @@ class Executor:
             case SetPowerLimit():
                 return set_power_limit(action, self.gpu, clock=clock)
             case KillOrphan():
-                return kill_orphan(action, cfg.orphans, clock=clock)
+                return kill_orphan(action, cfg.orphans, unit=cfg.tabbyapi.unit, clock=clock)
             case UnitCommand():
                 return run_unit_command(action, self.units, cfg.tabbyapi.unit, clock=clock)
             case LoadModel():

@@ -18,7 +18,9 @@ from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.interfaces import GpuAdapter
 
-RESET_TIMEOUT = 120.0  # a reset normally takes seconds; a wedged driver must not hang the loop
+# A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
+# unit's WatchdogSec (90 s) minus a ping interval.
+RESET_TIMEOUT = 40.0
 
 
 def _foreign_users(

@@ -17,6 +17,7 @@ import psutil
 
 from hydra_watchdog.actions import ActionResult, KillOrphan, ResultStatus
 from hydra_watchdog.config import OrphansSection
+from hydra_watchdog.probes.procs import in_unit, read_cmdline
 
 # psutil's create_time() is boot time + start ticks (10 ms); two reads of one process agree
 # exactly, a different process started in another tick differs by at least one tick.
@@ -48,10 +49,13 @@ def kill_orphan(
     action: KillOrphan,
     config: OrphansSection,
     *,
+    unit: str,
     clock: Callable[[], float] = time.monotonic,
 ) -> ActionResult:
     """SIGTERM, wait `term_grace`, SIGKILL, if (and only if) the process is still the one the
-    policy saw. REFUSED when orphan killing is disabled or the identity changed."""
+    policy saw and is not (now) in `unit`'s cgroup. REFUSED when orphan killing is disabled, the
+    identity changed, or the unit claims it: the observation that called it an orphan may
+    predate a restart by systemd, whose new main process has the same command line."""
 
     def result(status: ResultStatus, detail: str, kind: str = "") -> ActionResult:
         return ActionResult(action, status, detail, clock(), kind)
@@ -63,7 +67,7 @@ def kill_orphan(
     try:
         proc = psutil.Process(action.pid)
         start_time = proc.create_time()
-        cmdline = tuple(proc.cmdline())
+        cmdline = read_cmdline(action.pid) or ()
     except psutil.NoSuchProcess:
         return result(
             ResultStatus.REFUSED, f"pid {action.pid} is gone; nothing to kill", "identity_changed"
@@ -78,6 +82,12 @@ def kill_orphan(
             f"pid {action.pid} is now another process (start time {start_time:.2f} vs "
             f"{action.start_time:.2f}, cmdline {' '.join(cmdline)[:80]!r}); not signalled",
             "identity_changed",
+        )
+    if in_unit(action.pid, unit) is not False:
+        return result(
+            ResultStatus.REFUSED,
+            f"pid {action.pid} is (or may be) in {unit}'s cgroup now; not signalled",
+            "in_unit",
         )
     if _gone(proc):
         return result(ResultStatus.OK, f"pid {action.pid} had already exited")

@@ -14,6 +14,8 @@ between two reads; such a process is skipped, never an exception.
 from __future__ import annotations
 
 import os
+import socket
+import struct
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
@@ -32,6 +34,7 @@ if TYPE_CHECKING:
 
 _TCP_LISTEN = "0A"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SELF_DEPTH = 4  # ldd is a shell script: watchdog -> ldd (sh) -> ld.so
 
 
 def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
@@ -52,6 +55,68 @@ def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
     return found
 
 
+_SOCK_DIAG_BY_FAMILY = 20
+_NETLINK_SOCK_DIAG = 4
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN_STATE = 10
+_NLMSG_HDR = struct.Struct("=IHHII")
+_DIAG_MSG_LEN = 72  # struct inet_diag_msg
+
+
+def netlink_listeners(ports: Iterable[int]) -> dict[int, int] | None:
+    """{socket inode: port} of the TCP LISTEN sockets on `ports`, from NETLINK_SOCK_DIAG (what
+    `ss -lt` uses). Asked for LISTEN only, the kernel walks just its listening hash; reading
+    /proc/net/tcp walks the whole established-socket hash table instead, which costs ~4 ms per
+    read on a 2-core VM even with no sockets open, and grows with every connection. None when
+    netlink is not available (e.g. RestrictAddressFamilies= without AF_NETLINK): then the
+    caller reads /proc/net/tcp{,6}."""
+    wanted = set(ports)
+    found: dict[int, int] = {}
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
+            sock.settimeout(1.0)
+            for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+                # struct inet_diag_req_v2: family, protocol, ext, pad, states, an empty sockid
+                req = struct.pack(
+                    "=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN_STATE
+                ) + bytes(48)
+                hdr = _NLMSG_HDR.pack(
+                    _NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
+                )
+                sock.sendall(hdr + req)
+                if not _read_diag_dump(sock, wanted, found):
+                    return None
+    except OSError:
+        return None
+    return found
+
+
+def _read_diag_dump(sock: socket.socket, wanted: set[int], found: dict[int, int]) -> bool:
+    """Collect one dump's LISTEN sockets into `found`; False on an error reply or garbage."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return False
+        off = 0
+        while off + _NLMSG_HDR.size <= len(data):
+            length, kind, _, _, _ = _NLMSG_HDR.unpack_from(data, off)
+            if length < _NLMSG_HDR.size or off + length > len(data):
+                return False
+            if kind == _NLMSG_DONE:
+                return True
+            if kind == _NLMSG_ERROR:
+                return False
+            body = off + _NLMSG_HDR.size
+            if kind == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG_HDR.size + _DIAG_MSG_LEN:
+                state = data[body + 1]
+                (port,) = struct.unpack_from(">H", data, body + 4)  # id.idiag_sport
+                (inode,) = struct.unpack_from("=I", data, body + 68)  # idiag_inode
+                if state == _TCP_LISTEN_STATE and port in wanted and inode:
+                    found[inode] = port
+            off += (length + 3) & ~3
+
+
 def matches(cmdline: Sequence[str], patterns: Sequence[str]) -> bool:
     joined = " ".join(cmdline)
     return any(pattern in joined for pattern in patterns)
@@ -67,6 +132,24 @@ def cgroup_paths(text: str) -> tuple[str, ...]:
         if controllers in ("", "name=systemd"):
             paths.append(path)
     return tuple(paths)
+
+
+def read_cmdline(pid: int, proc_root: str = "/proc") -> tuple[str, ...] | None:
+    """A process's argv as the scanner records it; the kill re-reads it the same way, so the
+    two compare equal for the same process (None: gone, a kernel thread or a zombie)."""
+    raw = _read_bytes(f"{proc_root}/{pid}/cmdline")
+    if not raw:
+        return None
+    return tuple(raw.decode(errors="replace").rstrip("\0").split("\0"))
+
+
+def in_unit(pid: int, unit: str, proc_root: str = "/proc") -> bool | None:
+    """Whether the process now sits in `unit`'s cgroup (or below it), by /proc/PID/cgroup
+    alone; None when that cannot be read."""
+    text = _read_text(f"{proc_root}/{pid}/cgroup")
+    if text is None:
+        return None
+    return any(unit in path.split("/") for path in cgroup_paths(text))
 
 
 def in_cgroup(path: str, cgroup: str) -> bool:
@@ -173,7 +256,20 @@ class ProcScanner:
         return ProcessRole.FOREIGN
 
     def _is_self(self, pid: int) -> bool:
-        return self.proc_root == "/proc" and pid == os.getpid()
+        """The watchdog or a process it started (its `ldd` runs name TabbyAPI's venv, so they
+        match the patterns; they are ours, never TabbyAPI's orphans)."""
+        if self.proc_root != "/proc":
+            return False
+        me = os.getpid()
+        for _ in range(_SELF_DEPTH):
+            if pid == me:
+                return True
+            stat = _read_text(f"/proc/{pid}/stat")
+            fields = stat.rpartition(")")[2].split() if stat else []
+            if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) <= 1:
+                return False
+            pid = int(fields[1])  # the parent
+        return False
 
     # -- /proc readers ----------------------------------------------------------------------
 
@@ -184,6 +280,10 @@ class ProcScanner:
             return []
 
     def _listening_sockets(self, ports: Sequence[int]) -> dict[int, int]:
+        if self.proc_root == "/proc":  # netlink answers for this process's own namespace only
+            found = netlink_listeners(ports)
+            if found is not None:
+                return found
         sockets: dict[int, int] = {}
         for name in ("tcp", "tcp6"):
             text = _read_text(f"{self.proc_root}/net/{name}")
@@ -192,10 +292,7 @@ class ProcScanner:
         return sockets
 
     def _cmdline(self, pid: int) -> tuple[str, ...] | None:
-        raw = _read_bytes(f"{self.proc_root}/{pid}/cmdline")
-        if not raw:  # gone, a kernel thread, or a zombie
-            return None
-        return tuple(raw.decode(errors="replace").rstrip("\0").split("\0"))
+        return read_cmdline(pid, self.proc_root)
 
     def _matches(self, pid: int) -> bool:
         cmdline = self._cmdline(pid)
