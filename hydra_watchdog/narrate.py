@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import time
+from collections import Counter
 from collections.abc import Sequence
 
 from hydra_watchdog.actions import (
@@ -111,6 +112,28 @@ def _gist(finding: Finding) -> tuple[Rule, Severity, str]:
     return finding.rule, finding.severity, _NUMBERS.sub("#", finding.message)
 
 
+def _fresh_findings(old: Sequence[Finding], new: Sequence[Finding]) -> list[Finding]:
+    """The findings that are news. A multiset match: first the unchanged ones, then the same
+    ones with new numbers; what is left is new, so gpu1's finding beside gpu0's (the same text
+    but for a digit) still counts."""
+    exact = Counter(old)
+    gists = Counter(_gist(f) for f in old)
+    changed = []
+    for f in new:
+        if exact[f] > 0:
+            exact[f] -= 1
+            gists[_gist(f)] -= 1
+        else:
+            changed.append(f)
+    fresh = []
+    for f in changed:
+        if gists[_gist(f)] > 0:
+            gists[_gist(f)] -= 1
+        else:
+            fresh.append(f)
+    return fresh
+
+
 def _percent(load: LoadProgress | None) -> int:
     if load is None or load.modules <= 0:
         return 0
@@ -149,8 +172,7 @@ def narrate(
     ) -> None:
         events.append(Event(wall, kind, severity, message, phase, rule, "", reason, unit, fields))
 
-    old = {_gist(f) for f in prev.findings}
-    fresh = [f for f in new.findings if _gist(f) not in old]
+    fresh = _fresh_findings(prev.findings, new.findings)
     for finding in fresh:
         add(
             EventKind.DIAGNOSIS,

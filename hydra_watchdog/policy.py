@@ -658,6 +658,11 @@ def _unhealthy(
     findings: list[Finding],
 ) -> Plan:
     unit, t = obs.unit, cfg.tabbyapi
+    if unit.available and unit.active_state == "deactivating":
+        # A stop or restart job is under way (ours: restarts go out with --no-block, and the old
+        # process takes a while to exit). Another unit command now would only pile up jobs.
+        phase = Phase.RECOVERING if s.recovery_started is not None else Phase.DOWN
+        return _enter(s, phase, now), cleanup, []
     if obs.health.sticky_unhealthy:
         issue = (
             obs.health.unhealthy_issues[-1][:160] if obs.health.unhealthy_issues else "no detail"

@@ -42,7 +42,8 @@ let
     Group = "root";
     # CAP_KILL: signal TabbyAPI's orphans, which may run under another user.
     # CAP_SYS_ADMIN: NVML power limits (the NVIDIA driver checks capable(CAP_SYS_ADMIN)).
-    CapabilityBoundingSet = [ "CAP_KILL" "CAP_SYS_ADMIN" ];
+    # CAP_SYS_PTRACE: read other users' /proc/PID/fd to find who holds TabbyAPI's port.
+    CapabilityBoundingSet = [ "CAP_KILL" "CAP_SYS_ADMIN" "CAP_SYS_PTRACE" ];
     # Power limits: /dev/nvidiactl and /dev/nvidiaN (major "nvidia-frontend" or "nvidia").
     PrivateDevices = false;
     DevicePolicy = "closed";

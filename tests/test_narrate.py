@@ -204,3 +204,20 @@ def test_a_finding_with_new_numbers_is_not_news() -> None:
         findings=(Finding(Rule.RESTART_LOOP, Severity.CRIT, "unit stopped: start limit hit"),),
     )
     assert _kinds(narrate(wait(598), worse, (), (), _obs(), config=CFG)) == [EventKind.DIAGNOSIS]
+
+
+def test_a_second_gpus_finding_beside_the_first_is_news() -> None:
+    """Same text but for the GPU's digit: not the first one with new numbers."""
+
+    def denied(*gpus: int) -> PolicyState:
+        return PolicyState(
+            phase=Phase.HEALTHY,
+            findings=tuple(
+                Finding(Rule.POWER_LIMIT, Severity.WARNING, f"gpu{i}: setting 450 W failed")
+                for i in gpus
+            ),
+        )
+
+    told = narrate(denied(0), denied(0, 1), (), (), _obs(), config=CFG)
+    assert [e.message for e in told] == ["gpu1: setting 450 W failed"]
+    assert narrate(denied(0, 1), denied(0, 1), (), (), _obs(), config=CFG) == ()

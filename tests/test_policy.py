@@ -40,6 +40,7 @@ from tests.policy_kit import (
     model,
     obs,
     ok,
+    ok_results,
     paused,
     ports,
     proc,
@@ -741,3 +742,20 @@ def test_dry_run_power_limit_is_repeated_hourly_not_every_cycle() -> None:
         assert run.step(obs(t, gpus=gpus(limit0=575.0))) == ()
     assert not any(f.rule is Rule.POWER_LIMIT for f in run.state.findings)  # nothing failed
     assert len(run.step(obs(1 + POWER_RETRY_AFTER, gpus=gpus(limit0=575.0)))) == 1
+
+
+def test_no_second_start_while_the_restart_job_stops_the_old_process() -> None:
+    """Restarts go out with --no-block: the next cycle may still see the old process being
+    stopped (deactivating). That is the restart under way, not a unit that needs a start."""
+    run = Run()
+    for t in (0.0, 1.0, 2.0):
+        acts = run.step(obs(t, health=timeout()))
+    assert [a.verb for a in run.unit_commands()] == [UnitVerb.RESTART]
+    stopping = unit("deactivating", "stop-sigterm")
+    for t in (2.05, 2.5, 3.0, 3.5):
+        assert (
+            run.step(obs(t, health=refused(), unit=stopping, results=ok_results(acts, 2.0))) == ()
+        )
+        assert run.state.phase is Phase.RECOVERING
+    assert run.step(obs(4.0, health=refused(), unit=unit(enter=3.9))) == ()  # starting now
+    assert [a.verb for a in run.unit_commands()] == [UnitVerb.RESTART]

@@ -80,7 +80,7 @@ def test_unit_has_what_the_issue_asks_for() -> None:
     assert service["StateDirectoryMode"] == ("0700",)
     assert service["RuntimeDirectoryMode"] == ("0755",)
     assert service["LoadCredential"] == ("admin_key:/etc/hydra-watchdog/admin_key",)
-    assert service["CapabilityBoundingSet"] == ("CAP_KILL", "CAP_SYS_ADMIN")
+    assert service["CapabilityBoundingSet"] == ("CAP_KILL", "CAP_SYS_ADMIN", "CAP_SYS_PTRACE")
     assert "/dev/nvidiactl" in service["DeviceAllow"]
     # Orphans of other users must stay visible and killable.
     assert service.get("ProtectProc", ("default",)) == ("default",)
@@ -140,8 +140,8 @@ def test_the_comparison_would_notice_a_difference() -> None:
     assert service_directives(weakened) != service_directives(text)
     # ...and is not fooled by how lists are spelled.
     split = text.replace(
-        "CapabilityBoundingSet=CAP_KILL CAP_SYS_ADMIN",
-        "CapabilityBoundingSet=CAP_SYS_ADMIN\nCapabilityBoundingSet=CAP_KILL",
+        "CapabilityBoundingSet=CAP_KILL CAP_SYS_ADMIN CAP_SYS_PTRACE",
+        "CapabilityBoundingSet=CAP_SYS_ADMIN CAP_SYS_PTRACE\nCapabilityBoundingSet=CAP_KILL",
     )
     assert service_directives(split) == service_directives(text)
 

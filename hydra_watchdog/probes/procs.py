@@ -34,7 +34,6 @@ if TYPE_CHECKING:
 
 _TCP_LISTEN = "0A"
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-_SELF_DEPTH = 4  # ldd is a shell script: watchdog -> ldd (sh) -> ld.so
 
 
 def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
@@ -180,6 +179,7 @@ class ProcScanner:
         self.proc_root = proc_root.rstrip("/") or "/"
         self.cgroup_root = cgroup_root
         self._btime: float | None = None
+        self._own_service: str | None = None  # the watchdog's own .service cgroup ("" if none)
 
     @classmethod
     def from_config(cls, config: Config) -> ProcScanner:
@@ -256,20 +256,22 @@ class ProcScanner:
         return ProcessRole.FOREIGN
 
     def _is_self(self, pid: int) -> bool:
-        """The watchdog or a process it started (its `ldd` runs name TabbyAPI's venv, so they
-        match the patterns; they are ours, never TabbyAPI's orphans)."""
+        """The watchdog, or a process in its own systemd service (its `ldd` of TabbyAPI's venv
+        names the venv, so it matches the patterns: ours, never TabbyAPI's orphan). Outside a
+        service (a shell, a test) only the watchdog's own PID is exempt."""
         if self.proc_root != "/proc":
             return False
-        me = os.getpid()
-        for _ in range(_SELF_DEPTH):
-            if pid == me:
-                return True
-            stat = _read_text(f"/proc/{pid}/stat")
-            fields = stat.rpartition(")")[2].split() if stat else []
-            if len(fields) < 2 or not fields[1].isdigit() or int(fields[1]) <= 1:
-                return False
-            pid = int(fields[1])  # the parent
-        return False
+        if pid == os.getpid():
+            return True
+        if self._own_service is None:
+            mine = _read_text("/proc/self/cgroup") or ""
+            services = [p for p in cgroup_paths(mine) if p.endswith(".service")]
+            self._own_service = services[0] if services else ""
+        own = self._own_service
+        if not own:
+            return False
+        theirs = _read_text(f"/proc/{pid}/cgroup")
+        return theirs is not None and any(in_cgroup(p, own) for p in cgroup_paths(theirs))
 
     # -- /proc readers ----------------------------------------------------------------------
 

@@ -188,7 +188,11 @@ class SystemctlUnit:
         if lines <= 0:
             return ()
         argv = ["journalctl", "--no-pager", "-q", "-o", "short-iso", "-n", str(lines)]
-        proc = self._run([*argv, "-u", self.unit], self.timeout)
+        # Not `-u`: it also matches records that name the unit in OBJECT_SYSTEMD_UNIT, which
+        # are the watchdog's own (journal.py), so each excerpt would quote the last one. The
+        # unit's own output, or systemd (PID 1) about the unit (exit codes, kills).
+        matches = [f"_SYSTEMD_UNIT={self.unit}", "+", "_PID=1", f"UNIT={self.unit}"]
+        proc = self._run([*argv, *matches], self.timeout)
         if isinstance(proc, str):
             return (f"[journal unavailable: {proc}]",)
         if proc.returncode != 0:

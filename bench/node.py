@@ -1,0 +1,276 @@
+"""The simulated node inside the namespace: files, units and the three supervisors' set-ups.
+
+Runs inside the namespace (as PID-1-systemd's root), so paths are the namespace's own. Time is
+compressed by COMPRESSION for everyone: hydra-watchdog's duration defaults and its tabbyapi
+drop-in are divided by it, and monit's cycle equals hydra-watchdog's compressed interval.
+systemd's stock settings (RestartSec=100ms, 5 starts per 10 s) are what a user gets without a
+watchdog and are left as they are.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any
+
+from hydra_watchdog.config import SECTIONS, parse_config
+from hydra_watchdog.sim import nvml_state
+from hydra_watchdog.sim.nvml_build import build_nvml_sim
+from hydra_watchdog.sim.tabby_server import write_control
+
+COMPRESSION = 5.0  # every supervisor's time constants are divided by this
+ROOT = Path("/srv/hydra-bench")
+PORT = 5000
+MAIN_MODEL = "Midnight-Miqu-70B-v1.5-exl2-2.5bpw"
+MODEL_GIB = 20.0  # fits the simulated RTX 5090 (32 GiB) alone, not beside a 20 GiB leak
+LOAD_SECONDS = 1.0
+API_KEY = "bench-api-key-not-secret"
+ADMIN_KEY = "bench-admin-key-not-secret"
+TABBY_UNIT = "tabbyapi.service"
+HYDRA_UNIT = "hydra-bench-watchdog.service"
+MONIT_UNIT = "monit-bench.service"
+SUPERVISORS = ("hydra-watchdog", "systemd", "monit")
+GIB = 1 << 30
+
+
+def sh(*argv: str, timeout: float = 60.0) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
+
+
+def systemctl(*args: str) -> subprocess.CompletedProcess[str]:
+    return sh("systemctl", *args)
+
+
+def show(unit: str, *props: str) -> dict[str, str]:
+    out = systemctl("show", unit, *(f"-p{p}" for p in props)).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+@dataclass(frozen=True)
+class Node:
+    repo: Path
+    python: str
+
+    @property
+    def models(self) -> Path:
+        return ROOT / "models"
+
+    @property
+    def control(self) -> Path:
+        return ROOT / "control.json"
+
+    @property
+    def nvml(self) -> Path:
+        return ROOT / "nvml.state"
+
+    @property
+    def requests(self) -> Path:
+        return ROOT / "requests.jsonl"
+
+    @property
+    def hydra_config(self) -> Path:
+        return ROOT / "hydra.toml"
+
+    @property
+    def monitrc(self) -> Path:
+        return ROOT / "monitrc"
+
+    @property
+    def hydra_bin(self) -> str:
+        return str(Path(self.python).parent / "hydra-watchdog")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{PORT}"
+
+    def reset_faults(self) -> None:
+        write_control(self.control)
+        nvml_state.write_state(self.nvml, nvml_state.default_state())
+
+    def zombie_argv(self, *extra: str) -> list[str]:
+        return [self.python, "-m", "bench.zombie", *extra]
+
+
+def build_node(repo: Path) -> Node:
+    node = Node(repo=repo, python=sys.executable)
+    if ROOT.exists():
+        shutil.rmtree(ROOT)
+    folder = node.models / MAIN_MODEL
+    folder.mkdir(parents=True)
+    (folder / "config.json").write_text(json.dumps({"sim_vram_bytes": int(MODEL_GIB * GIB)}))
+    (folder / "output.safetensors").write_bytes(b"\0" * 1024)
+    (ROOT / "tokens.yml").write_text(f"api_key: {API_KEY}\nadmin_key: {ADMIN_KEY}\n")
+    key = ROOT / "admin_key"
+    key.write_text(ADMIN_KEY + "\n")
+    key.chmod(0o600)
+    node.reset_faults()
+    library = build_nvml_sim(ROOT / "lib")
+    node.hydra_config.write_text(hydra_toml(node, library))
+    node.monitrc.write_text(monitrc(node))
+    node.monitrc.chmod(0o600)  # monit refuses a control file others can read
+    _write_unit(TABBY_UNIT, tabby_unit(node))
+    _write_unit(HYDRA_UNIT, hydra_unit(node))
+    _write_unit(MONIT_UNIT, monit_unit(node))
+    systemctl("daemon-reload")
+    # The harness boots systemd with --log-target=console; the manager's own records about the
+    # unit (exits, restart jobs) are evidence for detection times, so send them to the journal.
+    systemctl("log-target", "journal")
+    return node
+
+
+def _write_unit(name: str, text: str) -> None:
+    Path("/etc/systemd/system", name).write_text(text)
+
+
+def tabby_unit(node: Node) -> str:
+    """TabbyAPI as users run it: Restart=on-failure and systemd's stock start limits."""
+    return f"""[Unit]
+Description=TabbyAPI (simulated)
+
+[Service]
+Type=simple
+WorkingDirectory={node.repo}
+ExecStart={node.python} -m hydra_watchdog.sim.tabby_server --port {PORT} \
+ --models-dir {node.models} --tokens {ROOT}/tokens.yml --control {node.control} \
+ --nvml-state {node.nvml} --request-log {node.requests} --startup-model {MAIN_MODEL} \
+ --load-seconds {LOAD_SECONDS:g} --modules 8
+Restart=on-failure
+"""
+
+
+_DURATION = re.compile(r"^(RestartSec|TimeoutStartSec|TimeoutStopSec)=(\d+)(s|min)\s*$", re.M)
+
+
+def hydra_dropin(repo: Path) -> str:
+    """The project's tabbyapi drop-in with its durations divided by COMPRESSION."""
+    text = (repo / "systemd/tabbyapi.service.d/10-hydra-watchdog.conf").read_text()
+
+    def scale(m: re.Match[str]) -> str:
+        seconds = int(m.group(2)) * (60 if m.group(3) == "min" else 1)
+        return f"{m.group(1)}={seconds / COMPRESSION:g}s"
+
+    return _DURATION.sub(scale, text)
+
+
+def install_dropin(node: Node, on: bool) -> None:
+    folder = Path(f"/etc/systemd/system/{TABBY_UNIT}.d")
+    if on:
+        folder.mkdir(parents=True, exist_ok=True)
+        (folder / "10-hydra-watchdog.conf").write_text(hydra_dropin(node.repo))
+    else:
+        shutil.rmtree(folder, ignore_errors=True)
+    systemctl("daemon-reload")
+
+
+def hydra_unit(node: Node) -> str:
+    return f"""[Unit]
+Description=hydra-watchdog (benchmark)
+
+[Service]
+Type=notify
+NotifyAccess=main
+WorkingDirectory={node.repo}
+Environment=HYDRA_NVML_SIM_STATE={node.nvml}
+ExecStart={node.hydra_bin} run --config {node.hydra_config}
+TimeoutStartSec=60s
+"""
+
+
+def monit_unit(node: Node) -> str:
+    return f"""[Unit]
+Description=monit (benchmark)
+
+[Service]
+Type=simple
+ExecStart=/usr/bin/monit -I -c {node.monitrc}
+"""
+
+
+def compressed_defaults(factor: float = COMPRESSION) -> dict[str, dict[str, Any]]:
+    """Every duration default of the config schema, divided by `factor`."""
+    out: dict[str, dict[str, Any]] = {}
+    for section, cls in SECTIONS.items():
+        for f in fields(cls):
+            if f.metadata.get("kind") == "duration" and isinstance(f.default, int | float):
+                out.setdefault(section, {})[f.name] = f.default / factor
+    return out
+
+
+def hydra_settings(node: Node, library: Path) -> dict[str, Any]:
+    cfg = compressed_defaults()
+    cfg["watchdog"].update(state_dir=str(ROOT / "state"), runtime_dir=str(ROOT / "run"))
+    cfg["tabbyapi"].update(
+        url=node.url,
+        unit=TABBY_UNIT,
+        admin_key_file=str(ROOT / "admin_key"),
+        venv="",  # no ExLlamaV2 extension to ldd on this node
+        cmdline_patterns=[str(node.models)],
+    )
+    cfg["model"].update(name=MAIN_MODEL, models_dir=str(node.models), vram_required_gib=MODEL_GIB)
+    cfg["gpu"] = {**cfg["gpu"], "nvml_library": str(library), "device": [{"index": 0}]}
+    cfg["metrics"] = {"listen": ""}
+    return cfg
+
+
+def hydra_toml(node: Node, library: Path, **watchdog: Any) -> str:
+    cfg = hydra_settings(node, library)
+    cfg["watchdog"].update(watchdog)
+    parse_config(cfg, source="bench")  # fail here, with the key, rather than in the unit
+    lines: list[str] = []
+    devices = cfg["gpu"].pop("device")
+    for section, values in cfg.items():
+        lines.append(f"[{section}]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in values.items()]
+        lines.append("")
+    for dev in devices:
+        lines.append("[[gpu.device]]")
+        lines += [f"{k} = {json.dumps(v)}" for k, v in dev.items()]
+    return "\n".join(lines) + "\n"
+
+
+def monit_interval() -> int:
+    """monit's cycle: hydra-watchdog's compressed interval (monit counts whole seconds)."""
+    return max(1, round(float(compressed_defaults()["watchdog"]["interval"])))
+
+
+def monit_timeout() -> int:
+    return max(1, round(float(compressed_defaults()["tabbyapi"]["health_timeout"])))
+
+
+MONIT_START_TIMEOUT = 5  # seconds; see monitrc()
+
+
+def monitrc(node: Node) -> str:
+    """monit's documented HTTP service check, driving the unit through systemctl.
+
+    monit pauses a process's connection tests for its start timeout after every start ("connection
+    test paused while the process is starting"). Set to hydra-watchdog's compressed startup_grace
+    (60 s) that would blind monit for a minute after each start; this node starts in ~1.2 s, so
+    monit gets 5 s, in its favour."""
+    return f"""set daemon {monit_interval()}
+set log {ROOT}/monit.log
+set idfile {ROOT}/monit.id
+set statefile {ROOT}/monit.state
+
+check process tabbyapi matching "tabby_server --port {PORT}"
+    start program = "/bin/systemctl start {TABBY_UNIT}" with timeout {MONIT_START_TIMEOUT} seconds
+    stop program = "/bin/systemctl stop {TABBY_UNIT}"
+    if failed host 127.0.0.1 port {PORT} protocol http request "/health"
+       with timeout {monit_timeout()} seconds then restart
+    if 3 restarts within 5 cycles then unmonitor
+"""
+
+
+def wait_until(pred: Any, timeout: float, step: float = 0.05) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if pred():
+            return True
+        time.sleep(step)
+    return bool(pred())
