@@ -89,7 +89,7 @@ class TabbyAPISection:
         "duration",
     )
     canary_interval: float = _opt(
-        300.0, "How often a 1-token completion checks generation (0: only when slow).", "duration"
+        60.0, "How often a 1-token completion checks generation (0: only when slow).", "duration"
     )
     canary_deadline: float = _opt(
         30.0,

@@ -51,8 +51,9 @@ let
     # Orphans are found in /proc: other users' processes must stay visible (no hidepid, no
     # ProcSubset=pid since the port check reads /proc/net, no PrivateUsers).
     ProtectProc = "default";
-    # TabbyAPI over loopback HTTP, the metrics exporter, journald/sd_notify/systemctl over AF_UNIX.
-    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" ];
+    # TabbyAPI over loopback HTTP, the metrics exporter, journald/sd_notify/systemctl over AF_UNIX;
+    # AF_NETLINK: sock_diag lists the LISTEN sockets on TabbyAPI's port (cheaper than /proc/net).
+    RestrictAddressFamilies = [ "AF_UNIX" "AF_INET" "AF_INET6" "AF_NETLINK" ];
     # The status file in the runtime directory must be world-readable; state stays in a 0700 dir.
     UMask = "0022";
 
@@ -304,7 +305,7 @@ in
         startLimitIntervalSec = lib.mkDefault 0;
         serviceConfig = {
           Restart = lib.mkDefault "on-failure";
-          RestartSec = lib.mkDefault "15s";
+          RestartSec = lib.mkDefault "2s";
           TimeoutStartSec = lib.mkDefault "15min";
           OOMPolicy = lib.mkDefault "stop";
           KillMode = lib.mkDefault "control-group";
