@@ -232,8 +232,11 @@ def test_06_vram_held_by_orphan(chaos: Chaos) -> None:
     nvml_state.set_process(node.nvml(), 1, orphan, 20 * GIB)
     node.unload()
     node.wait(lambda: not node.alive(orphan), 60, lambda: f"orphan {orphan} killed")
-    row.detected_s = _seconds(node, node.first(lambda r: r.action == "kill_orphan"))
+    # The kill runs inside a cycle whose status is published after it: wait for the load the
+    # cycle after it issues, so a status from before the unload cannot pass for "serving".
+    node.wait(lambda: bool(node.loads()), 60, lambda: f"the model load ({node.describe()})")
     row.recovered_s = node.wait(node.serving, 60, node.describe)
+    row.detected_s = _seconds(node, node.first(lambda r: r.action == "kill_orphan"))
     kills = node.actions("kill_orphan")
     assert [k.get("TARGET_PID") for k in kills] == [str(orphan)], [k.fields for k in kills]
     assert kills[0].event == "action" and kills[0].rule in ("orphan_cleanup", "vram_check")
