@@ -37,6 +37,16 @@ def main(argv: list[str] | None = None) -> int:
         "--from-json", type=Path, help="only render RESULTS.md/recovery.png from a results.json"
     )
     args = parser.parse_args(argv)
+    from bench.node import SUPERVISORS
+    from bench.recovery import FAULTS
+
+    # Fail before booting anything, not after the first trials ran.
+    for flag, known in (("faults", FAULTS), ("supervisors", SUPERVISORS)):
+        unknown = [n for n in getattr(args, flag).split(",") if n and n not in known]
+        if unknown:
+            parser.error(
+                f"--{flag}: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
+            )
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())

@@ -21,23 +21,21 @@ INF = math.inf
 # Why a target is missed, from the analysis of the runs that missed it; shown only on a miss.
 KNOWN_CAUSES = {
     "crash": (
-        "the project's tabbyapi drop-in sets RestartSec=15s (3 s compressed) so the driver can "
-        "release VRAM before the next start; systemd alone restarts after its stock 100 ms"
+        "systemd's Restart= restarts it after the project's drop-in RestartSec (2 s, 0.4 s "
+        "compressed; systemd alone uses its stock 100 ms), then the watchdog loads the model one "
+        "cycle after /health answers"
     ),
     "orphan port holder": (
         "the watchdog kills the orphan within a cycle but then leaves the start to systemd's "
-        "pending Restart= (RestartSec=3s compressed, from the project's drop-in) instead of "
-        "starting the unit itself"
+        "pending Restart= (the drop-in's RestartSec) instead of starting the unit itself"
     ),
     "generation hang": (
         "a generation hang is only visible to the 1-token canary, which runs every "
-        "canary_interval (5 min, 60 s compressed); detection waits for the next canary"
+        "canary_interval (1 min, 12 s compressed) and then waits out canary_deadline"
     ),
     "restart loop": (
-        "with the project's drop-in the unit retries every RestartSec=3s (compressed) + start, "
-        "so the first start after the cause is gone comes up to ~4 s late (3 restarts in 12 s "
-        "never exceed max_restarts, so the back-off was not entered); monit on stock systemd "
-        "retries every ~1.2 s and recovered when it had not yet unmonitored (3 of 5 trials)"
+        "the crashes come faster than max_restarts allows, so the watchdog stops the unit and "
+        "backs off; the first start after the cause is gone waits for the current back-off step"
     ),
     "hang": (
         "the watchdog restarts after failures_before_down (3) consecutive failed probes, so that "
@@ -340,9 +338,9 @@ def write_report(
         "",
         f"- time compression **{factor:g}x** for everyone: hydra-watchdog runs its defaults with "
         f"every duration divided by {factor:g} (interval {interval:g} s, health timeout "
-        f"{interval:g} s, canary every {300 / factor:g} s, back-off from {30 / factor:g} s) and "
+        f"{interval:g} s, canary every {60 / factor:g} s, back-off from {30 / factor:g} s) and "
         f"the project's tabbyapi drop-in with its durations divided by {factor:g} "
-        f"(RestartSec={15 / factor:g}s, StartLimitIntervalSec=0); monit checks every "
+        f"(RestartSec={2 / factor:g}s, StartLimitIntervalSec=0); monit checks every "
         f"{interval:g} s with a {interval:g} s timeout;",
         "- **systemd alone**: `Restart=on-failure`, stock start limits (5 starts / 10 s) and "
         "stock RestartSec=100ms (stock values, not compressed);",
