@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.systemd_ns import SystemdNamespace
+from tests.harness.systemd_ns import SystemdNamespace, hidden_by_hardening
 
 pytest_plugins = ["tests.harness.systemd_fixtures"]
 pytestmark = [pytest.mark.systemd]
@@ -87,14 +87,14 @@ def test_hardened_unit_lets_the_watchdog_work(probe_units: SystemdNamespace) -> 
         f"ExecStart={sys.executable} /etc/hw-probe/probe.py {other_pid}",
     )
     assert "/etc/hw-probe/probe.py" in unit
-    # The test interpreter may live under /root (pyenv), which ProtectHome=true hides; a drop-in
-    # shows only the interpreter's tree. Nothing else of the hardening changes.
-    interpreter_root = Path(sys.base_prefix)
-    if interpreter_root.is_relative_to("/root") or interpreter_root.is_relative_to("/home"):
-        ns.write_file(
-            "/etc/systemd/system/hydra-watchdog.service.d/interpreter.conf",
-            f"[Service]\nProtectHome=tmpfs\nBindReadOnlyPaths={interpreter_root}\n",
-        )
+    # The interpreter may live under /root (pyenv) and the checkout (with its venv) under /tmp or
+    # /home, which ProtectHome=true and PrivateTmp=true hide; a drop-in shows only those two
+    # trees, read-only. Nothing else of the hardening changes.
+    shown = hidden_by_hardening(REPO, Path(sys.base_prefix))
+    ns.write_file(
+        "/etc/systemd/system/hydra-watchdog.service.d/interpreter.conf",
+        "[Service]\n" + "\n".join(shown) + "\n",
+    )
     ns.install_unit("hydra-watchdog.service", unit)
 
     started = ns.systemctl("start", "hydra-watchdog.service", timeout=120)

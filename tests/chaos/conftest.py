@@ -55,7 +55,7 @@ import pytest
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.sim import nvml_state
 from hydra_watchdog.sim.tabby_server import write_control
-from tests.harness.systemd_ns import SystemdNamespace
+from tests.harness.systemd_ns import SystemdNamespace, hidden_by_hardening
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -242,9 +242,8 @@ def watchdog_dropin_text() -> str:
         f"Environment=HYDRA_NVML_SIM_STATE={NVML_STATE} HYDRA_WATCHDOG_TEST_HOOKS=1",
         f"ReadWritePaths={SIM_DIR}",
     ]
-    interpreter_root = Path(sys.base_prefix)
-    if interpreter_root.is_relative_to("/root") or interpreter_root.is_relative_to("/home"):
-        lines += ["ProtectHome=tmpfs", f"BindReadOnlyPaths={interpreter_root}"]
+    # the venv (in the checkout) and its interpreter, wherever CI put them
+    lines += hidden_by_hardening(REPO, Path(sys.base_prefix))
     return "\n".join(lines) + "\n"
 
 

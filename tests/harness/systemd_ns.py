@@ -45,11 +45,11 @@ CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/
 _PR_SET_PDEATHSIG = 1
 
 # $1: the private folder to mount the tmpfs on; $2: the private cgroup's name; $3: the unit to
-# boot into. Follows the note's
+# boot into; $4: a checkout to bind in (empty: the overlay shows it already). Follows the note's
 # recipe step by step; the cgroup move comes first because it needs the host's /sys paths only.
 _BOOT_SCRIPT = r"""
 set -eu
-B="$1"; CG="$2"; TARGET="$3"
+B="$1"; CG="$2"; TARGET="$3"; CHECKOUT="$4"
 if [ -e /sys/fs/cgroup/cgroup.controllers ]; then
     mkdir -p "/sys/fs/cgroup/$CG" && echo $$ > "/sys/fs/cgroup/$CG/cgroup.procs"
 else
@@ -65,6 +65,9 @@ mount -t proc proc "$B/root/proc"
 mount --rbind /sys "$B/root/sys"
 mount -t tmpfs -o mode=0755 tmpfs "$B/root/run"
 mount -t tmpfs -o mode=1777 tmpfs "$B/root/tmp"
+if [ -n "$CHECKOUT" ]; then
+    mkdir -p "$B/root$CHECKOUT" && mount --rbind "$CHECKOUT" "$B/root$CHECKOUT"
+fi
 cd "$B/root"
 mkdir -p oldroot
 pivot_root . oldroot
@@ -72,6 +75,30 @@ umount -l /oldroot
 exec env -i container=other PATH=/usr/sbin:/usr/bin:/sbin:/bin \
     /usr/bin/systemd --system --log-target=console --show-status=no --unit="$TARGET"
 """
+
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def checkout_hidden(path: Path) -> bool:
+    """Whether the namespace would not see `path` through its overlay of `/`: under the /tmp
+    and /run it mounts afresh, or on another filesystem (overlayfs shows no submounts). CI may
+    clone anywhere; then the checkout is bound in at the same path."""
+    if any(path.is_relative_to(top) for top in ("/tmp", "/run")):
+        return True
+    try:
+        return path.stat().st_dev != Path("/").stat().st_dev
+    except OSError:
+        return True
+
+
+def hidden_by_hardening(*paths: Path) -> list[str]:
+    """Directives that show `paths` (the checkout, the interpreter) to a unit whose sandbox has
+    ProtectHome=true and PrivateTmp=true, read-only, and nothing else of /home, /root, /tmp."""
+    lines = [f"BindReadOnlyPaths={' '.join(str(p) for p in paths)}"]
+    if any(p.is_relative_to("/root") or p.is_relative_to("/home") for p in paths):
+        lines.insert(0, "ProtectHome=tmpfs")
+    return lines
 
 
 class SystemdNamespaceError(RuntimeError):
@@ -180,6 +207,7 @@ class SystemdNamespace:
                     str(mount_point),
                     self.cgroup_name,
                     self.target,
+                    str(REPO) if checkout_hidden(REPO) else "",
                 ],
                 stdin=subprocess.DEVNULL,
                 stdout=log,
