@@ -194,14 +194,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     cfg = _config(args)
     adapters = build_adapters(cfg)
-    observer = Observer(
-        cfg,
-        tabby=adapters.tabby,
-        gpu=adapters.gpu,
-        units=adapters.units,
-        scanner=adapters.scanner,
-        host=adapters.host,
-    )
+    observer = Observer.from_adapters(cfg, adapters)
     # Two passes: the first asks for the expensive probes the rules need, the second runs them.
     # Nothing is executed, so the second pass starts afresh with only the probe requests.
     first, _ = decide(PolicyState(), observer.observe(frozenset()), time.monotonic(), cfg)

@@ -26,7 +26,6 @@ import sys
 import time
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 from typing import Protocol
@@ -38,13 +37,7 @@ from hydra_watchdog.act.executor import Executor
 from hydra_watchdog.actions import Action, ActionResult, action_name
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.interfaces import (
-    GpuAdapter,
-    HostChecker,
-    ProcessScanner,
-    TabbyApi,
-    UnitManager,
-)
+from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import (
     Health,
@@ -71,15 +64,6 @@ SHUTDOWN_LOAD_WAIT = 10.0
 Decide = Callable[[PolicyState, Observation, float, Config], tuple[PolicyState, tuple[Action, ...]]]
 
 log = structlog.get_logger("hydra_watchdog.daemon")
-
-
-@dataclass(frozen=True)
-class Adapters:
-    tabby: TabbyApi
-    gpu: GpuAdapter
-    units: UnitManager
-    scanner: ProcessScanner
-    host: HostChecker
 
 
 class Notify(Protocol):
@@ -158,15 +142,7 @@ class Daemon:
         self.emit = emit
         self.clock = clock
         self.wall = wall
-        self.observer = Observer(
-            config,
-            tabby=adapters.tabby,
-            gpu=adapters.gpu,
-            units=adapters.units,
-            scanner=adapters.scanner,
-            host=adapters.host,
-            clock=clock,
-        )
+        self.observer = Observer.from_adapters(config, adapters, clock=clock)
         self.executor = Executor(
             config,
             tabby=adapters.tabby,
@@ -369,15 +345,7 @@ class Daemon:
         self.config = new
         self.dry_run = self._cli_dry_run or new.watchdog.dry_run
         self.executor.dry_run = self.dry_run
-        self.observer = Observer(
-            new,
-            tabby=adapters.tabby,
-            gpu=adapters.gpu,
-            units=adapters.units,
-            scanner=adapters.scanner,
-            host=adapters.host,
-            clock=self.clock,
-        )
+        self.observer = Observer.from_adapters(new, adapters, clock=self.clock)
         old_tabby, old_gpu = self.executor.tabby, self.executor.gpu
         self.executor.reconfigure(new, tabby=adapters.tabby, gpu=adapters.gpu, units=adapters.units)
         # The old adapters hold a thread, an NVML handle and a connection pool each: close them,

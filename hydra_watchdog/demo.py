@@ -158,7 +158,8 @@ def _post(url: str) -> None:
 
 class Demo:
     def __init__(self, root: Path, out: Callable[[str], None] = print) -> None:
-        from hydra_watchdog.daemon import Adapters, Daemon  # noqa: PLC0415
+        from hydra_watchdog.daemon import Daemon  # noqa: PLC0415
+        from hydra_watchdog.interfaces import Adapters  # noqa: PLC0415
         from hydra_watchdog.policy import decide  # noqa: PLC0415
         from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415
         from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415

@@ -96,3 +96,14 @@ class ProcessScanner(Protocol):
 
 class HostChecker(Protocol):
     def check(self, *, libraries: bool) -> HostReport: ...
+
+
+@dataclass(frozen=True)
+class Adapters:
+    """One of each: what the observer reads and the actuators drive."""
+
+    tabby: TabbyApi
+    gpu: GpuAdapter
+    units: UnitManager
+    scanner: ProcessScanner
+    host: HostChecker

@@ -22,6 +22,7 @@ from typing import Generic, TypeVar
 from hydra_watchdog.actions import ActionResult
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import (
+    Adapters,
     GpuAdapter,
     HostChecker,
     ProcessScanner,
@@ -105,6 +106,20 @@ class Observer:
         self.host = host
         self._clock = clock
         self._stuck: dict[str, _Task[object]] = {}
+
+    @classmethod
+    def from_adapters(
+        cls, config: Config, adapters: Adapters, *, clock: Callable[[], float] = time.monotonic
+    ) -> Observer:
+        return cls(
+            config,
+            tabby=adapters.tabby,
+            gpu=adapters.gpu,
+            units=adapters.units,
+            scanner=adapters.scanner,
+            host=adapters.host,
+            clock=clock,
+        )
 
     def deadline(self, wants: frozenset[Probe]) -> float:
         """The longest deadline among the probes a cycle with `wants` runs."""
