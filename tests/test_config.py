@@ -414,9 +414,9 @@ INVALID: list[tuple[str, dict[str, Any], str, list[str]]] = [
     ("section not a table", {"metrics": "127.0.0.1:9835"}, "metrics", ["is not a table"]),
     (
         "runbook's LAN address",
-        {"tabbyapi": {"url": "http://192.168.1.250:5000"}},
+        {"tabbyapi": {"url": "http://192.0.2.250:5000"}},
         "tabbyapi.url",
-        ["'http://192.168.1.250:5000'", "loopback", "127.0.0.0/8"],
+        ["'http://192.0.2.250:5000'", "loopback", "127.0.0.0/8"],
     ),
     (
         "hostname",
@@ -849,7 +849,7 @@ def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
         ),
         "local_url": _url(st.sampled_from(_LOOPBACK_HOSTS)),
         "url_or_empty": st.just("")
-        | _url(st.sampled_from([*_LOOPBACK_HOSTS, "litellm.internal", "10.0.0.7"])),
+        | _url(st.sampled_from([*_LOOPBACK_HOSTS, "litellm.internal", "198.51.100.7"])),
         "listen_or_empty": st.just("")
         | st.builds(
             lambda host, port: f"{host}:{port}",
