@@ -194,11 +194,13 @@ class Observer:
         if health is None:
             health = Health(_http_failed(why, self._clock() - start), healthy=False)
         model, _ = self._get(model_t, "model", deadline)
+        # The client enforces the canary's deadline itself and says TIMEOUT: that is a hang. If
+        # our own thread did not deliver (stuck, or past the cycle's deadline), the canary is
+        # unknown, never a made-up timeout: a restart for a generation hang needs TabbyAPI's
+        # silence, not ours.
         canary: Canary | None = None
         if Probe.CANARY in wants:
-            canary, why = self._get(canary_t, "canary", deadline)
-            if canary is None:
-                canary = Canary(_http_failed(why, self._clock() - start))
+            canary, _ = self._get(canary_t, "canary", deadline)
         host, why = self._get(host_t, "host", deadline)
         if host is None:
             host = HostReport(models_dir_ok=False, models_dir_detail=f"not checked: {why}")

@@ -4,6 +4,7 @@ the simulated library, the /proc scanner, the host checks, and systemctl without
 
 from __future__ import annotations
 
+import threading
 import time
 from pathlib import Path
 
@@ -97,3 +98,36 @@ def test_a_hung_tabbyapi_never_overruns_the_cycle_deadline(
     assert obs.health.result.outcome is Outcome.TIMEOUT and not obs.health.healthy
     assert obs.canary is not None and obs.canary.result.outcome is Outcome.TIMEOUT
     assert obs.gpus.devices  # the other probes still answered
+
+
+class _StuckCanary:
+    """The real client, except that its canary never comes back: a bug on our side, which the
+    real client's deadline makes impossible to produce otherwise."""
+
+    def __init__(self, inner: object, release: threading.Event) -> None:
+        self._inner = inner
+        self._release = release
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self._inner, name)
+
+    def canary(self, deadline: float) -> object:
+        self._release.wait(30)
+        raise RuntimeError("released")
+
+
+def test_a_canary_our_thread_failed_to_deliver_is_unknown_not_a_hang(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    observer, _ = _observer(sim, nvml_sim, tmp_path)
+    release = threading.Event()
+    observer.tabby = _StuckCanary(observer.tabby, release)  # type: ignore[assignment]
+    try:
+        obs = observer.observe(frozenset({Probe.CANARY}))
+        assert obs.health.healthy
+        assert obs.canary is None  # never a made-up TIMEOUT: that would restart TabbyAPI
+        again = observer.observe(frozenset({Probe.CANARY}))  # still stuck: not started again
+        assert again.canary is None
+    finally:
+        release.set()
