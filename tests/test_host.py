@@ -9,12 +9,10 @@ from pathlib import Path
 
 import pytest
 
-from hydra_watchdog.observation import ModelDir
 from hydra_watchdog.probes.host import (
     HostProbe,
     check_libraries,
     check_models_dir,
-    estimate_vram_bytes,
     inspect_model,
     parse_ldd,
 )
@@ -116,12 +114,6 @@ def test_model_folder_checks_and_size(tmp_path: Path) -> None:
     missing = inspect_model(str(tmp_path), "absent")
     assert not missing.exists and "missing" in missing.detail
     assert not inspect_model(str(tmp_path), "../etc").exists
-
-
-def test_estimate_vram_bytes() -> None:
-    md = ModelDir(name="m", path="/m", exists=True, size_bytes=10 * 1024**3)
-    assert estimate_vram_bytes(md, 4.0) == 14 * 1024**3
-    assert estimate_vram_bytes(md, 0.0) == 10 * 1024**3
 
 
 def test_probe_reports_model_and_fallback(tmp_path: Path) -> None:

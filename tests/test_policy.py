@@ -463,13 +463,13 @@ def test_missing_models_mount_never_loops_on_loads() -> None:
 
 
 def test_vram_estimate_from_folder_size_when_not_configured() -> None:
-    cfg = config(model={"vram_required_gib": None} if False else {})
-    cfg = config()
     from dataclasses import replace as dc_replace
 
-    cfg = dc_replace(cfg, model=dc_replace(cfg.model, vram_required_gib=None))
+    cfg = dc_replace(CFG, model=dc_replace(CFG.model, vram_required_gib=None))
     assert vram_needed(cfg, host().model, fallback=False) == 21 * GIB + 4 * GIB
     assert vram_needed(cfg, None, fallback=False) is None
+    bare = dc_replace(cfg, model=dc_replace(cfg.model, estimate_overhead_gib=0.0))
+    assert vram_needed(bare, host().model, fallback=False) == 21 * GIB
 
 
 def test_lost_load_is_counted_and_retried_later() -> None:

@@ -22,7 +22,6 @@ from hydra_watchdog.observation import HostReport, ModelDir
 if TYPE_CHECKING:
     from hydra_watchdog.config import Config
 
-_GIB = 1024**3
 
 # The compiled extension of ExLlamaV2: prebuilt wheels ship `exllamav2_ext*.so` at the top of
 # site-packages; some builds put it (or more) inside the package.
@@ -30,12 +29,6 @@ _EXTENSION_GLOBS = (
     "lib/python3*/site-packages/exllamav2_ext*.so",
     "lib/python3*/site-packages/exllamav2/**/*.so",
 )
-
-
-def estimate_vram_bytes(model_dir: ModelDir, overhead_gib: float) -> int:
-    """VRAM the model needs: its weights (the folder's size) plus the KV cache and CUDA context
-    overhead. A rough, deliberately generous estimate for "will it fit" decisions."""
-    return model_dir.size_bytes + int(overhead_gib * _GIB)
 
 
 def parse_ldd(text: str) -> tuple[str, ...]:

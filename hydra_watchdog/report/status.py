@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
+from hydra_watchdog.policy import vram_needed
 from hydra_watchdog.policy_state import PolicyState, from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Verdict
 
@@ -168,15 +169,13 @@ class StatusReport:
 # --- building (pure) ----------------------------------------------------------------------------
 
 
-def _needed(
-    required_gib: float | None, folder: ModelDir | None, overhead_gib: float
-) -> tuple[int | None, str]:
-    # The same estimate the runbook makes by hand: the folder's size plus room for the cache.
-    if required_gib is not None:
-        return int(required_gib * GIB), "config"
-    if folder is not None and folder.exists and folder.size_bytes > 0:
-        return folder.size_bytes + int(overhead_gib * GIB), "estimate"
-    return None, ""
+def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[int | None, str]:
+    """The need the policy checks (policy.vram_needed), and where it came from."""
+    need = vram_needed(cfg, folder, fallback=fallback)
+    configured = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
+    if need is None:
+        return None, ""
+    return need, "config" if configured is not None else "estimate"
 
 
 def _target(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> float | None:
@@ -252,18 +251,8 @@ def build_status(
 
     fallback_in_use = state.using_fallback and bool(cfg.model.fallback)
     host = obs.host if obs is not None else None
-    if fallback_in_use:
-        needed = _needed(
-            cfg.model.fallback_vram_required_gib,
-            host.fallback if host else None,
-            cfg.model.estimate_overhead_gib,
-        )
-    else:
-        needed = _needed(
-            cfg.model.vram_required_gib,
-            host.model if host else None,
-            cfg.model.estimate_overhead_gib,
-        )
+    folder = None if host is None else (host.fallback if fallback_in_use else host.model)
+    needed = _needed(cfg, folder, fallback=fallback_in_use)
     model = ModelInfo(
         wanted=cfg.model.fallback if fallback_in_use else cfg.model.name,
         loaded=obs.model.loaded if obs is not None and obs.model is not None else None,
