@@ -27,15 +27,6 @@ SLACK = 0.1  # issue 3: a probe never exceeds its deadline by more than 100 ms
 
 
 @pytest.fixture
-def sims(tmp_path: Path) -> Iterator[TabbySims]:
-    started = TabbySims(tmp_path)
-    try:
-        yield started
-    finally:
-        started.stop_all()
-
-
-@pytest.fixture
 def clients() -> Iterator[Callable[..., TabbyClient]]:
     made: list[TabbyClient] = []
 
@@ -78,8 +69,8 @@ def load(
 # --- against the simulator ------------------------------------------------------------------
 
 
-def test_health_states(sims: TabbySims, clients: Callable[..., TabbyClient]) -> None:
-    sim = sims.start()
+def test_health_states(tabby_sim: TabbySims, clients: Callable[..., TabbyClient]) -> None:
+    sim = tabby_sim.start()
     client = clients(sim.url, timeout=1.0)
     ok = client.health()
     assert ok.healthy and ok.result.outcome is Outcome.OK and ok.result.status == 200
@@ -109,9 +100,9 @@ def test_health_states(sims: TabbySims, clients: Callable[..., TabbyClient]) -> 
 
 
 def test_refuse_fault_reads_as_refused(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start()
+    sim = tabby_sim.start()
     client = clients(sim.url)
     sim.set_faults(refuse=True)
     wait_for(lambda: client.health().result.outcome is Outcome.REFUSED, 10, "refused")
@@ -121,9 +112,9 @@ def test_refuse_fault_reads_as_refused(
 
 @pytest.mark.parametrize(("flavor", "status"), [("modern", 503), ("exl2", 400)])
 def test_model_none_loaded_and_unauthorized(
-    sims: TabbySims, clients: Callable[..., TabbyClient], flavor: str, status: int
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient], flavor: str, status: int
 ) -> None:
-    sim = sims.start(flavor=flavor)
+    sim = tabby_sim.start(flavor=flavor)
     none = clients(sim.url).model()
     assert (none.loaded, none.known, none.result.status) == (None, True, status)
     assert none.result.outcome is Outcome.OK
@@ -137,9 +128,11 @@ def test_model_none_loaded_and_unauthorized(
 
 
 def test_load_streams_progress_and_is_confirmed(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="modern", load_seconds=0.6, modules=4, faults={"ping_seconds": 0.05})
+    sim = tabby_sim.start(
+        flavor="modern", load_seconds=0.6, modules=4, faults={"ping_seconds": 0.05}
+    )
     client = clients(sim.url)
     progress: list[tuple[int, int]] = []
     outcome = load(client, "m1", progress=progress)
@@ -155,9 +148,9 @@ def test_load_streams_progress_and_is_confirmed(
 
 
 def test_exl2_empty_stream_counts_only_once_confirmed(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="exl2", startup_model="m1", load_seconds=0.1)
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1", load_seconds=0.1)
     client = clients(sim.url)
     progress: list[tuple[int, int]] = []
     outcome = load(client, "m1", progress=progress)
@@ -167,18 +160,18 @@ def test_exl2_empty_stream_counts_only_once_confirmed(
 
 
 def test_quiet_load_stream_is_not_cut_by_the_probe_timeout(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
     # 0.7 s between events, probes' deadline 0.2 s: the load must not drop the stream
     # (an exl2-era TabbyAPI would cancel the load).
-    sim = sims.start(flavor="exl2", load_seconds=1.4, modules=2)
+    sim = tabby_sim.start(flavor="exl2", load_seconds=1.4, modules=2)
     outcome = load(clients(sim.url, timeout=0.2), "m1")
     assert outcome.ok, outcome
     assert [r["result"] for r in sim.loads()] == ["loaded"]
 
 
-def test_load_failures(sims: TabbySims, clients: Callable[..., TabbyClient]) -> None:
-    sim = sims.start(models={"m1": {}, "noconf": {"config": False}})
+def test_load_failures(tabby_sim: TabbySims, clients: Callable[..., TabbyClient]) -> None:
+    sim = tabby_sim.start(models={"m1": {}, "noconf": {"config": False}})
     client = clients(sim.url)
     oom = "CUDA out of memory. Tried to allocate 20.00 GiB"
     sim.set_faults(load_error=oom)
@@ -203,9 +196,9 @@ def test_load_failures(sims: TabbySims, clients: Callable[..., TabbyClient]) -> 
 
 
 def test_cancel_closes_the_stream_and_exl2_drops_the_load(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="exl2", load_seconds=3.0, modules=10)
+    sim = tabby_sim.start(flavor="exl2", load_seconds=3.0, modules=10)
     client = clients(sim.url)
     cancel = threading.Event()
 
@@ -223,9 +216,9 @@ def test_cancel_closes_the_stream_and_exl2_drops_the_load(
 
 
 def test_cancel_while_the_stream_is_quiet(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="exl2", load_seconds=6.0, modules=2)
+    sim = tabby_sim.start(flavor="exl2", load_seconds=6.0, modules=2)
     client = clients(sim.url)
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
@@ -235,18 +228,18 @@ def test_cancel_while_the_stream_is_quiet(
 
 
 def test_load_timeout_is_the_only_deadline(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="modern", load_seconds=5.0, modules=5)
+    sim = tabby_sim.start(flavor="modern", load_seconds=5.0, modules=5)
     outcome, took = timed(lambda: load(clients(sim.url), "m1", timeout=0.8))
     assert not outcome.ok and "load timeout (0.8 s)" in outcome.detail
     assert 0.8 <= took <= 0.8 + SLACK
 
 
 def test_second_concurrent_load_is_refused_by_the_client(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(flavor="exl2", load_seconds=1.0, modules=4)
+    sim = tabby_sim.start(flavor="exl2", load_seconds=1.0, modules=4)
     client = clients(sim.url)
     first_progress = threading.Event()
     results: list[LoadOutcome] = []
@@ -272,8 +265,8 @@ def test_second_concurrent_load_is_refused_by_the_client(
     assert load(client, "m2").ok  # and the lock is free again
 
 
-def test_canary_unload_and_list(sims: TabbySims, clients: Callable[..., TabbyClient]) -> None:
-    sim = sims.start(flavor="modern", startup_model="m1", load_seconds=0.1)
+def test_canary_unload_and_list(tabby_sim: TabbySims, clients: Callable[..., TabbyClient]) -> None:
+    sim = tabby_sim.start(flavor="modern", startup_model="m1", load_seconds=0.1)
     client = clients(sim.url)
     assert client.canary(2.0).result.outcome is Outcome.OK
     sim.set_faults(generation_hang=True)
@@ -293,8 +286,8 @@ def test_canary_unload_and_list(sims: TabbySims, clients: Callable[..., TabbyCli
     assert client.list_models().models == ("m1", "m2")
 
 
-def test_fallback_route(sims: TabbySims, clients: Callable[..., TabbyClient]) -> None:
-    litellm = sims.start(auth=False, startup_model="m1", load_seconds=0.1)
+def test_fallback_route(tabby_sim: TabbySims, clients: Callable[..., TabbyClient]) -> None:
+    litellm = tabby_sim.start(auth=False, startup_model="m1", load_seconds=0.1)
     client = clients("http://127.0.0.1:1")
     ok = client.check_fallback_route(litellm.url + "/", "tabby", 2.0)
     assert ok.outcome is Outcome.OK and ok.status == 200
@@ -342,9 +335,9 @@ def test_admin_key_from_file_or_credential(tmp_path: Path) -> None:
 
 
 def test_key_problem_is_named_on_401(
-    sims: TabbySims, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tabby_sim: TabbySims, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    sim = sims.start()
+    sim = tabby_sim.start()
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     cfg = parse_config(
         {"tabbyapi": {"url": sim.url, "admin_key_file": str(tmp_path / "missing-key")}}
@@ -359,9 +352,9 @@ def test_key_problem_is_named_on_401(
 
 
 def test_the_key_never_appears_in_any_outcome(
-    sims: TabbySims, clients: Callable[..., TabbyClient]
+    tabby_sim: TabbySims, clients: Callable[..., TabbyClient]
 ) -> None:
-    sim = sims.start(models={"m1": {}, "noconf": {"config": False}}, load_seconds=0.1)
+    sim = tabby_sim.start(models={"m1": {}, "noconf": {"config": False}}, load_seconds=0.1)
     wrong_key = ADMIN_KEY + "-wrong"
     outcomes: list[object] = []
     for key in (ADMIN_KEY, wrong_key):

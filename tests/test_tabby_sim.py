@@ -6,7 +6,6 @@ import json
 import socket
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -37,15 +36,6 @@ ADMIN = {"Authorization": f"Bearer {ADMIN_KEY}"}
 API = {"Authorization": f"Bearer {API_KEY}"}
 
 
-@pytest.fixture
-def sims(tmp_path: Path) -> Iterator[TabbySims]:
-    started = TabbySims(tmp_path)
-    try:
-        yield started
-    finally:
-        started.stop_all()
-
-
 def get(sim: SimProcess, path: str, headers: dict[str, str] | None = None) -> httpx.Response:
     return httpx.get(sim.url + path, headers=headers or {}, timeout=10)
 
@@ -68,8 +58,8 @@ def load_raw(sim: SimProcess, name: str) -> httpx.Response:
     return post(sim, "/v1/model/load", {"model_name": name})
 
 
-def test_modern_endpoints_bodies_and_auth(sims: TabbySims) -> None:
-    sim = sims.start(flavor="modern", load_seconds=0.4, faults={"ping_seconds": 0.05})
+def test_modern_endpoints_bodies_and_auth(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start(flavor="modern", load_seconds=0.4, faults={"ping_seconds": 0.05})
 
     health = get(sim, "/health")
     assert (health.status_code, health.json()) == (200, {"status": "healthy", "issues": []})
@@ -123,8 +113,8 @@ def test_modern_endpoints_bodies_and_auth(sims: TabbySims) -> None:
     assert results == [("m1", "loaded"), ("m1", "already loaded")]
 
 
-def test_exl2_flavor_differences(sims: TabbySims) -> None:
-    sim = sims.start(
+def test_exl2_flavor_differences(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start(
         flavor="exl2",
         models={"m1": {}, "noconf": {"config": False}},
         faults={"ping_seconds": 0.01},
@@ -153,9 +143,9 @@ def test_exl2_flavor_differences(sims: TabbySims) -> None:
 
 @pytest.mark.parametrize(("flavor", "cancelled"), [("exl2", True), ("modern", False)])
 def test_client_disconnect_cancels_only_exl2_loads(
-    sims: TabbySims, flavor: str, cancelled: bool
+    tabby_sim: TabbySims, flavor: str, cancelled: bool
 ) -> None:
-    sim = sims.start(flavor=flavor, load_seconds=1.5, modules=10)
+    sim = tabby_sim.start(flavor=flavor, load_seconds=1.5, modules=10)
     with (
         httpx.Client(timeout=10) as client,
         client.stream(
@@ -191,20 +181,20 @@ def _load_concurrently(sim: SimProcess, names: list[str]) -> list[str]:
     return [texts[n] for n in names]
 
 
-def test_modern_load_lock_serialises_and_exl2_concurrent_load_ooms(sims: TabbySims) -> None:
-    modern = sims.start(flavor="modern", load_seconds=0.5)
+def test_modern_load_lock_serialises_and_exl2_concurrent_load_ooms(tabby_sim: TabbySims) -> None:
+    modern = tabby_sim.start(flavor="modern", load_seconds=0.5)
     texts = _load_concurrently(modern, ["m1", "m2"])
     assert all(sse_events(t)[-1]["status"] == "finished" for t in texts)
     assert get(modern, "/v1/model", API).json()["id"] == "m2"
 
-    exl2 = sims.start(flavor="exl2", load_seconds=0.5)
+    exl2 = tabby_sim.start(flavor="exl2", load_seconds=0.5)
     texts = _load_concurrently(exl2, ["m1", "m2"])
     errors = [e["error"]["message"] for t in texts for e in sse_events(t) if "error" in e]
     assert errors and all("CUDA out of memory" in m for m in errors)
 
 
-def test_startup_model_loads_before_the_port_opens(sims: TabbySims) -> None:
-    sim = sims.start(startup_model="m1", load_seconds=1.0, wait=False)
+def test_startup_model_loads_before_the_port_opens(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start(startup_model="m1", load_seconds=1.0, wait=False)
     time.sleep(0.3)
     assert sim.proc.poll() is None  # alive, loading ...
     assert not port_open(sim.asked_port)  # ... and refusing connections meanwhile
@@ -213,8 +203,8 @@ def test_startup_model_loads_before_the_port_opens(sims: TabbySims) -> None:
 
 
 @pytest.mark.parametrize("model", ["noconf", "missing"])
-def test_failed_startup_load_exits_1(sims: TabbySims, model: str) -> None:
-    sim = sims.start(startup_model=model, models={"noconf": {"config": False}}, wait=False)
+def test_failed_startup_load_exits_1(tabby_sim: TabbySims, model: str) -> None:
+    sim = tabby_sim.start(startup_model=model, models={"noconf": {"config": False}}, wait=False)
     assert sim.wait_exit() == 1
     assert not port_open(sim.asked_port)
 
@@ -239,27 +229,27 @@ def _listener(port: int) -> socket.socket:
     return sock
 
 
-def test_busy_port_moves_to_the_next_and_both_busy_exits_0(sims: TabbySims) -> None:
+def test_busy_port_moves_to_the_next_and_both_busy_exits_0(tabby_sim: TabbySims) -> None:
     port = _two_free_ports()
     with _listener(port):
-        sim = sims.start(port=port)
+        sim = tabby_sim.start(port=port)
         assert sim.port == port + 1
         assert get(sim, "/health").status_code == 200
         assert f"Port {port} is currently in use" in sim.log_text()
     port = _two_free_ports()
     with _listener(port), _listener(port + 1):
-        both = sims.start(port=port, wait=False)
+        both = tabby_sim.start(port=port, wait=False)
         assert both.wait_exit() == 0
 
 
-def test_exit_code_fault_without_any_request(sims: TabbySims) -> None:
-    sim = sims.start()
+def test_exit_code_fault_without_any_request(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start()
     sim.set_faults(exit_code=3)
     assert sim.wait_exit() == 3
 
 
-def test_refuse_closes_the_port_and_reopens_it(sims: TabbySims) -> None:
-    sim = sims.start()
+def test_refuse_closes_the_port_and_reopens_it(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start()
     sim.set_faults(refuse=True)
     wait_for(lambda: not port_open(sim.port), 10, "the port to close")
     assert sim.proc.poll() is None
@@ -268,8 +258,8 @@ def test_refuse_closes_the_port_and_reopens_it(sims: TabbySims) -> None:
     assert get(sim, "/health").status_code == 200
 
 
-def test_hang_slow_and_trickle(sims: TabbySims) -> None:
-    sim = sims.start()
+def test_hang_slow_and_trickle(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start()
     sim.set_faults(hang=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.get(sim.url + "/health", timeout=0.5)
@@ -287,8 +277,8 @@ def test_hang_slow_and_trickle(sims: TabbySims) -> None:
     assert time.monotonic() - started >= 0.3
 
 
-def test_sticky_503_survives_clearing_the_fault(sims: TabbySims) -> None:
-    sim = sims.start()
+def test_sticky_503_survives_clearing_the_fault(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start()
     sim.set_faults(sticky_503=True)
     first = get(sim, "/health")
     assert first.status_code == 503
@@ -299,8 +289,8 @@ def test_sticky_503_survives_clearing_the_fault(sims: TabbySims) -> None:
     assert get(sim, "/health").json() == body  # never cleared until the process restarts
 
 
-def test_generation_hang_and_load_error_faults(sims: TabbySims) -> None:
-    sim = sims.start(startup_model="m1", load_seconds=0.1)
+def test_generation_hang_and_load_error_faults(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start(startup_model="m1", load_seconds=0.1)
     sim.set_faults(generation_hang=True)
     with pytest.raises(httpx.ReadTimeout):
         httpx.post(sim.url + "/v1/completions", json={"prompt": "Hi"}, headers=API, timeout=0.5)
@@ -315,18 +305,18 @@ def test_generation_hang_and_load_error_faults(sims: TabbySims) -> None:
     assert get(sim, "/v1/model", API).status_code == 503
 
 
-def test_unload_error_leaves_the_model_loaded(sims: TabbySims) -> None:
-    sim = sims.start(startup_model="m1", load_seconds=0.1, faults={"unload_error": True})
+def test_unload_error_leaves_the_model_loaded(tabby_sim: TabbySims) -> None:
+    sim = tabby_sim.start(startup_model="m1", load_seconds=0.1, faults={"unload_error": True})
     failed = post(sim, "/v1/model/unload")
     assert (failed.status_code, failed.text) == (500, "Internal Server Error")
     assert get(sim, "/v1/model", API).json()["id"] == "m1"
 
 
-def test_nvml_state_gets_the_vram_and_ooms_when_full(sims: TabbySims, tmp_path: Path) -> None:
+def test_nvml_state_gets_the_vram_and_ooms_when_full(tabby_sim: TabbySims, tmp_path: Path) -> None:
     state_file = tmp_path / "nvml.state"
     device = nvml_state.SimDevice(0, "GPU-0", "Sim", mem_total=4 * nvml_state.GIB)
     nvml_state.write_state(state_file, nvml_state.SimState(devices=(device,)))
-    sim = sims.start(
+    sim = tabby_sim.start(
         models={"small": {"vram": 3 * nvml_state.GIB}, "big": {"vram": 5 * nvml_state.GIB}},
         extra=("--nvml-state", str(state_file)),
     )
@@ -363,14 +353,14 @@ def test_read_tokens(tmp_path: Path) -> None:
 
 
 def test_a_model_is_split_over_the_gpus_like_gpu_split_auto(
-    sims: TabbySims, tmp_path: Path
+    tabby_sim: TabbySims, tmp_path: Path
 ) -> None:
     state_file = tmp_path / "nvml.state"
     gpus = tuple(
         nvml_state.SimDevice(i, f"GPU-{i}", "Sim", mem_total=4 * nvml_state.GIB) for i in (0, 1)
     )
     nvml_state.write_state(state_file, nvml_state.SimState(devices=gpus))
-    sim = sims.start(
+    sim = tabby_sim.start(
         models={"m": {"vram": 6 * nvml_state.GIB}, "huge": {"vram": 9 * nvml_state.GIB}},
         extra=("--nvml-state", str(state_file)),
     )
