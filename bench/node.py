@@ -93,8 +93,23 @@ class Node:
         write_control(self.control)
         nvml_state.write_state(self.nvml, nvml_state.default_state())
 
-    def zombie_argv(self, *extra: str) -> list[str]:
-        return [self.python, "-m", "bench.zombie", *extra]
+    @property
+    def install(self) -> Path:
+        """TabbyAPI's install tree on this node (tabbyapi.cmdline_patterns)."""
+        return ROOT / "tabbyapi"
+
+    def zombie_argv(self, *extra: str, orphan: bool) -> list[str]:
+        """An orphan runs as a script from TabbyAPI's install tree (so it is TabbyAPI's by the
+        identity rules); a foreign process as `python -m bench.zombie` from the repo."""
+        if not orphan:
+            return [self.python, "-m", "bench.zombie", *extra]
+        script = self.install / "zombie.py"
+        script.parent.mkdir(parents=True, exist_ok=True)
+        script.write_text(
+            f"import runpy, sys\nsys.path.insert(0, {str(self.repo)!r})\n"
+            'runpy.run_module("bench.zombie", run_name="__main__", alter_sys=True)\n'
+        )
+        return [self.python, str(script), *extra]
 
 
 def build_node(repo: Path) -> Node:
@@ -210,7 +225,7 @@ def hydra_settings(node: Node, library: Path) -> dict[str, Any]:
         unit=TABBY_UNIT,
         admin_key_file=str(ROOT / "admin_key"),
         venv="",  # no ExLlamaV2 extension to ldd on this node
-        cmdline_patterns=[str(node.models)],
+        cmdline_patterns=[str(node.install)],
     )
     cfg["model"].update(name=MAIN_MODEL, models_dir=str(node.models), vram_required_gib=MODEL_GIB)
     cfg["gpu"] = {**cfg["gpu"], "nvml_library": str(library), "device": [{"index": 0}]}

@@ -143,7 +143,7 @@ class Bench:
     def spawn(self, role: str, *args: str) -> _Spawned:
         ready = nd.ROOT / f"zombie-{len(self.spawned)}-{time.monotonic_ns()}.ready"
         proc = subprocess.Popen(
-            self.node.zombie_argv(*args, "--ready-file", str(ready)),
+            self.node.zombie_argv(*args, "--ready-file", str(ready), orphan=role == "orphan"),
             cwd=self.node.repo,
             stdin=subprocess.DEVNULL,
             stdout=subprocess.DEVNULL,

@@ -1,7 +1,8 @@
 """A leftover process for the orphan fault classes: `python -m bench.zombie ...`.
 
-With --models-dir in its command line it matches hydra-watchdog's cmdline_patterns (an orphan of
-TabbyAPI); without, it is a foreign process that nobody may kill. --hold-port waits until the
+Run as a script from TabbyAPI's install tree (bench/node.py zombie_argv) it is an orphan of
+TabbyAPI; run with `-m` from the repo, it is a foreign process that nobody may kill, whatever
+its arguments mention. --hold-port waits until the
 port is free and then listens without ever accepting: connections hang, like a wedged TabbyAPI
 worker that kept the socket. --vram-gib registers GPU memory with the NVML simulator.
 """

@@ -36,12 +36,14 @@ class SetPowerLimit:
 
 @dataclass(frozen=True)
 class KillOrphan:
-    """SIGTERM, wait orphans.term_grace, SIGKILL; only if pid, start_time, cmdline still match."""
+    """SIGTERM, wait orphans.term_grace, SIGKILL; only if pid, start ticks, cmdline and uid
+    still match (see ProcessInfo)."""
 
     kind: ClassVar[str] = "kill_orphan"
     pid: int
-    start_time: float
+    start_ticks: int
     cmdline: tuple[str, ...]
+    uid: int | None
     reason: Reason
 
 

@@ -262,9 +262,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
             f"{health.result.outcome.value} {health.result.latency_s * 1000:.0f} ms",
         )
     )
+    # The admin key goes only to a listener verified against the unit (identity.py).
+    adapters.tabby.note_unit(adapters.units.status())
     model = adapters.tabby.model() if health.healthy else None
     loaded = model is not None and bool(model.loaded)
-    checks.append(("model loaded", loaded, (model.loaded or "none") if model else "not checked"))
+    if model is None:
+        seen = "not checked"
+    elif model.loaded or model.known:
+        seen = model.loaded or "none"
+    else:
+        seen = f"{model.result.outcome.value}: {model.result.detail}"
+    checks.append(("model loaded", loaded, seen))
     if loaded:
         canary = adapters.tabby.canary(cfg.tabbyapi.canary_deadline)
         r = canary.result

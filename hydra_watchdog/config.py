@@ -12,6 +12,8 @@ import dataclasses
 import difflib
 import ipaddress
 import math
+import posixpath
+import re
 import tomllib
 import urllib.parse
 from collections.abc import Mapping, Sequence
@@ -104,9 +106,15 @@ class TabbyAPISection:
     )
     cmdline_patterns: tuple[str, ...] = _opt(
         ("/opt/tabbyapi",),
-        "Substrings of a command line that mark a process as TabbyAPI's.",
-        "str_list",
-        nonempty=True,
+        "TabbyAPI's install tree(s), absolute paths: a process is TabbyAPI's only when its "
+        "executable or script lies inside one (by path component) and it runs as its user.",
+        "install_dirs",
+    )
+    user: str = _opt(
+        "root",
+        "The user TabbyAPI runs as (name or uid) when its unit does not say (User=), e.g. "
+        "without systemd.",
+        "user",
     )
 
     @property
@@ -349,7 +357,40 @@ def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
                 key, f"{value!r} is not 'host:port' like '127.0.0.1:9835' (or empty: off)"
             )
         return value
+    if kind == "install_dirs":
+        return _install_dirs(key, value)
+    if kind == "user":
+        if not isinstance(value, str) or not _USER_NAME.fullmatch(value):
+            raise ConfigError(
+                key, f"{value!r} is not a user name (like 'tabbyapi') or a numeric uid"
+            )
+        return value
     raise AssertionError(f"unknown field kind {kind}")  # pragma: no cover - schema bug
+
+
+_USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+
+
+def _install_dirs(key: str, value: object) -> tuple[str, ...]:
+    """Absolute directories, normalised. Bare words ("python", " ") would make any process
+    that mentions them TabbyAPI's, and "/" would make every process so: refused."""
+    if not isinstance(value, list) or not value:
+        raise ConfigError(
+            key, f"{value!r} is not a non-empty list of absolute paths like ['/opt/tabbyapi']"
+        )
+    dirs = []
+    for item in value:
+        if not isinstance(item, str) or not item.startswith("/") or item != item.strip():
+            raise ConfigError(
+                key,
+                f"{item!r} is not an absolute path: entries name TabbyAPI's install tree, "
+                "like '/opt/tabbyapi' (a bare word would match any command line)",
+            )
+        norm = posixpath.normpath(item)
+        if norm in ("/", "//") or any(ord(ch) < 0x20 or ch == "\x7f" for ch in item):
+            raise ConfigError(key, f"{item!r} is not a usable install directory")
+        dirs.append(norm)
+    return tuple(dirs)
 
 
 def _reject_unknown(prefix: str, table: Mapping[str, object], known: Sequence[str]) -> None:

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import sys
 import tempfile
 import threading
 import time
@@ -24,6 +23,7 @@ from pathlib import Path
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.states import Phase
 
 MAIN_MODEL = "Midnight-Miqu-70B-v1.5-exl2-2.5bpw"
@@ -68,6 +68,7 @@ class DemoNode:
         self.root = root
         self.port = _free_port()
         self.models = root / "models"
+        self.install = root / "tabbyapi"
         for name, gib in ((MAIN_MODEL, 40), (FALLBACK_MODEL, 8)):
             folder = self.models / name
             folder.mkdir(parents=True)
@@ -87,7 +88,7 @@ class DemoNode:
 
     def sim_argv(self, port: int, *extra: str) -> list[str]:
         return [
-            sys.executable, "-m", "hydra_watchdog.sim.tabby_server",
+            *lay_out(self.install),
             "--port", str(port), "--models-dir", str(self.models), "--tokens", str(self.tokens),
             "--control", str(self.control), "--nvml-state", str(self.nvml_state),
             "--load-seconds", "1.0", "--modules", "8", *extra,
@@ -113,9 +114,10 @@ class DemoNode:
                     "canary_interval": "10s",
                     "canary_deadline": "3s",
                     "venv": "",
-                    # the demo's own model dir is in every simulator's command line: this can
-                    # only ever match processes this demo started
-                    "cmdline_patterns": [str(self.models)],
+                    # TabbyAPI's install tree, as /opt/tabbyapi on hydra-ai: the simulators
+                    # run from it (sim/install.py), as whoever runs the demo
+                    "cmdline_patterns": [str(self.install)],
+                    "user": str(os.getuid()),
                 },
                 "model": {
                     "name": MAIN_MODEL,

@@ -54,6 +54,9 @@ class PowerSetOutcome:
 
 
 class TabbyApi(Protocol):
+    def note_unit(self, unit: UnitStatus) -> None:
+        """This cycle's unit status: what the credential gate judges the port's listener by."""
+
     def health(self) -> Health: ...
 
     def model(self) -> ModelStatus: ...

@@ -24,6 +24,7 @@ class Outcome(StrEnum):
     HTTP_ERROR = "http_error"  # an HTTP status that is not the expected one
     BAD_BODY = "bad_body"  # malformed JSON, wrong content type or shape, protocol garbage
     UNAUTHORIZED = "unauthorized"  # 401/403: the admin key is missing or wrong
+    WITHHELD = "withheld"  # not sent: the port's listener is not verified as TabbyAPI
 
 
 @dataclass(frozen=True)
@@ -119,21 +120,25 @@ class GpuReport:
 class ProcessRole(StrEnum):
     MAIN = "main"  # the unit's MainPID
     UNIT = "unit"  # in the unit's current cgroup
-    ORPHAN = "orphan"  # matches tabbyapi.cmdline_patterns, outside the unit's cgroup
+    # TabbyAPI's program (from its install tree), TabbyAPI's uid, our PID namespace, outside
+    # the unit's cgroup: probes/identity.py
+    ORPHAN = "orphan"
     FOREIGN = "foreign"  # anything else: reported, never signalled
 
 
 @dataclass(frozen=True)
 class ProcessInfo:
-    """A process worth knowing about. (pid, start_time, cmdline) is its identity: an actuator
-    re-reads all three before it signals, so a reused PID is never hit."""
+    """A process worth knowing about. (pid, start_ticks, cmdline, uid) is its identity: an
+    actuator re-reads them before it signals, so a reused PID is never hit."""
 
     pid: int
-    start_time: float  # psutil create_time(): seconds since the epoch
+    start_time: float  # seconds since the epoch, for display (a wall-clock step moves it)
     cmdline: tuple[str, ...]
     role: ProcessRole
     gpu_bytes: int = 0  # memory it holds on the configured GPUs
     listens_on: tuple[int, ...] = ()  # of the ports we watch (port, port+1)
+    start_ticks: int = 0  # /proc/PID/stat starttime: clock ticks after boot, the identity
+    uid: int | None = None  # its real uid
 
     @property
     def command(self) -> str:
@@ -169,6 +174,7 @@ class UnitStatus:
     n_restarts: int | None = None
     main_pid: int | None = None
     control_group: str = ""
+    user: str = ""  # User= ("" : root)
     invocation_id: str = ""
     exec_main_status: int | None = None
     active_enter_mono: float | None = None  # seconds, CLOCK_MONOTONIC like `now`

@@ -156,16 +156,10 @@ class Observer:
         devices = cfg.gpu.device
 
         health_t = self._start("health", self.tabby.health)
-        model_t = self._start("model", self.tabby.model)
         unit_t = self._start("unit", self.units.status)
         gpu_t = self._start("gpu", lambda: self.gpu.read(devices))
         libraries = Probe.LIBRARIES in wants
         host_t = self._start("host", lambda: self.host.check(libraries=libraries))
-        canary_t = (
-            self._start("canary", lambda: self.tabby.canary(cfg.tabbyapi.canary_deadline))
-            if Probe.CANARY in wants
-            else None
-        )
         journal_t = (
             self._start("journal", lambda: self.units.journal(JOURNAL_LINES))
             if Probe.JOURNAL in wants
@@ -175,6 +169,15 @@ class Observer:
         unit, why = self._get(unit_t, "unit", deadline)
         if unit is None:
             unit = UnitStatus(name=cfg.tabbyapi.unit, available=False, detail=why)
+        # Requests that carry the admin key wait for this cycle's unit status: the client's
+        # gate verifies the port's listener against it right before each one.
+        self.tabby.note_unit(unit)
+        model_t = self._start("model", self.tabby.model)
+        canary_t = (
+            self._start("canary", lambda: self.tabby.canary(cfg.tabbyapi.canary_deadline))
+            if Probe.CANARY in wants
+            else None
+        )
         gpus, why = self._get(gpu_t, "gpu", deadline)
         if gpus is None:
             gpus = GpuReport(error=NvmlErrorKind.TIMEOUT, detail=why)

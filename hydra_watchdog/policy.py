@@ -56,6 +56,7 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
 from hydra_watchdog.states import Phase, Rule, Severity
+from hydra_watchdog.text import one_line
 
 GIB = 1024**3
 POWER_RETRY_AFTER = 3600.0  # a refused power limit is retried hourly, not every cycle
@@ -260,8 +261,8 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
                 Finding(
                     Rule.FOREIGN_HOLDER,
                     Severity.CRIT,
-                    f"port {role_port} is held by pid {proc.pid} ({proc.command[:100]}), which is "
-                    "not TabbyAPI's: never signalled; free the port by hand",
+                    f"port {role_port} is held by pid {proc.pid} ({one_line(proc.command)}), "
+                    "which is not TabbyAPI's: never signalled; free the port by hand",
                 )
             )
         elif proc.role is ProcessRole.ORPHAN:
@@ -270,9 +271,16 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
                     Rule.PORT_CONFLICT,
                     Severity.ERR,
                     f"port {role_port} is held by orphan TabbyAPI process {proc.pid} "
-                    f"({proc.command[:100]}) outside {unit.name}",
+                    f"({one_line(proc.command)}) outside {unit.name}",
                 )
             )
+    withheld = [
+        probe.result.detail
+        for probe in (obs.model, obs.canary)
+        if probe is not None and probe.result.outcome is Outcome.WITHHELD
+    ]
+    if withheld:
+        out.append(Finding(Rule.KEY_WITHHELD, Severity.CRIT, withheld[0]))
     moved = [p for p in obs.processes if port + 1 in p.listens_on and _in_unit(p)]
     if moved and obs.port is not None and obs.port.owners(port):
         out.append(
@@ -294,7 +302,7 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
                 Finding(
                     Rule.ORPHAN_CLEANUP,
                     sev,
-                    f"orphan TabbyAPI process {proc.pid} ({proc.command[:100]}) outside "
+                    f"orphan TabbyAPI process {proc.pid} ({one_line(proc.command)}) outside "
                     f"{unit.name} {held}" + ("" if proc.gpu_bytes else ": reported, not killed"),
                 )
             )
@@ -453,7 +461,11 @@ def _orphans_in_the_way(obs: Observation) -> list[ProcessInfo]:
 def _kill(procs: list[ProcessInfo], rule: Rule, why: str) -> list[Action]:
     return [
         KillOrphan(
-            p.pid, p.start_time, p.cmdline, Reason(rule, f"{why}: pid {p.pid} {p.command[:80]}")
+            p.pid,
+            p.start_ticks,
+            p.cmdline,
+            p.uid,
+            Reason(rule, f"{why}: pid {p.pid} {one_line(p.command, 80)}"),
         )
         for p in procs
     ]
@@ -832,7 +844,7 @@ def _no_model(
                 return _enter(s, Phase.NO_MODEL, now), [], notes  # cleanup runs first; re-check
             others = [p for p in obs.processes if p.gpu_bytes > 0 and p.role is ProcessRole.FOREIGN]
             held = (
-                "; held by " + ", ".join(f"pid {p.pid} ({p.command[:40]})" for p in others)
+                "; held by " + ", ".join(f"pid {p.pid} ({one_line(p.command, 40)})" for p in others)
                 if others
                 else ""
             )

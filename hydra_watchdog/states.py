@@ -74,6 +74,7 @@ class Rule(StrEnum):
     MISSING_LIBRARIES = "missing_libraries"  # RUNBOOK: Library path issues after NixOS rebuild
     MODELS_MOUNT = "models_mount"  # RUNBOOK: Check /mnt/models mount is working
     FOREIGN_HOLDER = "foreign_holder"  # a non-TabbyAPI process in the way: report, never kill
+    KEY_WITHHELD = "key_withheld"  # the port's listener is not verified as TabbyAPI: no key sent
     ESCALATION = "escalation"  # RUNBOOK: Escalation (unresolved for escalate_after)
     FALLBACK_ROUTE = "fallback_route"  # RUNBOOK: LiteLLM Fallback Verification
     PAUSED = "paused"  # maintenance mode

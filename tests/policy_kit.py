@@ -192,7 +192,16 @@ def proc(
     gpu_gib: float = 0.0,
     listens: tuple[int, ...] = (),
 ) -> ProcessInfo:
-    return ProcessInfo(pid, 1.0e9 + pid, tuple(cmd.split()), role, int(gpu_gib * GIB), listens)
+    return ProcessInfo(
+        pid,
+        1.0e9 + pid,
+        tuple(cmd.split()),
+        role,
+        int(gpu_gib * GIB),
+        listens,
+        start_ticks=1000 + pid,
+        uid=0,
+    )
 
 
 def ports(*owners: tuple[int, int | None]) -> PortReport:

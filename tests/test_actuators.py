@@ -13,7 +13,6 @@ from collections.abc import Iterator
 from dataclasses import replace
 from pathlib import Path
 
-import psutil
 import pytest
 
 from hydra_watchdog.act.executor import Executor
@@ -38,13 +37,21 @@ from hydra_watchdog.actions import (
 )
 from hydra_watchdog.config import Config, OrphansSection, parse_config
 from hydra_watchdog.probes.gpu import NvmlGpu
+from hydra_watchdog.probes.identity import read_identity
 from hydra_watchdog.probes.systemd import SystemctlUnit
 from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.sim import nvml_state as ns
 from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.systemd_ns import SystemdNamespace
-from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim, wait_for  # noqa: F401
+from tests.harness.tabby import (  # noqa: F401
+    ADMIN_KEY,
+    SimProcess,
+    TabbySims,
+    tabby_sim,
+    trusted_listener,
+    wait_for,
+)
 
 WHY = Reason(Rule.ORPHAN_CLEANUP, "holds 18 GiB outside the unit's cgroup")
 MARK = "hydra-watchdog-test-orphan"
@@ -60,12 +67,20 @@ time.sleep(600)
 
 
 class Orphans:
-    def __init__(self) -> None:
+    """Processes run as `python <install>/orphan.py MODE MARK`: TabbyAPI's program by the
+    identity rules when `install` is the configured install tree."""
+
+    def __init__(self, install: Path) -> None:
+        self.install = install
         self.procs: list[subprocess.Popen[str]] = []
+        install.mkdir(parents=True, exist_ok=True)
+        (install / "orphan.py").write_text(_ORPHAN)
 
     def spawn(self, mode: str = "default") -> subprocess.Popen[str]:
         proc = subprocess.Popen(
-            [sys.executable, "-c", _ORPHAN, mode, MARK], stdout=subprocess.PIPE, text=True
+            [sys.executable, str(self.install / "orphan.py"), mode, MARK],
+            stdout=subprocess.PIPE,
+            text=True,
         )
         self.procs.append(proc)
         assert proc.stdout is not None
@@ -74,8 +89,8 @@ class Orphans:
 
 
 @pytest.fixture
-def orphans() -> Iterator[Orphans]:
-    o = Orphans()
+def orphans(tmp_path: Path) -> Iterator[Orphans]:
+    o = Orphans(tmp_path / "tabbyapi")
     yield o
     for proc in o.procs:
         if proc.poll() is None:
@@ -84,8 +99,9 @@ def orphans() -> Iterator[Orphans]:
 
 
 def _kill_action(pid: int) -> KillOrphan:
-    p = psutil.Process(pid)
-    return KillOrphan(pid, p.create_time(), tuple(p.cmdline()), WHY)
+    ident = read_identity(pid)
+    assert ident is not None
+    return KillOrphan(pid, ident.start_ticks, ident.cmdline, ident.uid, WHY)
 
 
 def _alive(proc: subprocess.Popen[str]) -> bool:
@@ -140,7 +156,7 @@ def test_orphan_zombie_counts_as_gone_even_unreaped(orphans: Orphans) -> None:
 def test_changed_start_time_is_refused_and_never_signalled(orphans: Orphans) -> None:
     proc = orphans.spawn()
     action = _kill_action(proc.pid)
-    stale = replace(action, start_time=action.start_time - 7.0)  # a PID reused since
+    stale = replace(action, start_ticks=action.start_ticks - 700)  # a PID reused since
     result = kill_orphan(stale, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
@@ -207,7 +223,9 @@ def _executor(tmp_path: Path, *, dry_run: bool = False, config: Config | None = 
     # NVML library): reaching them would show as a failure, not pass silently.
     return Executor(
         cfg,
-        tabby=TabbyClient("http://127.0.0.1:9", admin_key=None, health_timeout=1.0),
+        tabby=TabbyClient(
+            "http://127.0.0.1:9", admin_key=None, health_timeout=1.0, gate=trusted_listener
+        ),
         gpu=NvmlGpu(library_path=str(tmp_path / "no-libnvidia-ml.so.1"), call_timeout=1.0),
         units=_no_systemd(tmp_path),
         dry_run=dry_run,
@@ -352,7 +370,9 @@ def test_gpu_reset_disabled_is_refused(gpu: NvmlGpu, tmp_path: Path) -> None:
         ResetGpu(0, Reason(Rule.FULL_RECOVERY, "x")),
         enabled=False,
         gpu=gpu,
-        patterns=("/opt/tabbyapi",),
+        install_dirs=("/opt/tabbyapi",),
+        user="root",
+        unit="tabbyapi.service",
         command=(cmd,),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "disabled")
@@ -366,13 +386,15 @@ def test_gpu_reset_refused_while_a_foreign_process_uses_the_gpu(
     tmp_path: Path,
 ) -> None:
     cmd, log = _reset_script(tmp_path)
-    other = orphans.spawn()  # its cmdline carries MARK, not the TabbyAPI pattern
+    other = orphans.spawn()  # its program lies outside /opt/tabbyapi
     ns.set_process(nvml_sim.state, 0, other.pid, 2 * ns.GIB)
     result = reset_gpu(
         ResetGpu(0, Reason(Rule.FULL_RECOVERY, "x")),
         enabled=True,
         gpu=gpu,
-        patterns=("/opt/tabbyapi",),
+        install_dirs=("/opt/tabbyapi",),
+        user="root",
+        unit="tabbyapi.service",
         command=(cmd,),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "foreign_gpu_user")
@@ -393,7 +415,9 @@ def test_gpu_reset_runs_when_only_tabbyapi_uses_the_gpu(
         ResetGpu(0, Reason(Rule.FULL_RECOVERY, "x")),
         enabled=True,
         gpu=gpu,
-        patterns=(MARK,),
+        install_dirs=(str(orphans.install),),
+        user="root",
+        unit="tabbyapi.service",
         command=(cmd,),
     )
     assert result.status is ResultStatus.OK, result.detail
@@ -410,7 +434,9 @@ def test_gpu_reset_refused_when_the_gpu_cannot_be_read(
             ResetGpu(0, Reason(Rule.FULL_RECOVERY, "x")),
             enabled=True,
             gpu=gpu,
-            patterns=("/opt/tabbyapi",),
+            install_dirs=("/opt/tabbyapi",),
+            user="root",
+            unit="tabbyapi.service",
             command=(cmd,),
         )
     finally:
@@ -430,7 +456,9 @@ def test_gpu_reset_refused_when_the_gpu_users_cannot_be_listed(
         ResetGpu(0, Reason(Rule.FULL_RECOVERY, "x")),
         enabled=True,
         gpu=gpu,
-        patterns=("/opt/tabbyapi",),
+        install_dirs=("/opt/tabbyapi",),
+        user="root",
+        unit="tabbyapi.service",
         command=(cmd,),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "cannot_verify")
@@ -441,7 +469,7 @@ def test_gpu_reset_refused_when_the_gpu_users_cannot_be_listed(
 
 
 def _client(sim: SimProcess) -> TabbyClient:
-    return TabbyClient(sim.url, admin_key=ADMIN_KEY, health_timeout=5.0)
+    return TabbyClient(sim.url, admin_key=ADMIN_KEY, health_timeout=5.0, gate=trusted_listener)
 
 
 def _modules_done(loader: ModelLoader) -> int:
@@ -507,7 +535,9 @@ def test_shutdown_cancels_a_load_in_flight(tabby_sim: TabbySims) -> None:
 
 def test_fallback_route_ok_and_down(tabby_sim: TabbySims) -> None:
     proxy = tabby_sim.start(flavor="modern", auth=False, startup_model="m1")
-    client = TabbyClient("http://127.0.0.1:9", admin_key=None, health_timeout=1.0)
+    client = TabbyClient(
+        "http://127.0.0.1:9", admin_key=None, health_timeout=1.0, gate=trusted_listener
+    )
     ok = check_fallback_route(
         CheckFallbackRoute(proxy.url, "m1", Reason(Rule.FALLBACK_ROUTE, "escalated")), client, 10.0
     )
@@ -532,15 +562,14 @@ def test_a_process_in_the_units_cgroup_is_never_killed_as_an_orphan(
         assert ns.systemctl("start", unit).returncode == 0
         pid = int(ns.wait_for_state(unit, ["active"])["MainPID"])
         code = (
-            "import psutil\n"
             "from hydra_watchdog.act.orphans import kill_orphan\n"
             "from hydra_watchdog.actions import KillOrphan, Reason\n"
             "from hydra_watchdog.config import OrphansSection\n"
-            "from hydra_watchdog.probes.procs import read_cmdline\n"
+            "from hydra_watchdog.probes.identity import read_identity\n"
             "from hydra_watchdog.states import Rule\n"
-            f"p = psutil.Process({pid})\n"
-            f"cmd = read_cmdline({pid})\n"
-            f"a = KillOrphan({pid}, p.create_time(), cmd, Reason(Rule.ORPHAN_CLEANUP, 't'))\n"
+            f"i = read_identity({pid})\n"
+            "why = Reason(Rule.ORPHAN_CLEANUP, 't')\n"
+            f"a = KillOrphan({pid}, i.start_ticks, i.cmdline, i.uid, why)\n"
             f"r = kill_orphan(a, OrphansSection(term_grace=0.1), unit={unit!r})\n"
             "print(r.status.value, r.error_kind)\n"
         )

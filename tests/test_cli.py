@@ -189,7 +189,7 @@ def _sim_config(tmp_path: Path, sim_url: str, models_dir: Path) -> Path:
                 "url": sim_url,
                 "admin_key_file": str(key),
                 "venv": "",
-                "cmdline_patterns": [str(models_dir)],
+                "cmdline_patterns": [str(models_dir.parent / "tabbyapi")],  # the sim's install tree
                 "health_timeout": "3s",
                 "canary_deadline": "5s",
             },

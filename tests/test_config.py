@@ -7,6 +7,7 @@ import datetime
 import ipaddress
 import math
 import os
+import posixpath
 import re
 import string
 import tomllib
@@ -367,19 +368,43 @@ INVALID: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "patterns as string",
         {"tabbyapi": {"cmdline_patterns": "/opt/tabbyapi"}},
         "tabbyapi.cmdline_patterns",
-        ["'/opt/tabbyapi'", "list of non-empty strings"],
+        ["'/opt/tabbyapi'", "list of absolute paths"],
     ),
     (
         "empty pattern",
         {"tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", ""]}},
         "tabbyapi.cmdline_patterns",
-        ["''", "list of non-empty strings"],
+        ["''", "not an absolute path"],
     ),
     (
         "no patterns",
         {"tabbyapi": {"cmdline_patterns": []}},
         "tabbyapi.cmdline_patterns",
-        ["empty", "at least one pattern"],
+        ["[]", "non-empty list"],
+    ),
+    (
+        "bare word pattern",
+        {"tabbyapi": {"cmdline_patterns": ["python"]}},
+        "tabbyapi.cmdline_patterns",
+        ["'python'", "not an absolute path", "any command line"],
+    ),
+    (
+        "blank pattern",
+        {"tabbyapi": {"cmdline_patterns": [" "]}},
+        "tabbyapi.cmdline_patterns",
+        ["' '", "not an absolute path"],
+    ),
+    (
+        "root as install tree",
+        {"tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", "/"]}},
+        "tabbyapi.cmdline_patterns",
+        ["'/'", "not a usable install directory"],
+    ),
+    (
+        "user with a space",
+        {"tabbyapi": {"user": "tabby api"}},
+        "tabbyapi.user",
+        ["'tabby api'", "user name"],
     ),
     (
         "unknown key",
@@ -755,7 +780,7 @@ def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
     cfg = parse_config(
         {
             "model": {"name": 'a "quoted"\\ name\nwith\ttabs\x7f and \u00e9', "fallback": "small"},
-            "tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", 'python -m "x"']},
+            "tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", '/srv/odd "dir" x']},
             "gpu": {"device": [{"uuid": "GPU-abc", "power_limit_watts": 287.5}, {"index": 3}]},
             "orphans": {"term_grace": 0.0015},
         },
@@ -775,8 +800,8 @@ def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
         ),
         (
             "fallback_route",
-            "https://user:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
-            ["user", "hunter2", "sk-live-42"],
+            "https://fbuser:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
+            ["fbuser", "hunter2", "sk-live-42"],
             "https://***@127.0.0.1:4000/v1?***",
         ),
         ("fallback_route", "http://127.0.0.1:4000/?token=abc123", ["abc123"], "?***"),
@@ -844,6 +869,14 @@ def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
         "unit": st.text(alphabet=st.characters(exclude_characters="/"), max_size=10).map(
             lambda t: t + ".service"
         ),
+        "install_dirs": st.lists(
+            st.lists(st.text(alphabet="abz-_.", min_size=1, max_size=6), min_size=1, max_size=3)
+            .map(lambda parts: "/" + "/".join(parts))
+            .filter(lambda p: p == posixpath.normpath(p) and p != "/"),
+            min_size=1,
+            max_size=3,
+        ),
+        "user": st.sampled_from(["root", "tabbyapi", "65534", "_svc-1"]),
         "str_list": st.lists(
             st.text(min_size=1, max_size=10), min_size=1 if meta.get("nonempty") else 0, max_size=3
         ),
@@ -925,6 +958,7 @@ def test_the_public_keys_of_the_issue_exist() -> None:
         "tabbyapi.canary_deadline",
         "tabbyapi.venv",
         "tabbyapi.cmdline_patterns",
+        "tabbyapi.user",
         "model.name",
         "model.models_dir",
         "model.vram_required_gib",

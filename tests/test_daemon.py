@@ -34,6 +34,7 @@ from hydra_watchdog.policy import decide
 from hydra_watchdog.probes.systemd import SystemctlUnit
 from hydra_watchdog.report.sdnotify import Notifier
 from hydra_watchdog.report.status import from_json
+from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
@@ -92,10 +93,9 @@ class Node:
         self.key_file = self.root / "admin_key"
         self.key_file.write_text(ADMIN_KEY + "\n")
         self.config = self.root / "config.toml"
+        self.install = self.root / "tabbyapi"
         self.sim_argv = [
-            sys.executable,
-            "-m",
-            "hydra_watchdog.sim.tabby_server",
+            *lay_out(self.install),
             "--port",
             str(self.port),
             "--models-dir",
@@ -130,7 +130,7 @@ class Node:
                 "startup_grace": "20s",
                 "canary_interval": "0s",
                 "venv": "",
-                "cmdline_patterns": [str(self.models)],
+                "cmdline_patterns": [str(self.install)],
             },
             "model": {"name": "m1", "models_dir": str(self.models), "load_timeout": "60s"},
             "restart_loop": {

@@ -126,7 +126,7 @@ def test_pause_and_resume() -> None:
 
 
 def test_each_result_is_told_with_rule_reason_and_fields() -> None:
-    kill = KillOrphan(4242, 1.0, ("python", "main.py"), Reason(Rule.ORPHAN_CLEANUP, "18 GiB"))
+    kill = KillOrphan(4242, 100, ("python", "main.py"), 0, Reason(Rule.ORPHAN_CLEANUP, "18 GiB"))
     restart = UnitCommand(UnitVerb.RESTART, UNIT, Reason(Rule.FULL_RECOVERY, "after cleanup"))
     power = SetPowerLimit(1, 300.0, Reason(Rule.POWER_LIMIT, "450 W, want 300 W"))
     results = (

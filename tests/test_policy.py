@@ -200,7 +200,8 @@ def test_down_with_leaked_vram_runs_full_recovery_in_runbook_order() -> None:
     ]
     assert all(a.reason.rule is Rule.FULL_RECOVERY for a in actions)
     kill = actions[1]
-    assert isinstance(kill, KillOrphan) and (kill.pid, kill.start_time) == (300, orphan.start_time)
+    assert isinstance(kill, KillOrphan)
+    assert (kill.pid, kill.start_ticks, kill.uid) == (300, orphan.start_ticks, orphan.uid)
     assert isinstance(actions[2], ResetGpu) and actions[2].gpu_index == 0
 
 

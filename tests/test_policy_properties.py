@@ -238,7 +238,7 @@ def test_invariants_hold_under_random_faults(
             if isinstance(a, KillOrphan):
                 target = o.process(a.pid)
                 assert target is not None and target.role is ProcessRole.ORPHAN
-                assert target.start_time == a.start_time
+                assert (target.start_ticks, target.uid) == (a.start_ticks, a.uid)
         # never two loads in flight
         loads = [a for a in actions if isinstance(a, LoadModel)]
         assert len(loads) <= 1

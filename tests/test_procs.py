@@ -212,9 +212,11 @@ def test_main_pid_and_gpu_holders(procs: Procs) -> None:
 def test_processes_dying_mid_scan_are_skipped(procs: Procs) -> None:
     """A shell keeps starting short-lived processes that match the pattern, so scans keep
     meeting PIDs that vanish between listing /proc and reading them."""
-    marker = f"/opt/hydra-churn-{uuid.uuid4().hex[:8]}/"
+    marker = str(procs.folder / f"hydra-churn-{uuid.uuid4().hex[:8]}")
+    Path(marker).mkdir()
+    Path(marker, "work.sh").write_text("sleep 0.01\n")
     churn = subprocess.Popen(
-        ["sh", "-c", f"while :; do sh -c 'sleep 0.01; :' {marker}; done"],
+        ["sh", "-c", f"while :; do sh {marker}/work.sh; done"],
         text=True,
     )
     procs.started.append(churn)

@@ -19,9 +19,9 @@ from hypothesis import strategies as st
 
 from hydra_watchdog.config import parse_config
 from hydra_watchdog.interfaces import LoadOutcome
-from hydra_watchdog.observation import Outcome
+from hydra_watchdog.observation import Outcome, UnitStatus
 from hydra_watchdog.probes.tabby import SseParser, TabbyClient, read_admin_key
-from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
+from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, trusted_listener, wait_for
 
 SLACK = 0.1  # issue 3: a probe never exceeds its deadline by more than 100 ms
 
@@ -31,7 +31,7 @@ def clients() -> Iterator[Callable[..., TabbyClient]]:
     made: list[TabbyClient] = []
 
     def make(url: str, *, key: str | None = ADMIN_KEY, timeout: float = 2.0) -> TabbyClient:
-        client = TabbyClient(url, admin_key=key, health_timeout=timeout)
+        client = TabbyClient(url, admin_key=key, health_timeout=timeout, gate=trusted_listener)
         made.append(client)
         return client
 
@@ -340,9 +340,16 @@ def test_key_problem_is_named_on_401(
     sim = tabby_sim.start()
     monkeypatch.delenv("CREDENTIALS_DIRECTORY", raising=False)
     cfg = parse_config(
-        {"tabbyapi": {"url": sim.url, "admin_key_file": str(tmp_path / "missing-key")}}
+        {
+            "tabbyapi": {
+                "url": sim.url,
+                "admin_key_file": str(tmp_path / "missing-key"),
+                "cmdline_patterns": [str(sim.install_dir)],
+            }
+        }
     )
     client = TabbyClient.from_config(cfg)
+    client.note_unit(UnitStatus(name="tabbyapi.service", available=False))  # no systemd here
     try:
         result = client.model().result
         assert result.outcome is Outcome.UNAUTHORIZED
@@ -496,7 +503,7 @@ def raw() -> Iterator[RawServer]:
 
 
 def test_bad_answers_are_typed(raw: RawServer) -> None:
-    client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0)
+    client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener)
     try:
         cases: list[tuple[Script, Outcome, int | None]] = [
             (_reply(200, "text/html", b'{"status":"healthy"}'), Outcome.BAD_BODY, 200),
@@ -552,7 +559,9 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
 
 
 def test_fallback_route_gets_no_tabby_key(raw: RawServer) -> None:
-    client = TabbyClient("http://127.0.0.1:1", admin_key=ADMIN_KEY, health_timeout=1.0)
+    client = TabbyClient(
+        "http://127.0.0.1:1", admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener
+    )
     try:
         raw.default = _reply(200, "application/json", b'{"choices": [{"index": 0}]}')
         raw.seen.clear()
@@ -620,7 +629,11 @@ PROBES: dict[str, Callable[[TabbyClient, str], object]] = {
 @pytest.fixture(scope="module")
 def raw_client(raw: RawServer) -> Iterator[TabbyClient]:
     client = TabbyClient(
-        raw.url, admin_key=ADMIN_KEY, health_timeout=DEADLINE, request_timeout=DEADLINE
+        raw.url,
+        admin_key=ADMIN_KEY,
+        health_timeout=DEADLINE,
+        request_timeout=DEADLINE,
+        gate=trusted_listener,
     )
     yield client
     client.close()
@@ -744,7 +757,7 @@ def test_env_does_not_leak_proxies(monkeypatch: pytest.MonkeyPatch, raw: RawServ
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
     raw.routes.clear()
     raw.default = _reply(200, "application/json", b'{"status": "healthy", "issues": []}')
-    client = TabbyClient(raw.url, admin_key=None, health_timeout=1.0)
+    client = TabbyClient(raw.url, admin_key=None, health_timeout=1.0, gate=trusted_listener)
     try:
         assert client.health().healthy
     finally:

@@ -126,7 +126,9 @@ class Executor:
                     action,
                     enabled=cfg.gpu_reset.enabled,
                     gpu=self.gpu,
-                    patterns=cfg.tabbyapi.cmdline_patterns,
+                    install_dirs=cfg.tabbyapi.cmdline_patterns,
+                    user=cfg.tabbyapi.user,
+                    unit=cfg.tabbyapi.unit,
                     command=self.reset_command,
                     clock=clock,
                 )

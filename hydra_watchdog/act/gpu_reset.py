@@ -12,11 +12,12 @@ import subprocess
 import time
 from collections.abc import Callable, Sequence
 
-import psutil
-
 from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.interfaces import GpuAdapter
+from hydra_watchdog.probes.identity import is_tabby_program, read_identity, resolve_uid
+from hydra_watchdog.probes.procs import in_unit
+from hydra_watchdog.text import one_line
 
 # A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
 # unit's WatchdogSec (90 s) minus a ping interval.
@@ -24,9 +25,11 @@ RESET_TIMEOUT = 40.0
 
 
 def _foreign_users(
-    gpu: GpuAdapter, index: int, patterns: Sequence[str]
+    gpu: GpuAdapter, index: int, install_dirs: Sequence[str], user: str, unit: str
 ) -> tuple[list[str], str | None]:
-    """(descriptions of non-TabbyAPI GPU users, or why we could not tell)."""
+    """(descriptions of non-TabbyAPI GPU users, or why we could not tell). TabbyAPI's: in a
+    cgroup named after the unit, or its program from the install tree run as TabbyAPI's user
+    (identity.py); a command line that merely mentions the install tree is someone else's."""
     report = gpu.read((GpuDevice(index=index),))
     if report.error is not None:
         return [], f"cannot read gpu{index}: {report.error.value} {report.detail}".strip()
@@ -35,16 +38,18 @@ def _foreign_users(
         return [], f"gpu{index} not found"
     if any(what == "processes" for what, _ in snap.errors):
         return [], f"cannot list the processes on gpu{index}"
+    uid = resolve_uid(user)
     foreign: list[str] = []
     for gp in snap.processes:
-        try:
-            cmd = " ".join(psutil.Process(gp.pid).cmdline())
-        except psutil.NoSuchProcess:
-            continue  # exited since NVML listed it: its context is gone with it
-        except psutil.AccessDenied:
-            cmd = ""
-        if not any(p in cmd for p in patterns):
-            foreign.append(f"{gp.pid} ({cmd[:60] or 'unreadable'})")
+        ident = read_identity(gp.pid)
+        if ident is None:
+            if in_unit(gp.pid, unit) is None:
+                continue  # exited since NVML listed it: its context is gone with it
+            foreign.append(f"{gp.pid} (unreadable)")
+            continue
+        ours = in_unit(gp.pid, unit) or (ident.uid == uid and is_tabby_program(ident, install_dirs))
+        if not ours:
+            foreign.append(f"{gp.pid} ({one_line(ident.command, 60)})")
     return foreign, None
 
 
@@ -53,7 +58,9 @@ def reset_gpu(
     *,
     enabled: bool,
     gpu: GpuAdapter,
-    patterns: Sequence[str],
+    install_dirs: Sequence[str],
+    user: str,
+    unit: str,
     command: Sequence[str] = ("nvidia-smi",),
     timeout: float = RESET_TIMEOUT,
     clock: Callable[[], float] = time.monotonic,
@@ -65,7 +72,7 @@ def reset_gpu(
 
     if not enabled:
         return result(ResultStatus.REFUSED, "GPU reset is disabled (gpu_reset.enabled)", "disabled")
-    foreign, unknown = _foreign_users(gpu, action.gpu_index, patterns)
+    foreign, unknown = _foreign_users(gpu, action.gpu_index, install_dirs, user, unit)
     if unknown is not None:
         return result(ResultStatus.REFUSED, f"{unknown}; not resetting blind", "cannot_verify")
     if foreign:

@@ -2,47 +2,35 @@
 
 PIDs are reused. Between the observation that classified a process as an orphan and this kill,
 the orphan may have exited and its PID gone to something else entirely (a shell, the new
-TabbyAPI). So the identity recorded at observation time (pid, start time, cmdline) is re-read
-and compared first, and the signals go through a psutil.Process that itself re-checks the start
-time before each send: a reused PID is never signalled.
+TabbyAPI). So the process is pinned first (a pidfd: signals through it can only reach that very
+process, whatever happens to the PID number), then its identity recorded at observation time
+(start ticks since boot, cmdline, uid) is re-read and compared exactly. Start ticks, not wall
+time: an NTP step between scan and kill changes every wall-clock start time, never the ticks.
 """
 
 from __future__ import annotations
 
+import os
+import select
 import signal
 import time
 from collections.abc import Callable
 
-import psutil
-
 from hydra_watchdog.actions import ActionResult, KillOrphan, ResultStatus
 from hydra_watchdog.config import OrphansSection
-from hydra_watchdog.probes.procs import in_unit, read_cmdline
+from hydra_watchdog.probes.identity import own_pid_namespace, read_identity
+from hydra_watchdog.probes.procs import in_unit
+from hydra_watchdog.text import one_line
 
-# psutil's create_time() is boot time + start ticks (10 ms); two reads of one process agree
-# exactly, a different process started in another tick differs by at least one tick.
-_START_TIME_TOLERANCE = 0.005
 _KILL_WAIT = 5.0  # after SIGKILL: the kernel frees it promptly unless it is stuck in D state
-_POLL = 0.05
 
 
-def _gone(proc: psutil.Process) -> bool:
-    # A zombie has exited and freed its memory and sockets; only its parent's wait() is pending.
-    try:
-        return not proc.is_running() or proc.status() == psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return True
-    except psutil.AccessDenied:
-        return False
-
-
-def _wait_gone(proc: psutil.Process, timeout: float, clock: Callable[[], float]) -> bool:
-    deadline = clock() + timeout
-    while not _gone(proc):
-        if clock() >= deadline:
-            return False
-        time.sleep(_POLL)
-    return True
+def _gone(pidfd: int, timeout: float) -> bool:
+    """Whether the pinned process has exited (a pidfd turns readable on exit), within
+    `timeout` seconds. A zombie has exited and freed its memory and sockets already."""
+    poller = select.poll()
+    poller.register(pidfd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000))))
 
 
 def kill_orphan(
@@ -64,51 +52,73 @@ def kill_orphan(
         return result(
             ResultStatus.REFUSED, "orphan killing is disabled (orphans.enabled)", "disabled"
         )
+    pid = action.pid
     try:
-        proc = psutil.Process(action.pid)
-        start_time = proc.create_time()
-        cmdline = read_cmdline(action.pid) or ()
-    except psutil.NoSuchProcess:
+        pidfd = os.pidfd_open(pid)
+    except ProcessLookupError:
         return result(
-            ResultStatus.REFUSED, f"pid {action.pid} is gone; nothing to kill", "identity_changed"
+            ResultStatus.REFUSED, f"pid {pid} is gone; nothing to kill", "identity_changed"
         )
-    except psutil.AccessDenied as exc:
-        return result(
-            ResultStatus.FAILED, f"cannot inspect pid {action.pid}: {exc}", "no_permission"
-        )
-    if abs(start_time - action.start_time) > _START_TIME_TOLERANCE or cmdline != action.cmdline:
+    except OSError as exc:
+        return result(ResultStatus.FAILED, f"cannot pin pid {pid}: {exc}", "no_permission")
+    try:
+        return _kill_pinned(action, config, unit, pidfd, result)
+    finally:
+        os.close(pidfd)
+
+
+def _kill_pinned(
+    action: KillOrphan,
+    config: OrphansSection,
+    unit: str,
+    pidfd: int,
+    result: Callable[..., ActionResult],
+) -> ActionResult:
+    pid = action.pid
+    now = read_identity(pid)
+    if now is None:
+        if _gone(pidfd, 0):
+            return result(ResultStatus.OK, f"pid {pid} had already exited")
+        return result(ResultStatus.FAILED, f"cannot inspect pid {pid}", "no_permission")
+    if (now.start_ticks, now.cmdline, now.uid) != (action.start_ticks, action.cmdline, action.uid):
         return result(
             ResultStatus.REFUSED,
-            f"pid {action.pid} is now another process (start time {start_time:.2f} vs "
-            f"{action.start_time:.2f}, cmdline {' '.join(cmdline)[:80]!r}); not signalled",
+            f"pid {pid} is now another process (start ticks {now.start_ticks} vs "
+            f"{action.start_ticks}, uid {now.uid} vs {action.uid}, cmdline "
+            f"{one_line(now.command, 80)!r}); not signalled",
             "identity_changed",
         )
-    if in_unit(action.pid, unit) is not False:
+    ns = own_pid_namespace()
+    if ns is None or now.pid_ns != ns:
         return result(
             ResultStatus.REFUSED,
-            f"pid {action.pid} is (or may be) in {unit}'s cgroup now; not signalled",
+            f"pid {pid} lives in another PID namespace (a container?); not signalled",
+            "identity_changed",
+        )
+    if in_unit(pid, unit) is not False:
+        return result(
+            ResultStatus.REFUSED,
+            f"pid {pid} is (or may be) in {unit}'s cgroup now; not signalled",
             "in_unit",
         )
-    if _gone(proc):
-        return result(ResultStatus.OK, f"pid {action.pid} had already exited")
     try:
-        proc.send_signal(signal.SIGTERM)
-        if _wait_gone(proc, config.term_grace, clock):
-            return result(ResultStatus.OK, f"pid {action.pid} exited after SIGTERM")
-        proc.send_signal(signal.SIGKILL)
-    except psutil.NoSuchProcess:
-        return result(ResultStatus.OK, f"pid {action.pid} exited after SIGTERM")
-    except psutil.AccessDenied as exc:
+        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
+        if _gone(pidfd, config.term_grace):
+            return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM")
+        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
+    except ProcessLookupError:
+        return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM")
+    except PermissionError as exc:
         return result(
-            ResultStatus.FAILED, f"not allowed to signal pid {action.pid}: {exc}", "no_permission"
+            ResultStatus.FAILED, f"not allowed to signal pid {pid}: {exc}", "no_permission"
         )
-    if _wait_gone(proc, _KILL_WAIT, clock):
+    if _gone(pidfd, _KILL_WAIT):
         return result(
             ResultStatus.OK,
-            f"pid {action.pid} ignored SIGTERM for {config.term_grace:g}s; killed with SIGKILL",
+            f"pid {pid} ignored SIGTERM for {config.term_grace:g}s; killed with SIGKILL",
         )
     return result(
         ResultStatus.FAILED,
-        f"pid {action.pid} survived SIGKILL for {_KILL_WAIT:g}s (uninterruptible sleep?)",
+        f"pid {pid} survived SIGKILL for {_KILL_WAIT:g}s (uninterruptible sleep?)",
         "unkillable",
     )

@@ -25,6 +25,7 @@ PROPERTIES = (
     "NRestarts",
     "MainPID",
     "ControlGroup",
+    "User",
     "InvocationID",
     "ExecMainStatus",
     "ActiveEnterTimestampMonotonic",
@@ -65,6 +66,7 @@ def parse_show(name: str, text: str) -> UnitStatus:
         n_restarts=_int(props, "NRestarts"),
         main_pid=main_pid if main_pid else None,  # 0: no main process
         control_group=props.get("ControlGroup", ""),
+        user=props.get("User", ""),
         invocation_id=props.get("InvocationID", ""),
         exec_main_status=_int(props, "ExecMainStatus"),
         # Microseconds on CLOCK_MONOTONIC, the clock of time.monotonic(); 0: never active.

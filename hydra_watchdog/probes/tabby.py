@@ -10,7 +10,9 @@ never be cut short, only the overall load_timeout or an explicit cancel end it.
 
 Nothing here raises for anything the server or the network does: every method returns a typed
 outcome (observation.Outcome) with the measured latency. The admin key goes out only in the
-Authorization header of requests to TabbyAPI; every detail string is scrubbed of it.
+Authorization header of requests to TabbyAPI, and only after the listener on its port was
+verified as TabbyAPI (probes/identity.py): a local user who binds the port while TabbyAPI is down
+gets nothing but unauthenticated /health probes. Every detail string is scrubbed of the key.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import os
 import re
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -32,7 +35,15 @@ import httpx
 
 from hydra_watchdog.config import Config, redact_url
 from hydra_watchdog.interfaces import LoadOutcome
-from hydra_watchdog.observation import Canary, Health, HttpResult, ModelStatus, Outcome
+from hydra_watchdog.observation import (
+    Canary,
+    Health,
+    HttpResult,
+    ModelStatus,
+    Outcome,
+    UnitStatus,
+)
+from hydra_watchdog.probes.identity import ListenerCheck, ListenerGate
 
 JSON_LIMIT = 1 << 20  # bytes; TabbyAPI's answers are a few hundred bytes
 _CANCEL_POLL = 0.1  # seconds between cancel checks while a load stream is quiet
@@ -191,10 +202,17 @@ class TabbyClient:
         *,
         admin_key: str | None,
         health_timeout: float,
+        gate: Callable[[], ListenerCheck],
         request_timeout: float = 60.0,
         key_problem: str = "",
+        on_unit: Callable[[UnitStatus], None] | None = None,
     ) -> None:
+        """`gate` is asked right before every request that would carry the key (and its URL is
+        pinned to the address it verified); `on_unit` receives each cycle's unit status, which
+        the gate judges listeners by."""
         self.base_url = base_url.rstrip("/")
+        self._gate = gate
+        self._on_unit = on_unit
         self.health_timeout = health_timeout
         self.request_timeout = request_timeout
         self.key_problem = key_problem
@@ -205,12 +223,25 @@ class TabbyClient:
     @classmethod
     def from_config(cls, cfg: Config) -> TabbyClient:
         key, problem = read_admin_key(cfg.tabbyapi.admin_key_file, os.environ)
-        return cls(
-            cfg.tabbyapi.url,
-            admin_key=key,
-            health_timeout=cfg.tabbyapi.health_timeout,
-            key_problem=problem,
+        t = cfg.tabbyapi
+        gate = ListenerGate(
+            urllib.parse.urlsplit(t.url).hostname or "",
+            t.port,
+            install_dirs=t.cmdline_patterns,
+            user=t.user,
         )
+        return cls(
+            t.url,
+            admin_key=key,
+            health_timeout=t.health_timeout,
+            gate=gate.check,
+            key_problem=problem,
+            on_unit=gate.set_unit,
+        )
+
+    def note_unit(self, unit: UnitStatus) -> None:
+        if self._on_unit is not None:
+            self._on_unit(unit)
 
     def __repr__(self) -> str:
         key = "set" if self.__key else "unset"
@@ -347,14 +378,18 @@ class TabbyClient:
     ) -> LoadOutcome:
         progress = _LoadProgress(on_progress)
         started = time.monotonic()
+        authorized = self._authorized("/v1/model/load", started)
+        if isinstance(authorized, HttpResult):
+            return LoadOutcome(False, f"load not sent: {authorized.detail}")
+        url, headers = authorized
         try:
             with (
                 _budget(started + timeout, cancel),
                 self._http.stream(
                     "POST",
-                    self.base_url + "/v1/model/load",
+                    url,
                     json={"model_name": name},
-                    headers=self._auth_headers(),
+                    headers=headers,
                     timeout=httpx.Timeout(timeout),
                 ) as resp,
             ):
@@ -417,8 +452,24 @@ class TabbyClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _auth_headers(self) -> dict[str, str]:
-        return {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
+    def _authorized(self, path: str, started: float) -> tuple[str, dict[str, str]] | HttpResult:
+        """(URL pinned to the verified address, auth headers), or why nothing may be sent: a
+        request to TabbyAPI's API goes out only once its listener is verified as TabbyAPI
+        (identity.ListenerGate), key or no key: a squatter gets neither the key nor a say."""
+        try:
+            check = self._gate()
+        except Exception as exc:  # a bug in the gate must withhold, never send
+            check = ListenerCheck(False, f"listener check failed ({self._describe(exc)})")
+        if not check.ok:
+            outcome = Outcome.REFUSED if check.refused else Outcome.WITHHELD
+            latency = time.monotonic() - started
+            return HttpResult(outcome, latency, None, self._scrub(check.detail))
+        try:
+            base = str(httpx.URL(self.base_url).copy_with(host=check.address)).rstrip("/")
+        except (httpx.InvalidURL, TypeError, ValueError):
+            base = self.base_url  # unusable anyway: the request reports the URL's fault
+        headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
+        return base + path, headers
 
     def _scrub(self, text: str) -> str:
         if self.__key:
@@ -447,7 +498,12 @@ class TabbyClient:
             shown = redact_url(url)
         except ValueError:  # e.g. an unclosed "[" of an IPv6 host: httpx will say more
             shown = "the configured URL"
-        headers = self._auth_headers() if auth else {}
+        headers: dict[str, str] = {}
+        if auth:
+            authorized = self._authorized(path, started)
+            if isinstance(authorized, HttpResult):
+                return _Reply(authorized.latency_s, failure=authorized)
+            url, headers = authorized
         with _budget(deadline):
             return self._exchange(method, url, shown, headers, body, started, budget)
 

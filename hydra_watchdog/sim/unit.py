@@ -67,6 +67,7 @@ class SimUnit:
                 n_restarts=self._n_restarts,
                 main_pid=proc.pid if proc is not None and self._active == "active" else None,
                 control_group="",
+                user=str(os.getuid()),  # it runs its process as whoever runs the demo
                 invocation_id=self._invocation,
                 exec_main_status=self._status,
                 active_enter_mono=self._entered,

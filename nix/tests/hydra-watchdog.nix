@@ -58,7 +58,8 @@ in
           watchdog.interval = "1s";
           tabbyapi.url = "http://127.0.0.1:${toString tabbyPort}";
           tabbyapi.startup_grace = "30s";
-          tabbyapi.cmdline_patterns = [ "hydra_watchdog.sim.tabby_server" ];
+          # no install tree here: the simulator runs from the Nix store; the unit vouches for it
+          tabbyapi.cmdline_patterns = [ "/opt/tabbyapi" ];
           tabbyapi.venv = "";
           model.name = modelName;
           model.models_dir = "/var/lib/models";

@@ -54,6 +54,7 @@ import pytest
 
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.sim import nvml_state
+from hydra_watchdog.sim.install import LAUNCHER
 from hydra_watchdog.sim.tabby_server import write_control
 from tests.harness.systemd_ns import SystemdNamespace, hidden_by_hardening
 
@@ -510,15 +511,14 @@ class ChaosNode:
         return found[0]
 
     def spawn_tabby_orphan(self, port: int, marker: str) -> int:
-        """A TabbyAPI process left over from an earlier run: the simulator from TabbyAPI's
-        directory (so it matches the cmdline patterns), in no unit."""
+        """A TabbyAPI process left over from an earlier run: the simulator run as TabbyAPI's
+        `main.py` from its install tree, as root (the unit's user), in no unit."""
         control = f"{TABBY}/{marker}.control.json"
         self.host_path(control).write_text("{}")
         return self.spawn(
             [
                 sys.executable,
-                "-m",
-                "hydra_watchdog.sim.tabby_server",
+                f"{TABBY}/main.py",
                 "--port",
                 str(port),
                 "--models-dir",
@@ -632,6 +632,7 @@ def chaos_node(systemd_ns: SystemdNamespace) -> Iterator[ChaosNode]:
     )
     assert built.returncode == 0, built.stderr
     ns.write_file(f"{TABBY}/start.sh", START_SH, 0o755)
+    ns.write_file(f"{TABBY}/main.py", LAUNCHER)
     ns.write_file(f"{TABBY}/api_tokens.yml", f"api_key: {API_KEY}\nadmin_key: {ADMIN_KEY}\n")
     ns.write_file("/etc/hydra-watchdog/admin_key", ADMIN_KEY + "\n", 0o600)
     ns.write_file(CONFIG, CHAOS_CONFIG)

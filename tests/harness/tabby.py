@@ -17,7 +17,6 @@ import os
 import signal
 import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
@@ -26,11 +25,19 @@ from typing import Any
 
 import pytest
 
+from hydra_watchdog.probes.identity import ListenerCheck
+from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.sim.tabby_server import write_control
 
 API_KEY = "sim-api-key-5f2c"
 ADMIN_KEY = "sim-admin-key-9d41e7"
 START_TIMEOUT = 20.0  # generous: a busy 2-core machine
+
+
+def trusted_listener() -> ListenerCheck:
+    """The credential gate for tests of the HTTP protocol alone: the test's own server on
+    127.0.0.1 is taken as TabbyAPI unchecked (the gate itself is tested in test_identity.py)."""
+    return ListenerCheck(True, "the test's own server", address="127.0.0.1")
 
 
 def free_port() -> int:
@@ -83,6 +90,11 @@ class SimProcess:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+    @property
+    def install_dir(self) -> Path:
+        """Its install tree (tabbyapi.cmdline_patterns): it runs as `python <this>/main.py`."""
+        return self.root / "tabbyapi"
 
     def set_faults(self, **faults: Any) -> None:
         write_control(self.control, **faults)
@@ -159,9 +171,7 @@ class TabbySims:
         write_control(control, **(faults or {}))
         asked = port if port is not None else free_port()
         argv = [
-            sys.executable,
-            "-m",
-            "hydra_watchdog.sim.tabby_server",
+            *lay_out(root / "tabbyapi"),
             "--port",
             str(asked),
             "--models-dir",

@@ -1,0 +1,539 @@
+"""Who is TabbyAPI: the identity rules behind every credential the watchdog sends and every
+signal it sends.
+
+Two questions, both answered from /proc and never from a command line alone (any local user can
+put any text into an argv):
+
+* Is the process behind TabbyAPI's listening socket TabbyAPI? (`ListenerGate`, asked just before
+  every request that carries the admin key.) Under systemd: the socket's owner is the unit's
+  MainPID or sits in the unit's cgroup, the full path systemd reports (a user's own
+  `tabbyapi.service` lives under user@UID.service, never at that path). Without a unit to ask:
+  the owner runs as TabbyAPI's uid, in our PID namespace, and its program (executable, argv[0]
+  or script) lies inside TabbyAPI's install tree, and the socket was created by that uid.
+* Is this process outside the unit an orphan of TabbyAPI's? (`is_tabby_program` with the same
+  uid and namespace rules; see probes/procs.py.)
+
+Paths are compared by component (`/opt/tabbyapi` holds `/opt/tabbyapi/main.py`, never
+`/opt/tabbyapi-shared/x`). Start times are the kernel's clock ticks since boot
+(/proc/PID/stat field 22): a wall-clock step cannot change them, so identity survives NTP.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import pwd
+import socket
+import struct
+import threading
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+
+from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.text import one_line
+
+_INTERPRETER_FLAGS_WITH_ARG = frozenset({"-c", "-m", "-W", "-X", "-Q"})
+
+
+@dataclass(frozen=True)
+class ProcIdentity:
+    """What /proc says about one process, read once."""
+
+    pid: int
+    uid: int  # the real uid
+    euid: int
+    start_ticks: int  # clock ticks after boot: immune to wall-clock steps
+    cmdline: tuple[str, ...]
+    exe: str | None  # /proc/PID/exe, None when unreadable
+    cwd: str | None
+    pid_ns: str | None  # /proc/PID/ns/pid, e.g. "pid:[4026531836]"
+    cgroups: tuple[str, ...]  # systemd's cgroup paths of /proc/PID/cgroup
+
+    @property
+    def command(self) -> str:
+        return " ".join(self.cmdline)
+
+
+def read_bytes(path: str, limit: int = 1 << 20) -> bytes | None:
+    try:
+        with open(path, "rb") as f:
+            return f.read(limit)
+    except OSError:
+        return None
+
+
+def read_text(path: str) -> str | None:
+    raw = read_bytes(path)
+    return None if raw is None else raw.decode(errors="replace")
+
+
+def _readlink(path: str) -> str | None:
+    try:
+        return os.readlink(path)
+    except OSError:
+        return None
+
+
+def cgroup_paths(text: str) -> tuple[str, ...]:
+    """The paths of /proc/PID/cgroup that systemd tracks units by: the v2 line (`0::/x`) and, on
+    hybrid hosts, the `name=systemd` line."""
+    paths = []
+    for line in text.splitlines():
+        _, _, rest = line.partition(":")
+        controllers, _, path = rest.partition(":")
+        if controllers in ("", "name=systemd"):
+            paths.append(path)
+    return tuple(paths)
+
+
+def in_cgroup(path: str, cgroup: str) -> bool:
+    """path is cgroup or below it. The root ("/" or "") contains no unit: never a match."""
+    top = cgroup.rstrip("/")
+    return bool(top) and (path == top or path.startswith(top + "/"))
+
+
+def read_cmdline(pid: int, proc_root: str = "/proc") -> tuple[str, ...] | None:
+    """A process's argv as the scanner records it; the kill re-reads it the same way, so the
+    two compare equal for the same process (None: gone, a kernel thread or a zombie)."""
+    raw = read_bytes(f"{proc_root}/{pid}/cmdline")
+    if not raw:
+        return None
+    return tuple(raw.decode(errors="replace").rstrip("\0").split("\0"))
+
+
+def stat_start_ticks(stat: str) -> tuple[str, int] | None:
+    """(state, start ticks) from /proc/PID/stat text; None when malformed."""
+    # Fields after the ")" closing the command name: state is the 1st, starttime the 20th.
+    fields = stat.rpartition(")")[2].split()
+    if len(fields) < 20 or not fields[19].isascii() or not fields[19].isdigit():
+        return None
+    return fields[0], int(fields[19])
+
+
+def read_identity(pid: int, proc_root: str = "/proc") -> ProcIdentity | None:
+    """None when the process is gone, a zombie, a kernel thread or unreadable."""
+    base = f"{proc_root}/{pid}"
+    cmdline = read_cmdline(pid, proc_root)
+    stat = read_text(f"{base}/stat")
+    status = read_text(f"{base}/status")
+    if cmdline is None or stat is None or status is None:
+        return None
+    parsed = stat_start_ticks(stat)
+    if parsed is None or parsed[0] in ("Z", "X"):
+        return None
+    uids: list[int] = []
+    for line in status.splitlines():
+        if line.startswith("Uid:"):
+            uids = [int(x) for x in line.split()[1:3] if x.isascii() and x.isdigit()]
+    if len(uids) < 2:
+        return None
+    return ProcIdentity(
+        pid=pid,
+        uid=uids[0],
+        euid=uids[1],
+        start_ticks=parsed[1],
+        cmdline=cmdline,
+        exe=_readlink(f"{base}/exe"),
+        cwd=_readlink(f"{base}/cwd"),
+        pid_ns=_readlink(f"{base}/ns/pid"),
+        cgroups=cgroup_paths(read_text(f"{base}/cgroup") or ""),
+    )
+
+
+def own_pid_namespace() -> str | None:
+    return _readlink("/proc/self/ns/pid")
+
+
+# --- the install tree -------------------------------------------------------------------------
+
+
+def within(path: str, roots: Iterable[str]) -> bool:
+    """`path` (absolute, normalised) is one of `roots` or below one, by whole components."""
+    if not path.startswith("/"):
+        return False
+    norm = posixpath.normpath(path)
+    for root in roots:
+        top = posixpath.normpath(root)
+        if top != "/" and (norm == top or norm.startswith(top + "/")):
+            return True
+    return False
+
+
+def program_paths(ident: ProcIdentity) -> tuple[str, ...]:
+    """Where a process's program lives: its executable, argv[0], and for an interpreter the
+    script it runs (the first argument that is not an option). Relative paths are resolved
+    against its working directory. `python -c`/`-m` run no script file: none is taken."""
+    cwd = ident.cwd or "/"
+
+    def absolute(p: str) -> str:
+        return posixpath.normpath(p if p.startswith("/") else posixpath.join(cwd, p))
+
+    paths: list[str] = []
+    if ident.exe:
+        paths.append(ident.exe.removesuffix(" (deleted)"))
+    if ident.cmdline and ident.cmdline[0]:
+        paths.append(absolute(ident.cmdline[0]))
+    for arg in ident.cmdline[1:]:
+        if arg in _INTERPRETER_FLAGS_WITH_ARG:
+            break
+        if arg.startswith("-"):
+            continue
+        if arg:
+            paths.append(absolute(arg))
+        break
+    return tuple(paths)
+
+
+def is_tabby_program(ident: ProcIdentity, install_dirs: Sequence[str]) -> bool:
+    return any(within(p, install_dirs) for p in program_paths(ident))
+
+
+def resolve_uid(user: str) -> int | None:
+    """A user name or a numeric uid → uid; None when no such user exists here."""
+    if user.isascii() and user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
+def tabby_uid(unit: UnitStatus | None, configured_user: str) -> tuple[int | None, str]:
+    """(uid TabbyAPI runs as, the name it came from): the unit's User= (empty: root) when there
+    is a unit, else `tabbyapi.user`."""
+    name = (unit.user or "root") if unit is not None and unit.exists else configured_user
+    return resolve_uid(name), name
+
+
+def describe(ident: ProcIdentity) -> str:
+    return f"pid {ident.pid}, uid {ident.uid}, `{one_line(ident.command)}`"
+
+
+# --- listening sockets --------------------------------------------------------------------------
+
+_SOCK_DIAG_BY_FAMILY = 20
+_NETLINK_SOCK_DIAG = 4
+_NLM_F_REQUEST_DUMP = 0x1 | 0x300
+_NLMSG_ERROR, _NLMSG_DONE = 2, 3
+_TCP_LISTEN_STATE = 10
+_TCP_LISTEN_HEX = "0A"
+_NLMSG_HDR = struct.Struct("=IHHII")
+_DIAG_MSG_LEN = 72  # struct inet_diag_msg
+
+
+@dataclass(frozen=True)
+class ListenSocket:
+    inode: int
+    port: int
+    address: str  # as bound: "127.0.0.1", "0.0.0.0", "::1", "::"
+    uid: int  # the socket's creator (its fsuid)
+
+    def accepts(self, target: str) -> bool:
+        """Whether a connection to `target` (an IP) may reach this socket. An IPv6 wildcard may
+        take IPv4 too (unless IPV6_V6ONLY, which we do not see): counted, to be safe."""
+        if self.address == target:
+            return True
+        v6 = ":" in target
+        if self.address == "::":
+            return True
+        return self.address == "0.0.0.0" and not v6  # noqa: S104 - a bound address, read
+
+
+def netlink_sockets(ports: Iterable[int]) -> list[ListenSocket] | None:
+    """The TCP LISTEN sockets on `ports`, from NETLINK_SOCK_DIAG (what `ss -lt` uses). Asked for
+    LISTEN only, the kernel walks just its listening hash; reading /proc/net/tcp walks the whole
+    established-socket hash table instead, which costs ~4 ms per read on a 2-core VM and grows
+    with every connection. None when netlink is not available (e.g. RestrictAddressFamilies=
+    without AF_NETLINK): then the caller reads /proc/net/tcp{,6}."""
+    wanted = set(ports)
+    found: list[ListenSocket] = []
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
+            sock.settimeout(1.0)
+            for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
+                # struct inet_diag_req_v2: family, protocol, ext, pad, states, an empty sockid
+                req = struct.pack(
+                    "=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN_STATE
+                ) + bytes(48)
+                hdr = _NLMSG_HDR.pack(
+                    _NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
+                )
+                sock.sendall(hdr + req)
+                if not _read_diag_dump(sock, wanted, found):
+                    return None
+    except OSError:
+        return None
+    return found
+
+
+def _read_diag_dump(sock: socket.socket, wanted: set[int], found: list[ListenSocket]) -> bool:
+    """Collect one dump's LISTEN sockets into `found`; False on an error reply or garbage."""
+    while True:
+        data = sock.recv(65536)
+        if not data:
+            return False
+        off = 0
+        while off + _NLMSG_HDR.size <= len(data):
+            length, kind, _, _, _ = _NLMSG_HDR.unpack_from(data, off)
+            if length < _NLMSG_HDR.size or off + length > len(data):
+                return False
+            if kind == _NLMSG_DONE:
+                return True
+            if kind == _NLMSG_ERROR:
+                return False
+            body = off + _NLMSG_HDR.size
+            if kind == _SOCK_DIAG_BY_FAMILY and length >= _NLMSG_HDR.size + _DIAG_MSG_LEN:
+                family, state = data[body], data[body + 1]
+                (port,) = struct.unpack_from(">H", data, body + 4)  # id.idiag_sport
+                raw = data[body + 8 : body + 8 + (4 if family == socket.AF_INET else 16)]
+                uid, inode = struct.unpack_from("=II", data, body + 64)  # idiag_uid, idiag_inode
+                if state == _TCP_LISTEN_STATE and port in wanted and inode:
+                    address = socket.inet_ntop(family, raw)
+                    found.append(ListenSocket(inode, port, address, uid))
+            off += (length + 3) & ~3
+
+
+def parse_proc_net(text: str, ports: Iterable[int]) -> list[ListenSocket]:
+    """/proc/net/tcp or tcp6 text → the LISTEN sockets on `ports`."""
+    wanted = set(ports)
+    found: list[ListenSocket] = []
+    for line in text.splitlines()[1:]:
+        fields = line.split()
+        if len(fields) < 10 or fields[3] != _TCP_LISTEN_HEX:
+            continue
+        try:
+            addr_hex, _, port_hex = fields[1].rpartition(":")
+            port, uid, inode = int(port_hex, 16), int(fields[7]), int(fields[9])
+            address = _proc_net_address(addr_hex)
+        except ValueError:
+            continue
+        if port in wanted and inode:
+            found.append(ListenSocket(inode, port, address, uid))
+    return found
+
+
+def _proc_net_address(hex_text: str) -> str:
+    raw = bytes.fromhex(hex_text)
+    # The kernel prints each 32-bit word in host byte order.
+    words = b"".join(raw[i : i + 4][::-1] for i in range(0, len(raw), 4))
+    if len(words) not in (4, 16):
+        raise ValueError(hex_text)
+    return socket.inet_ntop(socket.AF_INET6 if len(words) == 16 else socket.AF_INET, words)
+
+
+def listen_sockets(ports: Sequence[int], proc_root: str = "/proc") -> list[ListenSocket]:
+    if proc_root == "/proc":  # netlink answers for this process's own namespace only
+        found = netlink_sockets(ports)
+        if found is not None:
+            return found
+    sockets: list[ListenSocket] = []
+    for name in ("tcp", "tcp6"):
+        text = read_text(f"{proc_root}/net/{name}")
+        if text is not None:
+            sockets.extend(parse_proc_net(text, ports))
+    return sockets
+
+
+def all_pids(proc_root: str = "/proc") -> list[int]:
+    try:
+        return [int(name) for name in os.listdir(proc_root) if name.isdigit()]
+    except OSError:
+        return []
+
+
+def socket_owners(
+    pids: Iterable[int], inodes: Iterable[int], proc_root: str = "/proc", *, first: bool = False
+) -> dict[int, set[int]]:
+    """{socket inode: pids holding it} among `pids`; with first=True, stop once every inode has
+    one holder."""
+    owners: dict[int, set[int]] = {}
+    targets = {f"socket:[{inode}]": inode for inode in inodes}
+    if not targets:
+        return owners
+    for pid in pids:
+        fd_dir = f"{proc_root}/{pid}/fd"
+        try:
+            fds = os.listdir(fd_dir)
+        except OSError:
+            continue
+        for fd in fds:
+            link = _readlink(f"{fd_dir}/{fd}")
+            inode = targets.get(link) if link is not None else None
+            if inode is not None:
+                owners.setdefault(inode, set()).add(pid)
+        if first and len(owners) == len(targets):
+            break
+    return owners
+
+
+def pids_of_uid(pids: Iterable[int], uid: int, proc_root: str = "/proc") -> list[int]:
+    """The processes whose /proc entry belongs to `uid` (their effective uid; a non-dumpable
+    process shows root): a cheap first place to look for the holder of a socket `uid` made."""
+    found = []
+    for pid in pids:
+        try:
+            if os.stat(f"{proc_root}/{pid}").st_uid == uid:
+                found.append(pid)
+        except OSError:
+            continue
+    return found
+
+
+def find_owners(
+    sockets: Sequence[ListenSocket],
+    candidates: Iterable[int],
+    proc_root: str = "/proc",
+    *,
+    everyone: bool = False,
+) -> dict[int, set[int]]:
+    """Holders of `sockets`: among `candidates` first, then (for inodes still unowned) among the
+    processes of each socket's uid, then among every process. `everyone` searches every process
+    for every socket (all holders); otherwise the search stops at the first holder found."""
+    inodes = {s.inode for s in sockets}
+    owners = socket_owners(candidates, inodes, proc_root)
+    missing = [s for s in sockets if s.inode not in owners]
+    if not missing and not everyone:
+        return owners
+    pids = all_pids(proc_root)
+    seen = set(candidates)
+    if not everyone:
+        for uid in sorted({s.uid for s in missing}):
+            mine = [p for p in pids_of_uid(pids, uid, proc_root) if p not in seen]
+            found = socket_owners(mine, {s.inode for s in missing if s.uid == uid}, proc_root)
+            for inode, holders in found.items():
+                owners.setdefault(inode, set()).update(holders)
+            seen.update(mine)
+        missing = [s for s in sockets if s.inode not in owners]
+        if not missing:
+            return owners
+    rest = [p for p in pids if p not in seen]
+    want = inodes if everyone else {s.inode for s in missing}
+    for inode, holders in socket_owners(rest, want, proc_root).items():
+        owners.setdefault(inode, set()).update(holders)
+    return owners
+
+
+# --- the gate for credentials -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ListenerCheck:
+    """The verdict on the listener behind TabbyAPI's URL, taken just before a request with a key.
+
+    ok: send, to `address` (the IP verified; a name like `localhost` is never resolved again).
+    refused: nothing listens there (the request could only be refused: not sent either).
+    """
+
+    ok: bool
+    detail: str
+    address: str = ""
+    refused: bool = False
+
+
+def unit_cgroup_members(cgroup: str, cgroup_root: str = "/sys/fs/cgroup") -> set[int] | None:
+    """PIDs in the unit's cgroup and below: cgroup v2, or on hybrid hosts the name=systemd
+    hierarchy (and the v2 one mounted at `unified`). None: no hierarchy has that cgroup."""
+    rel = cgroup.strip("/")
+    if not rel:  # "" or "/": no unit, or the whole machine
+        return set()
+    for hierarchy in ("", "systemd", "unified"):
+        top = os.path.join(cgroup_root, hierarchy, rel)
+        if os.path.isfile(os.path.join(top, "cgroup.procs")):
+            pids: set[int] = set()
+            for dirpath, _, files in os.walk(top):
+                if "cgroup.procs" in files:
+                    text = read_text(os.path.join(dirpath, "cgroup.procs")) or ""
+                    pids.update(int(x) for x in text.split() if x.isdigit())
+            return pids
+    return None
+
+
+class ListenerGate:
+    """Answers "may the admin key go to whoever listens on TabbyAPI's port now?".
+
+    The observer hands it each cycle's unit status (`set_unit`) before any request with a key is
+    made; until then nothing is verified and nothing is sent."""
+
+    def __init__(
+        self,
+        host: str,
+        port: int,
+        *,
+        install_dirs: Sequence[str],
+        user: str,
+        proc_root: str = "/proc",
+        cgroup_root: str = "/sys/fs/cgroup",
+    ) -> None:
+        self.host = host.strip("[]")
+        self.port = port
+        self.install_dirs = tuple(install_dirs)
+        self.user = user
+        self.proc_root = proc_root
+        self.cgroup_root = cgroup_root
+        self._unit: UnitStatus | None = None
+        self._lock = threading.Lock()
+
+    def set_unit(self, unit: UnitStatus) -> None:
+        with self._lock:
+            self._unit = unit
+
+    def _targets(self) -> tuple[str, ...]:
+        if self.host == "localhost":
+            return ("127.0.0.1", "::1")  # in that order, as resolvers answer here
+        return (self.host,)
+
+    def check(self) -> ListenerCheck:
+        with self._lock:
+            unit = self._unit
+        sockets = listen_sockets((self.port,), self.proc_root)
+        for target in self._targets():
+            reaching = [s for s in sockets if s.accepts(target)]
+            if reaching:
+                return self._verify(target, reaching, unit)
+        return ListenerCheck(False, f"nothing listens on port {self.port}; not sent", refused=True)
+
+    def _verify(
+        self, target: str, reaching: Sequence[ListenSocket], unit: UnitStatus | None
+    ) -> ListenerCheck:
+        withheld = "not TabbyAPI; admin key withheld"
+        if unit is None:
+            return ListenerCheck(False, "TabbyAPI's unit not read yet; admin key withheld")
+        by_unit = unit.available and unit.exists
+        members: set[int] = set()
+        if by_unit:
+            members = unit_cgroup_members(unit.control_group, self.cgroup_root) or set()
+        candidates = sorted(members | ({unit.main_pid} if unit.main_pid else set()))
+        owners = find_owners(reaching, candidates, self.proc_root)
+        uid, uid_name = tabby_uid(unit, self.user)
+        ns = own_pid_namespace() if self.proc_root == "/proc" else None
+        for sock in reaching:
+            holders = sorted(owners.get(sock.inode, ()))
+            if not holders:
+                return ListenerCheck(
+                    False,
+                    f"port {sock.port} ({sock.address}) is held by a process of uid {sock.uid} "
+                    f"that cannot be seen: {withheld}",
+                )
+            pid = holders[0]
+            ident = read_identity(pid, self.proc_root)
+            if ident is None:
+                return ListenerCheck(False, f"port {sock.port}: pid {pid} vanished; {withheld}")
+            if by_unit:
+                ok = pid == unit.main_pid or any(
+                    in_cgroup(p, unit.control_group) for p in ident.cgroups
+                )
+                why = f"not in {unit.name}"
+            else:
+                ok = (
+                    uid is not None
+                    and ident.uid == uid
+                    and sock.uid == uid
+                    and (ns is None or ident.pid_ns == ns)
+                    and is_tabby_program(ident, self.install_dirs)
+                )
+                why = f"not {uid_name}'s TabbyAPI from {', '.join(self.install_dirs)}"
+            if not ok:
+                return ListenerCheck(
+                    False, f"port {sock.port} held by {describe(ident)} ({why}): {withheld}"
+                )
+        return ListenerCheck(True, f"port {self.port}: TabbyAPI verified", address=target)
