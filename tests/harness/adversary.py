@@ -1,0 +1,124 @@
+"""An unprivileged local user (uid/gid 65534, no groups) who binds TabbyAPI's port and writes
+down every request that reaches it: what a squatter on the node would collect.
+
+    with Squatter.start("127.0.0.1", port) as squatter:
+        ...                          # the watchdog talks to the port
+    assert "Authorization" not in squatter.transcript()
+
+Runs the system's /usr/bin/python3 through `setpriv`, so it is a real process of another user,
+in this PID namespace, holding a real socket.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import tempfile
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+
+NOBODY = 65534
+SYSTEM_PYTHON = "/usr/bin/python3"
+
+# Answers every request with a body that looks healthy to every probe (health, model, canary),
+# so only the gate stands between the key and this process.
+SQUATTER = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+family = socket.AF_INET6 if ":" in host else socket.AF_INET
+s = socket.socket(family)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+if family == socket.AF_INET6:
+    s.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+s.bind((host, port))
+s.listen(16)
+print("ready", flush=True)
+body = b'{"status":"healthy","issues":[],"id":"m1","choices":[{"index":0,"text":"x"}]}'
+while True:
+    c, _ = s.accept()
+    c.settimeout(2)
+    data = b""
+    try:
+        while b"\r\n\r\n" not in data:
+            chunk = c.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError:
+        pass
+    print("REQUEST " + data.decode(errors="replace").replace("\r\n", " | "), flush=True)
+    head = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nConnection: close\r\n"
+    c.sendall(head + b"Content-Length: %d\r\n\r\n" % len(body) + body)
+    c.close()
+"""
+
+
+def as_nobody(argv: list[str]) -> list[str]:
+    return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
+
+
+@contextlib.contextmanager
+def public_dir() -> Iterator[Path]:
+    """A folder every user can read (pytest's tmp_path is root's alone)."""
+    path = Path(tempfile.mkdtemp(prefix="hydra-adversary-"))
+    path.chmod(0o755)
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+class Squatter:
+    def __init__(self, proc: subprocess.Popen[str]) -> None:
+        self.proc = proc
+        self.pid = proc.pid
+        self._lines: list[str] = []
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+
+    @classmethod
+    @contextlib.contextmanager
+    def start(
+        cls, host: str, port: int, *, script: Path | None = None, user: bool = True
+    ) -> Iterator[Squatter]:
+        """Listen on host:port as nobody (`user=False`: as root), running `script` if given
+        (a file holding SQUATTER: its path then names the program), else `python3 -c`."""
+        program = [SYSTEM_PYTHON, str(script)] if script else [SYSTEM_PYTHON, "-c", SQUATTER]
+        argv = [*program, host, str(port)]
+        proc = subprocess.Popen(
+            as_nobody(argv) if user else argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            env={"PATH": os.environ.get("PATH", "/usr/bin:/bin")},
+        )
+        assert proc.stdout is not None
+        first = proc.stdout.readline().strip()
+        if first != "ready":
+            proc.kill()
+            raise AssertionError(f"the squatter did not start: {first} {proc.stdout.read()}")
+        squatter = cls(proc)
+        try:
+            yield squatter
+        finally:
+            squatter.stop()
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self._lines.append(line.rstrip("\n"))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.kill()
+        self.proc.wait(10)
+        self._reader.join(10)
+
+    def requests(self) -> list[str]:
+        return [line for line in self._lines if line.startswith("REQUEST ")]
+
+    def transcript(self) -> str:
+        return "\n".join(self._lines)

@@ -1,0 +1,492 @@
+"""Identity before trust: the admin key goes only to a listener verified as TabbyAPI, and only
+TabbyAPI's own programs count as its orphans. Against real processes: the simulator run from its
+install tree, and an unprivileged local user (uid 65534 via setpriv) who squats the port."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hydra_watchdog.act.orphans import kill_orphan
+from hydra_watchdog.actions import KillOrphan, Reason, ResultStatus
+from hydra_watchdog.config import OrphansSection, parse_config
+from hydra_watchdog.observation import GpuReport, Outcome, ProcessRole, UnitStatus
+from hydra_watchdog.probes.identity import (
+    ProcIdentity,
+    is_tabby_program,
+    program_paths,
+    read_identity,
+    within,
+)
+from hydra_watchdog.probes.procs import ProcScanner
+from hydra_watchdog.probes.tabby import TabbyClient
+from hydra_watchdog.sim.install import lay_out
+from hydra_watchdog.states import Rule
+from tests.harness.adversary import SQUATTER, SYSTEM_PYTHON, Squatter, as_nobody, public_dir
+from tests.harness.systemd_ns import SystemdNamespace
+from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
+
+pytest_plugins = ["tests.harness.systemd_fixtures"]
+
+NO_SYSTEMD = UnitStatus(name="tabbyapi.service", available=False, detail="no systemd here")
+
+
+def _unit(main_pid: int | None, cgroup: str = "/system.slice/tabbyapi.service") -> UnitStatus:
+    return UnitStatus(
+        name="tabbyapi.service",
+        available=True,
+        load_state="loaded",
+        active_state="activating" if main_pid else "failed",
+        main_pid=main_pid,
+        control_group=cgroup if main_pid else "",
+    )
+
+
+@pytest.fixture
+def key_file(tmp_path: Path) -> Path:
+    path = tmp_path / "admin_key"
+    path.write_text(ADMIN_KEY + "\n")
+    return path
+
+
+def _client(url: str, key_file: Path, install: Path | str, user: str = "root") -> TabbyClient:
+    cfg = parse_config(
+        {
+            "tabbyapi": {
+                "url": url,
+                "admin_key_file": str(key_file),
+                "cmdline_patterns": [str(install)],
+                "user": user,
+                "health_timeout": "3s",
+            }
+        }
+    )
+    return TabbyClient.from_config(cfg)
+
+
+def _assert_no_key(squatter: Squatter) -> None:
+    squatter.stop()
+    text = squatter.transcript()
+    assert ADMIN_KEY not in text
+    assert "authorization" not in text.lower()
+    assert all(r.startswith("REQUEST GET /health ") for r in squatter.requests()), text
+
+
+# --- the credential gate ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "unit",
+    [NO_SYSTEMD, _unit(None), _unit(1)],  # no systemd; the unit down; up, but not the holder
+    ids=["no-systemd", "unit-down", "unit-up-elsewhere"],
+)
+def test_a_squatter_gets_no_key_and_no_say(
+    unit: UnitStatus, key_file: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    client = _client(f"http://127.0.0.1:{port}", key_file, tmp_path / "tabbyapi")
+    with Squatter.start("127.0.0.1", port) as squatter:
+        client.note_unit(unit)
+        health = client.health()  # unauthenticated: may go anywhere
+        model = client.model()
+        canary = client.canary(2.0)
+        load = client.load_model(
+            "m1", timeout=2.0, on_progress=lambda *_: None, cancel=threading.Event()
+        )
+        client.close()
+        _assert_no_key(squatter)
+    assert health.healthy  # the squatter did answer /health
+    for result in (model.result, canary.result):
+        assert result.outcome is Outcome.WITHHELD
+        assert f"held by pid {squatter.pid}, uid 65534" in result.detail
+        assert "not TabbyAPI; admin key withheld" in result.detail
+    assert not model.known
+    assert not load.ok and load.detail.startswith("load not sent:")
+    assert len(squatter.requests()) == 1
+
+
+def test_the_key_goes_to_tabbyapi_verified_by_identity(
+    tabby_sim: TabbySims, key_file: Path
+) -> None:
+    sim = tabby_sim.start(startup_model="m1")  # auth on: /v1/model answers 200 only with the key
+    client = _client(sim.url, key_file, sim.install_dir)
+    client.note_unit(NO_SYSTEMD)
+    try:
+        model = client.model()
+        assert model.result.outcome is Outcome.OK and model.loaded == "m1", model.result
+        # The same program run as another user than tabbyapi.user is not TabbyAPI.
+        strict = _client(sim.url, key_file, sim.install_dir, user="65534")
+        strict.note_unit(NO_SYSTEMD)
+        withheld = strict.model().result
+        strict.close()
+        assert withheld.outcome is Outcome.WITHHELD
+        assert f"pid {sim.proc.pid}, uid 0" in withheld.detail
+        # A command line that only mentions the install tree is no identity either.
+        elsewhere = _client(sim.url, key_file, sim.models_dir)
+        elsewhere.note_unit(NO_SYSTEMD)
+        assert elsewhere.model().result.outcome is Outcome.WITHHELD
+        elsewhere.close()
+    finally:
+        client.close()
+    assert sum(1 for r in sim.requests() if r["path"] == "/v1/model") == 1
+
+
+def test_the_key_goes_to_the_units_main_process(tabby_sim: TabbySims, key_file: Path) -> None:
+    sim = tabby_sim.start(startup_model="m1")
+    # An install tree the simulator is not in: only the unit can vouch for it.
+    client = _client(sim.url, key_file, "/nonexistent/tabbyapi")
+    try:
+        client.note_unit(_unit(sim.proc.pid, cgroup=""))
+        assert client.model().loaded == "m1"
+        client.note_unit(_unit(os.getpid()))
+        withheld = client.model().result
+        assert withheld.outcome is Outcome.WITHHELD
+        assert "not in tabbyapi.service" in withheld.detail
+    finally:
+        client.close()
+
+
+def test_nothing_is_sent_before_the_unit_was_read(tabby_sim: TabbySims, key_file: Path) -> None:
+    sim = tabby_sim.start(startup_model="m1")
+    client = _client(sim.url, key_file, sim.install_dir)
+    try:
+        result = client.model().result
+    finally:
+        client.close()
+    assert result.outcome is Outcome.WITHHELD and "not read yet" in result.detail
+    assert not [r for r in sim.requests() if r["path"] == "/v1/model"]
+
+
+def test_nothing_listening_means_nothing_sent(key_file: Path, tmp_path: Path) -> None:
+    client = _client(f"http://127.0.0.1:{free_port()}", key_file, tmp_path)
+    client.note_unit(NO_SYSTEMD)
+    try:
+        result = client.model().result
+    finally:
+        client.close()
+    assert result.outcome is Outcome.REFUSED and "nothing listens" in result.detail
+
+
+def test_the_configured_users_own_tabbyapi_is_verified(key_file: Path) -> None:
+    """The uid rule decides, not the program alone: the same listener from the install tree is
+    refused as another user's and trusted as tabbyapi.user's own."""
+    port = free_port()
+    with public_dir() as tree:
+        install = tree / "tabbyapi"
+        install.mkdir()
+        (install / "main.py").write_text(SQUATTER)
+        install.chmod(0o755)
+        with Squatter.start("127.0.0.1", port, script=install / "main.py") as squatter:
+            root_cfg = _client(f"http://127.0.0.1:{port}", key_file, install)
+            root_cfg.note_unit(NO_SYSTEMD)
+            refused = root_cfg.model().result
+            root_cfg.close()
+            assert refused.outcome is Outcome.WITHHELD, refused
+            nobody_cfg = _client(f"http://127.0.0.1:{port}", key_file, install, user="nobody")
+            nobody_cfg.note_unit(NO_SYSTEMD)
+            trusted = nobody_cfg.model()
+            nobody_cfg.close()
+            squatter.stop()
+    assert trusted.result.outcome is Outcome.OK and trusted.loaded == "m1"
+    authorized = [r for r in squatter.requests() if f"Bearer {ADMIN_KEY}" in r]
+    assert len(authorized) == 1 and authorized[0].startswith("REQUEST GET /v1/model ")
+
+
+def test_localhost_is_pinned_to_the_verified_address(tabby_sim: TabbySims, key_file: Path) -> None:
+    """TabbyAPI on 127.0.0.1, a squatter on [::1] of the same port: `localhost` never reaches
+    the squatter, whatever the resolver prefers."""
+    sim = tabby_sim.start(startup_model="m1")
+    with Squatter.start("::1", sim.port) as squatter:
+        client = _client(f"http://localhost:{sim.port}", key_file, sim.install_dir)
+        client.note_unit(NO_SYSTEMD)
+        try:
+            assert client.model().loaded == "m1"
+            assert client.canary(5.0).result.outcome is Outcome.OK
+        finally:
+            client.close()
+        squatter.stop()
+    assert squatter.requests() == []
+
+
+def test_localhost_squatted_on_ipv4_is_withheld(key_file: Path, tmp_path: Path) -> None:
+    port = free_port()
+    with Squatter.start("127.0.0.1", port) as squatter:
+        client = _client(f"http://localhost:{port}", key_file, tmp_path)
+        client.note_unit(NO_SYSTEMD)
+        result = client.model().result
+        client.close()
+        _assert_no_key(squatter)
+    assert result.outcome is Outcome.WITHHELD
+
+
+# --- orphans: TabbyAPI's program, TabbyAPI's uid, our PID namespace ------------------------------
+
+LISTEN = """
+import socket, sys, time
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind(("127.0.0.1", int(sys.argv[1]))); s.listen()
+print("ready", flush=True)
+time.sleep(600)
+"""
+
+
+class Started:
+    def __init__(self) -> None:
+        self.procs: list[subprocess.Popen[str]] = []
+
+    def run(self, argv: list[str]) -> subprocess.Popen[str]:
+        proc = subprocess.Popen(
+            argv,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+            start_new_session=True,
+        )
+        self.procs.append(proc)
+        assert proc.stdout is not None
+        line = proc.stdout.readline().strip()
+        assert line == "ready", line + proc.stdout.read()
+        return proc
+
+    def close(self) -> None:
+        for proc in self.procs:
+            if proc.poll() is None:
+                os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(10)
+
+
+@pytest.fixture
+def started() -> Iterator[Started]:
+    s = Started()
+    yield s
+    s.close()
+
+
+def _free_pair() -> int:
+    for _ in range(50):
+        port = free_port()
+        if free_port() != port + 1:
+            import socket
+
+            with socket.socket() as probe:
+                try:
+                    probe.bind(("127.0.0.1", port + 1))
+                except OSError:
+                    continue
+            return port
+    raise AssertionError("no free port pair")
+
+
+def _roles(scanner: ProcScanner, unit: UnitStatus) -> dict[int, ProcessRole]:
+    _, found = scanner.scan(unit, GpuReport(), full=True)
+    return {p.pid: p.role for p in found}
+
+
+def test_a_mention_of_the_install_tree_is_not_an_orphan(started: Started) -> None:
+    """Another job whose arguments name /opt/tabbyapi-shared/... (and even the install tree's
+    own main.py) holds the port: foreign, whatever a substring match would say."""
+    port = _free_pair()
+    with public_dir() as tree:
+        install = tree / "opt" / "tabbyapi"
+        install.mkdir(parents=True)
+        lay_out(install)
+        job = started.run(
+            [
+                sys.executable,
+                "-c",
+                LISTEN,
+                str(port),
+                f"{tree}/opt/tabbyapi-shared/eval.jsonl",
+                f"{install}/main.py",
+            ]
+        )
+        scanner = ProcScanner(port, [str(install)])
+        roles = _roles(scanner, _unit(1))
+    assert roles[job.pid] is ProcessRole.FOREIGN
+
+
+def test_another_users_tabbyapi_and_a_contained_one_are_foreign(started: Started) -> None:
+    port = _free_pair()
+    with public_dir() as tree:
+        install = tree / "tabbyapi"
+        install.mkdir()
+        (install / "server.py").write_text(LISTEN)
+        ours = started.run([SYSTEM_PYTHON, str(install / "server.py"), "0"])
+        theirs = started.run(as_nobody([SYSTEM_PYTHON, str(install / "server.py"), str(port + 1)]))
+        contained = started.run(
+            ["unshare", "--pid", "--fork", SYSTEM_PYTHON, str(install / "server.py"), str(port)]
+        )
+        scanner = ProcScanner(port, [str(install)])
+        _, found = scanner.scan(_unit(1), GpuReport(), full=True)
+        by_pid = {p.pid: p for p in found}
+        # the contained TabbyAPI is unshare's child, in a PID namespace of its own
+        inner = next(p for p in found if p.listens_on == (port,))
+        inner_ident = read_identity(inner.pid)
+        assert inner_ident is not None and inner.pid != contained.pid
+        action = KillOrphan(
+            inner.pid,
+            inner_ident.start_ticks,
+            inner_ident.cmdline,
+            inner_ident.uid,
+            Reason(Rule.ORPHAN_CLEANUP, "test"),
+        )
+        refused = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+    assert by_pid[theirs.pid].role is ProcessRole.FOREIGN
+    assert by_pid[theirs.pid].uid == 65534
+    assert inner.role is ProcessRole.FOREIGN
+    assert (refused.status, refused.error_kind) == (ResultStatus.REFUSED, "identity_changed")
+    assert "another PID namespace" in refused.detail
+    assert inner_ident.pid_ns != read_identity(os.getpid()).pid_ns  # type: ignore[union-attr]
+    assert ours.pid not in by_pid or by_pid[ours.pid].role is ProcessRole.ORPHAN
+    assert read_identity(inner.pid) is not None  # never signalled: still alive
+
+
+def test_a_real_orphan_from_the_install_tree_is_found_and_killed(
+    started: Started, tmp_path: Path
+) -> None:
+    port = _free_pair()
+    install = tmp_path / "tabbyapi"
+    install.mkdir()
+    (install / "server.py").write_text(LISTEN)
+    orphan = started.run([sys.executable, str(install / "server.py"), str(port)])
+    scanner = ProcScanner(port, [str(install)])
+    _, found = scanner.scan(_unit(1), GpuReport(), full=False)
+    info = next(p for p in found if p.pid == orphan.pid)
+    assert info.role is ProcessRole.ORPHAN and info.uid == os.getuid()
+    action = KillOrphan(
+        info.pid, info.start_ticks, info.cmdline, info.uid, Reason(Rule.ORPHAN_CLEANUP, "t")
+    )
+    result = kill_orphan(action, OrphansSection(term_grace=2.0), unit="tabbyapi.service")
+    assert result.status is ResultStatus.OK, result.detail
+    wait_for(lambda: orphan.poll() is not None, 10, "the orphan to be reaped")
+    assert orphan.returncode == -signal.SIGTERM
+
+
+def test_a_kill_refuses_another_user_even_with_matching_ticks(started: Started) -> None:
+    with public_dir() as tree:
+        (tree / "server.py").write_text(LISTEN)
+        theirs = started.run(as_nobody([SYSTEM_PYTHON, str(tree / "server.py"), "0"]))
+        ident = read_identity(theirs.pid)
+        assert ident is not None
+        forged = KillOrphan(
+            theirs.pid, ident.start_ticks, ident.cmdline, 0, Reason(Rule.ORPHAN_CLEANUP, "t")
+        )
+        result = kill_orphan(forged, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+    assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "identity_changed")
+    time.sleep(0.2)
+    assert theirs.poll() is None
+
+
+# --- the rules, on their own ---------------------------------------------------------------------
+
+
+def _ident(
+    cmdline: tuple[str, ...], exe: str = "/usr/bin/python3.11", cwd: str = "/"
+) -> ProcIdentity:
+    return ProcIdentity(1, 0, 0, 1, cmdline, exe, cwd, "pid:[1]", ())
+
+
+def test_install_tree_is_matched_by_whole_path_components() -> None:
+    assert within("/opt/tabbyapi/main.py", ["/opt/tabbyapi"])
+    assert within("/opt/tabbyapi", ["/opt/tabbyapi/"])
+    assert not within("/opt/tabbyapi-shared/eval.jsonl", ["/opt/tabbyapi"])
+    assert not within("/opt/tabbyapi/../tabbyapi-shared/x", ["/opt/tabbyapi"])
+    assert not within("relative/opt/tabbyapi", ["/opt/tabbyapi"])
+
+
+def test_program_paths_take_the_script_not_the_arguments() -> None:
+    venv = ("/opt/tabbyapi/venv/bin/python", "main.py", "--port", "5000")
+    assert is_tabby_program(_ident(venv, cwd="/opt/tabbyapi"), ["/opt/tabbyapi"])
+    relative = ("python3", "-u", "main.py")
+    assert program_paths(_ident(relative, cwd="/opt/tabbyapi"))[-1] == "/opt/tabbyapi/main.py"
+    inline = ("python3", "-c", "pass", "/opt/tabbyapi/main.py")
+    assert not is_tabby_program(_ident(inline), ["/opt/tabbyapi"])
+    module = ("python3", "-m", "http.server", "/opt/tabbyapi/main.py")
+    assert not is_tabby_program(_ident(module), ["/opt/tabbyapi"])
+    data = ("python3", "/srv/eval.py", "/opt/tabbyapi/main.py")
+    assert not is_tabby_program(_ident(data), ["/opt/tabbyapi"])
+
+
+def test_the_sim_install_tree_really_runs_the_simulator(tmp_path: Path) -> None:
+    """lay_out() is what the demo, the tests and the benchmarks run TabbyAPI from."""
+    argv = lay_out(tmp_path / "tabbyapi")
+    out = subprocess.run([*argv, "--help"], check=False, capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and "--models-dir" in out.stdout, out.stderr
+    assert shutil.which("setpriv") and Path(SYSTEM_PYTHON).exists()  # the adversary's tools
+
+
+# --- under real systemd: the unit's cgroup vouches, nothing else does ----------------------------
+
+GATE_INSIDE = """
+import json, sys
+from hydra_watchdog.probes.identity import ListenerGate
+from hydra_watchdog.probes.systemd import SystemctlUnit
+unit, port = json.load(sys.stdin)
+gate = ListenerGate("127.0.0.1", port, install_dirs=["/nonexistent"], user="root")
+gate.set_unit(SystemctlUnit(unit).status())
+check = gate.check()
+print(json.dumps({"ok": check.ok, "detail": check.detail, "address": check.address}))
+"""
+
+
+@pytest.mark.systemd
+def test_gate_under_real_systemd(systemd_ns: SystemdNamespace) -> None:
+    ns = systemd_ns
+    tag = uuid.uuid4().hex[:8]
+    tabby, squat = f"hw-gate-tabby-{tag}.service", f"hw-gate-squat-{tag}.service"
+    port = 5400
+    ns.write_file("/tmp/hw-gate.py", GATE_INSIDE)
+    ns.write_file(f"/opt/hw-gate-{tag}/listen.py", LISTEN)
+    listen = f"{SYSTEM_PYTHON} /opt/hw-gate-{tag}/listen.py {port}"
+    ns.install_unit(tabby, f"[Service]\nExecStart={listen}\n")
+    ns.install_unit(squat, f"[Service]\nUser=nobody\nExecStart={listen}\n")
+
+    def gate() -> dict[str, Any]:
+        out = ns.run(
+            [sys.executable, "/tmp/hw-gate.py"],
+            input=json.dumps([tabby, port]),
+            cwd=str(Path(__file__).resolve().parents[1]),
+        )
+        assert out.returncode == 0, out.stderr
+        parsed: dict[str, Any] = json.loads(out.stdout)
+        return parsed
+
+    verdict: dict[str, Any] = {}
+    try:
+        assert ns.systemctl("start", tabby).returncode == 0
+
+        def verified() -> bool:
+            nonlocal verdict
+            verdict = gate()
+            return bool(verdict["ok"])
+
+        ns.wait_for(verified, what=lambda: f"TabbyAPI's unit verified ({verdict})")
+        assert verdict["address"] == "127.0.0.1"
+
+        assert ns.systemctl("stop", tabby).returncode == 0
+        assert ns.systemctl("start", squat).returncode == 0
+
+        def withheld() -> bool:
+            nonlocal verdict
+            verdict = gate()
+            return "uid 65534" in verdict["detail"]
+
+        ns.wait_for(withheld, what=lambda: f"the squatter seen ({verdict})")
+        assert not verdict["ok"]
+        assert f"not in {tabby}" in verdict["detail"]
+        assert "admin key withheld" in verdict["detail"]
+    finally:
+        ns.reset_unit(squat, remove=True)
+        ns.reset_unit(tabby, remove=True)
