@@ -76,30 +76,21 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from hydra_watchdog.report.status import (  # noqa: PLC0415
-        evaluate,
-        from_json,
-        render_human,
-        to_json,
-    )
+    """Never a traceback: a Nagios plugin that crashes exits 1 (WARNING) and says nothing
+    useful; whatever goes wrong here is UNKNOWN with the reason."""
+    from hydra_watchdog.report.status import render_human, to_json  # noqa: PLC0415
 
-    cfg, note = _config_or_defaults(args)
-    runtime_dir = Path(args.runtime_dir or cfg.watchdog.runtime_dir)
-    path = runtime_dir / "status.json"
-    report, problem = None, ""
+    now = time.time()
     try:
-        report = from_json(path.read_bytes())
-    except FileNotFoundError:
-        problem = (
-            f"no status file {path}: hydra-watchdog is not running (or never completed a cycle)"
+        verdict, why, report, note = _status(args, now)
+    except Exception as exc:  # see the docstring
+        verdict, why, report, note = (
+            Verdict.UNKNOWN,
+            f"cannot evaluate the status: {type(exc).__name__}: {exc}",
+            None,
+            "",
         )
-    except PermissionError:
-        problem = f"cannot read {path}: permission denied"
-    except (OSError, ValueError) as exc:
-        problem = f"{path}: {exc}"
-    verdict, why = evaluate(report, wall_now=time.time(), stale_after=stale_after(cfg))
-    if problem:
-        why = problem
+    why = " ".join(why.split())  # one line, whatever the file held
     if args.json:
         doc: dict[str, Any] = {
             "verdict": verdict.name,
@@ -111,10 +102,29 @@ def cmd_status(args: argparse.Namespace) -> int:
     else:
         print(f"{verdict.name}: {why}")
         if report is not None:
-            print(render_human(report))
+            print(render_human(report, now=now))
         if note:
             print(note, file=sys.stderr)
     return int(verdict)
+
+
+def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, str]:
+    from hydra_watchdog.control import STATUS_FILE, read_status  # noqa: PLC0415
+    from hydra_watchdog.report.status import daemon_problem, evaluate  # noqa: PLC0415
+
+    cfg, note = _config_or_defaults(args)
+    runtime_dir = Path(args.runtime_dir or cfg.watchdog.runtime_dir)
+    path = runtime_dir / STATUS_FILE
+    try:
+        report = read_status(runtime_dir)
+    except ValueError as exc:
+        return Verdict.UNKNOWN, f"{path}: {exc}", None, note
+    if report is None:
+        why = f"no status file {path}: hydra-watchdog is not running (or never completed a cycle)"
+        return Verdict.UNKNOWN, why, None, note
+    gone = daemon_problem(report) if report.stopped_at is None else ""
+    verdict, why = evaluate(report, wall_now=now, stale_after=stale_after(cfg), daemon=gone)
+    return verdict, why, report, note
 
 
 def cmd_events(args: argparse.Namespace) -> int:
@@ -135,6 +145,8 @@ def cmd_events(args: argparse.Namespace) -> int:
         raise CliError(
             3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
         ) from None
+    except OSError as exc:  # statefile.UnsafeDirectoryError: says what is wrong and how to fix it
+        raise CliError(3, str(exc)) from None
     events = list(persisted.events)[-args.n :] if args.n > 0 else []
     if args.json:
         print(json.dumps([to_jsonable(e) for e in events], indent=2))

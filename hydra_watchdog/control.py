@@ -7,24 +7,41 @@ restarted) and is atomic with a rename. The expiry is wall-clock (a human typed 
 daemon converts it to its monotonic clock when it reads it.
 
 Status: the daemon writes `status.json` into the runtime dir (0755, file 0644, no secrets) every
-cycle, so `hydra-watchdog status` works for an unprivileged user.
+cycle, so `hydra-watchdog status` works for an unprivileged user. A clean stop marks it stopped,
+so that `status` never shows a dead daemon's last verdict as the current one.
+
+Both files are read with a size cap and without following symlinks; a pause file that this
+process did not write (another owner, group/other-writable) pauses nothing.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import math
+import os
+import stat
 import time
 from pathlib import Path
 
 from hydra_watchdog.observation import PauseRequest
 from hydra_watchdog.report.status import StatusReport, from_json, to_json
-from hydra_watchdog.statefile import ensure_dir, move_aside, write_atomic
+from hydra_watchdog.statefile import (
+    UnusableFileError,
+    ensure_private_dir,
+    ensure_public_dir,
+    move_aside,
+    parse_json,
+    read_regular,
+    write_atomic,
+)
 
 PAUSE_FILE = "pause.json"
 STATUS_FILE = "status.json"
 PAUSE_VERSION = 1
+PAUSE_MAX_BYTES = 64 * 1024  # a reason typed by a human
+STATUS_MAX_BYTES = 4 * 1024**2  # ours is a few KiB; `status` must stay light on a huge one
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +52,7 @@ def pause(state_dir: Path | str, reason: str, until_wall: float | None) -> None:
     if until_wall is not None and not math.isfinite(until_wall):
         raise ValueError(f"until_wall must be a finite time, not {until_wall!r}")
     directory = Path(state_dir)
-    ensure_dir(directory, 0o700)
+    ensure_private_dir(directory)
     doc = {
         "version": PAUSE_VERSION,
         "reason": reason,
@@ -63,26 +80,40 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
     """
     path = Path(state_dir) / PAUSE_FILE
     try:
-        raw = path.read_bytes()
+        raw, st = read_regular(path, PAUSE_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except OSError as exc:
+    except PermissionError as exc:
         log.warning("cannot read %s: %s; not paused", path, exc)
         return None
+    except UnusableFileError as exc:
+        move_aside(path, f"not a pause request: {exc}")
+        return None
+    euid = os.geteuid()
+    if st.st_uid != euid or st.st_mode & 0o022:
+        # `pause` writes it 0600 as the daemon's user; anything else was planted
+        move_aside(
+            path,
+            f"not written by `hydra-watchdog pause`: owned by uid {st.st_uid} with mode "
+            f"{stat.S_IMODE(st.st_mode):04o} (wanted uid {euid}, not group/other-writable); "
+            f"not paused",
+        )
+        return None
     try:
-        doc = json.loads(raw)
+        doc = parse_json(raw)
         if not isinstance(doc, dict):
             raise TypeError("not a JSON object")
         reason, until = doc.get("reason"), doc.get("until_wall")
         if not isinstance(reason, str):
-            raise TypeError(f"'reason' is {reason!r}, not a string")
+            raise TypeError(f"'reason' is {str(reason)[:40]!r}, not a string")
         if until is not None and (
             isinstance(until, bool)
             or not isinstance(until, int | float)
             or not math.isfinite(until)
+            or abs(until) > 1e12
         ):
-            raise TypeError(f"'until_wall' is {until!r}, not a time or null")
-    except (ValueError, TypeError) as exc:
+            raise TypeError(f"'until_wall' is {str(until)[:40]!r}, not a time or null")
+    except (ValueError, TypeError, RecursionError) as exc:
         move_aside(path, f"not a pause request: {exc}"[:200])
         return None
     if until is None:
@@ -96,17 +127,30 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
 def write_status(runtime_dir: Path | str, report: StatusReport) -> None:
     """Publish the daemon's status for `hydra-watchdog status` (world-readable: no secrets)."""
     directory = Path(runtime_dir)
-    ensure_dir(directory, 0o755)
+    ensure_public_dir(directory)
     write_atomic(directory / STATUS_FILE, to_json(report).encode(), 0o644)
 
 
 def read_status(runtime_dir: Path | str) -> StatusReport | None:
     """The last status the daemon wrote; None when there is none. ValueError (saying what is
-    wrong) for a file that is not a status this version reads."""
+    wrong) for anything that is not a status this version reads, never another exception."""
+    path = Path(runtime_dir) / STATUS_FILE
     try:
-        raw = (Path(runtime_dir) / STATUS_FILE).read_bytes()
+        raw, _ = read_regular(path, STATUS_MAX_BYTES)
     except FileNotFoundError:
         return None
+    except UnusableFileError as exc:
+        raise ValueError(f"the status file is unusable: {exc}") from None
     except OSError as exc:
         raise ValueError(f"cannot read the status file: {exc.strerror or exc}") from None
     return from_json(raw)
+
+
+def mark_stopped(runtime_dir: Path | str, *, wall: float, pid: int) -> None:
+    """A clean stop: the status file says so, keeping the last report for `status` to show."""
+    try:
+        last = read_status(runtime_dir)
+    except ValueError:
+        last = None
+    report = last if last is not None and last.pid == pid else StatusReport(pid=pid)
+    write_status(runtime_dir, dataclasses.replace(report, stopped_at=wall))

@@ -53,8 +53,14 @@ from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.sdnotify import Notifier
-from hydra_watchdog.report.status import StatusReport, build_status
-from hydra_watchdog.statefile import DRY_RUN_STATE_FILE, STATE_FILE, StateFile
+from hydra_watchdog.report.status import StatusReport, build_status, process_start
+from hydra_watchdog.statefile import (
+    DRY_RUN_STATE_FILE,
+    STATE_FILE,
+    StateFile,
+    ensure_private_dir,
+    ensure_public_dir,
+)
 from hydra_watchdog.states import Phase, Severity
 
 TEST_HOOKS_ENV = "HYDRA_WATCHDOG_TEST_HOOKS"
@@ -266,6 +272,7 @@ class Daemon:
             wall_now=self.wall(),
             mono_now=self.clock(),
             pid=os.getpid(),
+            pid_start=process_start(os.getpid()),  # `status` tells a reused pid from us
         )
 
     def _publish(self, obs: Observation, results: tuple[ActionResult, ...]) -> None:
@@ -415,6 +422,12 @@ class Daemon:
                     wall=self.wall(),
                 )
             )
+        try:  # `status` must say stopped, not repeat the last verdict as if we still watched
+            control.mark_stopped(
+                self.config.watchdog.runtime_dir, wall=self.wall(), pid=os.getpid()
+            )
+        except OSError as exc:
+            log.warning("cannot mark status.json stopped", error=str(exc))
         try:
             self.statefile.save(self.state, tuple(self.events))
         except OSError as exc:
@@ -446,6 +459,12 @@ def run_daemon(
         config = load_config(path)
     except ConfigError as exc:
         print(f"hydra-watchdog: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    try:  # before anything reads pause.json or the state from a dir someone else prepared
+        ensure_private_dir(Path(config.watchdog.state_dir))
+        ensure_public_dir(Path(config.watchdog.runtime_dir))
+    except OSError as exc:  # UnsafeDirectoryError says what and how to fix; 78: no restart loop
+        print(f"hydra-watchdog: refusing to start: {exc}", file=sys.stderr)
         return EX_CONFIG
     configure_logging()
     try:

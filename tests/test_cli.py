@@ -2,10 +2,15 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
+import os
+import shutil
 import subprocess
 import sys
+import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +20,10 @@ from hydra_watchdog import __version__, control
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import Finding, PolicyState
-from hydra_watchdog.report.status import build_status
+from hydra_watchdog.report.status import build_status, process_start
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase, Rule, Severity
-from tests.harness.tabby import ADMIN_KEY, TabbySims
+from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 
@@ -98,12 +103,34 @@ def test_missing_config_is_ex_config(tmp_path: Path) -> None:
     assert out.returncode == 78 and "does not exist" in out.stderr
 
 
-def _publish(cfg: Config, state: PolicyState, *, age: float = 0.0) -> None:
-    wall = time.time() - age
-    report = build_status(state, None, cfg, [], wall_now=wall, mono_now=time.monotonic(), pid=1234)
-    from dataclasses import replace
+_STANDIN = "import time; time.sleep(600)"
 
-    control.write_status(cfg.watchdog.runtime_dir, replace(report, heartbeat=wall))
+
+@pytest.fixture
+def standin() -> Iterator[int]:
+    """A live process whose command line says hydra_watchdog: what `status` takes for the
+    daemon that wrote the file. Its pid goes into the status files below."""
+    proc = subprocess.Popen([sys.executable, "-c", _STANDIN, "hydra_watchdog-standin"])
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    wait_for(lambda: b"hydra_watchdog" in cmdline.read_bytes(), 30, "the stand-in's exec")
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+def _publish(cfg: Config, state: PolicyState, *, pid: int, age: float = 0.0) -> None:
+    wall = time.time() - age
+    report = build_status(
+        state,
+        None,
+        cfg,
+        [],
+        wall_now=wall,
+        mono_now=time.monotonic(),
+        pid=pid,
+        pid_start=process_start(pid),
+    )
+    control.write_status(cfg.watchdog.runtime_dir, dataclasses.replace(report, heartbeat=wall))
 
 
 def test_status_without_a_daemon_is_unknown(dirs_config: tuple[Path, Config]) -> None:
@@ -118,23 +145,23 @@ def test_status_without_a_daemon_is_unknown(dirs_config: tuple[Path, Config]) ->
     [(Phase.HEALTHY, 0, "OK"), (Phase.DEGRADED, 1, "WARNING"), (Phase.BACKOFF, 2, "CRITICAL")],
 )
 def test_status_verdicts_follow_nagios(
-    dirs_config: tuple[Path, Config], phase: Phase, code: int, name: str
+    dirs_config: tuple[Path, Config], phase: Phase, code: int, name: str, standin: int
 ) -> None:
     path, cfg = dirs_config
     finding = Finding(Rule.SLOW_HEALTH, Severity.WARNING, "slow as molasses")
-    _publish(cfg, PolicyState(phase=phase, findings=(finding,)))
+    _publish(cfg, PolicyState(phase=phase, findings=(finding,)), pid=standin)
     out = cli("status", "--config", str(path))
     assert out.returncode == code, out.stdout + out.stderr
-    assert out.stdout.startswith(f"{name}:")
+    assert out.stdout.startswith(f"{name}: {phase.value}")  # not "OK: OK: ..."
     out = cli("status", "--json", "--config", str(path))
     doc = json.loads(out.stdout)
     assert (doc["verdict"], doc["exit_code"]) == (name, code)
-    assert doc["report"]["phase"] == phase.value and doc["report"]["pid"] == 1234
+    assert doc["report"]["phase"] == phase.value and doc["report"]["pid"] == standin
 
 
-def test_stale_status_is_unknown(dirs_config: tuple[Path, Config]) -> None:
+def test_stale_status_is_unknown(dirs_config: tuple[Path, Config], standin: int) -> None:
     path, cfg = dirs_config
-    _publish(cfg, PolicyState(phase=Phase.HEALTHY), age=600)
+    _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=standin, age=600)
     out = cli("status", "--config", str(path))
     assert out.returncode == 3 and "stale" in out.stdout
 
@@ -227,3 +254,193 @@ def test_verify_walks_the_runbook_checks(tmp_path: Path, tabby_sim: TabbySims) -
     sim.stop()
     out = cli("verify", "--config", str(path))
     assert out.returncode == 2 and "FAIL health" in out.stdout
+
+
+# --- issue 12: a dead daemon is never OK ----------------------------------------------------------
+
+
+def test_status_of_a_daemon_whose_pid_is_gone_is_unknown_at_once(
+    dirs_config: tuple[Path, Config],
+) -> None:
+    path, cfg = dirs_config
+    dead = subprocess.Popen([sys.executable, "-c", "pass", "hydra_watchdog"])
+    dead.wait()
+    _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=dead.pid)  # a fresh heartbeat
+    out = cli("status", "--config", str(path))
+    assert out.returncode == 3, out.stdout
+    assert out.stdout.startswith(f"UNKNOWN: daemon pid {dead.pid} is gone")
+
+
+def test_status_of_a_pid_reused_by_another_program_is_unknown(
+    dirs_config: tuple[Path, Config],
+) -> None:
+    path, cfg = dirs_config
+    other = subprocess.Popen([sys.executable, "-c", _STANDIN])
+    try:
+        cmdline = Path(f"/proc/{other.pid}/cmdline")
+        wait_for(lambda: b"sleep" in cmdline.read_bytes(), 30, "the exec")
+        _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=other.pid)
+        out = cli("status", "--config", str(path))
+        assert out.returncode == 3 and "is now another process" in out.stdout
+    finally:
+        other.kill()
+        other.wait()
+
+
+def test_status_after_a_clean_stop_is_unknown_stopped(
+    dirs_config: tuple[Path, Config], standin: int
+) -> None:
+    path, cfg = dirs_config
+    _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=standin)
+    assert cli("status", "--config", str(path)).returncode == 0
+    control.mark_stopped(cfg.watchdog.runtime_dir, wall=time.time(), pid=standin)
+    out = cli("status", "--config", str(path))
+    assert out.returncode == 3
+    assert out.stdout.startswith(f"UNKNOWN: hydra-watchdog (pid {standin}) stopped at ")
+
+
+# --- issue 10: garbage status files are UNKNOWN, never a traceback, never OK ----------------------
+
+
+def _garbage(base: str) -> list[bytes]:
+    doc = json.loads(base)
+    out: list[bytes] = []
+    for key, poison in [
+        ("heartbeat", "NaN"),
+        ("heartbeat", "Infinity"),
+        ("heartbeat", "1e400"),
+        ("heartbeat", str(time.time() + 3600)),  # a heartbeat from the future
+        ("pid", "9" * 400),
+        ("pid", "9" * 5000),
+        ("summary", '"\\ud800"'),
+        ("phase", "[" * 100_000 + "]" * 100_000),
+    ]:
+        doc2 = dict(doc, **{key: "__P__"})
+        out.append(json.dumps(doc2).replace('"__P__"', poison).encode())
+    out.append(base.encode().replace(b"healthy", b"\xff\xfe"))
+    return out
+
+
+def test_status_of_garbage_files_is_unknown_never_a_traceback(
+    dirs_config: tuple[Path, Config], standin: int
+) -> None:
+    path, cfg = dirs_config
+    _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=standin)
+    status_file = Path(cfg.watchdog.runtime_dir) / control.STATUS_FILE
+    base = status_file.read_text()
+    assert cli("status", "--config", str(path)).returncode == 0  # the file before the poison
+    for content in _garbage(base):
+        status_file.write_bytes(content)
+        for extra in ((), ("--json",)):
+            out = cli("status", *extra, "--config", str(path))
+            assert out.returncode == 3, (content[:80], out.stdout, out.stderr)
+            assert "Traceback" not in out.stderr + out.stdout
+            if extra:
+                assert json.loads(out.stdout)["verdict"] == "UNKNOWN"
+            else:
+                assert out.stdout.startswith("UNKNOWN: ")
+
+
+def test_status_of_a_huge_file_is_unknown_and_reads_at_most_the_cap(
+    dirs_config: tuple[Path, Config],
+) -> None:
+    path, cfg = dirs_config
+    run = Path(cfg.watchdog.runtime_dir)
+    run.mkdir(parents=True)
+    with (run / control.STATUS_FILE).open("wb") as f:
+        f.truncate(300 * 1024**2)  # sparse: no disk, but 300 MB of memory if read whole
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "hydra_watchdog", "status", "--config", str(path)],
+        stdout=subprocess.PIPE,
+    )
+    assert proc.stdout is not None
+    stdout = proc.stdout.read()
+    proc.stdout.close()
+    _, wait_status, usage = os.wait4(proc.pid, 0)  # this child's own peak memory
+    proc.returncode = os.waitstatus_to_exitcode(wait_status)
+    assert proc.returncode == 3 and stdout.startswith(b"UNKNOWN: ")
+    assert b"more than the 4194304" in stdout
+    assert usage.ru_maxrss < 150 * 1024, f"status used {usage.ru_maxrss} KiB"
+
+
+# --- issue 10: the daemon refuses dirs it must not trust ------------------------------------------
+
+
+def _nobody(code: str) -> None:
+    """Run `code` as an unprivileged user (nobody), with the system's python."""
+    subprocess.run(
+        ["setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+         "/usr/bin/python3", "-c", code],
+        check=True, timeout=60, cwd="/",
+    )  # fmt: skip
+
+
+def _safe_run_config(tmp_path: Path, state: Path, run: Path) -> Path:
+    # dry run, a closed loopback port, no GPU library: should a refusal ever fail, the one
+    # cycle that follows acts on nothing
+    return write_config(
+        tmp_path / "run.toml",
+        {
+            "watchdog": {"state_dir": str(state), "runtime_dir": str(run), "dry_run": True},
+            "tabbyapi": {"url": f"http://127.0.0.1:{free_port()}", "venv": ""},
+            "gpu": {"nvml_library": str(tmp_path / "no-libnvidia-ml.so")},
+        },
+    )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as another user")
+def test_run_refuses_a_state_dir_another_user_created_first(
+    tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    # not under tmp_path: its parents are 0700, out of nobody's reach
+    shared = Path(tempfile.mkdtemp(prefix="hydra-shared-"))
+    request.addfinalizer(lambda: shutil.rmtree(shared))
+    shared.chmod(0o1777)  # a parent others can write into (a mistake, or /tmp itself)
+    state = shared / "state"
+    _nobody(
+        f"import os; os.mkdir({str(state)!r}, 0o700); "
+        f"open({str(state / 'pause.json')!r}, 'w').write("
+        '\'{"version": 1, "reason": "planted", "until_wall": null}\')'
+    )
+    config = _safe_run_config(tmp_path, state, tmp_path / "run")
+    out = cli("run", "--once", "--config", str(config))
+    assert out.returncode == 78, out.stdout + out.stderr
+    assert f"state dir {state} is owned by uid 65534, not by uid 0" in out.stderr
+    assert "Traceback" not in out.stderr
+    # never repaired and trusted: still theirs, nothing of ours written into it
+    assert (state.stat().st_uid, state.stat().st_mode & 0o777) == (65534, 0o700)
+    assert sorted(p.name for p in state.iterdir()) == ["pause.json"]
+    # `pause` refuses it too
+    bad = cli("pause", "--reason", "x", "--config", str(config))
+    assert bad.returncode == 3 and "owned by uid 65534" in bad.stderr
+
+
+def test_run_refuses_a_world_writable_runtime_dir(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    run.mkdir()
+    run.chmod(0o1777)
+    config = _safe_run_config(tmp_path, tmp_path / "state", run)
+    out = cli("run", "--once", "--config", str(config))
+    assert out.returncode == 78, out.stdout + out.stderr
+    assert f"runtime dir {run} is writable by others (mode 1777)" in out.stderr
+    assert list(run.iterdir()) == []
+
+
+@pytest.mark.parametrize(
+    "content",
+    [b'{"version": 1, "state": {"phase_since": ' + b"9" * 400 + b"}}", b"directory"],
+)
+def test_events_quarantines_a_corrupt_state_file_without_a_traceback(
+    dirs_config: tuple[Path, Config], content: bytes
+) -> None:
+    path, cfg = dirs_config
+    state = Path(cfg.watchdog.state_dir)
+    state.mkdir(mode=0o700)
+    if content == b"directory":
+        (state / "state.json").mkdir()
+    else:
+        (state / "state.json").write_bytes(content)
+    out = cli("events", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert "Traceback" not in out.stderr and "no events recorded" in out.stdout
+    assert len(list(state.glob("state.json.corrupt-*"))) == 1

@@ -16,6 +16,7 @@ import pytest
 from hydra_watchdog import control
 from hydra_watchdog.observation import PauseRequest
 from hydra_watchdog.report.status import StatusReport, from_json
+from hydra_watchdog.statefile import UnsafeDirectoryError
 from hydra_watchdog.states import Phase
 
 
@@ -138,4 +139,93 @@ def test_read_status_tolerates_absence_and_explains_garbage(tmp_path: Path) -> N
     assert control.read_status(tmp_path) is None
     (tmp_path / control.STATUS_FILE).write_text("{half")
     with pytest.raises(ValueError, match="not valid JSON"):
+        control.read_status(tmp_path)
+
+
+# --- files this daemon did not write --------------------------------------------------------------
+
+
+def _valid_pause(path: Path) -> None:
+    path.write_text('{"version": 1, "reason": "planted", "until_wall": null}')
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to give a file to another user")
+def test_a_pause_file_of_another_owner_pauses_nothing(tmp_path: Path) -> None:
+    pause = tmp_path / control.PAUSE_FILE
+    _valid_pause(pause)
+    pause.chmod(0o600)
+    os.chown(pause, 65534, 65534)
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    assert not pause.exists()
+    assert len(list(tmp_path.glob(f"{control.PAUSE_FILE}.corrupt-*"))) == 1
+
+
+@pytest.mark.parametrize("mode", [0o620, 0o602, 0o666])
+def test_a_group_or_world_writable_pause_file_pauses_nothing(tmp_path: Path, mode: int) -> None:
+    pause = tmp_path / control.PAUSE_FILE
+    _valid_pause(pause)
+    pause.chmod(mode)
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    # the same content, written as `pause` writes it, does pause
+    control.pause(tmp_path, "planted", None)
+    assert control.read_pause(tmp_path, 1.0, 1.0) == PauseRequest("planted", None)
+
+
+def test_a_fifo_symlink_or_huge_pause_file_pauses_nothing_and_never_blocks(tmp_path: Path) -> None:
+    pause = tmp_path / control.PAUSE_FILE
+    os.mkfifo(pause)  # would block a plain open() forever: the loop would hang
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    real = tmp_path / "elsewhere.json"
+    _valid_pause(real)
+    real.chmod(0o600)
+    pause.symlink_to(real)
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    with pause.open("wb") as f:
+        f.truncate(control.PAUSE_MAX_BYTES + 1)
+    assert control.read_pause(tmp_path, 1.0, 1.0) is None
+    assert len(list(tmp_path.glob(f"{control.PAUSE_FILE}.corrupt-*"))) == 3
+
+
+def test_pause_refuses_a_state_dir_it_must_not_trust(tmp_path: Path) -> None:
+    loose = tmp_path / "state"
+    loose.mkdir()
+    loose.chmod(0o777)
+    with pytest.raises(UnsafeDirectoryError, match="not 0700"):
+        control.pause(loose, "x", None)
+    assert list(loose.iterdir()) == []
+    assert loose.stat().st_mode & 0o777 == 0o777
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775])
+def test_status_is_never_written_into_a_dir_others_can_write(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "tmp-like"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(UnsafeDirectoryError, match="writable by others"):
+        control.write_status(shared, StatusReport(pid=1, phase=Phase.HEALTHY))
+    assert list(shared.iterdir()) == []
+
+
+def test_mark_stopped_keeps_the_last_report_and_says_stopped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    last = StatusReport(pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok")
+    control.write_status(run, last)
+    control.mark_stopped(run, wall=200.0, pid=os.getpid())
+    assert control.read_status(run) == StatusReport(
+        pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok", stopped_at=200.0
+    )
+    # a file of another pid, or garbage: a minimal report that still says stopped
+    (run / control.STATUS_FILE).write_text("{garbage")
+    control.mark_stopped(run, wall=300.0, pid=os.getpid())
+    assert control.read_status(run) == StatusReport(pid=os.getpid(), stopped_at=300.0)
+
+
+def test_read_status_caps_what_it_reads(tmp_path: Path) -> None:
+    with (tmp_path / control.STATUS_FILE).open("wb") as f:
+        f.truncate(300 * 1024**2)  # sparse: reading it whole would take 300 MB of memory
+    with pytest.raises(ValueError, match="more than the 4194304 a valid one"):
+        control.read_status(tmp_path)
+    (tmp_path / control.STATUS_FILE).unlink()
+    (tmp_path / control.STATUS_FILE).mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
         control.read_status(tmp_path)

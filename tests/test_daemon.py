@@ -464,3 +464,78 @@ def test_new_restarts_counts_each_of_several_in_one_cycle() -> None:
     after = PolicyState(restarts=(*before.restarts, *[RestartRecord(5.0, "systemd")] * 3))
     assert sorted(new_restarts(before, after)) == ["systemd", "systemd", "systemd"]
     assert new_restarts(after, after) == []
+
+
+def _status(node: Node) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "hydra_watchdog", "status", "--config", str(node.config)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+
+
+def test_status_of_a_stopped_or_killed_daemon_is_unknown_at_once(
+    node: Node, daemons: Daemons
+) -> None:
+    proc = daemons.start(node)
+    wait_for(lambda: node.phase() is Phase.HEALTHY, WAIT, "the node to become healthy")
+    out = _status(node)
+    assert out.returncode == 0, out.stdout + out.stderr
+    assert out.stdout.startswith("OK: healthy") and "OK: OK" not in out.stdout
+    assert f"pid {proc.pid}, last cycle" in out.stdout
+
+    proc.send_signal(signal.SIGTERM)  # a clean stop marks the file stopped
+    assert _exit_code(proc) == 0
+    out = _status(node)
+    assert out.returncode == 3, out.stdout
+    assert out.stdout.startswith(f"UNKNOWN: hydra-watchdog (pid {proc.pid}) stopped at ")
+
+    second = daemons.start(node, start_unit=False, log_name="daemon2.log")
+    wait_for(
+        lambda: (node.heartbeat() or 0) > time.time() - 1 and _status(node).returncode == 0,
+        WAIT,
+        "the second daemon to report",
+    )
+    os.kill(second.pid, signal.SIGKILL)  # no clean stop: the file still says healthy
+    second.wait(30)
+    out = _status(node)
+    assert out.returncode == 3, out.stdout
+    assert out.stdout.startswith(f"UNKNOWN: daemon pid {second.pid} is gone")
+
+
+def test_a_directory_in_place_of_the_state_file_is_quarantined_and_the_daemon_runs(
+    node: Node, daemons: Daemons
+) -> None:
+    node.state_dir.mkdir(mode=0o700)
+    (node.state_dir / "state.json").mkdir()  # crashed `run` at start-up: systemd looped it
+    proc = daemons.start(node)
+    wait_for(lambda: node.phase() is Phase.HEALTHY, WAIT, "the node to become healthy")
+    assert proc.poll() is None
+    assert len(list(node.state_dir.glob("state.json.corrupt-*"))) == 1
+    notes = [
+        e for e in node.events() if e.kind is EventKind.DIAGNOSIS and "quarantined" in e.message
+    ]
+    assert len(notes) == 1 and "not a regular file" in notes[0].message
+    proc.send_signal(signal.SIGTERM)
+    assert _exit_code(proc) == 0
+
+
+def test_a_corrupt_state_file_is_an_event_in_the_journal_and_the_events(node: Node) -> None:
+    node.state_dir.mkdir(mode=0o700)
+    (node.state_dir / "state.json").write_text(
+        '{"version": 1, "state": {"backoff_until": Infinity, "phase_since": ' + "9" * 400 + "}}"
+    )
+    told: list[Event] = []
+    cfg = load_config(node.config)
+    (node.root / "no-systemd").mkdir()
+    units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
+    adapters = dataclasses.replace(build_adapters(cfg), units=units)
+    daemon = Daemon(cfg, adapters=adapters, decide=decide, notifier=Notifier({}), emit=told.append)
+    assert daemon.state.backoff_until is None  # a fresh state, not "wait forever"
+    notes = [e for e in told if e.kind is EventKind.DIAGNOSIS]  # what reaches the journal
+    assert len(notes) == 1 and "quarantined as state.json.corrupt-" in notes[0].message
+    assert notes[0] in daemon.events  # and the events list (`hydra-watchdog events`)
+    daemon._persist()
+    assert notes[0] in node.events()

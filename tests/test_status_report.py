@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
@@ -38,12 +43,15 @@ from hydra_watchdog.report.status import (
     SCHEMA_VERSION,
     StatusReport,
     build_status,
+    daemon_problem,
     evaluate,
     from_json,
+    process_start,
     render_human,
     to_json,
 )
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
+from tests.harness.tabby import wait_for
 
 WALL = 1_750_000_000.0
 MONO = 10_000.0  # the same instant on the monotonic clock
@@ -347,6 +355,16 @@ def test_from_json_ignores_unknown_fields_and_defaults_missing_ones() -> None:
         ('{"schema": 1, "heartbeat": "yesterday"}', "does not match schema 1"),
         ('{"schema": 1, "gpus": [{"index": "zero"}]}', "does not match schema 1"),
         (b"\xff\xfe garbage", "not valid JSON"),
+        ('{"schema": 1, "heartbeat": NaN}', "NaN is not a number"),
+        ('{"schema": 1, "heartbeat": Infinity}', "Infinity is not a number"),
+        ('{"schema": 1, "heartbeat": 1e400}', "not a usable number"),
+        ('{"schema": 1, "pid": ' + "9" * 400 + "}", "not a usable number"),
+        ('{"schema": 1, "pid": ' + "9" * 5000 + "}", "not valid JSON"),
+        ('{"schema": ' + "9" * 400 + "}", "upgrade"),
+        ('{"schema": 1, "gpus": [{"vram_used_bytes": ' + "9" * 30 + "}]}", "not a usable"),
+        ('{"schema": 1, "summary": "\\ud800"}', "not valid UTF-8"),
+        ('{"schema": 1, "x": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ("[" * 100_000, "not valid JSON"),
     ],
 )
 def test_from_json_garbage_is_a_clear_value_error(text: str | bytes, words: str) -> None:
@@ -375,7 +393,8 @@ def test_fresh_report_verdict_per_phase(phase: Phase) -> None:
     report = build(state=dataclasses.replace(STATE, phase=phase))
     verdict, why = evaluate(report, wall_now=WALL + 1, stale_after=60)
     assert verdict is phase.verdict
-    assert why.startswith(f"{verdict.name}: {phase.value}")
+    # the caller prints "<VERDICT>: <why>": a why that repeats the name reads "OK: OK: ..."
+    assert why.startswith(phase.value) and not why.startswith(verdict.name)
 
 
 def test_verdicts_of_key_phases() -> None:
@@ -394,7 +413,7 @@ def test_verdicts_of_key_phases() -> None:
 
 def test_render_human_shows_what_the_runbook_asks_first() -> None:
     obs = observation(pause=PauseRequest("nixos-rebuild", MONO + 3600))
-    text = render_human(build(obs=obs))
+    text = render_human(build(obs=obs), now=WALL)
     assert "BACKOFF [CRITICAL]" in text
     assert "(5.0 min ago)" in text or "(5 min ago)" in text
     assert "wanted Midnight-Miqu-70B" in text
@@ -421,7 +440,7 @@ def test_render_human_of_a_healthy_idle_node() -> None:
         processes=(),
     )
     state = PolicyState(phase=Phase.HEALTHY, phase_since=MONO - 3600)
-    text = render_human(build(state=state, obs=obs, recent=()))
+    text = render_human(build(state=state, obs=obs, recent=()), now=WALL)
     assert "HEALTHY [OK]" in text
     assert "health:     ok 200 in 15 ms" in text
     assert "loaded Midnight-Miqu-70B" in text
@@ -453,3 +472,185 @@ def test_schema_doc_lists_every_field_of_every_object() -> None:
         body = doc.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
         documented = re.findall(r"^\| `(\w+)` \|", body, flags=re.MULTILINE)
         assert documented == [f.name for f in dataclasses.fields(cls)], title
+
+
+# --- a dead daemon, ages from now, the heartbeat from the future ---------------------------------
+
+
+def test_a_stopped_daemon_is_unknown_with_the_time_it_stopped() -> None:
+    report = dataclasses.replace(build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY)))
+    assert evaluate(report, wall_now=WALL + 1, stale_after=60)[0] is Verdict.OK
+    stopped = dataclasses.replace(report, stopped_at=WALL + 2)
+    verdict, why = evaluate(stopped, wall_now=WALL + 20, stale_after=60)
+    assert verdict is Verdict.UNKNOWN
+    assert "(pid 1234) stopped at" in why and "(18 s ago)" in why
+    assert "STOPPED at" in render_human(stopped, now=WALL + 20)
+
+
+def test_a_daemon_that_is_gone_is_unknown_at_once() -> None:
+    report = build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY))
+    verdict, why = evaluate(
+        report, wall_now=WALL, stale_after=60, daemon="daemon pid 1234 is gone: ..."
+    )
+    assert (verdict, why) == (Verdict.UNKNOWN, "daemon pid 1234 is gone: ...")
+
+
+@pytest.mark.parametrize("ahead", [11.0, 3600.0, 1e12])
+def test_a_heartbeat_from_the_future_is_unknown(ahead: float) -> None:
+    report = build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY))
+    future = dataclasses.replace(report, heartbeat=WALL + ahead)
+    verdict, why = evaluate(future, wall_now=WALL, stale_after=60)
+    assert verdict is Verdict.UNKNOWN and "in the future" in why
+    # a little skew (a clock step by NTP) is tolerated
+    near = dataclasses.replace(report, heartbeat=WALL + 5)
+    assert evaluate(near, wall_now=WALL, stale_after=60)[0] is Verdict.OK
+
+
+def test_ages_are_computed_from_now_not_from_when_the_file_was_written() -> None:
+    report = build()  # generated at WALL, heartbeat WALL - 2, next start at WALL + 60
+    text = render_human(report, now=WALL + 20)
+    assert "last cycle 22 s ago" in text
+    assert "next start in 40 s" in text and "(in 40 s)" in text
+    assert "next start in 40 s" in evaluate(report, wall_now=WALL + 20, stale_after=60)[1]
+
+
+def test_render_survives_times_that_are_not_dates() -> None:
+    report = dataclasses.replace(build(), since=9e18, stopped_at=-9e18)
+    assert "(not a date)" in render_human(report, now=WALL)
+
+
+# --- /proc: is the daemon that wrote the report still running? ----------------------------------
+
+_STANDIN = "import time; time.sleep(600)"
+
+
+def _spawn(*argv: str) -> subprocess.Popen[bytes]:
+    proc = subprocess.Popen([sys.executable, "-c", _STANDIN, *argv])
+    # Popen returns inside the child's exec, before the kernel fills in its command line
+    cmdline = Path(f"/proc/{proc.pid}/cmdline")
+    wait_for(lambda: _STANDIN.encode() in cmdline.read_bytes(), 30, "the exec")
+    return proc
+
+
+def test_daemon_problem_accepts_a_live_hydra_watchdog_and_its_start() -> None:
+    proc = _spawn("hydra_watchdog-standin")
+    try:
+        report = StatusReport(pid=proc.pid, pid_start=process_start(proc.pid))
+        assert report.pid_start is not None
+        assert daemon_problem(report) == ""
+        # the same pid, another start time: a reused pid
+        reused = dataclasses.replace(report, pid_start=report.pid_start - 1)
+        assert "now another hydra-watchdog process" in daemon_problem(reused)
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_daemon_problem_sees_a_dead_a_zombie_and_a_foreign_pid() -> None:
+    proc = _spawn("hydra_watchdog-standin")
+    report = StatusReport(pid=proc.pid, pid_start=process_start(proc.pid))
+    proc.kill()
+    os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOWAIT)  # exited, not reaped: a zombie
+    assert "is gone" in daemon_problem(report)
+    proc.wait()
+    assert "is gone: hydra-watchdog is not running" in daemon_problem(report)
+    other = _spawn()  # a live process that is not hydra-watchdog
+    try:
+        problem = daemon_problem(StatusReport(pid=other.pid))
+        assert "now another process" in problem and "time.sleep" in problem
+    finally:
+        other.kill()
+        other.wait()
+    assert "no daemon pid" in daemon_problem(StatusReport(pid=0))
+    assert "no daemon pid" in daemon_problem(StatusReport(pid=2**40))
+
+
+def test_process_start_is_this_process_start_time() -> None:
+    mine = process_start(os.getpid())
+    fields = Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()
+    assert mine == int(fields[19])
+    assert process_start(2**40) is None
+
+
+# --- fuzz: garbage is a ValueError, never another exception, never a report that says OK --------
+
+_POISON = [
+    "NaN",
+    "Infinity",
+    "-Infinity",
+    "1e400",
+    "-1e400",
+    "9" * 400,
+    "-" + "9" * 400,
+    "9" * 5000,
+    "[" * 50_000 + "]" * 50_000,
+    '"\\udc80"',
+]
+
+
+def _fields(value: object, prefix: tuple[object, ...] = ()) -> list[tuple[object, ...]]:
+    found: list[tuple[object, ...]] = [prefix] if prefix else []
+    if isinstance(value, dict):
+        for k, v in value.items():
+            found += _fields(v, (*prefix, k))
+    elif isinstance(value, list):
+        for i, v in enumerate(value):
+            found += _fields(v, (*prefix, i))
+    return found
+
+
+def _healthy() -> StatusReport:
+    state = dataclasses.replace(STATE, phase=Phase.HEALTHY)
+    return build(state=state)
+
+
+def poisoned_status(path: tuple[object, ...], poison: str, base: StatusReport) -> str:
+    doc = json.loads(to_json(base))
+    target = doc
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = "__POISON__"
+    return json.dumps(doc).replace('"__POISON__"', poison)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data())
+def test_fuzz_a_poisoned_field_is_a_value_error(data: st.DataObject) -> None:
+    base = _healthy()
+    assert evaluate(base, wall_now=WALL, stale_after=60)[0] is Verdict.OK  # without the poison
+    raw = json.loads(to_json(base))
+    path = data.draw(st.sampled_from(_fields(raw)))
+    text = poisoned_status(path, data.draw(st.sampled_from(_POISON)), base)
+    with pytest.raises(ValueError, match="status file"):
+        from_json(text)
+
+
+@settings(max_examples=1000, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    text=st.one_of(
+        st.binary(max_size=200),
+        st.recursive(
+            st.none() | st.booleans() | st.floats() | st.integers() | st.text(max_size=20),
+            lambda inner: (
+                st.lists(inner, max_size=4)
+                | st.dictionaries(
+                    st.sampled_from(
+                        ["schema", "heartbeat", "pid", "phase", "summary", "gpus", "since", "x"]
+                    ),
+                    inner,
+                    max_size=5,
+                )
+            ),
+            max_leaves=20,
+        ).map(lambda v: json.dumps(v).encode()),
+    )
+)
+def test_fuzz_anything_parses_renders_or_is_a_value_error(text: bytes) -> None:
+    try:
+        report = from_json(text)
+    except ValueError:
+        return
+    # what parses must evaluate and render without an exception
+    evaluate(report, wall_now=WALL, stale_after=60)
+    render_human(report, now=WALL)
+    to_json(report)

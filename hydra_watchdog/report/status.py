@@ -9,20 +9,28 @@ of one bumps it.
 
 All times in the report are wall-clock seconds since the epoch, because other processes and
 humans read them; the policy's monotonic stamps are converted with wall_now - mono_now + t.
+
+Reading is defensive: `status` is what monitoring trusts, so a file that is garbage (NaN, huge
+numbers, deep nesting, bad UTF-8), a heartbeat from the future, a daemon that stopped (the file
+says so) or whose pid is gone or is no longer hydra-watchdog is UNKNOWN with the reason, never OK.
+This path imports nothing heavy (no policy, no HTTP or NVML client): `status` runs often.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from enum import Enum
+from pathlib import Path
+from typing import Any
 
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
-from hydra_watchdog.policy import vram_needed
 from hydra_watchdog.policy_state import PolicyState, from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Verdict
 
@@ -31,6 +39,9 @@ GIB = 1024**3
 ACTIONS_KEPT = 10
 _COMMAND_MAX = 200  # a command line is evidence, not a dump
 _ACTION_KINDS = (EventKind.ACTION, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED)
+FUTURE_SKEW = 10.0  # seconds a heartbeat may lie ahead of `now` (clock steps) before it is a lie
+_MAX_INT = 2**63  # bytes, pids, counts; beyond it a number is garbage (and overflows a float)
+PROC = Path("/proc")
 
 
 @dataclass(frozen=True)
@@ -146,7 +157,9 @@ class StatusReport:
     schema: int = SCHEMA_VERSION
     generated_at: float = 0.0
     pid: int = 0
+    pid_start: int | None = None  # the daemon's start time (/proc/PID/stat, ticks since boot)
     heartbeat: float | None = None  # wall time of the last completed cycle's observation
+    stopped_at: float | None = None  # set by a clean stop: the daemon is gone on purpose
     phase: Phase = Phase.UNKNOWN
     since: float | None = None
     verdict: Verdict = Verdict.UNKNOWN
@@ -171,6 +184,8 @@ class StatusReport:
 
 def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[int | None, str]:
     """The need the policy checks (policy.vram_needed), and where it came from."""
+    from hydra_watchdog.policy import vram_needed  # noqa: PLC0415 - keep `status` light
+
     need = vram_needed(cfg, folder, fallback=fallback)
     configured = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
     if need is None:
@@ -241,6 +256,7 @@ def build_status(
     wall_now: float,
     mono_now: float,
     pid: int,
+    pid_start: int | None = None,
     actions_kept: int = ACTIONS_KEPT,
 ) -> StatusReport:
     """The report of one moment. `recent` are the last events, oldest first."""
@@ -356,6 +372,7 @@ def build_status(
     report = StatusReport(
         generated_at=wall_now,
         pid=pid,
+        pid_start=pid_start,
         heartbeat=wall(obs.at) if obs is not None else None,
         phase=state.phase,
         since=None if unknown_start else wall(state.phase_since),
@@ -386,12 +403,42 @@ def to_json(report: StatusReport) -> str:
     return json.dumps(to_jsonable(report), indent=2, sort_keys=False) + "\n"
 
 
+def _refuse_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a number a status can hold")
+
+
+def _check_values(value: Any, where: str) -> None:
+    """Every number finite and within _MAX_INT, every string printable as UTF-8: a report that
+    passes renders without an exception."""
+    if isinstance(value, bool | Enum) or value is None:
+        return
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise ValueError(f"{where} is not valid UTF-8 text") from None
+    elif isinstance(value, float):
+        if not math.isfinite(value) or abs(value) > _MAX_INT:
+            raise ValueError(f"{where} = {value!r} is not a usable number")
+    elif isinstance(value, int):
+        if abs(value) > _MAX_INT:
+            raise ValueError(f"{where} = {str(value)[:40]}... is not a usable number")
+    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
+        for f in dataclasses.fields(value):
+            _check_values(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
+    elif isinstance(value, tuple):
+        for item in value:
+            _check_values(item, where)
+
+
 def from_json(text: str | bytes) -> StatusReport:
     """Parse a status file; ValueError saying what is wrong with it (never another exception)."""
     try:
-        raw = json.loads(text)
+        raw = json.loads(text, parse_constant=_refuse_constant)
+    except RecursionError:
+        raise ValueError("the status file is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"the status file is not valid JSON ({exc})") from None
+        raise ValueError(f"the status file is not valid JSON ({str(exc)[:200]})") from None
     if not isinstance(raw, dict):
         raise ValueError("the status file does not hold a JSON object")
     schema = raw.get("schema")
@@ -401,44 +448,107 @@ def from_json(text: str | bytes) -> StatusReport:
         )
     if schema > SCHEMA_VERSION:
         raise ValueError(
-            f"the status file uses schema {schema}; this hydra-watchdog reads schema "
+            f"the status file uses schema {str(schema)[:40]}; this hydra-watchdog reads schema "
             f"{SCHEMA_VERSION}: upgrade the CLI to match the daemon"
         )
     if schema < 1:
-        raise ValueError(f"the status file has an invalid schema {schema}")
+        raise ValueError(f"the status file has an invalid schema {str(schema)[:40]}")
     try:
-        return from_jsonable(StatusReport, raw)
-    except (TypeError, ValueError, KeyError) as exc:
-        raise ValueError(f"the status file does not match schema {SCHEMA_VERSION}: {exc}") from None
+        report = from_jsonable(StatusReport, raw)
+        _check_values(report, "")
+    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
+        why = str(exc)[:200]
+        raise ValueError(f"the status file does not match schema {SCHEMA_VERSION}: {why}") from None
+    return report
 
 
 # --- reading ------------------------------------------------------------------------------------
 
 
+def process_start(pid: int, proc: Path = PROC) -> int | None:
+    """A process's start time (field 22 of /proc/PID/stat, clock ticks since boot); None when it
+    is gone or unreadable. With the pid it names one process for the life of a boot."""
+    try:
+        text = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
+        # comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ')'
+        return int(text.rsplit(")", 1)[1].split()[19])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
+def daemon_problem(report: StatusReport, proc: Path = PROC) -> str:
+    """Why the daemon that wrote `report` is not running, or "" when it is (or when this user
+    cannot tell: /proc mounted with hidepid). Reads only world-readable /proc files."""
+    pid = report.pid
+    if not 0 < pid <= 2**22:  # the kernel's pid_max limit
+        return f"the status file names no daemon pid (pid {pid})"
+    base = proc / str(pid)
+    try:
+        cmdline = (base / "cmdline").read_bytes()
+        status = (base / "stat").read_text(encoding="ascii", errors="replace")
+    except (FileNotFoundError, ProcessLookupError):
+        if not (proc / "1").exists():
+            return ""  # hidepid: other users' processes are invisible to us; the heartbeat decides
+        return f"daemon pid {pid} is gone: hydra-watchdog is not running (it did not stop cleanly)"
+    except OSError:
+        return ""  # hidepid=noaccess: cannot tell
+    fields = status.rsplit(")", 1)[-1].split()
+    if fields and fields[0] in ("Z", "X"):
+        return f"daemon pid {pid} is gone: hydra-watchdog exited (a zombie, not yet reaped)"
+    # An empty cmdline: an exec in progress (or a kernel thread); the start time still decides.
+    if cmdline and b"hydra_watchdog" not in cmdline and b"hydra-watchdog" not in cmdline:
+        command = cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip()[:80]
+        return f"daemon pid {pid} is gone: that pid is now another process ({command or '?'})"
+    if report.pid_start is not None and process_start(pid, proc) != report.pid_start:
+        return f"daemon pid {pid} is gone: that pid is now another hydra-watchdog process"
+    return ""
+
+
 def evaluate(
-    report: StatusReport | None, *, wall_now: float, stale_after: float
+    report: StatusReport | None,
+    *,
+    wall_now: float,
+    stale_after: float,
+    daemon: str = "",
 ) -> tuple[Verdict, str]:
-    """The Nagios verdict of a report and one line saying why; UNKNOWN when there is no report,
-    no completed cycle yet, or the last cycle is older than `stale_after` seconds."""
+    """The Nagios verdict of a report and one line saying why (without the verdict's name).
+    UNKNOWN when there is no report, the daemon stopped, `daemon` says it is not running (see
+    daemon_problem), no cycle completed yet, the heartbeat is in the future or older than
+    `stale_after` seconds. Ages are computed from `wall_now`."""
     if report is None:
         return Verdict.UNKNOWN, (
             "no status: hydra-watchdog is not running (or has not written its status yet)"
         )
+    if report.stopped_at is not None:
+        return Verdict.UNKNOWN, (
+            f"hydra-watchdog (pid {report.pid}) stopped at {_clock(report.stopped_at)} "
+            f"({_ago(report.stopped_at, wall_now)}): nothing is watching TabbyAPI"
+        )
+    if daemon:
+        return Verdict.UNKNOWN, daemon
     if report.heartbeat is None:
         return Verdict.UNKNOWN, (f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet")
     age = wall_now - report.heartbeat
+    if age < -FUTURE_SKEW:
+        return Verdict.UNKNOWN, (
+            f"the status file's last cycle is {-age:.0f} s in the future: the clock was set "
+            f"back, or the file was not written by hydra-watchdog (pid {report.pid})"
+        )
     if age > stale_after:
         return Verdict.UNKNOWN, (
             f"status is stale: the last cycle was {age:.0f} s ago (limit {stale_after:.0f} s); "
             f"is hydra-watchdog (pid {report.pid}) hung or stopped?"
         )
-    return report.phase.verdict, f"{report.phase.verdict.name}: {report.summary}"
+    return report.phase.verdict, summarize(report, now=wall_now)
 
 
 def _clock(t: float | None) -> str:
     if t is None:
         return "-"
-    return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    try:
+        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+    except (OverflowError, OSError, ValueError):
+        return f"{t:.0f} (not a date)"
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -466,15 +576,18 @@ def _watts(value: float | None) -> str:
     return "?" if value is None else f"{value:g} W"
 
 
-def render_human(report: StatusReport) -> str:
-    """`hydra-watchdog status` for a terminal: everything the runbook asks first."""
-    now = report.generated_at
+def render_human(report: StatusReport, *, now: float | None = None) -> str:
+    """`hydra-watchdog status` for a terminal: everything the runbook asks first. Ages are
+    computed from `now` (default: the current time), not from when the file was written."""
+    now = time.time() if now is None else now
+    daemon = f"pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
+    if report.stopped_at is not None:
+        daemon += f", STOPPED at {_clock(report.stopped_at)}"
     lines = [
-        f"hydra-watchdog: {report.phase.value.upper()} [{report.verdict.name}] "
+        f"hydra-watchdog: {report.phase.value.upper()} [{report.phase.verdict.name}] "
         f"since {_clock(report.since)} ({_ago(report.since, now)})",
-        f"  {report.summary}",
-        f"daemon:     pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
-        + (", DRY RUN (actions are only logged)" if report.dry_run else ""),
+        f"  {summarize(report, now=now)}",
+        f"daemon:     {daemon}" + (", DRY RUN (actions are only logged)" if report.dry_run else ""),
     ]
     if report.health is not None:
         h = report.health
