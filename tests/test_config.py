@@ -21,6 +21,7 @@ from hypothesis import strategies as st
 
 from hydra_watchdog.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_DURATION,
     Config,
     ConfigError,
     GpuDevice,
@@ -754,7 +755,7 @@ def test_example_renders_and_parses_back_equal() -> None:
 def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
     cfg = parse_config(
         {
-            "model": {"name": 'a "quoted"\\ name\nwith\ttabs\x7f and \u00e9', "fallback": "small"},
+            "model": {"name": 'a "quoted"\\ name with \u00e9', "fallback": "small"},
             "tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", 'python -m "x"']},
             "gpu": {"device": [{"uuid": "GPU-abc", "power_limit_watts": 287.5}, {"index": 3}]},
             "orphans": {"term_grace": 0.0015},
@@ -765,34 +766,32 @@ def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "url", "secrets", "shown"),
+    ("section", "url", "secrets"),
     [
-        (
-            "tabbyapi",
-            "http://opsuser:s3cret-pw@127.0.0.1:5000/",
-            ["opsuser", "s3cret-pw"],
-            "http://***@127.0.0.1:5000",
-        ),
+        ("tabbyapi", "http://opsuser:s3cret-pw@127.0.0.1:5000/", ["opsuser", "s3cret-pw"]),
+        ("tabbyapi", "http://127.0.0.1:5000/?admin_key=sk-live-42", ["sk-live-42"]),
+        ("tabbyapi", "http://127.0.0.1:5000/#frag", []),
+        ("tabbyapi", "http://127.0.0.1:5000?", []),
         (
             "fallback_route",
-            "https://user:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
-            ["user", "hunter2", "sk-live-42"],
-            "https://***@127.0.0.1:4000/v1?***",
+            "https://alice:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
+            ["alice", "hunter2", "sk-live-42"],
         ),
-        ("fallback_route", "http://127.0.0.1:4000/?token=abc123", ["abc123"], "?***"),
+        ("fallback_route", "http://127.0.0.1:4000/?token=abc123", ["abc123"]),
+        ("fallback_route", "http://@127.0.0.1:4000/", []),
     ],
 )
-def test_render_redacts_credentials_in_urls(
-    section: str, url: str, secrets: list[str], shown: str
+def test_urls_with_user_info_query_or_fragment_are_refused_without_echoing_secrets(
+    section: str, url: str, secrets: list[str]
 ) -> None:
-    cfg = parse_config({section: {"url": url}})
-    assert getattr(cfg, section).url == url.rstrip("/")  # the real value is kept for use
-    text = render_config(cfg)
+    # They would be sent on every probe and shown in status; the error lands in the journal.
+    with pytest.raises(ConfigError) as caught:
+        parse_config({section: {"url": url}})
+    assert caught.value.key == f"{section}.url"
+    message = str(caught.value)
+    assert "user info, a query or a fragment" in message
     for secret in secrets:
-        assert secret not in text
-    assert shown in text
-    # The redacted rendering is still a valid configuration.
-    assert getattr(round_trip(cfg), section).url == redact_url(getattr(cfg, section).url)
+        assert secret not in message
 
 
 def test_redact_url_leaves_plain_urls_alone() -> None:
@@ -818,31 +817,50 @@ def _url(hosts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     )
 
 
-def _duration(lo: float) -> st.SearchStrategy[object]:
-    text = st.builds(lambda n, u: f"{n}{u}", st.integers(0, 10**6), st.sampled_from(_UNITS))
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(lo: float, hi: float) -> st.SearchStrategy[object]:
+    def text(unit: str) -> st.SearchStrategy[str]:
+        size = _UNIT_SECONDS[unit]
+        counts = st.integers(math.ceil(lo / size), math.floor(hi / size))
+        return counts.map(lambda n: f"{n}{unit}")
+
+    fitting = [u for u in _UNITS if math.ceil(lo / _UNIT_SECONDS[u]) <= hi / _UNIT_SECONDS[u]]
     return st.one_of(
-        st.floats(min_value=lo, max_value=1e7, allow_nan=False),
-        st.integers(min_value=math.ceil(lo), max_value=10**7),
-        text.filter(lambda t: parse_duration(t) >= lo),
+        st.floats(min_value=lo, max_value=hi, allow_nan=False),
+        st.integers(min_value=math.ceil(lo), max_value=math.floor(hi)),
+        st.sampled_from(fitting).flatmap(text).filter(lambda t: lo <= parse_duration(t) <= hi),
     )
+
+
+# Printable text: every string kind refuses control characters.
+_TEXT = st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs")), max_size=20)
+_UNIT_CHARS = string.ascii_letters + string.digits + ":_.\\-"
+_UNIT_PART = st.text(alphabet=_UNIT_CHARS, min_size=1, max_size=8)
+_HOST_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True)
 
 
 def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
     kind, lo = meta["kind"], meta.get("min", 0)
-    path = st.text(max_size=20).map(lambda t: "/" + t)
+    hi_int, hi_float = meta.get("max", 10**9), meta.get("max", 1e9)
+    path = _TEXT.map(lambda t: "/" + t)
     strategies: dict[str, st.SearchStrategy[Any]] = {
         "bool": st.booleans(),
-        "int": st.integers(min_value=lo, max_value=10**9),
-        "optional_int": st.integers(min_value=lo, max_value=10**9),
-        "float": st.floats(min_value=lo, max_value=1e9, allow_nan=False)
-        | st.integers(math.ceil(lo), 10**9),
-        "optional_float": st.floats(min_value=lo, max_value=1e9, allow_nan=False),
-        "str": st.text(max_size=20),
-        "optional_str": st.text(max_size=20),
+        "int": st.integers(min_value=lo, max_value=hi_int),
+        "optional_int": st.integers(min_value=lo, max_value=hi_int),
+        "float": st.floats(min_value=lo, max_value=hi_float, allow_nan=False)
+        | st.integers(math.ceil(lo), math.floor(hi_float)),
+        "optional_float": st.floats(min_value=lo, max_value=hi_float, allow_nan=False),
+        "str": _TEXT,
+        "optional_str": _TEXT,
+        "model_name": _TEXT.filter(lambda t: "/" not in t and t not in (".", "..")),
         "path": path,
         "path_or_empty": st.just("") | path,
-        "unit": st.text(alphabet=st.characters(exclude_characters="/"), max_size=10).map(
-            lambda t: t + ".service"
+        "unit": st.builds(
+            lambda name, instance: f"{name}{instance}.service",
+            _UNIT_PART.filter(lambda t: not t.startswith("-")),
+            st.just("") | _UNIT_PART.map(lambda t: "@" + t),
         ),
         "str_list": st.lists(
             st.text(min_size=1, max_size=10), min_size=1 if meta.get("nonempty") else 0, max_size=3
@@ -853,12 +871,13 @@ def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
         "listen_or_empty": st.just("")
         | st.builds(
             lambda host, port: f"{host}:{port}",
-            st.sampled_from(["127.0.0.1", "0.0.0.0", "[::1]"]) | st.text(min_size=1, max_size=8),
+            st.sampled_from(["127.0.0.1", "0.0.0.0", "[::1]", "localhost"])
+            | st.lists(_HOST_LABEL, min_size=1, max_size=3).map(".".join),
             st.integers(1, 65535),
         ),
     }
     if kind == "duration":
-        return _duration(lo)
+        return _duration(lo, meta.get("max", MAX_DURATION))
     if kind not in strategies:
         raise AssertionError(f"test_config has no strategy for field kind {kind!r}")
     return strategies[kind]
