@@ -653,7 +653,12 @@ UNSAFE: list[tuple[str, dict[str, Any], str, list[str]]] = [
         ["maximum 10000.0"],
     ),
     ("vram huge", {"model": {"vram_required_gib": 1e308}}, "model.vram_required_gib", ["65536"]),
-    ("overhead huge", {"model": {"estimate_overhead_gib": 1e20}}, "model.estimate_overhead_gib", []),
+    (
+        "overhead huge",
+        {"model": {"estimate_overhead_gib": 1e20}},
+        "model.estimate_overhead_gib",
+        ["max"],
+    ),
     ("events huge", {"watchdog": {"events_kept": 10**100}}, "watchdog.events_kept", ["100000"]),
     ("restarts huge", {"restart_loop": {"max_restarts": 1001}}, "restart_loop.max_restarts", []),
     ("listen nul", {"metrics": {"listen": "\x00:9835"}}, "metrics.listen", ["'host:port'"]),
