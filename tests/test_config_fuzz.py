@@ -229,7 +229,9 @@ def mutated_configs(draw: st.DrawFn, *, wild: bool = True) -> dict[str, Any]:
         valid = raw_value(fields[key].metadata) if key in known else _WILD
         value = draw(valid | _WILD if wild else valid)
         if where == "gpu.device":
-            data.setdefault("gpu", {})["device"] = [{"index": 0, key: value}]
+            if isinstance(data.setdefault("gpu", {}), dict):
+                identity = {} if key in ("index", "uuid") else {"index": 0}
+                data["gpu"]["device"] = [{**identity, key: value}]
         elif wild and draw(st.integers(0, 19)) == 0:
             data[where] = value  # the section itself is not a table
         elif isinstance(data.setdefault(where, {}), dict):
