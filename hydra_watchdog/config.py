@@ -92,14 +92,10 @@ class TabbyAPISection:
         2.0, "Health latency above this is slow (the runbook's alert).", "duration", min=0.001
     )
     slow_probes: int = _opt(
-        3,
-        "Consecutive slow probes before the node counts as degraded.",
-        "int",
-        min=1,
-        max=MAX_COUNT,
+        3, "Consecutive slow probes before the node counts as degraded.", "int", min=1
     )
     failures_before_down: int = _opt(
-        3, "Consecutive failed probes before TabbyAPI counts as down.", "int", min=1, max=MAX_COUNT
+        3, "Consecutive failed probes before TabbyAPI counts as down.", "int", min=1
     )
     startup_grace: float = _opt(
         300.0,
