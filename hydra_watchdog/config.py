@@ -14,7 +14,9 @@ import ipaddress
 import math
 import posixpath
 import re
+import reprlib
 import tomllib
+import unicodedata
 import urllib.parse
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -26,6 +28,14 @@ from hydra_watchdog.durations import format_duration, parse_duration
 
 DEFAULT_CONFIG_PATH = Path("/etc/hydra-watchdog/config.toml")
 EX_CONFIG = 78
+# A config is a few kilobytes; anything far larger (or endless, like /dev/zero) is a wrong path.
+MAX_CONFIG_BYTES = 1 << 20
+# No timer of ours needs longer; a sane cap also keeps sleeps and timeouts in the C library's range.
+MAX_DURATION = 7 * 86400.0
+MAX_COUNT = 1000  # probes, restarts, attempts: beyond this a "limit" no longer limits anything
+MAX_GIB = 65536.0  # 64 TiB of VRAM; bytes = GiB * 2**30 must stay an exact, finite integer
+MAX_NAME_BYTES = 255  # NAME_MAX: a model folder or a unit name is one path component
+MAX_PATH_BYTES = 4095  # PATH_MAX less the terminating NUL
 
 
 class ConfigError(Exception):
@@ -45,7 +55,9 @@ def _opt(default: Any, doc: str, kind: str, **rules: Any) -> Any:
 
 @dataclass(frozen=True)
 class WatchdogSection:
-    interval: float = _opt(5.0, "How often to observe, decide and act.", "duration", min=0.05)
+    interval: float = _opt(
+        5.0, "How often to observe, decide and act.", "duration", min=0.05, max=3600.0
+    )
     state_dir: str = _opt(
         "/var/lib/hydra-watchdog",
         "Where state (back-off, history, events, pause) survives restarts.",
@@ -57,7 +69,9 @@ class WatchdogSection:
         "path",
     )
     dry_run: bool = _opt(False, "Decide as usual, but only log what would be done.", "bool")
-    events_kept: int = _opt(200, "How many recent events the state file keeps.", "int", min=1)
+    events_kept: int = _opt(
+        200, "How many recent events the state file keeps.", "int", min=1, max=100_000
+    )
 
 
 @dataclass(frozen=True)
@@ -128,7 +142,7 @@ class ModelSection:
     name: str = _opt(
         "Midnight-Miqu-70B-v1.5-exl2-2.5bpw",
         "The model to keep loaded (a folder under models_dir; empty: never load).",
-        "str",
+        "model_name",
     )
     models_dir: str = _opt(
         "/mnt/models", "Where the model folders live (a mount on hydra-ai).", "path"
@@ -138,28 +152,33 @@ class ModelSection:
         "VRAM the model needs, summed over the GPUs (unset: estimated from the folder size).",
         "optional_float",
         min=0.0,
+        max=MAX_GIB,
     )
     estimate_overhead_gib: float = _opt(
-        4.0, "Added to the folder size when estimating (KV cache, CUDA context).", "float", min=0.0
+        4.0,
+        "Added to the folder size when estimating (KV cache, CUDA context).",
+        "float",
+        min=0.0,
+        max=MAX_GIB,
     )
     load_timeout: float = _opt(
         900.0, "Give up on a model load after this long.", "duration", min=1.0
     )
     max_load_attempts: int = _opt(
-        3, "Failed loads of the model before the fallback is tried.", "int", min=1
+        3, "Failed loads of the model before the fallback is tried.", "int", min=1, max=MAX_COUNT
     )
     fallback: str = _opt(
-        "", "A smaller model to load when the main one cannot (empty: none).", "str"
+        "", "A smaller model to load when the main one cannot (empty: none).", "model_name"
     )
     fallback_vram_required_gib: float | None = _opt(
-        None, "VRAM the fallback needs (unset: estimated).", "optional_float", min=0.0
+        None, "VRAM the fallback needs (unset: estimated).", "optional_float", min=0.0, max=MAX_GIB
     )
 
 
 @dataclass(frozen=True)
 class RestartLoopSection:
     max_restarts: int = _opt(
-        3, "More restarts than this within `window` is a restart loop.", "int", min=1
+        3, "More restarts than this within `window` is a restart loop.", "int", min=1, max=MAX_COUNT
     )
     window: float = _opt(600.0, "The window restarts are counted in.", "duration", min=1.0)
     backoff_initial: float = _opt(
@@ -172,10 +191,15 @@ class RestartLoopSection:
 
 @dataclass(frozen=True)
 class GpuDevice:
-    index: int | None = _opt(None, "NVML index of the GPU.", "optional_int", min=0)
+    # NVML takes an unsigned int: a larger index would wrap around to another GPU.
+    index: int | None = _opt(None, "NVML index of the GPU.", "optional_int", min=0, max=255)
     uuid: str | None = _opt(None, "UUID of the GPU (instead of index).", "optional_str")
     power_limit_watts: float | None = _opt(
-        None, "Power limit to enforce (unset: leave it alone).", "optional_float", min=1.0
+        None,
+        "Power limit to enforce (unset: leave it alone).",
+        "optional_float",
+        min=1.0,
+        max=10_000.0,
     )
 
     @property
@@ -256,6 +280,30 @@ def schema() -> dict[str, dict[str, dataclasses.Field[Any]]]:
 # --- parsing ------------------------------------------------------------------------------------
 
 
+_REPR = reprlib.Repr()
+_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxlevel = 3
+
+
+def _show(value: object) -> str:
+    """repr() for messages: bounded in length and depth (a deeply nested TOML value would make
+    plain repr() raise RecursionError, a 1 MiB string would flood the journal)."""
+    return _REPR.repr(value)
+
+
+def _control_chars(text: str) -> list[str]:
+    return [f"U+{ord(ch):04X}" for ch in text if unicodedata.category(ch) == "Cc"]
+
+
+def _plain_text(key: str, value: str, what: str) -> None:
+    """Refuse control characters (NUL, newline, escape...): they end C strings and log lines."""
+    bad = _control_chars(value)
+    if bad:
+        raise ConfigError(
+            key, f"{_show(value)} holds control characters ({', '.join(bad[:3])}); {what}"
+        )
+
+
 def _is_loopback_host(host: str) -> bool:
     if host == "localhost":
         return True
@@ -267,21 +315,41 @@ def _is_loopback_host(host: str) -> bool:
 
 def _url(key: str, value: object, *, local: bool) -> str:
     if not isinstance(value, str):
-        raise ConfigError(key, f"{value!r} is not a string; expected an http:// or https:// URL")
+        raise ConfigError(
+            key, f"{_show(value)} is not a string; expected an http:// or https:// URL"
+        )
+    if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
+        raise ConfigError(
+            key,
+            f"{_show(value)} holds spaces, control or non-ASCII characters; "
+            "percent-encode them in an http:// or https:// URL",
+        )
     try:
         parsed = urllib.parse.urlsplit(value)
     except ValueError:  # e.g. an unclosed "[::1" IPv6 literal
-        raise ConfigError(key, f"{value!r} is not an http:// or https:// URL with a host") from None
+        raise ConfigError(
+            key, f"{_show(value)} is not an http:// or https:// URL with a host"
+        ) from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(key, f"{value!r} is not an http:// or https:// URL with a host")
+        raise ConfigError(key, f"{_show(value)} is not an http:// or https:// URL with a host")
+    # Credentials and queries would be sent on every probe and shown in status and logs; a
+    # fragment means nothing to a server. Shown redacted: the message lands in the journal.
+    if "@" in parsed.netloc or "?" in value or "#" in value:
+        raise ConfigError(
+            key,
+            f"{_show(redact_url(value))} carries user info, a query or a fragment; give a plain "
+            "base URL like 'http://127.0.0.1:5000' (the admin key goes in tabbyapi.admin_key_file)",
+        )
     try:
-        _ = parsed.port
+        port = parsed.port
     except ValueError:
-        raise ConfigError(key, f"{value!r} has an invalid port") from None
+        port = 0
+    if port == 0:  # ":0" would silently mean port 80 to the port scanner
+        raise ConfigError(key, f"{_show(value)} has an invalid port (expected 1-65535)")
     if local and not _is_loopback_host(parsed.hostname):
         raise ConfigError(
             key,
-            f"{value!r} is not on this node; the watchdog runs beside TabbyAPI and only "
+            f"{_show(value)} is not on this node; the watchdog runs beside TabbyAPI and only "
             "talks to a loopback address (127.0.0.0/8, ::1 or localhost)",
         )
     return value.rstrip("/")
@@ -290,50 +358,118 @@ def _url(key: str, value: object, *, local: bool) -> str:
 def _number(key: str, value: object, rules: Mapping[str, Any], integer: bool) -> float:
     what = "an integer" if integer else "a number"
     if isinstance(value, bool) or not isinstance(value, int | float):
-        raise ConfigError(key, f"{value!r} is not {what}")
+        raise ConfigError(key, f"{_show(value)} is not {what}")
     if integer and not isinstance(value, int):
-        raise ConfigError(key, f"{value!r} is not {what}")
+        raise ConfigError(key, f"{_show(value)} is not {what}")
     # TOML spells inf and nan; nan would also slip past the minimum check below.
     if isinstance(value, float) and not math.isfinite(value):
         raise ConfigError(key, f"{value!r} is not a finite number")
     if "min" in rules and value < rules["min"]:
-        raise ConfigError(key, f"{value!r} is below the minimum {rules['min']}")
+        raise ConfigError(key, f"{_show(value)} is below the minimum {rules['min']}")
+    if "max" in rules and value > rules["max"]:
+        raise ConfigError(key, f"{_show(value)} is above the maximum {rules['max']}")
     return value
+
+
+# A plain systemd unit name (systemd.unit(5)): these characters only, one optional "@instance".
+# No glob characters: systemctl expands "*.service" to every loaded unit.
+_UNIT_NAME = re.compile(r"[A-Za-z0-9:_.\\-]+(?:@[A-Za-z0-9:_.\\-]+)?\.service", re.ASCII)
+# A host for the metrics listener: an IPv4 literal or a DNS name (checked further below), or a
+# bracketed IPv6 literal.
+_HOST_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?", re.ASCII)
+
+
+def _unit(key: str, value: str) -> str:
+    if len(value) > MAX_NAME_BYTES or value.startswith("-") or _UNIT_NAME.fullmatch(value) is None:
+        raise ConfigError(
+            key,
+            f"{_show(value)} is not a plain systemd service name like 'tabbyapi.service' "
+            "(letters, digits and ':-_.\\', one optional '@instance', ending in '.service'; "
+            f"no globs, spaces or leading '-'; at most {MAX_NAME_BYTES} characters)",
+        )
+    return value
+
+
+def _model_name(key: str, value: str) -> str:
+    if not value:
+        return value
+    _plain_text(key, value, "expected a folder name under model.models_dir")
+    if "/" in value or value in (".", ".."):
+        raise ConfigError(
+            key,
+            f"{_show(value)} is not a folder name under model.models_dir "
+            "(no '/', and not '.' or '..')",
+        )
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_NAME_BYTES:
+        raise ConfigError(
+            key, f"{_show(value)} is longer than {MAX_NAME_BYTES} bytes, the longest folder name"
+        )
+    return value
+
+
+def _path(key: str, value: str, *, empty_ok: bool) -> str:
+    if empty_ok and not value:
+        return value
+    accepted = "an absolute path (or empty)" if empty_ok else "an absolute path"
+    _plain_text(key, value, f"expected {accepted}")
+    if not value.startswith("/"):
+        raise ConfigError(key, f"{_show(value)} is not {accepted}")
+    if len(value.encode("utf-8", "surrogatepass")) > MAX_PATH_BYTES:
+        raise ConfigError(key, f"{_show(value)} is longer than {MAX_PATH_BYTES} bytes")
+    return value
+
+
+def _listen_host(host: str) -> bool:
+    if host.startswith("[") and host.endswith("]"):
+        try:
+            return ipaddress.ip_address(host[1:-1]).version == 6
+        except ValueError:
+            return False
+    labels = host.rstrip(".").split(".")
+    return len(host) <= 253 and all(_HOST_NAME.fullmatch(label) for label in labels)
+
+
+def _duration(key: str, value: object, meta: Mapping[str, Any]) -> float:
+    try:
+        seconds = parse_duration(value)
+    except ValueError:
+        raise ConfigError(key, f"{_show(value)} is not {DURATION_ACCEPTED}") from None
+    if "min" in meta and seconds < meta["min"]:
+        raise ConfigError(key, f"{_show(value)} is shorter than {format_duration(meta['min'])}")
+    longest = meta.get("max", MAX_DURATION)
+    if seconds > longest:
+        raise ConfigError(
+            key, f"{_show(value)} is longer than the maximum {format_duration(longest)}"
+        )
+    return seconds
 
 
 def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
     kind = meta["kind"]
     if kind == "duration":
-        try:
-            seconds = parse_duration(value)
-        except ValueError:
-            raise ConfigError(key, f"{value!r} is not {DURATION_ACCEPTED}") from None
-        if "min" in meta and seconds < meta["min"]:
-            raise ConfigError(key, f"{value!r} is shorter than {format_duration(meta['min'])}")
-        return seconds
+        return _duration(key, value, meta)
     if kind == "bool":
         if not isinstance(value, bool):
-            raise ConfigError(key, f"{value!r} is not a boolean; use true or false")
+            raise ConfigError(key, f"{_show(value)} is not a boolean; use true or false")
         return value
     if kind in ("int", "optional_int"):
         return int(_number(key, value, meta, integer=True))
     if kind in ("float", "optional_float"):
         return float(_number(key, value, meta, integer=False))
-    if kind in ("str", "optional_str", "path", "path_or_empty", "unit"):
+    if kind in ("str", "optional_str", "path", "path_or_empty", "unit", "model_name"):
         if not isinstance(value, str):
-            raise ConfigError(key, f"{value!r} is not a string")
-        if kind == "path" and not value.startswith("/"):
-            raise ConfigError(key, f"{value!r} is not an absolute path")
-        if kind == "path_or_empty" and value and not value.startswith("/"):
-            raise ConfigError(key, f"{value!r} is not an absolute path (or empty)")
-        if kind == "unit" and (not value or "/" in value or not value.endswith(".service")):
-            raise ConfigError(
-                key, f"{value!r} is not a systemd service name like 'tabbyapi.service'"
-            )
+            raise ConfigError(key, f"{_show(value)} is not a string")
+        if kind in ("path", "path_or_empty"):
+            return _path(key, value, empty_ok=kind == "path_or_empty")
+        if kind == "unit":
+            return _unit(key, value)
+        if kind == "model_name":
+            return _model_name(key, value)
+        _plain_text(key, value, "expected plain text")
         return value
     if kind == "str_list":
         if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
-            raise ConfigError(key, f"{value!r} is not a list of non-empty strings")
+            raise ConfigError(key, f"{_show(value)} is not a list of non-empty strings")
         if meta.get("nonempty") and not value:
             raise ConfigError(key, "the list is empty; give at least one pattern")
         return tuple(value)
@@ -343,18 +479,20 @@ def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
         return "" if value == "" else _url(key, value, local=False)
     if kind == "listen_or_empty":
         if not isinstance(value, str):
-            raise ConfigError(key, f"{value!r} is not a string like '127.0.0.1:9835'")
+            raise ConfigError(key, f"{_show(value)} is not a string like '127.0.0.1:9835'")
         if value == "":
             return value
         host, sep, port = value.rpartition(":")
         if (
             not sep
-            or not host
+            or not _listen_host(host)
             or not (port.isascii() and port.isdigit())
             or not 0 < int(port) < 65536
         ):
             raise ConfigError(
-                key, f"{value!r} is not 'host:port' like '127.0.0.1:9835' (or empty: off)"
+                key,
+                f"{_show(value)} is not 'host:port' like '127.0.0.1:9835' or '[::1]:9835' "
+                "(or empty: off)",
             )
         return value
     if kind == "install_dirs":
@@ -406,7 +544,7 @@ def _reject_unknown(prefix: str, table: Mapping[str, object], known: Sequence[st
 
 def _parse_table(prefix: str, cls: type[Any], table: object) -> Any:
     if not isinstance(table, dict):
-        raise ConfigError(prefix.rstrip("."), f"{table!r} is not a table")
+        raise ConfigError(prefix.rstrip("."), f"{_show(table)} is not a table")
     fields = {f.name: f for f in dataclasses.fields(cls)}
     _reject_unknown(prefix, table, list(fields))
     values: dict[str, Any] = {}
@@ -466,14 +604,35 @@ def parse_config(data: Mapping[str, object], source: str = "(inline)") -> Config
 def load_config(path: Path | str) -> Config:
     path = Path(path)
     try:
-        text = path.read_text(encoding="utf-8")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not hang
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist (pass --config PATH)") from None
-    except (OSError, UnicodeDecodeError) as exc:
+    except OSError as exc:
         raise ConfigError("", f"config file {path} cannot be read: {exc}") from None
+    if len(raw) > MAX_CONFIG_BYTES:
+        raise ConfigError(
+            "",
+            f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
+            "that is not a configuration (is --config the right file?)",
+        )
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ConfigError(
+            "",
+            f"config file {path} cannot be read: it is not UTF-8 text "
+            f"(byte 0x{raw[exc.start]:02x} at offset {exc.start})",
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
+        raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
+    except RecursionError:
+        raise ConfigError(
+            "", f"{path} is not a usable config: its arrays or tables are nested too deeply"
+        ) from None
+    except Exception as exc:  # tomllib's other failures, e.g. a 5,000-digit integer
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
     return parse_config(data, source=str(path))
 

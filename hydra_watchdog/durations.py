@@ -7,7 +7,9 @@ import re
 from decimal import Decimal
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_PATTERN = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)\s*$")
+# ASCII only: Python's \d, int() and float() also take other scripts' digits ("١٢s" would be 12 s)
+# and float() takes "1e3", "1_0" and "inf"; one explicit grammar decides what a duration is.
+_PATTERN = re.compile(r"\s*([0-9]+(?:\.[0-9]+)?)\s*(ms|s|m|h|d)?\s*", re.ASCII)
 
 ACCEPTED = 'a duration like "500ms", "5s", "10m", "1h", "1d" or a number of seconds'
 
@@ -22,17 +24,13 @@ def parse_duration(value: object) -> float:
         except OverflowError:  # an int beyond float range
             raise ValueError(f"expected {ACCEPTED} (finite)") from None
     elif isinstance(value, str):
-        match = _PATTERN.match(value)
+        match = _PATTERN.fullmatch(value)
         if match is None:
-            try:
-                seconds = float(value)
-            except ValueError:
-                raise ValueError(f"expected {ACCEPTED}") from None
-        else:
-            number, unit = float(match.group(1)), match.group(2)
-            # Dividing is correctly rounded, so "700ms" is exactly the float 0.7 (700 * 0.001
-            # is not), and every whole millisecond count formats back as itself.
-            seconds = number / 1000 if unit == "ms" else number * _UNITS[unit]
+            raise ValueError(f"expected {ACCEPTED}")
+        number, unit = float(match.group(1)), match.group(2) or "s"
+        # Dividing is correctly rounded, so "700ms" is exactly the float 0.7 (700 * 0.001
+        # is not), and every whole millisecond count formats back as itself.
+        seconds = number / 1000 if unit == "ms" else number * _UNITS[unit]
     else:
         raise ValueError(f"expected {ACCEPTED}")
     if not math.isfinite(seconds) or seconds < 0:

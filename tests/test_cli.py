@@ -66,7 +66,7 @@ def test_version() -> None:
     assert out.returncode == 0 and out.stdout.strip() == f"hydra-watchdog {__version__}"
 
 
-def test_check_config_accepts_the_example_and_redacts(tmp_path: Path) -> None:
+def test_check_config_accepts_the_example_and_refuses_credentials(tmp_path: Path) -> None:
     out = cli("check-config", "--config", str(EXAMPLE))
     assert out.returncode == 0, out.stderr
     assert "[tabbyapi]" in out.stdout and 'url = "http://127.0.0.1:5000"' in out.stdout
@@ -75,8 +75,10 @@ def test_check_config_accepts_the_example_and_redacts(tmp_path: Path) -> None:
         {"fallback_route": {"url": "http://user:hunter2@127.0.0.1:4000/v1?token=abc"}},
     )
     out = cli("check-config", "--config", str(secret))
-    assert out.returncode == 0
-    assert "hunter2" not in out.stdout and "abc" not in out.stdout and "***@127.0.0.1" in out.stdout
+    # Credentials in a URL are refused (they would travel with every probe), without echoing them.
+    assert out.returncode == 78
+    assert "fallback_route.url" in out.stderr and "***@127.0.0.1" in out.stderr
+    assert "hunter2" not in out.stderr + out.stdout and "abc" not in out.stderr + out.stdout
 
 
 @pytest.mark.parametrize(

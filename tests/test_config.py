@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from hydra_watchdog.config import (
     DEFAULT_CONFIG_PATH,
+    MAX_DURATION,
     Config,
     ConfigError,
     GpuDevice,
@@ -606,6 +607,131 @@ def test_invalid_config_names_key_value_and_what_is_accepted(
         assert fragment in message
 
 
+def _nested(depth: int) -> object:
+    value: object = "x"
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+# Issue 10: what `run` would crash on (or misuse) is refused up front, naming the key.
+UNSAFE: list[tuple[str, dict[str, Any], str, list[str]]] = [
+    ("unit glob", {"tabbyapi": {"unit": "*.service"}}, "tabbyapi.unit", ["'*.service'", "globs"]),
+    ("unit glob ?", {"tabbyapi": {"unit": "tabby?.service"}}, "tabbyapi.unit", ["no globs"]),
+    ("unit glob [", {"tabbyapi": {"unit": "tabby[12].service"}}, "tabbyapi.unit", ["globs"]),
+    ("unit option", {"tabbyapi": {"unit": "--all.service"}}, "tabbyapi.unit", ["leading '-'"]),
+    ("unit space", {"tabbyapi": {"unit": "tabby api.service"}}, "tabbyapi.unit", ["spaces"]),
+    ("unit newline", {"tabbyapi": {"unit": "a.service\nb.service"}}, "tabbyapi.unit", ["\\n"]),
+    ("unit path", {"tabbyapi": {"unit": "../x.service"}}, "tabbyapi.unit", ["'../x.service'"]),
+    ("unit template", {"tabbyapi": {"unit": "tabby@.service"}}, "tabbyapi.unit", ["@instance"]),
+    ("unit too long", {"tabbyapi": {"unit": "a" * 250 + ".service"}}, "tabbyapi.unit", ["255"]),
+    ("unit empty", {"tabbyapi": {"unit": ""}}, "tabbyapi.unit", ["'tabbyapi.service'"]),
+    ("url port 0", {"tabbyapi": {"url": "http://127.0.0.1:0"}}, "tabbyapi.url", ["1-65535"]),
+    ("url space", {"tabbyapi": {"url": "http://127.0.0.1:5000/ x"}}, "tabbyapi.url", ["spaces"]),
+    ("url newline", {"fallback_route": {"url": "http://127.0.0.1/\n"}}, "fallback_route.url", []),
+    ("url non-ascii", {"tabbyapi": {"url": "http://127.0.0.1:５０００"}}, "tabbyapi.url", []),
+    ("arabic digits", {"watchdog": {"interval": "١٢s"}}, "watchdog.interval", ["'١٢s'"]),
+    ("fullwidth digits", {"orphans": {"term_grace": "５"}}, "orphans.term_grace", ["'５'"]),
+    ("exponent text", {"tabbyapi": {"startup_grace": "1e3"}}, "tabbyapi.startup_grace", []),
+    ("interval 2h", {"watchdog": {"interval": "2h"}}, "watchdog.interval", ["'2h'", "maximum 1h"]),
+    ("interval secs", {"watchdog": {"interval": 3601}}, "watchdog.interval", ["maximum 1h"]),
+    ("grace 8d", {"tabbyapi": {"startup_grace": "8d"}}, "tabbyapi.startup_grace", ["maximum 7d"]),
+    ("window huge", {"restart_loop": {"window": 2**63 - 1}}, "restart_loop.window", ["7d"]),
+    (
+        "timeout 1e300",
+        {"fallback_route": {"timeout": 1e300}},
+        "fallback_route.timeout",
+        ["maximum 7d"],
+    ),
+    ("model up", {"model": {"name": "../other"}}, "model.name", ["'../other'", "folder name"]),
+    ("model slash", {"model": {"name": "org/model"}}, "model.name", ["no '/'"]),
+    ("model dotdot", {"model": {"name": ".."}}, "model.name", ["'..'"]),
+    ("model dot", {"model": {"name": "."}}, "model.name", ["'.'"]),
+    ("model nul", {"model": {"name": "m\x00x"}}, "model.name", ["U+0000"]),
+    ("model newline", {"model": {"name": "m\nx"}}, "model.name", ["U+000A"]),
+    ("model too long", {"model": {"name": "é" * 128}}, "model.name", ["255 bytes"]),
+    ("fallback up", {"model": {"fallback": "../../etc"}}, "model.fallback", ["folder name"]),
+    ("state nul", {"watchdog": {"state_dir": "/var/\x00x"}}, "watchdog.state_dir", ["U+0000"]),
+    ("runtime esc", {"watchdog": {"runtime_dir": "/run/\x1b[2J"}}, "watchdog.runtime_dir", []),
+    ("key nul", {"tabbyapi": {"admin_key_file": "/k\x00"}}, "tabbyapi.admin_key_file", []),
+    ("venv nul", {"tabbyapi": {"venv": "/opt/\x00"}}, "tabbyapi.venv", ["U+0000"]),
+    ("nvml nul", {"gpu": {"nvml_library": "/lib\x00.so"}}, "gpu.nvml_library", ["U+0000"]),
+    ("models nul", {"model": {"models_dir": "/mnt\x00"}}, "model.models_dir", ["U+0000"]),
+    ("path too long", {"model": {"models_dir": "/" + "a" * 4095}}, "model.models_dir", ["4095"]),
+    ("route model nl", {"fallback_route": {"model": "t\n"}}, "fallback_route.model", ["U+000A"]),
+    (
+        "uuid nul",
+        {"gpu": {"device": [{"uuid": "GPU-\x00"}]}},
+        "gpu.device[0].uuid",
+        ["U+0000"],
+    ),
+    (
+        "index wraps",
+        {"gpu": {"device": [{"index": 2**32}]}},
+        "gpu.device[0].index",
+        ["maximum 255"],
+    ),
+    (
+        "watts huge",
+        {"gpu": {"device": [{"index": 0, "power_limit_watts": 1e308}]}},
+        "gpu.device[0].power_limit_watts",
+        ["maximum 10000.0"],
+    ),
+    ("vram huge", {"model": {"vram_required_gib": 1e308}}, "model.vram_required_gib", ["65536"]),
+    (
+        "overhead huge",
+        {"model": {"estimate_overhead_gib": 1e20}},
+        "model.estimate_overhead_gib",
+        ["max"],
+    ),
+    ("events huge", {"watchdog": {"events_kept": 10**100}}, "watchdog.events_kept", ["100000"]),
+    ("restarts huge", {"restart_loop": {"max_restarts": 1001}}, "restart_loop.max_restarts", []),
+    ("listen nul", {"metrics": {"listen": "\x00:9835"}}, "metrics.listen", ["'host:port'"]),
+    ("listen space", {"metrics": {"listen": "a b:9835"}}, "metrics.listen", ["'host:port'"]),
+    ("listen bare v6", {"metrics": {"listen": "::1:9835"}}, "metrics.listen", ["'[::1]:9835'"]),
+    ("listen long", {"metrics": {"listen": "a" * 64 + ":1"}}, "metrics.listen", ["'host:port'"]),
+    ("deep value", {"model": {"name": _nested(3000)}}, "model.name", ["not a string"]),
+    ("deep section", {"metrics": [[[[[[[[1]]]]]]]]}, "metrics", ["is not a table"]),
+]
+
+
+@pytest.mark.parametrize(
+    ("data", "key", "fragments"), [row[1:] for row in UNSAFE], ids=[row[0] for row in UNSAFE]
+)
+def test_values_run_would_misuse_are_refused_naming_the_key(
+    data: dict[str, Any], key: str, fragments: list[str]
+) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    message = str(caught.value)
+    assert caught.value.key == key
+    assert message.startswith(f"{key}: ")
+    assert len(message) < 1000  # the value is shown bounded, never a flood
+    for fragment in fragments:
+        assert fragment in message
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        {"tabbyapi": {"unit": "tabbyapi@gpu0.service"}},
+        {"tabbyapi": {"unit": "tabby-api_2:x.y.service"}},
+        {"tabbyapi": {"unit": "tabby\\x2dapi.service"}},
+        {"tabbyapi": {"unit": "a" * 247 + ".service"}},
+        {"watchdog": {"interval": "1h"}},
+        {"tabbyapi": {"startup_grace": "7d", "canary_interval": 604800}},
+        {"model": {"name": "Midnight..Miqu v1.5 é", "fallback": ".hidden"}},
+        {"model": {"vram_required_gib": 65536, "estimate_overhead_gib": 0}},
+        {"gpu": {"device": [{"index": 255, "power_limit_watts": 10000}]}},
+        {"metrics": {"listen": "localhost:9835"}},
+        {"metrics": {"listen": "0.0.0.0:9835"}},
+        {"fallback_route": {"url": "http://litellm.internal:4000/v1"}},
+    ],
+)
+def test_plain_values_at_the_limits_are_valid(data: dict[str, Any]) -> None:
+    parse_config(data)
+
+
 @pytest.mark.parametrize(
     "data",
     [
@@ -678,6 +804,49 @@ def test_a_file_that_is_not_utf8_cannot_be_read(tmp_path: Path) -> None:
     path.write_bytes(b'[model]\nname = "caf\xe9"\n')
     with pytest.raises(ConfigError, match=f"config file {re.escape(str(path))} cannot be read"):
         load_config(path)
+    at = len(b'[model]\nname = "caf')
+    with pytest.raises(ConfigError, match=rf"not UTF-8 text \(byte 0xe9 at offset {at}\)"):
+        load_config(path)
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        ("[watchdog]\nx = " + "[" * 5000 + "]" * 5000 + "\n", "nested too deeply"),
+        ("[model]\nn = " + "{a = " * 3000 + "1" + "}" * 3000 + "\n", "nested too deeply"),
+        ("[watchdog]\nevents_kept = " + "9" * 5000 + "\n", "not valid TOML"),
+    ],
+    ids=["deep arrays", "deep inline tables", "5000-digit integer"],
+)
+def test_toml_that_tomllib_chokes_on_is_a_config_error(
+    tmp_path: Path, text: str, says: str
+) -> None:
+    # tomllib raises RecursionError or ValueError here, not TOMLDecodeError.
+    path = write(tmp_path / "c.toml", text)
+    with pytest.raises(ConfigError, match=says) as caught:
+        load_config(path)
+    assert str(path) in str(caught.value)
+
+
+def test_deep_dotted_keys_are_refused_with_a_bounded_message(tmp_path: Path) -> None:
+    # tomllib parses these fine; the nested value must not break the error message (repr recurses).
+    path = write(tmp_path / "c.toml", "[model]\nname" + ".a" * 5000 + " = 1\n")
+    with pytest.raises(ConfigError) as caught:
+        load_config(path)
+    assert caught.value.key == "model.name"
+    assert len(str(caught.value)) < 1000
+
+
+def test_a_file_too_large_to_be_a_config_is_refused(tmp_path: Path) -> None:
+    big = write(tmp_path / "big.toml", "# padding\n" * 120_000)  # valid TOML, 1.2 MB
+    with pytest.raises(ConfigError, match="larger than 1024 KiB") as caught:
+        load_config(big)
+    assert str(big) in str(caught.value)
+
+
+def test_an_endless_file_is_refused_not_read_forever() -> None:
+    with pytest.raises(ConfigError, match="larger than 1024 KiB"):
+        load_config("/dev/zero")
 
 
 _NOBODY = 65534
@@ -779,7 +948,7 @@ def test_example_renders_and_parses_back_equal() -> None:
 def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
     cfg = parse_config(
         {
-            "model": {"name": 'a "quoted"\\ name\nwith\ttabs\x7f and \u00e9', "fallback": "small"},
+            "model": {"name": 'a "quoted"\\ name with \u00e9', "fallback": "small"},
             "tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi", '/srv/odd "dir" x']},
             "gpu": {"device": [{"uuid": "GPU-abc", "power_limit_watts": 287.5}, {"index": 3}]},
             "orphans": {"term_grace": 0.0015},
@@ -790,34 +959,32 @@ def test_devices_by_uuid_and_odd_strings_render_back_equal() -> None:
 
 
 @pytest.mark.parametrize(
-    ("section", "url", "secrets", "shown"),
+    ("section", "url", "secrets"),
     [
-        (
-            "tabbyapi",
-            "http://opsuser:s3cret-pw@127.0.0.1:5000/",
-            ["opsuser", "s3cret-pw"],
-            "http://***@127.0.0.1:5000",
-        ),
+        ("tabbyapi", "http://opsuser:s3cret-pw@127.0.0.1:5000/", ["opsuser", "s3cret-pw"]),
+        ("tabbyapi", "http://127.0.0.1:5000/?admin_key=sk-live-42", ["sk-live-42"]),
+        ("tabbyapi", "http://127.0.0.1:5000/#frag", []),
+        ("tabbyapi", "http://127.0.0.1:5000?", []),
         (
             "fallback_route",
-            "https://fbuser:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
-            ["fbuser", "hunter2", "sk-live-42"],
-            "https://***@127.0.0.1:4000/v1?***",
+            "https://alice:hunter2@127.0.0.1:4000/v1?api_key=sk-live-42",
+            ["alice", "hunter2", "sk-live-42"],
         ),
-        ("fallback_route", "http://127.0.0.1:4000/?token=abc123", ["abc123"], "?***"),
+        ("fallback_route", "http://127.0.0.1:4000/?token=abc123", ["abc123"]),
+        ("fallback_route", "http://@127.0.0.1:4000/", []),
     ],
 )
-def test_render_redacts_credentials_in_urls(
-    section: str, url: str, secrets: list[str], shown: str
+def test_urls_with_user_info_query_or_fragment_are_refused_without_echoing_secrets(
+    section: str, url: str, secrets: list[str]
 ) -> None:
-    cfg = parse_config({section: {"url": url}})
-    assert getattr(cfg, section).url == url.rstrip("/")  # the real value is kept for use
-    text = render_config(cfg)
+    # They would be sent on every probe and shown in status; the error lands in the journal.
+    with pytest.raises(ConfigError) as caught:
+        parse_config({section: {"url": url}})
+    assert caught.value.key == f"{section}.url"
+    message = str(caught.value)
+    assert "user info, a query or a fragment" in message
     for secret in secrets:
-        assert secret not in text
-    assert shown in text
-    # The redacted rendering is still a valid configuration.
-    assert getattr(round_trip(cfg), section).url == redact_url(getattr(cfg, section).url)
+        assert secret not in message
 
 
 def test_redact_url_leaves_plain_urls_alone() -> None:
@@ -843,31 +1010,50 @@ def _url(hosts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     )
 
 
-def _duration(lo: float) -> st.SearchStrategy[object]:
-    text = st.builds(lambda n, u: f"{n}{u}", st.integers(0, 10**6), st.sampled_from(_UNITS))
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+
+
+def _duration(lo: float, hi: float) -> st.SearchStrategy[object]:
+    def text(unit: str) -> st.SearchStrategy[str]:
+        size = _UNIT_SECONDS[unit]
+        counts = st.integers(math.ceil(lo / size), math.floor(hi / size))
+        return counts.map(lambda n: f"{n}{unit}")
+
+    fitting = [u for u in _UNITS if math.ceil(lo / _UNIT_SECONDS[u]) <= hi / _UNIT_SECONDS[u]]
     return st.one_of(
-        st.floats(min_value=lo, max_value=1e7, allow_nan=False),
-        st.integers(min_value=math.ceil(lo), max_value=10**7),
-        text.filter(lambda t: parse_duration(t) >= lo),
+        st.floats(min_value=lo, max_value=hi, allow_nan=False),
+        st.integers(min_value=math.ceil(lo), max_value=math.floor(hi)),
+        st.sampled_from(fitting).flatmap(text).filter(lambda t: lo <= parse_duration(t) <= hi),
     )
+
+
+# Printable text: every string kind refuses control characters.
+_TEXT = st.text(alphabet=st.characters(exclude_categories=("Cc", "Cs")), max_size=20)
+_UNIT_CHARS = string.ascii_letters + string.digits + ":_.\\-"
+_UNIT_PART = st.text(alphabet=_UNIT_CHARS, min_size=1, max_size=8)
+_HOST_LABEL = st.from_regex(r"[a-z0-9]([a-z0-9-]{0,6}[a-z0-9])?", fullmatch=True)
 
 
 def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
     kind, lo = meta["kind"], meta.get("min", 0)
-    path = st.text(max_size=20).map(lambda t: "/" + t)
+    hi_int, hi_float = meta.get("max", 10**9), meta.get("max", 1e9)
+    path = _TEXT.map(lambda t: "/" + t)
     strategies: dict[str, st.SearchStrategy[Any]] = {
         "bool": st.booleans(),
-        "int": st.integers(min_value=lo, max_value=10**9),
-        "optional_int": st.integers(min_value=lo, max_value=10**9),
-        "float": st.floats(min_value=lo, max_value=1e9, allow_nan=False)
-        | st.integers(math.ceil(lo), 10**9),
-        "optional_float": st.floats(min_value=lo, max_value=1e9, allow_nan=False),
-        "str": st.text(max_size=20),
-        "optional_str": st.text(max_size=20),
+        "int": st.integers(min_value=lo, max_value=hi_int),
+        "optional_int": st.integers(min_value=lo, max_value=hi_int),
+        "float": st.floats(min_value=lo, max_value=hi_float, allow_nan=False)
+        | st.integers(math.ceil(lo), math.floor(hi_float)),
+        "optional_float": st.floats(min_value=lo, max_value=hi_float, allow_nan=False),
+        "str": _TEXT,
+        "optional_str": _TEXT,
+        "model_name": _TEXT.filter(lambda t: "/" not in t and t not in (".", "..")),
         "path": path,
         "path_or_empty": st.just("") | path,
-        "unit": st.text(alphabet=st.characters(exclude_characters="/"), max_size=10).map(
-            lambda t: t + ".service"
+        "unit": st.builds(
+            lambda name, instance: f"{name}{instance}.service",
+            _UNIT_PART.filter(lambda t: not t.startswith("-")),
+            st.just("") | _UNIT_PART.map(lambda t: "@" + t),
         ),
         "install_dirs": st.lists(
             st.lists(st.text(alphabet="abz-_.", min_size=1, max_size=6), min_size=1, max_size=3)
@@ -886,12 +1072,13 @@ def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
         "listen_or_empty": st.just("")
         | st.builds(
             lambda host, port: f"{host}:{port}",
-            st.sampled_from(["127.0.0.1", "0.0.0.0", "[::1]"]) | st.text(min_size=1, max_size=8),
+            st.sampled_from(["127.0.0.1", "0.0.0.0", "[::1]", "localhost"])
+            | st.lists(_HOST_LABEL, min_size=1, max_size=3).map(".".join),
             st.integers(1, 65535),
         ),
     }
     if kind == "duration":
-        return _duration(lo)
+        return _duration(lo, meta.get("max", MAX_DURATION))
     if kind not in strategies:
         raise AssertionError(f"test_config has no strategy for field kind {kind!r}")
     return strategies[kind]

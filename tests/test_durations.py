@@ -87,8 +87,20 @@ def test_integer_count_of_each_unit(n: int, unit: str) -> None:
         [5],
         {"s": 5},
         b"5s",
+        # Only ASCII digits and the unit grammar: Python's int()/float()/\\d take these too.
+        "\u0661\u0662s",  # Arabic-Indic "12s"
+        "\u0661\u0662",
+        "\uff15s",  # fullwidth 5
+        "\u0967\u0966m",  # Devanagari "10m"
+        "1e3",
+        "1_000",
+        "+5s",
+        ".5",
+        "5.",
+        "5\u00a0s",  # no-break space
+        "\u20035s",  # em space
     ],
-    ids=lambda v: repr(v)[:24],
+    ids=lambda v: ascii(v)[:24],
 )
 def test_bad_values_raise_valueerror_saying_what_is_accepted(value: object) -> None:
     with pytest.raises(ValueError, match=re.escape(ACCEPTED)):
@@ -145,3 +157,16 @@ def test_every_whole_millisecond_below_a_second_formats_as_ms(ms: int) -> None:
 def test_parse_format_parse_is_stable(text: str) -> None:
     seconds = parse_duration(text)
     assert parse_duration(format_duration(seconds)) == seconds
+
+
+@given(
+    digits=st.text(alphabet=st.characters(categories=["Nd"]), min_size=1, max_size=4),
+    unit=st.sampled_from(["", *sorted(UNIT_SECONDS)]),
+)
+def test_only_ascii_digits_are_read(digits: str, unit: str) -> None:
+    text = digits + unit
+    if digits.isascii():
+        assert parse_duration(text) == float(int(digits) * UNIT_SECONDS.get(unit or "s", 1))
+    else:
+        with pytest.raises(ValueError, match=re.escape(ACCEPTED)):
+            parse_duration(text)
