@@ -17,6 +17,7 @@ import psutil
 from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.interfaces import GpuAdapter
+from hydra_watchdog.printable import printable
 
 # A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
 # unit's WatchdogSec (90 s) minus a ping interval.
@@ -44,7 +45,7 @@ def _foreign_users(
         except psutil.AccessDenied:
             cmd = ""
         if not any(p in cmd for p in patterns):
-            foreign.append(f"{gp.pid} ({cmd[:60] or 'unreadable'})")
+            foreign.append(f"{gp.pid} ({printable(cmd)[:60] or 'unreadable'})")
     return foreign, None
 
 
