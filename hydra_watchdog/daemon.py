@@ -50,6 +50,7 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.printable import printable
 from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.sdnotify import Notifier
@@ -194,7 +195,8 @@ class Daemon:
                 self.emit(event)
             except Exception:  # a logging failure must not stop the watchdog
                 with contextlib.suppress(Exception):
-                    sys.stderr.write(f"hydra-watchdog: cannot log event: {event.message}\n")
+                    text = printable(event.message)
+                    sys.stderr.write(f"hydra-watchdog: cannot log event: {text}\n")
 
     # --- one cycle --------------------------------------------------------------------------
 

@@ -11,6 +11,8 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
 
+from hydra_watchdog.printable import printable
+
 if TYPE_CHECKING:
     from hydra_watchdog.actions import ActionResult
 
@@ -142,7 +144,9 @@ class ProcessInfo:
 
     @property
     def command(self) -> str:
-        return " ".join(self.cmdline)
+        """The command line for people to read, control characters escaped (any process
+        can put a newline and a forged log record in its argv); identity uses `cmdline`."""
+        return printable(" ".join(self.cmdline))
 
 
 @dataclass(frozen=True)

@@ -55,8 +55,8 @@ from hydra_watchdog.observation import (
     UnitStatus,
 )
 from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
+from hydra_watchdog.printable import one_line
 from hydra_watchdog.states import Phase, Rule, Severity
-from hydra_watchdog.text import one_line
 
 GIB = 1024**3
 POWER_RETRY_AFTER = 3600.0  # a refused power limit is retried hourly, not every cycle

@@ -13,6 +13,7 @@ from hydra_watchdog.probes.host import (
     HostProbe,
     check_libraries,
     check_models_dir,
+    find_extensions,
     inspect_model,
     parse_ldd,
 )
@@ -181,3 +182,69 @@ def test_not_an_elf_is_reported_not_raised(tmp_path: Path) -> None:
     check = check_libraries(str(venv), timeout=10.0)
     assert check.missing is None
     assert "exllamav2_ext.so" in check.detail
+
+
+# -- the extension search in a hostile venv tree (issue 10 item 4) ----------------------------
+
+
+def plant_loops(folder: Path) -> None:
+    """Symlinked folders that lead back up the tree: glob's `**` followed them until it hung."""
+    (folder / "loop").symlink_to("..")
+    (folder / "loop2").symlink_to("../..")
+    (folder / "self").symlink_to(".")
+
+
+@pytest.mark.timeout(60)  # a regression hangs here; the bound makes it a failure, not a stall
+@needs_gcc
+def test_symlink_loops_in_the_venv_are_not_followed(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    sp = site_packages(venv)
+    build_extension(tmp_path, sp, with_dependency=False)
+    pkg = sp / "exllamav2" / "ext"
+    pkg.mkdir(parents=True)
+    shutil.copy(sp / "exllamav2_ext.cpython-311-x86_64-linux-gnu.so", pkg / "inner.so")
+    plant_loops(pkg)
+    plant_loops(sp / "exllamav2")
+    (venv / "lib64").symlink_to("lib")  # what `python -m venv` makes on x86_64
+    check = check_libraries(str(venv), timeout=30.0)
+    # Both real files, each once: nothing reached through a loop is counted again.
+    assert "checked 2 extension(s)" in check.detail
+    assert check.missing == ("libhwdep.so",)
+
+
+@pytest.mark.timeout(60)
+def test_symlink_loops_without_an_extension_finish_with_none_found(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    pkg = site_packages(venv) / "exllamav2"
+    pkg.mkdir()
+    plant_loops(pkg)
+    (pkg / "model.py").write_text("")
+    check = check_libraries(str(venv), timeout=5.0)
+    assert check.missing is None
+    assert "no ExLlamaV2 extension" in check.detail
+
+
+def test_extension_search_is_bounded_in_depth(tmp_path: Path) -> None:
+    venv = tmp_path / "venv"
+    pkg = site_packages(venv) / "exllamav2"
+    shallow = pkg / "a" / "b"
+    shallow.mkdir(parents=True)
+    (shallow / "near.so").write_bytes(b"")
+    deep = pkg.joinpath(*[f"d{i}" for i in range(20)])  # deeper than any real package
+    deep.mkdir(parents=True)
+    (deep / "far.so").write_bytes(b"")
+    found, cut_short = find_extensions(str(venv))
+    assert [Path(f).name for f in found] == ["near.so"] and cut_short == ""
+
+
+@pytest.mark.slow
+def test_extension_search_is_bounded_in_entries(tmp_path: Path) -> None:
+    crowded = site_packages(tmp_path / "venv2") / "exllamav2" / "crowded"
+    crowded.mkdir(parents=True)
+    for i in range(50_001):
+        (crowded / f"f{i}").touch()
+    found, cut_short = find_extensions(str(tmp_path / "venv2"))
+    assert (found, cut_short) == ((), "stopped looking after 50000 entries")
+    check = check_libraries(str(tmp_path / "venv2"), timeout=5.0)
+    assert check.missing is None  # nothing found before the bound: could not check, no guess
+    assert "stopped looking after 50000 entries" in check.detail

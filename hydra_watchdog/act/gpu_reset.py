@@ -15,9 +15,9 @@ from collections.abc import Callable, Sequence
 from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.interfaces import GpuAdapter
+from hydra_watchdog.printable import one_line
 from hydra_watchdog.probes.identity import is_tabby_program, read_identity, resolve_uid
 from hydra_watchdog.probes.procs import in_unit
-from hydra_watchdog.text import one_line
 
 # A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
 # unit's WatchdogSec (90 s) minus a ping interval.

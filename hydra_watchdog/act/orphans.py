@@ -18,9 +18,9 @@ from collections.abc import Callable
 
 from hydra_watchdog.actions import ActionResult, KillOrphan, ResultStatus
 from hydra_watchdog.config import OrphansSection
+from hydra_watchdog.printable import one_line
 from hydra_watchdog.probes.identity import own_pid_namespace, read_identity
 from hydra_watchdog.probes.procs import in_unit
-from hydra_watchdog.text import one_line
 
 _KILL_WAIT = 5.0  # after SIGKILL: the kernel frees it promptly unless it is stuck in D state
 

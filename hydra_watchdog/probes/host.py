@@ -11,6 +11,7 @@ extension in TabbyAPI's venv links against store paths that are gone, and `ldd` 
 
 from __future__ import annotations
 
+import fnmatch
 import glob
 import os
 import subprocess
@@ -24,11 +25,14 @@ if TYPE_CHECKING:
 
 
 # The compiled extension of ExLlamaV2: prebuilt wheels ship `exllamav2_ext*.so` at the top of
-# site-packages; some builds put it (or more) inside the package.
-_EXTENSION_GLOBS = (
-    "lib/python3*/site-packages/exllamav2_ext*.so",
-    "lib/python3*/site-packages/exllamav2/**/*.so",
-)
+# site-packages; some builds put it (or more) inside the package, which is searched without
+# following symlinked folders (a `loop -> ..` made glob's `**` recurse until it hung) and within
+# bounds far above the package's real size (a few hundred entries, four levels deep).
+_SITE_PACKAGES = "lib/python3*/site-packages"
+_TOP_EXTENSION = "exllamav2_ext*.so"
+_PACKAGE = "exllamav2"
+_MAX_ENTRIES = 50_000  # directory entries looked at inside the package
+_MAX_DEPTH = 16  # folder levels below the package
 
 
 def parse_ldd(text: str) -> tuple[str, ...]:
@@ -104,6 +108,29 @@ def _tree_size(path: str) -> int:
     return total
 
 
+def find_extensions(venv: str) -> tuple[tuple[str, ...], str]:
+    """(the ExLlamaV2 extension files in the venv, sorted; why the search stopped short or "")."""
+    found: set[str] = set()
+    seen = 0
+    for sp in sorted(glob.glob(os.path.join(venv, _SITE_PACKAGES))):
+        try:
+            with os.scandir(sp) as entries:
+                top = [e.path for e in entries if fnmatch.fnmatchcase(e.name, _TOP_EXTENSION)]
+        except OSError:
+            continue
+        found.update(top)
+        package = os.path.join(sp, _PACKAGE)
+        base_depth = package.count(os.sep)
+        for dirpath, dirnames, filenames in os.walk(package, followlinks=False):
+            seen += len(dirnames) + len(filenames)
+            if seen > _MAX_ENTRIES:
+                return tuple(sorted(found)), f"stopped looking after {_MAX_ENTRIES} entries"
+            found.update(os.path.join(dirpath, f) for f in filenames if f.endswith(".so"))
+            if dirpath.count(os.sep) - base_depth >= _MAX_DEPTH:
+                dirnames.clear()  # deeper than any real package: not searched
+    return tuple(sorted(found)), ""
+
+
 @dataclass(frozen=True)
 class LibraryCheck:
     missing: tuple[str, ...] | None  # None: could not check
@@ -116,15 +143,10 @@ def check_libraries(venv: str, *, timeout: float) -> LibraryCheck:
         return LibraryCheck(None, "no venv configured")
     if not os.path.isdir(venv):
         return LibraryCheck(None, f"venv {venv} missing: cannot check its libraries")
-    extensions = sorted(
-        {
-            f
-            for pattern in _EXTENSION_GLOBS
-            for f in glob.glob(os.path.join(venv, pattern), recursive=True)
-        }
-    )
+    extensions, cut_short = find_extensions(venv)
     if not extensions:
-        return LibraryCheck(None, f"no ExLlamaV2 extension (exllamav2_ext*.so) under {venv}")
+        why = f"no ExLlamaV2 extension (exllamav2_ext*.so) under {venv}"
+        return LibraryCheck(None, f"{why} ({cut_short})" if cut_short else why)
     missing: list[str] = []
     problems: list[str] = []
     for ext in extensions:
@@ -150,10 +172,11 @@ def check_libraries(venv: str, *, timeout: float) -> LibraryCheck:
         if not found and proc.returncode != 0:
             problems.append(f"ldd {ext} failed: {proc.stderr.strip() or proc.returncode}")
         missing.extend(lib for lib in found if lib not in missing)
+    notes = [f"{cut_short} under {venv}"] if cut_short else []
     if problems and not missing and len(problems) == len(extensions):
-        return LibraryCheck(None, "; ".join(problems))
+        return LibraryCheck(None, "; ".join([*problems, *notes]))
     checked = f"checked {len(extensions)} extension(s)"
-    return LibraryCheck(tuple(missing), "; ".join([checked, *problems]))
+    return LibraryCheck(tuple(missing), "; ".join([checked, *problems, *notes]))
 
 
 class HostProbe:

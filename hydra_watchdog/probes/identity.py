@@ -30,7 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 
 from hydra_watchdog.observation import UnitStatus
-from hydra_watchdog.text import one_line
+from hydra_watchdog.printable import one_line
 
 _INTERPRETER_FLAGS_WITH_ARG = frozenset({"-c", "-m", "-W", "-X", "-Q"})
 

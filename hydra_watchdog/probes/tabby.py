@@ -12,7 +12,13 @@ Nothing here raises for anything the server or the network does: every method re
 outcome (observation.Outcome) with the measured latency. The admin key goes out only in the
 Authorization header of requests to TabbyAPI, and only after the listener on its port was
 verified as TabbyAPI (probes/identity.py): a local user who binds the port while TabbyAPI is down
-gets nothing but unauthenticated /health probes. Every detail string is scrubbed of the key.
+gets nothing but unauthenticated /health probes. Every detail string is scrubbed of the key
+(before it is cut to length, so no piece of the key survives a cut) and has its control
+characters escaped.
+
+Every read is bounded: a plain answer by JSON_LIMIT, a load's event stream by the SSE_* bounds
+below. Answers are asked for and read uncompressed (a few KiB of gzip can inflate to gigabytes
+in one read), so the bytes counted are the bytes held.
 """
 
 from __future__ import annotations
@@ -43,12 +49,25 @@ from hydra_watchdog.observation import (
     Outcome,
     UnitStatus,
 )
+from hydra_watchdog.printable import printable
 from hydra_watchdog.probes.identity import ListenerCheck, ListenerGate
 
 JSON_LIMIT = 1 << 20  # bytes; TabbyAPI's answers are a few hundred bytes
 _CANCEL_POLL = 0.1  # seconds between cancel checks while a load stream is quiet
 _DETAIL_MAX = 300
+_EXCERPT_MAX = 120  # characters of a plain-text error body quoted in a detail
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
+
+# Bounds on one load's event stream. A real one is small: a 70B model sends ~160 module events
+# (a few hundred with draft and vision parts, each under 200 bytes), an error is one event with
+# a message and at most a traceback of a few KiB, newer builds add a `: ping` every 15 s (60 in
+# the default 15-minute load_timeout). Each bound is far above that and keeps our memory flat
+# against a stream that is not TabbyAPI's (endless data lines, one endless line, a flood of
+# tiny events): past one, the load fails as "event stream malformed" and the connection closes.
+SSE_MAX_LINE = 64 << 10  # characters in one line
+SSE_MAX_EVENT = 256 << 10  # characters of data in one event (its data lines together)
+SSE_MAX_EVENTS = 100_000  # lines that are not data: event ends, comments (pings), other fields
+SSE_MAX_BYTES = 64 << 20  # bytes in the whole stream
 
 
 class _Budget(threading.local):
@@ -218,7 +237,13 @@ class TabbyClient:
         self.key_problem = key_problem
         self.__key = admin_key or None
         self._load_lock = threading.Lock()
-        self._http = httpx.Client(transport=_DeadlineTransport(), trust_env=False)
+        # identity: httpx would inflate a compressed answer a whole read at a time, beyond any
+        # bound we count; an answer compressed anyway is refused (_encoding).
+        self._http = httpx.Client(
+            transport=_DeadlineTransport(),
+            trust_env=False,
+            headers={"Accept-Encoding": "identity"},
+        )
 
     @classmethod
     def from_config(cls, cfg: Config) -> TabbyClient:
@@ -400,8 +425,11 @@ class TabbyClient:
                     return LoadOutcome(
                         False, f"load answered 200 with {self._scrub(ctype)!r}, not an event stream"
                     )
+                if encoding := _encoding(resp):
+                    why = f"event stream malformed: compressed ({self._scrub(encoding)})"
+                    return LoadOutcome(False, why)
                 parser = SseParser()
-                for chunk in resp.iter_bytes():
+                for chunk in resp.iter_raw():
                     for data in parser.feed(chunk):
                         error = progress.event(data)
                         if error is not None:
@@ -412,6 +440,8 @@ class TabbyClient:
                     error = progress.event(data)
                     if error is not None:
                         return progress.outcome(False, self._scrub(error) or "load failed")
+        except StreamMalformedError as exc:  # the `with` has closed the connection
+            return progress.outcome(False, f"event stream malformed: {exc}")
         except _LoadCancelledError:
             return progress.outcome(False, "cancelled; the connection was closed")
         except httpx.TimeoutException:
@@ -433,11 +463,13 @@ class TabbyClient:
         )
 
     def _load_refusal(self, resp: httpx.Response, started: float) -> str:
-        body = b""
+        body = bytearray()
         try:
-            for chunk in resp.iter_bytes():
+            # A compressed body is not read: the status alone still says why.
+            for chunk in () if _encoding(resp) else resp.iter_raw():
                 body += chunk
                 if len(body) > JSON_LIMIT:
+                    del body[JSON_LIMIT:]
                     break
         except httpx.HTTPError:
             pass  # the status alone still says why
@@ -445,7 +477,7 @@ class TabbyClient:
             time.monotonic() - started,
             resp.status_code,
             resp.headers.get("content-type", ""),
-            body,
+            bytes(body),
         )
         result = self._status_result(reply)
         return f"load refused: {result.detail}"
@@ -471,9 +503,13 @@ class TabbyClient:
         headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
         return base + path, headers
 
+    def _redact(self, text: str) -> str:
+        return text.replace(self.__key, "***") if self.__key else text
+
     def _scrub(self, text: str) -> str:
-        if self.__key:
-            text = text.replace(self.__key, "***")
+        """Text from the server or the network made fit for a detail: the key replaced first
+        (a cut made before could leave a piece of it), control characters escaped, then cut."""
+        text = printable(self._redact(text))
         return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
 
     def _describe(self, exc: BaseException) -> str:
@@ -524,8 +560,11 @@ class TabbyClient:
                 method, url, json=body, headers=headers, timeout=httpx.Timeout(budget)
             ) as resp:
                 got_headers = True
+                if encoding := _encoding(resp):
+                    why = f"{shown}: compressed answer ({encoding}), which was not asked for"
+                    return self._failed(started, Outcome.BAD_BODY, why, resp)
                 data = bytearray()
-                for chunk in resp.iter_bytes():
+                for chunk in resp.iter_raw():
                     data += chunk
                     if len(data) > JSON_LIMIT:
                         return self._failed(started, Outcome.BAD_BODY, "body over 1 MiB", resp)
@@ -566,7 +605,7 @@ class TabbyClient:
     def _status_result(self, reply: _Reply) -> HttpResult:
         """An unexpected status: UNAUTHORIZED for 401/403, HTTP_ERROR otherwise."""
         detail = f"HTTP {reply.status}"
-        said = _error_detail(reply)
+        said = _error_detail(reply, self._redact)
         if said:
             detail += f": {said}"
         if reply.status in (401, 403):
@@ -639,40 +678,86 @@ class _LoadProgress:
 _LINE_END = re.compile(r"\r\n|\r|\n")
 
 
+class StreamMalformedError(ValueError):
+    """An event stream broke one of its bounds; the message says which."""
+
+
+@dataclass(frozen=True)
+class SseLimits:
+    """The bounds SseParser enforces (the SSE_* constants, whose comment says why)."""
+
+    line: int = SSE_MAX_LINE
+    event: int = SSE_MAX_EVENT
+    events: int = SSE_MAX_EVENTS
+    total_bytes: int = SSE_MAX_BYTES
+
+
+def _size(n: int) -> str:
+    for unit, shift in (("MiB", 20), ("KiB", 10)):
+        if n >= 1 << shift and n % (1 << shift) == 0:
+            return f"{n >> shift} {unit}"
+    return f"{n} bytes"
+
+
 class SseParser:
     """Server-sent events, fed in arbitrary chunks; yields each event's data.
 
     Comments (TabbyAPI's `: ping`) and fields other than `data` are dropped; an event left
-    unterminated when the stream ends is discarded, as the SSE specification says.
+    unterminated when the stream ends is discarded, as the SSE specification says. feed() raises
+    StreamMalformedError as soon as the stream breaks a bound of `limits`, so what it holds never
+    exceeds one line and one event, however long the stream runs.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, limits: SseLimits = SseLimits()) -> None:
+        self._limits = limits
         self._decoder = codecs.getincrementaldecoder("utf-8")("replace")
-        self._buffer = ""
+        self._buffer = ""  # the start of a line whose end has not come yet
         self._data: list[str] = []
+        self._event_size = 0  # characters in self._data, with the newlines joining them
+        self._other_lines = 0
+        self._bytes = 0
 
     def feed(self, chunk: bytes) -> list[str]:
-        self._buffer += self._decoder.decode(chunk)
+        limits = self._limits
+        self._bytes += len(chunk)
+        if self._bytes > limits.total_bytes:
+            raise StreamMalformedError(f"over {_size(limits.total_bytes)} in total")
+        text = self._buffer + self._decoder.decode(chunk)
         events: list[str] = []
-        while (match := _LINE_END.search(self._buffer)) is not None:
-            if match.group() == "\r" and match.end() == len(self._buffer):
+        pos = 0
+        for match in _LINE_END.finditer(text):
+            if match.group() == "\r" and match.end() == len(text):
                 break  # maybe the first half of a \r\n split across chunks
-            line, self._buffer = self._buffer[: match.start()], self._buffer[match.end() :]
-            if not line:
-                if self._data:
-                    events.append("\n".join(self._data))
-                    self._data = []
-                continue
-            if line.startswith(":"):
-                continue
-            name, _, value = line.partition(":")
-            if name == "data":
-                self._data.append(value.removeprefix(" "))
+            self._line(text[pos : match.start()], events)
+            pos = match.end()
+        # Slicing once per chunk, not once per line: a chunk of tiny lines stays linear.
+        self._buffer = text[pos:]
+        if len(self._buffer) > limits.line:
+            raise StreamMalformedError(f"a line over {_size(limits.line)}")
         return events
 
     def end(self) -> list[str]:
         """The stream ended: a trailing CR was a line end after all."""
         return self.feed(b"\n") if self._buffer.endswith("\r") else []
+
+    def _line(self, line: str, events: list[str]) -> None:
+        limits = self._limits
+        if len(line) > limits.line:
+            raise StreamMalformedError(f"a line over {_size(limits.line)}")
+        name, _, value = line.partition(":")
+        if line and name == "data":
+            value = value.removeprefix(" ")
+            self._event_size += len(value) + 1
+            if self._event_size > limits.event:
+                raise StreamMalformedError(f"an event over {_size(limits.event)}")
+            self._data.append(value)
+            return
+        self._other_lines += 1
+        if self._other_lines > limits.events:
+            raise StreamMalformedError(f"over {limits.events} events")
+        if not line and self._data:
+            events.append("\n".join(self._data))
+            self._data, self._event_size = [], 0
 
 
 def _result(reply: _Reply, outcome: Outcome, detail: str = "") -> HttpResult:
@@ -693,12 +778,21 @@ def _json_object(reply: _Reply) -> tuple[dict[str, Any] | None, str]:
     return body, ""
 
 
-def _error_detail(reply: _Reply) -> str:
-    """FastAPI's {"detail": ...} in words, or a short excerpt of a plain-text body."""
+def _encoding(resp: httpx.Response) -> str:
+    """The answer's content coding when it is not plain bytes ("" for identity)."""
+    coding = resp.headers.get("content-encoding", "").strip().lower()
+    return "" if coding in ("", "identity") else coding
+
+
+def _error_detail(reply: _Reply, redact: Callable[[str], str]) -> str:
+    """FastAPI's {"detail": ...} in words, or a short excerpt of a plain-text body.
+
+    The excerpt is cut from the redacted body: a body that echoes the key must not leave the
+    part of it before the cut."""
     body, _ = _json_object(reply)
     if body is None:
-        text = reply.body[:120].decode("utf-8", "replace").strip()
-        return " ".join(text.split())
+        text = " ".join(redact(reply.body.decode("utf-8", "replace")).split())
+        return text if len(text) <= _EXCERPT_MAX else text[: _EXCERPT_MAX - 3] + "..."
     detail = body.get("detail")
     if isinstance(detail, str):
         return detail

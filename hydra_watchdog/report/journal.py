@@ -33,6 +33,7 @@ from typing import Any, TextIO
 import structlog
 
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.printable import printable
 from hydra_watchdog.states import Severity
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -140,7 +141,9 @@ def event_dict_of(event: Event) -> dict[str, Any]:
 
 def render_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
     """structlog's event dict as journald fields (MESSAGE first, PRIORITY from the level)."""
-    fields: list[tuple[str, str]] = [("MESSAGE", str(event_dict.get("event", "")))]
+    # MESSAGE is what journalctl prints as the record's line: a newline in it would show as a
+    # line of its own. Other fields travel length-prefixed (encode()) and keep their raw bytes.
+    fields: list[tuple[str, str]] = [("MESSAGE", printable(str(event_dict.get("event", ""))))]
     priority = event_dict.get("priority")
     if not isinstance(priority, int) or isinstance(priority, bool):
         priority = _LEVEL_PRIORITY.get(str(event_dict.get("level", "info")), 6)
@@ -252,11 +255,12 @@ def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
 def _console_line(fields: Sequence[tuple[str, str]]) -> str:
     values = dict(fields)
     extras = " ".join(
-        f"{k.lower()}={v!r}" if "\n" in v or " " in v else f"{k.lower()}={v}"
+        f"{k.lower()}={v!r}" if " " in v or printable(v) != v else f"{k.lower()}={v}"
         for k, v in fields
         if k not in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "MESSAGE_ID")
     )
-    return f"<{values.get('PRIORITY', '6')}>{values.get('MESSAGE', '')}  {extras}".rstrip()
+    message = printable(values.get("MESSAGE", ""))
+    return f"<{values.get('PRIORITY', '6')}>{message}  {extras}".rstrip()
 
 
 class JournalLogger:
@@ -300,6 +304,17 @@ def _drop_journal_only(
     return event_dict
 
 
+def _escape_controls(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    # structlog's console renderer prints strings as they are: a newline or an escape sequence
+    # that another process put in a command line or an error text would forge or hide lines.
+    for key, value in event_dict.items():
+        if isinstance(value, str):
+            event_dict[key] = printable(value)
+    return event_dict
+
+
 _state_lock = threading.Lock()
 _writer: JournalWriter | None = None
 
@@ -339,6 +354,7 @@ def configure_logging(
         processors = [
             *shared,
             _drop_journal_only,
+            _escape_controls,
             structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
             structlog.dev.ConsoleRenderer(colors=colors),
         ]

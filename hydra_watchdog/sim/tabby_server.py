@@ -57,6 +57,9 @@ class Faults:
     load_seconds: float | None = None  # overrides --load-seconds
     modules: int | None = None  # overrides --modules
     ping_seconds: float | None = None  # modern flavour's ping period (TabbyAPI: 15 s)
+    load_stream: str = ""  # a hostile load stream (a key of LOAD_STREAMS) until the client leaves
+    echo_auth_at: int | None = None  # every answer: a plain-text 500 whose character N starts
+    # the bearer token the request sent (puts the key where a client cuts its error excerpt)
 
 
 _FAULT_TYPES: dict[str, tuple[type, ...]] = {
@@ -72,6 +75,20 @@ _FAULT_TYPES: dict[str, tuple[type, ...]] = {
     "load_seconds": (int, float),
     "modules": (int,),
     "ping_seconds": (int, float),
+    "load_stream": (str,),
+    "echo_auth_at": (int,),
+}
+
+# Load streams no TabbyAPI sends, each endless: the bytes sent once, then the bytes repeated.
+LOAD_STREAMS: dict[str, tuple[bytes, bytes]] = {
+    # data lines that never end their event with a blank line (issue 10: 1.6 GB in 10 s)
+    "endless_data": (b"", b"data: " + b"x" * 1000 + b"\n"),
+    # one data line that never ends
+    "giant_line": (b"data: ", b"x" * 4096),
+    # tiny complete events, millions of them
+    "tiny_events": (b"", b"data: {}\n\n"),
+    # events each within the line and event bounds (3 lines of 60 KB), but without end in total
+    "big_events": (b"", (b"data: " + b"y" * 60_000 + b"\n") * 3 + b"\n"),
 }
 
 
@@ -89,7 +106,9 @@ def parse_faults(data: object) -> tuple[Faults, tuple[str, ...]]:
             continue
         optional = getattr(defaults, key) is None
         right_type = isinstance(value, types) and (bool in types or not isinstance(value, bool))
-        if right_type or (value is None and optional):
+        if key == "load_stream" and right_type and value and value not in LOAD_STREAMS:
+            warnings.append(f"fault load_stream={value!r} is not one of {sorted(LOAD_STREAMS)}")
+        elif right_type or (value is None and optional):
             values[key] = value
         else:
             warnings.append(f"fault {key!r}={value!r} has the wrong type; ignored")
@@ -360,6 +379,8 @@ class _Handler(BaseHTTPRequestHandler):
             ("GET", "/v1/auth/permission"): self._permission,
         }
         route = routes.get((method, path))
+        if faults.echo_auth_at is not None:
+            route = self._echo_auth
         try:
             if route is not None:
                 route(body)
@@ -495,6 +516,9 @@ class _Handler(BaseHTTPRequestHandler):
     def _load(self, body: object) -> None:
         if not self._admin_ok():
             return
+        if self._faults.load_stream:
+            self._hostile_load(self._faults.load_stream)
+            return
         name = body.get("model_name") if isinstance(body, dict) else None
         if not isinstance(name, str):
             missing = {
@@ -548,6 +572,25 @@ class _Handler(BaseHTTPRequestHandler):
             self.close_connection = True
             return
         self._try_chunk(b"")
+
+    def _hostile_load(self, mode: str) -> None:
+        """Send LOAD_STREAMS[mode] until the client closes the connection (or we stop)."""
+        first, unit = LOAD_STREAMS[mode]
+        chunk = unit * max(1, (64 << 10) // len(unit))
+        self._start_chunked(200, "text/event-stream; charset=utf-8")
+        self.close_connection = True
+        sent = len(first)
+        attached = self._try_chunk(first) if first else True
+        while attached and not self.server.stopping.is_set():
+            attached = self._try_chunk(chunk)
+            sent += len(chunk) if attached else 0
+        self._result = f"{mode}: " + ("client gone" if not attached else "server stopping")
+        self._result += f" after {sent} bytes"
+
+    def _echo_auth(self, _body: object) -> None:
+        at = self._faults.echo_auth_at or 0
+        token = self._bearer() or self.headers.get("x-admin-key") or ""
+        self._plain(500, "." * at + token + " <- the key you sent")
 
     def _unload(self, _body: object) -> None:
         if not self._admin_ok():
