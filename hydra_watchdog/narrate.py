@@ -7,7 +7,6 @@ a finding is told when it appears, not every cycle it persists; load progress in
 
 from __future__ import annotations
 
-import re
 import time
 from collections import Counter
 from collections.abc import Sequence
@@ -31,7 +30,6 @@ from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 
 PROGRESS_STEP = 25  # percent
-_NUMBERS = re.compile(r"\d+(?:\.\d+)?")
 
 _BY_VERDICT = {
     Verdict.OK: Severity.NOTICE,
@@ -106,29 +104,15 @@ def _result_event(result: ActionResult, phase: Phase, unit: str, wall: float) ->
     )
 
 
-def _gist(finding: Finding) -> tuple[Rule, Severity, str]:
-    # A finding's message may carry a countdown or a count ("next start attempt in 598s"):
-    # the same finding with new numbers is not news.
-    return finding.rule, finding.severity, _NUMBERS.sub("#", finding.message)
-
-
 def _fresh_findings(old: Sequence[Finding], new: Sequence[Finding]) -> list[Finding]:
-    """The findings that are news. A multiset match: first the unchanged ones, then the same
-    ones with new numbers; what is left is new, so gpu1's finding beside gpu0's (the same text
-    but for a digit) still counts."""
-    exact = Counter(old)
-    gists = Counter(_gist(f) for f in old)
-    changed = []
-    for f in new:
-        if exact[f] > 0:
-            exact[f] -= 1
-            gists[_gist(f)] -= 1
-        else:
-            changed.append(f)
+    """The findings that are news: a cause (`Finding.key`) at a severity that the previous
+    cycle did not have. A message with new numbers ("next start attempt in 598s") is the same
+    finding; gpu1's finding beside gpu0's is another (a multiset match on the keys)."""
+    seen = Counter((f.key, f.severity) for f in old)
     fresh = []
-    for f in changed:
-        if gists[_gist(f)] > 0:
-            gists[_gist(f)] -= 1
+    for f in new:
+        if seen[(f.key, f.severity)] > 0:
+            seen[(f.key, f.severity)] -= 1
         else:
             fresh.append(f)
     return fresh

@@ -165,6 +165,18 @@ class PortReport:
         return tuple(lst.pid for lst in self.listeners if lst.port == port)
 
 
+class ActiveState(StrEnum):
+    """systemd's ActiveState values. UnitStatus keeps the string systemd sent (a state a newer
+    systemd adds must not crash the probe); compare it with these."""
+
+    ACTIVE = "active"
+    RELOADING = "reloading"
+    INACTIVE = "inactive"
+    FAILED = "failed"
+    ACTIVATING = "activating"
+    DEACTIVATING = "deactivating"
+
+
 @dataclass(frozen=True)
 class UnitStatus:
     """`systemctl show` of the TabbyAPI unit. available=False: no systemd to ask (detail says)."""
@@ -190,7 +202,11 @@ class UnitStatus:
 
     @property
     def running(self) -> bool:
-        return self.active_state in ("active", "activating", "reloading")
+        return self.active_state in (
+            ActiveState.ACTIVE,
+            ActiveState.ACTIVATING,
+            ActiveState.RELOADING,
+        )
 
 
 @dataclass(frozen=True)

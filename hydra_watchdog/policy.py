@@ -12,13 +12,12 @@ Theory of operation, one cycle:
 1. absorb: results of earlier actions (load outcomes, refused power limits, the fallback-route
    check) and systemd's own restarts (NRestarts deltas) update the memory;
 2. track: health streaks (consecutive failures, slow probes, healthy-since);
-3. diagnose: findings name every cause visible now (they clear when the cause clears);
-4. plan, first match wins: paused -> nothing; unit missing -> blocked; a port held by someone
-   else -> kill an orphan and restart, or block on a foreign holder; restart loop / back-off ->
-   stop, then one start per exponential step; down -> restart or full recovery; generation hang
-   -> restart; no model -> VRAM check, load (or fallback); slow -> degraded, diagnose only;
-5. always (unless paused): power limits that drifted are re-applied, orphans holding the port or
-   VRAM are cleaned up, and the expensive probes the next cycle needs are requested.
+3. diagnose (findings.FINDERS): every cause visible now; they clear when the cause clears;
+4. plan: the first rule of `PLAN` whose `when` holds decides. The tuple's order is the runbook's
+   order of precedence, and the README's runbook table is checked against it. A pause comes
+   before every rule: observe only;
+5. always (unless paused): power limits that drifted are re-applied, the fallback route is
+   checked once per outage, and the expensive probes the next cycle needs are requested.
 
 Two budgets keep it from making things worse: the watchdog never issues more than
 `max_restarts` starts/restarts within `window`, and more than `max_restarts` restarts of any
@@ -27,8 +26,10 @@ origin within `window` while TabbyAPI is not healthy is a restart loop: stop and
 
 from __future__ import annotations
 
-from dataclasses import replace
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 
+from hydra_watchdog import findings as say
 from hydra_watchdog.actions import (
     Action,
     ActionResult,
@@ -42,28 +43,34 @@ from hydra_watchdog.actions import (
     UnitCommand,
     UnitVerb,
 )
-from hydra_watchdog.config import Config, GpuDevice
-from hydra_watchdog.durations import format_duration
+from hydra_watchdog.config import Config
+from hydra_watchdog.findings import diagnose, dur
 from hydra_watchdog.observation import (
-    GpuSnapshot,
-    ModelDir,
+    ActiveState,
     Observation,
     Outcome,
     Probe,
     ProcessInfo,
     ProcessRole,
-    UnitStatus,
 )
-from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
+from hydra_watchdog.policy_state import (
+    Finding,
+    PolicyState,
+    PowerHold,
+    RestartOrigin,
+    RestartRecord,
+)
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.states import Phase, Rule, Severity
+from hydra_watchdog.situation import Situation, auto_restarting, orphans_in_the_way, starting
+from hydra_watchdog.states import Phase, Rule
+from hydra_watchdog.vram import GIB, snapshot_for, vram_free, vram_needed
 
-GIB = 1024**3
 POWER_RETRY_AFTER = 3600.0  # a refused power limit is retried hourly, not every cycle
 POWER_TOLERANCE_W = 1.0  # drivers round limits; smaller differences are not drift
-WATCHDOG, SYSTEMD = "watchdog", "systemd"
 
 Plan = tuple[PolicyState, list[Action], list[Finding]]
+
+__all__ = ["PLAN", "POWER_RETRY_AFTER", "PlanRule", "backoff_delay", "decide", "vram_needed"]
 
 
 def decide(
@@ -74,18 +81,28 @@ def decide(
     s = _absorb_results(state, obs, now, config)
     s = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
-    findings = diagnose(s, obs, now, config)
+    findings = diagnose(s, obs, config)
 
     if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
-        until = "until resumed" if obs.pause.until is None else "for " + _dur(obs.pause.until - now)
-        paused = Finding(Rule.PAUSED, Severity.NOTICE, f"paused {until}: {obs.pause.reason}")
+        until_in = None if obs.pause.until is None else obs.pause.until - now
+        paused = say.paused(obs.pause.reason, until_in)
         s = replace(_enter(s, Phase.PAUSED, now), findings=(paused, *findings), wants=frozenset())
         return s, ()
 
-    s, actions, more = _plan(s, obs, now, config, findings)
+    cleanup: tuple[Action, ...] = ()
+    if config.orphans.enabled:
+        cleanup = tuple(
+            _kill(orphans_in_the_way(obs), Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM")
+        )
+    sit = Situation(s, obs, now, config, tuple(findings), cleanup)
+    rule = next(r for r in PLAN if r.when(sit))
+    notes: list[Finding] = []
+    if rule.settles:
+        sit, notes = _settle(sit)
+    s, actions, more = rule.then(sit)
     actions += _power_limits(s, obs, now, config)
     actions += _fallback_route(s, config)
-    s = replace(s, findings=tuple(findings + more), wants=_wants(s, obs, now, config))
+    s = replace(s, findings=tuple(findings + notes + more), wants=_wants(s, obs, now, config))
     return s, tuple(actions)
 
 
@@ -102,19 +119,20 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             ResultStatus.FAILED,
             ResultStatus.REFUSED,
         ):
-            denied = [d for d in s.power_denied if d[0] != action.gpu_index]
-            denied.append((action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
+            denied = [d for d in s.power_denied if d.gpu_index != action.gpu_index]
+            denied.append(PowerHold(action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
             s = replace(s, power_denied=tuple(denied))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.DRY_RUN:
             # The limit never changes in a dry run: say "would set" hourly, not every cycle.
-            held = [d for d in s.power_held if d[0] != action.gpu_index]
-            held.append((action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
+            held = [d for d in s.power_held if d.gpu_index != action.gpu_index]
+            held.append(PowerHold(action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
             s = replace(s, power_held=tuple(held))
         elif isinstance(action, CheckFallbackRoute) and res.status is not ResultStatus.SKIPPED:
             verdict = "works" if res.succeeded else "FAILS"
             s = replace(
                 s,
                 fallback_route_checked=True,
+                fallback_route_ok=res.succeeded,
                 fallback_route_detail=f"fallback route {action.url} {verdict}: {res.detail}",
             )
 
@@ -148,7 +166,7 @@ def _count_restarts(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         if seen is not None:
             # A manual restart or reset-failed zeroes NRestarts: then all n are new.
             delta = n if n < seen else n - seen
-            records += [RestartRecord(now, SYSTEMD)] * delta
+            records += [RestartRecord(now, RestartOrigin.SYSTEMD)] * delta
         seen = n
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
@@ -180,39 +198,13 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             slow_streak=s.slow_streak + 1 if slow else 0,
             healthy_since=s.healthy_since if s.healthy_since is not None else now,
             fallback_route_checked=False,
+            fallback_route_ok=None,
             fallback_route_detail="",
         )
     s = replace(s, healthy_since=None, slow_streak=0)
-    if _starting(s, obs, now, cfg):
+    if starting(s, obs, now, cfg):
         return replace(s, failures=0, last_failure="")
     return replace(s, failures=s.failures + 1, last_failure=_health_text(obs))
-
-
-def _unit_up(unit: UnitStatus) -> bool:
-    """A process is (being) run: active, or activating other than waiting to auto-restart."""
-    if unit.active_state in ("active", "reloading"):
-        return True
-    return unit.active_state == "activating" and unit.sub_state != "auto-restart"
-
-
-def _auto_restarting(unit: UnitStatus) -> bool:
-    return unit.sub_state == "auto-restart"
-
-
-def _start_reference(s: PolicyState, obs: Observation) -> float | None:
-    stamps = [t for t in (s.recovery_started, obs.unit.active_enter_mono) if t is not None]
-    return max(stamps) if stamps else None
-
-
-def _starting(s: PolicyState, obs: Observation, now: float, cfg: Config) -> bool:
-    """TabbyAPI loads its startup model before it opens the port: refused connections from a
-    unit that (re)started less than startup_grace ago mean "starting", not "down"."""
-    if obs.health.result.outcome is not Outcome.REFUSED:
-        return False
-    if obs.unit.available and not _unit_up(obs.unit):
-        return False
-    started = _start_reference(s, obs)
-    return started is not None and now - started < cfg.tabbyapi.startup_grace
 
 
 def _health_text(obs: Observation) -> str:
@@ -225,237 +217,46 @@ def _health_text(obs: Observation) -> str:
     return text
 
 
-# --- 3. diagnose -------------------------------------------------------------------------------
+# --- 4. plan: the runbook's rules, first match wins ---------------------------------------------
 
 
-def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[Finding]:
-    """Every cause visible in this observation, worst first; recomputed each cycle."""
-    out: list[Finding] = []
-    host, unit, port = obs.host, obs.unit, cfg.tabbyapi.port
-    if not host.models_dir_ok:
-        out.append(
-            Finding(
-                Rule.MODELS_MOUNT,
-                Severity.CRIT,
-                f"models dir {cfg.model.models_dir}: {host.models_dir_detail or 'unavailable'}; "
-                "no load can succeed until it is back (runbook: verify the /mnt/models mount)",
-            )
-        )
-    elif host.model is not None and cfg.model.name and not host.model.usable:
-        out.append(Finding(Rule.MODELS_MOUNT, Severity.ERR, _model_dir_problem(host.model)))
-    if host.missing_libraries:
-        out.append(
-            Finding(
-                Rule.MISSING_LIBRARIES,
-                Severity.CRIT,
-                "TabbyAPI's ExLlamaV2 extension cannot load: "
-                f"{', '.join(host.missing_libraries)} not found (a NixOS rebuild changed library "
-                f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until fixed",
-            )
-        )
-    for proc, role_port in _port_holders(obs, port):
-        if proc is None or (proc.role is ProcessRole.ORPHAN and not unit.available):
-            continue
-        if proc.role is ProcessRole.FOREIGN:
-            out.append(
-                Finding(
-                    Rule.FOREIGN_HOLDER,
-                    Severity.CRIT,
-                    f"port {role_port} is held by pid {proc.pid} ({one_line(proc.command)}), "
-                    "which is not TabbyAPI's: never signalled; free the port by hand",
-                )
-            )
-        elif proc.role is ProcessRole.ORPHAN:
-            out.append(
-                Finding(
-                    Rule.PORT_CONFLICT,
-                    Severity.ERR,
-                    f"port {role_port} is held by orphan TabbyAPI process {proc.pid} "
-                    f"({one_line(proc.command)}) outside {unit.name}",
-                )
-            )
-    withheld = [
-        probe.result.detail
-        for probe in (obs.model, obs.canary)
-        if probe is not None and probe.result.outcome is Outcome.WITHHELD
-    ]
-    if withheld:
-        out.append(Finding(Rule.KEY_WITHHELD, Severity.CRIT, withheld[0]))
-    moved = [p for p in obs.processes if port + 1 in p.listens_on and _in_unit(p)]
-    if moved and obs.port is not None and obs.port.owners(port):
-        out.append(
-            Finding(
-                Rule.PORT_CONFLICT,
-                Severity.ERR,
-                f"TabbyAPI (pid {moved[0].pid}) listens on {port + 1}: port {port} was busy",
-            )
-        )
-    for proc in obs.processes:
-        if not unit.available:
-            break  # orphan or the unit's own? unknowable without systemd: not reported as orphan
-        if proc.role is ProcessRole.ORPHAN and not proc.listens_on:
-            held = (
-                f"holds {proc.gpu_bytes / GIB:.1f} GiB VRAM" if proc.gpu_bytes else "holds nothing"
-            )
-            sev = Severity.WARNING if proc.gpu_bytes else Severity.NOTICE
-            out.append(
-                Finding(
-                    Rule.ORPHAN_CLEANUP,
-                    sev,
-                    f"orphan TabbyAPI process {proc.pid} ({one_line(proc.command)}) outside "
-                    f"{unit.name} {held}" + ("" if proc.gpu_bytes else ": reported, not killed"),
-                )
-            )
-    if not unit.available:
-        out.append(Finding(Rule.DOWN, Severity.WARNING, f"systemd unavailable: {unit.detail}"))
-    elif not unit.exists:
-        out.append(Finding(Rule.DOWN, Severity.CRIT, f"unit {unit.name} does not exist"))
-    elif not _unit_up(unit) and unit.result not in ("", "success"):
-        cause = {
-            "oom-kill": " (OOM-killed: VRAM or host memory exhausted)",
-            "exit-code": f" (exit status {unit.exec_main_status})",
-            "signal": " (killed by a signal)",
-            "core-dump": " (crashed, core dumped)",
-            "timeout": " (start timed out: raise TimeoutStartSec for a 70B load?)",
-            "start-limit-hit": " (systemd start limit hit)",
-        }.get(unit.result, "")
-        out.append(
-            Finding(
-                Rule.DOWN,
-                Severity.ERR,
-                f"{unit.name} is {unit.active_state}/{unit.sub_state}, Result={unit.result}{cause}",
-            )
-        )
-    if host.journal_excerpt and not obs.health.healthy:
-        last = " | ".join(line.strip() for line in host.journal_excerpt[-3:])
-        out.append(Finding(Rule.DOWN, Severity.INFO, f"last log lines: {last[:400]}"))
-    if obs.gpus.error is not None:
-        out.append(
-            Finding(
-                Rule.VRAM_CHECK,
-                Severity.WARNING,
-                f"NVML unavailable ({obs.gpus.error.value}: {obs.gpus.detail}); "
-                "VRAM checks and power limits are skipped",
-            )
-        )
-    for gpu in obs.gpus.devices:
-        lost = [what for what, kind in gpu.errors if kind.value == "gpu_lost"]
-        if lost:
-            out.append(
-                Finding(
-                    Rule.VRAM_CHECK,
-                    Severity.CRIT,
-                    f"gpu{gpu.index} is lost (fell off the bus?): a reboot is likely needed",
-                )
-            )
-    if s.slow_streak >= cfg.tabbyapi.slow_probes:
-        out.append(
-            Finding(
-                Rule.SLOW_HEALTH,
-                Severity.WARNING,
-                f"/health took {obs.health.result.latency_s * 1000:.0f} ms "
-                f"(> {cfg.tabbyapi.slow_threshold * 1000:.0f} ms) for {s.slow_streak} probes; "
-                + "; ".join(_gpu_pressure(g) for g in obs.gpus.devices)
-                + "; not a reason to restart",
-            )
-        )
-    for gpu_index, watts, _retry_at in s.power_denied:
-        out.append(
-            Finding(
-                Rule.POWER_LIMIT,
-                Severity.WARNING,
-                f"gpu{gpu_index}: setting the power limit to {watts:g} W failed; retried "
-                f"hourly, not every cycle (needs CAP_SYS_ADMIN)",
-            )
-        )
-    if s.last_load_error:
-        out.append(
-            Finding(
-                Rule.LOAD_FAILED,
-                Severity.ERR,
-                f"model load failed {s.load_failures}x: {s.last_load_error[:200]}",
-            )
-        )
-    if s.fallback_route_detail:
-        ok = "works" in s.fallback_route_detail
-        out.append(
-            Finding(
-                Rule.FALLBACK_ROUTE,
-                Severity.INFO if ok else Severity.ERR,
-                s.fallback_route_detail[:200],
-            )
-        )
-    return out
+@dataclass(frozen=True)
+class PlanRule:
+    """One runbook rule: when `when` holds (and no earlier rule did), `then` decides.
 
+    `settles`: the rule acts on a TabbyAPI that answers; before it decides, a back-off that has
+    seen `reset_after` of health is reset and the recovery grace is closed (`_settle`)."""
 
-def _model_dir_problem(model: ModelDir) -> str:
-    if not model.exists:
-        return f"model folder {model.path} is missing"
-    missing = []
-    if not model.has_config:
-        missing.append("config.json")
-    if not model.weight_files:
-        missing.append("*.safetensors")
-    return f"model folder {model.path} lacks {' and '.join(missing)}" + (
-        f" ({model.detail})" if model.detail else ""
-    )
-
-
-def _gpu_pressure(g: GpuSnapshot) -> str:
-    bits = [f"gpu{g.index}"]
-    if g.utilization_pct is not None:
-        bits.append(f"util {g.utilization_pct}%")
-    if g.temperature_c is not None:
-        bits.append(f"{g.temperature_c}°C")
-    if g.power.usage_w is not None and g.power.limit_w is not None:
-        bits.append(f"power {g.power.usage_w:.0f}/{g.power.limit_w:.0f} W")
-    reasons = [r for r in g.throttle_reasons if r != "gpu_idle"]
-    bits.append("throttle: " + (",".join(reasons) if reasons else "none"))
-    return " ".join(bits)
-
-
-# --- 4. plan -----------------------------------------------------------------------------------
+    name: str
+    runbook: str  # the README table's runbook section it encodes ("": the watchdog's caution)
+    rules: tuple[Rule, ...]  # the HYDRA_RULE values its actions and notes carry
+    when: Callable[[Situation], bool]
+    then: Callable[[Situation], Plan]
+    settles: bool = False
 
 
 def _enter(s: PolicyState, phase: Phase, now: float) -> PolicyState:
     return s if s.phase is phase else replace(s, phase=phase, phase_since=now)
 
 
+def _stay(phase: Phase, *, cleanup: bool = True) -> Callable[[Situation], Plan]:
+    """A rule whose whole answer is a phase (and the orphan cleanup)."""
+
+    def then(sit: Situation) -> Plan:
+        return _enter(sit.s, phase, sit.now), list(sit.cleanup) if cleanup else [], []
+
+    return then
+
+
+def _keep(sit: Situation) -> Plan:
+    """Not enough evidence to change anything: the phase stays, orphans are still cleaned."""
+    return sit.s, list(sit.cleanup), []
+
+
 def backoff_delay(step: int, cfg: Config) -> float:
     """Wait before back-off attempt `step` (1, 2, ...): backoff_initial * 2^(step-1), capped."""
     r = cfg.restart_loop
     return min(r.backoff_initial * 2.0 ** min(max(step - 1, 0), 60), r.backoff_max)
-
-
-def _dur(seconds: float) -> str:
-    return format_duration(round(seconds, 1)) if seconds < 60 else format_duration(round(seconds))
-
-
-def _listeners(obs: Observation, port: int) -> list[ProcessInfo | None]:
-    if obs.port is None:
-        return []
-    return [None if pid is None else obs.process(pid) for pid in obs.port.owners(port)]
-
-
-def _port_holders(obs: Observation, port: int) -> list[tuple[ProcessInfo | None, int]]:
-    """Listeners on the configured port that are not TabbyAPI's unit (None: owner unknown)."""
-    return [(p, port) for p in _listeners(obs, port) if p is None or not _in_unit(p)]
-
-
-def _in_unit(p: ProcessInfo) -> bool:
-    return p.role in (ProcessRole.MAIN, ProcessRole.UNIT)
-
-
-def _orphans_in_the_way(obs: Observation) -> list[ProcessInfo]:
-    """Orphans provably harmful: holding our port (or port+1) or GPU memory. Without systemd to
-    say which processes are the unit's, "outside the unit" is a guess: then there are none."""
-    if not obs.unit.available:
-        return []
-    return [
-        p
-        for p in obs.processes
-        if p.role is ProcessRole.ORPHAN and (p.listens_on or p.gpu_bytes > 0)
-    ]
 
 
 def _kill(procs: list[ProcessInfo], rule: Rule, why: str) -> list[Action]:
@@ -471,113 +272,86 @@ def _kill(procs: list[ProcessInfo], rule: Rule, why: str) -> list[Action]:
     ]
 
 
-def _blocking_causes(findings: list[Finding]) -> list[Finding]:
-    """Causes a restart cannot fix and would only turn into a loop (or a port-hopping storm)."""
-    return [f for f in findings if f.rule in (Rule.FOREIGN_HOLDER, Rule.MISSING_LIBRARIES)]
+def _settle(sit: Situation) -> tuple[Situation, list[Finding]]:
+    """TabbyAPI answers: the recovery grace is over, and a back-off that saw `reset_after` of
+    health is reset (before that, only its pending attempt is dropped)."""
+    s, now, r = sit.s, sit.now, sit.cfg.restart_loop
+    notes: list[Finding] = []
+    s = replace(s, recovery_started=None)
+    if s.backoff_step > 0:
+        healthy_for = now - (s.healthy_since if s.healthy_since is not None else now)
+        if healthy_for >= r.reset_after:
+            s = replace(s, backoff_step=0, backoff_until=None, loop_since=None, escalated=False)
+            notes.append(say.backoff_reset(healthy_for))
+        else:
+            s = replace(s, backoff_until=None)
+    return replace(sit, s=s), notes
 
 
-def _restart_budget_left(s: PolicyState, now: float, cfg: Config) -> bool:
-    r = cfg.restart_loop
-    return s.restarts_in_window(now, r.window, WATCHDOG) < r.max_restarts
+# --- the remedies the rules share ---
+
+
+def _restart_or_loop(
+    sit: Situation,
+    s: PolicyState,
+    rule: Rule,
+    evidence: str,
+    before: list[Action],
+    *,
+    stopped: bool = False,
+) -> Plan:
+    """Remediate with a (re)start when allowed; otherwise this is a restart loop. `stopped`:
+    `before` already stops the unit (full recovery), so the remedy is a plain start."""
+    if not sit.unit.available:
+        return (
+            _enter(s, Phase.BLOCKED, sit.now),
+            before,
+            [say.cannot_act(rule, evidence, sit.unit.detail)],
+        )
+    if sit.blocking:
+        return _enter(s, Phase.BLOCKED, sit.now), before, []
+    if sit.in_restart_loop or not sit.budget_left:
+        return _enter_loop(sit, s, before, stopped=stopped)
+    s, start = _start_actions(sit, s, rule, evidence, stopped=stopped)
+    return s, before + start, []
 
 
 def _start_actions(
-    s: PolicyState, obs: Observation, now: float, cfg: Config, rule: Rule, evidence: str
+    sit: Situation, s: PolicyState, rule: Rule, evidence: str, *, stopped: bool
 ) -> tuple[PolicyState, list[Action]]:
     """Bring the unit up: restart when it runs, else (reset-failed and) start. Records the
     restart against the budget and opens the startup grace."""
-    unit, reason = obs.unit, Reason(rule, evidence)
+    unit, reason, now = sit.unit, Reason(rule, evidence), sit.now
     actions: list[Action] = []
-    if _unit_up(unit):
+    if sit.unit_up and not stopped:
         actions.append(UnitCommand(UnitVerb.RESTART, unit.name, reason))
     else:
-        if unit.active_state == "failed":
+        if unit.active_state == ActiveState.FAILED and not stopped:
             actions.append(UnitCommand(UnitVerb.RESET_FAILED, unit.name, reason))
         actions.append(UnitCommand(UnitVerb.START, unit.name, reason))
     s = replace(
         s,
-        restarts=(*s.restarts, RestartRecord(now, WATCHDOG)),
+        restarts=(*s.restarts, RestartRecord(now, RestartOrigin.WATCHDOG)),
         recovery_started=now,
         failures=0,
     )
     return _enter(s, Phase.RECOVERING, now), actions
 
 
-def _plan(
-    s: PolicyState, obs: Observation, now: float, cfg: Config, findings: list[Finding]
-) -> Plan:
-    unit, health = obs.unit, obs.health
-    if unit.available and not unit.exists:
-        return _enter(s, Phase.BLOCKED, now), [], []
-
-    cleanup = _kill(_orphans_in_the_way(obs), Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM")
-    if not cfg.orphans.enabled:
-        cleanup = []
-
-    # Someone else holds TabbyAPI's port: the health answers may not even be TabbyAPI's.
-    holders = _port_holders(obs, cfg.tabbyapi.port)
-    if any(p is not None and p.role is ProcessRole.FOREIGN for p, _ in holders):
-        return _enter(s, Phase.BLOCKED, now), cleanup, []
-    orphan_holders = [
-        p for p, _ in holders if p is not None and p.role is ProcessRole.ORPHAN and unit.available
-    ]
-    if orphan_holders and cleanup and s.backoff_step == 0:
-        evidence = (
-            f"port {cfg.tabbyapi.port} held by orphan pid {orphan_holders[0].pid}; "
-            "restart so TabbyAPI binds its own port again"
-        )
-        return _restart_or_loop(s, obs, now, cfg, Rule.PORT_CONFLICT, evidence, cleanup, findings)
-
-    if s.backoff_step > 0 and not health.healthy:
-        return _backoff(s, obs, now, cfg, cleanup, findings)
-
-    if health.healthy:
-        return _healthy(s, obs, now, cfg, cleanup, findings)
-    return _unhealthy(s, obs, now, cfg, cleanup, findings)
-
-
-def _restart_or_loop(
-    s: PolicyState,
-    obs: Observation,
-    now: float,
-    cfg: Config,
-    rule: Rule,
-    evidence: str,
-    before: list[Action],
-    findings: list[Finding],
-) -> Plan:
-    """Remediate with a (re)start when allowed; otherwise this is a restart loop."""
-    if not obs.unit.available:
-        note = Finding(rule, Severity.CRIT, f"{evidence}; cannot act: {obs.unit.detail}")
-        return _enter(s, Phase.BLOCKED, now), before, [note]
-    blocking = _blocking_causes(findings)
-    if blocking:
-        return _enter(s, Phase.BLOCKED, now), before, []
-    r = cfg.restart_loop
-    if s.restarts_in_window(now, r.window) > r.max_restarts or not _restart_budget_left(
-        s, now, cfg
-    ):
-        return _enter_loop(s, obs, now, cfg, before)
-    s, start = _start_actions(s, obs, now, cfg, rule, evidence)
-    return s, before + start, []
-
-
 def _enter_loop(
-    s: PolicyState, obs: Observation, now: float, cfg: Config, before: list[Action]
+    sit: Situation, s: PolicyState, before: list[Action], *, stopped: bool = False
 ) -> Plan:
     """TabbyAPIRestartLoop: DO NOT just restart again. Stop it, then back off."""
-    r = cfg.restart_loop
+    r, now = sit.cfg.restart_loop, sit.now
     step = s.backoff_step + 1
-    wait = backoff_delay(step, cfg)
-    n = s.restarts_in_window(now, r.window)
-    evidence = (
-        f"{n} restarts within {_dur(r.window)} (max {r.max_restarts}): stopped; "
-        f"back-off step {step}, next start attempt in {_dur(wait)}"
+    wait = backoff_delay(step, sit.cfg)
+    note = say.restart_loop(
+        s.restarts_in_window(now, r.window), r.window, r.max_restarts, step, wait
     )
     actions = list(before)
-    if _unit_up(obs.unit) or _auto_restarting(obs.unit):
+    if not stopped and (sit.unit_up or auto_restarting(sit.unit)):
         actions.append(
-            UnitCommand(UnitVerb.STOP, obs.unit.name, Reason(Rule.RESTART_LOOP, evidence))
+            UnitCommand(UnitVerb.STOP, sit.unit.name, Reason(Rule.RESTART_LOOP, note.message))
         )
     s = replace(
         s,
@@ -587,244 +361,80 @@ def _enter_loop(
         recovery_started=None,
         failures=0,
     )
-    note = Finding(Rule.RESTART_LOOP, Severity.CRIT, evidence)
     return _enter(s, Phase.ESCALATED if s.escalated else Phase.BACKOFF, now), actions, [note]
 
 
-def _backoff(
-    s: PolicyState,
-    obs: Observation,
-    now: float,
-    cfg: Config,
-    cleanup: list[Action],
-    findings: list[Finding],
-) -> Plan:
-    r = cfg.restart_loop
+# --- the rules' remedies, in PLAN order ---
+
+
+def _orphan_on_port(sit: Situation) -> Plan:
+    evidence = (
+        f"port {sit.cfg.tabbyapi.port} held by orphan pid {sit.orphans_on_port[0].pid}; "
+        "restart so TabbyAPI binds its own port again"
+    )
+    return _restart_or_loop(sit, sit.s, Rule.PORT_CONFLICT, evidence, list(sit.cleanup))
+
+
+def _backoff(sit: Situation) -> Plan:
+    """One start attempt per back-off step, and only when nothing a restart cannot fix is in
+    the way; an attempt that does not come up healthy is the next step."""
+    s, now, cfg, r = sit.s, sit.now, sit.cfg, sit.cfg.restart_loop
+    cleanup = list(sit.cleanup)
     notes: list[Finding] = []
     if s.loop_since is not None and not s.escalated and now - s.loop_since >= r.escalate_after:
         s = replace(s, escalated=True)
     if s.escalated:
-        notes.append(
-            Finding(
-                Rule.ESCALATION,
-                Severity.CRIT,
-                f"restart loop unresolved for over {_dur(r.escalate_after)}: "
-                "needs a human (runbook: Escalation); "
-                + ("the fallback model will be loaded" if cfg.model.fallback else "no fallback"),
-            )
-        )
+        notes.append(say.escalated(r.escalate_after, cfg.model.fallback))
     waiting = Phase.ESCALATED if s.escalated else Phase.BACKOFF
 
-    if s.backoff_until is not None and _unit_up(obs.unit):
+    if s.backoff_until is not None and sit.unit_up:
         # Someone else (a human, a timer) started it while we waited: that is this step's attempt.
         s = replace(s, backoff_until=None, recovery_started=now)
         return _enter(s, Phase.RECOVERING, now), cleanup, notes
     if s.backoff_until is not None:  # waiting for the next attempt
         if now < s.backoff_until:
-            notes.append(
-                Finding(
-                    Rule.RESTART_LOOP,
-                    Severity.CRIT,
-                    f"back-off step {s.backoff_step}: one start attempt after "
-                    f"{_dur(backoff_delay(s.backoff_step, cfg))}",
-                )
-            )
+            notes.append(say.backoff_waiting(s.backoff_step, backoff_delay(s.backoff_step, cfg)))
             return _enter(s, waiting, now), cleanup, notes
-        blocking = _blocking_causes(findings)
-        if blocking:
-            notes.append(
-                Finding(
-                    Rule.RESTART_LOOP,
-                    Severity.CRIT,
-                    "start attempt deferred until the cause is fixed",
-                )
-            )
+        if sit.blocking:
+            notes.append(say.backoff_deferred(" until the cause is fixed"))
             return _enter(s, waiting, now), cleanup, notes
-        if not _restart_budget_left(s, now, cfg):
-            notes.append(
-                Finding(
-                    Rule.RESTART_LOOP, Severity.CRIT, "start attempt deferred: restart budget spent"
-                )
-            )
+        if not sit.budget_left:
+            notes.append(say.backoff_deferred(": restart budget spent"))
             return _enter(s, waiting, now), cleanup, notes
         s = replace(s, backoff_until=None)
         evidence = f"back-off step {s.backoff_step} elapsed: one start attempt"
-        s, start = _start_actions(s, obs, now, cfg, Rule.BACKOFF_ATTEMPT, evidence)
+        s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
         return s, cleanup + start, notes
 
     # An attempt was made: starting inside the grace is fine, anything else failed the step.
-    if _starting(s, obs, now, cfg) or (
-        _unit_up(obs.unit) and s.failures < cfg.tabbyapi.failures_before_down
+    if starting(s, sit.obs, now, cfg) or (
+        sit.unit_up and s.failures < cfg.tabbyapi.failures_before_down
     ):
         return _enter(s, Phase.RECOVERING, now), cleanup, notes
-    s2, actions, more = _enter_loop(s, obs, now, cfg, cleanup)
+    s2, actions, more = _enter_loop(sit, s, cleanup)
     return s2, actions, notes + more
 
 
-def _unhealthy(
-    s: PolicyState,
-    obs: Observation,
-    now: float,
-    cfg: Config,
-    cleanup: list[Action],
-    findings: list[Finding],
-) -> Plan:
-    unit, t = obs.unit, cfg.tabbyapi
-    if unit.available and unit.active_state == "deactivating":
-        # A stop or restart job is under way (ours: restarts go out with --no-block, and the old
-        # process takes a while to exit). Another unit command now would only pile up jobs.
-        phase = Phase.RECOVERING if s.recovery_started is not None else Phase.DOWN
-        return _enter(s, phase, now), cleanup, []
-    if obs.health.sticky_unhealthy:
-        issue = (
-            obs.health.unhealthy_issues[-1][:160] if obs.health.unhealthy_issues else "no detail"
-        )
-        evidence = f"/health 503 unhealthy (sticky until restart): {issue}"
-        return _restart_or_loop(
-            s, obs, now, cfg, Rule.STICKY_UNHEALTHY, evidence, cleanup, findings
-        )
-    if _starting(s, obs, now, cfg):
-        phase = Phase.RECOVERING if s.recovery_started is not None else Phase.STARTING
-        return _enter(s, phase, now), cleanup, []
-    if unit.available and _auto_restarting(unit):
-        # systemd's Restart= is on it; its restarts are counted through NRestarts.
-        r = cfg.restart_loop
-        if s.restarts_in_window(now, r.window) > r.max_restarts:
-            return _enter_loop(s, obs, now, cfg, cleanup)
-        return _enter(s, Phase.DOWN, now), cleanup, []
-    unit_down = unit.available and not _unit_up(unit)
-    if not unit_down and s.failures < t.failures_before_down:
-        return s, cleanup, []  # not confirmed yet: one bad probe is not an outage
-    r = cfg.restart_loop
-    if s.restarts_in_window(now, r.window) > r.max_restarts:
-        return _enter_loop(s, obs, now, cfg, cleanup)
-    state_text = f"{unit.active_state}/{unit.sub_state}" if unit.available else "unknown"
+def _generation_hang(sit: Situation) -> Plan:
     evidence = (
-        f"unreachable for {s.failures} probes ({s.last_failure}); unit {state_text}"
-        if not unit_down
-        else f"{unit.name} is {state_text} (Result={unit.result or 'n/a'})"
+        f"/health 200 but a 1-token completion missed its {dur(sit.cfg.tabbyapi.canary_deadline)} "
+        "deadline: generation hang (tabbyAPI#428)"
     )
-    s = _enter(s, Phase.DOWN, now)
-    if _blocking_causes(findings):
-        return _enter(s, Phase.BLOCKED, now), cleanup, []
-    holders = _orphans_in_the_way(obs)
-    if holders and cfg.orphans.enabled:
-        return _full_recovery(s, obs, now, cfg, evidence, holders, findings)
-    return _restart_or_loop(s, obs, now, cfg, Rule.DOWN, evidence, cleanup, findings)
+    return _restart_or_loop(sit, sit.s, Rule.GENERATION_HANG, evidence, list(sit.cleanup))
 
 
-def _full_recovery(
-    s: PolicyState,
-    obs: Observation,
-    now: float,
-    cfg: Config,
-    evidence: str,
-    holders: list[ProcessInfo],
-    findings: list[Finding],
-) -> Plan:
-    """The runbook's Full Service Recovery: stop -> GPU reset (if enabled and nobody else uses
-    the GPU) -> kill orphans -> verify mounts (a finding blocks the start) -> start -> verify."""
-    unit = obs.unit
-    why = f"{evidence}; {len(holders)} orphan(s) hold the port or VRAM"
-    reason = Reason(Rule.FULL_RECOVERY, why)
-    before: list[Action] = []
-    if _unit_up(unit) or _auto_restarting(unit):
-        before.append(UnitCommand(UnitVerb.STOP, unit.name, reason))
-    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit")
-    if cfg.gpu_reset.enabled:
-        # Only GPUs where an orphan leaked memory, and only when every user is TabbyAPI's
-        # (the actuator re-checks right before the reset).
-        leaked_pids = {p.pid for p in holders if p.gpu_bytes > 0}
-        for gpu in obs.gpus.devices:
-            users = [obs.process(p.pid) for p in gpu.processes]
-            leaked = any(p.pid in leaked_pids for p in gpu.processes)
-            if leaked and all(u is not None and u.role is not ProcessRole.FOREIGN for u in users):
-                before.append(ResetGpu(gpu.index, reason))
-    if not obs.host.models_dir_ok:
-        return _enter(s, Phase.BLOCKED, now), before, []
-    stopped = replace(obs, unit=replace(unit, active_state="inactive", sub_state="dead"))
-    return _restart_or_loop(s, stopped, now, cfg, Rule.FULL_RECOVERY, why, before, findings)
-
-
-def _healthy(
-    s: PolicyState,
-    obs: Observation,
-    now: float,
-    cfg: Config,
-    cleanup: list[Action],
-    findings: list[Finding],
-) -> Plan:
-    r = cfg.restart_loop
-    notes: list[Finding] = []
-    s = replace(s, recovery_started=None)
-    if s.backoff_step > 0:
-        healthy_for = now - (s.healthy_since if s.healthy_since is not None else now)
-        if healthy_for >= r.reset_after:
-            s = replace(s, backoff_step=0, backoff_until=None, loop_since=None, escalated=False)
-            notes.append(
-                Finding(
-                    Rule.BACKOFF_RESET,
-                    Severity.NOTICE,
-                    f"healthy for {_dur(healthy_for)}: back-off reset",
-                )
-            )
-        else:
-            s = replace(s, backoff_until=None)
-
-    canary = obs.canary
-    if canary is not None and canary.result.outcome is Outcome.TIMEOUT:
-        evidence = (
-            f"/health 200 but a 1-token completion missed its {_dur(cfg.tabbyapi.canary_deadline)} "
-            "deadline: generation hang (tabbyAPI#428)"
-        )
-        return _restart_or_loop(s, obs, now, cfg, Rule.GENERATION_HANG, evidence, cleanup, findings)
-
-    model = obs.model
-    if model is not None and model.known and model.loaded is None and cfg.model.name:
-        s, actions, more = _no_model(s, obs, now, cfg, findings)
-        return s, cleanup + actions, notes + more
-    if s.load_in_flight:
-        return _enter(s, Phase.LOADING, now), cleanup, notes
-    if s.slow_streak >= cfg.tabbyapi.slow_probes:
-        return _enter(s, Phase.DEGRADED, now), cleanup, notes
-    if model is None or not model.known:
-        return s, cleanup, notes  # health is fine, the model is unknown: keep the phase
-    return _enter(s, Phase.HEALTHY, now), cleanup, notes
-
-
-def vram_needed(cfg: Config, model_dir: ModelDir | None, *, fallback: bool) -> int | None:
-    """Bytes a model needs over all GPUs: configured, else folder size + overhead, else None."""
-    gib = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
-    if gib is not None:
-        return int(gib * GIB)
-    if model_dir is not None and model_dir.size_bytes > 0:
-        return model_dir.size_bytes + int(cfg.model.estimate_overhead_gib * GIB)
-    return None
-
-
-def _vram_free(obs: Observation, devices: tuple[GpuDevice, ...]) -> int | None:
-    gpus = obs.gpus.devices
-    if devices:
-        wanted = {d.index for d in devices} | {d.uuid for d in devices}
-        gpus = tuple(g for g in gpus if g.index in wanted or g.uuid in wanted)
-    if obs.gpus.error is not None or not gpus or any(g.memory_free is None for g in gpus):
-        return None
-    return sum(g.memory_free or 0 for g in gpus)
-
-
-def _no_model(
-    s: PolicyState, obs: Observation, now: float, cfg: Config, findings: list[Finding]
-) -> Plan:
+def _no_model(sit: Situation) -> Plan:
     """TabbyAPINoModel: check VRAM, clean leaked holders, load (once), fall back when needed."""
-    m, host = cfg.model, obs.host
+    s, obs, now, cfg = sit.s, sit.obs, sit.now, sit.cfg
+    m, host, cleanup = cfg.model, obs.host, list(sit.cleanup)
     if s.load_in_flight:
-        return _enter(s, Phase.LOADING, now), [], []
+        return _enter(s, Phase.LOADING, now), cleanup, []
     if not host.models_dir_ok:
-        return _enter(s, Phase.BLOCKED, now), [], []  # the finding names the mount
+        return _enter(s, Phase.BLOCKED, now), cleanup, []  # the finding names the mount
     if s.next_load_at is not None and now < s.next_load_at:
-        return _enter(s, Phase.NO_MODEL, now), [], []
+        return _enter(s, Phase.NO_MODEL, now), cleanup, []
 
-    free = _vram_free(obs, cfg.gpu.device)
+    free = vram_free(obs.gpus, cfg.gpu.device)
     main_usable = host.model is None or host.model.usable
     fallback_usable = bool(m.fallback) and (host.fallback is None or host.fallback.usable)
     want_fallback = fallback_usable and (
@@ -835,27 +445,15 @@ def _no_model(
     )
     notes: list[Finding] = []
     if not candidates:
-        return _enter(s, Phase.BLOCKED if not main_usable else Phase.NO_MODEL, now), [], []
+        return _enter(s, Phase.BLOCKED if not main_usable else Phase.NO_MODEL, now), cleanup, []
     for name, is_fallback in candidates:
         need = vram_needed(cfg, host.fallback if is_fallback else host.model, fallback=is_fallback)
         if need is not None and free is not None and free < need:
-            leaked = [p for p in _orphans_in_the_way(obs) if p.gpu_bytes > 0]
+            leaked = [p for p in sit.orphans_in_the_way if p.gpu_bytes > 0]
             if leaked and cfg.orphans.enabled:
-                return _enter(s, Phase.NO_MODEL, now), [], notes  # cleanup runs first; re-check
+                return _enter(s, Phase.NO_MODEL, now), cleanup, notes  # cleanup first; re-check
             others = [p for p in obs.processes if p.gpu_bytes > 0 and p.role is ProcessRole.FOREIGN]
-            held = (
-                "; held by " + ", ".join(f"pid {p.pid} ({one_line(p.command, 40)})" for p in others)
-                if others
-                else ""
-            )
-            notes.append(
-                Finding(
-                    Rule.VRAM_CHECK,
-                    Severity.CRIT if not is_fallback else Severity.ERR,
-                    f"load of {name} refused: needs {need / GIB:.1f} GiB, "
-                    f"{free / GIB:.1f} GiB free{held}",
-                )
-            )
+            notes.append(say.vram_refused(name, need, free, others, fallback=is_fallback))
             continue
         rule = Rule.FALLBACK_MODEL if is_fallback else Rule.NO_MODEL
         why = "healthy but no model loaded"
@@ -878,8 +476,230 @@ def _no_model(
             using_fallback=is_fallback,
         )
         load = LoadModel(name, need, Reason(rule, why + vram))
-        return _enter(s, Phase.LOADING, now), [load], notes
-    return _enter(s, Phase.BLOCKED, now), [], notes
+        return _enter(s, Phase.LOADING, now), [*cleanup, load], notes
+    return _enter(s, Phase.BLOCKED, now), cleanup, notes
+
+
+def _job_running(sit: Situation) -> Plan:
+    # A stop or restart job is under way (ours: restarts go out with --no-block, and the old
+    # process takes a while to exit). Another unit command now would only pile up jobs.
+    phase = Phase.RECOVERING if sit.s.recovery_started is not None else Phase.DOWN
+    return _enter(sit.s, phase, sit.now), list(sit.cleanup), []
+
+
+def _sticky_unhealthy(sit: Situation) -> Plan:
+    issues = sit.obs.health.unhealthy_issues
+    issue = issues[-1][:160] if issues else "no detail"
+    evidence = f"/health 503 unhealthy (sticky until restart): {issue}"
+    return _restart_or_loop(sit, sit.s, Rule.STICKY_UNHEALTHY, evidence, list(sit.cleanup))
+
+
+def _starting(sit: Situation) -> Plan:
+    phase = Phase.RECOVERING if sit.s.recovery_started is not None else Phase.STARTING
+    return _enter(sit.s, phase, sit.now), list(sit.cleanup), []
+
+
+def _systemd_restarting(sit: Situation) -> Plan:
+    # systemd's Restart= is on it; its restarts are counted through NRestarts.
+    if sit.in_restart_loop:
+        return _enter_loop(sit, sit.s, list(sit.cleanup))
+    return _enter(sit.s, Phase.DOWN, sit.now), list(sit.cleanup), []
+
+
+def _down_evidence(sit: Situation) -> str:
+    unit = sit.unit
+    state = f"{unit.active_state}/{unit.sub_state}" if unit.available else "unknown"
+    if sit.unit_down:
+        return f"{unit.name} is {state} (Result={unit.result or 'n/a'})"
+    return f"unreachable for {sit.s.failures} probes ({sit.s.last_failure}); unit {state}"
+
+
+def _blocked(sit: Situation) -> Plan:
+    s = _enter(sit.s, Phase.DOWN, sit.now)
+    return _enter(s, Phase.BLOCKED, sit.now), list(sit.cleanup), []
+
+
+def _full_recovery(sit: Situation) -> Plan:
+    """The runbook's Full Service Recovery: stop -> GPU reset (if enabled and nobody else uses
+    the GPU) -> kill orphans -> verify mounts (a finding blocks the start) -> start -> verify."""
+    s, obs, holders = _enter(sit.s, Phase.DOWN, sit.now), sit.obs, sit.orphans_in_the_way
+    why = f"{_down_evidence(sit)}; {len(holders)} orphan(s) hold the port or VRAM"
+    reason = Reason(Rule.FULL_RECOVERY, why)
+    before: list[Action] = []
+    if sit.unit_up or auto_restarting(sit.unit):
+        before.append(UnitCommand(UnitVerb.STOP, sit.unit.name, reason))
+    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit")
+    if sit.cfg.gpu_reset.enabled:
+        # Only GPUs where an orphan leaked memory, and only when every user is TabbyAPI's
+        # (the actuator re-checks right before the reset).
+        leaked_pids = {p.pid for p in holders if p.gpu_bytes > 0}
+        for gpu in obs.gpus.devices:
+            users = [obs.process(p.pid) for p in gpu.processes]
+            leaked = any(p.pid in leaked_pids for p in gpu.processes)
+            if leaked and all(u is not None and u.role is not ProcessRole.FOREIGN for u in users):
+                before.append(ResetGpu(gpu.index, reason))
+    if not obs.host.models_dir_ok:
+        return _enter(s, Phase.BLOCKED, sit.now), before, []
+    return _restart_or_loop(sit, s, Rule.FULL_RECOVERY, why, before, stopped=True)
+
+
+def _down(sit: Situation) -> Plan:
+    s = _enter(sit.s, Phase.DOWN, sit.now)
+    return _restart_or_loop(sit, s, Rule.DOWN, _down_evidence(sit), list(sit.cleanup))
+
+
+def _canary_timed_out(sit: Situation) -> bool:
+    canary = sit.obs.canary
+    return canary is not None and canary.result.outcome is Outcome.TIMEOUT
+
+
+def _model_missing(sit: Situation) -> bool:
+    model = sit.obs.model
+    return model is not None and model.known and model.loaded is None and bool(sit.cfg.model.name)
+
+
+def _model_unknown(sit: Situation) -> bool:
+    return sit.obs.model is None or not sit.obs.model.known
+
+
+DOWN = "TabbyAPIDown"
+ORPHANS = "TabbyAPIDown: orphans, zombie on the port"
+NO_MODEL = "TabbyAPINoModel"
+LOOP = "TabbyAPIRestartLoop"
+SLOW = "TabbyAPISlowHealthCheck"
+
+PLAN: tuple[PlanRule, ...] = (
+    # Nothing to restart, or nothing that may be restarted around.
+    PlanRule(
+        "unit_missing",
+        DOWN,
+        (Rule.DOWN,),
+        lambda x: x.unit.available and not x.unit.exists,
+        _stay(Phase.BLOCKED, cleanup=False),
+    ),
+    PlanRule(
+        "foreign_on_port",
+        "Port conflict with a foreign process",
+        (Rule.FOREIGN_HOLDER,),
+        lambda x: x.foreign_on_port,
+        _stay(Phase.BLOCKED),
+    ),
+    PlanRule(
+        "orphan_on_port",
+        ORPHANS,
+        (Rule.PORT_CONFLICT, Rule.ORPHAN_CLEANUP),
+        lambda x: bool(x.orphans_on_port) and bool(x.cleanup) and x.s.backoff_step == 0,
+        _orphan_on_port,
+    ),
+    PlanRule(
+        "backoff",
+        LOOP,
+        (Rule.RESTART_LOOP, Rule.BACKOFF_ATTEMPT, Rule.ESCALATION),
+        lambda x: x.s.backoff_step > 0 and not x.healthy,
+        _backoff,
+    ),
+    # TabbyAPI answers /health.
+    PlanRule(
+        "generation_hang",
+        SLOW,
+        (Rule.GENERATION_HANG,),
+        lambda x: x.healthy and _canary_timed_out(x),
+        _generation_hang,
+        settles=True,
+    ),
+    PlanRule(
+        "no_model",
+        NO_MODEL,
+        (Rule.NO_MODEL, Rule.VRAM_CHECK, Rule.FALLBACK_MODEL),
+        lambda x: x.healthy and _model_missing(x),
+        _no_model,
+        settles=True,
+    ),
+    PlanRule(
+        "loading",
+        NO_MODEL,
+        (),
+        lambda x: x.healthy and bool(x.s.load_in_flight),
+        _stay(Phase.LOADING),
+        settles=True,
+    ),
+    PlanRule(
+        "slow",
+        SLOW,
+        (Rule.SLOW_HEALTH,),
+        lambda x: x.healthy and x.s.slow_streak >= x.cfg.tabbyapi.slow_probes,
+        _stay(Phase.DEGRADED),
+        settles=True,
+    ),
+    PlanRule(
+        "model_unknown",
+        "",
+        (),
+        lambda x: x.healthy and _model_unknown(x),
+        _keep,
+        settles=True,
+    ),
+    PlanRule(
+        "healthy",
+        LOOP,
+        (Rule.BACKOFF_RESET,),
+        lambda x: x.healthy,
+        _stay(Phase.HEALTHY),
+        settles=True,
+    ),
+    # TabbyAPI does not answer (or answers 503).
+    PlanRule(
+        "job_running",
+        "",
+        (),
+        lambda x: x.unit.available and x.unit.active_state == ActiveState.DEACTIVATING,
+        _job_running,
+    ),
+    PlanRule(
+        "sticky_unhealthy",
+        DOWN,
+        (Rule.STICKY_UNHEALTHY,),
+        lambda x: x.obs.health.sticky_unhealthy,
+        _sticky_unhealthy,
+    ),
+    PlanRule("starting", DOWN, (Rule.STARTING,), lambda x: x.starting, _starting),
+    PlanRule(
+        "systemd_restarting",
+        LOOP,
+        (Rule.RESTART_LOOP,),
+        lambda x: x.unit.available and auto_restarting(x.unit),
+        _systemd_restarting,
+    ),
+    PlanRule(
+        "unconfirmed",
+        "",  # one bad probe is not an outage
+        (),
+        lambda x: not x.unit_down and x.s.failures < x.cfg.tabbyapi.failures_before_down,
+        _keep,
+    ),
+    PlanRule(
+        "restart_loop",
+        LOOP,
+        (Rule.RESTART_LOOP,),
+        lambda x: x.in_restart_loop,
+        lambda x: _enter_loop(x, x.s, list(x.cleanup)),
+    ),
+    PlanRule(
+        "blocked",
+        "Library path issues after a NixOS rebuild",
+        (Rule.MISSING_LIBRARIES,),
+        lambda x: bool(x.blocking),
+        _blocked,
+    ),
+    PlanRule(
+        "full_recovery",
+        ORPHANS,
+        (Rule.FULL_RECOVERY,),
+        lambda x: bool(x.orphans_in_the_way) and x.cfg.orphans.enabled,
+        _full_recovery,
+    ),
+    PlanRule("down", DOWN, (Rule.DOWN,), lambda x: True, _down),
+)
 
 
 # --- 5. always ---------------------------------------------------------------------------------
@@ -892,15 +712,7 @@ def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
     for dev in cfg.gpu.device:
         if dev.power_limit_watts is None:
             continue
-        gpu = next(
-            (
-                g
-                for g in obs.gpus.devices
-                if (dev.index is not None and g.index == dev.index)
-                or (dev.uuid and g.uuid == dev.uuid)
-            ),
-            None,
-        )
+        gpu = snapshot_for(dev, obs.gpus.devices)
         if gpu is None or gpu.power.limit_w is None:
             continue
         target = dev.power_limit_watts
@@ -910,7 +722,9 @@ def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             target = min(target, gpu.power.max_w)
         if abs(gpu.power.limit_w - target) <= POWER_TOLERANCE_W:
             continue
-        if any(d[0] == gpu.index and d[2] > now for d in (*s.power_denied, *s.power_held)):
+        if any(
+            d.gpu_index == gpu.index and d.until > now for d in (*s.power_denied, *s.power_held)
+        ):
             continue
         clamped = (
             ""

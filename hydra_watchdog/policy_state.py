@@ -10,7 +10,7 @@ import dataclasses
 import types
 import typing
 from dataclasses import dataclass
-from enum import Enum
+from enum import Enum, StrEnum
 from typing import Any
 
 from hydra_watchdog.observation import Probe
@@ -19,19 +19,42 @@ from hydra_watchdog.states import Phase, Rule, Severity
 STATE_VERSION = 1
 
 
+class RestartOrigin(StrEnum):
+    WATCHDOG = "watchdog"  # a start/restart the watchdog issued
+    SYSTEMD = "systemd"  # systemd's Restart=, counted through NRestarts
+
+
 @dataclass(frozen=True)
 class RestartRecord:
     at: float
-    by: str  # "watchdog" (a start/restart it issued) or "systemd" (Restart= counted in NRestarts)
+    by: RestartOrigin
+
+
+@dataclass(frozen=True)
+class PowerHold:
+    """A power limit not to be set again before `until`: refused by the driver (retried
+    hourly), or a dry run's "would set" (said hourly)."""
+
+    gpu_index: int
+    watts: float
+    until: float
 
 
 @dataclass(frozen=True)
 class Finding:
-    """A diagnosis: a cause the watchdog found; shown by `status`, logged once when it appears."""
+    """A diagnosis: a cause the watchdog found; shown by `status`, logged once when it appears.
+
+    `key` names the cause (its rule and subject: a GPU, a pid, a port...): while the key stays,
+    the finding is the same one even if its message carries new numbers."""
 
     rule: Rule
     severity: Severity
     message: str
+    subject: str = ""
+
+    @property
+    def key(self) -> tuple[Rule, str]:
+        return self.rule, self.subject
 
 
 @dataclass(frozen=True)
@@ -60,17 +83,18 @@ class PolicyState:
     next_load_at: float | None = None
     using_fallback: bool = False
     last_load_error: str = ""
-    # power limits that failed (no permission, invalid...), as (gpu index, target watts, retry at):
-    # reported once, retried only after POWER_RETRY_AFTER, never every cycle
-    power_denied: tuple[tuple[int, float, float], ...] = ()
-    # a dry run's "would set" power limits, (gpu index, target watts, repeat at): not every cycle
-    power_held: tuple[tuple[int, float, float], ...] = ()
+    # power limits that failed (no permission, invalid...): reported once, retried only after
+    # POWER_RETRY_AFTER, never every cycle
+    power_denied: tuple[PowerHold, ...] = ()
+    # a dry run's "would set" power limits: said again after POWER_RETRY_AFTER, not every cycle
+    power_held: tuple[PowerHold, ...] = ()
     fallback_route_checked: bool = False
+    fallback_route_ok: bool | None = None  # the last check's verdict (None: none this outage)
     fallback_route_detail: str = ""
     findings: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
 
-    def restarts_in_window(self, now: float, window: float, by: str | None = None) -> int:
+    def restarts_in_window(self, now: float, window: float, by: RestartOrigin | None = None) -> int:
         return sum(1 for r in self.restarts if now - r.at <= window and (by is None or r.by == by))
 
     def rebased(self) -> PolicyState:
@@ -118,6 +142,9 @@ def _from(tp: Any, raw: Any) -> Any:
     if isinstance(tp, type) and issubclass(tp, Enum):
         return tp(raw)
     if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        if isinstance(raw, list):  # written as a tuple by an older version (PowerHold)
+            names = [f.name for f in dataclasses.fields(tp)]
+            raw = dict(zip(names, raw, strict=True))
         return from_jsonable(tp, raw)
     if tp is float:
         if isinstance(raw, bool) or not isinstance(raw, int | float):

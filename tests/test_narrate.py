@@ -194,14 +194,13 @@ def test_load_started_event_is_an_action_in_progress() -> None:
 def test_a_finding_with_new_numbers_is_not_news() -> None:
     def wait(n: int) -> PolicyState:
         msg = f"back-off step 1: next start attempt in {n}s"
-        return PolicyState(
-            phase=Phase.BACKOFF, findings=(Finding(Rule.RESTART_LOOP, Severity.CRIT, msg),)
-        )
+        finding = Finding(Rule.RESTART_LOOP, Severity.CRIT, msg, subject="waiting")
+        return PolicyState(phase=Phase.BACKOFF, findings=(finding,))
 
     assert narrate(wait(599), wait(598), (), (), _obs(), config=CFG) == ()
     worse = PolicyState(
         phase=Phase.BACKOFF,
-        findings=(Finding(Rule.RESTART_LOOP, Severity.CRIT, "unit stopped: start limit hit"),),
+        findings=(Finding(Rule.RESTART_LOOP, Severity.CRIT, "start limit hit", "stopped"),),
     )
     assert _kinds(narrate(wait(598), worse, (), (), _obs(), config=CFG)) == [EventKind.DIAGNOSIS]
 

@@ -23,11 +23,12 @@ from prometheus_client import CollectorRegistry, Counter, Histogram, generate_la
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.exposition import MetricsHandler
 
+from hydra_watchdog.policy_state import RestartOrigin
 from hydra_watchdog.report.status import StatusReport
 from hydra_watchdog.states import Phase
 
 PREFIX = "hydra_watchdog"
-RESTART_SOURCES = ("watchdog", "systemd")
+RESTART_SOURCES = tuple(RestartOrigin)
 # 2 s is the runbook's slow-health threshold: it must be a bucket boundary for the alert.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
 

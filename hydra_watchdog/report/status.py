@@ -31,7 +31,7 @@ from typing import Any
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
-from hydra_watchdog.policy_state import PolicyState, from_jsonable, to_jsonable
+from hydra_watchdog.policy_state import PolicyState, RestartOrigin, from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Verdict
 
 SCHEMA_VERSION = 1
@@ -183,8 +183,8 @@ class StatusReport:
 
 
 def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[int | None, str]:
-    """The need the policy checks (policy.vram_needed), and where it came from."""
-    from hydra_watchdog.policy import vram_needed  # noqa: PLC0415 - keep `status` light
+    """The need the policy checks (vram.vram_needed), and where it came from."""
+    from hydra_watchdog.vram import vram_needed  # noqa: PLC0415 - keep `status` light
 
     need = vram_needed(cfg, folder, fallback=fallback)
     configured = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
@@ -194,10 +194,10 @@ def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[in
 
 
 def _target(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> float | None:
-    for dev in devices:
-        if dev.index == snap.index or (dev.uuid is not None and dev.uuid == snap.uuid):
-            return dev.power_limit_watts
-    return None
+    from hydra_watchdog.vram import device_for  # noqa: PLC0415 - keep `status` light
+
+    dev = device_for(snap, devices)
+    return None if dev is None else dev.power_limit_watts
 
 
 def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
@@ -351,8 +351,8 @@ def build_status(
         loop_since=wall(state.loop_since),
         escalated=state.escalated,
         restarts_in_window=state.restarts_in_window(mono_now, window),
-        restarts_by_watchdog=state.restarts_in_window(mono_now, window, "watchdog"),
-        restarts_by_systemd=state.restarts_in_window(mono_now, window, "systemd"),
+        restarts_by_watchdog=state.restarts_in_window(mono_now, window, RestartOrigin.WATCHDOG),
+        restarts_by_systemd=state.restarts_in_window(mono_now, window, RestartOrigin.SYSTEMD),
         window_s=window,
     )
     actions = tuple(

@@ -1,0 +1,341 @@
+"""Diagnosis: every cause visible in one observation, and every text the watchdog says about one.
+
+`FINDERS` is diagnose in order (worst first, as `status` lists them): each finder looks at one
+runbook concern and returns its findings; they are recomputed each cycle and clear when the cause
+clears. The plan's own notes (restart loop, escalation, VRAM refusals, the pause...) are built
+by the functions at the end, so every sentence the watchdog emits lives in this module.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+
+from hydra_watchdog.config import Config
+from hydra_watchdog.durations import format_duration
+from hydra_watchdog.observation import (
+    GpuSnapshot,
+    ModelDir,
+    NvmlErrorKind,
+    Observation,
+    Outcome,
+    ProcessInfo,
+    ProcessRole,
+)
+from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.printable import one_line
+from hydra_watchdog.situation import in_unit, port_holders, unit_up
+from hydra_watchdog.states import Rule, Severity
+from hydra_watchdog.vram import GIB
+
+Finder = Callable[[PolicyState, Observation, Config], Iterable[Finding]]
+
+
+def dur(seconds: float) -> str:
+    return format_duration(round(seconds, 1)) if seconds < 60 else format_duration(round(seconds))
+
+
+# --- the finders, in the order status lists them -----------------------------------------------
+
+
+def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    host = obs.host
+    if not host.models_dir_ok:
+        yield Finding(
+            Rule.MODELS_MOUNT,
+            Severity.CRIT,
+            f"models dir {cfg.model.models_dir}: {host.models_dir_detail or 'unavailable'}; "
+            "no load can succeed until it is back (runbook: verify the /mnt/models mount)",
+            subject="mount",
+        )
+    elif host.model is not None and cfg.model.name and not host.model.usable:
+        yield Finding(
+            Rule.MODELS_MOUNT, Severity.ERR, _model_dir_problem(host.model), subject="folder"
+        )
+
+
+def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if obs.host.missing_libraries:
+        yield Finding(
+            Rule.MISSING_LIBRARIES,
+            Severity.CRIT,
+            "TabbyAPI's ExLlamaV2 extension cannot load: "
+            f"{', '.join(obs.host.missing_libraries)} not found (a NixOS rebuild changed library "
+            f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until fixed",
+        )
+
+
+def port_owners(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    port = cfg.tabbyapi.port
+    for proc in port_holders(obs, port):
+        if proc is None or (proc.role is ProcessRole.ORPHAN and not obs.unit.available):
+            continue
+        if proc.role is ProcessRole.FOREIGN:
+            yield Finding(
+                Rule.FOREIGN_HOLDER,
+                Severity.CRIT,
+                f"port {port} is held by pid {proc.pid} ({one_line(proc.command)}), "
+                "which is not TabbyAPI's: never signalled; free the port by hand",
+                subject=f"pid {proc.pid}",
+            )
+        elif proc.role is ProcessRole.ORPHAN:
+            yield Finding(
+                Rule.PORT_CONFLICT,
+                Severity.ERR,
+                f"port {port} is held by orphan TabbyAPI process {proc.pid} "
+                f"({one_line(proc.command)}) outside {obs.unit.name}",
+                subject=f"pid {proc.pid}",
+            )
+
+
+def key_withheld(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    withheld = [
+        probe.result.detail
+        for probe in (obs.model, obs.canary)
+        if probe is not None and probe.result.outcome is Outcome.WITHHELD
+    ]
+    if withheld:
+        yield Finding(Rule.KEY_WITHHELD, Severity.CRIT, withheld[0])
+
+
+def moved_port(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    port = cfg.tabbyapi.port
+    moved = [p for p in obs.processes if port + 1 in p.listens_on and in_unit(p)]
+    if moved and obs.port is not None and obs.port.owners(port):
+        yield Finding(
+            Rule.PORT_CONFLICT,
+            Severity.ERR,
+            f"TabbyAPI (pid {moved[0].pid}) listens on {port + 1}: port {port} was busy",
+            subject="moved",
+        )
+
+
+def orphans(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if not obs.unit.available:
+        return  # orphan or the unit's own? unknowable without systemd: not reported as orphan
+    for proc in obs.processes:
+        if proc.role is ProcessRole.ORPHAN and not proc.listens_on:
+            yield _orphan_finding(proc, obs.unit.name)
+
+
+def _orphan_finding(proc: ProcessInfo, unit: str) -> Finding:
+    held = f"holds {proc.gpu_bytes / GIB:.1f} GiB VRAM" if proc.gpu_bytes else "holds nothing"
+    return Finding(
+        Rule.ORPHAN_CLEANUP,
+        Severity.WARNING if proc.gpu_bytes else Severity.NOTICE,
+        f"orphan TabbyAPI process {proc.pid} ({one_line(proc.command)}) outside "
+        f"{unit} {held}" + ("" if proc.gpu_bytes else ": reported, not killed"),
+        subject=f"pid {proc.pid}",
+    )
+
+
+_RESULT_CAUSES = {
+    "oom-kill": " (OOM-killed: VRAM or host memory exhausted)",
+    "signal": " (killed by a signal)",
+    "core-dump": " (crashed, core dumped)",
+    "timeout": " (start timed out: raise TimeoutStartSec for a 70B load?)",
+    "start-limit-hit": " (systemd start limit hit)",
+}
+
+
+def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    unit = obs.unit
+    if not unit.available:
+        yield Finding(
+            Rule.DOWN, Severity.WARNING, f"systemd unavailable: {unit.detail}", subject="systemd"
+        )
+    elif not unit.exists:
+        yield Finding(Rule.DOWN, Severity.CRIT, f"unit {unit.name} does not exist", subject="unit")
+    elif not unit_up(unit) and unit.result not in ("", "success"):
+        cause = (
+            f" (exit status {unit.exec_main_status})"
+            if unit.result == "exit-code"
+            else _RESULT_CAUSES.get(unit.result, "")
+        )
+        yield Finding(
+            Rule.DOWN,
+            Severity.ERR,
+            f"{unit.name} is {unit.active_state}/{unit.sub_state}, Result={unit.result}{cause}",
+            subject="result",
+        )
+
+
+def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    excerpt = obs.host.journal_excerpt
+    if excerpt and not obs.health.healthy:
+        last = " | ".join(line.strip() for line in excerpt[-3:])
+        yield Finding(Rule.DOWN, Severity.INFO, f"last log lines: {last[:400]}", subject="journal")
+
+
+def gpus(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if obs.gpus.error is not None:
+        yield Finding(
+            Rule.VRAM_CHECK,
+            Severity.WARNING,
+            f"NVML unavailable ({obs.gpus.error.value}: {obs.gpus.detail}); "
+            "VRAM checks and power limits are skipped",
+            subject="nvml",
+        )
+    for gpu in obs.gpus.devices:
+        if any(kind is NvmlErrorKind.GPU_LOST for _, kind in gpu.errors):
+            yield Finding(
+                Rule.VRAM_CHECK,
+                Severity.CRIT,
+                f"gpu{gpu.index} is lost (fell off the bus?): a reboot is likely needed",
+                subject=f"gpu{gpu.index}",
+            )
+
+
+def slow_health(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    t = cfg.tabbyapi
+    if s.slow_streak >= t.slow_probes:
+        yield Finding(
+            Rule.SLOW_HEALTH,
+            Severity.WARNING,
+            f"/health took {obs.health.result.latency_s * 1000:.0f} ms "
+            f"(> {t.slow_threshold * 1000:.0f} ms) for {s.slow_streak} probes; "
+            + "; ".join(_gpu_pressure(g) for g in obs.gpus.devices)
+            + "; not a reason to restart",
+        )
+
+
+def power_denied(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    for hold in s.power_denied:
+        yield Finding(
+            Rule.POWER_LIMIT,
+            Severity.WARNING,
+            f"gpu{hold.gpu_index}: setting the power limit to {hold.watts:g} W failed; retried "
+            f"hourly, not every cycle (needs CAP_SYS_ADMIN)",
+            subject=f"gpu{hold.gpu_index}",
+        )
+
+
+def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if s.last_load_error:
+        yield Finding(
+            Rule.LOAD_FAILED,
+            Severity.ERR,
+            f"model load failed {s.load_failures}x: {s.last_load_error[:200]}",
+        )
+
+
+def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if s.fallback_route_detail:
+        yield Finding(
+            Rule.FALLBACK_ROUTE,
+            Severity.INFO if s.fallback_route_ok else Severity.ERR,
+            s.fallback_route_detail[:200],
+        )
+
+
+FINDERS: tuple[Finder, ...] = (
+    models_mount,
+    missing_libraries,
+    port_owners,
+    key_withheld,
+    moved_port,
+    orphans,
+    unit_state,
+    journal,
+    gpus,
+    slow_health,
+    power_denied,
+    load_failed,
+    fallback_route,
+)
+
+
+def diagnose(s: PolicyState, obs: Observation, cfg: Config) -> list[Finding]:
+    """Every cause visible in this observation, worst first; recomputed each cycle."""
+    return [finding for find in FINDERS for finding in find(s, obs, cfg)]
+
+
+def _model_dir_problem(model: ModelDir) -> str:
+    if not model.exists:
+        return f"model folder {model.path} is missing"
+    missing = []
+    if not model.has_config:
+        missing.append("config.json")
+    if not model.weight_files:
+        missing.append("*.safetensors")
+    return f"model folder {model.path} lacks {' and '.join(missing)}" + (
+        f" ({model.detail})" if model.detail else ""
+    )
+
+
+def _gpu_pressure(g: GpuSnapshot) -> str:
+    bits = [f"gpu{g.index}"]
+    if g.utilization_pct is not None:
+        bits.append(f"util {g.utilization_pct}%")
+    if g.temperature_c is not None:
+        bits.append(f"{g.temperature_c}°C")
+    if g.power.usage_w is not None and g.power.limit_w is not None:
+        bits.append(f"power {g.power.usage_w:.0f}/{g.power.limit_w:.0f} W")
+    reasons = [r for r in g.throttle_reasons if r != "gpu_idle"]
+    bits.append("throttle: " + (",".join(reasons) if reasons else "none"))
+    return " ".join(bits)
+
+
+# --- the plan's notes ---------------------------------------------------------------------------
+
+
+def paused(reason: str, until_in: float | None) -> Finding:
+    until = "until resumed" if until_in is None else "for " + dur(until_in)
+    return Finding(Rule.PAUSED, Severity.NOTICE, f"paused {until}: {reason}")
+
+
+def cannot_act(rule: Rule, evidence: str, why: str) -> Finding:
+    return Finding(rule, Severity.CRIT, f"{evidence}; cannot act: {why}")
+
+
+def restart_loop(n: int, window: float, max_restarts: int, step: int, wait: float) -> Finding:
+    return Finding(
+        Rule.RESTART_LOOP,
+        Severity.CRIT,
+        f"{n} restarts within {dur(window)} (max {max_restarts}): stopped; "
+        f"back-off step {step}, next start attempt in {dur(wait)}",
+        subject="stopped",
+    )
+
+
+def escalated(after: float, fallback: str) -> Finding:
+    return Finding(
+        Rule.ESCALATION,
+        Severity.CRIT,
+        f"restart loop unresolved for over {dur(after)}: needs a human (runbook: Escalation); "
+        + ("the fallback model will be loaded" if fallback else "no fallback"),
+    )
+
+
+def backoff_waiting(step: int, delay: float) -> Finding:
+    return Finding(
+        Rule.RESTART_LOOP,
+        Severity.CRIT,
+        f"back-off step {step}: one start attempt after {dur(delay)}",
+        subject="waiting",
+    )
+
+
+def backoff_deferred(why: str) -> Finding:
+    return Finding(Rule.RESTART_LOOP, Severity.CRIT, f"start attempt deferred{why}", subject=why)
+
+
+def backoff_reset(healthy_for: float) -> Finding:
+    return Finding(
+        Rule.BACKOFF_RESET, Severity.NOTICE, f"healthy for {dur(healthy_for)}: back-off reset"
+    )
+
+
+def vram_refused(
+    name: str, need: int, free: int, others: Sequence[ProcessInfo], *, fallback: bool
+) -> Finding:
+    held = (
+        "; held by " + ", ".join(f"pid {p.pid} ({one_line(p.command, 40)})" for p in others)
+        if others
+        else ""
+    )
+    return Finding(
+        Rule.VRAM_CHECK,
+        Severity.CRIT if not fallback else Severity.ERR,
+        f"load of {name} refused: needs {need / GIB:.1f} GiB, {free / GIB:.1f} GiB free{held}",
+        subject=name,
+    )

@@ -1,0 +1,149 @@
+"""What one cycle knows, and the facts the runbook's rules are written in.
+
+`Situation` is frozen: the policy's memory after absorbing results and tracking health, this
+cycle's observation, the time, the config, and what diagnose found. Its properties are the
+vocabulary of `policy.PLAN` and `findings.FINDERS` ("the unit is up", "an orphan holds the
+port", "a restart loop"), each computed in one place.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+
+from hydra_watchdog.actions import Action
+from hydra_watchdog.config import Config
+from hydra_watchdog.observation import (
+    ActiveState,
+    Observation,
+    Outcome,
+    ProcessInfo,
+    ProcessRole,
+    UnitStatus,
+)
+from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin
+from hydra_watchdog.states import Rule
+
+# Causes a restart cannot fix and would only turn into a loop (or a port-hopping storm).
+BLOCKING_RULES = frozenset({Rule.FOREIGN_HOLDER, Rule.MISSING_LIBRARIES})
+
+
+def unit_up(unit: UnitStatus) -> bool:
+    """A process is (being) run: active, or activating other than waiting to auto-restart."""
+    if unit.active_state in (ActiveState.ACTIVE, ActiveState.RELOADING):
+        return True
+    return unit.active_state == ActiveState.ACTIVATING and unit.sub_state != "auto-restart"
+
+
+def auto_restarting(unit: UnitStatus) -> bool:
+    return unit.sub_state == "auto-restart"
+
+
+def in_unit(p: ProcessInfo) -> bool:
+    return p.role in (ProcessRole.MAIN, ProcessRole.UNIT)
+
+
+def listeners(obs: Observation, port: int) -> list[ProcessInfo | None]:
+    if obs.port is None:
+        return []
+    return [None if pid is None else obs.process(pid) for pid in obs.port.owners(port)]
+
+
+def port_holders(obs: Observation, port: int) -> list[ProcessInfo | None]:
+    """Listeners on `port` that are not TabbyAPI's unit (None: owner unknown)."""
+    return [p for p in listeners(obs, port) if p is None or not in_unit(p)]
+
+
+def orphans_in_the_way(obs: Observation) -> list[ProcessInfo]:
+    """Orphans provably harmful: holding our port (or port+1) or GPU memory. Without systemd to
+    say which processes are the unit's, "outside the unit" is a guess: then there are none."""
+    if not obs.unit.available:
+        return []
+    return [
+        p
+        for p in obs.processes
+        if p.role is ProcessRole.ORPHAN and (p.listens_on or p.gpu_bytes > 0)
+    ]
+
+
+def start_reference(s: PolicyState, obs: Observation) -> float | None:
+    stamps = [t for t in (s.recovery_started, obs.unit.active_enter_mono) if t is not None]
+    return max(stamps) if stamps else None
+
+
+def starting(s: PolicyState, obs: Observation, now: float, cfg: Config) -> bool:
+    """TabbyAPI loads its startup model before it opens the port: refused connections from a
+    unit that (re)started less than startup_grace ago mean "starting", not "down"."""
+    if obs.health.result.outcome is not Outcome.REFUSED:
+        return False
+    if obs.unit.available and not unit_up(obs.unit):
+        return False
+    started = start_reference(s, obs)
+    return started is not None and now - started < cfg.tabbyapi.startup_grace
+
+
+@dataclass(frozen=True)
+class Situation:
+    s: PolicyState
+    obs: Observation
+    now: float
+    cfg: Config
+    findings: tuple[Finding, ...]
+    cleanup: tuple[Action, ...]  # orphan kills that go ahead of whatever the plan does
+
+    @property
+    def unit(self) -> UnitStatus:
+        return self.obs.unit
+
+    @property
+    def healthy(self) -> bool:
+        return self.obs.health.healthy
+
+    @cached_property
+    def unit_up(self) -> bool:
+        return unit_up(self.obs.unit)
+
+    @cached_property
+    def unit_down(self) -> bool:
+        """systemd says no TabbyAPI process runs (unknowable without systemd: False)."""
+        return self.obs.unit.available and not self.unit_up
+
+    @cached_property
+    def starting(self) -> bool:
+        return starting(self.s, self.obs, self.now, self.cfg)
+
+    @cached_property
+    def holders(self) -> list[ProcessInfo | None]:
+        return port_holders(self.obs, self.cfg.tabbyapi.port)
+
+    @cached_property
+    def foreign_on_port(self) -> bool:
+        return any(p is not None and p.role is ProcessRole.FOREIGN for p in self.holders)
+
+    @cached_property
+    def orphans_on_port(self) -> list[ProcessInfo]:
+        if not self.obs.unit.available:
+            return []
+        return [p for p in self.holders if p is not None and p.role is ProcessRole.ORPHAN]
+
+    @cached_property
+    def orphans_in_the_way(self) -> list[ProcessInfo]:
+        return orphans_in_the_way(self.obs)
+
+    @cached_property
+    def blocking(self) -> list[Finding]:
+        return [f for f in self.findings if f.rule in BLOCKING_RULES]
+
+    @cached_property
+    def in_restart_loop(self) -> bool:
+        """More than max_restarts restarts of any origin within the window."""
+        r = self.cfg.restart_loop
+        return self.s.restarts_in_window(self.now, r.window) > r.max_restarts
+
+    @cached_property
+    def budget_left(self) -> bool:
+        """The watchdog's own (re)starts within the window stay below max_restarts."""
+        r = self.cfg.restart_loop
+        return self.s.restarts_in_window(self.now, r.window, RestartOrigin.WATCHDOG) < (
+            r.max_restarts
+        )
