@@ -164,7 +164,7 @@ def test_serve_binds_exactly_the_given_host_and_shuts_down(metrics: Metrics) -> 
     serving = metrics.serve("127.0.0.1:0")
     assert serving.ok
     assert metrics._server is not None
-    assert metrics._server.socket.getsockname()[0] == "127.0.0.1"
+    assert metrics._server.address[0] == "127.0.0.1"
     assert "hydra_watchdog_restarts_total" in scrape("127.0.0.1", serving.port)
     metrics.shutdown()
     with pytest.raises(urllib.error.URLError):
