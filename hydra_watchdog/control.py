@@ -59,7 +59,8 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
 
     A file we cannot understand pauses nothing (the watchdog keeps guarding TabbyAPI rather than
     going quiet on garbage); it is moved aside with a warning so the warning is not repeated
-    every cycle.
+    every cycle. A file that exists but cannot be read (out of descriptors, EIO) may well be a
+    pause for a driver upgrade: it pauses, with the reason saying why, until it can be read.
     """
     path = Path(state_dir) / PAUSE_FILE
     try:
@@ -67,8 +68,9 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
     except FileNotFoundError:
         return None
     except OSError as exc:
-        log.warning("cannot read %s: %s; not paused", path, exc)
-        return None
+        why = f"{path} exists but cannot be read ({exc.strerror or exc}); observing only"
+        log.error("%s", why)
+        return PauseRequest(reason=why, until=None)
     try:
         doc = json.loads(raw)
         if not isinstance(doc, dict):

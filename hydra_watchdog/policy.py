@@ -170,6 +170,8 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
         s = replace(s, next_load_at=None, last_load_error="")
         if obs.model.loaded == cfg.model.name:
             s = replace(s, load_failures=0, using_fallback=False)
+    if health.result.outcome is Outcome.LOCAL_ERROR:
+        return s  # the watchdog could not probe: no evidence either way, streaks stay as they are
     if health.healthy:
         slow = health.result.latency_s > t.slow_threshold
         return replace(
@@ -231,6 +233,16 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
     """Every cause visible in this observation, worst first; recomputed each cycle."""
     out: list[Finding] = []
     host, unit, port = obs.host, obs.unit, cfg.tabbyapi.port
+    probes = (obs.health.result, *(p.result for p in (obs.model, obs.canary) if p is not None))
+    for impaired in (r for r in probes if r.outcome is Outcome.LOCAL_ERROR):
+        out.append(
+            Finding(
+                Rule.WATCHDOG_IMPAIRED,
+                Severity.ERR,
+                f"watchdog impaired: {impaired.detail or 'a probe could not run'}; "
+                "not evidence about TabbyAPI, nothing is done on it",
+            )
+        )
     if not host.models_dir_ok:
         out.append(
             Finding(
@@ -495,6 +507,10 @@ def _plan(
     s: PolicyState, obs: Observation, now: float, cfg: Config, findings: list[Finding]
 ) -> Plan:
     unit, health = obs.unit, obs.health
+    if health.result.outcome is Outcome.LOCAL_ERROR:
+        # The watchdog's own fault (out of descriptors, memory, threads): the other probes may
+        # be as blind, so nothing is acted on until it can see again. Verdict UNKNOWN.
+        return _enter(s, Phase.UNKNOWN, now), [], []
     if unit.available and not unit.exists:
         return _enter(s, Phase.BLOCKED, now), [], []
 
