@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from hydra_watchdog.observation import Outcome
 from hydra_watchdog.report.exporter import PageServer
 from hydra_watchdog.report.status import StatusReport
 from hydra_watchdog.states import Phase
@@ -96,7 +97,9 @@ class _ReportCollector:
             "1 when actions are only logged, never executed.",
             value=1.0 if report.dry_run else 0.0,
         )
-        if report.health is not None:
+        # A probe the watchdog itself could not make (out of descriptors...) says nothing about
+        # TabbyAPI: no sample rather than a 0 that fires TabbyAPIDown.
+        if report.health is not None and report.health.outcome != Outcome.LOCAL_ERROR:
             yield GaugeMetricFamily(
                 f"{PREFIX}_tabbyapi_up",
                 "1 if TabbyAPI's /health answered healthy in the last cycle.",
