@@ -155,13 +155,6 @@ def test_a_probe_thread_that_cannot_start_is_a_local_error_and_nothing_is_done(
     assert impaired and impaired[0].startswith("watchdog impaired: ")
 
 
-def test_an_unreadable_pause_file_pauses_and_says_why(tmp_path: Path) -> None:
-    (tmp_path / control.PAUSE_FILE).mkdir()  # exists, cannot be read as a file
-    pause = control.read_pause(tmp_path, 0.0, 0.0)
-    assert pause is not None and pause.until is None
-    assert "cannot be read (Is a directory)" in pause.reason
-
-
 def test_local_failure_looks_through_httpx_wrapping() -> None:
     def wrapped(error: int) -> httpx.ConnectError:
         try:
