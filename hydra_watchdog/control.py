@@ -25,7 +25,7 @@ import stat
 import time
 from pathlib import Path
 
-from hydra_watchdog.observation import PauseRequest
+from hydra_watchdog.observation import PauseRequest, local_failure
 from hydra_watchdog.report.status import StatusReport, from_json, to_json
 from hydra_watchdog.statefile import (
     UnusableFileError,
@@ -76,14 +76,20 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
 
     A file we cannot understand pauses nothing (the watchdog keeps guarding TabbyAPI rather than
     going quiet on garbage); it is moved aside with a warning so the warning is not repeated
-    every cycle.
+    every cycle. A file we could not read for lack of descriptors or memory is the watchdog's
+    own failure, not the file's: it may well be a pause for a driver upgrade, so it pauses, with
+    the reason saying why, until it can be read.
     """
     path = Path(state_dir) / PAUSE_FILE
     try:
         raw, st = read_regular(path, PAUSE_MAX_BYTES)
     except FileNotFoundError:
         return None
-    except PermissionError as exc:
+    except OSError as exc:
+        if local_failure(exc):
+            why = f"{path} exists but cannot be read ({exc.strerror or exc}); observing only"
+            log.error("%s", why)
+            return PauseRequest(reason=why, until=None)
         log.warning("cannot read %s: %s; not paused", path, exc)
         return None
     except UnusableFileError as exc:

@@ -289,7 +289,7 @@ class Daemon:
         m.update(report)
         for r in results:
             m.record_action(action_name(r.action), r.status.value)
-        if obs.health.result.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT):
+        if obs.health.result.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR):
             m.observe_health_latency(obs.health.result.latency_s)
 
     def _count_restarts(self, prev: PolicyState, new: PolicyState) -> None:

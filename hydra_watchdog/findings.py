@@ -37,6 +37,18 @@ def dur(seconds: float) -> str:
 # --- the finders, in the order status lists them -----------------------------------------------
 
 
+def watchdog_impaired(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    probes = (obs.health.result, *(p.result for p in (obs.model, obs.canary) if p is not None))
+    for impaired in (r for r in probes if r.outcome is Outcome.LOCAL_ERROR):
+        yield Finding(
+            Rule.WATCHDOG_IMPAIRED,
+            Severity.ERR,
+            f"watchdog impaired: {impaired.detail or 'a probe could not run'}; "
+            "not evidence about TabbyAPI, nothing is done on it",
+            subject=impaired.detail,
+        )
+
+
 def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     host = obs.host
     if not host.models_dir_ok:
@@ -228,6 +240,7 @@ def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
 
 
 FINDERS: tuple[Finder, ...] = (
+    watchdog_impaired,
     models_mount,
     missing_libraries,
     port_owners,

@@ -7,6 +7,7 @@ cycle, or the read failed: the matching error field says why) and is never a gue
 
 from __future__ import annotations
 
+import errno
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import TYPE_CHECKING
@@ -27,6 +28,35 @@ class Outcome(StrEnum):
     BAD_BODY = "bad_body"  # malformed JSON, wrong content type or shape, protocol garbage
     UNAUTHORIZED = "unauthorized"  # 401/403: the admin key is missing or wrong
     WITHHELD = "withheld"  # not sent: the port's listener is not verified as TabbyAPI
+    # The watchdog itself could not probe (out of descriptors, memory or threads): no evidence
+    # about TabbyAPI either way, never counted as a failed probe.
+    LOCAL_ERROR = "local_error"
+
+
+_LOCAL_ERRNOS = {
+    errno.EMFILE: "the watchdog is out of file descriptors (EMFILE)",
+    errno.ENFILE: "the system is out of file descriptors (ENFILE)",
+    errno.ENOMEM: "the watchdog is out of memory (ENOMEM)",
+    errno.ENOBUFS: "the system is out of socket buffers (ENOBUFS)",
+}
+
+
+def local_failure(exc: BaseException) -> str:
+    """Why `exc` is the watchdog's own resource failure, or "" when it is not one.
+
+    HTTP libraries wrap the OSError (httpx.ConnectError from httpcore.ConnectError from
+    OSError(EMFILE)), so the whole __cause__/__context__ chain is searched.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.errno in _LOCAL_ERRNOS:
+            return _LOCAL_ERRNOS[current.errno]
+        if isinstance(current, MemoryError):
+            return "the watchdog is out of memory"
+        current = current.__cause__ or current.__context__
+    return ""
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,7 @@ from hydra_watchdog.observation import (
     Probe,
     ProcessInfo,
     UnitStatus,
+    local_failure,
 )
 
 T = TypeVar("T")
@@ -63,13 +64,23 @@ class _Task(Generic[T_co]):
         self.done = threading.Event()
         self.value: T_co | None = None
         self.error = ""
-        threading.Thread(target=self._run, args=(fn,), name=f"probe-{name}", daemon=True).start()
+        self.local_error = ""  # the watchdog's own failure (no thread, no memory), not the probe's
+        thread = threading.Thread(target=self._run, args=(fn,), name=f"probe-{name}", daemon=True)
+        try:
+            thread.start()
+        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
+            self.local_error = f"the watchdog cannot start the {name} probe's thread ({exc})"
+            self.done.set()
 
     def _run(self, fn: Callable[[], T_co]) -> None:
         try:
             self.value = fn()
         except Exception as exc:  # adapters must not raise; if one does, it is a typed failure
-            self.error = f"{type(exc).__name__}: {exc}"[:300]
+            local = local_failure(exc)
+            if local:
+                self.local_error = f"{self.name} probe not run: {local}"
+            else:
+                self.error = f"{type(exc).__name__}: {exc}"[:300]
         finally:
             self.done.set()
 
@@ -77,13 +88,17 @@ class _Task(Generic[T_co]):
         """(value, "") or (None, why not)."""
         if not self.done.wait(max(0.0, deadline - clock())):
             return None, f"{self.name} probe did not answer in time"
+        if self.local_error:
+            return None, self.local_error
         if self.error:
             return None, f"{self.name} probe crashed: {self.error}"
         return self.value, ""
 
 
-def _http_failed(why: str, elapsed: float) -> HttpResult:
-    return HttpResult(Outcome.TIMEOUT, elapsed, None, why)
+def _http_failed(why: str, elapsed: float, task: _Task[object] | None) -> HttpResult:
+    # Our own failure to run the probe is no evidence about TabbyAPI: never a timeout.
+    local = task is not None and bool(task.local_error)
+    return HttpResult(Outcome.LOCAL_ERROR if local else Outcome.TIMEOUT, elapsed, None, why)
 
 
 class Observer:
@@ -195,7 +210,7 @@ class Observer:
 
         health, why = self._get(health_t, "health", deadline)
         if health is None:
-            health = Health(_http_failed(why, self._clock() - start), healthy=False)
+            health = Health(_http_failed(why, self._clock() - start, health_t), healthy=False)
         model, _ = self._get(model_t, "model", deadline)
         # The client enforces the canary's deadline itself and says TIMEOUT: that is a hang. If
         # our own thread did not deliver (stuck, or past the cycle's deadline), the canary is

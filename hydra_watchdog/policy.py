@@ -189,6 +189,8 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
         s = replace(s, next_load_at=None, last_load_error="")
         if obs.model.loaded == cfg.model.name:
             s = replace(s, load_failures=0, using_fallback=False)
+    if health.result.outcome is Outcome.LOCAL_ERROR:
+        return s  # the watchdog could not probe: no evidence either way, streaks stay as they are
     if health.healthy:
         slow = health.result.latency_s > t.slow_threshold
         return replace(
@@ -569,6 +571,15 @@ LOOP = "TabbyAPIRestartLoop"
 SLOW = "TabbyAPISlowHealthCheck"
 
 PLAN: tuple[PlanRule, ...] = (
+    # The watchdog's own fault (out of descriptors, memory, threads): the other probes may be as
+    # blind, so nothing is acted on until it can see again. Verdict UNKNOWN.
+    PlanRule(
+        "impaired",
+        "",
+        (Rule.WATCHDOG_IMPAIRED,),
+        lambda x: x.obs.health.result.outcome is Outcome.LOCAL_ERROR,
+        _stay(Phase.UNKNOWN, cleanup=False),
+    ),
     # Nothing to restart, or nothing that may be restarted around.
     PlanRule(
         "unit_missing",

@@ -35,6 +35,7 @@ from pathlib import Path
 from typing import Any
 
 from hydra_watchdog.events import Event
+from hydra_watchdog.observation import local_failure
 from hydra_watchdog.policy_state import STATE_VERSION, PolicyState, from_jsonable, to_jsonable
 
 STATE_FILE = "state.json"
@@ -149,12 +150,16 @@ def ensure_public_dir(path: Path) -> None:
 def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file of at most `limit` bytes, and its stat. Never follows a symlink
     and never blocks on a FIFO. FileNotFoundError and PermissionError pass through; anything else
-    that is not a readable regular file within the limit is UnusableFileError."""
+    that is not a readable regular file within the limit is UnusableFileError. The watchdog's
+    own resource failures (EMFILE, ENOMEM...) pass through as OSError: they are not the file's
+    fault, and a file must never be moved aside for them."""
     try:
         fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except (FileNotFoundError, PermissionError):
         raise
     except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket; ...
+        if local_failure(exc):
+            raise
         raise UnusableFileError(f"cannot open it: {exc.strerror or exc}") from None
     try:
         st = os.fstat(fd)
@@ -175,6 +180,8 @@ def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
             raise UnusableFileError(f"more than the {limit} bytes a valid one can have")
         return b"".join(chunks), st
     except OSError as exc:
+        if local_failure(exc):
+            raise
         raise UnusableFileError(f"cannot read it: {exc.strerror or exc}") from None
     finally:
         os.close(fd)

@@ -79,6 +79,7 @@ class Rule(StrEnum):
     FALLBACK_ROUTE = "fallback_route"  # RUNBOOK: LiteLLM Fallback Verification
     PAUSED = "paused"  # maintenance mode
     RECOVERED = "recovered"
+    WATCHDOG_IMPAIRED = "watchdog_impaired"  # its own fds/memory/threads ran out: no evidence
 
 
 class Severity(StrEnum):

@@ -268,6 +268,10 @@ in
           # 78 = EX_CONFIG: a bad config must not loop.
           RestartPreventExitStatus = 78;
           TimeoutStopSec = "60s";
+          # Bounds on the watchdog itself, as in systemd/hydra-watchdog.service: it normally
+          # holds ~40 descriptors (the metrics exporter at most 17, whoever connects) and ~40 MB.
+          LimitNOFILE = 1024;
+          MemoryMax = "256M";
           StateDirectory = lib.removePrefix "/var/lib/" s.watchdog.state_dir;
           StateDirectoryMode = "0700";
           RuntimeDirectory = lib.removePrefix "/run/" s.watchdog.runtime_dir;

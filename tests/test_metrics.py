@@ -139,6 +139,16 @@ def test_model_loaded_and_up_follow_the_latest_report(metrics: Metrics) -> None:
     assert samples(metrics.exposition().decode())[("hydra_watchdog_model_loaded", ())] == 1
 
 
+def test_a_local_error_is_no_tabbyapi_up_sample(metrics: Metrics) -> None:
+    # Issue 10: out of descriptors, the watchdog did not ask TabbyAPI; a 0 would fire
+    # TabbyAPIDown (hydra_watchdog_tabbyapi_up == 0 for 1m).
+    blind = Health(HttpResult(Outcome.LOCAL_ERROR, 0.0, None, "out of file descriptors"), False)
+    metrics.update(build(obs=observation(health=blind)))
+    values = samples(metrics.exposition().decode())
+    assert ("hydra_watchdog_tabbyapi_up", ()) not in values
+    assert values[("hydra_watchdog_paused", ())] == 0  # the rest of the page is there
+
+
 def test_paused_gauge(metrics: Metrics) -> None:
     report = build()
     metrics.update(
@@ -164,7 +174,7 @@ def test_serve_binds_exactly_the_given_host_and_shuts_down(metrics: Metrics) -> 
     serving = metrics.serve("127.0.0.1:0")
     assert serving.ok
     assert metrics._server is not None
-    assert metrics._server.socket.getsockname()[0] == "127.0.0.1"
+    assert metrics._server.address[0] == "127.0.0.1"
     assert "hydra_watchdog_restarts_total" in scrape("127.0.0.1", serving.port)
     metrics.shutdown()
     with pytest.raises(urllib.error.URLError):

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from hydra_watchdog.report.exporter import MAX_CONNECTIONS
 from tests.nix.units import (
     NIX_INSTANTIATE,
     PACKAGE_ROOT,
@@ -31,6 +32,7 @@ UNIT = REPO / "systemd" / "hydra-watchdog.service"
 DROP_IN = REPO / "systemd" / "tabbyapi.service.d" / "10-hydra-watchdog.conf"
 CATALOG = REPO / "systemd" / "hydra-watchdog.catalog"
 MAX_EXPOSURE = 4.5
+TABBY_POOL = 20  # httpcore.ConnectionPool(max_connections=20) in probes/tabby.py
 
 # [Service] keys that differ between a Debian host and NixOS by nature, not by hardening:
 # NixOS sets LD_LIBRARY_PATH for NVML; the admin key's path is the user's choice.
@@ -86,6 +88,18 @@ def test_unit_has_what_the_issue_asks_for() -> None:
     assert service.get("ProtectProc", ("default",)) == ("default",)
     assert service.get("PrivateUsers", ("false",)) in (("false",), ("no",))
     assert "ProcSubset" not in service
+
+
+def test_unit_bounds_the_watchdogs_own_resources_with_room_for_normal_use() -> None:
+    service = directives(parse_unit(UNIT.read_text(encoding="utf-8"))["Service"])
+    # Issue 10: a file limit and a memory ceiling of its own (the NixOS unit carries the same:
+    # test_module_and_unit_file_carry_the_same_hardening).
+    [nofile] = service["LimitNOFILE"]
+    [memory] = service["MemoryMax"]
+    # What the daemon may hold at once: the exporter's cap and listener, TabbyAPI's pool, and a
+    # margin for NVML, journald, the state files and the children's pipes.
+    assert int(nofile) >= 4 * (MAX_CONNECTIONS + 1 + TABBY_POOL + 64)
+    assert memory.endswith("M") and 4 * 40 <= int(memory[:-1]) <= 1024  # RSS is ~40 MB
 
 
 def test_every_opened_permission_has_a_comment() -> None:

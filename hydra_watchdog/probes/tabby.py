@@ -48,6 +48,7 @@ from hydra_watchdog.observation import (
     ModelStatus,
     Outcome,
     UnitStatus,
+    local_failure,
 )
 from hydra_watchdog.printable import printable
 from hydra_watchdog.probes.identity import ListenerCheck, ListenerGate
@@ -580,12 +581,17 @@ class TabbyClient:
             why = f"no complete answer from {shown} within {budget:g} s"
             return self._failed(started, Outcome.TIMEOUT, why)
         except httpx.ConnectError as exc:
-            return self._failed(started, Outcome.REFUSED, f"{shown}: {self._describe(exc)}")
+            return self._local(started, shown, exc) or self._failed(
+                started, Outcome.REFUSED, f"{shown}: {self._describe(exc)}"
+            )
         except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
             # Never sent: closest to "could not reach"; the detail says it is the URL's fault.
             why = f"{shown} is not a usable http(s) URL ({self._describe(exc)})"
             return self._failed(started, Outcome.REFUSED, why)
         except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+            local = self._local(started, shown, exc)
+            if local is not None:
+                return local
             if not got_headers and _BUDGET.received == 0:
                 why = f"{shown}: connection closed before an answer ({self._describe(exc)})"
                 return self._failed(started, Outcome.REFUSED, why)
@@ -593,7 +599,15 @@ class TabbyClient:
             return self._failed(started, Outcome.BAD_BODY, why)
         except Exception as exc:  # e.g. a bad Content-Encoding: still only a bad answer
             why = f"{shown}: unusable answer ({self._describe(exc)})"
-            return self._failed(started, Outcome.BAD_BODY, why)
+            return self._local(started, shown, exc) or self._failed(started, Outcome.BAD_BODY, why)
+
+    def _local(self, started: float, shown: str, exc: BaseException) -> _Reply | None:
+        """LOCAL_ERROR when the exception is our own lack of descriptors or memory: TabbyAPI was
+        never asked, so it must not read as refused (that would count toward a restart)."""
+        why = local_failure(exc)
+        if not why:
+            return None
+        return self._failed(started, Outcome.LOCAL_ERROR, f"{shown} not probed: {why}")
 
     def _failed(
         self, started: float, outcome: Outcome, detail: str, resp: httpx.Response | None = None

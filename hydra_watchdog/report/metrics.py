@@ -7,23 +7,24 @@ instances, or a test beside the daemon, never clash). Label sets are small and f
 names, GPU indices, action names and result statuses.
 
 The exporter binds exactly the configured host: prometheus_client's own default is 0.0.0.0,
-which would publish the node's recovery state to the whole network.
+which would publish the node's recovery state to the whole network. It is served by the bounded
+PageServer (report/exporter.py), not prometheus_client's thread-per-connection server: any local
+user can connect, and the exporter must not be a way to starve the daemon of descriptors.
 """
 
 from __future__ import annotations
 
-import socket
 import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
-from http.server import ThreadingHTTPServer
 from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
-from prometheus_client.exposition import MetricsHandler
 
+from hydra_watchdog.observation import Outcome
 from hydra_watchdog.policy_state import RestartOrigin
+from hydra_watchdog.report.exporter import PageServer
 from hydra_watchdog.report.status import StatusReport
 from hydra_watchdog.states import Phase
 
@@ -31,6 +32,8 @@ PREFIX = "hydra_watchdog"
 RESTART_SOURCES = tuple(RestartOrigin)
 # 2 s is the runbook's slow-health threshold: it must be a bucket boundary for the alert.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# What generate_latest() writes (named here: older prometheus_client releases lack the constant).
+TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
 
 @dataclass(frozen=True)
@@ -95,7 +98,9 @@ class _ReportCollector:
             "1 when actions are only logged, never executed.",
             value=1.0 if report.dry_run else 0.0,
         )
-        if report.health is not None:
+        # A probe the watchdog itself could not make (out of descriptors...) says nothing about
+        # TabbyAPI: no sample rather than a 0 that fires TabbyAPIDown.
+        if report.health is not None and report.health.outcome != Outcome.LOCAL_ERROR:
             yield GaugeMetricFamily(
                 f"{PREFIX}_tabbyapi_up",
                 "1 if TabbyAPI's /health answered healthy in the last cycle.",
@@ -171,8 +176,7 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
-        self._server: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+        self._server: PageServer | None = None
 
     def update(self, report: StatusReport) -> None:
         self._report.set(report)
@@ -197,35 +201,22 @@ class Metrics:
         if not listen:
             return Serving(ok=False, detail="metrics are off (metrics.listen is empty)")
         if self._server is not None:
-            host, port = self._server.server_address[:2]
-            return Serving(ok=True, host=str(host), port=int(port), detail="already serving")
+            host, port = self._server.address
+            return Serving(ok=True, host=host, port=port, detail="already serving")
         try:
             host, port = parse_listen(listen)
         except ValueError as exc:
             return Serving(ok=False, detail=str(exc))
-        handler = MetricsHandler.factory(self.registry)
-
-        class Server(ThreadingHTTPServer):
-            address_family = socket.AF_INET6 if ":" in host else socket.AF_INET
-            daemon_threads = True
-
         try:
-            server = Server((host, port), handler)
+            server = PageServer(host, port, self.exposition, content_type=TEXT_FORMAT)
         except OSError as exc:
             return Serving(ok=False, detail=f"cannot listen on {listen}: {exc.strerror or exc}")
-        thread = threading.Thread(
-            target=server.serve_forever, name="hydra-watchdog-metrics", daemon=True
-        )
-        thread.start()
-        self._server, self._thread = server, thread
-        bound_host, bound_port = server.server_address[:2]
-        return Serving(ok=True, host=str(bound_host), port=int(bound_port))
+        server.start()
+        self._server = server
+        bound_host, bound_port = server.address
+        return Serving(ok=True, host=bound_host, port=bound_port)
 
     def shutdown(self) -> None:
-        server, thread = self._server, self._thread
-        self._server = self._thread = None
+        server, self._server = self._server, None
         if server is not None:
-            server.shutdown()
-            server.server_close()
-        if thread is not None:
-            thread.join(timeout=5)
+            server.close()
