@@ -25,10 +25,11 @@ _NO_FDS = """
 import errno, json, os, resource, sys, time
 from hydra_watchdog import control
 from hydra_watchdog.probes.tabby import TabbyClient
+from tests.harness.tabby import trusted_listener
 
 url, state_dir = sys.argv[1], sys.argv[2]
-TabbyClient(url, admin_key=None, health_timeout=5).health()  # imports done, not by this client
-client = TabbyClient(url, admin_key=None, health_timeout=5)
+TabbyClient(url, admin_key=None, health_timeout=5, gate=trusted_listener).health()  # imports
+client = TabbyClient(url, admin_key=None, health_timeout=5, gate=trusted_listener)
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
 resource.setrlimit(resource.RLIMIT_NOFILE, (len(os.listdir("/proc/self/fd")) + 8, hard))
 held = []
