@@ -232,7 +232,7 @@ def diagnose(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[
     """Every cause visible in this observation, worst first; recomputed each cycle."""
     out: list[Finding] = []
     host, unit, port = obs.host, obs.unit, cfg.tabbyapi.port
-    if not host.models_dir_ok:
+    if host.models_dir_ok is False:
         out.append(
             Finding(
                 Rule.MODELS_MOUNT,
@@ -740,7 +740,7 @@ def _full_recovery(
             leaked = any(p.pid in leaked_pids for p in gpu.processes)
             if leaked and all(u is not None and u.role is not ProcessRole.FOREIGN for u in users):
                 before.append(ResetGpu(gpu.index, reason))
-    if not obs.host.models_dir_ok:
+    if obs.host.models_dir_ok is False:
         return _enter(s, Phase.BLOCKED, now), before, []
     stopped = replace(obs, unit=replace(unit, active_state="inactive", sub_state="dead"))
     return _restart_or_loop(s, stopped, now, cfg, Rule.FULL_RECOVERY, why, before, findings)
@@ -819,7 +819,7 @@ def _no_model(
     m, host = cfg.model, obs.host
     if s.load_in_flight:
         return _enter(s, Phase.LOADING, now), [], []
-    if not host.models_dir_ok:
+    if host.models_dir_ok is False:
         return _enter(s, Phase.BLOCKED, now), [], []  # the finding names the mount
     if s.next_load_at is not None and now < s.next_load_at:
         return _enter(s, Phase.NO_MODEL, now), [], []
