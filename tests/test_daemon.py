@@ -458,6 +458,29 @@ def test_an_exception_in_one_cycle_is_logged_and_the_next_runs(node: Node) -> No
     assert told[0].kind is EventKind.STARTED
 
 
+def test_the_loop_reads_no_test_switch_from_its_environment(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the loop used to obey: this variable plus a hang file stopped every cycle. Tests now
+    # inject their hang hook (tests/harness/hooked_hydra_watchdog.py); the daemon ignores both.
+    monkeypatch.setenv("HYDRA_WATCHDOG_TEST_HOOKS", "1")
+    cfg = load_config(node.config)
+    (node.root / "no-systemd").mkdir()
+    units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
+    adapters = dataclasses.replace(build_adapters(cfg), units=units)
+    daemon = Daemon(cfg, adapters=adapters, decide=decide, notifier=Notifier({}), emit=[].append)
+    hang = node.state_dir / "hang-loop"
+    hang.touch()
+    cycle = threading.Thread(target=daemon.cycle, daemon=True)
+    try:
+        cycle.start()
+        cycle.join(WAIT)
+        assert not cycle.is_alive(), "the cycle obeyed a test switch from the environment"
+        assert daemon.cycles == 1
+    finally:
+        hang.unlink()  # lets a hung cycle end
+
+
 def test_new_restarts_counts_each_of_several_in_one_cycle() -> None:
     from hydra_watchdog.policy_state import PolicyState, RestartRecord
     from hydra_watchdog.report.reporters import new_restarts
