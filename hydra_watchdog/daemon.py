@@ -115,7 +115,7 @@ class Daemon:
         before_cycle: Callable[[], None] | None = None,
     ) -> None:
         """`before_cycle` runs at the start of every cycle: the seam through which the tests
-        hang the loop on purpose (tests/harness/hooked_daemon.py)."""
+        hang the loop on purpose (tests/harness/hooked_hydra_watchdog.py)."""
         self.config = config
         self.config_path = config_path
         self.adapter_factory = adapter_factory
