@@ -184,10 +184,6 @@ class UnitStatus:
     def exists(self) -> bool:
         return self.available and self.load_state not in ("", "not-found")
 
-    @property
-    def running(self) -> bool:
-        return self.active_state in ("active", "activating", "reloading")
-
 
 @dataclass(frozen=True)
 class ModelDir:
