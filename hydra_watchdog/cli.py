@@ -109,8 +109,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, str]:
-    from hydra_watchdog.control import STATUS_FILE, read_status  # noqa: PLC0415
     from hydra_watchdog.report.status import daemon_problem, evaluate  # noqa: PLC0415
+    from hydra_watchdog.report.status_file import STATUS_FILE, read_status  # noqa: PLC0415
 
     cfg, note = _config_or_defaults(args)
     runtime_dir = Path(args.runtime_dir or cfg.watchdog.runtime_dir)
@@ -260,9 +260,11 @@ def cmd_verify(args: argparse.Namespace) -> int:
     else:
         found = f"{', '.join(libs)} not found" if libs else "all found"
         checks.append(("libraries resolve", not libs, found))
-    checks.append(
-        ("models mount", host.models_dir_ok, host.models_dir_detail or cfg.model.models_dir)
-    )
+    if host.models_dir_ok is None:  # the check could not tell: never a pass
+        checks.append(("models mount", False, host.models_dir_detail or "not checked"))
+    else:
+        mount = host.models_dir_detail or cfg.model.models_dir
+        checks.append(("models mount", host.models_dir_ok, mount))
     if cfg.model.name:
         usable = host.model is not None and host.model.usable
         checks.append(("model dir", usable, host.model.path if host.model else "not checked"))

@@ -1,4 +1,4 @@
-"""How other processes reach the running daemon, and how it answers them, through files.
+"""Maintenance mode: how an operator pauses the running daemon, through a file.
 
 Pause/resume: `hydra-watchdog pause` writes `pause.json` into the state dir (root-only, 0700) and
 `resume` removes it; the daemon reads it every cycle. A file rather than a socket because it
@@ -6,17 +6,13 @@ needs no listener, survives a daemon restart (maintenance mode must not end beca
 restarted) and is atomic with a rename. The expiry is wall-clock (a human typed "for 2h"); the
 daemon converts it to its monotonic clock when it reads it.
 
-Status: the daemon writes `status.json` into the runtime dir (0755, file 0644, no secrets) every
-cycle, so `hydra-watchdog status` works for an unprivileged user. A clean stop marks it stopped,
-so that `status` never shows a dead daemon's last verdict as the current one.
-
-Both files are read with a size cap and without following symlinks; a pause file that this
-process did not write (another owner, group/other-writable) pauses nothing.
+The file is read with a size cap and without following symlinks; a pause file that this process
+did not write (another owner, group/other-writable) pauses nothing. (The daemon's answer, the
+status file, lives in report/status_file.py.)
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import math
@@ -26,11 +22,9 @@ import time
 from pathlib import Path
 
 from hydra_watchdog.observation import PauseRequest, local_failure
-from hydra_watchdog.report.status import StatusReport, from_json, to_json
 from hydra_watchdog.statefile import (
     UnusableFileError,
     ensure_private_dir,
-    ensure_public_dir,
     move_aside,
     parse_json,
     read_regular,
@@ -38,10 +32,8 @@ from hydra_watchdog.statefile import (
 )
 
 PAUSE_FILE = "pause.json"
-STATUS_FILE = "status.json"
 PAUSE_VERSION = 1
 PAUSE_MAX_BYTES = 64 * 1024  # a reason typed by a human
-STATUS_MAX_BYTES = 4 * 1024**2  # ours is a few KiB; `status` must stay light on a huge one
 
 log = logging.getLogger(__name__)
 
@@ -128,35 +120,3 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
     if remaining <= 0:
         return None
     return PauseRequest(reason=reason, until=mono_now + remaining)
-
-
-def write_status(runtime_dir: Path | str, report: StatusReport) -> None:
-    """Publish the daemon's status for `hydra-watchdog status` (world-readable: no secrets)."""
-    directory = Path(runtime_dir)
-    ensure_public_dir(directory)
-    write_atomic(directory / STATUS_FILE, to_json(report).encode(), 0o644)
-
-
-def read_status(runtime_dir: Path | str) -> StatusReport | None:
-    """The last status the daemon wrote; None when there is none. ValueError (saying what is
-    wrong) for anything that is not a status this version reads, never another exception."""
-    path = Path(runtime_dir) / STATUS_FILE
-    try:
-        raw, _ = read_regular(path, STATUS_MAX_BYTES)
-    except FileNotFoundError:
-        return None
-    except UnusableFileError as exc:
-        raise ValueError(f"the status file is unusable: {exc}") from None
-    except OSError as exc:
-        raise ValueError(f"cannot read the status file: {exc.strerror or exc}") from None
-    return from_json(raw)
-
-
-def mark_stopped(runtime_dir: Path | str, *, wall: float, pid: int) -> None:
-    """A clean stop: the status file says so, keeping the last report for `status` to show."""
-    try:
-        last = read_status(runtime_dir)
-    except ValueError:
-        last = None
-    report = last if last is not None and last.pid == pid else StatusReport(pid=pid)
-    write_status(runtime_dir, dataclasses.replace(report, stopped_at=wall))

@@ -3,11 +3,11 @@
 The loop is the imperative shell around the pure policy. Each cycle:
 1. read the pause file; collect the results of actions finished since the last cycle;
 2. observe (probes concurrently, bounded; expensive ones only when the policy asked);
-3. decide (pure; `now` is the monotonic clock);
+3. decide (pure; `now` is the monotonic clock); when it plans actions, persist that intent;
 4. act (in order, skip after failure, dry-run says "would ...");
-5. narrate the cycle as events -> journald / console, and keep the last N;
-6. persist the state (atomic), publish status.json, update metrics;
-7. sd_notify: READY=1 after the first complete cycle, STATUS= on every phase change.
+5. narrate the cycle as events (pure), keep the last N;
+6. publish: one CycleRecord through the reporters (report/reporters.py): journal, state file,
+   status.json, metrics, sd_notify.
 
 WATCHDOG=1 is sent from this loop itself, never from a helper thread: if the loop hangs, systemd
 must notice and restart us. An exception inside one cycle is logged and the next cycle runs.
@@ -24,17 +24,16 @@ import select
 import signal
 import sys
 import time
-from collections import Counter, deque
+from collections import deque
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import FrameType
-from typing import Protocol
 
 import structlog
 
 from hydra_watchdog import control
 from hydra_watchdog.act.executor import Executor
-from hydra_watchdog.actions import Action, ActionResult, action_name
+from hydra_watchdog.actions import Action, ActionResult
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.interfaces import Adapters
@@ -49,12 +48,21 @@ from hydra_watchdog.observation import (
     UnitStatus,
 )
 from hydra_watchdog.observe import Observer
+from hydra_watchdog.policy import decide as policy_decide
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.printable import printable
 from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.metrics import Metrics
+from hydra_watchdog.report.reporters import (
+    CycleRecord,
+    JournalReporter,
+    Notify,
+    StateFileReporter,
+    publish,
+    reporters,
+)
 from hydra_watchdog.report.sdnotify import Notifier
-from hydra_watchdog.report.status import StatusReport, build_status, process_start
+from hydra_watchdog.report.status import process_start
+from hydra_watchdog.report.status_file import mark_stopped
 from hydra_watchdog.statefile import (
     DRY_RUN_STATE_FILE,
     STATE_FILE,
@@ -62,23 +70,13 @@ from hydra_watchdog.statefile import (
     ensure_private_dir,
     ensure_public_dir,
 )
-from hydra_watchdog.states import Phase, Severity
+from hydra_watchdog.states import Severity
 
-TEST_HOOKS_ENV = "HYDRA_WATCHDOG_TEST_HOOKS"
-HANG_FILE = "hang-loop"
 SHUTDOWN_LOAD_WAIT = 10.0
 
 Decide = Callable[[PolicyState, Observation, float, Config], tuple[PolicyState, tuple[Action, ...]]]
 
 log = structlog.get_logger("hydra_watchdog.daemon")
-
-
-class Notify(Protocol):
-    def ready(self) -> bool: ...
-    def status(self, line: str) -> bool: ...
-    def watchdog(self) -> bool: ...
-    def stopping(self) -> bool: ...
-    def watchdog_interval(self) -> float | None: ...
 
 
 def build_adapters(config: Config) -> Adapters:
@@ -98,29 +96,6 @@ def build_adapters(config: Config) -> Adapters:
     )
 
 
-def default_decide() -> Decide:
-    from hydra_watchdog.policy import decide  # noqa: PLC0415 - written in parallel
-
-    return decide
-
-
-def new_restarts(prev: PolicyState, new: PolicyState) -> list[str]:
-    """Who issued each restart the policy recorded this cycle ("watchdog" or "systemd"). A
-    multiset difference: systemd's restarts seen in one cycle share one timestamp."""
-    added = Counter(new.restarts) - Counter(prev.restarts)
-    return [record.by for record, n in added.items() for _ in range(n)]
-
-
-def status_line(state: PolicyState, dry_run: bool) -> str:
-    """sd_notify STATUS=: what `systemctl status hydra-watchdog` shows."""
-    head = f"{state.phase.value}"
-    if state.findings:
-        head += f": {state.findings[0].message}"
-    elif state.last_failure and state.phase is not Phase.HEALTHY:
-        head += f": {state.last_failure}"
-    return ("[dry-run] " if dry_run else "") + head[:200]
-
-
 class Daemon:
     def __init__(
         self,
@@ -137,7 +112,10 @@ class Daemon:
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
         reset_command: Sequence[str] = ("nvidia-smi",),
+        before_cycle: Callable[[], None] | None = None,
     ) -> None:
+        """`before_cycle` runs at the start of every cycle: the seam through which the tests
+        hang the loop on purpose (tests/harness/hooked_hydra_watchdog.py)."""
         self.config = config
         self.config_path = config_path
         self.adapter_factory = adapter_factory
@@ -145,8 +123,6 @@ class Daemon:
         self._cli_dry_run = dry_run
         self.dry_run = dry_run or config.watchdog.dry_run
         self.notifier: Notify = notifier if notifier is not None else Notifier()
-        self.metrics = metrics
-        self.emit = emit
         self.clock = clock
         self.wall = wall
         self.observer = Observer.from_adapters(config, adapters, clock=clock)
@@ -159,15 +135,27 @@ class Daemon:
             reset_command=reset_command,
             clock=clock,
         )
-        self.statefile = self._statefile(config)
-        loaded = self.statefile.load()
+        self.before_cycle = before_cycle
+        statefile = self._statefile(config)
+        loaded = statefile.load()
         self.state = loaded.state
         self.events: deque[Event] = deque(loaded.events, maxlen=config.watchdog.events_kept)
-        self._saved_state: PolicyState | None = loaded.state if not loaded.notes else None
-        self._events_dirty = False
+        self.journal = JournalReporter(emit)
+        self.state_file = StateFileReporter(
+            statefile,
+            saved=loaded.state if not loaded.notes else None,
+            saved_events=loaded.events,
+        )
+        self.reporters = reporters(
+            journal=self.journal,
+            state_file=self.state_file,
+            notifier=self.notifier,
+            metrics=metrics,
+        )
+        self._pid = os.getpid()
+        self._pid_start = process_start(self._pid)
         self._pending: tuple[ActionResult, ...] = ()  # results for the next observation
         self._prev_load: LoadProgress | None = None
-        self._ready = False
         # Set from signal handlers, which run on the main thread between bytecodes: plain flags
         # and a self-pipe, never a lock the interrupted loop might be holding.
         self._stop = False
@@ -188,30 +176,17 @@ class Daemon:
         self._tell((Event(self.wall(), kind, severity, message, self.state.phase, reason=reason),))
 
     def _tell(self, events: Sequence[Event]) -> None:
-        for event in events:
-            self.events.append(event)
-            self._events_dirty = True
-            try:
-                self.emit(event)
-            except Exception:  # a logging failure must not stop the watchdog
-                with contextlib.suppress(Exception):
-                    text = printable(event.message)
-                    sys.stderr.write(f"hydra-watchdog: cannot log event: {text}\n")
+        """Events outside a cycle's record (start, stop, reloads): kept, and told at once."""
+        self.events.extend(events)
+        self.journal.tell(events)
 
     # --- one cycle --------------------------------------------------------------------------
 
-    def _hang_hook(self) -> None:
-        # For the WatchdogSec chaos test only: a loop that stops pinging, on purpose.
-        if os.environ.get(TEST_HOOKS_ENV) != "1":
-            return
-        hang = Path(self.config.watchdog.state_dir) / HANG_FILE
-        while hang.exists():
-            time.sleep(0.2)
-
     def cycle(self) -> None:
-        """observe -> decide -> act -> narrate -> persist -> publish. Raises only on bugs; the
-        loop (run) catches and logs those."""
-        self._hang_hook()
+        """observe -> decide -> act -> narrate -> publish. Raises only on bugs; the loop (run)
+        catches and logs those."""
+        if self.before_cycle is not None:
+            self.before_cycle()
         cfg = self.config
         pause = control.read_pause(cfg.watchdog.state_dir, self.wall(), self.clock())
         # Progress before drain: a load that ends in between then shows up as a final result
@@ -230,73 +205,38 @@ class Daemon:
             self._persist()
         results = self.executor.run(actions, between=self._ping)
         self._pending = results
-        self._tell(
-            narrate(
-                prev,
-                new,
-                actions,
-                results,
-                obs,
-                config=cfg,
-                wall=self.wall(),
-                prev_load=self._prev_load,
-            )
+        told = narrate(
+            prev,
+            new,
+            actions,
+            results,
+            obs,
+            config=cfg,
+            wall=self.wall(),
+            prev_load=self._prev_load,
         )
         self._prev_load = obs.load
-        self._persist()
-        self._count_restarts(prev, new)
-        self._publish(obs, results)
+        self.events.extend(told)
+        record = CycleRecord(
+            before=prev,
+            after=new,
+            observation=obs,
+            actions=actions,
+            results=results,
+            told=told,
+            kept=tuple(self.events),
+            config=cfg,
+            dry_run=self.dry_run,
+            wall=self.wall(),
+            mono=self.clock(),
+            pid=self._pid,
+            pid_start=self._pid_start,
+        )
+        publish(self.reporters, record)
         self.cycles += 1
-        if not self._ready or prev.phase != new.phase:
-            self.notifier.status(status_line(new, self.dry_run))
-        if not self._ready:
-            self._ready = True
-            self.notifier.ready()
 
     def _persist(self) -> None:
-        # Most healthy cycles change nothing: skip the fsyncs then.
-        if self.state == self._saved_state and not self._events_dirty:
-            return
-        try:
-            self.statefile.save(self.state, tuple(self.events))
-        except OSError as exc:  # a full disk must not stop the watchdog; retried next cycle
-            log.error("cannot persist the state", error=str(exc), path=str(self.statefile.path))
-            return
-        self._saved_state = self.state
-        self._events_dirty = False
-
-    def report(self, obs: Observation | None) -> StatusReport:
-        return build_status(
-            self.state,
-            obs,
-            self.config,
-            tuple(self.events),
-            wall_now=self.wall(),
-            mono_now=self.clock(),
-            pid=os.getpid(),
-            pid_start=process_start(os.getpid()),  # `status` tells a reused pid from us
-        )
-
-    def _publish(self, obs: Observation, results: tuple[ActionResult, ...]) -> None:
-        report = self.report(obs)
-        try:
-            control.write_status(self.config.watchdog.runtime_dir, report)
-        except OSError as exc:
-            log.warning("cannot write status.json", error=str(exc))
-        m = self.metrics
-        if m is None:
-            return
-        m.update(report)
-        for r in results:
-            m.record_action(action_name(r.action), r.status.value)
-        if obs.health.result.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR):
-            m.observe_health_latency(obs.health.result.latency_s)
-
-    def _count_restarts(self, prev: PolicyState, new: PolicyState) -> None:
-        if self.metrics is None:
-            return
-        for by in new_restarts(prev, new):
-            self.metrics.record_restart(by)
+        self.state_file.save(self.state, tuple(self.events))
 
     # --- the loop ---------------------------------------------------------------------------
 
@@ -367,7 +307,7 @@ class Daemon:
             if callable(close) and adapter not in (adapters.gpu, adapters.tabby):
                 with contextlib.suppress(Exception):
                     close()
-        self.statefile = self._statefile(new)
+        self.state_file.file = self._statefile(new)
         self.events = deque(self.events, maxlen=new.watchdog.events_kept)
         self._record(
             EventKind.CONFIG_RELOADED, Severity.NOTICE, f"config reloaded from {new.source}"
@@ -425,13 +365,11 @@ class Daemon:
                 )
             )
         try:  # `status` must say stopped, not repeat the last verdict as if we still watched
-            control.mark_stopped(
-                self.config.watchdog.runtime_dir, wall=self.wall(), pid=os.getpid()
-            )
+            mark_stopped(self.config.watchdog.runtime_dir, wall=self.wall(), pid=self._pid)
         except OSError as exc:
             log.warning("cannot mark status.json stopped", error=str(exc))
         try:
-            self.statefile.save(self.state, tuple(self.events))
+            self.state_file.file.save(self.state, tuple(self.events))
         except OSError as exc:
             log.error("cannot persist the state at shutdown", error=str(exc))
             return 1
@@ -442,7 +380,7 @@ class Daemon:
             at=self.clock(),
             health=Health(HttpResult(Outcome.TIMEOUT, 0.0, None, "shutting down"), False),
             unit=UnitStatus(name=self.config.tabbyapi.unit, available=False),
-            host=HostReport(models_dir_ok=False),
+            host=HostReport(models_dir_ok=None),  # not checked: shutting down
         )
 
 
@@ -452,10 +390,12 @@ def run_daemon(
     dry_run: bool = False,
     once: bool = False,
     adapter_factory: Callable[[Config], Adapters] = build_adapters,
+    before_cycle: Callable[[], None] | None = None,
 ) -> int:
     """`hydra-watchdog run`: exit 0 after SIGTERM (or after one cycle with `once`), 78 on a bad
     config. `adapter_factory` is the seam the demo and the end-to-end tests use to put a
-    stand-in unit under the daemon where there is no systemd."""
+    stand-in unit under the daemon where there is no systemd; `before_cycle` is the one they
+    hang the loop through (Daemon)."""
     path = Path(config_path)
     try:
         config = load_config(path)
@@ -469,12 +409,7 @@ def run_daemon(
         print(f"hydra-watchdog: refusing to start: {exc}", file=sys.stderr)
         return EX_CONFIG
     configure_logging()
-    try:
-        adapters = adapter_factory(config)
-        decide = default_decide()
-    except ImportError as exc:
-        print(f"hydra-watchdog: not available yet: {exc}", file=sys.stderr)
-        return 3
+    adapters = adapter_factory(config)
     metrics = Metrics()
     if config.metrics.listen:
         serving = metrics.serve(config.metrics.listen)
@@ -483,11 +418,12 @@ def run_daemon(
     daemon = Daemon(
         config,
         adapters=adapters,
-        decide=decide,
+        decide=policy_decide,
         config_path=path,
         adapter_factory=adapter_factory,
         dry_run=dry_run,
         metrics=metrics,
+        before_cycle=before_cycle,
     )
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:

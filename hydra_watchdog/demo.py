@@ -351,8 +351,8 @@ def run_demo(*, fast: bool = False, out: Callable[[str], None] = print) -> int:
         demo = Demo(Path(tmp), out)
         try:
             incidents = demo.run()
-            from hydra_watchdog.control import read_status  # noqa: PLC0415
             from hydra_watchdog.report.status import render_human  # noqa: PLC0415
+            from hydra_watchdog.report.status_file import read_status  # noqa: PLC0415
 
             # what `hydra-watchdog status` shows: the status file the daemon published
             report = read_status(demo.cfg.watchdog.runtime_dir)

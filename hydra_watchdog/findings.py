@@ -51,7 +51,15 @@ def watchdog_impaired(s: PolicyState, obs: Observation, cfg: Config) -> Iterable
 
 def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     host = obs.host
-    if not host.models_dir_ok:
+    if host.models_dir_ok is None and host.models_dir_detail:
+        # Not a missing mount (a guess), but worth saying: a hung NFS mount looks like this.
+        yield Finding(
+            Rule.MODELS_MOUNT,
+            Severity.WARNING,
+            f"models dir {cfg.model.models_dir} {host.models_dir_detail}",
+            subject="unchecked",
+        )
+    elif host.models_dir_ok is False:
         yield Finding(
             Rule.MODELS_MOUNT,
             Severity.CRIT,

@@ -230,14 +230,6 @@ class UnitStatus:
     def exists(self) -> bool:
         return self.available and self.load_state not in ("", "not-found")
 
-    @property
-    def running(self) -> bool:
-        return self.active_state in (
-            ActiveState.ACTIVE,
-            ActiveState.ACTIVATING,
-            ActiveState.RELOADING,
-        )
-
 
 @dataclass(frozen=True)
 class ModelDir:
@@ -256,7 +248,7 @@ class ModelDir:
 
 @dataclass(frozen=True)
 class HostReport:
-    models_dir_ok: bool
+    models_dir_ok: bool | None  # None: not checked (the check did not answer in time)
     models_dir_detail: str = ""  # why not ok: "missing", "not a mount point", "not readable"
     model: ModelDir | None = None
     fallback: ModelDir | None = None
@@ -288,7 +280,6 @@ class Probe(StrEnum):
     PORT_SCAN = "port_scan"  # host-wide owner search for the port listeners
     LIBRARIES = "libraries"  # ldd on the ExLlamaV2 extension
     JOURNAL = "journal"  # the unit's last journal lines
-    MODEL = "model"  # GET /v1/model even when health failed
 
 
 @dataclass(frozen=True)

@@ -221,7 +221,7 @@ class Observer:
             canary, _ = self._get(canary_t, "canary", deadline)
         host, why = self._get(host_t, "host", deadline)
         if host is None:
-            host = HostReport(models_dir_ok=False, models_dir_detail=f"not checked: {why}")
+            host = HostReport(models_dir_ok=None, models_dir_detail=f"not checked: {why}")
         if Probe.JOURNAL in wants:
             lines, why = self._get(journal_t, "journal", deadline)
             host = dataclasses.replace(host, journal_excerpt=lines if lines is not None else (why,))

@@ -431,7 +431,7 @@ def _no_model(sit: Situation) -> Plan:
     m, host, cleanup = cfg.model, obs.host, list(sit.cleanup)
     if s.load_in_flight:
         return _enter(s, Phase.LOADING, now), cleanup, []
-    if not host.models_dir_ok:
+    if host.models_dir_ok is False:
         return _enter(s, Phase.BLOCKED, now), cleanup, []  # the finding names the mount
     if s.next_load_at is not None and now < s.next_load_at:
         return _enter(s, Phase.NO_MODEL, now), cleanup, []
@@ -540,7 +540,7 @@ def _full_recovery(sit: Situation) -> Plan:
             leaked = any(p.pid in leaked_pids for p in gpu.processes)
             if leaked and all(u is not None and u.role is not ProcessRole.FOREIGN for u in users):
                 before.append(ResetGpu(gpu.index, reason))
-    if not obs.host.models_dir_ok:
+    if obs.host.models_dir_ok is False:
         return _enter(s, Phase.BLOCKED, sit.now), before, []
     return _restart_or_loop(sit, s, Rule.FULL_RECOVERY, why, before, stopped=True)
 

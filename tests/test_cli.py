@@ -21,6 +21,7 @@ from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.report.status import build_status, process_start
+from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, write_status
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
@@ -132,7 +133,7 @@ def _publish(cfg: Config, state: PolicyState, *, pid: int, age: float = 0.0) -> 
         pid=pid,
         pid_start=process_start(pid),
     )
-    control.write_status(cfg.watchdog.runtime_dir, dataclasses.replace(report, heartbeat=wall))
+    write_status(cfg.watchdog.runtime_dir, dataclasses.replace(report, heartbeat=wall))
 
 
 def test_status_without_a_daemon_is_unknown(dirs_config: tuple[Path, Config]) -> None:
@@ -295,7 +296,7 @@ def test_status_after_a_clean_stop_is_unknown_stopped(
     path, cfg = dirs_config
     _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=standin)
     assert cli("status", "--config", str(path)).returncode == 0
-    control.mark_stopped(cfg.watchdog.runtime_dir, wall=time.time(), pid=standin)
+    mark_stopped(cfg.watchdog.runtime_dir, wall=time.time(), pid=standin)
     out = cli("status", "--config", str(path))
     assert out.returncode == 3
     assert out.stdout.startswith(f"UNKNOWN: hydra-watchdog (pid {standin}) stopped at ")
@@ -328,7 +329,7 @@ def test_status_of_garbage_files_is_unknown_never_a_traceback(
 ) -> None:
     path, cfg = dirs_config
     _publish(cfg, PolicyState(phase=Phase.HEALTHY), pid=standin)
-    status_file = Path(cfg.watchdog.runtime_dir) / control.STATUS_FILE
+    status_file = Path(cfg.watchdog.runtime_dir) / STATUS_FILE
     base = status_file.read_text()
     assert cli("status", "--config", str(path)).returncode == 0  # the file before the poison
     for content in _garbage(base):
@@ -349,7 +350,7 @@ def test_status_of_a_huge_file_is_unknown_and_reads_at_most_the_cap(
     path, cfg = dirs_config
     run = Path(cfg.watchdog.runtime_dir)
     run.mkdir(parents=True)
-    with (run / control.STATUS_FILE).open("wb") as f:
+    with (run / STATUS_FILE).open("wb") as f:
         f.truncate(300 * 1024**2)  # sparse: no disk, but 300 MB of memory if read whole
     # The child reports its own peak (VmHWM belongs to the exec'd image; wait4's ru_maxrss would
     # also count the pages it shared with this test process before the exec).

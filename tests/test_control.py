@@ -1,23 +1,18 @@
-"""Pause/resume through the state dir, and the world-readable status file."""
+"""Pause/resume through the state dir."""
 
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from hydra_watchdog import control
 from hydra_watchdog.observation import PauseRequest
-from hydra_watchdog.report.status import StatusReport, from_json
 from hydra_watchdog.statefile import UnsafeDirectoryError
-from hydra_watchdog.states import Phase
 
 
 def test_pause_until_converts_wall_expiry_to_the_monotonic_clock(tmp_path: Path) -> None:
@@ -92,56 +87,6 @@ def test_pause_from_another_process_is_seen(tmp_path: Path) -> None:
     assert got.until is not None and 3500 < got.until <= 3600
 
 
-@pytest.fixture
-def shared_dir() -> Iterator[Path]:
-    # Not under pytest's tmp_path: its parents are 0700, so another user could not reach it.
-    top = Path(tempfile.mkdtemp(prefix="hydra-status-"))
-    top.chmod(0o755)
-    try:
-        yield top
-    finally:
-        shutil.rmtree(top)
-
-
-def test_status_file_is_world_readable_and_atomic(shared_dir: Path) -> None:
-    runtime = shared_dir / "run"
-    control.write_status(runtime, StatusReport(pid=1, phase=Phase.HEALTHY))
-    control.write_status(runtime, StatusReport(pid=2, phase=Phase.DOWN, summary="refused x3"))
-    assert runtime.stat().st_mode & 0o777 == 0o755
-    assert (runtime / control.STATUS_FILE).stat().st_mode & 0o777 == 0o644
-    assert control.read_status(runtime) == StatusReport(
-        pid=2, phase=Phase.DOWN, summary="refused x3"
-    )
-    assert sorted(p.name for p in runtime.iterdir()) == [control.STATUS_FILE]
-
-
-@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
-def test_status_file_is_readable_by_an_unprivileged_user(shared_dir: Path) -> None:
-    runtime = shared_dir / "run"
-    control.write_status(runtime, StatusReport(pid=7, phase=Phase.HEALTHY))
-    # The venv lives under /root, out of nobody's reach: read with cat, parse here.
-    out = subprocess.run(
-        ["cat", str(runtime / control.STATUS_FILE)],
-        user=65534,
-        group=65534,
-        extra_groups=[],
-        capture_output=True,
-        check=False,
-        timeout=60,
-        cwd="/",
-    )
-    assert out.returncode == 0, out.stderr
-    report = from_json(out.stdout)
-    assert (report.pid, report.phase) == (7, Phase.HEALTHY)
-
-
-def test_read_status_tolerates_absence_and_explains_garbage(tmp_path: Path) -> None:
-    assert control.read_status(tmp_path) is None
-    (tmp_path / control.STATUS_FILE).write_text("{half")
-    with pytest.raises(ValueError, match="not valid JSON"):
-        control.read_status(tmp_path)
-
-
 # --- files this daemon did not write --------------------------------------------------------------
 
 
@@ -194,38 +139,3 @@ def test_pause_refuses_a_state_dir_it_must_not_trust(tmp_path: Path) -> None:
         control.pause(loose, "x", None)
     assert list(loose.iterdir()) == []
     assert loose.stat().st_mode & 0o777 == 0o777
-
-
-@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775])
-def test_status_is_never_written_into_a_dir_others_can_write(tmp_path: Path, mode: int) -> None:
-    shared = tmp_path / "tmp-like"
-    shared.mkdir()
-    shared.chmod(mode)
-    with pytest.raises(UnsafeDirectoryError, match="writable by others"):
-        control.write_status(shared, StatusReport(pid=1, phase=Phase.HEALTHY))
-    assert list(shared.iterdir()) == []
-
-
-def test_mark_stopped_keeps_the_last_report_and_says_stopped(tmp_path: Path) -> None:
-    run = tmp_path / "run"
-    last = StatusReport(pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok")
-    control.write_status(run, last)
-    control.mark_stopped(run, wall=200.0, pid=os.getpid())
-    assert control.read_status(run) == StatusReport(
-        pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok", stopped_at=200.0
-    )
-    # a file of another pid, or garbage: a minimal report that still says stopped
-    (run / control.STATUS_FILE).write_text("{garbage")
-    control.mark_stopped(run, wall=300.0, pid=os.getpid())
-    assert control.read_status(run) == StatusReport(pid=os.getpid(), stopped_at=300.0)
-
-
-def test_read_status_caps_what_it_reads(tmp_path: Path) -> None:
-    with (tmp_path / control.STATUS_FILE).open("wb") as f:
-        f.truncate(300 * 1024**2)  # sparse: reading it whole would take 300 MB of memory
-    with pytest.raises(ValueError, match="more than the 4194304 a valid one"):
-        control.read_status(tmp_path)
-    (tmp_path / control.STATUS_FILE).unlink()
-    (tmp_path / control.STATUS_FILE).mkdir()
-    with pytest.raises(ValueError, match="not a regular file"):
-        control.read_status(tmp_path)

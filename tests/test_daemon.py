@@ -49,6 +49,7 @@ from pathlib import Path
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.daemon import build_adapters, run_daemon
 from hydra_watchdog.sim.unit import SimUnit
+from tests.harness.hooked_hydra_watchdog import hang_while
 
 spec = json.loads(sys.argv[1])
 units = []
@@ -63,7 +64,9 @@ def factory(cfg):
     return dataclasses.replace(real, units=units[0])
 
 try:
-    code = run_daemon(spec["config"], dry_run=spec["dry_run"], adapter_factory=factory)
+    hang = spec["hang_file"]
+    code = run_daemon(spec["config"], dry_run=spec["dry_run"], adapter_factory=factory,
+                      before_cycle=hang_while(Path(hang)) if hang else None)
 finally:
     for unit in units:
         unit.close()
@@ -229,6 +232,7 @@ class Daemons:
         start_unit: bool = True,
         env: dict[str, str] | None = None,
         log_name: str = "daemon.log",
+        hang_file: Path | None = None,
     ) -> subprocess.Popen[bytes]:
         spec = {
             "config": str(node.config),
@@ -236,6 +240,7 @@ class Daemons:
             "sim_argv": node.sim_argv,
             "unit_log": str(node.root / "unit.log"),
             "start_unit": start_unit,
+            "hang_file": str(hang_file) if hang_file else "",
         }
         self.roots.append(node.root)
         with (node.root / log_name).open("ab") as out:
@@ -307,14 +312,12 @@ def test_loads_the_missing_model_reports_and_stops_cleanly(
     notify = Notifications(tmp_path / "notify")
     metrics_port = free_port()
     node.write_config(metrics={"listen": f"127.0.0.1:{metrics_port}"})
+    hang = node.state_dir / "hang-loop"
     try:
         proc = daemons.start(
             node,
-            env={
-                "NOTIFY_SOCKET": str(notify.path),
-                "WATCHDOG_USEC": "1000000",
-                "HYDRA_WATCHDOG_TEST_HOOKS": "1",
-            },
+            env={"NOTIFY_SOCKET": str(notify.path), "WATCHDOG_USEC": "1000000"},
+            hang_file=hang,
         )
         # TabbyAPI up with no model: the daemon loads the configured one and reports healthy.
         wait_for(lambda: node.phase() is Phase.HEALTHY, WAIT, "the node to become healthy")
@@ -347,8 +350,7 @@ def test_loads_the_missing_model_reports_and_stops_cleanly(
         proc.send_signal(signal.SIGHUP)
         wait_for(lambda: EventKind.CONFIG_RELOADED in node.kinds(), WAIT, "CONFIG_RELOADED")
 
-        # The test hook hangs the loop: the WATCHDOG=1 pings stop (systemd would kill it).
-        hang = node.state_dir / "hang-loop"
+        # The injected hook hangs the loop: the WATCHDOG=1 pings stop (systemd would kill it).
         hang.touch()
         time.sleep(1.0)  # let a cycle in progress finish and reach the hook
         pings = len(notify.lines("WATCHDOG=1"))
@@ -456,9 +458,32 @@ def test_an_exception_in_one_cycle_is_logged_and_the_next_runs(node: Node) -> No
     assert told[0].kind is EventKind.STARTED
 
 
+def test_the_loop_reads_no_test_switch_from_its_environment(
+    node: Node, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # What the loop used to obey: this variable plus a hang file stopped every cycle. Tests now
+    # inject their hang hook (tests/harness/hooked_hydra_watchdog.py); the daemon ignores both.
+    monkeypatch.setenv("HYDRA_WATCHDOG_TEST_HOOKS", "1")
+    cfg = load_config(node.config)
+    (node.root / "no-systemd").mkdir()
+    units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
+    adapters = dataclasses.replace(build_adapters(cfg), units=units)
+    daemon = Daemon(cfg, adapters=adapters, decide=decide, notifier=Notifier({}), emit=[].append)
+    hang = node.state_dir / "hang-loop"
+    hang.touch()
+    cycle = threading.Thread(target=daemon.cycle, daemon=True)
+    try:
+        cycle.start()
+        cycle.join(WAIT)
+        assert not cycle.is_alive(), "the cycle obeyed a test switch from the environment"
+        assert daemon.cycles == 1
+    finally:
+        hang.unlink()  # lets a hung cycle end
+
+
 def test_new_restarts_counts_each_of_several_in_one_cycle() -> None:
-    from hydra_watchdog.daemon import new_restarts
     from hydra_watchdog.policy_state import PolicyState, RestartRecord
+    from hydra_watchdog.report.reporters import new_restarts
 
     before = PolicyState(restarts=(RestartRecord(1.0, "watchdog"),))
     after = PolicyState(restarts=(*before.restarts, *[RestartRecord(5.0, "systemd")] * 3))

@@ -131,3 +131,33 @@ def test_a_canary_our_thread_failed_to_deliver_is_unknown_not_a_hang(
         assert again.canary is None
     finally:
         release.set()
+
+
+class _StuckHost:
+    """The real host checks, except that they never come back in time: a bug on our side (the
+    real checks bound their own calls), as a hung mount would look to an unbounded one."""
+
+    def __init__(self, inner: HostProbe, release: threading.Event) -> None:
+        self._inner = inner
+        self._release = release
+
+    def check(self, *, libraries: bool) -> object:
+        self._release.wait(30)
+        return self._inner.check(libraries=libraries)
+
+
+def test_a_host_check_that_did_not_answer_is_unknown_not_a_missing_mount(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    observer, _ = _observer(sim, nvml_sim, tmp_path)
+    release = threading.Event()
+    observer.host = _StuckHost(observer.host, release)  # type: ignore[arg-type,assignment]
+    try:
+        obs = observer.observe(frozenset())
+        assert obs.health.healthy  # the other probes answered
+        # never a made-up "missing": that would block every load and say CRITICAL
+        assert obs.host.models_dir_ok is None
+        assert obs.host.models_dir_detail.startswith("not checked: ")
+    finally:
+        release.set()

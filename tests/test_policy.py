@@ -18,6 +18,7 @@ from hydra_watchdog.actions import (
 )
 from hydra_watchdog.observation import (
     GpuReport,
+    HostReport,
     NvmlErrorKind,
     Outcome,
     Probe,
@@ -461,6 +462,17 @@ def test_missing_models_mount_never_loops_on_loads() -> None:
     f = next(f for f in run.state.findings if f.rule is Rule.MODELS_MOUNT)
     assert f.severity is Severity.CRIT and "not a mount point" in f.message
     assert Phase.BLOCKED.verdict is Verdict.CRITICAL
+
+
+def test_a_models_mount_not_checked_is_unknown_not_missing() -> None:
+    # The host check did not answer this cycle (observe.py): no made-up "missing mount" that
+    # would block every load and say CRITICAL; the load itself tells whether the model is there.
+    run = Run()
+    unknown = HostReport(models_dir_ok=None, models_dir_detail="not checked: host timed out")
+    actions = run.step(obs(0, model=model(None), host=unknown))
+    assert [type(a) for a in actions] == [LoadModel]
+    assert not any(f.rule is Rule.MODELS_MOUNT for f in run.state.findings)
+    assert run.state.phase is not Phase.BLOCKED
 
 
 def test_vram_estimate_from_folder_size_when_not_configured() -> None:

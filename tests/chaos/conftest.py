@@ -14,16 +14,16 @@ the host's /tmp). This module installs, once per chaos module:
 * `tabbyapi.service` (Type=simple, Restart=on-failure) with the deployment drop-in
   systemd/tabbyapi.service.d/10-hydra-watchdog.conf, and systemd/hydra-watchdog.service, each
   installed from the repository file with these substitutions, and nothing else changed:
-    - hydra-watchdog.service: ExecStart -> the venv's `hydra-watchdog run --config ...`;
+    - hydra-watchdog.service: ExecStart -> the venv's `hydra-watchdog run --config ...` with the
+      hang hook injected (tests/harness/hooked_hydra_watchdog.py; scenario 14b);
       WatchdogSec=90s -> 12s (the loop's worst real cycle here is ~5 s) and RestartSec=5s -> 1s
       (time compression);
     - 10-hydra-watchdog.conf: RestartSec=15s -> 1s and TimeoutStopSec=60s -> 10s (time
       compression);
     - a chaos drop-in for hydra-watchdog.service: HYDRA_NVML_SIM_STATE (the simulator's state),
-      HYDRA_WATCHDOG_TEST_HOOKS=1 (scenario 14b's hang hook), ReadWritePaths= for the simulator's
-      state dir (the simulated driver persists power limits there; ProtectSystem=strict would
-      make that read-only), and, when the interpreter lives under /root (pyenv),
-      ProtectHome=tmpfs + BindReadOnlyPaths= of only that interpreter tree.
+      ReadWritePaths= for the simulator's state dir (the simulated driver persists power limits
+      there; ProtectSystem=strict would make that read-only), and, when the interpreter lives
+      under /root (pyenv), ProtectHome=tmpfs + BindReadOnlyPaths= of only that interpreter tree.
   LoadCredential= stays; inside the namespace it yields an empty credentials dir, so the config
   names tabbyapi.admin_key_file.
 
@@ -223,7 +223,10 @@ def watchdog_unit_text() -> str:
     return _substitute(
         text,
         {
-            "ExecStart": f"{VENV_BIN}/hydra-watchdog run --config {CONFIG}",
+            "ExecStart": (
+                f"{VENV_BIN}/python {REPO}/tests/harness/hooked_hydra_watchdog.py "
+                f"--config {CONFIG} --hang-file {STATE_DIR}/hang-loop"
+            ),
             "WatchdogSec": f"{WATCHDOG_SEC}s",
             "RestartSec": "1s",
         },
@@ -240,7 +243,7 @@ def tabby_dropin_text() -> str:
 def watchdog_dropin_text() -> str:
     lines = [
         "[Service]",
-        f"Environment=HYDRA_NVML_SIM_STATE={NVML_STATE} HYDRA_WATCHDOG_TEST_HOOKS=1",
+        f"Environment=HYDRA_NVML_SIM_STATE={NVML_STATE}",
         f"ReadWritePaths={SIM_DIR}",
     ]
     # the venv (in the checkout) and its interpreter, wherever CI put them

@@ -1,0 +1,231 @@
+"""One publish seam: every cycle ends as one CycleRecord handed to an ordered list of reporters.
+
+Modelled on structlog's processor chain. The daemon produces one frozen record of what the cycle
+did (the policy state before and after, the observation, the actions and their results, the
+events told) and each reporter publishes its part of it, in this order (`reporters()`):
+
+1. journal: the cycle's events (narrate.py chose them) to journald, or the console;
+2. state file: the policy's memory and the events kept, atomically (skipped when unchanged);
+3. status file: status.json for `hydra-watchdog status`;
+4. metrics: the Prometheus page;
+5. sd_notify: STATUS= on a phase change, READY=1 after the first complete cycle.
+
+The order matters: the state is on disk before the outside world hears of it, and READY=1 comes
+last, so that `systemctl start` returns only once `status` has a file to read. A reporter that
+fails is logged and the next one still runs: one broken output (a full disk, a journal that went
+away) never silences the others or stops the loop.
+
+Persisting the intent *before* acting is not a report but a safety step of the cycle, and stays
+in daemon.py (it uses StateFileReporter.save, so both saves share the skip-when-unchanged rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import sys
+from collections import Counter
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Protocol
+
+import structlog
+
+from hydra_watchdog.actions import Action, ActionResult, action_name
+from hydra_watchdog.config import Config
+from hydra_watchdog.events import Event
+from hydra_watchdog.observation import Observation, Outcome
+from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.printable import printable
+from hydra_watchdog.report.metrics import Metrics
+from hydra_watchdog.report.status import StatusReport, build_status
+from hydra_watchdog.report.status_file import write_status
+from hydra_watchdog.statefile import StateFile
+from hydra_watchdog.states import Phase
+
+log = structlog.get_logger("hydra_watchdog.report")
+
+
+@dataclass(frozen=True)
+class CycleRecord:
+    """What one cycle produced: everything a reporter publishes, and nothing to call back."""
+
+    before: PolicyState
+    after: PolicyState
+    observation: Observation
+    actions: tuple[Action, ...]
+    results: tuple[ActionResult, ...]  # of this cycle's actions (a load: in progress)
+    told: tuple[Event, ...]  # the events of this cycle, in order
+    kept: tuple[Event, ...]  # the last events kept, oldest first, `told` included
+    config: Config
+    dry_run: bool  # --dry-run or watchdog.dry_run
+    wall: float  # time.time() when the cycle ended
+    mono: float  # the monotonic clock at the same moment (the policy's stamps are on it)
+    pid: int  # the daemon's, and its start time: `status` tells a reused pid from us
+    pid_start: int | None
+
+    @cached_property
+    def status(self) -> StatusReport:
+        """The status report of this cycle (status.json, the metrics page); built once."""
+        return build_status(
+            self.after,
+            self.observation,
+            self.config,
+            self.kept,
+            wall_now=self.wall,
+            mono_now=self.mono,
+            pid=self.pid,
+            pid_start=self.pid_start,
+        )
+
+
+class Reporter(Protocol):
+    def publish(self, record: CycleRecord) -> None:
+        """Publish this reporter's part of the cycle. Expected failures (a full disk) are logged
+        here; anything raised is a bug, logged by `publish`."""
+
+
+def publish(reporters: Sequence[Reporter], record: CycleRecord) -> None:
+    """Hand `record` to each reporter in order; one that raises does not stop the others."""
+    for reporter in reporters:
+        try:
+            reporter.publish(record)
+        except Exception as exc:
+            log.exception(
+                "a reporter failed; the others still publish",
+                reporter=type(reporter).__name__,
+                error=str(exc),
+            )
+
+
+# --- the reporters, in their order --------------------------------------------------------------
+
+
+class JournalReporter:
+    """The cycle's events to the journal (or the console). `tell` also serves the events that
+    happen outside a cycle: start, stop, config reloads."""
+
+    def __init__(self, emit: Callable[[Event], None]) -> None:
+        self.emit = emit
+
+    def publish(self, record: CycleRecord) -> None:
+        self.tell(record.told)
+
+    def tell(self, events: Iterable[Event]) -> None:
+        for event in events:
+            try:
+                self.emit(event)
+            except Exception:  # a logging failure must not stop the watchdog
+                with contextlib.suppress(Exception):
+                    text = printable(event.message)
+                    sys.stderr.write(f"hydra-watchdog: cannot log event: {text}\n")
+
+
+class StateFileReporter:
+    """The policy's memory and the events kept, to the state file (atomic, fsynced)."""
+
+    def __init__(
+        self, file: StateFile, *, saved: PolicyState | None, saved_events: tuple[Event, ...]
+    ) -> None:
+        self.file = file  # replaced on a config reload
+        self._saved = saved  # what the file holds; None: unknown, save at the next chance
+        self._saved_events = saved_events
+
+    def publish(self, record: CycleRecord) -> None:
+        self.save(record.after, record.kept)
+
+    def save(self, state: PolicyState, events: tuple[Event, ...]) -> None:
+        # Most healthy cycles change nothing: skip the fsyncs then.
+        if state == self._saved and events == self._saved_events:
+            return
+        try:
+            self.file.save(state, events)
+        except OSError as exc:  # a full disk must not stop the watchdog; retried next cycle
+            log.error("cannot persist the state", error=str(exc), path=str(self.file.path))
+            return
+        self._saved, self._saved_events = state, events
+
+
+class StatusFileReporter:
+    """status.json in the runtime dir, for `hydra-watchdog status` as any user."""
+
+    def publish(self, record: CycleRecord) -> None:
+        try:
+            write_status(record.config.watchdog.runtime_dir, record.status)
+        except OSError as exc:
+            log.warning("cannot write status.json", error=str(exc))
+
+
+def new_restarts(prev: PolicyState, new: PolicyState) -> list[str]:
+    """Who issued each restart the policy recorded this cycle ("watchdog" or "systemd"). A
+    multiset difference: systemd's restarts seen in one cycle share one timestamp."""
+    added = Counter(new.restarts) - Counter(prev.restarts)
+    return [record.by for record, n in added.items() for _ in range(n)]
+
+
+class MetricsReporter:
+    """The Prometheus page: the status gauges, restarts by issuer, actions, /health latency."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        self.metrics = metrics
+
+    def publish(self, record: CycleRecord) -> None:
+        m = self.metrics
+        for by in new_restarts(record.before, record.after):
+            m.record_restart(by)
+        m.update(record.status)
+        for r in record.results:
+            m.record_action(action_name(r.action), r.status.value)
+        health = record.observation.health.result
+        if health.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR):
+            m.observe_health_latency(health.latency_s)
+
+
+class Notify(Protocol):
+    def ready(self) -> bool: ...
+    def status(self, line: str) -> bool: ...
+    def watchdog(self) -> bool: ...
+    def stopping(self) -> bool: ...
+    def watchdog_interval(self) -> float | None: ...
+
+
+def status_line(state: PolicyState, dry_run: bool) -> str:
+    """sd_notify STATUS=: what `systemctl status hydra-watchdog` shows."""
+    head = f"{state.phase.value}"
+    if state.findings:
+        head += f": {state.findings[0].message}"
+    elif state.last_failure and state.phase is not Phase.HEALTHY:
+        head += f": {state.last_failure}"
+    return ("[dry-run] " if dry_run else "") + head[:200]
+
+
+class SdNotifyReporter:
+    """STATUS= on the first cycle and on every phase change; READY=1 once, after the first
+    complete cycle (the reporters before it have published it). WATCHDOG=1 is not a report: the
+    loop sends it itself (daemon.py)."""
+
+    def __init__(self, notifier: Notify) -> None:
+        self.notifier = notifier
+        self._ready = False
+
+    def publish(self, record: CycleRecord) -> None:
+        if not self._ready or record.before.phase != record.after.phase:
+            self.notifier.status(status_line(record.after, record.dry_run))
+        if not self._ready:
+            self._ready = True
+            self.notifier.ready()
+
+
+def reporters(
+    *,
+    journal: JournalReporter,
+    state_file: StateFileReporter,
+    notifier: Notify,
+    metrics: Metrics | None,
+) -> tuple[Reporter, ...]:
+    """The daemon's chain, in the order the module docstring gives and why."""
+    chain: list[Reporter] = [journal, state_file, StatusFileReporter()]
+    if metrics is not None:
+        chain.append(MetricsReporter(metrics))
+    chain.append(SdNotifyReporter(notifier))
+    return tuple(chain)

@@ -1,0 +1,101 @@
+"""The world-readable status file: written atomically, readable by any user, never into a dir
+others can write, marked stopped on a clean stop, read with a cap."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from hydra_watchdog.report.status import StatusReport, from_json
+from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, read_status, write_status
+from hydra_watchdog.statefile import UnsafeDirectoryError
+from hydra_watchdog.states import Phase
+
+
+@pytest.fixture
+def shared_dir() -> Iterator[Path]:
+    # Not under pytest's tmp_path: its parents are 0700, so another user could not reach it.
+    top = Path(tempfile.mkdtemp(prefix="hydra-status-"))
+    top.chmod(0o755)
+    try:
+        yield top
+    finally:
+        shutil.rmtree(top)
+
+
+def test_status_file_is_world_readable_and_atomic(shared_dir: Path) -> None:
+    runtime = shared_dir / "run"
+    write_status(runtime, StatusReport(pid=1, phase=Phase.HEALTHY))
+    write_status(runtime, StatusReport(pid=2, phase=Phase.DOWN, summary="refused x3"))
+    assert runtime.stat().st_mode & 0o777 == 0o755
+    assert (runtime / STATUS_FILE).stat().st_mode & 0o777 == 0o644
+    assert read_status(runtime) == StatusReport(pid=2, phase=Phase.DOWN, summary="refused x3")
+    assert sorted(p.name for p in runtime.iterdir()) == [STATUS_FILE]
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_status_file_is_readable_by_an_unprivileged_user(shared_dir: Path) -> None:
+    runtime = shared_dir / "run"
+    write_status(runtime, StatusReport(pid=7, phase=Phase.HEALTHY))
+    # The venv lives under /root, out of nobody's reach: read with cat, parse here.
+    out = subprocess.run(
+        ["cat", str(runtime / STATUS_FILE)],
+        user=65534,
+        group=65534,
+        extra_groups=[],
+        capture_output=True,
+        check=False,
+        timeout=60,
+        cwd="/",
+    )
+    assert out.returncode == 0, out.stderr
+    report = from_json(out.stdout)
+    assert (report.pid, report.phase) == (7, Phase.HEALTHY)
+
+
+def test_read_status_tolerates_absence_and_explains_garbage(tmp_path: Path) -> None:
+    assert read_status(tmp_path) is None
+    (tmp_path / STATUS_FILE).write_text("{half")
+    with pytest.raises(ValueError, match="not valid JSON"):
+        read_status(tmp_path)
+
+
+@pytest.mark.parametrize("mode", [0o1777, 0o777, 0o775])
+def test_status_is_never_written_into_a_dir_others_can_write(tmp_path: Path, mode: int) -> None:
+    shared = tmp_path / "tmp-like"
+    shared.mkdir()
+    shared.chmod(mode)
+    with pytest.raises(UnsafeDirectoryError, match="writable by others"):
+        write_status(shared, StatusReport(pid=1, phase=Phase.HEALTHY))
+    assert list(shared.iterdir()) == []
+
+
+def test_mark_stopped_keeps_the_last_report_and_says_stopped(tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    last = StatusReport(pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok")
+    write_status(run, last)
+    mark_stopped(run, wall=200.0, pid=os.getpid())
+    assert read_status(run) == StatusReport(
+        pid=os.getpid(), phase=Phase.HEALTHY, heartbeat=100.0, summary="ok", stopped_at=200.0
+    )
+    # a file of another pid, or garbage: a minimal report that still says stopped
+    (run / STATUS_FILE).write_text("{garbage")
+    mark_stopped(run, wall=300.0, pid=os.getpid())
+    assert read_status(run) == StatusReport(pid=os.getpid(), stopped_at=300.0)
+
+
+def test_read_status_caps_what_it_reads(tmp_path: Path) -> None:
+    with (tmp_path / STATUS_FILE).open("wb") as f:
+        f.truncate(300 * 1024**2)  # sparse: reading it whole would take 300 MB of memory
+    with pytest.raises(ValueError, match="more than the 4194304 a valid one"):
+        read_status(tmp_path)
+    (tmp_path / STATUS_FILE).unlink()
+    (tmp_path / STATUS_FILE).mkdir()
+    with pytest.raises(ValueError, match="not a regular file"):
+        read_status(tmp_path)
