@@ -471,7 +471,10 @@ def test_a_models_mount_not_checked_is_unknown_not_missing() -> None:
     unknown = HostReport(models_dir_ok=None, models_dir_detail="not checked: host timed out")
     actions = run.step(obs(0, model=model(None), host=unknown))
     assert [type(a) for a in actions] == [LoadModel]
-    assert not any(f.rule is Rule.MODELS_MOUNT for f in run.state.findings)
+    mount = [f for f in run.state.findings if f.rule is Rule.MODELS_MOUNT]
+    # said as what it is (not checked: a warning), never as a missing mount
+    assert [(f.severity, f.subject) for f in mount] == [(Severity.WARNING, "unchecked")]
+    assert "not checked" in mount[0].message
     assert run.state.phase is not Phase.BLOCKED
 
 

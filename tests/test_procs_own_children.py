@@ -17,8 +17,8 @@ REPO = Path(__file__).resolve().parents[1]
 
 pytestmark = [pytest.mark.systemd]
 
-# Runs as "the watchdog", inside a service: starts a child whose command line matches the
-# patterns (as its ldd of TabbyAPI's venv does), then scans. Prints the child and the orphans.
+# Runs as "the watchdog", inside a service: starts a child that runs a program from TabbyAPI's
+# install tree (as a helper of the watchdog's may), then scans. Prints the child and the orphans.
 PREFIX = "/opt/tabbyapi-test-"
 SCAN = (
     f"PREFIX = {PREFIX!r}\n"
@@ -28,7 +28,7 @@ from hydra_watchdog.observation import GpuReport, ProcessRole, UnitStatus
 from hydra_watchdog.probes.procs import ProcScanner
 # Only the suffix comes in argv: systemd-run's own command line must not match the pattern.
 marker, stranger = PREFIX + sys.argv[1], int(sys.argv[2])
-child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", marker])
+child = subprocess.Popen([sys.executable, marker + "/sleep.py"])
 scanner = ProcScanner(5000, [marker])
 unit = UnitStatus(name="tabbyapi.service", available=True, load_state="loaded")
 deadline = time.monotonic() + 30
@@ -51,7 +51,8 @@ def test_own_service_processes_are_not_orphans(systemd_ns: SystemdNamespace) -> 
     ns = systemd_ns
     suffix = uuid.uuid4().hex[:8]
     marker = PREFIX + suffix
-    stranger_proc = ns.spawn([sys.executable, "-c", "import time; time.sleep(60)", marker])
+    ns.write_file(f"{marker}/sleep.py", "import time\ntime.sleep(60)\n")
+    stranger_proc = ns.spawn([sys.executable, f"{marker}/sleep.py"])
     try:
         found: list[int] = []
 
