@@ -151,6 +151,11 @@ class LoadHelpers:
         # First the record: a watchdog killed right after systemd-run still finds the unit.
         write_launch(self.state_dir, launch)
         props = ["-p", f"TimeoutStopSec={_HELPER_STOP_TIMEOUT}"]
+        # A transient unit starts with systemd's environment, not ours: the interpreter must
+        # find the very modules this watchdog runs (a Nix wrapper sets them up in our env only).
+        path = os.pathsep.join(p for p in sys.path if p)
+        if path:
+            props.append(f"--setenv=PYTHONPATH={path}")
         source = self._key_source()
         if source:
             props += ["-p", f"LoadCredential=admin_key:{source}"]

@@ -698,9 +698,7 @@ def test_16_watchdog_restarted_mid_load(chaos: Chaos) -> None:
     helper = unit_name(MAIN)
     node.faults(load_seconds=8.0, modules=16)
     node.unload()
-    node.wait(
-        lambda: node.show(helper).get("ActiveState") == "active", 60, "the load helper unit"
-    )
+    node.wait(lambda: node.show(helper).get("ActiveState") == "active", 60, "the load helper unit")
     row.detected_s = _seconds(node, node.first(lambda r: r.action == "load_model"))
     old = node.show(WATCHDOG)
     try:
