@@ -11,9 +11,9 @@ The loop is the imperative shell around the pure policy. Each cycle:
 
 WATCHDOG=1 is sent from this loop itself, never from a helper thread: if the loop hangs, systemd
 must notice and restart us. An exception inside one cycle is logged and the next cycle runs.
-SIGTERM ends the loop after the current step; a model load in flight is cancelled cleanly, the
-state persisted, exit 0. SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED)
-and the old one stays.
+SIGTERM ends the loop after the current step; a model load in flight goes on in its helper
+process (act/load_launch.py) for the next watchdog to pick up, the state is persisted, exit 0.
+SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED) and the old one stays.
 """
 
 from __future__ import annotations
@@ -33,6 +33,7 @@ import structlog
 
 from hydra_watchdog import control
 from hydra_watchdog.act.executor import Executor
+from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import Action, ActionResult
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
 from hydra_watchdog.events import Event, EventKind
@@ -425,6 +426,8 @@ def run_daemon(
         metrics=metrics,
         before_cycle=before_cycle,
     )
+    if not daemon.dry_run:  # loads outlive us in a helper; a dry run never loads nor adopts one
+        daemon.executor.loader.helpers = LoadHelpers.from_config(path, config)
 
     def on_term(_signum: int, _frame: FrameType | None) -> None:
         daemon.request_stop()

@@ -146,5 +146,6 @@ class Executor:
         return self.loader.drain()
 
     def shutdown(self, wait: float = 10.0) -> bool:
-        """Cancel a load in flight (cleanly: the adapter closes the stream itself)."""
-        return self.loader.cancel(wait)
+        """The watchdog stops: a load in a helper goes on; one in a thread is cancelled cleanly
+        (the adapter closes the stream itself)."""
+        return self.loader.shutdown(wait)

@@ -247,8 +247,14 @@ class TabbyClient:
         )
 
     @classmethod
-    def from_config(cls, cfg: Config) -> TabbyClient:
-        key, problem = read_admin_key(cfg.tabbyapi.admin_key_file, os.environ)
+    def from_config(
+        cls, cfg: Config, *, admin_key: tuple[str | None, str] | None = None
+    ) -> TabbyClient:
+        """`admin_key`: (key, problem) read elsewhere (the load helper's inherited descriptor);
+        by default read_admin_key() of the configured file or credential."""
+        if admin_key is None:
+            admin_key = read_admin_key(cfg.tabbyapi.admin_key_file, os.environ)
+        key, problem = admin_key
         t = cfg.tabbyapi
         gate = ListenerGate(
             urllib.parse.urlsplit(t.url).hostname or "",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import pytest
 
+from hydra_watchdog.act.load_launch import unit_name
 from hydra_watchdog.policy import backoff_delay
 from hydra_watchdog.sim import nvml_state
 from tests.chaos.conftest import (
@@ -685,5 +686,33 @@ def test_15_model_mount_missing(chaos: Chaos) -> None:
     row.recovered_s = node.wait(node.serving, 60, node.describe)
     assert [entry["status"] for entry in node.loads()] == [200]
     assert node.actions("kill_orphan") == []  # nothing was signalled
+    row.restarts = node.restarts_issued()
+    assert row.restarts == 0
+
+
+def test_16_watchdog_restarted_mid_load(chaos: Chaos) -> None:
+    """`systemctl restart hydra-watchdog` while it loads the model (the exl2 build cancels a load
+    whose client disconnects): the load goes on in its helper unit, the restarted watchdog sends
+    no second load and takes the outcome; the stop needs no SIGKILL (issue 12 item 5)."""
+    node, row = chaos
+    helper = unit_name(MAIN)
+    node.faults(load_seconds=8.0, modules=16)
+    node.unload()
+    node.wait(lambda: node.show(helper).get("ActiveState") == "active", 60, "the load helper unit")
+    row.detected_s = _seconds(node, node.first(lambda r: r.action == "load_model"))
+    old = node.show(WATCHDOG)
+    try:
+        assert node.systemctl("restart", WATCHDOG).returncode == 0
+        assert node.show(WATCHDOG)["MainPID"] not in ("0", old["MainPID"])
+        row.recovered_s = node.wait(node.serving, 60, node.describe)
+        _cycles(node, 4)  # a second load would show up here
+    finally:
+        node.systemctl("stop", helper)
+    loads = node.loads()
+    assert [(e["status"], e["result"]) for e in loads] == [(200, "loaded")], loads
+    assert len(node.actions("load_model")) == 1, [r.fields for r in node.actions()]
+    assert not node.first(lambda r: "lost" in r.message), node.timeline()
+    said = node.unit_log(WATCHDOG)
+    assert "SIGKILL" not in said and "timed out" not in said, said[-2000:]
     row.restarts = node.restarts_issued()
     assert row.restarts == 0

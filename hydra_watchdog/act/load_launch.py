@@ -1,0 +1,310 @@
+"""Starting, watching and stopping the load helper (hydra_watchdog/load_helper.py).
+
+Where the helper runs decides whether it outlives the watchdog:
+
+* under systemd (the watchdog is a service: $INVOCATION_ID, /run/systemd/system), a stop or
+  restart of hydra-watchdog.service kills every process in its cgroup, so the helper runs in a
+  transient unit of its own (`systemd-run --unit=hydra-watchdog-load-<hash> --collect`); the key
+  reaches it as the credential `admin_key` (LoadCredential= of the key file, or of our own
+  credential: systemd reads the file, so neither argv nor the environment holds the key);
+* elsewhere, a detached process (its own session, so a terminal's SIGHUP or a SIGINT to our
+  process group does not reach it) that reads the key from an inherited pipe.
+
+Whether it is still running is asked of systemd (the unit's ActiveState) or of /proc (the pid
+with the start ticks recorded at launch, so a reused pid never passes for it). When the answer
+is unknown (systemctl failed), the load counts as running: a second load is never started on a
+guess.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import replace
+from pathlib import Path
+
+from hydra_watchdog.actions import LoadModel
+from hydra_watchdog.config import Config
+from hydra_watchdog.load_record import (
+    LoadLaunch,
+    LoadReport,
+    clear,
+    read_launch,
+    read_report,
+    write_launch,
+)
+from hydra_watchdog.probes.identity import read_text, stat_start_ticks
+from hydra_watchdog.probes.tabby import read_admin_key
+from hydra_watchdog.statefile import read_boot_id
+
+HELPER_MODULE = "hydra_watchdog.load_helper"
+UNIT_PREFIX = "hydra-watchdog-load-"
+HELPER_LOG = "load-helper.log"
+_RUNNING = frozenset({"active", "activating", "deactivating", "reloading"})
+_POLL = 0.1
+_COMMAND_TIMEOUT = 30.0
+# The helper's own stop: it closes the stream at once on SIGTERM; this is systemd's backstop.
+_HELPER_STOP_TIMEOUT = "30s"
+
+
+def under_systemd(environ: Mapping[str, str] = os.environ) -> bool:
+    """True when we run as a systemd service: our cgroup dies with our unit."""
+    return (
+        bool(environ.get("INVOCATION_ID"))
+        and os.path.isdir("/run/systemd/system")
+        and shutil.which("systemd-run") is not None
+    )
+
+
+def unit_name(model: str) -> str:
+    return f"{UNIT_PREFIX}{hashlib.sha256(model.encode()).hexdigest()[:12]}.service"
+
+
+def _start_ticks(pid: int) -> int | None:
+    """The process's start ticks; None when it is gone or a zombie."""
+    parsed = stat_start_ticks(read_text(f"/proc/{pid}/stat") or "")
+    if parsed is None or parsed[0] in ("Z", "X"):
+        return None
+    return parsed[1]
+
+
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
+
+
+class LoadHelpers:
+    """Launch, watch and stop the helper; the records live in `state_dir` (load_record.py)."""
+
+    def __init__(
+        self,
+        config_path: Path,
+        state_dir: Path,
+        admin_key_file: str,
+        *,
+        systemd: bool,
+        python: str = sys.executable,
+        environ: Mapping[str, str] = os.environ,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self.config_path = config_path.resolve()
+        self.state_dir = state_dir
+        self.admin_key_file = admin_key_file
+        self.systemd = systemd
+        self.python = python
+        self.environ = environ
+        self._wall = wall
+        self._child: subprocess.Popen[bytes] | None = None  # reaped by alive()
+
+    @classmethod
+    def from_config(cls, config_path: Path, cfg: Config) -> LoadHelpers:
+        return cls(
+            config_path,
+            Path(cfg.watchdog.state_dir),
+            cfg.tabbyapi.admin_key_file,
+            systemd=under_systemd(),
+        )
+
+    # --- launch -------------------------------------------------------------------------------
+
+    def launch(self, action: LoadModel, now: float) -> LoadLaunch | str:
+        """The helper started (its record written), or why not."""
+        launch = LoadLaunch(
+            load_id=uuid.uuid4().hex,
+            model=action.model,
+            vram_needed_bytes=action.vram_needed_bytes,
+            rule=action.reason.rule.value,
+            evidence=action.reason.evidence,
+            boot_id=read_boot_id(),
+            started_mono=now,
+            started_wall=self._wall(),
+        )
+        argv = [
+            self.python,
+            "-m",
+            HELPER_MODULE,
+            "--config",
+            str(self.config_path),
+            "--model",
+            action.model,
+            "--load-id",
+            launch.load_id,
+            "--state-dir",
+            str(self.state_dir),
+        ]
+        try:
+            return self._in_unit(launch, argv) if self.systemd else self._detached(launch, argv)
+        except OSError as exc:
+            clear(self.state_dir)
+            return f"cannot start the load helper: {exc}"
+
+    def _in_unit(self, launch: LoadLaunch, argv: Sequence[str]) -> LoadLaunch | str:
+        unit = unit_name(launch.model)
+        launch = replace(launch, unit=unit)
+        # First the record: a watchdog killed right after systemd-run still finds the unit.
+        write_launch(self.state_dir, launch)
+        props = ["-p", f"TimeoutStopSec={_HELPER_STOP_TIMEOUT}"]
+        # A transient unit starts with systemd's environment, not ours: the interpreter must
+        # find the very modules this watchdog runs (a Nix wrapper sets them up in our env only).
+        path = os.pathsep.join(p for p in sys.path if p)
+        if path:
+            props.append(f"--setenv=PYTHONPATH={path}")
+        source = self._key_source()
+        if source:
+            props += ["-p", f"LoadCredential=admin_key:{source}"]
+        run = [
+            "systemd-run",
+            "--quiet",
+            "--collect",
+            f"--unit={unit}",
+            f"--description=hydra-watchdog: load {launch.model}",
+            "--service-type=exec",
+            *props,
+            "--",
+            *argv,
+        ]
+        try:
+            done = subprocess.run(
+                run,
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=_COMMAND_TIMEOUT,
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            return launch  # it may well have started: the unit's state says so from now on
+        if done.returncode != 0:
+            clear(self.state_dir)
+            why = _first_line(done.stderr) or f"exit status {done.returncode}"
+            return f"systemd-run could not start the load helper {unit}: {why}"
+        return launch
+
+    def _key_source(self) -> str:
+        """The file systemd should hand the helper as its credential: ours, or the key file."""
+        if self.admin_key_file:
+            return self.admin_key_file
+        creds = self.environ.get("CREDENTIALS_DIRECTORY", "")
+        candidate = Path(creds, "admin_key") if creds else None
+        return str(candidate) if candidate is not None and candidate.is_file() else ""
+
+    def _detached(self, launch: LoadLaunch, argv: Sequence[str]) -> LoadLaunch | str:
+        key, _problem = read_admin_key(self.admin_key_file, self.environ)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        try:
+            # A key is far below the pipe's capacity: written whole before the helper runs.
+            os.write(write_end, (key or "").encode())
+            os.close(write_end)
+            write_end = -1
+            flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
+            log_fd = os.open(self.state_dir / HELPER_LOG, flags, 0o600)
+            try:
+                proc = subprocess.Popen(
+                    [*argv, "--key-fd", str(read_end)],
+                    pass_fds=(read_end,),
+                    start_new_session=True,
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=log_fd,
+                )
+            finally:
+                os.close(log_fd)
+        finally:
+            os.close(read_end)
+            if write_end >= 0:
+                os.close(write_end)
+        ticks = _start_ticks(proc.pid)
+        launch = replace(launch, pid=proc.pid, start_ticks=ticks or 0)
+        self._child = proc
+        try:
+            write_launch(self.state_dir, launch)
+        except OSError as exc:  # unrecorded, it could outlive us unseen: stop it now
+            self._signal(launch, signal.SIGTERM)
+            return f"cannot record the load helper (stopped it): {exc}"
+        return launch
+
+    # --- watch --------------------------------------------------------------------------------
+
+    def current(self) -> LoadLaunch | None:
+        """The load handed to a helper and not yet reported; one of another boot is dropped."""
+        launch = read_launch(self.state_dir)
+        if launch is not None and launch.boot_id != read_boot_id():
+            clear(self.state_dir)  # its helper died with that boot; its clock means nothing
+            return None
+        return launch
+
+    def alive(self, launch: LoadLaunch) -> bool:
+        if launch.unit:
+            state = self._unit_state(launch.unit)
+            return state is None or state in _RUNNING
+        child = self._child
+        if child is not None and child.pid == launch.pid and child.poll() is not None:
+            return False  # our own child, now reaped
+        return launch.start_ticks > 0 and _start_ticks(launch.pid) == launch.start_ticks
+
+    def report(self, launch: LoadLaunch) -> LoadReport | None:
+        return read_report(self.state_dir, launch.load_id)
+
+    def _unit_state(self, unit: str) -> str | None:
+        """The unit's ActiveState; None when systemd could not be asked."""
+        try:
+            done = subprocess.run(
+                ["systemctl", "show", "-p", "ActiveState", "--value", unit],
+                stdin=subprocess.DEVNULL,
+                capture_output=True,
+                text=True,
+                errors="replace",
+                timeout=_COMMAND_TIMEOUT,
+                check=False,
+            )
+        except (OSError, subprocess.TimeoutExpired):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    # --- stop ---------------------------------------------------------------------------------
+
+    def stop(self, launch: LoadLaunch, wait: float) -> bool:
+        """A deliberate cancel: SIGTERM to the helper (it closes the stream and writes the
+        outcome); True when it ended within `wait` s."""
+        if launch.unit:
+            with contextlib.suppress(OSError, subprocess.TimeoutExpired):
+                subprocess.run(
+                    ["systemctl", "stop", "--no-block", launch.unit],
+                    stdin=subprocess.DEVNULL,
+                    capture_output=True,
+                    timeout=_COMMAND_TIMEOUT,
+                    check=False,
+                )
+        else:
+            self._signal(launch, signal.SIGTERM)
+        deadline = time.monotonic() + wait
+        while self.alive(launch):
+            if time.monotonic() >= deadline:
+                return False
+            time.sleep(_POLL)
+        return True
+
+    def _signal(self, launch: LoadLaunch, signum: int) -> None:
+        """Through a pidfd, after the start ticks matched: a reused pid is never hit."""
+        try:
+            pidfd = os.pidfd_open(launch.pid)
+        except OSError:
+            return
+        try:
+            if _start_ticks(launch.pid) == launch.start_ticks:
+                signal.pidfd_send_signal(pidfd, signum)
+        except OSError:
+            pass
+        finally:
+            os.close(pidfd)
+
+    def forget(self) -> None:
+        clear(self.state_dir)
