@@ -222,6 +222,13 @@ class Observer:
         host, why = self._get(host_t, "host", deadline)
         if host is None:
             host = HostReport(models_dir_ok=False, models_dir_detail=f"not checked: {why}")
+        if not libraries and not health.healthy and cfg.tabbyapi.venv:
+            # A restart must never come before this outage's library check (a missing library
+            # would only turn it into a loop): check in this very cycle, not the next.
+            libs_t = self._start("libraries", lambda: self.host.check(libraries=True))
+            checked, _ = self._get(libs_t, "libraries", deadline)
+            if checked is not None:
+                host = checked
         if Probe.JOURNAL in wants:
             lines, why = self._get(journal_t, "journal", deadline)
             host = dataclasses.replace(host, journal_excerpt=lines if lines is not None else (why,))

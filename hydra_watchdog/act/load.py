@@ -83,6 +83,10 @@ class ModelLoader:
             status, kind = ResultStatus.OK, ""
         elif cancel.is_set():
             status, kind = ResultStatus.FAILED, "cancelled"
+        elif outcome.kind == "unauthorized":
+            status, kind = ResultStatus.FAILED, "unauthorized"
+        elif outcome.kind == "permanent":
+            status, kind = ResultStatus.FAILED, "load_permanent"
         else:
             status, kind = ResultStatus.FAILED, "load_error"
         with self._lock:
