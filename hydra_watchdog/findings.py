@@ -109,8 +109,8 @@ def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
         yield Finding(
             Rule.GENERATION_HANG,
             Severity.NOTICE,
-            "TabbyAPI was restarted after completions failed: not recovered until a 1-token "
-            "completion passes",
+            "no 1-token completion has passed since TabbyAPI's last restart or model load: "
+            "not called healthy until one does",
             subject="unverified",
         )
 
@@ -130,9 +130,10 @@ def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
 def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     m, model = cfg.model, obs.model
     if model is not None and m.fallback and model.loaded == m.fallback != m.name:
+        failed = s.permanent_failure(m.name)
         why = (
-            f"{m.name} cannot succeed: {s.permanent_detail[:120]}"
-            if s.permanent_model == m.name
+            f"{m.name} cannot succeed: {failed.detail[:120]}"
+            if failed is not None
             else "escalated"
             if s.escalated
             else f"{m.name} failed to load {s.load_failures}x"
@@ -146,13 +147,13 @@ def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
 
 
 def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    if s.permanent_model:
+    for failed in s.permanent:
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.CRIT,
-            f"{s.permanent_model} cannot be loaded: {s.permanent_detail[:200]} (TabbyAPI's words; "
+            f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
             "not retried until the config, the model folder or TabbyAPI's process changes)",
-            subject="permanent",
+            subject=f"permanent {failed.model}",
         )
 
 
@@ -302,7 +303,7 @@ def power_denied(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 
 def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    if s.last_load_error and not s.permanent_model and s.load_failures:
+    if s.last_load_error and not s.permanent and s.load_failures:
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.ERR,

@@ -160,7 +160,7 @@ def narrate(
     fresh = _fresh_findings(prev.findings, new.findings)
     for finding in fresh:
         add(
-            _FINDING_KINDS.get(finding.rule, EventKind.DIAGNOSIS),
+            _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS),
             finding.severity,
             finding.message,
             rule=finding.rule,
@@ -263,9 +263,10 @@ def narrate(
     return tuple(events)
 
 
+# Findings with a journal catalog entry of their own (by Finding.key).
 _FINDING_KINDS = {
-    Rule.ADMIN_KEY_REJECTED: EventKind.ADMIN_KEY_REJECTED,
-    Rule.GENERATION_HANG: EventKind.GENERATION_HANG,
+    (Rule.ADMIN_KEY_REJECTED, ""): EventKind.ADMIN_KEY_REJECTED,
+    (Rule.GENERATION_HANG, "canary"): EventKind.GENERATION_HANG,
 }
 
 

@@ -56,6 +56,7 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.policy_state import (
     CanaryVerdict,
     Finding,
+    PermanentFailure,
     PolicyState,
     PowerHold,
     RestartOrigin,
@@ -166,17 +167,22 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         s = replace(s, load_in_flight="", load_started=None)
         action = final_load.action
         if final_load.succeeded:
-            if s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
-                s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+            # A model just loaded has served nothing yet: a canary runs before "healthy".
+            s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
         elif final_load.error_kind == "unauthorized":
             # Not the model's fault and no back-off can fix it: admin_key_rejected says so.
-            s = replace(s, last_load_error=final_load.detail)
+            s = replace(s, last_load_error=final_load.detail, next_load_at=None)
         elif final_load.error_kind == "load_permanent" and isinstance(action, LoadModel):
+            # No back-off either: waiting cannot change it, and the fallback may go at once.
             s = replace(
                 s,
-                permanent_model=action.model,
-                permanent_detail=final_load.detail,
-                permanent_mark=_load_mark(obs, cfg, action.model),
+                next_load_at=None,
+                permanent=(
+                    *(p for p in s.permanent if p.model != action.model),
+                    PermanentFailure(
+                        action.model, final_load.detail, _load_mark(obs, cfg, action.model)
+                    ),
+                ),
                 last_load_error=final_load.detail,
             )
         else:
@@ -257,9 +263,10 @@ def _count_restarts(
         s = replace(s, load_failures=0, next_load_at=None, last_load_error="")
     if fresh and s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
         s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
-    if s.permanent_model and _load_mark(obs, cfg, s.permanent_model) != s.permanent_mark:
-        # Config, folder or process changed: the failure may not hold any more.
-        s = replace(s, permanent_model="", permanent_detail="", permanent_mark="")
+    # Config, folder or process changed: such a failure may not hold any more.
+    holding = tuple(p for p in s.permanent if _load_mark(obs, cfg, p.model) == p.mark)
+    if holding != s.permanent:
+        s = replace(s, permanent=holding)
     return s, notes
 
 
@@ -272,6 +279,8 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
     if obs.canary is not None:
         s = replace(s, last_canary_at=now)
         verdict = _CANARY_VERDICTS.get(obs.canary.result.outcome)
+        if "No models" in obs.canary.result.detail:
+            verdict = None  # the model went away meanwhile: no word on generation
         if verdict is not None:  # withheld, refused, our own failure: no word on generation
             s = replace(s, canary_verdict=verdict, canary_detail=obs.canary.result.detail)
     if obs.host.libraries_checked:
@@ -546,11 +555,12 @@ def _no_model(sit: Situation) -> Plan:
         return _enter(s, Phase.NO_MODEL, now), cleanup, []
 
     free = vram_free(obs.gpus, cfg.gpu.device)
-    main_usable = (host.model is None or host.model.usable) and s.permanent_model != m.name
+    main_failed = s.permanent_failure(m.name)
+    main_usable = (host.model is None or host.model.usable) and main_failed is None
     fallback_usable = (
         bool(m.fallback)
         and (host.fallback is None or host.fallback.usable)
-        and s.permanent_model != m.fallback
+        and s.permanent_failure(m.fallback) is None
     )
     want_fallback = fallback_usable and (
         s.escalated or s.load_failures >= m.max_load_attempts or not main_usable
@@ -574,13 +584,13 @@ def _no_model(sit: Situation) -> Plan:
         why = "healthy but no model loaded"
         if is_fallback:
             blocker = (
-                "it cannot succeed: " + s.permanent_detail[:120]
-                if s.permanent_model == m.name
+                "it cannot succeed: " + main_failed.detail[:120]
+                if main_failed is not None
                 else "escalated"
                 if s.escalated
                 else f"{s.load_failures} failed loads"
             )
-            unusable = not main_usable and s.permanent_model != m.name
+            unusable = not main_usable and main_failed is None
             why = (
                 f"fallback: {m.name} cannot be loaded now ({blocker}"
                 f"{', model folder unusable' if unusable else ''})"
@@ -701,7 +711,8 @@ def _libraries_checked(sit: Situation) -> bool:
 def _main_retry_due(sit: Situation) -> bool:
     s, cfg, host = sit.s, sit.cfg, sit.obs.host
     main_usable = host.model is None or host.model.usable
-    if not main_usable or s.permanent_model == cfg.model.name or s.load_in_flight or s.escalated:
+    failed = s.permanent_failure(cfg.model.name) is not None
+    if not main_usable or failed or s.load_in_flight or s.escalated:
         return False
     # What made the fallback necessary has cleared (a fresh process, a fixed folder), or the
     # slow timer says: try the main model again.

@@ -42,6 +42,13 @@ class CanaryVerdict(StrEnum):
 
 
 @dataclass(frozen=True)
+class PermanentFailure:
+    model: str
+    detail: str  # TabbyAPI's words
+    mark: str  # what it depends on: the model config, the folder's mtime, TabbyAPI's process
+
+
+@dataclass(frozen=True)
 class PowerHold:
     """A power limit not to be set again before `until`: refused by the driver (retried
     hourly), or a dry run's "would set" (said hourly)."""
@@ -99,11 +106,9 @@ class PolicyState:
     next_load_at: float | None = None
     using_fallback: bool = False
     last_load_error: str = ""
-    # a load that retrying cannot fix (HTTP 4xx, "no longer supported"...): not retried until
-    # what it depends on changes (`permanent_mark`: config, model folder, TabbyAPI's process)
-    permanent_model: str = ""
-    permanent_detail: str = ""
-    permanent_mark: str = ""
+    # loads that retrying cannot fix (HTTP 4xx, "no longer supported"...): not retried until
+    # what they depend on changes (config, model folder, TabbyAPI's process)
+    permanent: tuple[PermanentFailure, ...] = ()
     main_retry_at: float | None = None  # on the fallback: when to try the main model again
     # ExLlamaV2 libraries the last check found missing: remembered until a fresh check says fixed
     missing_libraries: tuple[str, ...] = ()
@@ -119,6 +124,9 @@ class PolicyState:
     fallback_route_detail: str = ""
     findings: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
+
+    def permanent_failure(self, model: str) -> PermanentFailure | None:
+        return next((p for p in self.permanent if p.model == model), None)
 
     def restarts_in_window(self, now: float, window: float, by: RestartOrigin | None = None) -> int:
         return sum(1 for r in self.restarts if now - r.at <= window and (by is None or r.by == by))

@@ -555,8 +555,8 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
         raw.default = _reply(422, "application/json", json.dumps({"detail": [missing]}).encode())
         refused = load(client, "m1")
         assert refused == LoadOutcome(
-                False, "load refused: HTTP 422: model_name: Field required", kind="permanent"
-            )
+            False, "load refused: HTTP 422: model_name: Field required", kind="permanent"
+        )
         raw.default = _reply(200, "application/json", b"{}")
         assert "not an event stream" in load(client, "m1").detail
     finally:
