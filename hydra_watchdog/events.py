@@ -22,6 +22,9 @@ class EventKind(StrEnum):
     ESCALATED = "escalated"
     RECOVERED = "recovered"
     LOAD_PROGRESS = "load_progress"
+    LOAD_FAILED = "load_failed"  # each failed or cancelled load, with TabbyAPI's error
+    ADMIN_KEY_REJECTED = "admin_key_rejected"  # TabbyAPI answered 401/403 to the admin key
+    GENERATION_HANG = "generation_hang"  # completions stall or fail while /health is 200
     PAUSED = "paused"
     RESUMED = "resumed"
     CONFIG_RELOADED = "config_reloaded"

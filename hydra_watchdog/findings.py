@@ -21,7 +21,7 @@ from hydra_watchdog.observation import (
     ProcessInfo,
     ProcessRole,
 )
-from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
 from hydra_watchdog.printable import one_line
 from hydra_watchdog.situation import in_unit, port_holders, unit_up
 from hydra_watchdog.states import Rule, Severity
@@ -74,13 +74,94 @@ def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 
 def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    if obs.host.missing_libraries:
+    # Remembered from the last check (it runs only when troubled): known missing until a fresh
+    # check says fixed.
+    if s.missing_libraries:
         yield Finding(
             Rule.MISSING_LIBRARIES,
             Severity.CRIT,
             "TabbyAPI's ExLlamaV2 extension cannot load: "
-            f"{', '.join(obs.host.missing_libraries)} not found (a NixOS rebuild changed library "
+            f"{', '.join(s.missing_libraries)} not found (a NixOS rebuild changed library "
             f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until fixed",
+        )
+
+
+def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    model = obs.model
+    if model is not None and model.result.outcome is Outcome.UNAUTHORIZED:
+        yield Finding(
+            Rule.ADMIN_KEY_REJECTED,
+            Severity.CRIT,
+            f"TabbyAPI rejected the admin key ({model.result.detail}): loads are impossible "
+            "until it matches admin_key in TabbyAPI's api_tokens.yml",
+        )
+
+
+def unkillable(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    for proc in obs.processes:
+        if proc.pid in s.unkillable and proc.role is ProcessRole.ORPHAN:
+            yield Finding(
+                Rule.UNKILLABLE_ORPHAN,
+                Severity.CRIT,
+                f"orphan TabbyAPI process {proc.pid} ({one_line(proc.command)}) survived SIGKILL "
+                "(uninterruptible sleep in the driver?): restarts cannot free what it holds; "
+                "a reboot may be needed",
+                subject=f"pid {proc.pid}",
+            )
+
+
+def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
+        yield completions_stalled(s, cfg)
+    elif s.canary_verdict is CanaryVerdict.UNVERIFIED:
+        yield Finding(
+            Rule.GENERATION_HANG,
+            Severity.NOTICE,
+            "no 1-token completion has passed since TabbyAPI's last restart or model load: "
+            "not called healthy until one does",
+            subject="unverified",
+        )
+
+
+def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
+    """Named for what is seen; the known causes are listed in the journal catalog."""
+    if s.canary_verdict is CanaryVerdict.STALLED:
+        text = (
+            f"completions stalled while /health is 200: a 1-token completion missed its "
+            f"{dur(cfg.tabbyapi.canary_deadline)} deadline"
+        )
+    else:
+        text = f"completions fail while /health is 200: {s.canary_detail[:160] or 'an error'}"
+    return Finding(Rule.GENERATION_HANG, Severity.CRIT, text, subject="canary")
+
+
+def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    m, model = cfg.model, obs.model
+    if model is not None and m.fallback and model.loaded == m.fallback != m.name:
+        failed = s.permanent_failure(m.name)
+        why = (
+            f"{m.name} cannot succeed: {failed.detail[:120]}"
+            if failed is not None
+            else "escalated"
+            if s.escalated
+            else f"{m.name} failed to load {s.load_failures}x"
+        )
+        yield Finding(
+            Rule.FALLBACK_MODEL,
+            Severity.WARNING,
+            f"serving the fallback model {m.fallback}, not {m.name} ({why}); "
+            f"{m.name} is tried again when that clears, or hourly",
+        )
+
+
+def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    for failed in s.permanent:
+        yield Finding(
+            Rule.LOAD_FAILED,
+            Severity.CRIT,
+            f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
+            "not retried until the config, the model folder or TabbyAPI's process changes)",
+            subject=f"permanent {failed.model}",
         )
 
 
@@ -230,7 +311,7 @@ def power_denied(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 
 def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    if s.last_load_error:
+    if s.last_load_error and not s.permanent and s.load_failures:
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.ERR,
@@ -251,7 +332,10 @@ FINDERS: tuple[Finder, ...] = (
     watchdog_impaired,
     models_mount,
     missing_libraries,
+    admin_key,
+    generation,
     port_owners,
+    unkillable,
     key_withheld,
     moved_port,
     orphans,
@@ -260,7 +344,9 @@ FINDERS: tuple[Finder, ...] = (
     gpus,
     slow_health,
     power_denied,
+    permanent_load,
     load_failed,
+    fallback_model,
     fallback_route,
 )
 
@@ -359,4 +445,14 @@ def vram_refused(
         Severity.CRIT if not fallback else Severity.ERR,
         f"load of {name} refused: needs {need / GIB:.1f} GiB, {free / GIB:.1f} GiB free{held}",
         subject=name,
+    )
+
+
+def restarts_seen_late(n: int, gap: float) -> Finding:
+    return Finding(
+        Rule.RESTART_LOOP,
+        Severity.NOTICE,
+        f"{n} restart(s) by systemd happened while the watchdog was not looking ({dur(gap)} "
+        "since the last observation): when exactly is unknown; dated to the start of that gap",
+        subject="late",
     )

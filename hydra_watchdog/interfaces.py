@@ -35,6 +35,9 @@ class LoadOutcome:
     detail: str  # the error event's message, "confirmed by /v1/model", "cancelled", ...
     modules_done: int = 0
     modules_total: int = 0
+    # why it failed, when retrying cannot help: "unauthorized" (the admin key was rejected) or
+    # "permanent" (HTTP 4xx before the stream, "no longer supported", "not installed"...)
+    kind: str = ""
 
 
 @dataclass(frozen=True)

@@ -112,6 +112,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         finished=True,
         ok=outcome.ok,
         detail=outcome.detail,
+        kind=outcome.kind,
     )
     try:
         write_report(args.state_dir, final)

@@ -59,6 +59,7 @@ class LoadReport:
     finished: bool = False
     ok: bool = False
     detail: str = ""
+    kind: str = ""  # LoadOutcome.kind: "unauthorized", "permanent" or "" (transient)
 
 
 _T = TypeVar("_T", LoadLaunch, LoadReport)

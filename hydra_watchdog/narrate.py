@@ -20,6 +20,7 @@ from hydra_watchdog.actions import (
     ResultStatus,
     SetPowerLimit,
     UnitCommand,
+    UnitVerb,
     action_name,
     describe,
 )
@@ -159,7 +160,7 @@ def narrate(
     fresh = _fresh_findings(prev.findings, new.findings)
     for finding in fresh:
         add(
-            EventKind.DIAGNOSIS,
+            _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS),
             finding.severity,
             finding.message,
             rule=finding.rule,
@@ -167,9 +168,11 @@ def narrate(
             unit=tabby_unit,
         )
 
-    cause = fresh[0] if fresh else (new.findings[0] if new.findings else None)
-    rule: Rule | None = cause.rule if cause else (actions[0].reason.rule if actions else None)
-    evidence = cause.message if cause else (new.last_failure or "")
+    # A phase change is told with what the deciding rule rests on (PolicyState.cause), never
+    # with whatever finding happens to come first.
+    cited = next((f for f in new.findings if f.message == new.cause), None)
+    rule: Rule | None = cited.rule if cited else (actions[0].reason.rule if actions else None)
+    evidence = new.cause or new.last_failure or ""
     if prev.phase != new.phase:
         change = f"{prev.phase.value} -> {new.phase.value}"
         add(
@@ -197,13 +200,13 @@ def narrate(
                 f"resumed; now {new.phase.value}",
                 rule=Rule.PAUSED,
             )
-        if new.phase is Phase.BACKOFF and prev.phase is not Phase.ESCALATED:
+        if new.backoff_step > prev.backoff_step:
             window = config.restart_loop.window
             add(
                 EventKind.RESTART_LOOP,
                 Severity.CRIT,
                 f"restart loop: {new.restarts_in_window(obs.at, window)} restarts within "
-                f"{window:g}s; unit stopped, back-off step {new.backoff_step}",
+                f"{window:g}s; {_stop_told(results)}, back-off step {new.backoff_step}",
                 rule=Rule.RESTART_LOOP,
                 reason=evidence,
                 unit=tabby_unit,
@@ -219,9 +222,7 @@ def narrate(
                 rule=Rule.RECOVERED,
                 unit=tabby_unit,
             )
-    if (new.phase is Phase.ESCALATED and prev.phase is not Phase.ESCALATED) or (
-        new.escalated and not prev.escalated and new.phase is not Phase.ESCALATED
-    ):
+    if new.escalated and not prev.escalated:  # once per escalation, not per back-off step
         add(
             EventKind.ESCALATED,
             Severity.CRIT,
@@ -246,5 +247,50 @@ def narrate(
                 fields=(("HYDRA_MODEL", load.model), ("HYDRA_PROGRESS_PCT", str(now_pct))),
             )
 
+    # A load ends cycles after it started: its outcome arrives with the observation.
+    for res in obs.results:
+        if isinstance(res.action, LoadModel) and res.status is ResultStatus.FAILED:
+            add(
+                EventKind.LOAD_FAILED,
+                Severity.ERR,
+                _load_failed_text(res, new, obs.at, wall),
+                rule=Rule.LOAD_FAILED,
+                reason=res.detail,
+                unit=tabby_unit,
+                fields=(("HYDRA_MODEL", res.action.model), ("HYDRA_ERROR_KIND", res.error_kind)),
+            )
     events.extend(_result_event(r, phase, tabby_unit, wall) for r in results)
     return tuple(events)
+
+
+# Findings with a journal catalog entry of their own (by Finding.key).
+_FINDING_KINDS = {
+    (Rule.ADMIN_KEY_REJECTED, ""): EventKind.ADMIN_KEY_REJECTED,
+    (Rule.GENERATION_HANG, "canary"): EventKind.GENERATION_HANG,
+}
+
+
+def _stop_told(results: Sequence[ActionResult]) -> str:
+    """What became of this cycle's stop, as it happened (not as it was planned)."""
+    stops = [
+        r for r in results if isinstance(r.action, UnitCommand) and r.action.verb is UnitVerb.STOP
+    ]
+    if not stops:
+        return "the unit was not running"
+    if stops[-1].status in (ResultStatus.OK, ResultStatus.DRY_RUN):
+        return "unit stopped" if stops[-1].status is ResultStatus.OK else "unit would be stopped"
+    return f"the stop did not happen ({stops[-1].status.value}: {stops[-1].detail[:120]})"
+
+
+def _load_failed_text(res: ActionResult, new: PolicyState, now: float, wall: float) -> str:
+    action = res.action
+    assert isinstance(action, LoadModel)
+    if res.error_kind == "cancelled":
+        return f"load of {action.model} cancelled: {res.detail}"
+    if res.error_kind in ("load_permanent", "unauthorized"):
+        return f"load of {action.model} failed and will not be retried as is: {res.detail}"
+    nxt = ""
+    if new.next_load_at is not None:
+        at = time.strftime("%H:%M:%S", time.localtime(wall + new.next_load_at - now))
+        nxt = f"; next attempt at {at}"
+    return f"load of {action.model} failed (attempt {new.load_failures}): {res.detail}{nxt}"

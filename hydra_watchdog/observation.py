@@ -240,6 +240,9 @@ class ModelDir:
     weight_files: int = 0  # *.safetensors
     size_bytes: int = 0
     detail: str = ""
+    mtime: float | None = (
+        None  # the folder's: a changed folder may make a failed load worth retrying
+    )
 
     @property
     def usable(self) -> bool:
@@ -254,6 +257,7 @@ class HostReport:
     fallback: ModelDir | None = None
     missing_libraries: tuple[str, ...] | None = None  # None: not checked this cycle
     libraries_detail: str = ""  # why the check could not run (no venv, no extension, ldd hung)
+    libraries_checked: bool = False  # the check ran this cycle (its answer may be "unknown")
     journal_excerpt: tuple[str, ...] | None = None  # None: not read this cycle
 
 

@@ -188,11 +188,6 @@ class Observer:
         # gate verifies the port's listener against it right before each one.
         self.tabby.note_unit(unit)
         model_t = self._start("model", self.tabby.model)
-        canary_t = (
-            self._start("canary", lambda: self.tabby.canary(cfg.tabbyapi.canary_deadline))
-            if Probe.CANARY in wants
-            else None
-        )
         gpus, why = self._get(gpu_t, "gpu", deadline)
         if gpus is None:
             gpus = GpuReport(error=NvmlErrorKind.TIMEOUT, detail=why)
@@ -212,16 +207,31 @@ class Observer:
         if health is None:
             health = Health(_http_failed(why, self._clock() - start, health_t), healthy=False)
         model, _ = self._get(model_t, "model", deadline)
+        # The canary goes only to a TabbyAPI that has a model loaded right now: the exl2 build
+        # leaks its load lock on a completion sent while no model is loaded, and every
+        # completion hangs from then on (notes/tabbyapi.md) - a canary must never cause that.
+        canary_t = (
+            self._start("canary", lambda: self.tabby.canary(cfg.tabbyapi.canary_deadline))
+            if Probe.CANARY in wants and model is not None and model.loaded
+            else None
+        )
         # The client enforces the canary's deadline itself and says TIMEOUT: that is a hang. If
         # our own thread did not deliver (stuck, or past the cycle's deadline), the canary is
         # unknown, never a made-up timeout: a restart for a generation hang needs TabbyAPI's
         # silence, not ours.
         canary: Canary | None = None
-        if Probe.CANARY in wants:
+        if canary_t is not None:
             canary, _ = self._get(canary_t, "canary", deadline)
         host, why = self._get(host_t, "host", deadline)
         if host is None:
             host = HostReport(models_dir_ok=None, models_dir_detail=f"not checked: {why}")
+        if not libraries and not health.healthy and cfg.tabbyapi.venv:
+            # A restart must never come before this outage's library check (a missing library
+            # would only turn it into a loop): check in this very cycle, not the next.
+            libs_t = self._start("libraries", lambda: self.host.check(libraries=True))
+            checked, _ = self._get(libs_t, "libraries", deadline)
+            if checked is not None:
+                host = checked
         if Probe.JOURNAL in wants:
             lines, why = self._get(journal_t, "journal", deadline)
             host = dataclasses.replace(host, journal_excerpt=lines if lines is not None else (why,))

@@ -44,7 +44,7 @@ from hydra_watchdog.actions import (
     UnitVerb,
 )
 from hydra_watchdog.config import Config
-from hydra_watchdog.findings import diagnose, dur
+from hydra_watchdog.findings import diagnose
 from hydra_watchdog.observation import (
     ActiveState,
     Observation,
@@ -54,7 +54,9 @@ from hydra_watchdog.observation import (
     ProcessRole,
 )
 from hydra_watchdog.policy_state import (
+    CanaryVerdict,
     Finding,
+    PermanentFailure,
     PolicyState,
     PowerHold,
     RestartOrigin,
@@ -79,9 +81,9 @@ def decide(
     """One step of the runbook. Pure: same inputs, same outputs; `config.watchdog.dry_run` is
     deliberately never read here, so a dry run decides exactly as a real one."""
     s = _absorb_results(state, obs, now, config)
-    s = _count_restarts(s, obs, now, config)
+    s, counted = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
-    findings = diagnose(s, obs, config)
+    findings = diagnose(s, obs, config) + counted
 
     if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
         until_in = None if obs.pause.until is None else obs.pause.until - now
@@ -91,9 +93,8 @@ def decide(
 
     cleanup: tuple[Action, ...] = ()
     if config.orphans.enabled:
-        cleanup = tuple(
-            _kill(orphans_in_the_way(obs), Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM")
-        )
+        killable = [p for p in orphans_in_the_way(obs) if p.pid not in s.unkillable]
+        cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM"))
     sit = Situation(s, obs, now, config, tuple(findings), cleanup)
     rule = next(r for r in PLAN if r.when(sit))
     notes: list[Finding] = []
@@ -102,11 +103,29 @@ def decide(
     s, actions, more = rule.then(sit)
     actions += _power_limits(s, obs, now, config)
     actions += _fallback_route(s, config)
-    s = replace(s, findings=tuple(findings + notes + more), wants=_wants(s, obs, now, config))
+    said = findings + notes + more
+    s = replace(
+        s,
+        findings=tuple(said),
+        wants=_wants(s, obs, now, config),
+        cause=_cause(rule, said, actions),
+    )
     return s, tuple(actions)
 
 
+def _cause(rule: PlanRule, said: list[Finding], actions: list[Action]) -> str:
+    """What a change of phase this cycle is told with: the finding of the deciding rule, else
+    the evidence of its first action (never an unrelated finding that happens to be first)."""
+    mine = [f for f in said if f.rule in rule.rules]
+    if mine:
+        return mine[0].message
+    return actions[0].reason.evidence if actions else ""
+
+
 # --- 1. absorb ---------------------------------------------------------------------------------
+
+
+_NOT_RUN = (ResultStatus.FAILED, ResultStatus.REFUSED, ResultStatus.SKIPPED)
 
 
 def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -> PolicyState:
@@ -115,6 +134,14 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         action = res.action
         if isinstance(action, LoadModel) and res.status is not ResultStatus.IN_PROGRESS:
             final_load = res
+        elif isinstance(action, UnitCommand) and action.verb in (UnitVerb.START, UnitVerb.RESTART):
+            s = _absorb_start(s, res, now, cfg)
+        elif isinstance(action, KillOrphan) and res.error_kind == "unkillable":
+            s = replace(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
+        elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.OK:
+            # The hourly retry worked: the "failed" finding goes with the hold.
+            kept = tuple(d for d in s.power_denied if d.gpu_index != action.gpu_index)
+            s = replace(s, power_denied=kept)
         elif isinstance(action, SetPowerLimit) and res.status in (
             ResultStatus.FAILED,
             ResultStatus.REFUSED,
@@ -138,7 +165,27 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
 
     if final_load is not None:
         s = replace(s, load_in_flight="", load_started=None)
-        if not final_load.succeeded:
+        action = final_load.action
+        if final_load.succeeded:
+            # A model just loaded has served nothing yet: a canary runs before "healthy".
+            s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+        elif final_load.error_kind == "unauthorized":
+            # Not the model's fault and no back-off can fix it: admin_key_rejected says so.
+            s = replace(s, last_load_error=final_load.detail, next_load_at=None)
+        elif final_load.error_kind == "load_permanent" and isinstance(action, LoadModel):
+            # No back-off either: waiting cannot change it, and the fallback may go at once.
+            s = replace(
+                s,
+                next_load_at=None,
+                permanent=(
+                    *(p for p in s.permanent if p.model != action.model),
+                    PermanentFailure(
+                        action.model, final_load.detail, _load_mark(obs, cfg, action.model)
+                    ),
+                ),
+                last_load_error=final_load.detail,
+            )
+        else:
             s = _load_failed(s, now, cfg, final_load.detail)
     elif s.load_in_flight and obs.load is None:
         # The actuator reports progress for as long as a load runs; silence means it is gone
@@ -147,6 +194,35 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             replace(s, load_in_flight="", load_started=None), now, cfg, "the load was lost"
         )
     return s
+
+
+def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) -> PolicyState:
+    """Only a (re)start that ran counts: one that was skipped, refused or failed gives back its
+    place in the budget, and a back-off attempt that never ran is tried again at the same step."""
+    if res.status in _NOT_RUN:
+        mine = [i for i, r in enumerate(s.restarts) if r.by is RestartOrigin.WATCHDOG]
+        restarts = s.restarts
+        if mine:
+            restarts = s.restarts[: mine[-1]] + s.restarts[mine[-1] + 1 :]
+        s = replace(s, restarts=restarts, recovery_started=None)
+        if s.backoff_step > 0 and s.backoff_until is None:
+            s = replace(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
+        return s
+    if res.status is ResultStatus.OK and s.canary_verdict in (
+        CanaryVerdict.STALLED,
+        CanaryVerdict.FAILED,
+    ):
+        # A new process: the old verdict no longer describes it, but only a canary that passes
+        # may say it recovered.
+        s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+    return s
+
+
+def _load_mark(obs: Observation, cfg: Config, model: str) -> str:
+    """What a permanent load failure depends on: the model config, the folder, the process."""
+    folder = obs.host.fallback if model == cfg.model.fallback else obs.host.model
+    mtime = folder.mtime if folder is not None else None
+    return f"{cfg.model!r}|{mtime}|{obs.unit.invocation_id}"
 
 
 def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> PolicyState:
@@ -159,14 +235,24 @@ def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> Policy
     )
 
 
-def _count_restarts(s: PolicyState, obs: Observation, now: float, cfg: Config) -> PolicyState:
+def _count_restarts(
+    s: PolicyState, obs: Observation, now: float, cfg: Config
+) -> tuple[PolicyState, list[Finding]]:
     records = list(s.restarts)
+    notes: list[Finding] = []
     seen, n = s.nrestarts_seen, obs.unit.n_restarts
     if n is not None:
         if seen is not None:
             # A manual restart or reset-failed zeroes NRestarts: then all n are new.
             delta = n if n < seen else n - seen
-            records += [RestartRecord(now, RestartOrigin.SYSTEMD)] * delta
+            at = now
+            gap = None if s.observed_at is None else now - s.observed_at
+            if delta and gap is not None and gap > 2 * cfg.watchdog.interval:
+                # Seen late (a late cycle, the watchdog itself down): they happened at some time
+                # in the gap. Dated to its start, so a slow series cannot pass for a burst.
+                at = s.observed_at if s.observed_at is not None else now
+                notes.append(say.restarts_seen_late(delta, gap))
+            records += [RestartRecord(at, RestartOrigin.SYSTEMD)] * delta
         seen = n
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
@@ -175,7 +261,13 @@ def _count_restarts(s: PolicyState, obs: Observation, now: float, cfg: Config) -
     if fresh and s.load_failures:
         # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try.
         s = replace(s, load_failures=0, next_load_at=None, last_load_error="")
-    return s
+    if fresh and s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
+        s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+    # Config, folder or process changed: such a failure may not hold any more.
+    holding = tuple(p for p in s.permanent if _load_mark(obs, cfg, p.model) == p.mark)
+    if holding != s.permanent:
+        s = replace(s, permanent=holding)
+    return s, notes
 
 
 # --- 2. track ----------------------------------------------------------------------------------
@@ -183,8 +275,17 @@ def _count_restarts(s: PolicyState, obs: Observation, now: float, cfg: Config) -
 
 def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> PolicyState:
     health, t = obs.health, cfg.tabbyapi
+    s = replace(s, observed_at=now)
     if obs.canary is not None:
         s = replace(s, last_canary_at=now)
+        verdict = _CANARY_VERDICTS.get(obs.canary.result.outcome)
+        if "No models" in obs.canary.result.detail:
+            verdict = None  # the model went away meanwhile: no word on generation
+        if verdict is not None:  # withheld, refused, our own failure: no word on generation
+            s = replace(s, canary_verdict=verdict, canary_detail=obs.canary.result.detail)
+    if obs.host.libraries_checked:
+        missing = obs.host.missing_libraries or ()  # unknown never blocks a restart
+        s = replace(s, missing_libraries=tuple(missing), libraries_checked_at=now)
     if obs.model is not None and obs.model.loaded:
         s = replace(s, next_load_at=None, last_load_error="")
         if obs.model.loaded == cfg.model.name:
@@ -199,14 +300,29 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             last_failure="",
             slow_streak=s.slow_streak + 1 if slow else 0,
             healthy_since=s.healthy_since if s.healthy_since is not None else now,
+            trouble_since=None,
             fallback_route_checked=False,
             fallback_route_ok=None,
             fallback_route_detail="",
         )
-    s = replace(s, healthy_since=None, slow_streak=0)
+    s = replace(
+        s,
+        healthy_since=None,
+        slow_streak=0,
+        trouble_since=s.trouble_since if s.trouble_since is not None else now,
+    )
     if starting(s, obs, now, cfg):
         return replace(s, failures=0, last_failure="")
     return replace(s, failures=s.failures + 1, last_failure=_health_text(obs))
+
+
+_CANARY_VERDICTS = {
+    Outcome.OK: CanaryVerdict.OK,
+    Outcome.TIMEOUT: CanaryVerdict.STALLED,
+    # an error answer (HTTP 500, an error body) serves no completion either
+    Outcome.HTTP_ERROR: CanaryVerdict.FAILED,
+    Outcome.BAD_BODY: CanaryVerdict.FAILED,
+}
 
 
 def _health_text(obs: Observation) -> str:
@@ -251,8 +367,10 @@ def _stay(phase: Phase, *, cleanup: bool = True) -> Callable[[Situation], Plan]:
 
 
 def _keep(sit: Situation) -> Plan:
-    """Not enough evidence to change anything: the phase stays, orphans are still cleaned."""
-    return sit.s, list(sit.cleanup), []
+    """Not enough evidence to change anything: the phase stays, orphans are still cleaned. A
+    pause that has ended is not kept: nothing is known yet, and nothing is paused."""
+    s = sit.s if sit.s.phase is not Phase.PAUSED else _enter(sit.s, Phase.UNKNOWN, sit.now)
+    return s, list(sit.cleanup), []
 
 
 def backoff_delay(step: int, cfg: Config) -> float:
@@ -408,9 +526,12 @@ def _backoff(sit: Situation) -> Plan:
         s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
         return s, cleanup + start, notes
 
-    # An attempt was made: starting inside the grace is fine, anything else failed the step.
+    # An attempt was made: starting inside the grace is fine, anything else failed the step
+    # (completions still failing on the new process too).
     if starting(s, sit.obs, now, cfg) or (
-        sit.unit_up and s.failures < cfg.tabbyapi.failures_before_down
+        sit.unit_up
+        and s.failures < cfg.tabbyapi.failures_before_down
+        and not _completions_fail(sit)
     ):
         return _enter(s, Phase.RECOVERING, now), cleanup, notes
     s2, actions, more = _enter_loop(sit, s, cleanup)
@@ -418,10 +539,7 @@ def _backoff(sit: Situation) -> Plan:
 
 
 def _generation_hang(sit: Situation) -> Plan:
-    evidence = (
-        f"/health 200 but a 1-token completion missed its {dur(sit.cfg.tabbyapi.canary_deadline)} "
-        "deadline: generation hang (tabbyAPI#428)"
-    )
+    evidence = say.completions_stalled(sit.s, sit.cfg).message
     return _restart_or_loop(sit, sit.s, Rule.GENERATION_HANG, evidence, list(sit.cleanup))
 
 
@@ -437,8 +555,13 @@ def _no_model(sit: Situation) -> Plan:
         return _enter(s, Phase.NO_MODEL, now), cleanup, []
 
     free = vram_free(obs.gpus, cfg.gpu.device)
-    main_usable = host.model is None or host.model.usable
-    fallback_usable = bool(m.fallback) and (host.fallback is None or host.fallback.usable)
+    main_failed = s.permanent_failure(m.name)
+    main_usable = (host.model is None or host.model.usable) and main_failed is None
+    fallback_usable = (
+        bool(m.fallback)
+        and (host.fallback is None or host.fallback.usable)
+        and s.permanent_failure(m.fallback) is None
+    )
     want_fallback = fallback_usable and (
         s.escalated or s.load_failures >= m.max_load_attempts or not main_usable
     )
@@ -460,10 +583,17 @@ def _no_model(sit: Situation) -> Plan:
         rule = Rule.FALLBACK_MODEL if is_fallback else Rule.NO_MODEL
         why = "healthy but no model loaded"
         if is_fallback:
+            blocker = (
+                "it cannot succeed: " + main_failed.detail[:120]
+                if main_failed is not None
+                else "escalated"
+                if s.escalated
+                else f"{s.load_failures} failed loads"
+            )
+            unusable = not main_usable and main_failed is None
             why = (
-                f"fallback: {m.name} cannot be loaded now "
-                f"({'escalated' if s.escalated else f'{s.load_failures} failed loads'}"
-                f"{'' if main_usable else ', model folder unusable'})"
+                f"fallback: {m.name} cannot be loaded now ({blocker}"
+                f"{', model folder unusable' if unusable else ''})"
             )
         vram = (
             f"; VRAM {free / GIB:.1f} GiB free, needs {need / GIB:.1f} GiB"
@@ -476,6 +606,7 @@ def _no_model(sit: Situation) -> Plan:
             load_started=now,
             next_load_at=now + backoff_delay(s.load_failures + 1, cfg),
             using_fallback=is_fallback,
+            main_retry_at=now + cfg.restart_loop.backoff_max if is_fallback else None,
         )
         load = LoadModel(name, need, Reason(rule, why + vram))
         return _enter(s, Phase.LOADING, now), [*cleanup, load], notes
@@ -550,14 +681,67 @@ def _down(sit: Situation) -> Plan:
     return _restart_or_loop(sit, s, Rule.DOWN, _down_evidence(sit), list(sit.cleanup))
 
 
-def _canary_timed_out(sit: Situation) -> bool:
-    canary = sit.obs.canary
-    return canary is not None and canary.result.outcome is Outcome.TIMEOUT
+def _completions_fail(sit: Situation) -> bool:
+    """The last canary's verdict, which stands until a newer canary replaces it."""
+    return sit.s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED)
 
 
 def _model_missing(sit: Situation) -> bool:
     model = sit.obs.model
     return model is not None and model.known and model.loaded is None and bool(sit.cfg.model.name)
+
+
+def _key_rejected(sit: Situation) -> bool:
+    model = sit.obs.model
+    return model is not None and model.result.outcome is Outcome.UNAUTHORIZED
+
+
+def _serving_fallback(sit: Situation) -> bool:
+    model, m = sit.obs.model, sit.cfg.model
+    return model is not None and bool(m.fallback) and model.loaded == m.fallback != m.name
+
+
+def _libraries_checked(sit: Situation) -> bool:
+    """A library check ran in this episode of trouble: a restart never comes before it (a
+    missing library would only turn the restart into a loop)."""
+    checked, since = sit.s.libraries_checked_at, sit.s.trouble_since
+    return checked is not None and (since is None or checked >= since)
+
+
+def _main_retry_due(sit: Situation) -> bool:
+    s, cfg, host = sit.s, sit.cfg, sit.obs.host
+    main_usable = host.model is None or host.model.usable
+    failed = s.permanent_failure(cfg.model.name) is not None
+    if not main_usable or failed or s.load_in_flight or s.escalated:
+        return False
+    # What made the fallback necessary has cleared (a fresh process, a fixed folder), or the
+    # slow timer says: try the main model again.
+    cleared = s.load_failures < cfg.model.max_load_attempts
+    due = s.main_retry_at is not None and sit.now >= s.main_retry_at
+    return cleared or due
+
+
+def _fallback_serving(sit: Situation) -> Plan:
+    """Serving, but the fallback: degraded (WARNING), never "recovered"; the main model is
+    tried again when its blocker clears, or hourly (restart_loop.backoff_max)."""
+    s, cfg, now = sit.s, sit.cfg, sit.now
+    if s.main_retry_at is None:
+        s = replace(s, main_retry_at=now + cfg.restart_loop.backoff_max)
+    if not _main_retry_due(replace(sit, s=s)):
+        return _enter(s, Phase.DEGRADED, now), list(sit.cleanup), []
+    name = cfg.model.name
+    need = vram_needed(cfg, sit.obs.host.model, fallback=False)
+    s = replace(
+        s,
+        load_in_flight=name,
+        load_started=now,
+        next_load_at=now + backoff_delay(s.load_failures + 1, cfg),
+        using_fallback=False,
+        main_retry_at=now + cfg.restart_loop.backoff_max,
+    )
+    why = f"serving the fallback {cfg.model.fallback}: trying {name} again (it replaces it)"
+    load = LoadModel(name, need, Reason(Rule.FALLBACK_MODEL, why))
+    return _enter(s, Phase.LOADING, now), [*sit.cleanup, load], []
 
 
 def _model_unknown(sit: Situation) -> bool:
@@ -606,7 +790,7 @@ PLAN: tuple[PlanRule, ...] = (
         "backoff",
         LOOP,
         (Rule.RESTART_LOOP, Rule.BACKOFF_ATTEMPT, Rule.ESCALATION),
-        lambda x: x.s.backoff_step > 0 and not x.healthy,
+        lambda x: x.s.backoff_step > 0 and (not x.healthy or _completions_fail(x)),
         _backoff,
     ),
     # TabbyAPI answers /health.
@@ -614,7 +798,7 @@ PLAN: tuple[PlanRule, ...] = (
         "generation_hang",
         SLOW,
         (Rule.GENERATION_HANG,),
-        lambda x: x.healthy and _canary_timed_out(x),
+        lambda x: x.healthy and _completions_fail(x),
         _generation_hang,
         settles=True,
     ),
@@ -632,6 +816,30 @@ PLAN: tuple[PlanRule, ...] = (
         (),
         lambda x: x.healthy and bool(x.s.load_in_flight),
         _stay(Phase.LOADING),
+        settles=True,
+    ),
+    PlanRule(
+        "key_rejected",
+        NO_MODEL,
+        (Rule.ADMIN_KEY_REJECTED,),
+        lambda x: x.healthy and _key_rejected(x),
+        _stay(Phase.BLOCKED),
+        settles=True,
+    ),
+    PlanRule(
+        "unverified",
+        SLOW,
+        (Rule.GENERATION_HANG,),
+        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
+        _stay(Phase.RECOVERING),
+        settles=True,
+    ),
+    PlanRule(
+        "fallback_serving",
+        NO_MODEL,
+        (Rule.FALLBACK_MODEL,),
+        lambda x: x.healthy and _serving_fallback(x),
+        _fallback_serving,
         settles=True,
     ),
     PlanRule(
@@ -687,6 +895,13 @@ PLAN: tuple[PlanRule, ...] = (
         (),
         lambda x: not x.unit_down and x.s.failures < x.cfg.tabbyapi.failures_before_down,
         _keep,
+    ),
+    PlanRule(
+        "check_libraries_first",
+        "Library path issues after a NixOS rebuild",
+        (Rule.MISSING_LIBRARIES,),
+        lambda x: bool(x.cfg.tabbyapi.venv) and not _libraries_checked(x),
+        _stay(Phase.DOWN),
     ),
     PlanRule(
         "restart_loop",
@@ -776,7 +991,9 @@ def _wants(s: PolicyState, obs: Observation, now: float, cfg: Config) -> frozens
         slow = s.slow_streak >= t.slow_probes and (
             since_canary is None or since_canary >= t.slow_probes * cfg.watchdog.interval
         )
-        if due or slow:
+        # after a restart that followed a bad verdict, as soon as a model is loaded
+        unverified = s.canary_verdict is CanaryVerdict.UNVERIFIED
+        if due or slow or unverified:
             wants.add(Probe.CANARY)
     if obs.port is not None and any(lst.pid is None for lst in obs.port.listeners):
         wants.add(Probe.PORT_SCAN)

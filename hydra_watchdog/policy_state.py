@@ -30,6 +30,24 @@ class RestartRecord:
     by: RestartOrigin
 
 
+class CanaryVerdict(StrEnum):
+    """What the last 1-token completion said. It stands until a newer canary replaces it: a
+    hang seen once is not forgotten because the next cycle ran no canary."""
+
+    NONE = ""  # no canary yet
+    OK = "ok"
+    STALLED = "stalled"  # missed its deadline while /health was 200
+    FAILED = "failed"  # answered with an error (HTTP 500, an error body): no completions either
+    UNVERIFIED = "unverified"  # TabbyAPI was restarted after a bad verdict: a canary must pass
+
+
+@dataclass(frozen=True)
+class PermanentFailure:
+    model: str
+    detail: str  # TabbyAPI's words
+    mark: str  # what it depends on: the model config, the folder's mtime, TabbyAPI's process
+
+
 @dataclass(frozen=True)
 class PowerHold:
     """A power limit not to be set again before `until`: refused by the driver (retried
@@ -66,6 +84,11 @@ class PolicyState:
     last_failure: str = ""
     slow_streak: int = 0
     last_canary_at: float | None = None
+    canary_verdict: CanaryVerdict = CanaryVerdict.NONE
+    canary_detail: str = ""
+    observed_at: float | None = None  # the previous observation's time
+    trouble_since: float | None = None  # the first unhealthy observation of this episode
+    cause: str = ""  # what the last decision rests on (a finding, or its action's evidence)
     # restarts and the loop
     restarts: tuple[RestartRecord, ...] = ()  # those inside restart_loop.window
     nrestarts_seen: int | None = None  # last NRestarts, to count systemd's restarts by delta
@@ -83,6 +106,14 @@ class PolicyState:
     next_load_at: float | None = None
     using_fallback: bool = False
     last_load_error: str = ""
+    # loads that retrying cannot fix (HTTP 4xx, "no longer supported"...): not retried until
+    # what they depend on changes (config, model folder, TabbyAPI's process)
+    permanent: tuple[PermanentFailure, ...] = ()
+    main_retry_at: float | None = None  # on the fallback: when to try the main model again
+    # ExLlamaV2 libraries the last check found missing: remembered until a fresh check says fixed
+    missing_libraries: tuple[str, ...] = ()
+    libraries_checked_at: float | None = None
+    unkillable: tuple[int, ...] = ()  # orphans that survived SIGKILL (start ticks ignored: pid)
     # power limits that failed (no permission, invalid...): reported once, retried only after
     # POWER_RETRY_AFTER, never every cycle
     power_denied: tuple[PowerHold, ...] = ()
@@ -93,6 +124,9 @@ class PolicyState:
     fallback_route_detail: str = ""
     findings: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
+
+    def permanent_failure(self, model: str) -> PermanentFailure | None:
+        return next((p for p in self.permanent if p.model == model), None)
 
     def restarts_in_window(self, now: float, window: float, by: RestartOrigin | None = None) -> int:
         return sum(1 for r in self.restarts if now - r.at <= window and (by is None or r.by == by))

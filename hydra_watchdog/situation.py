@@ -25,7 +25,7 @@ from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin
 from hydra_watchdog.states import Rule
 
 # Causes a restart cannot fix and would only turn into a loop (or a port-hopping storm).
-BLOCKING_RULES = frozenset({Rule.FOREIGN_HOLDER, Rule.MISSING_LIBRARIES})
+BLOCKING_RULES = frozenset({Rule.FOREIGN_HOLDER, Rule.MISSING_LIBRARIES, Rule.UNKILLABLE_ORPHAN})
 
 
 def unit_up(unit: UnitStatus) -> bool:
@@ -128,7 +128,8 @@ class Situation:
 
     @cached_property
     def orphans_in_the_way(self) -> list[ProcessInfo]:
-        return orphans_in_the_way(self.obs)
+        """Those a kill can remove: one that survived SIGKILL is not tried again."""
+        return [p for p in orphans_in_the_way(self.obs) if p.pid not in self.s.unkillable]
 
     @cached_property
     def blocking(self) -> list[Finding]:

@@ -58,7 +58,7 @@ class Rule(StrEnum):
     DOWN = "tabbyapi_down"  # RUNBOOK: TabbyAPIDown
     STARTING = "tabbyapi_starting"  # refused inside startup_grace while the unit is active
     STICKY_UNHEALTHY = "sticky_unhealthy"  # /health 503 never clears: restart
-    GENERATION_HANG = "generation_hang"  # /health 200, canary missed its deadline (tabbyAPI#428)
+    GENERATION_HANG = "generation_hang"  # /health 200, completions stall or fail (the canary)
     NO_MODEL = "no_model"  # RUNBOOK: TabbyAPINoModel
     VRAM_CHECK = "vram_check"  # RUNBOOK: Before Loading Large Models
     LOAD_FAILED = "load_failed"
@@ -74,6 +74,8 @@ class Rule(StrEnum):
     MISSING_LIBRARIES = "missing_libraries"  # RUNBOOK: Library path issues after NixOS rebuild
     MODELS_MOUNT = "models_mount"  # RUNBOOK: Check /mnt/models mount is working
     FOREIGN_HOLDER = "foreign_holder"  # a non-TabbyAPI process in the way: report, never kill
+    ADMIN_KEY_REJECTED = "admin_key_rejected"  # TabbyAPI answers 401/403: loads are impossible
+    UNKILLABLE_ORPHAN = "unkillable_orphan"  # an orphan survived SIGKILL: restarts cannot help
     KEY_WITHHELD = "key_withheld"  # the port's listener is not verified as TabbyAPI: no key sent
     ESCALATION = "escalation"  # RUNBOOK: Escalation (unresolved for escalate_after)
     FALLBACK_ROUTE = "fallback_route"  # RUNBOOK: LiteLLM Fallback Verification

@@ -179,7 +179,12 @@ def host(**kw: Any) -> HostReport:
     fallback_dir = ModelDir(
         "F", "/mnt/models/F", exists=True, has_config=True, weight_files=1, size_bytes=4 * GIB
     )
-    values: dict[str, Any] = {"models_dir_ok": True, "model": model_dir, "fallback": fallback_dir}
+    values: dict[str, Any] = {
+        "models_dir_ok": True,
+        "model": model_dir,
+        "fallback": fallback_dir,
+        "libraries_checked": True,  # as the observer does in every unhealthy cycle
+    }
     values.update(kw)
     return HostReport(**values)
 

@@ -96,7 +96,9 @@ def test_a_hung_tabbyapi_never_overruns_the_cycle_deadline(
     # issue 4: a cycle never overruns interval + the longest deadline (observation's part)
     assert elapsed <= observer.deadline(wants) + 0.1
     assert obs.health.result.outcome is Outcome.TIMEOUT and not obs.health.healthy
-    assert obs.canary is not None and obs.canary.result.outcome is Outcome.TIMEOUT
+    # No model confirmed this cycle: no canary (on the exl2 build a completion sent with no
+    # model loaded leaks the load lock and hangs every completion after it).
+    assert obs.canary is None
     assert obs.gpus.devices  # the other probes still answered
 
 

@@ -383,6 +383,9 @@ def test_no_model_loads_once_and_waits_for_it() -> None:
         assert run.step(o) == ()
         assert run.state.phase is Phase.LOADING
     run.step(obs(30, results=(result(acts[0], at=29.5),)))
+    # Loaded, but nothing served yet: a canary first (issue "Say what is true", item 4).
+    assert run.state.phase is Phase.RECOVERING and Probe.CANARY in run.state.wants
+    run.step(obs(31, canary=canary(Outcome.OK)))
     assert run.state.phase is Phase.HEALTHY and run.state.load_failures == 0
     assert sum(isinstance(a, LoadModel) for a in run.actions) == 1
 

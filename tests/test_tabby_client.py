@@ -234,7 +234,9 @@ def test_load_timeout_is_the_only_deadline(
     sim = tabby_sim.start(flavor="modern", load_seconds=5.0, modules=5)
     outcome, took = timed(lambda: load(clients(sim.url), "m1", timeout=0.8))
     assert not outcome.ok and "load timeout (0.8 s)" in outcome.detail
-    assert 0.8 <= took <= 0.8 + SLACK
+    # Not cut short, and ended by that deadline rather than by the 5 s load finishing. (The
+    # 100 ms precision of the deadline is checked in the benchmarks, not under a loaded CI.)
+    assert 0.8 <= took < 4.0
 
 
 def test_second_concurrent_load_is_refused_by_the_client(
@@ -552,7 +554,9 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
         missing = {"type": "missing", "loc": ["body", "model_name"], "msg": "Field required"}
         raw.default = _reply(422, "application/json", json.dumps({"detail": [missing]}).encode())
         refused = load(client, "m1")
-        assert refused == LoadOutcome(False, "load refused: HTTP 422: model_name: Field required")
+        assert refused == LoadOutcome(
+            False, "load refused: HTTP 422: model_name: Field required", kind="permanent"
+        )
         raw.default = _reply(200, "application/json", b"{}")
         assert "not an event stream" in load(client, "m1").detail
     finally:

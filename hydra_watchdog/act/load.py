@@ -96,7 +96,7 @@ class ModelLoader:
         elif cancel.is_set():
             status, kind = ResultStatus.FAILED, "cancelled"
         else:
-            status, kind = ResultStatus.FAILED, "load_error"
+            status, kind = ResultStatus.FAILED, _FAILURE_KINDS.get(outcome.kind, "load_error")
         with self._lock:
             self._finished.append(ActionResult(action, status, outcome.detail, self._clock(), kind))
             self._progress = None
@@ -141,7 +141,9 @@ class ModelLoader:
             status, kind, detail = ResultStatus.OK, "", report.detail
         else:
             status, detail = ResultStatus.FAILED, report.detail
-            kind = "cancelled" if report.detail.startswith("cancelled") else "load_error"
+            kind = _FAILURE_KINDS.get(report.kind, "load_error")
+            if report.detail.startswith("cancelled"):
+                kind = "cancelled"
         helpers.forget()
         return (ActionResult(action, status, detail, self._clock(), kind),)
 
@@ -201,3 +203,7 @@ class ModelLoader:
             return True
         thread.join(wait)
         return not thread.is_alive()
+
+
+# LoadOutcome.kind -> ActionResult.error_kind: what the policy needs to know of a failed load.
+_FAILURE_KINDS = {"unauthorized": "unauthorized", "permanent": "load_permanent"}

@@ -80,6 +80,10 @@ def inspect_model(models_dir: str, name: str) -> ModelDir:
         )
     has_config = os.path.isfile(os.path.join(path, "config.json"))
     weights = sum(1 for e in entries if e.endswith(".safetensors"))
+    try:
+        mtime: float | None = os.stat(path).st_mtime
+    except OSError:
+        mtime = None
     problems = []
     if not has_config:
         problems.append("no config.json")
@@ -93,6 +97,7 @@ def inspect_model(models_dir: str, name: str) -> ModelDir:
         weight_files=weights,
         size_bytes=_tree_size(path),
         detail=", ".join(problems),
+        mtime=mtime,
     )
 
 
@@ -222,4 +227,5 @@ class HostProbe:
             fallback=fallback,
             missing_libraries=libs.missing if libs else None,
             libraries_detail=libs.detail if libs else "",
+            libraries_checked=libraries,
         )

@@ -213,6 +213,16 @@ def read_admin_key(path: str, environ: Mapping[str, str]) -> tuple[str | None, s
     return key, ""
 
 
+def admin_key_source(path: str, environ: Mapping[str, str]) -> str:
+    """Where the admin key comes from, for messages (never the key itself)."""
+    if path:
+        return f"the file {path}"
+    creds = environ.get("CREDENTIALS_DIRECTORY", "")
+    if creds and Path(creds, "admin_key").is_file():
+        return "the systemd credential 'admin_key'"
+    return ""
+
+
 class TabbyClient:
     """interfaces.TabbyApi over HTTP, plus list_models(). Safe to share between threads."""
 
@@ -226,6 +236,7 @@ class TabbyClient:
         request_timeout: float = 60.0,
         key_problem: str = "",
         on_unit: Callable[[UnitStatus], None] | None = None,
+        key_source: str = "",
     ) -> None:
         """`gate` is asked right before every request that would carry the key (and its URL is
         pinned to the address it verified); `on_unit` receives each cycle's unit status, which
@@ -236,6 +247,7 @@ class TabbyClient:
         self.health_timeout = health_timeout
         self.request_timeout = request_timeout
         self.key_problem = key_problem
+        self.key_source = key_source
         self.__key = admin_key or None
         self._load_lock = threading.Lock()
         # identity: httpx would inflate a compressed answer a whole read at a time, beyond any
@@ -269,6 +281,7 @@ class TabbyClient:
             gate=gate.check,
             key_problem=problem,
             on_unit=gate.set_unit,
+            key_source=admin_key_source(t.admin_key_file, os.environ),
         )
 
     def note_unit(self, unit: UnitStatus) -> None:
@@ -426,7 +439,11 @@ class TabbyClient:
                 ) as resp,
             ):
                 if resp.status_code != 200:
-                    return LoadOutcome(False, self._load_refusal(resp, started))
+                    code = resp.status_code
+                    kind = "unauthorized" if code in (401, 403) else ""
+                    if not kind and 400 <= code < 500:
+                        kind = "permanent"  # TabbyAPI refused this request as such
+                    return LoadOutcome(False, self._load_refusal(resp, started), kind=kind)
                 ctype = resp.headers.get("content-type", "")
                 if not ctype.startswith("text/event-stream"):
                     return LoadOutcome(
@@ -440,13 +457,13 @@ class TabbyClient:
                     for data in parser.feed(chunk):
                         error = progress.event(data)
                         if error is not None:
-                            return progress.outcome(False, self._scrub(error) or "load failed")
+                            return progress.failed(self._scrub(error) or "load failed")
                     if cancel.is_set():
                         raise _LoadCancelledError
                 for data in parser.end():
                     error = progress.event(data)
                     if error is not None:
-                        return progress.outcome(False, self._scrub(error) or "load failed")
+                        return progress.failed(self._scrub(error) or "load failed")
         except StreamMalformedError as exc:  # the `with` has closed the connection
             return progress.outcome(False, f"event stream malformed: {exc}")
         except _LoadCancelledError:
@@ -633,6 +650,8 @@ class TabbyClient:
                 detail += f" ({self.key_problem})"
             elif not self.__key:
                 detail += " (no admin key configured: set tabbyapi.admin_key_file)"
+            elif self.key_source:
+                detail += f" (the admin key read from {self.key_source} was rejected)"
             return _result(reply, Outcome.UNAUTHORIZED, self._scrub(detail))
         return _result(reply, Outcome.HTTP_ERROR, self._scrub(detail))
 
@@ -689,10 +708,30 @@ class _LoadProgress:
             self.callback_errors += 1
         return None
 
-    def outcome(self, ok: bool, detail: str) -> LoadOutcome:
+    def outcome(self, ok: bool, detail: str, kind: str = "") -> LoadOutcome:
         if self.callback_errors:
             detail += f" (the progress callback failed {self.callback_errors} times)"
-        return LoadOutcome(ok, detail, self.done, self.total)
+        return LoadOutcome(ok, detail, self.done, self.total, kind=kind)
+
+    def failed(self, error: str) -> LoadOutcome:
+        """TabbyAPI's own error event: permanent when its words say retrying cannot help."""
+        lowered = error.lower()
+        permanent = any(marker in lowered for marker in _PERMANENT_LOAD_ERRORS)
+        return self.outcome(False, error, "permanent" if permanent else "")
+
+
+# TabbyAPI's load errors that no retry of the same model can change (notes/tabbyapi.md):
+# "Models quantized with 'exl2' require the exllamav2 backend, which is no longer supported",
+# "Backend 'exllamav2' selected, but required dependencies are not installed", a folder without
+# config.json or weights. OOM, "Insufficient VRAM" and disconnects are transient.
+_PERMANENT_LOAD_ERRORS = (
+    "no longer supported",
+    "not installed",
+    "could not find",
+    "no such file",
+    "does not exist",
+    "config.json",
+)
 
 
 _LINE_END = re.compile(r"\r\n|\r|\n")

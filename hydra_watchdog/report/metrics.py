@@ -26,7 +26,7 @@ from hydra_watchdog.observation import Outcome
 from hydra_watchdog.policy_state import RestartOrigin
 from hydra_watchdog.report.exporter import PageServer
 from hydra_watchdog.report.status import StatusReport
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Rule
 
 PREFIX = "hydra_watchdog"
 RESTART_SOURCES = tuple(RestartOrigin)
@@ -118,6 +118,17 @@ class _ReportCollector:
                 "VRAM the wanted model needs, summed over the GPUs.",
                 value=float(report.model.vram_needed_bytes),
             )
+        findings = GaugeMetricFamily(
+            f"{PREFIX}_findings",
+            "Findings (causes) in force, by rule; every rule is present, 0 when clear "
+            '(e.g. rule="admin_key_rejected": TabbyAPI refuses the admin key).',
+            labels=["rule"],
+        )
+        for rule in Rule:
+            if rule is not Rule.RECOVERED:
+                count = sum(1 for f in report.findings if f.rule == rule.value)
+                findings.add_metric([rule.value], float(count))
+        yield findings
         b = report.backoff
         remaining = 0.0
         if b.step and b.next_attempt_at is not None:

@@ -190,6 +190,9 @@ class Node:
         self.loading = 0
         self.issues: list[dict[str, str]] = []
         self.created = int(time.time())
+        # exl2 build: a completion sent while no model is loaded takes its load lock and never
+        # gives it back; every completion after that hangs until the process restarts.
+        self.lock_leaked = False
         self._log_lock = threading.Lock()
 
     def faults(self) -> Faults:
@@ -608,10 +611,13 @@ class _Handler(BaseHTTPRequestHandler):
     def _generation_guard(self) -> bool:
         if not self._api_ok():
             return False
-        if self.server.node.loaded is None:
+        node = self.server.node
+        if node.loaded is None:
+            if not node.opts.modern:
+                node.lock_leaked = True  # observed on the real exl2 build (notes/tabbyapi.md)
             self._no_model()
             return False
-        if self._faults.generation_hang:
+        if self._faults.generation_hang or node.lock_leaked:
             self._wait_for_disconnect()  # tabbyAPI#428: never answers
             self.close_connection = True
             return False

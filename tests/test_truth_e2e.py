@@ -1,0 +1,119 @@
+"""What the daemon says, end to end against the TabbyAPI simulator with the real server's
+behaviours (notes/tabbyapi.md): a stale admin key, a load that can never succeed, the exl2
+build's load-lock leak. The daemon runs as a subprocess with the demo's stand-in unit."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import pytest
+
+from hydra_watchdog.events import EventKind
+from hydra_watchdog.report.status import from_json
+from hydra_watchdog.sim.tabby_server import write_control
+from hydra_watchdog.states import Phase
+from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
+from tests.harness.tabby import API_KEY, wait_for
+from tests.test_daemon import WAIT, Daemons, Node
+
+
+@pytest.fixture
+def sim_node(tmp_path: Path, nvml_sim: NvmlSim) -> Node:  # noqa: F811
+    n = Node(tmp_path, nvml_sim)
+    n.write_config()
+    return n
+
+
+@pytest.fixture
+def runner() -> Iterator[Daemons]:
+    d = Daemons()
+    yield d
+    d.cleanup()
+
+
+def _findings(node: Node) -> list[tuple[str, str]]:
+    report = from_json((node.runtime_dir / "status.json").read_bytes())
+    return [(f.rule, f.message) for f in report.findings]
+
+
+def _status_exit(node: Node) -> int:
+    out = subprocess.run(
+        [sys.executable, "-m", "hydra_watchdog", "status", "--config", str(node.config)],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    return out.returncode
+
+
+def test_a_stale_admin_key_is_named_and_no_load_is_tried(sim_node: Node, runner: Daemons) -> None:
+    sim_node.key_file.write_text("a-stale-key-from-last-month\n")
+    runner.start(sim_node)
+    wait_for(lambda: sim_node.phase() is Phase.BLOCKED, WAIT, "the rejected key to block")
+    _, message = next(f for f in _findings(sim_node) if f[0] == "admin_key_rejected")
+    assert f"the file {sim_node.key_file}" in message and "loads are impossible" in message
+    assert "a-stale-key" not in message
+    assert EventKind.ADMIN_KEY_REJECTED in sim_node.kinds()
+    assert sim_node.loads() == []  # the 401 on /v1/model: a load could only fail the same way
+    assert _status_exit(sim_node) == 2
+
+
+def test_a_permanent_load_error_is_tried_once_per_model(sim_node: Node, runner: Daemons) -> None:
+    words = (
+        "Models quantized with 'exl2' require the exllamav2 backend, which is no longer supported"
+    )
+    write_control(sim_node.control, load_error=words)
+    sim_node.write_config(model={"name": "m1", "fallback": "m2", "max_load_attempts": 5})
+    runner.start(sim_node)
+    wait_for(lambda: len(sim_node.loads()) >= 2, WAIT, "the main and the fallback load")
+    time.sleep(3.0)  # ~15 more cycles: nothing is retried
+    assert [r["model"] for r in sim_node.loads()] == ["m1", "m2"]
+    crit = [m for r, m in _findings(sim_node) if r == "load_failed" and "no longer supported" in m]
+    assert crit and "not retried until" in crit[0]
+    failed = [e for e in sim_node.events() if e.kind is EventKind.LOAD_FAILED]
+    assert len(failed) == 2 and all("no longer supported" in e.message for e in failed)
+
+
+def test_the_load_lock_leak_is_seen_restarted_and_verified(sim_node: Node, runner: Daemons) -> None:
+    sim_node.write_config(tabbyapi={"canary_interval": "1s", "canary_deadline": "1s"})
+    runner.start(sim_node)
+    wait_for(lambda: sim_node.phase() is Phase.HEALTHY, WAIT, "the model to be loaded")
+    # A client sends a completion while no model is loaded (a router during an outage): the
+    # exl2 build leaks its load lock, and every completion hangs from then on.
+    unload = httpx.post(
+        f"http://127.0.0.1:{sim_node.port}/v1/model/unload",
+        headers={"Authorization": f"Bearer {sim_node.key_file.read_text().strip()}"},
+        timeout=10,
+    )
+    assert unload.status_code == 200
+    leak = httpx.post(
+        f"http://127.0.0.1:{sim_node.port}/v1/completions",
+        json={"prompt": "Hi", "max_tokens": 1},
+        headers={"Authorization": f"Bearer {API_KEY}"},
+        timeout=10,
+    )
+    assert leak.status_code in (400, 503)  # "no model": 503, or 400 on builds before 2025-04
+    wait_for(lambda: EventKind.GENERATION_HANG in sim_node.kinds(), WAIT, "the stall to be seen")
+    hang = next(e for e in sim_node.events() if e.kind is EventKind.GENERATION_HANG)
+    assert "completions stalled while /health is 200" in hang.message
+
+    def recovered_after_the_hang() -> bool:
+        kinds = sim_node.kinds()
+        hung = kinds.index(EventKind.GENERATION_HANG)
+        return EventKind.RECOVERED in kinds[hung:]
+
+    wait_for(recovered_after_the_hang, WAIT, "a verified recovery after the hang")
+    events = sim_node.events()
+    hung = next(i for i, e in enumerate(events) if e.kind is EventKind.GENERATION_HANG)
+    after = events[hung:]
+    restarts = [i for i, e in enumerate(after) if e.action == "restart_unit"]
+    recovered = [i for i, e in enumerate(after) if e.kind is EventKind.RECOVERED]
+    # restarted once, and called recovered only after that (a passing canary came in between)
+    assert len(restarts) == 1 and restarts[0] < recovered[0]
+    assert sim_node.phase() is Phase.HEALTHY
