@@ -23,7 +23,8 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.situation import in_unit, port_holders, unit_up
+from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
+from hydra_watchdog.situation import in_unit, port_holders, tabby_runs, unit_up
 from hydra_watchdog.states import Rule, Severity
 from hydra_watchdog.vram import GIB
 
@@ -66,13 +67,44 @@ def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 
 def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    if obs.host.missing_libraries:
+    # While TabbyAPI's process runs it has its libraries: that is restart_will_fail's case.
+    if obs.host.missing_libraries and not tabby_runs(obs):
         yield Finding(
             Rule.MISSING_LIBRARIES,
             Severity.CRIT,
             "TabbyAPI's ExLlamaV2 extension cannot load: "
             f"{', '.join(obs.host.missing_libraries)} not found (a NixOS rebuild changed library "
             f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until fixed",
+        )
+
+
+def restart_will_fail(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if s.will_fail and tabby_runs(obs):
+        switch = s.last_switch
+        after = f" since the switch {switch_label(switch)}" if switch is not None else ""
+        yield Finding(
+            Rule.RESTART_WILL_FAIL,
+            Severity.WARNING,
+            "TabbyAPI runs on the libraries it loaded before, but a restart would fail: its "
+            f"ExLlamaV2 extension cannot find {', '.join(s.will_fail)}{after}; rebuild the "
+            f"venv {cfg.tabbyapi.venv or '(tabbyapi.venv)'} (runbook: Library path issues after "
+            "NixOS rebuild) and check with `hydra-watchdog verify`; until then TabbyAPI is not "
+            "restarted unless its process is gone",
+        )
+
+
+def what_changed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    """The runbook's "review recent changes" as evidence: a switch shortly before an outage."""
+    if obs.health.healthy:
+        return
+    found = switch_before_trouble(s, cfg.restart_loop.escalate_after)
+    if found is not None:
+        switch, before = found
+        yield Finding(
+            Rule.SYSTEM_SWITCHED,
+            Severity.WARNING,
+            f"what changed: the NixOS system switched {switch_label(switch)} {ago(before)} "
+            "before the first failure (review that rebuild's changes)",
         )
 
 
@@ -243,11 +275,13 @@ FINDERS: tuple[Finder, ...] = (
     watchdog_impaired,
     models_mount,
     missing_libraries,
+    restart_will_fail,
     port_owners,
     key_withheld,
     moved_port,
     orphans,
     unit_state,
+    what_changed,
     journal,
     gpus,
     slow_health,
@@ -289,6 +323,16 @@ def _gpu_pressure(g: GpuSnapshot) -> str:
 
 
 # --- the plan's notes ---------------------------------------------------------------------------
+
+
+def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
+    return Finding(
+        Rule.RESTART_WILL_FAIL,
+        Severity.ERR,
+        f"{trigger}: not restarting, a restart would fail ({', '.join(libraries)} not found) "
+        "and TabbyAPI's process still runs; rebuild the venv, then restart it by hand",
+        subject="deferred",
+    )
 
 
 def paused(reason: str, until_in: float | None) -> Finding:

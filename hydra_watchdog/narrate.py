@@ -27,6 +27,7 @@ from hydra_watchdog.config import Config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.rebuild import checks_after_switch, switch_label
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 
 PROGRESS_STEP = 25  # percent
@@ -155,6 +156,23 @@ def narrate(
         fields: tuple[tuple[str, str], ...] = (),
     ) -> None:
         events.append(Event(wall, kind, severity, message, phase, rule, "", reason, unit, fields))
+
+    switch = new.last_switch
+    if switch is not None and switch != prev.last_switch:
+        found = checks_after_switch(new, obs)
+        generation = switch.to_generation
+        add(
+            EventKind.SYSTEM_SWITCHED,
+            Severity.WARNING if new.will_fail else Severity.NOTICE,
+            f"NixOS system switched {switch_label(switch)}: {found}",
+            rule=Rule.SYSTEM_SWITCHED,
+            reason=found,
+            fields=(
+                ("HYDRA_SYSTEM_FROM", switch.from_target),
+                ("HYDRA_SYSTEM_TO", switch.to_target),
+                *((("HYDRA_GENERATION", str(generation)),) if generation is not None else ()),
+            ),
+        )
 
     fresh = _fresh_findings(prev.findings, new.findings)
     for finding in fresh:

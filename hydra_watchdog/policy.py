@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hydra_watchdog import findings as say
+from hydra_watchdog import rebuild
 from hydra_watchdog.actions import (
     Action,
     ActionResult,
@@ -79,6 +80,7 @@ def decide(
     """One step of the runbook. Pure: same inputs, same outputs; `config.watchdog.dry_run` is
     deliberately never read here, so a dry run decides exactly as a real one."""
     s = _absorb_results(state, obs, now, config)
+    s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the invocation
     s = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
     findings = diagnose(s, obs, config)
@@ -550,6 +552,33 @@ def _down(sit: Situation) -> Plan:
     return _restart_or_loop(sit, s, Rule.DOWN, _down_evidence(sit), list(sit.cleanup))
 
 
+def _restart_trigger(sit: Situation) -> str:
+    """What would restart the running TabbyAPI this cycle ("" : nothing)."""
+    if sit.healthy:
+        return "generation hang (canary timed out)" if _canary_timed_out(sit) else ""
+    if sit.orphans_on_port and sit.cleanup:
+        return f"orphan pid {sit.orphans_on_port[0].pid} on port {sit.cfg.tabbyapi.port}"
+    if sit.starting or sit.unit.active_state == ActiveState.DEACTIVATING:
+        return ""
+    if sit.obs.health.sticky_unhealthy:
+        return "/health 503 unhealthy (sticky until restart)"
+    if sit.s.failures >= sit.cfg.tabbyapi.failures_before_down:
+        return f"unreachable for {sit.s.failures} probes ({sit.s.last_failure})"
+    return ""
+
+
+def _restart_will_fail(sit: Situation) -> Plan:
+    """A restart would fail (the extension misses libraries since a NixOS switch) while the
+    running TabbyAPI still has them mapped: a hang, a 503 or an unreachable port is not worth
+    trading a live process for one that cannot start. Only a real outage (the process gone:
+    this rule no longer holds) is remediated, and then the fresh library check blocks a start
+    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process)."""
+    trigger = _restart_trigger(sit)
+    notes = [say.restart_deferred(trigger, sit.will_fail)] if trigger else []
+    phase = Phase.DEGRADED if sit.healthy else Phase.DOWN
+    return _enter(sit.s, phase, sit.now), list(sit.cleanup), notes
+
+
 def _canary_timed_out(sit: Situation) -> bool:
     canary = sit.obs.canary
     return canary is not None and canary.result.outcome is Outcome.TIMEOUT
@@ -594,6 +623,18 @@ PLAN: tuple[PlanRule, ...] = (
         (Rule.FOREIGN_HOLDER,),
         lambda x: x.foreign_on_port,
         _stay(Phase.BLOCKED),
+    ),
+    # The running TabbyAPI is the last one that works until the venv is rebuilt: no restart for
+    # anything short of its process being gone. A model load is no restart: those go on.
+    PlanRule(
+        "restart_will_fail",
+        "Library path issues after a NixOS rebuild",
+        (Rule.RESTART_WILL_FAIL, Rule.SYSTEM_SWITCHED),
+        lambda x: (
+            bool(x.will_fail)
+            and not (x.healthy and (_model_missing(x) or bool(x.s.load_in_flight)))
+        ),
+        _restart_will_fail,
     ),
     PlanRule(
         "orphan_on_port",
@@ -787,6 +828,8 @@ def _wants(s: PolicyState, obs: Observation, now: float, cfg: Config) -> frozens
         Phase.BLOCKED,
         Phase.RECOVERING,
     )
+    if s.will_fail and t.venv:
+        wants.add(Probe.LIBRARIES)  # re-checked each cycle: it clears once the venv is rebuilt
     if troubled:
         if t.venv:
             wants.add(Probe.LIBRARIES)

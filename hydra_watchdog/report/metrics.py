@@ -26,7 +26,7 @@ from hydra_watchdog.observation import Outcome
 from hydra_watchdog.policy_state import RestartOrigin
 from hydra_watchdog.report.exporter import PageServer
 from hydra_watchdog.report.status import StatusReport
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Rule
 
 PREFIX = "hydra_watchdog"
 RESTART_SOURCES = tuple(RestartOrigin)
@@ -118,6 +118,12 @@ class _ReportCollector:
                 "VRAM the wanted model needs, summed over the GPUs.",
                 value=float(report.model.vram_needed_bytes),
             )
+        yield GaugeMetricFamily(
+            f"{PREFIX}_restart_will_fail",
+            "1 while TabbyAPI runs but its extension misses libraries (after a NixOS rebuild): "
+            "the next restart would fail until the venv is rebuilt.",
+            value=1.0 if any(f.rule == Rule.RESTART_WILL_FAIL for f in report.findings) else 0.0,
+        )
         b = report.backoff
         remaining = 0.0
         if b.step and b.next_attempt_at is not None:
