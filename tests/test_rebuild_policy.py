@@ -76,7 +76,9 @@ def test_a_real_outage_is_acted_on_and_a_fresh_check_decides() -> None:
     assert any(f.rule is Rule.MISSING_LIBRARIES for f in run.state.findings)
     assert not any(f.rule is Rule.RESTART_WILL_FAIL for f in run.state.findings)
     # Fixed venv: the start goes ahead.
-    acts = run.step(obs(6, system=NEW, health=refused(), unit=down, host=host(missing_libraries=())))
+    acts = run.step(
+        obs(6, system=NEW, health=refused(), unit=down, host=host(missing_libraries=()))
+    )
     assert [a.verb for a in acts if isinstance(a, UnitCommand)] == [
         UnitVerb.RESET_FAILED,
         UnitVerb.START,
