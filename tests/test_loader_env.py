@@ -132,7 +132,8 @@ def test_without_a_unit_the_verified_listeners_environment_is_used(
 def test_only_the_loaders_variables_are_kept() -> None:
     raw = f"A=1\0LD_LIBRARY_PATH=/x:/y\0TABBY_ADMIN_KEY={SECRET}\0".encode()
     assert parse_environ(raw) == (("LD_LIBRARY_PATH", "/x:/y"),)
-    assert parse_environ(open(f"/proc/{os.getpid()}/environ", "rb").read()) == tuple(
+    ours = Path(f"/proc/{os.getpid()}/environ").read_bytes()
+    assert parse_environ(ours) == tuple(
         (k, v) for k, v in os.environ.items() if k == "LD_LIBRARY_PATH"
     )
 
