@@ -67,8 +67,8 @@ def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 
 def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    # While TabbyAPI's process runs it has its libraries: that is restart_will_fail's case.
-    if obs.host.missing_libraries and not tabby_runs(obs):
+    # A running TabbyAPI that has them mapped already is restart_will_fail's case.
+    if obs.host.missing_libraries and not (s.will_fail and tabby_runs(obs)):
         yield Finding(
             Rule.MISSING_LIBRARIES,
             Severity.CRIT,

@@ -185,6 +185,9 @@ def narrate(
             unit=tabby_unit,
         )
 
+    # A NixOS switch shortly before the outage: said in the loop and escalation records too.
+    changed = next((f.message for f in new.findings if f.rule is Rule.SYSTEM_SWITCHED), "")
+    also = f"; {changed}" if changed else ""
     cause = fresh[0] if fresh else (new.findings[0] if new.findings else None)
     rule: Rule | None = cause.rule if cause else (actions[0].reason.rule if actions else None)
     evidence = cause.message if cause else (new.last_failure or "")
@@ -221,7 +224,7 @@ def narrate(
                 EventKind.RESTART_LOOP,
                 Severity.CRIT,
                 f"restart loop: {new.restarts_in_window(obs.at, window)} restarts within "
-                f"{window:g}s; unit stopped, back-off step {new.backoff_step}",
+                f"{window:g}s; unit stopped, back-off step {new.backoff_step}{also}",
                 rule=Rule.RESTART_LOOP,
                 reason=evidence,
                 unit=tabby_unit,
@@ -244,7 +247,7 @@ def narrate(
             EventKind.ESCALATED,
             Severity.CRIT,
             f"escalated: unresolved for over {config.restart_loop.escalate_after:g}s; "
-            "a human is needed",
+            f"a human is needed{also}",
             rule=Rule.ESCALATION,
             reason=evidence,
             unit=tabby_unit,

@@ -4,9 +4,9 @@ Pure, like the policy that calls `track` once per cycle (before restarts are cou
 unit's previous invocation is still known):
 
 * a new target of the system link is a `SystemSwitch` (old -> new, with generations);
-* a library check that finds missing libraries while TabbyAPI's process still runs means the
-  running process has its libraries mapped from before the switch, but the next start will not:
-  `will_fail` holds them until a check finds none, or the process is gone or replaced;
+* a library check that finds missing libraries while TabbyAPI's process runs and has served
+  means that process has its libraries mapped from before the switch, but the next start will
+  not: `will_fail` holds them until a check finds none, or the process is gone or replaced;
 * the first failed probe of an outage is remembered, to say how long after a switch it came.
 """
 
@@ -49,9 +49,14 @@ def _track_libraries(s: PolicyState, obs: Observation) -> PolicyState:
         # Replaced: the new process started with today's libraries, so they resolve.
         return replace(s, will_fail=()) if s.will_fail else s
     missing = obs.host.missing_libraries
-    if missing is not None and missing != s.will_fail:
-        return replace(s, will_fail=missing)
-    return s
+    if missing is None or missing == s.will_fail:
+        return s
+    # Only a process that has served (its extension is loaded) keeps the old libraries: one
+    # that never answered, e.g. crash-looping on them, is the plain missing_libraries case.
+    served = obs.health.result.outcome in (Outcome.OK, Outcome.HTTP_ERROR)
+    if missing and not (served or s.will_fail):
+        return s
+    return replace(s, will_fail=missing)
 
 
 def switch_label(switch: SystemSwitch) -> str:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 from hydra_watchdog.actions import UnitCommand, UnitVerb
 from hydra_watchdog.durations import format_duration
 from hydra_watchdog.observation import SystemLink
@@ -103,3 +105,31 @@ def test_an_outage_long_after_a_switch_does_not_blame_it() -> None:
     run.step(obs(100, system=NEW))
     run.step(obs(100 + 3600, system=NEW, health=refused(), unit=unit("failed", "failed")))
     assert not any(f.rule is Rule.SYSTEM_SWITCHED for f in run.state.findings)
+
+
+def test_a_process_that_never_served_is_the_plain_missing_libraries_case() -> None:
+    run = Run()
+    starting_up = unit("activating", "start", enter=0.0)
+    run.step(obs(0, system=NEW, health=refused(), unit=starting_up, host=BROKEN))
+    assert run.state.will_fail == ()
+    finding = next(f for f in run.state.findings if f.rule is Rule.MISSING_LIBRARIES)
+    assert finding.severity is Severity.CRIT
+
+
+def test_the_restart_loop_record_says_what_changed() -> None:
+    from hydra_watchdog.events import EventKind
+    from hydra_watchdog.narrate import narrate
+
+    cfg = config(restart_loop={"max_restarts": 1, "window": "10m"})
+    run = Run(cfg=cfg)
+    run.step(obs(0, system=OLD))
+    run.step(obs(10, system=NEW))
+    crashed = unit("activating", "auto-restart", n=0)
+    records = []
+    for t, n in ((20, 1), (21, 2), (22, 3)):
+        prev = run.state
+        o = obs(t, system=NEW, health=refused(), unit=dataclasses.replace(crashed, n_restarts=n))
+        actions = run.step(o)
+        records += narrate(prev, run.state, actions, (), o, config=cfg, wall=float(t))
+    loop = next(e for e in records if e.kind is EventKind.RESTART_LOOP)
+    assert "generation 41 -> generation 42" in loop.message, loop.message
