@@ -251,7 +251,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
     cfg = _config(args)
     adapters = build_adapters(cfg)
     checks: list[tuple[str, bool, str]] = []
-    host = adapters.host.check(libraries=True)
+    # ldd in TabbyAPI's environment: its running process's, else its unit's
+    host = adapters.host.check(libraries=True, unit=adapters.units.status())
     libs = host.missing_libraries
     if libs is None:
         # not checkable (no venv configured, no extension found): say so, do not fail on it

@@ -252,6 +252,24 @@ class MetricsSection:
 
 
 @dataclass(frozen=True)
+class NixosSection:
+    # The default is the NixOS path itself, not a guess made at load time: where it does not
+    # exist (any other distribution) there is nothing to watch, so the same config (and
+    # check-config) works on every machine. Empty turns the watch off everywhere.
+    current_system: str = _opt(
+        "/run/current-system",
+        "The NixOS system link watched for `nixos-rebuild switch` (empty: off; a path that does "
+        "not exist, as on any non-NixOS machine, is off too).",
+        "path_or_empty",
+    )
+    profiles_dir: str = _opt(
+        "/nix/var/nix/profiles",
+        "Where the system-N-link generation links live (names the generation of a switch).",
+        "path",
+    )
+
+
+@dataclass(frozen=True)
 class Config:
     watchdog: WatchdogSection = field(default_factory=WatchdogSection)
     tabbyapi: TabbyAPISection = field(default_factory=TabbyAPISection)
@@ -262,6 +280,7 @@ class Config:
     gpu_reset: GpuResetSection = field(default_factory=GpuResetSection)
     fallback_route: FallbackRouteSection = field(default_factory=FallbackRouteSection)
     metrics: MetricsSection = field(default_factory=MetricsSection)
+    nixos: NixosSection = field(default_factory=NixosSection)
     source: str = field(default="(defaults)", compare=False)
 
 

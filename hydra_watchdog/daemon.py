@@ -84,16 +84,18 @@ def build_adapters(config: Config) -> Adapters:
     """The real adapters for this node."""
     from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415 - heavy imports at start only
     from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
+    from hydra_watchdog.probes.loader_env import tabby_environment  # noqa: PLC0415
     from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
     from hydra_watchdog.probes.systemd import SystemctlUnit  # noqa: PLC0415
     from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
 
+    units = SystemctlUnit(config.tabbyapi.unit)
     return Adapters(
         tabby=TabbyClient.from_config(config),
         gpu=NvmlGpu.from_config(config),
-        units=SystemctlUnit(config.tabbyapi.unit),
+        units=units,
         scanner=ProcScanner.from_config(config),
-        host=HostProbe.from_config(config),
+        host=HostProbe.from_config(config, tabby_environment(config, units.loader_environment)),
     )
 
 

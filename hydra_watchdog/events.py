@@ -29,6 +29,7 @@ class EventKind(StrEnum):
     RESUMED = "resumed"
     CONFIG_RELOADED = "config_reloaded"
     CONFIG_REJECTED = "config_rejected"
+    SYSTEM_SWITCHED = "system_switched"  # a nixos-rebuild switch, and what the checks found
 
 
 @dataclass(frozen=True)

@@ -23,7 +23,8 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.situation import in_unit, port_holders, unit_up
+from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
+from hydra_watchdog.situation import in_unit, port_holders, tabby_runs, unit_up
 from hydra_watchdog.states import Rule, Severity
 from hydra_watchdog.vram import GIB
 
@@ -75,8 +76,8 @@ def models_mount(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Find
 
 def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     # Remembered from the last check (it runs only when troubled): known missing until a fresh
-    # check says fixed.
-    if s.missing_libraries:
+    # check says fixed. A running TabbyAPI that has them mapped already is restart_will_fail's.
+    if s.missing_libraries and not (s.will_fail and tabby_runs(obs)):
         yield Finding(
             Rule.MISSING_LIBRARIES,
             Severity.CRIT,
@@ -162,6 +163,36 @@ def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
             f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
             "not retried until the config, the model folder or TabbyAPI's process changes)",
             subject=f"permanent {failed.model}",
+        )
+
+
+def restart_will_fail(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    if s.will_fail and tabby_runs(obs):
+        switch = s.last_switch
+        after = f" since the switch {switch_label(switch)}" if switch is not None else ""
+        yield Finding(
+            Rule.RESTART_WILL_FAIL,
+            Severity.WARNING,
+            "TabbyAPI runs on the libraries it loaded before, but a restart would fail: its "
+            f"ExLlamaV2 extension cannot find {', '.join(s.will_fail)}{after}; rebuild the "
+            f"venv {cfg.tabbyapi.venv or '(tabbyapi.venv)'} (runbook: Library path issues after "
+            "NixOS rebuild) and check with `hydra-watchdog verify`; until then TabbyAPI is not "
+            "restarted unless its process is gone",
+        )
+
+
+def what_changed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    """The runbook's "review recent changes" as evidence: a switch shortly before an outage."""
+    if obs.health.healthy:
+        return
+    found = switch_before_trouble(s, cfg.restart_loop.escalate_after)
+    if found is not None:
+        switch, before = found
+        yield Finding(
+            Rule.SYSTEM_SWITCHED,
+            Severity.WARNING,
+            f"what changed: the NixOS system switched {switch_label(switch)} {ago(before)} "
+            "before the first failure (review that rebuild's changes)",
         )
 
 
@@ -334,12 +365,14 @@ FINDERS: tuple[Finder, ...] = (
     missing_libraries,
     admin_key,
     generation,
+    restart_will_fail,
     port_owners,
     unkillable,
     key_withheld,
     moved_port,
     orphans,
     unit_state,
+    what_changed,
     journal,
     gpus,
     slow_health,
@@ -383,6 +416,16 @@ def _gpu_pressure(g: GpuSnapshot) -> str:
 
 
 # --- the plan's notes ---------------------------------------------------------------------------
+
+
+def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
+    return Finding(
+        Rule.RESTART_WILL_FAIL,
+        Severity.ERR,
+        f"{trigger}: not restarting, a restart would fail ({', '.join(libraries)} not found) "
+        "and TabbyAPI's process still runs; rebuild the venv, then restart it by hand",
+        subject="deferred",
+    )
 
 
 def paused(reason: str, until_in: float | None) -> Finding:

@@ -101,7 +101,8 @@ class ProcessScanner(Protocol):
 
 
 class HostChecker(Protocol):
-    def check(self, *, libraries: bool) -> HostReport: ...
+    def check(self, *, libraries: bool, unit: UnitStatus | None = None) -> HostReport:
+        """`unit`: this cycle's unit status, whose main process's environment `ldd` runs in."""
 
 
 @dataclass(frozen=True)

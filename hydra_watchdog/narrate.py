@@ -28,6 +28,7 @@ from hydra_watchdog.config import Config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.rebuild import checks_after_switch, switch_label
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 
 PROGRESS_STEP = 25  # percent
@@ -157,6 +158,23 @@ def narrate(
     ) -> None:
         events.append(Event(wall, kind, severity, message, phase, rule, "", reason, unit, fields))
 
+    switch = new.last_switch
+    if switch is not None and switch != prev.last_switch:
+        found = checks_after_switch(new, obs)
+        generation = switch.to_generation
+        add(
+            EventKind.SYSTEM_SWITCHED,
+            Severity.WARNING if new.will_fail else Severity.NOTICE,
+            f"NixOS system switched {switch_label(switch)}: {found}",
+            rule=Rule.SYSTEM_SWITCHED,
+            reason=found,
+            fields=(
+                ("HYDRA_SYSTEM_FROM", switch.from_target),
+                ("HYDRA_SYSTEM_TO", switch.to_target),
+                *((("HYDRA_GENERATION", str(generation)),) if generation is not None else ()),
+            ),
+        )
+
     fresh = _fresh_findings(prev.findings, new.findings)
     for finding in fresh:
         add(
@@ -168,6 +186,9 @@ def narrate(
             unit=tabby_unit,
         )
 
+    # A NixOS switch shortly before the outage: said in the loop and escalation records too.
+    changed = next((f.message for f in new.findings if f.rule is Rule.SYSTEM_SWITCHED), "")
+    also = f"; {changed}" if changed else ""
     # A phase change is told with what the deciding rule rests on (PolicyState.cause), never
     # with whatever finding happens to come first.
     cited = next((f for f in new.findings if f.message == new.cause), None)
@@ -206,7 +227,7 @@ def narrate(
                 EventKind.RESTART_LOOP,
                 Severity.CRIT,
                 f"restart loop: {new.restarts_in_window(obs.at, window)} restarts within "
-                f"{window:g}s; {_stop_told(results)}, back-off step {new.backoff_step}",
+                f"{window:g}s; {_stop_told(results)}, back-off step {new.backoff_step}{also}",
                 rule=Rule.RESTART_LOOP,
                 reason=evidence,
                 unit=tabby_unit,
@@ -227,7 +248,7 @@ def narrate(
             EventKind.ESCALATED,
             Severity.CRIT,
             f"escalated: unresolved for over {config.restart_loop.escalate_after:g}s; "
-            "a human is needed",
+            f"a human is needed{also}",
             rule=Rule.ESCALATION,
             reason=evidence,
             unit=tabby_unit,

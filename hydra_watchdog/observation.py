@@ -262,6 +262,21 @@ class HostReport:
 
 
 @dataclass(frozen=True)
+class SystemLink:
+    """The NixOS system link (nixos.current_system) as read this cycle."""
+
+    path: str
+    target: str | None  # None: no such link (not NixOS) or unreadable (detail says)
+    generation: int | None = None  # N of the system-N-link pointing at target
+    detail: str = ""
+
+    @property
+    def label(self) -> str:
+        where = self.target or "nothing"
+        return where if self.generation is None else f"generation {self.generation} ({where})"
+
+
+@dataclass(frozen=True)
 class PauseRequest:
     reason: str
     until: float | None  # monotonic; None: until `resume`
@@ -300,6 +315,7 @@ class Observation:
     load: LoadProgress | None = None
     results: tuple[ActionResult, ...] = ()  # actions finished since the previous cycle
     pause: PauseRequest | None = None
+    system: SystemLink | None = None  # None: not watched (nixos.current_system empty)
 
     def process(self, pid: int) -> ProcessInfo | None:
         return next((p for p in self.processes if p.pid == pid), None)

@@ -46,6 +46,7 @@ from hydra_watchdog.observation import (
     UnitStatus,
     local_failure,
 )
+from hydra_watchdog.probes.nixos import SystemWatch
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -121,6 +122,7 @@ class Observer:
         self.host = host
         self._clock = clock
         self._stuck: dict[str, _Task[object]] = {}
+        self.system = SystemWatch(config.nixos.current_system, config.nixos.profiles_dir)
 
     @classmethod
     def from_adapters(
@@ -173,8 +175,10 @@ class Observer:
         health_t = self._start("health", self.tabby.health)
         unit_t = self._start("unit", self.units.status)
         gpu_t = self._start("gpu", lambda: self.gpu.read(devices))
-        libraries = Probe.LIBRARIES in wants
-        host_t = self._start("host", lambda: self.host.check(libraries=libraries))
+        # A `nixos-rebuild switch` (the system link moved): the library check runs in this very
+        # cycle; the models folder, health and model are checked every cycle anyway.
+        system, switched = self.system.read()
+        libraries = Probe.LIBRARIES in wants or switched
         journal_t = (
             self._start("journal", lambda: self.units.journal(JOURNAL_LINES))
             if Probe.JOURNAL in wants
@@ -187,6 +191,9 @@ class Observer:
         # Requests that carry the admin key wait for this cycle's unit status: the client's
         # gate verifies the port's listener against it right before each one.
         self.tabby.note_unit(unit)
+        # ldd runs in the environment of the unit's process, so the host check waits for it.
+        unit_seen = unit
+        host_t = self._start("host", lambda: self.host.check(libraries=libraries, unit=unit_seen))
         model_t = self._start("model", self.tabby.model)
         gpus, why = self._get(gpu_t, "gpu", deadline)
         if gpus is None:
@@ -228,7 +235,9 @@ class Observer:
         if not libraries and not health.healthy and cfg.tabbyapi.venv:
             # A restart must never come before this outage's library check (a missing library
             # would only turn it into a loop): check in this very cycle, not the next.
-            libs_t = self._start("libraries", lambda: self.host.check(libraries=True))
+            libs_t = self._start(
+                "libraries", lambda: self.host.check(libraries=True, unit=unit_seen)
+            )
             checked, _ = self._get(libs_t, "libraries", deadline)
             if checked is not None:
                 host = checked
@@ -249,4 +258,5 @@ class Observer:
             load=load,
             results=results,
             pause=pause,
+            system=system,
         )

@@ -30,6 +30,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 
 from hydra_watchdog import findings as say
+from hydra_watchdog import rebuild
 from hydra_watchdog.actions import (
     Action,
     ActionResult,
@@ -81,6 +82,7 @@ def decide(
     """One step of the runbook. Pure: same inputs, same outputs; `config.watchdog.dry_run` is
     deliberately never read here, so a dry run decides exactly as a real one."""
     s = _absorb_results(state, obs, now, config)
+    s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the invocation
     s, counted = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
     findings = diagnose(s, obs, config) + counted
@@ -300,7 +302,6 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             last_failure="",
             slow_streak=s.slow_streak + 1 if slow else 0,
             healthy_since=s.healthy_since if s.healthy_since is not None else now,
-            trouble_since=None,
             fallback_route_checked=False,
             fallback_route_ok=None,
             fallback_route_detail="",
@@ -309,7 +310,6 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
         s,
         healthy_since=None,
         slow_streak=0,
-        trouble_since=s.trouble_since if s.trouble_since is not None else now,
     )
     if starting(s, obs, now, cfg):
         return replace(s, failures=0, last_failure="")
@@ -686,6 +686,33 @@ def _completions_fail(sit: Situation) -> bool:
     return sit.s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED)
 
 
+def _restart_trigger(sit: Situation) -> str:
+    """What would restart the running TabbyAPI this cycle ("" : nothing)."""
+    if sit.healthy:
+        return "completions stall or fail (the canary)" if _completions_fail(sit) else ""
+    if sit.orphans_on_port and sit.cleanup:
+        return f"orphan pid {sit.orphans_on_port[0].pid} on port {sit.cfg.tabbyapi.port}"
+    if sit.starting or sit.unit.active_state == ActiveState.DEACTIVATING:
+        return ""
+    if sit.obs.health.sticky_unhealthy:
+        return "/health 503 unhealthy (sticky until restart)"
+    if sit.s.failures >= sit.cfg.tabbyapi.failures_before_down:
+        return f"unreachable for {sit.s.failures} probes ({sit.s.last_failure})"
+    return ""
+
+
+def _restart_will_fail(sit: Situation) -> Plan:
+    """A restart would fail (the extension misses libraries since a NixOS switch) while the
+    running TabbyAPI still has them mapped: a hang, a 503 or an unreachable port is not worth
+    trading a live process for one that cannot start. Only a real outage (the process gone:
+    this rule no longer holds) is remediated, and then the fresh library check blocks a start
+    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process)."""
+    trigger = _restart_trigger(sit)
+    notes = [say.restart_deferred(trigger, sit.will_fail)] if trigger else []
+    phase = Phase.DEGRADED if sit.healthy else Phase.DOWN
+    return _enter(sit.s, phase, sit.now), list(sit.cleanup), notes
+
+
 def _model_missing(sit: Situation) -> bool:
     model = sit.obs.model
     return model is not None and model.known and model.loaded is None and bool(sit.cfg.model.name)
@@ -778,6 +805,18 @@ PLAN: tuple[PlanRule, ...] = (
         (Rule.FOREIGN_HOLDER,),
         lambda x: x.foreign_on_port,
         _stay(Phase.BLOCKED),
+    ),
+    # The running TabbyAPI is the last one that works until the venv is rebuilt: no restart for
+    # anything short of its process being gone. A model load is no restart: those go on.
+    PlanRule(
+        "restart_will_fail",
+        "Library path issues after a NixOS rebuild",
+        (Rule.RESTART_WILL_FAIL, Rule.SYSTEM_SWITCHED),
+        lambda x: (
+            bool(x.will_fail)
+            and not (x.healthy and (_model_missing(x) or bool(x.s.load_in_flight)))
+        ),
+        _restart_will_fail,
     ),
     PlanRule(
         "orphan_on_port",
@@ -1004,6 +1043,8 @@ def _wants(s: PolicyState, obs: Observation, now: float, cfg: Config) -> frozens
         Phase.BLOCKED,
         Phase.RECOVERING,
     )
+    if s.will_fail and t.venv:
+        wants.add(Probe.LIBRARIES)  # re-checked each cycle: it clears once the venv is rebuilt
     if troubled:
         if t.venv:
             wants.add(Probe.LIBRARIES)

@@ -59,6 +59,17 @@ class PowerHold:
 
 
 @dataclass(frozen=True)
+class SystemSwitch:
+    """A `nixos-rebuild switch` seen: the system link moved from one target to another."""
+
+    at: float
+    from_target: str
+    to_target: str
+    from_generation: int | None = None
+    to_generation: int | None = None
+
+
+@dataclass(frozen=True)
 class Finding:
     """A diagnosis: a cause the watchdog found; shown by `status`, logged once when it appears.
 
@@ -122,6 +133,12 @@ class PolicyState:
     fallback_route_checked: bool = False
     fallback_route_ok: bool | None = None  # the last check's verdict (None: none this outage)
     fallback_route_detail: str = ""
+    # NixOS rebuilds (rebuild.py): the system link last seen, the last switch, and the
+    # libraries the running TabbyAPI's extension misses since (a restart would fail)
+    system_target: str = ""
+    system_generation: int | None = None
+    last_switch: SystemSwitch | None = None
+    will_fail: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
 
@@ -139,6 +156,9 @@ class PolicyState:
             load_failures=self.load_failures,
             using_fallback=self.using_fallback,
             escalated=self.escalated,
+            # not a clock: booting into another generation is a switch seen at the first cycle
+            system_target=self.system_target,
+            system_generation=self.system_generation,
             backoff_until=0.0 if self.backoff_step else None,
             loop_since=0.0 if self.backoff_step else None,
         )

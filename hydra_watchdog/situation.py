@@ -35,6 +35,15 @@ def unit_up(unit: UnitStatus) -> bool:
     return unit.active_state == ActiveState.ACTIVATING and unit.sub_state != "auto-restart"
 
 
+def tabby_runs(obs: Observation) -> bool:
+    """TabbyAPI's process runs: the unit is up (or, with no unit to ask, something answered
+    HTTP on its port; the client only trusts a listener verified as TabbyAPI's)."""
+    unit = obs.unit
+    if unit.available and unit.exists:
+        return unit_up(unit)
+    return obs.health.result.outcome in (Outcome.OK, Outcome.HTTP_ERROR)
+
+
 def auto_restarting(unit: UnitStatus) -> bool:
     return unit.sub_state == "auto-restart"
 
@@ -134,6 +143,11 @@ class Situation:
     @cached_property
     def blocking(self) -> list[Finding]:
         return [f for f in self.findings if f.rule in BLOCKING_RULES]
+
+    @cached_property
+    def will_fail(self) -> tuple[str, ...]:
+        """Libraries a restart would miss while the running TabbyAPI still has them."""
+        return self.s.will_fail if tabby_runs(self.obs) else ()
 
     @cached_property
     def in_restart_loop(self) -> bool:

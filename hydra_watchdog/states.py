@@ -72,6 +72,10 @@ class Rule(StrEnum):
     ORPHAN_CLEANUP = "orphan_cleanup"  # RUNBOOK: Clear orphan processes
     FULL_RECOVERY = "full_recovery"  # RUNBOOK: Full Service Recovery
     MISSING_LIBRARIES = "missing_libraries"  # RUNBOOK: Library path issues after NixOS rebuild
+    # the running TabbyAPI keeps its old libraries, but its extension now misses some: a restart
+    # would fail (after a NixOS rebuild); only a real outage is acted on
+    RESTART_WILL_FAIL = "restart_will_fail"
+    SYSTEM_SWITCHED = "system_switched"  # RUNBOOK: review recent changes (a nixos-rebuild switch)
     MODELS_MOUNT = "models_mount"  # RUNBOOK: Check /mnt/models mount is working
     FOREIGN_HOLDER = "foreign_holder"  # a non-TabbyAPI process in the way: report, never kill
     ADMIN_KEY_REJECTED = "admin_key_rejected"  # TabbyAPI answers 401/403: loads are impossible

@@ -150,6 +150,16 @@ in
             default = "127.0.0.1:9835";
             description = "host:port of the Prometheus exporter (empty: off).";
           };
+          nixos.current_system = lib.mkOption {
+            type = lib.types.str;
+            default = "/run/current-system";
+            description = ''
+              The system link watched for `nixos-rebuild switch`: on a switch the watchdog re-checks
+              TabbyAPI's libraries (in TabbyAPI's environment), the models folder, health and model
+              at once and logs a `system_switched` event; libraries missing while TabbyAPI still
+              runs are a `restart_will_fail` warning. Empty: off.
+            '';
+          };
           fallback_route.url = lib.mkOption {
             type = lib.types.str;
             default = "";

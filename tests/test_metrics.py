@@ -217,3 +217,15 @@ def test_parse_listen() -> None:
     assert parse_listen("[::1]:9835") == ("::1", 9835)
     with pytest.raises(ValueError, match="host:port"):
         parse_listen("0.0.0.0")
+
+
+def test_restart_will_fail_gauge_follows_the_finding(metrics: Metrics) -> None:
+    from hydra_watchdog.policy_state import Finding
+    from hydra_watchdog.states import Rule, Severity
+
+    key = ("hydra_watchdog_restart_will_fail", ())
+    metrics.update(build(dataclasses.replace(STATE, findings=())))
+    assert samples(metrics.exposition().decode())[key] == 0
+    warn = Finding(Rule.RESTART_WILL_FAIL, Severity.WARNING, "libcudart.so.12 not found")
+    metrics.update(build(dataclasses.replace(STATE, findings=(warn,))))
+    assert samples(metrics.exposition().decode())[key] == 1

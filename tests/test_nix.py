@@ -279,3 +279,10 @@ def test_the_stand_in_rejects_a_wrongly_typed_definition() -> None:
 def test_the_stand_in_rejects_conflicting_definitions() -> None:
     with pytest.raises(NixError, match="conflicting definitions"):
         evaluate('{ services.hydra-watchdog.settings.tabbyapi.unit = "other.service"; }')
+
+
+def test_the_module_watches_the_nixos_system_link_by_default() -> None:
+    minimal = evaluate("{ services.hydra-watchdog.settings = { }; }")["settings"]
+    assert minimal["nixos"]["current_system"] == "/run/current-system"
+    off = evaluate('{ services.hydra-watchdog.settings.nixos.current_system = ""; }')["settings"]
+    assert off["nixos"]["current_system"] == ""

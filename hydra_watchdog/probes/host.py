@@ -15,10 +15,12 @@ import fnmatch
 import glob
 import os
 import subprocess
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from hydra_watchdog.observation import HostReport, ModelDir
+from hydra_watchdog.observation import HostReport, ModelDir, UnitStatus
+from hydra_watchdog.probes.loader_env import TabbyEnvironment, describe_env
 
 if TYPE_CHECKING:
     from hydra_watchdog.config import Config
@@ -142,8 +144,20 @@ class LibraryCheck:
     detail: str
 
 
-def check_libraries(venv: str, *, timeout: float) -> LibraryCheck:
-    """`ldd` on every ExLlamaV2 extension in the venv; every "not found" library."""
+_DEFAULT_PATH = "/run/current-system/sw/bin:/usr/bin:/bin"
+
+
+def ldd_environment(loader: Mapping[str, str]) -> dict[str, str]:
+    """ldd's whole environment: our PATH (to find ldd and its loader) and TabbyAPI's loader
+    variables, nothing else: in particular not our own LD_LIBRARY_PATH (set for NVML)."""
+    return {"PATH": os.environ.get("PATH") or _DEFAULT_PATH, **loader}
+
+
+def check_libraries(
+    venv: str, *, timeout: float, env: Mapping[str, str] | None = None
+) -> LibraryCheck:
+    """`ldd` on every ExLlamaV2 extension in the venv; every "not found" library. `env`: the
+    loader variables TabbyAPI has (None: ldd inherits the watchdog's environment)."""
     if not venv:
         return LibraryCheck(None, "no venv configured")
     if not os.path.isdir(venv):
@@ -164,6 +178,7 @@ def check_libraries(venv: str, *, timeout: float) -> LibraryCheck:
                 timeout=timeout,
                 check=False,
                 stdin=subprocess.DEVNULL,
+                env=None if env is None else ldd_environment(env),
             )
         except FileNotFoundError:
             return LibraryCheck(None, "ldd not found (Debian package libc-bin)")
@@ -196,6 +211,7 @@ class HostProbe:
         *,
         require_mount: bool = False,
         ldd_timeout: float = 10.0,
+        environment: TabbyEnvironment | None = None,
     ) -> None:
         self.models_dir = models_dir
         self.model_name = model_name
@@ -203,23 +219,40 @@ class HostProbe:
         self.venv = venv
         self.require_mount = require_mount
         self.ldd_timeout = ldd_timeout
+        self.environment = environment
 
     @classmethod
-    def from_config(cls, config: Config) -> HostProbe:
+    def from_config(cls, config: Config, environment: TabbyEnvironment | None = None) -> HostProbe:
         return cls(
             config.model.models_dir,
             config.model.name,
             config.model.fallback,
             config.tabbyapi.venv,
+            environment=environment,
         )
 
-    def check(self, *, libraries: bool) -> HostReport:
+    def libraries(self, unit: UnitStatus | None) -> LibraryCheck:
+        """The library check in TabbyAPI's environment; "unknown" (None) when that cannot be
+        established: an unknown never blocks a restart."""
+        if self.environment is None:
+            return check_libraries(self.venv, timeout=self.ldd_timeout)
+        if not self.venv:
+            return LibraryCheck(None, "no venv configured")
+        found = self.environment.lookup(unit)
+        if found.env is None:
+            return LibraryCheck(None, f"unknown: TabbyAPI's environment: {found.detail}")
+        loader = found.env.as_dict()
+        check = check_libraries(self.venv, timeout=self.ldd_timeout, env=loader)
+        seen = f"as TabbyAPI sees them ({describe_env(loader)}, from {found.env.source})"
+        return LibraryCheck(check.missing, f"{check.detail}; {seen}")
+
+    def check(self, *, libraries: bool, unit: UnitStatus | None = None) -> HostReport:
         ok, detail = check_models_dir(self.models_dir, require_mount=self.require_mount)
         model = inspect_model(self.models_dir, self.model_name) if self.model_name else None
         fallback = (
             inspect_model(self.models_dir, self.fallback_name) if self.fallback_name else None
         )
-        libs = check_libraries(self.venv, timeout=self.ldd_timeout) if libraries else None
+        libs = self.libraries(unit) if libraries else None
         return HostReport(
             models_dir_ok=ok,
             models_dir_detail=detail,

@@ -428,6 +428,7 @@ class ListenerCheck:
     detail: str
     address: str = ""
     refused: bool = False
+    pid: int | None = None  # ok: the verified listener's process
 
 
 def unit_cgroup_members(cgroup: str, cgroup_root: str = "/sys/fs/cgroup") -> set[int] | None:
@@ -506,6 +507,7 @@ class ListenerGate:
         owners = find_owners(reaching, candidates, self.proc_root)
         uid, uid_name = tabby_uid(unit, self.user)
         ns = own_pid_namespace() if self.proc_root == "/proc" else None
+        verified: int | None = None
         for sock in reaching:
             holders = sorted(owners.get(sock.inode, ()))
             if not holders:
@@ -515,6 +517,7 @@ class ListenerGate:
                     f"that cannot be seen: {withheld}",
                 )
             pid = holders[0]
+            verified = pid
             ident = read_identity(pid, self.proc_root)
             if ident is None:
                 return ListenerCheck(False, f"port {sock.port}: pid {pid} vanished; {withheld}")
@@ -536,4 +539,6 @@ class ListenerGate:
                 return ListenerCheck(
                     False, f"port {sock.port} held by {describe(ident)} ({why}): {withheld}"
                 )
-        return ListenerCheck(True, f"port {self.port}: TabbyAPI verified", address=target)
+        return ListenerCheck(
+            True, f"port {self.port}: TabbyAPI verified", address=target, pid=verified
+        )

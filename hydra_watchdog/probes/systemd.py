@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.interfaces import CommandOutcome
 from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.probes.loader_env import EnvLookup, parse_env_files_property, unit_env
 
 PROPERTIES = (
     "LoadState",
@@ -158,6 +159,27 @@ class SystemctlUnit:
                 detail=f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}",
             )
         return parse_show(self.unit, proc.stdout)
+
+    def loader_environment(self, unit: UnitStatus) -> EnvLookup:
+        """The unit's Environment= and EnvironmentFile= (what a start would get), for the
+        library check. Read only when asked: the values are filtered to the loader's variables
+        at once (loader_env.LOADER_VARS), the rest may hold secrets."""
+        argv = ["systemctl", "show", self.unit, "-p", "Environment", "-p", "EnvironmentFiles"]
+        proc = self._run(argv, self.timeout)
+        if isinstance(proc, str):
+            return EnvLookup(None, proc)
+        if proc.returncode != 0:
+            return EnvLookup(
+                None, f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}"
+            )
+        environment, files = "", []
+        for line in proc.stdout.splitlines():
+            key, _, value = line.partition("=")
+            if key == "Environment":
+                environment = value
+            elif key == "EnvironmentFiles":
+                files.append(value)
+        return unit_env(unit.name, environment, parse_env_files_property(files), root=self._root)
 
     def command(self, verb: UnitVerb) -> CommandOutcome:
         reason = self._no_systemd()

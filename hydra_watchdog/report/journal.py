@@ -59,6 +59,7 @@ MESSAGE_IDS: Mapping[EventKind, str] = {
     EventKind.RESUMED: "d1271b7198ef4078881f0e95b2e02096",
     EventKind.CONFIG_RELOADED: "7d9b1bea45134c1eaf45dc0c995eba2d",
     EventKind.CONFIG_REJECTED: "935a9f45c03645b38089aada39e42637",
+    EventKind.SYSTEM_SWITCHED: "91caf064b19b461b993d3c0d2f14f2d5",
 }
 
 # One value is capped so a runaway journal excerpt cannot balloon a record; journald itself

@@ -129,6 +129,12 @@ class _ReportCollector:
                 count = sum(1 for f in report.findings if f.rule == rule.value)
                 findings.add_metric([rule.value], float(count))
         yield findings
+        yield GaugeMetricFamily(
+            f"{PREFIX}_restart_will_fail",
+            "1 while TabbyAPI runs but its extension misses libraries (after a NixOS rebuild): "
+            "the next restart would fail until the venv is rebuilt.",
+            value=1.0 if any(f.rule == Rule.RESTART_WILL_FAIL for f in report.findings) else 0.0,
+        )
         b = report.backoff
         remaining = 0.0
         if b.step and b.next_attempt_at is not None:
