@@ -24,6 +24,7 @@ from hydra_watchdog.actions import (
     describe,
 )
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
@@ -88,8 +89,8 @@ def _result_event(result: ActionResult, phase: Phase, unit: str, wall: float) ->
         kind, severity, message = EventKind.ACTION_REFUSED, Severity.NOTICE, f"{what}: "
         message += result.detail
     fields = (*_action_fields(action), ("HYDRA_RESULT", status.value))
-    if result.error_kind:
-        fields += (("HYDRA_ERROR_KIND", result.error_kind),)
+    if result.error_kind is not ErrorKind.NONE:
+        fields += (("HYDRA_ERROR_KIND", result.error_kind.value),)
     return Event(
         wall=wall,
         kind=kind,

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 
 from hydra_watchdog.actions import ActionResult, LoadModel, ResultStatus
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import LoadOutcome, TabbyApi
 from hydra_watchdog.observation import LoadProgress
 
@@ -51,7 +52,7 @@ class ModelLoader:
                     ResultStatus.REFUSED,
                     f"load in flight ({busy}); never two loads at once",
                     now,
-                    "load_in_flight",
+                    ErrorKind.LOAD_IN_FLIGHT,
                 )
             self._cancel = threading.Event()
             self._action = action
@@ -80,11 +81,11 @@ class ModelLoader:
         except Exception as exc:  # an adapter bug must not leave a load "in flight" forever
             outcome = LoadOutcome(ok=False, detail=f"load crashed: {type(exc).__name__}: {exc}")
         if outcome.ok:
-            status, kind = ResultStatus.OK, ""
+            status, kind = ResultStatus.OK, ErrorKind.NONE
         elif cancel.is_set():
-            status, kind = ResultStatus.FAILED, "cancelled"
+            status, kind = ResultStatus.FAILED, ErrorKind.CANCELLED
         else:
-            status, kind = ResultStatus.FAILED, "load_error"
+            status, kind = ResultStatus.FAILED, ErrorKind.LOAD_ERROR
         with self._lock:
             self._finished.append(ActionResult(action, status, outcome.detail, self._clock(), kind))
             self._progress = None

@@ -208,6 +208,9 @@ class HostProbe:
             config.tabbyapi.venv,
         )
 
+    def close(self) -> None:
+        """Nothing held between checks."""
+
     def check(self, *, libraries: bool) -> HostReport:
         ok, detail = check_models_dir(self.models_dir, require_mount=self.require_mount)
         model = inspect_model(self.models_dir, self.model_name) if self.model_name else None
