@@ -240,15 +240,28 @@ def exchange(
 ) -> Reply:
     """One request that ends by `started + budget` (monotonic), the body read up to JSON_LIMIT
     bytes. `shown` is the URL as a detail may name it (credentials redacted)."""
+    # The scope spans the handlers too: they ask BUDGET whether any byte came back.
+    with deadline_scope(started + budget):
+        return _exchange(http, method, url, shown, headers, body, started, budget, scrub)
+
+
+def _exchange(
+    http: httpx.Client,
+    method: str,
+    url: str,
+    shown: str,
+    headers: dict[str, str],
+    body: object,
+    started: float,
+    budget: float,
+    scrub: Callable[[str], str],
+) -> Reply:
     deadline = started + budget
     got_headers = False
     try:
-        with (
-            deadline_scope(deadline),
-            http.stream(
-                method, url, json=body, headers=headers, timeout=httpx.Timeout(budget)
-            ) as resp,
-        ):
+        with http.stream(
+            method, url, json=body, headers=headers, timeout=httpx.Timeout(budget)
+        ) as resp:
             got_headers = True
             if encoding := content_encoding(resp):
                 why = f"{shown}: compressed answer ({encoding}), which was not asked for"
