@@ -328,7 +328,7 @@ class Demo:
     def close(self) -> None:
         self.daemon.request_stop()
         self.thread.join(15)
-        self.unit.close()
+        self.unit.stop_all()
         for orphan in self.orphans:
             kill = getattr(orphan, "kill", None)
             if kill is not None and getattr(orphan, "poll", lambda: 0)() is None:

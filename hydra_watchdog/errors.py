@@ -5,34 +5,45 @@ them, so a value never changes once released (add members, never rename them). E
 belongs to one family, the question an operator asks first: "did the watchdog hold back on
 purpose, did the OS or a tool fail, did TabbyAPI / the proxy answer badly, or NVML?"
 
-    family      kind               meaning
-    ----------  -----------------  ------------------------------------------------------------
-    (none)      ""                 no error: OK, DRY_RUN, IN_PROGRESS
-    REFUSED     disabled           the action is switched off in the config (orphans.enabled,
-                                   gpu_reset.enabled)
-    by us       identity_changed   the pid is now another process (or gone, or in another PID
-                                   namespace): not signalled
-                in_unit            the process is (or may be) in the unit's cgroup now
-                cannot_verify      could not tell who uses the GPU: no reset blind
-                foreign_gpu_user   a non-TabbyAPI process uses the GPU: no reset
-                wrong_unit         a unit other than the configured one: not touched
-                unavailable        no systemd here: the unit command was not attempted
-                load_in_flight     a model load is already running: never two at once
-                skipped            an earlier action of the same decision did not succeed
-    OS / tool   no_permission      not allowed (signal, pidfd, NVML without CAP_SYS_ADMIN)
-                not_found          the program (nvidia-smi) or the GPU does not exist
-                exec_failed        the program exists but could not be started
-                timeout            no answer in time (a tool, an NVML call or an HTTP request)
-                command_failed     the tool ran and said no (non-zero exit, systemctl refused)
-                unkillable         survived SIGKILL (uninterruptible sleep?)
-                exception          an actuator raised: a bug in the watchdog
-    load        load_error         TabbyAPI ended the load with an error (or it timed out)
-                cancelled          the load was cancelled (shutdown, backstop)
-    HTTP        refused ... local_error: observation.Outcome's values, the fallback route's
-                                   answer (refused, http_error, bad_body, unauthorized,
-                                   withheld, local_error; timeout above)
-    NVML        gpu_lost ... other: observation.NvmlErrorKind's values, setting a power limit
-                                   (no_permission, not_found, timeout above)
+    family   kind                meaning
+    -------  ------------------  ----------------------------------------------------------------
+    none     ""                  no error: OK, DRY_RUN, IN_PROGRESS
+    refused  disabled            switched off in the config (orphans.enabled, gpu_reset.enabled)
+    (by us)  identity_changed    the pid is now another process (or gone, or in another PID
+                                 namespace): not signalled
+             in_unit             the process is (or may be) in the unit's cgroup now
+             cannot_verify       could not tell who uses the GPU: no reset blind
+             foreign_gpu_user    a non-TabbyAPI process uses the GPU: no reset
+             wrong_unit          a unit other than the configured one: not touched
+             unavailable         no systemd here: the unit command was not attempted
+             load_in_flight      a model load is already running: never two at once
+             skipped             an earlier action of the same decision did not succeed
+    os       no_permission       not allowed (signal, pidfd, NVML without CAP_SYS_ADMIN)
+    (a tool  not_found           the program (nvidia-smi) or the GPU does not exist
+    or the   exec_failed         the program exists but could not be started
+    kernel)  timeout             no answer in time (a tool, an NVML call, an HTTP request)
+             command_failed      the tool ran and said no (non-zero exit, systemctl refused)
+             unkillable          survived SIGKILL (uninterruptible sleep?)
+             exception           an actuator raised: a bug in the watchdog
+    load     load_error          TabbyAPI ended the load with an error, or it timed out
+             cancelled           the load was cancelled (shutdown, the backstop)
+    http     refused             nothing listening, or the URL is unusable
+    (the     http_error          an HTTP status that is not the expected one
+    fallback bad_body            malformed JSON, wrong shape, protocol garbage
+    route)   unauthorized        401/403
+             withheld            not sent: the listener is not verified
+             local_error         the watchdog itself could not send (descriptors, memory)
+    nvml     not_supported       the card or driver cannot do it
+    (power   gpu_lost            the GPU fell off the bus
+    limit)   driver_not_loaded   no NVIDIA driver
+             library_not_found   no libnvidia-ml
+             function_not_found  the library is too old for the call
+             library_mismatch    library and kernel module versions differ
+             invalid_argument    a value the card refuses
+             other               any other NVML error
+
+The http kinds are observation.Outcome's values and the nvml kinds observation.NvmlErrorKind's
+(the actuators pass those through by value).
 
 A kind shared by two families (timeout, no_permission, not_found) has one member: the action's
 detail says which tool or call it was.

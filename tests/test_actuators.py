@@ -307,7 +307,7 @@ def test_an_actuator_that_raises_becomes_a_failed_result(tmp_path: Path) -> None
             raise RuntimeError("boom")
 
     ex = _executor(tmp_path)
-    ex.gpu = Exploding()  # type: ignore[assignment]
+    ex.adapters = replace(ex.adapters, gpu=Exploding())  # type: ignore[arg-type]
     result = ex.run_one(SetPowerLimit(0, 450.0, Reason(Rule.POWER_LIMIT, "drift")))
     assert (result.status, result.error_kind) == (ResultStatus.FAILED, "exception")
     assert "boom" in result.detail

@@ -131,3 +131,20 @@ def test_a_canary_our_thread_failed_to_deliver_is_unknown_not_a_hang(
         assert again.canary is None
     finally:
         release.set()
+
+
+def test_probes_run_on_long_lived_threads_not_one_per_cycle(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    observer, _ = _observer(sim, nvml_sim, tmp_path)
+    try:
+        observer.observe(frozenset({Probe.CANARY}))
+        lanes = {t for t in threading.enumerate() if t.name.startswith("probe-")}
+        for _ in range(5):
+            obs = observer.observe(frozenset({Probe.CANARY}))
+            assert obs.health.healthy
+        now = {t for t in threading.enumerate() if t.name.startswith("probe-")}
+        assert now == lanes  # the same threads, none added per cycle
+    finally:
+        observer.close()
