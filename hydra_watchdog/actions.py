@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import ClassVar
 
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.states import Rule
 
 
@@ -121,7 +122,7 @@ class ActionResult:
     status: ResultStatus
     detail: str
     finished_at: float  # monotonic
-    error_kind: str = ""  # machine-readable cause, e.g. "no_permission", "identity_changed"
+    error_kind: ErrorKind = ErrorKind.NONE  # machine-readable cause (errors.py lists them)
 
     @property
     def succeeded(self) -> bool:

@@ -26,6 +26,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
@@ -33,6 +34,7 @@ import structlog
 
 from hydra_watchdog import control
 from hydra_watchdog.act.executor import Executor
+from hydra_watchdog.act.load import ModelLoader
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import Action, ActionResult
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
@@ -82,9 +84,12 @@ log = structlog.get_logger("hydra_watchdog.daemon")
 
 def build_adapters(config: Config) -> Adapters:
     """The real adapters for this node."""
-    from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415 - heavy imports at start only
+    from hydra_watchdog.probes.fallback_route import LiteLlmRoute  # noqa: PLC0415 - heavy
+    from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415 - imports at start only
+    from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
     from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
     from hydra_watchdog.probes.loader_env import tabby_environment  # noqa: PLC0415
+    from hydra_watchdog.probes.process_control import PidfdControl  # noqa: PLC0415
     from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
     from hydra_watchdog.probes.systemd import SystemctlUnit  # noqa: PLC0415
     from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
@@ -96,6 +101,45 @@ def build_adapters(config: Config) -> Adapters:
         units=units,
         scanner=ProcScanner.from_config(config),
         host=HostProbe.from_config(config, tabby_environment(config, units.loader_environment)),
+        fallback=LiteLlmRoute(),
+        processes=PidfdControl(),
+        reset=NvidiaSmiReset(),
+    )
+
+
+@dataclass(frozen=True)
+class Wiring:
+    """Everything one config implies, built in one place: at start and on SIGHUP."""
+
+    config: Config
+    adapters: Adapters
+    dry_run: bool
+    observer: Observer
+    executor: Executor
+    statefile: StateFile
+
+
+def wire(
+    config: Config,
+    adapters: Adapters,
+    *,
+    cli_dry_run: bool,
+    clock: Callable[[], float],
+    loader: ModelLoader | None = None,
+) -> Wiring:
+    """`loader`: the running one on a reload, so a load in flight is neither lost nor doubled."""
+    dry_run = cli_dry_run or config.watchdog.dry_run
+    return Wiring(
+        config=config,
+        adapters=adapters,
+        dry_run=dry_run,
+        observer=Observer.from_adapters(config, adapters, clock=clock),
+        executor=Executor(config, adapters, dry_run=dry_run, clock=clock, loader=loader),
+        statefile=StateFile(
+            config.watchdog.state_dir,
+            events_kept=config.watchdog.events_kept,
+            name=DRY_RUN_STATE_FILE if dry_run else STATE_FILE,
+        ),
     )
 
 
@@ -114,38 +158,25 @@ class Daemon:
         emit: Callable[[Event], None] = log_event,
         clock: Callable[[], float] = time.monotonic,
         wall: Callable[[], float] = time.time,
-        reset_command: Sequence[str] = ("nvidia-smi",),
         before_cycle: Callable[[], None] | None = None,
     ) -> None:
         """`before_cycle` runs at the start of every cycle: the seam through which the tests
         hang the loop on purpose (tests/harness/hooked_hydra_watchdog.py)."""
-        self.config = config
         self.config_path = config_path
         self.adapter_factory = adapter_factory
         self.decide = decide
         self._cli_dry_run = dry_run
-        self.dry_run = dry_run or config.watchdog.dry_run
+        self._apply(wire(config, adapters, cli_dry_run=dry_run, clock=clock))
         self.notifier: Notify = notifier if notifier is not None else Notifier()
         self.clock = clock
         self.wall = wall
-        self.observer = Observer.from_adapters(config, adapters, clock=clock)
-        self.executor = Executor(
-            config,
-            tabby=adapters.tabby,
-            gpu=adapters.gpu,
-            units=adapters.units,
-            dry_run=self.dry_run,
-            reset_command=reset_command,
-            clock=clock,
-        )
         self.before_cycle = before_cycle
-        statefile = self._statefile(config)
-        loaded = statefile.load()
+        loaded = self.statefile.load()
         self.state = loaded.state
         self.events: deque[Event] = deque(loaded.events, maxlen=config.watchdog.events_kept)
         self.journal = JournalReporter(emit)
         self.state_file = StateFileReporter(
-            statefile,
+            self.statefile,
             saved=loaded.state if not loaded.notes else None,
             saved_events=loaded.events,
         )
@@ -247,11 +278,13 @@ class Daemon:
         if self.notifier.watchdog_interval() is not None:
             self.notifier.watchdog()
 
-    def _statefile(self, config: Config) -> StateFile:
-        name = DRY_RUN_STATE_FILE if self.dry_run else STATE_FILE
-        return StateFile(
-            config.watchdog.state_dir, events_kept=config.watchdog.events_kept, name=name
-        )
+    def _apply(self, wiring: Wiring) -> None:
+        self.config = wiring.config
+        self.adapters = wiring.adapters
+        self.dry_run = wiring.dry_run
+        self.observer = wiring.observer
+        self.executor = wiring.executor
+        self.statefile = wiring.statefile
 
     def _wake_up(self) -> None:
         with contextlib.suppress(OSError):  # a full pipe already wakes the loop
@@ -275,9 +308,19 @@ class Daemon:
         """SIGHUP: a new config if it is valid; otherwise the old one stays and we say why."""
         if self.config_path is None:
             return False
+        old, loader = self.adapters, self.executor.loader
         try:
             new = load_config(self.config_path)
             adapters = self.adapter_factory(new)
+            try:
+                # The running loader carries over: a load in flight finishes on the client it
+                # began with, its result still reaches drain(), and no second load starts.
+                wiring = wire(
+                    new, adapters, cli_dry_run=self._cli_dry_run, clock=self.clock, loader=loader
+                )
+            except Exception:
+                adapters.close(keep=old.members())
+                raise
         except ConfigError as exc:
             self._record(
                 EventKind.CONFIG_REJECTED,
@@ -294,28 +337,26 @@ class Daemon:
                 reason=str(exc),
             )
             return False
-        self.config = new
-        self.dry_run = self._cli_dry_run or new.watchdog.dry_run
-        self.executor.dry_run = self.dry_run
-        self.observer = Observer.from_adapters(new, adapters, clock=self.clock)
-        old_tabby, old_gpu = self.executor.tabby, self.executor.gpu
-        self.executor.reconfigure(new, tabby=adapters.tabby, gpu=adapters.gpu, units=adapters.units)
-        # The old adapters hold a thread, an NVML handle and a connection pool each: close them,
-        # except a client that a load in flight still streams through (it ends with the load).
-        closing: list[object] = [old_gpu]
-        if not self.executor.loader.in_flight:
-            closing.append(old_tabby)
-        for adapter in closing:
-            close = getattr(adapter, "close", None)
-            if callable(close) and adapter not in (adapters.gpu, adapters.tabby):
-                with contextlib.suppress(Exception):
-                    close()
-        self.state_file.file = self._statefile(new)
+        old_observer = self.observer
+        self._apply(wiring)
+        old_observer.close()
+        # The old adapters hold a thread, an NVML handle and a connection pool each: closed,
+        # but for one the factory handed out again and a client a load still streams through.
+        in_flight = (old.tabby,) if loader.in_flight else ()
+        old.close(keep=(*adapters.members(), *in_flight))
+        self.state_file.file = self.statefile
         self.events = deque(self.events, maxlen=new.watchdog.events_kept)
         self._record(
             EventKind.CONFIG_RELOADED, Severity.NOTICE, f"config reloaded from {new.source}"
         )
         return True
+
+    def close(self) -> None:
+        """At exit: stop the probe threads and close the adapters (but a client that a load
+        which ignored its cancel still streams through)."""
+        self.observer.close()
+        keep = (self.adapters.tabby,) if self.executor.loader.in_flight else ()
+        self.adapters.close(keep=keep)
 
     def _safe_cycle(self) -> None:
         try:
@@ -443,4 +484,5 @@ def run_daemon(
     try:
         return daemon.run(once=once)
     finally:
+        daemon.close()
         metrics.shutdown()

@@ -163,8 +163,11 @@ class Demo:
         from hydra_watchdog.daemon import Daemon  # noqa: PLC0415
         from hydra_watchdog.interfaces import Adapters  # noqa: PLC0415
         from hydra_watchdog.policy import decide  # noqa: PLC0415
+        from hydra_watchdog.probes.fallback_route import LiteLlmRoute  # noqa: PLC0415
         from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415
+        from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
         from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
+        from hydra_watchdog.probes.process_control import PidfdControl  # noqa: PLC0415
         from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
         from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
         from hydra_watchdog.sim.unit import SimUnit  # noqa: PLC0415
@@ -181,6 +184,9 @@ class Demo:
             units=self.unit,
             scanner=ProcScanner.from_config(self.cfg),
             host=HostProbe.from_config(self.cfg),
+            fallback=LiteLlmRoute(),
+            processes=PidfdControl(),
+            reset=NvidiaSmiReset(),
         )
         self.t0 = time.monotonic()
         self.events: list[tuple[float, Event]] = []
@@ -322,7 +328,7 @@ class Demo:
     def close(self) -> None:
         self.daemon.request_stop()
         self.thread.join(15)
-        self.unit.close()
+        self.unit.stop_all()
         for orphan in self.orphans:
             kill = getattr(orphan, "kill", None)
             if kill is not None and getattr(orphan, "poll", lambda: 0)() is None:

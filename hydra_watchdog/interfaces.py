@@ -1,18 +1,24 @@
 """The seams between the imperative shell and the outside world.
 
-Each adapter in hydra_watchdog/probes/ implements one Protocol; the daemon and the actuators only
-see these. None of these methods raises for an outside failure: they return typed outcomes.
+Each adapter in hydra_watchdog/probes/ (the adapters layer) implements one Protocol; the observer,
+the actuators and the daemon only see these. None of these methods raises for an outside failure:
+they return typed outcomes. Every adapter has close(): what it holds (a thread, an NVML handle, a
+connection pool) is released there, and the daemon calls it when a reload replaces the adapter.
 """
 
 from __future__ import annotations
 
+import contextlib
+import signal
 import threading
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import StrEnum
 from typing import Protocol
 
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.config import GpuDevice
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
     Canary,
     GpuReport,
@@ -25,6 +31,7 @@ from hydra_watchdog.observation import (
     ProcessInfo,
     UnitStatus,
 )
+from hydra_watchdog.probes.identity import ProcIdentity  # a frozen record of /proc, no I/O
 
 
 @dataclass(frozen=True)
@@ -77,13 +84,38 @@ class TabbyApi(Protocol):
 
     def unload_model(self) -> HttpResult: ...
 
-    def check_fallback_route(self, url: str, model: str, timeout: float) -> HttpResult: ...
+    def close(self) -> None: ...
+
+
+class FallbackRoute(Protocol):
+    """The runbook's LiteLLM check. Another host than TabbyAPI: never carries its admin key."""
+
+    def check(self, url: str, model: str, timeout: float) -> HttpResult: ...
+
+    def close(self) -> None: ...
 
 
 class GpuAdapter(Protocol):
     def read(self, devices: Sequence[GpuDevice]) -> GpuReport: ...
 
     def set_power_limit(self, index: int, watts: float) -> PowerSetOutcome: ...
+
+    def close(self) -> None: ...
+
+
+@dataclass(frozen=True)
+class ResetOutcome:
+    ok: bool
+    detail: str
+    error: ErrorKind = ErrorKind.NONE  # not_found, exec_failed, timeout, command_failed
+
+
+class GpuResetter(Protocol):
+    def reset(self, index: int, timeout: float) -> ResetOutcome:
+        """`--gpu-reset` of one card, bounded by `timeout`. Asks nothing: the actuator has
+        checked that it is safe."""
+
+    def close(self) -> None: ...
 
 
 class UnitManager(Protocol):
@@ -93,16 +125,72 @@ class UnitManager(Protocol):
 
     def journal(self, lines: int) -> tuple[str, ...]: ...
 
+    def close(self) -> None: ...
+
 
 class ProcessScanner(Protocol):
     def scan(
         self, unit: UnitStatus, gpus: GpuReport, *, full: bool
     ) -> tuple[PortReport, tuple[ProcessInfo, ...]]: ...
 
+    def close(self) -> None: ...
+
 
 class HostChecker(Protocol):
     def check(self, *, libraries: bool, unit: UnitStatus | None = None) -> HostReport:
         """`unit`: this cycle's unit status, whose main process's environment `ldd` runs in."""
+
+    def close(self) -> None: ...
+
+
+class Delivery(StrEnum):
+    SENT = "sent"
+    GONE = "gone"  # the pinned process had exited
+    DENIED = "denied"  # not allowed to signal it
+
+
+@dataclass(frozen=True)
+class PinFailure:
+    gone: bool  # no such process (any more); otherwise we may not pin it
+    detail: str
+
+
+class PinnedProcess(Protocol):
+    """One process held by a pidfd: signals reach it and nothing else, whatever its PID
+    number comes to mean."""
+
+    pid: int
+
+    def identity(self) -> ProcIdentity | None:
+        """Its identity read now (None: exited, a zombie, or unreadable)."""
+
+    def exited(self, timeout: float) -> bool:
+        """Whether it has exited, waiting up to `timeout` seconds."""
+
+    def signal(self, sig: signal.Signals) -> tuple[Delivery, str]: ...
+
+    def close(self) -> None: ...
+
+
+class ProcessControl(Protocol):
+    """The processes the actuators judge and signal (act/orphans.py, act/gpu_reset.py)."""
+
+    def identity(self, pid: int) -> ProcIdentity | None: ...
+
+    def in_unit(self, pid: int, unit: str) -> bool | None:
+        """Whether `pid` sits in the system unit's cgroup now; None when unreadable."""
+
+    def own_pid_namespace(self) -> str | None: ...
+
+    def resolve_uid(self, user: str) -> int | None: ...
+
+    def pin(self, pid: int) -> PinnedProcess | PinFailure: ...
+
+    def close(self) -> None: ...
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -114,3 +202,27 @@ class Adapters:
     units: UnitManager
     scanner: ProcessScanner
     host: HostChecker
+    fallback: FallbackRoute
+    processes: ProcessControl
+    reset: GpuResetter
+
+    def members(self) -> tuple[Closable, ...]:
+        return (
+            self.tabby,
+            self.gpu,
+            self.units,
+            self.scanner,
+            self.host,
+            self.fallback,
+            self.processes,
+            self.reset,
+        )
+
+    def close(self, *, keep: Sequence[object] = ()) -> None:
+        """Close each adapter but those in `keep` (by identity: still in use elsewhere); one
+        that fails to close does not keep the others open."""
+        for adapter in self.members():
+            if any(adapter is k for k in keep):
+                continue
+            with contextlib.suppress(Exception):  # best effort: the daemon goes on
+                adapter.close()

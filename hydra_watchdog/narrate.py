@@ -25,6 +25,7 @@ from hydra_watchdog.actions import (
     describe,
 )
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
@@ -90,8 +91,8 @@ def _result_event(result: ActionResult, phase: Phase, unit: str, wall: float) ->
         kind, severity, message = EventKind.ACTION_REFUSED, Severity.NOTICE, f"{what}: "
         message += result.detail
     fields = (*_action_fields(action), ("HYDRA_RESULT", status.value))
-    if result.error_kind:
-        fields += (("HYDRA_ERROR_KIND", result.error_kind),)
+    if result.error_kind is not ErrorKind.NONE:
+        fields += (("HYDRA_ERROR_KIND", result.error_kind.value),)
     return Event(
         wall=wall,
         kind=kind,
@@ -306,9 +307,9 @@ def _stop_told(results: Sequence[ActionResult]) -> str:
 def _load_failed_text(res: ActionResult, new: PolicyState, now: float, wall: float) -> str:
     action = res.action
     assert isinstance(action, LoadModel)
-    if res.error_kind == "cancelled":
+    if res.error_kind == ErrorKind.CANCELLED:
         return f"load of {action.model} cancelled: {res.detail}"
-    if res.error_kind in ("load_permanent", "unauthorized"):
+    if res.error_kind in (ErrorKind.LOAD_PERMANENT, ErrorKind.UNAUTHORIZED):
         return f"load of {action.model} failed and will not be retried as is: {res.detail}"
     nxt = ""
     if new.next_load_at is not None:

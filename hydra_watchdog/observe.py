@@ -4,19 +4,20 @@ Cheap probes run every cycle: /health, /v1/model, the unit's status, the GPU rea
 check (listeners of the port and port+1 among known PIDs) and the models dir. Expensive ones run
 only when the policy asked in `state.wants`: the canary, the host-wide port scan, ldd, the journal.
 
-The probes of one cycle run concurrently, each in its own thread, and the whole observation has
-one deadline: the longest deadline among the probes it runs. Every adapter bounds its own calls,
-but an adapter that hangs anyway (a lost GPU inside NVML, a wedged systemctl) must not hang the
-loop: its answer is replaced by a typed "timed out" outcome, and while its thread is still stuck
-the probe is not started again (a hung probe costs one thread, not one per cycle).
+The probes of one cycle run concurrently, each on its own lane of a pool of long-lived threads
+(probes/bounded.py), and the whole observation has one deadline: the longest deadline among the
+probes it runs. Every adapter bounds its own calls, but an adapter that hangs anyway (a lost GPU
+inside NVML, a wedged systemctl) must not hang the loop: its answer is replaced by a typed "timed
+out" outcome, and while its lane is still stuck the probe is not started again (a hung probe
+costs one thread, never one per cycle; no probe costs a new thread per cycle).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from hydra_watchdog.actions import ActionResult
@@ -46,6 +47,7 @@ from hydra_watchdog.observation import (
     UnitStatus,
     local_failure,
 )
+from hydra_watchdog.probes.bounded import Call, Pool, Why
 from hydra_watchdog.probes.nixos import SystemWatch
 
 T = TypeVar("T")
@@ -57,49 +59,47 @@ JOURNAL_LINES = 50
 _SLACK = 0.25  # thread start-up and hand-over on a loaded 2-core machine
 
 
+_PROBES = ("health", "unit", "gpu", "host", "libraries", "journal", "model", "canary", "scan")
+
+
+@dataclass(frozen=True)
 class _Task(Generic[T_co]):
-    """A probe call in a daemon thread (a stuck one never blocks interpreter exit)."""
+    """A probe handed to its lane, or why it was not."""
 
-    def __init__(self, name: str, fn: Callable[[], T_co]) -> None:
-        self.name = name
-        self.done = threading.Event()
-        self.value: T_co | None = None
-        self.error = ""
-        self.local_error = ""  # the watchdog's own failure (no thread, no memory), not the probe's
-        thread = threading.Thread(target=self._run, args=(fn,), name=f"probe-{name}", daemon=True)
-        try:
-            thread.start()
-        except RuntimeError as exc:  # "can't start new thread": out of threads or memory
-            self.local_error = f"the watchdog cannot start the {name} probe's thread ({exc})"
-            self.done.set()
-
-    def _run(self, fn: Callable[[], T_co]) -> None:
-        try:
-            self.value = fn()
-        except Exception as exc:  # adapters must not raise; if one does, it is a typed failure
-            local = local_failure(exc)
-            if local:
-                self.local_error = f"{self.name} probe not run: {local}"
-            else:
-                self.error = f"{type(exc).__name__}: {exc}"[:300]
-        finally:
-            self.done.set()
+    name: str
+    call: Call[T_co] | None
+    local_error: str = ""  # the watchdog's own failure (no thread), not the probe's
+    stuck: bool = False
 
     def get(self, deadline: float, clock: Callable[[], float]) -> tuple[T_co | None, str]:
         """(value, "") or (None, why not)."""
-        if not self.done.wait(max(0.0, deadline - clock())):
-            return None, f"{self.name} probe did not answer in time"
-        if self.local_error:
+        if self.stuck:
+            return None, f"{self.name} probe is still stuck from an earlier cycle"
+        if self.call is None:
             return None, self.local_error
-        if self.error:
-            return None, f"{self.name} probe crashed: {self.error}"
-        return self.value, ""
+        if not self.call.wait(deadline - clock()):
+            return None, f"{self.name} probe did not answer in time"
+        error = self.call.error
+        if error is None:
+            return self.call.value, ""
+        # adapters must not raise; if one does, it is a typed failure
+        local = local_failure(error) if isinstance(error, Exception) else ""
+        if local:
+            return None, f"{self.name} probe not run: {local}"
+        return None, f"{self.name} probe crashed: {f'{type(error).__name__}: {error}'[:300]}"
+
+    @property
+    def local(self) -> bool:
+        """Whether our own failure kept the probe from running (no evidence about TabbyAPI)."""
+        if self.local_error:
+            return True
+        error = None if self.call is None or not self.call.done.is_set() else self.call.error
+        return isinstance(error, Exception) and bool(local_failure(error))
 
 
-def _http_failed(why: str, elapsed: float, task: _Task[object] | None) -> HttpResult:
+def _http_failed(why: str, elapsed: float, task: _Task[object]) -> HttpResult:
     # Our own failure to run the probe is no evidence about TabbyAPI: never a timeout.
-    local = task is not None and bool(task.local_error)
-    return HttpResult(Outcome.LOCAL_ERROR if local else Outcome.TIMEOUT, elapsed, None, why)
+    return HttpResult(Outcome.LOCAL_ERROR if task.local else Outcome.TIMEOUT, elapsed, None, why)
 
 
 class Observer:
@@ -121,8 +121,8 @@ class Observer:
         self.scanner = scanner
         self.host = host
         self._clock = clock
-        self._stuck: dict[str, _Task[object]] = {}
         self.system = SystemWatch(config.nixos.current_system, config.nixos.profiles_dir)
+        self._pool = Pool("probe", _PROBES)
 
     @classmethod
     def from_adapters(
@@ -146,17 +146,24 @@ class Observer:
             longest = max(longest, cfg.tabbyapi.canary_deadline)
         return longest
 
-    def _start(self, name: str, fn: Callable[[], T]) -> _Task[T] | None:
-        old = self._stuck.get(name)
-        if old is not None and not old.done.is_set():
-            return None
-        task = _Task(name, fn)
-        self._stuck[name] = task
-        return task
+    def close(self) -> None:
+        """Stop the probe lanes (a stuck one is left behind); the adapters are not closed."""
+        self._pool.close()
+
+    def _start(self, name: str, fn: Callable[[], T]) -> _Task[T]:
+        call = self._pool.submit(name, fn)
+        if isinstance(call, Call):
+            return _Task(name, call)
+        if call.why is Why.STUCK:
+            return _Task(name, None, stuck=True)
+        why = f"the watchdog cannot start the {name} probe's thread ({call.detail})"
+        if call.why is Why.CLOSED:
+            why = f"{name} probe not run: the observer is closed"
+        return _Task(name, None, local_error=why)
 
     def _get(self, task: _Task[T] | None, name: str, deadline: float) -> tuple[T | None, str]:
-        if task is None:
-            return None, f"{name} probe is still stuck from an earlier cycle"
+        if task is None:  # pragma: no cover - every wanted probe was started
+            return None, f"{name} probe was not started"
         return task.get(deadline, self._clock)
 
     def observe(

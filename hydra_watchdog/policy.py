@@ -138,7 +138,7 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             final_load = res
         elif isinstance(action, UnitCommand) and action.verb in (UnitVerb.START, UnitVerb.RESTART):
             s = _absorb_start(s, res, now, cfg)
-        elif isinstance(action, KillOrphan) and res.error_kind == "unkillable":
+        elif isinstance(action, KillOrphan) and res.error_kind == ErrorKind.UNKILLABLE:
             s = replace(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.OK:
             # The hourly retry worked: the "failed" finding goes with the hold.
@@ -171,10 +171,10 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         if final_load.succeeded:
             # A model just loaded has served nothing yet: a canary runs before "healthy".
             s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
-        elif final_load.error_kind == "unauthorized":
+        elif final_load.error_kind == ErrorKind.UNAUTHORIZED:
             # Not the model's fault and no back-off can fix it: admin_key_rejected says so.
             s = replace(s, last_load_error=final_load.detail, next_load_at=None)
-        elif final_load.error_kind == "load_permanent" and isinstance(action, LoadModel):
+        elif final_load.error_kind == ErrorKind.LOAD_PERMANENT and isinstance(action, LoadModel):
             # No back-off either: waiting cannot change it, and the fallback may go at once.
             s = replace(
                 s,

@@ -12,6 +12,7 @@ from typing import Any
 
 from hydra_watchdog.actions import Action, ActionResult, ResultStatus, UnitCommand, UnitVerb
 from hydra_watchdog.config import Config, parse_config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
     Canary,
     GpuProcess,
@@ -246,7 +247,7 @@ def result(
     status: ResultStatus = ResultStatus.OK,
     detail: str = "",
     at: float = 0.0,
-    error_kind: str = "",
+    error_kind: ErrorKind = ErrorKind.NONE,
 ) -> ActionResult:
     return ActionResult(action, status, detail, at, error_kind)
 

@@ -36,8 +36,14 @@ from hydra_watchdog.actions import (
     UnitVerb,
 )
 from hydra_watchdog.config import Config, OrphansSection, parse_config
+from hydra_watchdog.interfaces import Adapters
+from hydra_watchdog.probes.fallback_route import LiteLlmRoute
 from hydra_watchdog.probes.gpu import NvmlGpu
+from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset
+from hydra_watchdog.probes.host import HostProbe
 from hydra_watchdog.probes.identity import read_identity
+from hydra_watchdog.probes.process_control import PidfdControl
+from hydra_watchdog.probes.procs import ProcScanner
 from hydra_watchdog.probes.systemd import SystemctlUnit
 from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.sim import nvml_state as ns
@@ -123,7 +129,10 @@ def test_orphan_that_obeys_sigterm_exits_on_it(orphans: Orphans) -> None:
     proc = orphans.spawn()
     _reaper(proc)
     result = kill_orphan(
-        _kill_action(proc.pid), OrphansSection(term_grace=30.0), unit="tabbyapi.service"
+        _kill_action(proc.pid),
+        OrphansSection(term_grace=30.0),
+        unit="tabbyapi.service",
+        processes=PidfdControl(),
     )
     assert result.status is ResultStatus.OK, result.detail
     assert "SIGTERM" in result.detail and "SIGKILL" not in result.detail
@@ -135,7 +144,10 @@ def test_orphan_that_ignores_sigterm_gets_sigkill_after_the_grace(orphans: Orpha
     _reaper(proc)
     started = time.monotonic()
     result = kill_orphan(
-        _kill_action(proc.pid), OrphansSection(term_grace=0.5), unit="tabbyapi.service"
+        _kill_action(proc.pid),
+        OrphansSection(term_grace=0.5),
+        unit="tabbyapi.service",
+        processes=PidfdControl(),
     )
     assert result.status is ResultStatus.OK, result.detail
     assert "SIGKILL" in result.detail
@@ -147,7 +159,10 @@ def test_orphan_zombie_counts_as_gone_even_unreaped(orphans: Orphans) -> None:
     # No reaper: the killed child stays a zombie; it has freed its memory and sockets.
     proc = orphans.spawn()
     result = kill_orphan(
-        _kill_action(proc.pid), OrphansSection(term_grace=30.0), unit="tabbyapi.service"
+        _kill_action(proc.pid),
+        OrphansSection(term_grace=30.0),
+        unit="tabbyapi.service",
+        processes=PidfdControl(),
     )
     assert result.status is ResultStatus.OK, result.detail
     assert proc.wait(30) == -signal.SIGTERM
@@ -157,7 +172,9 @@ def test_changed_start_time_is_refused_and_never_signalled(orphans: Orphans) -> 
     proc = orphans.spawn()
     action = _kill_action(proc.pid)
     stale = replace(action, start_ticks=action.start_ticks - 700)  # a PID reused since
-    result = kill_orphan(stale, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+    result = kill_orphan(
+        stale, OrphansSection(term_grace=0.1), unit="tabbyapi.service", processes=PidfdControl()
+    )
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
     time.sleep(0.2)  # would a stray SIGTERM have landed? (the process exits at once on it)
@@ -167,7 +184,9 @@ def test_changed_start_time_is_refused_and_never_signalled(orphans: Orphans) -> 
 def test_changed_cmdline_is_refused_and_never_signalled(orphans: Orphans) -> None:
     proc = orphans.spawn()
     action = replace(_kill_action(proc.pid), cmdline=("/opt/tabbyapi/venv/bin/python", "main.py"))
-    result = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+    result = kill_orphan(
+        action, OrphansSection(term_grace=0.1), unit="tabbyapi.service", processes=PidfdControl()
+    )
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
     time.sleep(0.2)
@@ -179,7 +198,9 @@ def test_vanished_process_is_refused(orphans: Orphans) -> None:
     action = _kill_action(proc.pid)
     proc.kill()
     proc.wait(30)
-    result = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+    result = kill_orphan(
+        action, OrphansSection(term_grace=0.1), unit="tabbyapi.service", processes=PidfdControl()
+    )
     assert result.status is ResultStatus.REFUSED
     assert result.error_kind == "identity_changed"
 
@@ -187,7 +208,10 @@ def test_vanished_process_is_refused(orphans: Orphans) -> None:
 def test_orphan_killing_disabled_refuses_outright(orphans: Orphans) -> None:
     proc = orphans.spawn()
     result = kill_orphan(
-        _kill_action(proc.pid), OrphansSection(enabled=False), unit="tabbyapi.service"
+        _kill_action(proc.pid),
+        OrphansSection(enabled=False),
+        unit="tabbyapi.service",
+        processes=PidfdControl(),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "disabled")
     time.sleep(0.2)
@@ -223,11 +247,18 @@ def _executor(tmp_path: Path, *, dry_run: bool = False, config: Config | None = 
     # NVML library): reaching them would show as a failure, not pass silently.
     return Executor(
         cfg,
-        tabby=TabbyClient(
-            "http://127.0.0.1:9", admin_key=None, health_timeout=1.0, gate=trusted_listener
+        Adapters(
+            tabby=TabbyClient(
+                "http://127.0.0.1:9", admin_key=None, health_timeout=1.0, gate=trusted_listener
+            ),
+            gpu=NvmlGpu(library_path=str(tmp_path / "no-libnvidia-ml.so.1"), call_timeout=1.0),
+            units=_no_systemd(tmp_path),
+            scanner=ProcScanner.from_config(cfg),
+            host=HostProbe.from_config(cfg),
+            fallback=LiteLlmRoute(),
+            processes=PidfdControl(),
+            reset=NvidiaSmiReset((str(tmp_path / "no-nvidia-smi"),)),
         ),
-        gpu=NvmlGpu(library_path=str(tmp_path / "no-libnvidia-ml.so.1"), call_timeout=1.0),
-        units=_no_systemd(tmp_path),
         dry_run=dry_run,
     )
 
@@ -276,7 +307,7 @@ def test_an_actuator_that_raises_becomes_a_failed_result(tmp_path: Path) -> None
             raise RuntimeError("boom")
 
     ex = _executor(tmp_path)
-    ex.gpu = Exploding()  # type: ignore[assignment]
+    ex.adapters = replace(ex.adapters, gpu=Exploding())  # type: ignore[arg-type]
     result = ex.run_one(SetPowerLimit(0, 450.0, Reason(Rule.POWER_LIMIT, "drift")))
     assert (result.status, result.error_kind) == (ResultStatus.FAILED, "exception")
     assert "boom" in result.detail
@@ -373,7 +404,8 @@ def test_gpu_reset_disabled_is_refused(gpu: NvmlGpu, tmp_path: Path) -> None:
         install_dirs=("/opt/tabbyapi",),
         user="root",
         unit="tabbyapi.service",
-        command=(cmd,),
+        processes=PidfdControl(),
+        resetter=NvidiaSmiReset((cmd,)),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "disabled")
     assert not log.exists()
@@ -395,7 +427,8 @@ def test_gpu_reset_refused_while_a_foreign_process_uses_the_gpu(
         install_dirs=("/opt/tabbyapi",),
         user="root",
         unit="tabbyapi.service",
-        command=(cmd,),
+        processes=PidfdControl(),
+        resetter=NvidiaSmiReset((cmd,)),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "foreign_gpu_user")
     assert str(other.pid) in result.detail
@@ -418,7 +451,8 @@ def test_gpu_reset_runs_when_only_tabbyapi_uses_the_gpu(
         install_dirs=(str(orphans.install),),
         user="root",
         unit="tabbyapi.service",
-        command=(cmd,),
+        processes=PidfdControl(),
+        resetter=NvidiaSmiReset((cmd,)),
     )
     assert result.status is ResultStatus.OK, result.detail
     assert log.read_text().split() == ["--gpu-reset", "-i", "0"]
@@ -437,7 +471,8 @@ def test_gpu_reset_refused_when_the_gpu_cannot_be_read(
             install_dirs=("/opt/tabbyapi",),
             user="root",
             unit="tabbyapi.service",
-            command=(cmd,),
+            processes=PidfdControl(),
+            resetter=NvidiaSmiReset((cmd,)),
         )
     finally:
         ns.set_driver_loaded(nvml_sim.state, True)
@@ -459,7 +494,8 @@ def test_gpu_reset_refused_when_the_gpu_users_cannot_be_listed(
         install_dirs=("/opt/tabbyapi",),
         user="root",
         unit="tabbyapi.service",
-        command=(cmd,),
+        processes=PidfdControl(),
+        resetter=NvidiaSmiReset((cmd,)),
     )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "cannot_verify")
     assert not log.exists()
@@ -535,9 +571,7 @@ def test_shutdown_cancels_a_load_in_flight(tabby_sim: TabbySims) -> None:
 
 def test_fallback_route_ok_and_down(tabby_sim: TabbySims) -> None:
     proxy = tabby_sim.start(flavor="modern", auth=False, startup_model="m1")
-    client = TabbyClient(
-        "http://127.0.0.1:9", admin_key=None, health_timeout=1.0, gate=trusted_listener
-    )
+    client = LiteLlmRoute()
     ok = check_fallback_route(
         CheckFallbackRoute(proxy.url, "m1", Reason(Rule.FALLBACK_ROUTE, "escalated")), client, 10.0
     )
@@ -570,7 +604,9 @@ def test_a_process_in_the_units_cgroup_is_never_killed_as_an_orphan(
             f"i = read_identity({pid})\n"
             "why = Reason(Rule.ORPHAN_CLEANUP, 't')\n"
             f"a = KillOrphan({pid}, i.start_ticks, i.cmdline, i.uid, why)\n"
-            f"r = kill_orphan(a, OrphansSection(term_grace=0.1), unit={unit!r})\n"
+            "from hydra_watchdog.probes.process_control import PidfdControl\n"
+            f"r = kill_orphan(a, OrphansSection(term_grace=0.1), unit={unit!r}, "
+            "processes=PidfdControl())\n"
             "print(r.status.value, r.error_kind)\n"
         )
         out = ns.python(code)

@@ -43,8 +43,11 @@ from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.probes.fallback_route import LiteLlmRoute
 from hydra_watchdog.probes.gpu import NvmlGpu
+from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset
 from hydra_watchdog.probes.host import HostProbe
+from hydra_watchdog.probes.process_control import PidfdControl
 from hydra_watchdog.probes.procs import ProcScanner
 from hydra_watchdog.probes.systemd import SystemctlUnit
 from hydra_watchdog.probes.tabby import TabbyClient, read_admin_key
@@ -113,10 +116,17 @@ def exercise(cfg: Config, scratch: Path, *, full: bool = False) -> None:
         if not any(_exists(m.models_dir, n) for n in (m.name, m.fallback) if n):
             host.check(libraries=False)
         adapters = Adapters(
-            tabby=tabby, gpu=gpu, units=SystemctlUnit(cfg.tabbyapi.unit), scanner=scanner, host=host
+            tabby=tabby,
+            gpu=gpu,
+            units=SystemctlUnit(cfg.tabbyapi.unit),
+            scanner=scanner,
+            host=host,
+            fallback=LiteLlmRoute(),
+            processes=PidfdControl(),
+            reset=NvidiaSmiReset(),
         )
-        Observer.from_adapters(cfg, adapters)
-        Executor(cfg, tabby=tabby, gpu=gpu, units=adapters.units, dry_run=True)
+        Observer.from_adapters(cfg, adapters).close()
+        Executor(cfg, adapters, dry_run=True)
         assert math.isfinite(stale_after(cfg))
         deque(maxlen=cfg.watchdog.events_kept)  # the daemon's event memory
 

@@ -69,7 +69,7 @@ try:
                       before_cycle=hang_while(Path(hang)) if hang else None)
 finally:
     for unit in units:
-        unit.close()
+        unit.stop_all()
 sys.exit(code)
 """
 
@@ -564,3 +564,46 @@ def test_a_corrupt_state_file_is_an_event_in_the_journal_and_the_events(node: No
     assert notes[0] in daemon.events  # and the events list (`hydra-watchdog events`)
     daemon._persist()
     assert notes[0] in node.events()
+
+
+def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node) -> None:
+    """SIGHUP goes through one wiring function: new observer, executor and state file from the
+    new config; the old adapters and the old observer's probe threads are let go."""
+    cfg = load_config(node.config)
+    (node.root / "no-systemd").mkdir()
+    units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
+
+    def factory(config: Any) -> Any:
+        return dataclasses.replace(build_adapters(config), units=units)
+
+    daemon = Daemon(
+        cfg,
+        adapters=factory(cfg),
+        decide=decide,
+        config_path=node.config,
+        adapter_factory=factory,
+        notifier=Notifier({}),
+        emit=lambda _event: None,
+    )
+    before = set(threading.enumerate())
+    daemon._safe_cycle()
+    old_adapters, old_observer, old_executor = daemon.adapters, daemon.observer, daemon.executor
+    old_probe_threads = {
+        t for t in set(threading.enumerate()) - before if t.name.startswith("probe-")
+    }
+    assert old_probe_threads  # the cycle ran its probes on the observer's lanes
+    assert daemon.reload()
+    assert daemon.adapters is not old_adapters and daemon.observer is not old_observer
+    assert daemon.executor is not old_executor
+    assert daemon.executor.loader is old_executor.loader  # a load in flight would carry over
+    assert daemon.executor.adapters is daemon.adapters
+    # The old ones are closed: the client refuses to send, NVML answers "closed".
+    assert "closed" in old_adapters.gpu.read(cfg.gpu.device).detail
+    health = old_adapters.tabby.health()
+    assert not health.healthy and "closed" in health.result.detail.lower()
+    wait_for(lambda: not any(t.is_alive() for t in old_probe_threads), WAIT, "old lanes to end")
+    # The same unit manager, handed out again by the factory, stays open and in use.
+    assert daemon.adapters.units is units
+    daemon._safe_cycle()
+    assert daemon.cycles == 2
+    daemon.close()

@@ -30,6 +30,7 @@ from hydra_watchdog.probes.identity import (
     read_identity,
     within,
 )
+from hydra_watchdog.probes.process_control import PidfdControl
 from hydra_watchdog.probes.procs import ProcScanner
 from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.sim.install import lay_out
@@ -342,7 +343,12 @@ def test_another_users_tabbyapi_and_a_contained_one_are_foreign(started: Started
             inner_ident.uid,
             Reason(Rule.ORPHAN_CLEANUP, "test"),
         )
-        refused = kill_orphan(action, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+        refused = kill_orphan(
+            action,
+            OrphansSection(term_grace=0.1),
+            unit="tabbyapi.service",
+            processes=PidfdControl(),
+        )
     assert by_pid[theirs.pid].role is ProcessRole.FOREIGN
     assert by_pid[theirs.pid].uid == 65534
     assert inner.role is ProcessRole.FOREIGN
@@ -368,7 +374,9 @@ def test_a_real_orphan_from_the_install_tree_is_found_and_killed(
     action = KillOrphan(
         info.pid, info.start_ticks, info.cmdline, info.uid, Reason(Rule.ORPHAN_CLEANUP, "t")
     )
-    result = kill_orphan(action, OrphansSection(term_grace=2.0), unit="tabbyapi.service")
+    result = kill_orphan(
+        action, OrphansSection(term_grace=2.0), unit="tabbyapi.service", processes=PidfdControl()
+    )
     assert result.status is ResultStatus.OK, result.detail
     wait_for(lambda: orphan.poll() is not None, 10, "the orphan to be reaped")
     assert orphan.returncode == -signal.SIGTERM
@@ -383,7 +391,12 @@ def test_a_kill_refuses_another_user_even_with_matching_ticks(started: Started) 
         forged = KillOrphan(
             theirs.pid, ident.start_ticks, ident.cmdline, 0, Reason(Rule.ORPHAN_CLEANUP, "t")
         )
-        result = kill_orphan(forged, OrphansSection(term_grace=0.1), unit="tabbyapi.service")
+        result = kill_orphan(
+            forged,
+            OrphansSection(term_grace=0.1),
+            unit="tabbyapi.service",
+            processes=PidfdControl(),
+        )
     assert (result.status, result.error_kind) == (ResultStatus.REFUSED, "identity_changed")
     time.sleep(0.2)
     assert theirs.poll() is None

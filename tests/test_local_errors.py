@@ -70,15 +70,19 @@ cfg = parse_config({
     "model": {"name": "m1", "models_dir": models},
     "gpu": {"nvml_library": "/nonexistent/libnvidia-ml.so.1"},
 })
-observer = Observer(
-    cfg,
-    tabby=TabbyClient.from_config(cfg),
-    gpu=NvmlGpu.from_config(cfg),
-    units=SystemctlUnit(cfg.tabbyapi.unit, root=no_systemd),
-    scanner=ProcScanner.from_config(cfg),
-    host=HostProbe.from_config(cfg),
-)
-first = observer.observe()
+def observer():
+    return Observer(
+        cfg,
+        tabby=TabbyClient.from_config(cfg),
+        gpu=NvmlGpu.from_config(cfg),
+        units=SystemctlUnit(cfg.tabbyapi.unit, root=no_systemd),
+        scanner=ProcScanner.from_config(cfg),
+        host=HostProbe.from_config(cfg),
+    )
+first = observer().observe()
+# The probe threads are long-lived and start on a lane's first call: a fresh observer (as after
+# a reload) has none yet, and must start them under the limit.
+fresh = observer()
 # Every new thread now asks for a 256 MiB stack, which the address-space limit refuses: the
 # kernel's answer to pthread_create is the same as with no pids or memory left.
 threading.stack_size(256 << 20)
@@ -90,7 +94,7 @@ try:
     refused = ""
 except RuntimeError as exc:
     refused = str(exc)
-starved = observer.observe()
+starved = fresh.observe()
 state, actions = decide(PolicyState(), starved, time.monotonic(), cfg)
 print(json.dumps({
     "first": first.health.result.outcome,

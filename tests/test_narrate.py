@@ -15,6 +15,7 @@ from hydra_watchdog.actions import (
     UnitVerb,
 )
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import (
@@ -131,9 +132,9 @@ def test_each_result_is_told_with_rule_reason_and_fields() -> None:
     power = SetPowerLimit(1, 300.0, Reason(Rule.POWER_LIMIT, "450 W, want 300 W"))
     results = (
         ActionResult(kill, ResultStatus.OK, "pid 4242 exited after SIGTERM", 1.0),
-        ActionResult(restart, ResultStatus.FAILED, "exit 1", 1.0, "command_failed"),
-        ActionResult(power, ResultStatus.REFUSED, "no", 1.0, "no_permission"),
-        ActionResult(power, ResultStatus.SKIPPED, "skipped: ...", 1.0, "skipped"),
+        ActionResult(restart, ResultStatus.FAILED, "exit 1", 1.0, ErrorKind.COMMAND_FAILED),
+        ActionResult(power, ResultStatus.REFUSED, "no", 1.0, ErrorKind.NO_PERMISSION),
+        ActionResult(power, ResultStatus.SKIPPED, "skipped: ...", 1.0, ErrorKind.SKIPPED),
     )
     s = PolicyState(phase=Phase.DOWN)
     events = narrate(s, s, [r.action for r in results], results, _obs(), config=CFG)

@@ -143,7 +143,10 @@ class _StuckHost:
         self._inner = inner
         self._release = release
 
-    def check(self, *, libraries: bool) -> object:
+    def close(self) -> None:
+        self._inner.close()
+
+    def check(self, *, libraries: bool, unit: object = None) -> object:
         self._release.wait(30)
         return self._inner.check(libraries=libraries)
 
@@ -163,3 +166,21 @@ def test_a_host_check_that_did_not_answer_is_unknown_not_a_missing_mount(
         assert obs.host.models_dir_detail.startswith("not checked: ")
     finally:
         release.set()
+        observer.close()
+
+
+def test_probes_run_on_long_lived_threads_not_one_per_cycle(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    observer, _ = _observer(sim, nvml_sim, tmp_path)
+    try:
+        observer.observe(frozenset({Probe.CANARY}))
+        lanes = {t for t in threading.enumerate() if t.name.startswith("probe-")}
+        for _ in range(5):
+            obs = observer.observe(frozenset({Probe.CANARY}))
+            assert obs.health.healthy
+        now = {t for t in threading.enumerate() if t.name.startswith("probe-")}
+        assert now == lanes  # the same threads, none added per cycle
+    finally:
+        observer.close()

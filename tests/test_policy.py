@@ -16,6 +16,7 @@ from hydra_watchdog.actions import (
     UnitCommand,
     UnitVerb,
 )
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
     GpuReport,
     HostReport,
@@ -568,7 +569,7 @@ def test_power_permission_denied_is_reported_once_not_retried_every_cycle() -> N
     acts = run.step(obs(0, gpus=gpus(limit0=575.0)))
     assert len(acts) == 1
     denied = result(
-        acts[0], ResultStatus.FAILED, "NoPermission", at=0.1, error_kind="no_permission"
+        acts[0], ResultStatus.FAILED, "NoPermission", at=0.1, error_kind=ErrorKind.NO_PERMISSION
     )
     assert run.step(obs(1, gpus=gpus(limit0=575.0), results=(denied,))) == ()
     for t in range(2, 50):
@@ -721,7 +722,7 @@ def test_findings_do_not_change_while_nothing_changes() -> None:
     stopped = {"health": refused(), "unit": unit("inactive", "dead"), "gpus": gpus(limit0=575.0)}
     acts = run.step(obs(10, **stopped))
     denied = result(
-        acts[0], ResultStatus.FAILED, "NoPermission", at=10.1, error_kind="no_permission"
+        acts[0], ResultStatus.FAILED, "NoPermission", at=10.1, error_kind=ErrorKind.NO_PERMISSION
     )
     run.step(obs(11, results=(denied,), **stopped))
     first = run.state.findings

@@ -4,6 +4,7 @@ for the policy"): each one a runbook situation where the old policy acted or spo
 from __future__ import annotations
 
 from hydra_watchdog.actions import KillOrphan, LoadModel, ResultStatus, SetPowerLimit, UnitVerb
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import EventKind
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import HttpResult, ModelStatus, Outcome, ProcessRole
@@ -61,7 +62,9 @@ def test_a_401_on_a_load_is_not_a_load_failure_to_back_off_from() -> None:
     run = Run()
     acts = run.step(obs(0, model=model(None)))
     load = next(a for a in acts if isinstance(a, LoadModel))
-    rejected = result(load, ResultStatus.FAILED, "load refused: HTTP 401", 1, "unauthorized")
+    rejected = result(
+        load, ResultStatus.FAILED, "load refused: HTTP 401", 1, ErrorKind.UNAUTHORIZED
+    )
     run.step(obs(1, model=_unauthorized(), results=(rejected,)))
     assert run.state.load_failures == 0  # no back-off step for a key problem
     assert not run.state.load_in_flight
@@ -77,7 +80,7 @@ def test_a_permanent_load_failure_is_not_retried_and_the_fallback_is_loaded() ->
     words = (
         "Models quantized with 'exl2' require the exllamav2 backend, which is no longer supported"
     )
-    failed = result(load, ResultStatus.FAILED, words, 5, "load_permanent")
+    failed = result(load, ResultStatus.FAILED, words, 5, ErrorKind.LOAD_PERMANENT)
     acts = run.step(obs(5, model=model(None), results=(failed,)))
     loads = [a for a in acts if isinstance(a, LoadModel)]
     assert [a.model for a in loads] == ["F"]  # the fallback, at once: no back-off for M
@@ -96,7 +99,9 @@ def test_a_permanent_load_failure_is_not_retried_and_the_fallback_is_loaded() ->
 def test_a_permanent_failure_clears_when_tabbyapi_is_restarted_by_someone_else() -> None:
     run = Run()
     load = next(a for a in run.step(obs(0, model=model(None))) if isinstance(a, LoadModel))
-    failed = result(load, ResultStatus.FAILED, "Could not find the model path", 5, "load_permanent")
+    failed = result(
+        load, ResultStatus.FAILED, "Could not find the model path", 5, ErrorKind.LOAD_PERMANENT
+    )
     run.step(obs(5, model=model(None), results=(failed,)))
     assert [p.model for p in run.state.permanent] == ["M"]
     fresh = unit()
@@ -108,7 +113,7 @@ def test_a_permanent_failure_clears_when_tabbyapi_is_restarted_by_someone_else()
 def test_a_transient_failure_keeps_the_back_off() -> None:
     run = Run()
     load = next(a for a in run.step(obs(0, model=model(None))) if isinstance(a, LoadModel))
-    oom = result(load, ResultStatus.FAILED, "Insufficient VRAM in split", 5, "load_error")
+    oom = result(load, ResultStatus.FAILED, "Insufficient VRAM in split", 5, ErrorKind.LOAD_ERROR)
     run.step(obs(5, model=model(None), results=(oom,)))
     assert run.state.load_failures == 1 and run.state.next_load_at is not None
     assert not run.state.permanent
@@ -132,7 +137,9 @@ def test_every_failed_load_is_an_event_with_attempt_error_and_next_time() -> Non
         o = obs(
             t,
             model=model(None),
-            results=(result(load, ResultStatus.FAILED, f"OOM #{attempt}", t, "load_error"),),
+            results=(
+                result(load, ResultStatus.FAILED, f"OOM #{attempt}", t, ErrorKind.LOAD_ERROR),
+            ),
         )
         run.step(o)
         told += [
@@ -210,7 +217,7 @@ def test_an_orphan_that_survives_sigkill_is_not_tried_again_and_blocks() -> None
     run = Run()
     acts = run.step(obs(0, **node))
     kill = next(a for a in acts if isinstance(a, KillOrphan))
-    survived = result(kill, ResultStatus.FAILED, "survived SIGKILL", 1, "unkillable")
+    survived = result(kill, ResultStatus.FAILED, "survived SIGKILL", 1, ErrorKind.UNKILLABLE)
     acts = run.step(obs(1, results=(survived,), **node))
     assert not [a for a in acts if isinstance(a, KillOrphan)]
     assert Rule.UNKILLABLE_ORPHAN in _rules(run)
@@ -241,7 +248,7 @@ def test_the_fallback_is_degraded_and_the_main_model_is_retried_when_it_can_be()
         obs(
             1,
             model=model(None),
-            results=(result(load, ResultStatus.FAILED, "OOM", 1, "load_error"),),
+            results=(result(load, ResultStatus.FAILED, "OOM", 1, ErrorKind.LOAD_ERROR),),
         )
     )
     fb = [

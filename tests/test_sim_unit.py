@@ -47,7 +47,7 @@ def unit(tmp_path: Path, script: Path) -> Iterator[SimUnit]:
         restart_sec=0.2,
     )
     yield u
-    u.close()
+    u.stop_all()
 
 
 def test_start_stop_report_like_systemd(unit: SimUnit) -> None:
@@ -93,6 +93,6 @@ def test_reset_failed_and_clean_exit(unit: SimUnit, tmp_path: Path) -> None:
 
 
 def test_closed_unit_refuses(unit: SimUnit) -> None:
-    unit.close()
+    unit.stop_all()
     outcome = unit.command(UnitVerb.START)
     assert not outcome.ok and outcome.refused

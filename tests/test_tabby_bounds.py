@@ -20,7 +20,7 @@ from collections.abc import Callable, Iterator
 import pytest
 
 from hydra_watchdog.observation import Outcome
-from hydra_watchdog.probes.tabby import (
+from hydra_watchdog.probes.sse import (
     SSE_MAX_BYTES,
     SSE_MAX_EVENT,
     SSE_MAX_EVENTS,
@@ -28,6 +28,8 @@ from hydra_watchdog.probes.tabby import (
     SseLimits,
     SseParser,
     StreamMalformedError,
+)
+from hydra_watchdog.probes.tabby import (
     TabbyClient,
 )
 from hydra_watchdog.sim.tabby_server import LOAD_STREAMS, parse_faults

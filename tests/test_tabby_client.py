@@ -18,10 +18,13 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hydra_watchdog.config import parse_config
+from hydra_watchdog.daemon import build_adapters
 from hydra_watchdog.interfaces import LoadOutcome
 from hydra_watchdog.observation import Outcome, UnitStatus
 from hydra_watchdog.printable import printable
-from hydra_watchdog.probes.tabby import SseParser, TabbyClient, read_admin_key
+from hydra_watchdog.probes.fallback_route import LiteLlmRoute
+from hydra_watchdog.probes.sse import SseParser
+from hydra_watchdog.probes.tabby import TabbyClient, read_admin_key
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, trusted_listener, wait_for
 
 SLACK = 0.1  # issue 3: a probe never exceeds its deadline by more than 100 ms
@@ -289,21 +292,25 @@ def test_canary_unload_and_list(tabby_sim: TabbySims, clients: Callable[..., Tab
     assert client.list_models().models == ("m1", "m2")
 
 
-def test_fallback_route(tabby_sim: TabbySims, clients: Callable[..., TabbyClient]) -> None:
+def test_fallback_route(tabby_sim: TabbySims) -> None:
     litellm = tabby_sim.start(auth=False, startup_model="m1", load_seconds=0.1)
-    client = clients("http://127.0.0.1:1")
-    ok = client.check_fallback_route(litellm.url + "/", "tabby", 2.0)
-    assert ok.outcome is Outcome.OK and ok.status == 200
-    litellm.set_faults(hang=True)
-    hung, took = timed(lambda: client.check_fallback_route(litellm.url, "tabby", 0.4))
-    assert hung.outcome is Outcome.TIMEOUT and took <= 0.4 + SLACK
-    port = free_port()
-    refused = client.check_fallback_route(f"http://user:secret@127.0.0.1:{port}", "tabby", 1.0)
-    assert refused.outcome is Outcome.REFUSED
-    assert "secret" not in refused.detail
-    for bad in ("http://[::1", "ftp://127.0.0.1", "nonsense"):
-        invalid = client.check_fallback_route(bad, "tabby", 1.0)
-        assert invalid.outcome is Outcome.REFUSED and "not a usable http(s) URL" in invalid.detail
+    route = LiteLlmRoute()
+    try:
+        ok = route.check(litellm.url + "/", "tabby", 2.0)
+        assert ok.outcome is Outcome.OK and ok.status == 200
+        litellm.set_faults(hang=True)
+        hung, took = timed(lambda: route.check(litellm.url, "tabby", 0.4))
+        assert hung.outcome is Outcome.TIMEOUT and took <= 0.4 + SLACK
+        port = free_port()
+        refused = route.check(f"http://user:secret@127.0.0.1:{port}", "tabby", 1.0)
+        assert refused.outcome is Outcome.REFUSED
+        assert "secret" not in refused.detail
+        for bad in ("http://[::1", "ftp://127.0.0.1", "nonsense"):
+            invalid = route.check(bad, "tabby", 1.0)
+            assert invalid.outcome is Outcome.REFUSED
+            assert "not a usable http(s) URL" in invalid.detail
+    finally:
+        route.close()
 
 
 # --- the admin key ----------------------------------------------------------------------------
@@ -563,17 +570,26 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
         client.close()
 
 
-def test_fallback_route_gets_no_tabby_key(raw: RawServer) -> None:
-    client = TabbyClient(
-        "http://127.0.0.1:1", admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener
+def test_fallback_route_gets_no_tabby_key(raw: RawServer, tmp_path: Path) -> None:
+    """The daemon's own adapters, with TabbyAPI's key configured: the fallback route is its own
+    adapter and sends no Authorization header, let alone the key."""
+    key_file = tmp_path / "admin_key"
+    key_file.write_text(ADMIN_KEY)
+    cfg = parse_config(
+        {
+            "tabbyapi": {"url": "http://127.0.0.1:1", "admin_key_file": str(key_file)},
+            "fallback_route": {"url": raw.url},
+        }
     )
+    adapters = build_adapters(cfg)
     try:
         raw.default = _reply(200, "application/json", b'{"choices": [{"index": 0}]}')
         raw.seen.clear()
-        assert client.check_fallback_route(raw.url, "tabby", 1.0).outcome is Outcome.OK
+        assert adapters.fallback.check(raw.url, "tabby", 1.0).outcome is Outcome.OK
         [request] = raw.seen
         assert request.startswith(b"POST /v1/chat/completions ")
         assert b"authorization" not in request.lower()
+        assert ADMIN_KEY.encode() not in request
         body = json.loads(request.partition(b"\r\n\r\n")[2])
         assert body == {
             "model": "tabby",
@@ -581,7 +597,7 @@ def test_fallback_route_gets_no_tabby_key(raw: RawServer) -> None:
             "max_tokens": 5,
         }
     finally:
-        client.close()
+        adapters.close()
 
 
 # --- hypothesis: whatever comes back, never raise and never overrun the deadline ----------------
@@ -621,13 +637,13 @@ def scripts(draw: st.DrawFn) -> Script:
     return Script(parts, hold_open=draw(st.booleans()))
 
 
-PROBES: dict[str, Callable[[TabbyClient, str], object]] = {
-    "health": lambda c, _: c.health(),
-    "model": lambda c, _: c.model(),
-    "canary": lambda c, _: c.canary(DEADLINE),
-    "unload": lambda c, _: c.unload_model(),
-    "list": lambda c, _: c.list_models(),
-    "fallback": lambda c, url: c.check_fallback_route(url, "tabby", DEADLINE),
+PROBES: dict[str, Callable[[TabbyClient, LiteLlmRoute, str], object]] = {
+    "health": lambda c, _r, _: c.health(),
+    "model": lambda c, _r, _: c.model(),
+    "canary": lambda c, _r, _: c.canary(DEADLINE),
+    "unload": lambda c, _r, _: c.unload_model(),
+    "list": lambda c, _r, _: c.list_models(),
+    "fallback": lambda _c, route, url: route.check(url, "tabby", DEADLINE),
 }
 
 
@@ -644,14 +660,21 @@ def raw_client(raw: RawServer) -> Iterator[TabbyClient]:
     client.close()
 
 
+@pytest.fixture(scope="module")
+def raw_route() -> Iterator[LiteLlmRoute]:
+    route = LiteLlmRoute()
+    yield route
+    route.close()
+
+
 @settings(max_examples=60, deadline=None, suppress_health_check=list(HealthCheck))
 @given(script=scripts(), probe=st.sampled_from(sorted(PROBES)))
 def test_probes_never_raise_nor_overrun(
-    raw: RawServer, raw_client: TabbyClient, script: Script, probe: str
+    raw: RawServer, raw_client: TabbyClient, raw_route: LiteLlmRoute, script: Script, probe: str
 ) -> None:
     raw.routes.clear()
     raw.default = script
-    result, took = timed(lambda: PROBES[probe](raw_client, raw.url))
+    result, took = timed(lambda: PROBES[probe](raw_client, raw_route, raw.url))
     assert took <= DEADLINE + SLACK, (probe, took, result)
     http = getattr(result, "result", result)
     assert http.outcome in Outcome

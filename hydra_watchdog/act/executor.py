@@ -32,7 +32,8 @@ from hydra_watchdog.actions import (
     describe,
 )
 from hydra_watchdog.config import Config
-from hydra_watchdog.interfaces import GpuAdapter, TabbyApi, UnitManager
+from hydra_watchdog.errors import ErrorKind
+from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observation import LoadProgress
 
 _CONTINUE = (ResultStatus.OK, ResultStatus.DRY_RUN, ResultStatus.IN_PROGRESS)
@@ -42,31 +43,25 @@ class Executor:
     def __init__(
         self,
         config: Config,
+        adapters: Adapters,
         *,
-        tabby: TabbyApi,
-        gpu: GpuAdapter,
-        units: UnitManager,
         dry_run: bool = False,
-        reset_command: Sequence[str] = ("nvidia-smi",),
         clock: Callable[[], float] = time.monotonic,
+        loader: ModelLoader | None = None,
     ) -> None:
+        """`loader`: the previous executor's (a reload), so that a load in flight finishes on
+        the adapter it began with and its result still reaches drain(); the next load uses
+        the new adapter."""
         self.config = config
-        self.tabby = tabby
-        self.gpu = gpu
-        self.units = units
+        self.adapters = adapters
         self.dry_run = dry_run
-        self.reset_command = tuple(reset_command)
         self._clock = clock
-        self.loader = ModelLoader(tabby, config.model.load_timeout, clock=clock)
-
-    def reconfigure(
-        self, config: Config, *, tabby: TabbyApi, gpu: GpuAdapter, units: UnitManager
-    ) -> None:
-        """New config and adapters (SIGHUP). A load in flight finishes on the adapter it began
-        with; the next load uses the new one."""
-        self.config, self.tabby, self.gpu, self.units = config, tabby, gpu, units
-        self.loader.tabby = tabby
-        self.loader.load_timeout = config.model.load_timeout
+        if loader is None:
+            loader = ModelLoader(adapters.tabby, config.model.load_timeout, clock=clock)
+        else:
+            loader.tabby = adapters.tabby
+            loader.load_timeout = config.model.load_timeout
+        self.loader = loader
 
     def run(
         self, actions: Sequence[Action], between: Callable[[], None] = lambda: None
@@ -83,7 +78,7 @@ class Executor:
                         ResultStatus.SKIPPED,
                         f"skipped: '{describe(failed.action)}' did not succeed ({failed.status})",
                         self._clock(),
-                        "skipped",
+                        ErrorKind.SKIPPED,
                     )
                 )
                 continue
@@ -107,34 +102,37 @@ class Executor:
                 ResultStatus.FAILED,
                 f"{describe(action)} crashed: {type(exc).__name__}: {exc}",
                 self._clock(),
-                "exception",
+                ErrorKind.EXCEPTION,
             )
 
     def _dispatch(self, action: Action) -> ActionResult:
-        cfg, clock = self.config, self._clock
+        cfg, clock, a = self.config, self._clock, self.adapters
         match action:
             case SetPowerLimit():
-                return set_power_limit(action, self.gpu, clock=clock)
+                return set_power_limit(action, a.gpu, clock=clock)
             case KillOrphan():
-                return kill_orphan(action, cfg.orphans, unit=cfg.tabbyapi.unit, clock=clock)
+                return kill_orphan(
+                    action, cfg.orphans, unit=cfg.tabbyapi.unit, processes=a.processes, clock=clock
+                )
             case UnitCommand():
-                return run_unit_command(action, self.units, cfg.tabbyapi.unit, clock=clock)
+                return run_unit_command(action, a.units, cfg.tabbyapi.unit, clock=clock)
             case LoadModel():
                 return self.loader.start(action)
             case ResetGpu():
                 return reset_gpu(
                     action,
                     enabled=cfg.gpu_reset.enabled,
-                    gpu=self.gpu,
+                    gpu=a.gpu,
+                    processes=a.processes,
+                    resetter=a.reset,
                     install_dirs=cfg.tabbyapi.cmdline_patterns,
                     user=cfg.tabbyapi.user,
                     unit=cfg.tabbyapi.unit,
-                    command=self.reset_command,
                     clock=clock,
                 )
             case CheckFallbackRoute():
                 return check_fallback_route(
-                    action, self.tabby, cfg.fallback_route.timeout, clock=clock
+                    action, a.fallback, cfg.fallback_route.timeout, clock=clock
                 )
         raise AssertionError(f"unknown action {action!r}")  # pragma: no cover
 

@@ -3,21 +3,20 @@
 A reset tears down every context on the card, so it is refused unless `gpu_reset.enabled` and
 nothing but TabbyAPI's own processes uses the GPU. That is re-checked through NVML right before
 the reset, not taken from the (seconds old) observation: a job started meanwhile must not lose
-its work.
+its work. The decisions are made here; the GPU, /proc and the command are adapters.
 """
 
 from __future__ import annotations
 
-import subprocess
 import time
 from collections.abc import Callable, Sequence
 
 from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
 from hydra_watchdog.config import GpuDevice
-from hydra_watchdog.interfaces import GpuAdapter
+from hydra_watchdog.errors import ErrorKind
+from hydra_watchdog.interfaces import GpuAdapter, GpuResetter, ProcessControl
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.probes.identity import is_tabby_program, read_identity, resolve_uid
-from hydra_watchdog.probes.procs import in_unit
+from hydra_watchdog.probes.identity import is_tabby_program
 
 # A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
 # unit's WatchdogSec (90 s) minus a ping interval.
@@ -25,7 +24,12 @@ RESET_TIMEOUT = 40.0
 
 
 def _foreign_users(
-    gpu: GpuAdapter, index: int, install_dirs: Sequence[str], user: str, unit: str
+    gpu: GpuAdapter,
+    processes: ProcessControl,
+    index: int,
+    install_dirs: Sequence[str],
+    user: str,
+    unit: str,
 ) -> tuple[list[str], str | None]:
     """(descriptions of non-TabbyAPI GPU users, or why we could not tell). TabbyAPI's: in a
     cgroup named after the unit, or its program from the install tree run as TabbyAPI's user
@@ -38,16 +42,18 @@ def _foreign_users(
         return [], f"gpu{index} not found"
     if any(what == "processes" for what, _ in snap.errors):
         return [], f"cannot list the processes on gpu{index}"
-    uid = resolve_uid(user)
+    uid = processes.resolve_uid(user)
     foreign: list[str] = []
     for gp in snap.processes:
-        ident = read_identity(gp.pid)
+        ident = processes.identity(gp.pid)
         if ident is None:
-            if in_unit(gp.pid, unit) is None:
+            if processes.in_unit(gp.pid, unit) is None:
                 continue  # exited since NVML listed it: its context is gone with it
             foreign.append(f"{gp.pid} (unreadable)")
             continue
-        ours = in_unit(gp.pid, unit) or (ident.uid == uid and is_tabby_program(ident, install_dirs))
+        ours = processes.in_unit(gp.pid, unit) or (
+            ident.uid == uid and is_tabby_program(ident, install_dirs)
+        )
         if not ours:
             foreign.append(f"{gp.pid} ({one_line(ident.command, 60)})")
     return foreign, None
@@ -58,39 +64,35 @@ def reset_gpu(
     *,
     enabled: bool,
     gpu: GpuAdapter,
+    processes: ProcessControl,
+    resetter: GpuResetter,
     install_dirs: Sequence[str],
     user: str,
     unit: str,
-    command: Sequence[str] = ("nvidia-smi",),
     timeout: float = RESET_TIMEOUT,
     clock: Callable[[], float] = time.monotonic,
 ) -> ActionResult:
-    """Run `<command> --gpu-reset -i N` (bounded) when it is safe; REFUSED otherwise."""
+    """Run the reset (bounded) when it is safe; REFUSED otherwise."""
 
-    def result(status: ResultStatus, detail: str, kind: str = "") -> ActionResult:
+    def result(status: ResultStatus, detail: str, kind: ErrorKind = ErrorKind.NONE) -> ActionResult:
         return ActionResult(action, status, detail, clock(), kind)
 
     if not enabled:
-        return result(ResultStatus.REFUSED, "GPU reset is disabled (gpu_reset.enabled)", "disabled")
-    foreign, unknown = _foreign_users(gpu, action.gpu_index, install_dirs, user, unit)
+        return result(
+            ResultStatus.REFUSED, "GPU reset is disabled (gpu_reset.enabled)", ErrorKind.DISABLED
+        )
+    foreign, unknown = _foreign_users(gpu, processes, action.gpu_index, install_dirs, user, unit)
     if unknown is not None:
-        return result(ResultStatus.REFUSED, f"{unknown}; not resetting blind", "cannot_verify")
+        return result(
+            ResultStatus.REFUSED, f"{unknown}; not resetting blind", ErrorKind.CANNOT_VERIFY
+        )
     if foreign:
         return result(
             ResultStatus.REFUSED,
             f"gpu{action.gpu_index} is in use by non-TabbyAPI processes: {', '.join(foreign)}",
-            "foreign_gpu_user",
+            ErrorKind.FOREIGN_GPU_USER,
         )
-    argv = [*command, "--gpu-reset", "-i", str(action.gpu_index)]
-    try:
-        proc = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, check=False)
-    except FileNotFoundError:
-        return result(ResultStatus.FAILED, f"{command[0]} not found", "not_found")
-    except subprocess.TimeoutExpired:
-        return result(ResultStatus.FAILED, f"GPU reset took over {timeout:g}s", "timeout")
-    except OSError as exc:
-        return result(ResultStatus.FAILED, f"cannot run {command[0]}: {exc}", "exec_failed")
-    output = " ".join((proc.stdout + " " + proc.stderr).split())[:300]
-    if proc.returncode != 0:
-        return result(ResultStatus.FAILED, f"exit {proc.returncode}: {output}", "command_failed")
-    return result(ResultStatus.OK, output or f"gpu{action.gpu_index} reset")
+    done = resetter.reset(action.gpu_index, timeout)
+    if not done.ok:
+        return result(ResultStatus.FAILED, done.detail, done.error)
+    return result(ResultStatus.OK, done.detail)

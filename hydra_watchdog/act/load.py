@@ -21,6 +21,7 @@ from collections.abc import Callable
 
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import ActionResult, LoadModel, Reason, ResultStatus
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import LoadOutcome, TabbyApi
 from hydra_watchdog.observation import LoadProgress
 from hydra_watchdog.states import Rule
@@ -63,7 +64,7 @@ class ModelLoader:
                     ResultStatus.REFUSED,
                     f"load in flight ({busy}); never two loads at once",
                     now,
-                    "load_in_flight",
+                    ErrorKind.LOAD_IN_FLIGHT,
                 )
             self._cancel = threading.Event()
             self._action = action
@@ -92,11 +93,14 @@ class ModelLoader:
         except Exception as exc:  # an adapter bug must not leave a load "in flight" forever
             outcome = LoadOutcome(ok=False, detail=f"load crashed: {type(exc).__name__}: {exc}")
         if outcome.ok:
-            status, kind = ResultStatus.OK, ""
+            status, kind = ResultStatus.OK, ErrorKind.NONE
         elif cancel.is_set():
-            status, kind = ResultStatus.FAILED, "cancelled"
+            status, kind = ResultStatus.FAILED, ErrorKind.CANCELLED
         else:
-            status, kind = ResultStatus.FAILED, _FAILURE_KINDS.get(outcome.kind, "load_error")
+            status, kind = (
+                ResultStatus.FAILED,
+                _FAILURE_KINDS.get(outcome.kind, ErrorKind.LOAD_ERROR),
+            )
         with self._lock:
             self._finished.append(ActionResult(action, status, outcome.detail, self._clock(), kind))
             self._progress = None
@@ -111,13 +115,13 @@ class ModelLoader:
                 ResultStatus.REFUSED,
                 f"load in flight ({busy.model}); never two loads at once",
                 now,
-                "load_in_flight",
+                ErrorKind.LOAD_IN_FLIGHT,
             )
         with self._lock:  # one that ended unseen is reported before the next begins
             self._finished.extend(self._collect(helpers))
         launched = helpers.launch(action, now)
         if isinstance(launched, str):
-            return ActionResult(action, ResultStatus.FAILED, launched, now, "load_error")
+            return ActionResult(action, ResultStatus.FAILED, launched, now, ErrorKind.LOAD_ERROR)
         where = f"unit {launched.unit}" if launched.unit else f"pid {launched.pid}"
         return ActionResult(
             action, ResultStatus.IN_PROGRESS, f"loading {action.model} in a helper ({where})", now
@@ -134,16 +138,17 @@ class ModelLoader:
         except ValueError:
             rule = Rule.NO_MODEL
         action = LoadModel(launch.model, launch.vram_needed_bytes, Reason(rule, launch.evidence))
+        kind: ErrorKind
         if report is None or not report.finished:
-            status, kind = ResultStatus.FAILED, "load_error"
+            status, kind = ResultStatus.FAILED, ErrorKind.LOAD_ERROR
             detail = "the load helper ended without an outcome (killed?)"
         elif report.ok:
-            status, kind, detail = ResultStatus.OK, "", report.detail
+            status, kind, detail = ResultStatus.OK, ErrorKind.NONE, report.detail
         else:
             status, detail = ResultStatus.FAILED, report.detail
-            kind = _FAILURE_KINDS.get(report.kind, "load_error")
+            kind = _FAILURE_KINDS.get(report.kind, ErrorKind.LOAD_ERROR)
             if report.detail.startswith("cancelled"):
-                kind = "cancelled"
+                kind = ErrorKind.CANCELLED
         helpers.forget()
         return (ActionResult(action, status, detail, self._clock(), kind),)
 
@@ -206,4 +211,4 @@ class ModelLoader:
 
 
 # LoadOutcome.kind -> ActionResult.error_kind: what the policy needs to know of a failed load.
-_FAILURE_KINDS = {"unauthorized": "unauthorized", "permanent": "load_permanent"}
+_FAILURE_KINDS = {"unauthorized": ErrorKind.UNAUTHORIZED, "permanent": ErrorKind.LOAD_PERMANENT}

@@ -6,31 +6,25 @@ TabbyAPI). So the process is pinned first (a pidfd: signals through it can only 
 process, whatever happens to the PID number), then its identity recorded at observation time
 (start ticks since boot, cmdline, uid) is re-read and compared exactly. Start ticks, not wall
 time: an NTP step between scan and kill changes every wall-clock start time, never the ticks.
+
+The decisions are made here; /proc and the pidfd are an adapter (interfaces.ProcessControl).
 """
 
 from __future__ import annotations
 
-import os
-import select
 import signal
 import time
 from collections.abc import Callable
 
 from hydra_watchdog.actions import ActionResult, KillOrphan, ResultStatus
 from hydra_watchdog.config import OrphansSection
+from hydra_watchdog.errors import ErrorKind
+from hydra_watchdog.interfaces import Delivery, PinFailure, PinnedProcess, ProcessControl
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.probes.identity import own_pid_namespace, read_identity
-from hydra_watchdog.probes.procs import in_unit
 
 _KILL_WAIT = 5.0  # after SIGKILL: the kernel frees it promptly unless it is stuck in D state
 
-
-def _gone(pidfd: int, timeout: float) -> bool:
-    """Whether the pinned process has exited (a pidfd turns readable on exit), within
-    `timeout` seconds. A zombie has exited and freed its memory and sockets already."""
-    poller = select.poll()
-    poller.register(pidfd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000))))
+_Result = Callable[[ResultStatus, str, ErrorKind], ActionResult]
 
 
 def kill_orphan(
@@ -38,6 +32,7 @@ def kill_orphan(
     config: OrphansSection,
     *,
     unit: str,
+    processes: ProcessControl,
     clock: Callable[[], float] = time.monotonic,
 ) -> ActionResult:
     """SIGTERM, wait `term_grace`, SIGKILL, if (and only if) the process is still the one the
@@ -45,80 +40,81 @@ def kill_orphan(
     identity changed, or the unit claims it: the observation that called it an orphan may
     predate a restart by systemd, whose new main process has the same command line."""
 
-    def result(status: ResultStatus, detail: str, kind: str = "") -> ActionResult:
+    def result(status: ResultStatus, detail: str, kind: ErrorKind = ErrorKind.NONE) -> ActionResult:
         return ActionResult(action, status, detail, clock(), kind)
 
     if not config.enabled:
         return result(
-            ResultStatus.REFUSED, "orphan killing is disabled (orphans.enabled)", "disabled"
+            ResultStatus.REFUSED, "orphan killing is disabled (orphans.enabled)", ErrorKind.DISABLED
         )
     pid = action.pid
+    pinned = processes.pin(pid)
+    if isinstance(pinned, PinFailure):
+        if pinned.gone:
+            gone = f"pid {pid} is gone; nothing to kill"
+            return result(ResultStatus.REFUSED, gone, ErrorKind.IDENTITY_CHANGED)
+        return result(ResultStatus.FAILED, pinned.detail, ErrorKind.NO_PERMISSION)
     try:
-        pidfd = os.pidfd_open(pid)
-    except ProcessLookupError:
-        return result(
-            ResultStatus.REFUSED, f"pid {pid} is gone; nothing to kill", "identity_changed"
-        )
-    except OSError as exc:
-        return result(ResultStatus.FAILED, f"cannot pin pid {pid}: {exc}", "no_permission")
-    try:
-        return _kill_pinned(action, config, unit, pidfd, result)
+        return _kill_pinned(action, config, unit, processes, pinned, result)
     finally:
-        os.close(pidfd)
+        pinned.close()
 
 
 def _kill_pinned(
     action: KillOrphan,
     config: OrphansSection,
     unit: str,
-    pidfd: int,
-    result: Callable[..., ActionResult],
+    processes: ProcessControl,
+    pinned: PinnedProcess,
+    result: _Result,
 ) -> ActionResult:
     pid = action.pid
-    now = read_identity(pid)
+    now = pinned.identity()
     if now is None:
-        if _gone(pidfd, 0):
-            return result(ResultStatus.OK, f"pid {pid} had already exited")
-        return result(ResultStatus.FAILED, f"cannot inspect pid {pid}", "no_permission")
+        if pinned.exited(0):
+            return result(ResultStatus.OK, f"pid {pid} had already exited", ErrorKind.NONE)
+        return result(ResultStatus.FAILED, f"cannot inspect pid {pid}", ErrorKind.NO_PERMISSION)
     if (now.start_ticks, now.cmdline, now.uid) != (action.start_ticks, action.cmdline, action.uid):
         return result(
             ResultStatus.REFUSED,
             f"pid {pid} is now another process (start ticks {now.start_ticks} vs "
             f"{action.start_ticks}, uid {now.uid} vs {action.uid}, cmdline "
             f"{one_line(now.command, 80)!r}); not signalled",
-            "identity_changed",
+            ErrorKind.IDENTITY_CHANGED,
         )
-    ns = own_pid_namespace()
+    ns = processes.own_pid_namespace()
     if ns is None or now.pid_ns != ns:
         return result(
             ResultStatus.REFUSED,
             f"pid {pid} lives in another PID namespace (a container?); not signalled",
-            "identity_changed",
+            ErrorKind.IDENTITY_CHANGED,
         )
-    if in_unit(pid, unit) is not False:
+    if processes.in_unit(pid, unit) is not False:
         return result(
             ResultStatus.REFUSED,
             f"pid {pid} is (or may be) in {unit}'s cgroup now; not signalled",
-            "in_unit",
+            ErrorKind.IN_UNIT,
         )
-    try:
-        signal.pidfd_send_signal(pidfd, signal.SIGTERM)
-        if _gone(pidfd, config.term_grace):
-            return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM")
-        signal.pidfd_send_signal(pidfd, signal.SIGKILL)
-    except ProcessLookupError:
-        return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM")
-    except PermissionError as exc:
-        return result(
-            ResultStatus.FAILED, f"not allowed to signal pid {pid}: {exc}", "no_permission"
-        )
-    if _gone(pidfd, _KILL_WAIT):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        delivery, why = pinned.signal(sig)
+        if delivery is Delivery.GONE:
+            return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM", ErrorKind.NONE)
+        if delivery is Delivery.DENIED:
+            return result(
+                ResultStatus.FAILED,
+                f"not allowed to signal pid {pid}: {why}",
+                ErrorKind.NO_PERMISSION,
+            )
+        if sig is signal.SIGTERM and pinned.exited(config.term_grace):
+            return result(ResultStatus.OK, f"pid {pid} exited after SIGTERM", ErrorKind.NONE)
+    if pinned.exited(_KILL_WAIT):
         return result(
             ResultStatus.OK,
             f"pid {pid} ignored SIGTERM for {config.term_grace:g}s; killed with SIGKILL",
+            ErrorKind.NONE,
         )
     return result(
         ResultStatus.FAILED,
         f"pid {pid} survived SIGKILL for {_KILL_WAIT:g}s (uninterruptible sleep?)",
-        "unkillable",
+        ErrorKind.UNKILLABLE,
     )

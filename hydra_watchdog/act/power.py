@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from hydra_watchdog.actions import ActionResult, ResultStatus, SetPowerLimit
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import GpuAdapter
 from hydra_watchdog.observation import NvmlErrorKind
 
@@ -20,6 +21,6 @@ def set_power_limit(
         applied = f"{outcome.applied_w:g} W" if outcome.applied_w is not None else "unread"
         detail = outcome.detail or f"gpu{action.gpu_index} power limit now {applied}"
         return ActionResult(action, ResultStatus.OK, detail, clock())
-    kind = (outcome.error or NvmlErrorKind.OTHER).value
+    kind = ErrorKind((outcome.error or NvmlErrorKind.OTHER).value)
     detail = outcome.detail or f"setting gpu{action.gpu_index} to {action.watts:g} W: {kind}"
     return ActionResult(action, ResultStatus.FAILED, detail, clock(), kind)

@@ -6,6 +6,7 @@ import time
 from collections.abc import Callable
 
 from hydra_watchdog.actions import ActionResult, ResultStatus, UnitCommand
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import UnitManager
 
 
@@ -24,13 +25,13 @@ def run_unit_command(
             ResultStatus.REFUSED,
             f"{action.unit} is not the configured unit {configured_unit}; not touched",
             clock(),
-            "wrong_unit",
+            ErrorKind.WRONG_UNIT,
         )
     outcome = units.command(action.verb)
     if outcome.refused:
-        status, kind = ResultStatus.REFUSED, "unavailable"
+        status, kind = ResultStatus.REFUSED, ErrorKind.UNAVAILABLE
     elif outcome.ok:
-        status, kind = ResultStatus.OK, ""
+        status, kind = ResultStatus.OK, ErrorKind.NONE
     else:
-        status, kind = ResultStatus.FAILED, "command_failed"
+        status, kind = ResultStatus.FAILED, ErrorKind.COMMAND_FAILED
     return ActionResult(action, status, outcome.detail, clock(), kind)

@@ -3,11 +3,12 @@
 Theory of operation
 -------------------
 A GPU that falls off the bus can hang an NVML call for minutes, and a Python thread cannot be
-cancelled. So one long-lived worker thread (CallRunner) runs every NVML call, and the caller
-waits at most `call_timeout` for each. A call that misses its deadline is reported as TIMEOUT and
-stays "stuck": until it returns, every further call is answered TIMEOUT at once without being
-queued, so a hung driver costs one deadline per read, never a growing pile of threads. When the
-stuck call finally returns, the worker takes new calls again.
+cancelled. So one lane (probes/bounded.py: a long-lived worker thread; CallRunner here) runs
+every NVML call, and the caller waits at most `call_timeout` for each. A call that misses its
+deadline is reported as TIMEOUT and stays "stuck": until it returns, every further call is
+answered TIMEOUT at once without being queued, so a hung driver costs one deadline per read,
+never a growing pile of threads. When the stuck call finally returns, the lane takes new calls
+again.
 
 nvmlInit runs lazily on the first read. A call that says the driver went away (DriverNotLoaded,
 GpuIsLost, Uninitialized, an RM version mismatch) marks the library for re-initialisation on the
@@ -23,9 +24,7 @@ from __future__ import annotations
 import ctypes
 import math
 import os
-import queue
 import threading
-import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
@@ -41,6 +40,7 @@ from hydra_watchdog.observation import (
     NvmlErrorKind,
     PowerInfo,
 )
+from hydra_watchdog.probes.bounded import Lane, Refused, Why
 
 _T = TypeVar("_T")
 
@@ -132,20 +132,8 @@ def classify(exc: BaseException, what: str) -> NvmlFailure:
     )
 
 
-class _Job:
-    __slots__ = ("done", "error", "fn", "started", "value", "what")
-
-    def __init__(self, what: str, fn: Callable[[], Any]) -> None:
-        self.what = what
-        self.fn = fn
-        self.done = threading.Event()
-        self.value: Any = None
-        self.error: BaseException | None = None
-        self.started = time.monotonic()
-
-
 class CallRunner:
-    """Runs callables one at a time on one long-lived daemon thread, each with a deadline.
+    """NVML's calls on one lane (probes/bounded.py), each waited for at most `timeout`.
 
     A call past its deadline returns TIMEOUT and stays stuck; while it is stuck, new calls get
     TIMEOUT at once (see the module docstring). `call` never raises for what the callable raises.
@@ -153,68 +141,39 @@ class CallRunner:
 
     def __init__(self, timeout: float, name: str = "nvml-calls") -> None:
         self.timeout = timeout
-        self._name = name
-        self._jobs: queue.SimpleQueue[_Job | None] = queue.SimpleQueue()
-        self._lock = threading.Lock()
-        self._thread: threading.Thread | None = None
-        self._stuck: _Job | None = None
-        self._closed = False
+        self._lane = Lane(name)
+        self._lock = threading.Lock()  # one call at a time, waited for by its own caller
 
     @property
     def stuck(self) -> bool:
-        job = self._stuck
-        return job is not None and not job.done.is_set()
+        return self._lane.busy
 
     def call(self, what: str, fn: Callable[[], _T]) -> _T | NvmlFailure:
         with self._lock:
-            if self._closed:
-                return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: the GPU probe is closed")
-            stuck = self._stuck
-            if stuck is not None:
-                if not stuck.done.is_set():
-                    age = time.monotonic() - stuck.started
+            job = self._lane.submit(what, fn)
+            if isinstance(job, Refused):
+                if job.why is Why.STUCK and job.stuck is not None:
                     return NvmlFailure(
                         NvmlErrorKind.TIMEOUT,
-                        f"{what}: not attempted, {stuck.what} has not returned for {age:.1f} s "
-                        "(GPU fallen off the bus or driver hung?)",
+                        f"{what}: not attempted, {job.stuck.what} has not returned for "
+                        f"{job.stuck_for:.1f} s (GPU fallen off the bus or driver hung?)",
                     )
-                self._stuck = None
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._work, name=self._name, daemon=True)
-                self._thread.start()
-            job = _Job(what, fn)
-            self._jobs.put(job)
-            if not job.done.wait(self.timeout):
-                self._stuck = job
+                if job.why is Why.CLOSED:
+                    return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: the GPU probe is closed")
+                return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: not run ({job.detail})")
+            if not job.wait(self.timeout):
                 return NvmlFailure(
                     NvmlErrorKind.TIMEOUT,
                     f"{what}: no answer within {self.timeout:g} s (GPU fallen off the bus?)",
                 )
         if job.error is not None:
             return classify(job.error, what)
-        value: _T = job.value
+        value: _T = job.value  # type: ignore[assignment]  # set: the call returned
         return value
 
     def close(self, wait: float = 1.0) -> None:
         """Stop the worker; a worker stuck in a call is left behind (it is a daemon thread)."""
-        with self._lock:
-            self._closed = True
-            thread = self._thread
-            if thread is not None:
-                self._jobs.put(None)
-        if thread is not None and not self.stuck:  # a stuck worker would only eat the wait
-            thread.join(wait)
-
-    def _work(self) -> None:
-        while True:
-            job = self._jobs.get()
-            if job is None:
-                return
-            try:
-                job.value = job.fn()
-            except BaseException as e:  # delivered to the caller, typed there
-                job.error = e
-            job.done.set()
+        self._lane.close(wait)
 
 
 def _load_library(path: str) -> None:

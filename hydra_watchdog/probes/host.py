@@ -246,6 +246,9 @@ class HostProbe:
         seen = f"as TabbyAPI sees them ({describe_env(loader)}, from {found.env.source})"
         return LibraryCheck(check.missing, f"{check.detail}; {seen}")
 
+    def close(self) -> None:
+        """Nothing held between checks."""
+
     def check(self, *, libraries: bool, unit: UnitStatus | None = None) -> HostReport:
         ok, detail = check_models_dir(self.models_dir, require_mount=self.require_mount)
         model = inspect_model(self.models_dir, self.model_name) if self.model_name else None

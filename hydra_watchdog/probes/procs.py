@@ -112,6 +112,9 @@ class ProcScanner:
 
     # -- the scan ---------------------------------------------------------------------------
 
+    def close(self) -> None:
+        """Nothing held between scans."""
+
     def scan(
         self, unit: UnitStatus, gpus: GpuReport, *, full: bool
     ) -> tuple[PortReport, tuple[ProcessInfo, ...]]:

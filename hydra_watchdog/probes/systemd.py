@@ -140,6 +140,9 @@ class SystemctlUnit:
             return f"`{' '.join(argv[:3])}` did not return within {timeout:g} s"
         return subprocess.CompletedProcess(full, proc.returncode, out, err)
 
+    def close(self) -> None:
+        """Nothing held between calls: each runs systemctl / journalctl anew."""
+
     def status(self) -> UnitStatus:
         reason = self._no_systemd()
         if reason is not None:

@@ -189,6 +189,11 @@ class SimUnit:
             self._proc = None
 
     def close(self) -> None:
+        """The adapter's close (interfaces.UnitManager): the watchdog lets go of its unit
+        manager, which, like systemd, keeps the unit running. stop_all() ends the stand-in."""
+
+    def stop_all(self) -> None:
+        """The end of the stand-in init system: its unit is stopped, no restart follows."""
         with self._lock:
             self._closed = True
             self._cancel_restart()

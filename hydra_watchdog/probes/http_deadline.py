@@ -1,0 +1,320 @@
+"""HTTP with a hard total deadline per request: the transport every HTTP adapter shares.
+
+httpx has no total-request deadline: its read timeout applies to each socket read, so a server
+that trickles one byte a second holds a request forever (encode/httpx#1450). We therefore give
+httpcore a network backend whose streams clamp every connect, read and write to the time left
+before a per-thread deadline; a probe can overrun its deadline by one scheduler wake-up at most.
+The same backend polls a cancel event during a model load, because a load has no read timeout
+at all: older TabbyAPI builds cancel a load when the client disconnects, so a quiet stream must
+never be cut short, only the overall load_timeout or an explicit cancel end it.
+
+`exchange` is one request within such a deadline, its body read up to JSON_LIMIT bytes, every
+failure a typed HttpResult (never an exception). Answers are asked for and read uncompressed (a
+few KiB of gzip can inflate to gigabytes in one read), so the bytes counted are the bytes held.
+Detail texts go through the caller's `scrub` (which removes its secret, escapes and cuts).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import httpcore
+import httpx
+
+from hydra_watchdog.observation import HttpResult, Outcome, local_failure
+
+JSON_LIMIT = 1 << 20  # bytes; TabbyAPI's answers are a few hundred bytes
+CANCEL_POLL = 0.1  # seconds between cancel checks while a load stream is quiet
+_EXCERPT_MAX = 120  # characters of a plain-text error body quoted in a detail
+
+
+class Budget(threading.local):
+    """The deadline (monotonic) and cancel event of the request running on this thread."""
+
+    deadline: float | None = None
+    cancel: threading.Event | None = None
+    received: int = 0  # bytes read so far: tells "closed in silence" from "sent garbage"
+
+
+BUDGET = Budget()
+
+
+class LoadCancelledError(Exception):
+    """Raised inside a read when the load's cancel event is set; the load catches it."""
+
+
+@contextmanager
+def deadline_scope(deadline: float, cancel: threading.Event | None = None) -> Iterator[None]:
+    saved = (BUDGET.deadline, BUDGET.cancel, BUDGET.received)
+    BUDGET.deadline, BUDGET.cancel, BUDGET.received = deadline, cancel, 0
+    try:
+        yield
+    finally:
+        BUDGET.deadline, BUDGET.cancel, BUDGET.received = saved
+
+
+def _clamp(timeout: float | None, expired: type[Exception]) -> float | None:
+    deadline = BUDGET.deadline
+    if deadline is None:
+        return timeout
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise expired("the total deadline passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _DeadlineStream(httpcore.NetworkStream):
+    def __init__(self, inner: httpcore.NetworkStream) -> None:
+        self._inner = inner
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        while True:
+            cancel = BUDGET.cancel
+            if cancel is not None and cancel.is_set():
+                raise LoadCancelledError
+            allowed = _clamp(timeout, httpcore.ReadTimeout)
+            # A socket timeout leaves the socket intact, so a quiet load stream is re-read.
+            last_try = cancel is None or (allowed is not None and allowed <= CANCEL_POLL)
+            poll = allowed if last_try else CANCEL_POLL
+            try:
+                data = self._inner.read(max_bytes, poll)
+            except httpcore.ReadTimeout:
+                if last_try:
+                    raise
+                continue
+            BUDGET.received += len(data)
+            return data
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._inner.write(buffer, _clamp(timeout, httpcore.WriteTimeout))
+
+    def close(self) -> None:
+        self._inner.close()
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._inner.get_extra_info(info)
+
+
+class _DeadlineBackend(httpcore.NetworkBackend):
+    def __init__(self) -> None:
+        self._inner = httpcore.SyncBackend()
+
+    def connect_tcp(
+        self,
+        host: str,
+        port: int,
+        timeout: float | None = None,
+        local_address: str | None = None,
+        socket_options: Any = None,
+    ) -> httpcore.NetworkStream:
+        allowed = _clamp(timeout, httpcore.ConnectTimeout)
+        stream = self._inner.connect_tcp(host, port, allowed, local_address, socket_options)
+        return _DeadlineStream(stream)
+
+    def sleep(self, seconds: float) -> None:
+        self._inner.sleep(seconds)
+
+
+class DeadlineTransport(httpx.HTTPTransport):
+    def __init__(self) -> None:
+        super().__init__(trust_env=False)
+        # httpx offers no public hook for the network backend; its own pool is swapped for one
+        # built the same way (no proxy, HTTP/1.1) but with the deadline backend.
+        self._pool = httpcore.ConnectionPool(
+            max_connections=20, max_keepalive_connections=10, network_backend=_DeadlineBackend()
+        )
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One complete HTTP answer, or `failure` when none came back."""
+
+    latency_s: float
+    status: int = 0
+    content_type: str = ""
+    body: bytes = b""
+    failure: HttpResult | None = None
+
+
+def new_client() -> httpx.Client:
+    """An httpx client over the deadline transport, blind to the environment's proxies.
+
+    identity: httpx would inflate a compressed answer a whole read at a time, beyond any bound
+    we count; an answer compressed anyway is refused (content_encoding)."""
+    return httpx.Client(
+        transport=DeadlineTransport(), trust_env=False, headers={"Accept-Encoding": "identity"}
+    )
+
+
+def result(reply: Reply, outcome: Outcome, detail: str = "") -> HttpResult:
+    return HttpResult(outcome, reply.latency_s, reply.status, detail)
+
+
+def json_object(reply: Reply) -> tuple[dict[str, Any] | None, str]:
+    """The body as a JSON object, or (None, why not)."""
+    ctype = reply.content_type.split(";")[0].strip().lower()
+    if ctype != "application/json" and not ctype.endswith("+json"):
+        return None, f"HTTP {reply.status} with content type {ctype or 'none'!r}, not JSON"
+    try:
+        body = json.loads(reply.body)
+    except ValueError:
+        return None, f"HTTP {reply.status} with malformed JSON ({len(reply.body)} bytes)"
+    if not isinstance(body, dict):
+        return None, f"HTTP {reply.status} with JSON {type(body).__name__}, not an object"
+    return body, ""
+
+
+def content_encoding(resp: httpx.Response) -> str:
+    """The answer's content coding when it is not plain bytes ("" for identity)."""
+    coding = resp.headers.get("content-encoding", "").strip().lower()
+    return "" if coding in ("", "identity") else coding
+
+
+def error_detail(reply: Reply, redact: Callable[[str], str]) -> str:
+    """FastAPI's {"detail": ...} in words, or a short excerpt of a plain-text body.
+
+    The excerpt is cut from the redacted body: a body that echoes the key must not leave the
+    part of it before the cut."""
+    body, _ = json_object(reply)
+    if body is None:
+        text = " ".join(redact(reply.body.decode("utf-8", "replace")).split())
+        return text if len(text) <= _EXCERPT_MAX else text[: _EXCERPT_MAX - 3] + "..."
+    detail = body.get("detail")
+    if isinstance(detail, str):
+        return detail
+    if isinstance(detail, list):  # 422: [{"loc": [...], "msg": "..."}]
+        parts = []
+        for item in detail:
+            if isinstance(item, dict):
+                loc = ".".join(str(p) for p in item.get("loc", []) if p != "body")
+                parts.append(f"{loc}: {item.get('msg', '?')}" if loc else str(item.get("msg")))
+        return "; ".join(parts)
+    return ""
+
+
+def describe(exc: BaseException, scrub: Callable[[str], str]) -> str:
+    text = str(exc)
+    return scrub(f"{type(exc).__name__}: {text}" if text else type(exc).__name__)
+
+
+def failed(
+    started: float,
+    outcome: Outcome,
+    detail: str,
+    scrub: Callable[[str], str],
+    resp: httpx.Response | None = None,
+) -> Reply:
+    status = None if resp is None else resp.status_code
+    res = HttpResult(outcome, time.monotonic() - started, status, scrub(detail))
+    return Reply(res.latency_s, failure=res)
+
+
+def _local(
+    started: float, shown: str, exc: BaseException, scrub: Callable[[str], str]
+) -> Reply | None:
+    """LOCAL_ERROR when the exception is our own lack of descriptors or memory: the server was
+    never asked, so it must not read as refused (that would count toward a restart)."""
+    why = local_failure(exc)
+    if not why:
+        return None
+    return failed(started, Outcome.LOCAL_ERROR, f"{shown} not probed: {why}", scrub)
+
+
+def exchange(
+    http: httpx.Client,
+    method: str,
+    url: str,
+    *,
+    shown: str,
+    headers: dict[str, str],
+    body: object,
+    started: float,
+    budget: float,
+    scrub: Callable[[str], str],
+) -> Reply:
+    """One request that ends by `started + budget` (monotonic), the body read up to JSON_LIMIT
+    bytes. `shown` is the URL as a detail may name it (credentials redacted)."""
+    # The scope spans the handlers too: they ask BUDGET whether any byte came back.
+    with deadline_scope(started + budget):
+        return _exchange(http, method, url, shown, headers, body, started, budget, scrub)
+
+
+def _exchange(
+    http: httpx.Client,
+    method: str,
+    url: str,
+    shown: str,
+    headers: dict[str, str],
+    body: object,
+    started: float,
+    budget: float,
+    scrub: Callable[[str], str],
+) -> Reply:
+    deadline = started + budget
+    got_headers = False
+    try:
+        with http.stream(
+            method, url, json=body, headers=headers, timeout=httpx.Timeout(budget)
+        ) as resp:
+            got_headers = True
+            if encoding := content_encoding(resp):
+                why = f"{shown}: compressed answer ({encoding}), which was not asked for"
+                return failed(started, Outcome.BAD_BODY, why, scrub, resp)
+            data = bytearray()
+            for chunk in resp.iter_raw():
+                data += chunk
+                if len(data) > JSON_LIMIT:
+                    return failed(started, Outcome.BAD_BODY, "body over 1 MiB", scrub, resp)
+                if time.monotonic() > deadline:
+                    raise httpx.ReadTimeout("the total deadline passed")
+            return Reply(
+                time.monotonic() - started,
+                resp.status_code,
+                resp.headers.get("content-type", ""),
+                bytes(data),
+            )
+    except httpx.TimeoutException:
+        why = f"no complete answer from {shown} within {budget:g} s"
+        return failed(started, Outcome.TIMEOUT, why, scrub)
+    except httpx.ConnectError as exc:
+        return _local(started, shown, exc, scrub) or failed(
+            started, Outcome.REFUSED, f"{shown}: {describe(exc, scrub)}", scrub
+        )
+    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+        # Never sent: closest to "could not reach"; the detail says it is the URL's fault.
+        why = f"{shown} is not a usable http(s) URL ({describe(exc, scrub)})"
+        return failed(started, Outcome.REFUSED, why, scrub)
+    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+        local = _local(started, shown, exc, scrub)
+        if local is not None:
+            return local
+        if not got_headers and BUDGET.received == 0:
+            why = f"{shown}: connection closed before an answer ({describe(exc, scrub)})"
+            return failed(started, Outcome.REFUSED, why, scrub)
+        why = f"{shown}: broken answer ({describe(exc, scrub)})"
+        return failed(started, Outcome.BAD_BODY, why, scrub)
+    except Exception as exc:  # e.g. a bad Content-Encoding: still only a bad answer
+        why = f"{shown}: unusable answer ({describe(exc, scrub)})"
+        return _local(started, shown, exc, scrub) or failed(started, Outcome.BAD_BODY, why, scrub)
+
+
+def choices_result(reply: Reply, status_result: Callable[[Reply], HttpResult]) -> HttpResult:
+    """A completion's answer: OK with a non-empty `choices` list; `status_result` words an
+    unexpected HTTP status."""
+    if reply.failure is not None:
+        return reply.failure
+    if reply.status != 200:
+        return status_result(reply)
+    body, why = json_object(reply)
+    if body is None:
+        return result(reply, Outcome.BAD_BODY, why)
+    choices = body.get("choices")
+    if not isinstance(choices, list) or not choices:
+        return result(reply, Outcome.BAD_BODY, "200 without a non-empty 'choices' list")
+    return result(reply, Outcome.OK)
