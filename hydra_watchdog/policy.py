@@ -45,6 +45,7 @@ from hydra_watchdog.actions import (
     UnitVerb,
 )
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.findings import diagnose
 from hydra_watchdog.observation import (
     ActiveState,
