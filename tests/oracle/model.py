@@ -345,7 +345,7 @@ class Node:
             nxt = self._next_transition()
             if nxt is None or nxt > end:
                 break
-            self.t = nxt
+            self.t = max(nxt, self.t)  # an overdue transition happens now, not in the past
             self._transition()
         self.t = end
 
