@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test lint bench chaos venv system-deps clean
+.PHONY: demo test fuzz lint bench chaos venv system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -25,6 +25,14 @@ demo: venv system-deps
 
 test: venv system-deps
 	$(BIN)/pytest
+
+# The policy oracle (issue 13) on many more seeded traces than `make test` runs; FUZZ_TRACES and
+# FUZZ_SEED pick how many and which.
+FUZZ_TRACES ?= 20000
+FUZZ_SEED ?= 13000
+fuzz: venv
+	HYDRA_ORACLE_TRACES=$(FUZZ_TRACES) HYDRA_ORACLE_SEED=$(FUZZ_SEED) \
+		$(BIN)/pytest -p no:cacheprovider -s tests/test_policy_oracle.py
 
 chaos: venv system-deps
 	$(BIN)/pytest -m chaos tests/chaos
