@@ -259,6 +259,9 @@ def _count_restarts(
         seen = n
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
+    attempts = tuple(at for at in s.start_attempts if now - at < window)
+    if attempts != s.start_attempts:
+        s = replace(s, start_attempts=attempts)
     fresh = bool(s.invocation_id) and obs.unit.invocation_id not in ("", s.invocation_id)
     s = replace(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
     if fresh and s.load_failures:
@@ -453,6 +456,7 @@ def _start_actions(
     s = replace(
         s,
         restarts=(*s.restarts, RestartRecord(now, RestartOrigin.WATCHDOG)),
+        start_attempts=(*s.start_attempts, now),
         recovery_started=now,
         failures=0,
     )

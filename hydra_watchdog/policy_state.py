@@ -101,7 +101,8 @@ class PolicyState:
     trouble_since: float | None = None  # the first unhealthy observation of this episode
     cause: str = ""  # what the last decision rests on (a finding, or its action's evidence)
     # restarts and the loop
-    restarts: tuple[RestartRecord, ...] = ()  # those inside restart_loop.window
+    restarts: tuple[RestartRecord, ...] = ()  # those that ran, inside restart_loop.window
+    start_attempts: tuple[float, ...] = ()  # the watchdog's (re)starts issued: its budget
     nrestarts_seen: int | None = None  # last NRestarts, to count systemd's restarts by delta
     invocation_id: str = ""
     recovery_started: float | None = None  # a start/restart was issued; grace counts from here

@@ -21,7 +21,7 @@ from hydra_watchdog.observation import (
     ProcessRole,
     UnitStatus,
 )
-from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin
+from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.states import Rule
 
 # Causes a restart cannot fix and would only turn into a loop (or a port-hopping storm).
@@ -157,8 +157,8 @@ class Situation:
 
     @cached_property
     def budget_left(self) -> bool:
-        """The watchdog's own (re)starts within the window stay below max_restarts."""
+        """The (re)starts the watchdog issued within the window, whether or not they ran (a
+        start that keeps failing is not hammered), stay below max_restarts."""
         r = self.cfg.restart_loop
-        return self.s.restarts_in_window(self.now, r.window, RestartOrigin.WATCHDOG) < (
-            r.max_restarts
-        )
+        issued = sum(1 for at in self.s.start_attempts if self.now - at <= r.window)
+        return issued < r.max_restarts

@@ -60,7 +60,6 @@ def known(item: int, what: str) -> pytest.MarkDecorator:
 # --- issue 13's list: what must hold -----------------------------------------------------------
 
 
-@known(1, "a restart is counted when planned, its SKIPPED/REFUSED/FAILED result never read")
 def test_only_restarts_that_ran_count(campaign: Campaign) -> None:
     holds(campaign, "restarts_that_ran")
 
@@ -75,7 +74,6 @@ def test_restart_loop_narration_is_true(campaign: Campaign) -> None:
     holds(campaign, "loop_narration_true")
 
 
-@known(1, "a generation hang is narrated 'recovered' on the same hung process")
 def test_recovered_is_not_said_of_a_hung_process(campaign: Campaign) -> None:
     holds(campaign, "recovered_not_on_hung")
 
@@ -90,17 +88,14 @@ def test_no_restart_loop_stop_without_a_loop(campaign: Campaign) -> None:
     holds(campaign, "no_loop_on_few_restarts")
 
 
-@known(3, "a canary that fails (HTTP 500, error body) is ignored; only a timeout counts")
 def test_failed_canary_is_evidence(campaign: Campaign) -> None:
     holds(campaign, "failed_canary_is_evidence")
 
 
-@known(4, "'recovered' after a hang restart rests on /health 200 + model loaded")
 def test_hang_recovery_needs_a_passing_canary(campaign: Campaign) -> None:
     holds(campaign, "hang_recovery_needs_canary")
 
 
-@known(5, "the fallback model counts as HEALTHY/OK and 'recovered'")
 def test_fallback_is_degraded(campaign: Campaign) -> None:
     holds(campaign, "fallback_degraded")
 
@@ -109,17 +104,14 @@ def test_main_model_is_retried_when_its_blocker_clears(campaign: Campaign) -> No
     holds(campaign, "main_model_retried")
 
 
-@known(6, "missing libraries are forgotten between checks; restarts go on")
 def test_known_missing_library_blocks_restarts(campaign: Campaign) -> None:
     holds(campaign, "missing_library_blocks")
 
 
-@known(7, "the power-limit 'failed' finding never clears after the hourly retry succeeds")
 def test_power_limit_failed_finding_clears_after_retry(campaign: Campaign) -> None:
     holds(campaign, "power_finding_clears")
 
 
-@known(8, "after resume the phase stays PAUSED for the failure debounce")
 def test_paused_exactly_while_a_pause_is_requested(campaign: Campaign) -> None:
     holds(campaign, "resume_not_paused")
 

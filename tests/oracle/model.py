@@ -27,6 +27,7 @@ from hydra_watchdog.actions import (
     UnitVerb,
 )
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
     Canary,
     GpuProcess,
@@ -462,7 +463,8 @@ class Node:
         return tuple(results)
 
     def _result(self, a: Action, status: ResultStatus, detail: str, kind: str = "") -> ActionResult:
-        return ActionResult(a, status, detail, self.t, kind)
+        # the executor's kinds are ErrorKind values (errors.py); an unknown one is a model bug
+        return ActionResult(a, status, detail, self.t, ErrorKind(_KINDS.get(kind, kind)))
 
     def _run(self, a: Action) -> ActionResult:
         ok = ResultStatus.OK
@@ -522,10 +524,11 @@ class Node:
         raise AssertionError(a)  # pragma: no cover
 
     def forget_watchdog(self) -> None:
-        """The watchdog process went away: its pending results and its load tracking are lost
-        (the load itself goes on inside TabbyAPI)."""
-        self.pending.clear()
-        self.load_known, self.load_action = False, None
+        """The watchdog process went away: the results it had not yet read are lost, but not a
+        load: that runs in a helper which outlives the watchdog, and the next one adopts it and
+        reads its outcome (hydra_watchdog/load_helper.py)."""
+        load = [r for r in self.pending if isinstance(r.action, LoadModel)]
+        self.pending[:] = load
 
     # --- the probes ------------------------------------------------------------------------
 
@@ -534,9 +537,9 @@ class Node:
         health = self._health()
         model: ModelStatus | None = None
         canary: Canary | None = None
-        if health.healthy or Probe.MODEL in wants:
-            model = self._model(health)
-        if health.healthy and Probe.CANARY in wants:
+        model = self._model(health)  # the observer asks /v1/model every cycle
+        # ... and sends the canary only to a model it saw loaded in that very cycle
+        if health.healthy and Probe.CANARY in wants and model.loaded:
             canary = Canary(self._canary())
         pause = self.pause
         if pause is not None and pause.until is not None and pause.until <= self.t:
@@ -545,7 +548,7 @@ class Node:
             at=self.t,
             health=health,
             unit=self._unit(),
-            host=self._host(wants),
+            host=self._host(wants, checked=Probe.LIBRARIES in wants or not health.healthy),
             model=model,
             canary=canary,
             gpus=self._gpus(),
@@ -626,7 +629,9 @@ class Node:
             active_enter_mono=self.started_at,
         )
 
-    def _host(self, wants: frozenset[Probe]) -> HostReport:
+    def _host(self, wants: frozenset[Probe], *, checked: bool) -> HostReport:
+        """`checked`: the library check ran (asked for, or - as the observer does - in an
+        unhealthy cycle, so that no restart comes before it)."""
         main_usable = self.mount_ok and self.main_folder_ok
         main = ModelDir(
             "M",
@@ -645,7 +650,7 @@ class Node:
             size_bytes=4 * GIB,
         )
         libs: tuple[str, ...] | None = None
-        if Probe.LIBRARIES in wants:
+        if checked:
             libs = ("libcudart.so.12",) if self.libs_missing else ()
         journal: tuple[str, ...] | None = None
         if Probe.JOURNAL in wants:
@@ -656,6 +661,7 @@ class Node:
             model=main,
             fallback=fallback,
             missing_libraries=libs,
+            libraries_checked=checked,
             journal_excerpt=journal,
         )
 
@@ -715,3 +721,7 @@ class Node:
         procs += [p.info() for p in self.orphans]
         procs += [p.info() for p in self.foreign]
         return tuple(procs)
+
+
+# the model's shorthand -> the executor's ErrorKind values
+_KINDS = {"no_systemd": "unavailable", "job": "command_failed", "foreign": "foreign_gpu_user"}
