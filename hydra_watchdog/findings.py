@@ -359,8 +359,15 @@ def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         )
 
 
+def escalation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    # Stands for as long as the escalation does: told once, not with every back-off step.
+    if s.escalated:
+        yield escalated(cfg.restart_loop.escalate_after, cfg.model.fallback)
+
+
 FINDERS: tuple[Finder, ...] = (
     watchdog_impaired,
+    escalation,
     models_mount,
     missing_libraries,
     admin_key,
@@ -429,8 +436,19 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
 
 
 def paused(reason: str, until_in: float | None) -> Finding:
-    until = "until resumed" if until_in is None else "for " + dur(until_in)
+    # No countdown: an unchanged pause says the same thing every cycle (status has its end).
+    until = "until resumed" if until_in is None else "until it expires"
     return Finding(Rule.PAUSED, Severity.NOTICE, f"paused {until}: {reason}")
+
+
+def starts_not_running(evidence: str, failed: int) -> Finding:
+    return Finding(
+        Rule.RESTART_LOOP,
+        Severity.CRIT,
+        f"{evidence}; not restarting again: {failed} (re)start(s) issued in the window did not "
+        "run (see the failed actions); retried when they leave the window",
+        subject="not running",
+    )
 
 
 def cannot_act(rule: Rule, evidence: str, why: str) -> Finding:

@@ -86,6 +86,9 @@ def decide(
     s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the invocation
     s, counted = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
+    r = config.restart_loop
+    if s.loop_since is not None and not s.escalated and now - s.loop_since >= r.escalate_after:
+        s = replace(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
     findings = diagnose(s, obs, config) + counted
 
     if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
@@ -249,14 +252,17 @@ def _count_restarts(
             # A manual restart or reset-failed zeroes NRestarts: then all n are new.
             delta = n if n < seen else n - seen
             at = now
-            gap = None if s.observed_at is None else now - s.observed_at
-            if delta and gap is not None and gap > 2 * cfg.watchdog.interval:
-                # Seen late (a late cycle, the watchdog itself down): they happened at some time
-                # in the gap. Dated to its start, so a slow series cannot pass for a burst.
-                at = s.observed_at if s.observed_at is not None else now
+            # Since the last observation that read NRestarts (the watchdog away, a late cycle,
+            # the unit gone from systemd for a while): they happened at some time in that gap.
+            # Dated to its start, so a slow series cannot pass for a burst.
+            last = s.nrestarts_at
+            gap = None if last is None else now - last
+            if delta and last is not None and gap is not None and gap > 2 * cfg.watchdog.interval:
+                at = last
                 notes.append(say.restarts_seen_late(delta, gap))
             records += [RestartRecord(at, RestartOrigin.SYSTEMD)] * delta
         seen = n
+        s = replace(s, nrestarts_at=now)
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
     attempts = tuple(at for at in s.start_attempts if now - at < window)
@@ -434,8 +440,15 @@ def _restart_or_loop(
         )
     if sit.blocking:
         return _enter(s, Phase.BLOCKED, sit.now), before, []
-    if sit.in_restart_loop or not sit.budget_left:
+    r = sit.cfg.restart_loop
+    ran = s.restarts_in_window(sit.now, r.window, RestartOrigin.WATCHDOG)
+    if sit.in_restart_loop or (not sit.budget_left and ran >= r.max_restarts):
         return _enter_loop(sit, s, before, stopped=stopped)
+    if not sit.budget_left:
+        # The budget went on (re)starts that did not run: not a loop (nothing restarted), and
+        # hammering a failing start would not help: wait until they leave the window.
+        note = say.starts_not_running(evidence, len(sit.s.start_attempts) - ran)
+        return _enter(s, Phase.BLOCKED, sit.now), before, [note]
     s, start = _start_actions(sit, s, rule, evidence, stopped=stopped)
     return s, before + start, []
 
@@ -482,6 +495,7 @@ def _enter_loop(
         s,
         backoff_step=step,
         backoff_until=now + wait,
+        loop_invocation=sit.unit.invocation_id,
         loop_since=s.loop_since if s.loop_since is not None else now,
         recovery_started=None,
         failures=0,
@@ -503,16 +517,18 @@ def _orphan_on_port(sit: Situation) -> Plan:
 def _backoff(sit: Situation) -> Plan:
     """One start attempt per back-off step, and only when nothing a restart cannot fix is in
     the way; an attempt that does not come up healthy is the next step."""
-    s, now, cfg, r = sit.s, sit.now, sit.cfg, sit.cfg.restart_loop
+    s, now, cfg = sit.s, sit.now, sit.cfg
     cleanup = list(sit.cleanup)
     notes: list[Finding] = []
-    if s.loop_since is not None and not s.escalated and now - s.loop_since >= r.escalate_after:
-        s = replace(s, escalated=True)
-    if s.escalated:
-        notes.append(say.escalated(r.escalate_after, cfg.model.fallback))
     waiting = Phase.ESCALATED if s.escalated else Phase.BACKOFF
 
     if s.backoff_until is not None and sit.unit_up:
+        if s.loop_invocation and sit.unit.invocation_id == s.loop_invocation:
+            # The very process the loop stopped still runs: that stop did not happen (skipped
+            # behind a failed kill, a dry run). Stop it again; it is no attempt of this step.
+            reason = Reason(Rule.RESTART_LOOP, "the restart loop's stop did not happen")
+            stop = UnitCommand(UnitVerb.STOP, sit.unit.name, reason)
+            return _enter(s, waiting, now), [*cleanup, stop], notes
         # Someone else (a human, a timer) started it while we waited: that is this step's attempt.
         s = replace(s, backoff_until=None, recovery_started=now)
         return _enter(s, Phase.RECOVERING, now), cleanup, notes

@@ -104,6 +104,8 @@ class PolicyState:
     restarts: tuple[RestartRecord, ...] = ()  # those that ran, inside restart_loop.window
     start_attempts: tuple[float, ...] = ()  # the watchdog's (re)starts issued: its budget
     nrestarts_seen: int | None = None  # last NRestarts, to count systemd's restarts by delta
+    nrestarts_at: float | None = None  # when it was read (the unit may vanish in between)
+    loop_invocation: str = ""  # TabbyAPI's process when the loop stopped it
     invocation_id: str = ""
     recovery_started: float | None = None  # a start/restart was issued; grace counts from here
     healthy_since: float | None = None

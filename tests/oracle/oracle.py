@@ -362,7 +362,10 @@ def check_systemd_restarts_dated(trace: Trace) -> tuple[int, str] | None:
 
 
 def check_no_loop_on_single_crash(trace: Trace) -> tuple[int, str] | None:
-    """A stop for a restart loop needs more than max_restarts real restarts in the window."""
+    """A stop for a restart loop needs real restarts: more than max_restarts of any origin
+    in the window (the runbook's TabbyAPIRestartLoop), or the watchdog's own budget of
+    max_restarts spent on restarts that ran (README: beyond it, stop and back off). Never on
+    restarts that were only planned, skipped or failed."""
     r = CFG.restart_loop
     for rec in trace.records:
         stops = [
@@ -374,7 +377,7 @@ def check_no_loop_on_single_crash(trace: Trace) -> tuple[int, str] | None:
         ]
         if stops and rec.prev.backoff_step == 0:
             true = rec.node.restarts_within(r.window)
-            if true <= r.max_restarts:
+            if true < r.max_restarts:
                 return rec.index, (
                     f"stopped for a restart loop with {true} restarts in {r.window:g}s "
                     f"(max {r.max_restarts})"
