@@ -139,9 +139,9 @@ def status_latency(node: nd.Node, runs: int) -> dict[str, Any]:
 def port_scan(runs: int) -> dict[str, Any]:
     import psutil
 
+    from hydra_watchdog.adapters.procs import ProcScanner
+    from hydra_watchdog.adapters.systemd import SystemctlUnit
     from hydra_watchdog.observation import GpuReport
-    from hydra_watchdog.probes.procs import ProcScanner
-    from hydra_watchdog.probes.systemd import SystemctlUnit
 
     # Half the sockets live in a helper process: one process may not be allowed 20k fds (the
     # hard RLIMIT_NOFILE here is 20,000 and raising it needs CAP_SYS_RESOURCE).

@@ -84,15 +84,15 @@ log = structlog.get_logger("hydra_watchdog.daemon")
 
 def build_adapters(config: Config) -> Adapters:
     """The real adapters for this node."""
-    from hydra_watchdog.probes.fallback_route import LiteLlmRoute  # noqa: PLC0415 - heavy
-    from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415 - imports at start only
-    from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
-    from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
-    from hydra_watchdog.probes.loader_env import tabby_environment  # noqa: PLC0415
-    from hydra_watchdog.probes.process_control import PidfdControl  # noqa: PLC0415
-    from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
-    from hydra_watchdog.probes.systemd import SystemctlUnit  # noqa: PLC0415
-    from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
+    from hydra_watchdog.adapters.fallback_route import LiteLlmRoute  # noqa: PLC0415 - heavy
+    from hydra_watchdog.adapters.gpu import NvmlGpu  # noqa: PLC0415 - imports at start only
+    from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
+    from hydra_watchdog.adapters.host import HostProbe  # noqa: PLC0415
+    from hydra_watchdog.adapters.loader_env import tabby_environment  # noqa: PLC0415
+    from hydra_watchdog.adapters.process_control import PidfdControl  # noqa: PLC0415
+    from hydra_watchdog.adapters.procs import ProcScanner  # noqa: PLC0415
+    from hydra_watchdog.adapters.systemd import SystemctlUnit  # noqa: PLC0415
+    from hydra_watchdog.adapters.tabby import TabbyClient  # noqa: PLC0415
 
     units = SystemctlUnit(config.tabbyapi.unit)
     return Adapters(

@@ -160,16 +160,16 @@ def _post(url: str) -> None:
 
 class Demo:
     def __init__(self, root: Path, out: Callable[[str], None] = print) -> None:
+        from hydra_watchdog.adapters.fallback_route import LiteLlmRoute  # noqa: PLC0415
+        from hydra_watchdog.adapters.gpu import NvmlGpu  # noqa: PLC0415
+        from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
+        from hydra_watchdog.adapters.host import HostProbe  # noqa: PLC0415
+        from hydra_watchdog.adapters.process_control import PidfdControl  # noqa: PLC0415
+        from hydra_watchdog.adapters.procs import ProcScanner  # noqa: PLC0415
+        from hydra_watchdog.adapters.tabby import TabbyClient  # noqa: PLC0415
         from hydra_watchdog.daemon import Daemon  # noqa: PLC0415
         from hydra_watchdog.interfaces import Adapters  # noqa: PLC0415
         from hydra_watchdog.policy import decide  # noqa: PLC0415
-        from hydra_watchdog.probes.fallback_route import LiteLlmRoute  # noqa: PLC0415
-        from hydra_watchdog.probes.gpu import NvmlGpu  # noqa: PLC0415
-        from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
-        from hydra_watchdog.probes.host import HostProbe  # noqa: PLC0415
-        from hydra_watchdog.probes.process_control import PidfdControl  # noqa: PLC0415
-        from hydra_watchdog.probes.procs import ProcScanner  # noqa: PLC0415
-        from hydra_watchdog.probes.tabby import TabbyClient  # noqa: PLC0415
         from hydra_watchdog.sim.unit import SimUnit  # noqa: PLC0415
 
         self.out = out

@@ -1,6 +1,6 @@
 """The seams between the imperative shell and the outside world.
 
-Each adapter in hydra_watchdog/probes/ (the adapters layer) implements one Protocol; the observer,
+Each adapter in hydra_watchdog/adapters/ (the adapters layer) implements one Protocol; the observer,
 the actuators and the daemon only see these. None of these methods raises for an outside failure:
 they return typed outcomes. Every adapter has close(): what it holds (a thread, an NVML handle, a
 connection pool) is released there, and the daemon calls it when a reload replaces the adapter.
@@ -17,6 +17,7 @@ from enum import StrEnum
 from typing import Protocol
 
 from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.adapters.identity import ProcIdentity  # a frozen record of /proc, no I/O
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
@@ -31,7 +32,6 @@ from hydra_watchdog.observation import (
     ProcessInfo,
     UnitStatus,
 )
-from hydra_watchdog.probes.identity import ProcIdentity  # a frozen record of /proc, no I/O
 
 
 @dataclass(frozen=True)

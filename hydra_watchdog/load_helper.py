@@ -24,10 +24,10 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import ConfigError, load_config
 from hydra_watchdog.load_record import LoadReport, write_report
-from hydra_watchdog.probes.systemd import SystemctlUnit
-from hydra_watchdog.probes.tabby import TabbyClient, read_admin_key
 
 KEY_LIMIT = 4096  # bytes read from the key descriptor; a key is a few dozen
 

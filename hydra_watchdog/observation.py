@@ -1,6 +1,6 @@
 """One frozen snapshot of the node per cycle: what the probes saw, never how they saw it.
 
-Probes (hydra_watchdog/probes/) build these; the pure policy reads them. Times are monotonic
+Probes (hydra_watchdog/adapters/) build these; the pure policy reads them. Times are monotonic
 seconds (time.monotonic()), sizes bytes, power watts. `None` means "not read" (not probed this
 cycle, or the read failed: the matching error field says why) and is never a guess.
 """
@@ -153,7 +153,7 @@ class ProcessRole(StrEnum):
     MAIN = "main"  # the unit's MainPID
     UNIT = "unit"  # in the unit's current cgroup
     # TabbyAPI's program (from its install tree), TabbyAPI's uid, our PID namespace, outside
-    # the unit's cgroup: probes/identity.py
+    # the unit's cgroup: adapters/identity.py
     ORPHAN = "orphan"
     FOREIGN = "foreign"  # anything else: reported, never signalled
 

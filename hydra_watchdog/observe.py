@@ -5,7 +5,7 @@ check (listeners of the port and port+1 among known PIDs) and the models dir. Ex
 only when the policy asked in `state.wants`: the canary, the host-wide port scan, ldd, the journal.
 
 The probes of one cycle run concurrently, each on its own lane of a pool of long-lived threads
-(probes/bounded.py), and the whole observation has one deadline: the longest deadline among the
+(adapters/bounded.py), and the whole observation has one deadline: the longest deadline among the
 probes it runs. Every adapter bounds its own calls, but an adapter that hangs anyway (a lost GPU
 inside NVML, a wedged systemctl) must not hang the loop: its answer is replaced by a typed "timed
 out" outcome, and while its lane is still stuck the probe is not started again (a hung probe
@@ -21,6 +21,8 @@ from dataclasses import dataclass
 from typing import Generic, TypeVar
 
 from hydra_watchdog.actions import ActionResult
+from hydra_watchdog.adapters.bounded import Call, Pool, Why
+from hydra_watchdog.adapters.nixos import SystemWatch
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import (
     Adapters,
@@ -47,8 +49,6 @@ from hydra_watchdog.observation import (
     UnitStatus,
     local_failure,
 )
-from hydra_watchdog.probes.bounded import Call, Pool, Why
-from hydra_watchdog.probes.nixos import SystemWatch
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)

@@ -35,17 +35,17 @@ from hydra_watchdog.actions import (
     UnitCommand,
     UnitVerb,
 )
+from hydra_watchdog.adapters.fallback_route import LiteLlmRoute
+from hydra_watchdog.adapters.gpu import NvmlGpu
+from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.identity import read_identity
+from hydra_watchdog.adapters.process_control import PidfdControl
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+from hydra_watchdog.adapters.tabby import TabbyClient
 from hydra_watchdog.config import Config, OrphansSection, parse_config
 from hydra_watchdog.interfaces import Adapters
-from hydra_watchdog.probes.fallback_route import LiteLlmRoute
-from hydra_watchdog.probes.gpu import NvmlGpu
-from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.identity import read_identity
-from hydra_watchdog.probes.process_control import PidfdControl
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.systemd import SystemctlUnit
-from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.sim import nvml_state as ns
 from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
@@ -599,12 +599,12 @@ def test_a_process_in_the_units_cgroup_is_never_killed_as_an_orphan(
             "from hydra_watchdog.act.orphans import kill_orphan\n"
             "from hydra_watchdog.actions import KillOrphan, Reason\n"
             "from hydra_watchdog.config import OrphansSection\n"
-            "from hydra_watchdog.probes.identity import read_identity\n"
+            "from hydra_watchdog.adapters.identity import read_identity\n"
             "from hydra_watchdog.states import Rule\n"
             f"i = read_identity({pid})\n"
             "why = Reason(Rule.ORPHAN_CLEANUP, 't')\n"
             f"a = KillOrphan({pid}, i.start_ticks, i.cmdline, i.uid, why)\n"
-            "from hydra_watchdog.probes.process_control import PidfdControl\n"
+            "from hydra_watchdog.adapters.process_control import PidfdControl\n"
             f"r = kill_orphan(a, OrphansSection(term_grace=0.1), unit={unit!r}, "
             "processes=PidfdControl())\n"
             "print(r.status.value, r.error_kind)\n"

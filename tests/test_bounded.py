@@ -1,4 +1,4 @@
-"""The one bounded-call mechanism (probes/bounded.py): long-lived lanes, real threads, a call
+"""The one bounded-call mechanism (adapters/bounded.py): long-lived lanes, real threads, a call
 that really hangs (it waits on an Event the test holds)."""
 
 from __future__ import annotations
@@ -6,7 +6,7 @@ from __future__ import annotations
 import threading
 import time
 
-from hydra_watchdog.probes.bounded import Call, Lane, Pool, Refused, Why
+from hydra_watchdog.adapters.bounded import Call, Lane, Pool, Refused, Why
 
 
 def _wait_until(cond: object, timeout: float = 10.0) -> bool:

@@ -29,6 +29,14 @@ from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
 from hydra_watchdog.act.executor import Executor
+from hydra_watchdog.adapters.fallback_route import LiteLlmRoute
+from hydra_watchdog.adapters.gpu import NvmlGpu
+from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.process_control import PidfdControl
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.cli import stale_after
 from hydra_watchdog.config import (
     Config,
@@ -43,14 +51,6 @@ from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.probes.fallback_route import LiteLlmRoute
-from hydra_watchdog.probes.gpu import NvmlGpu
-from hydra_watchdog.probes.gpu_reset import NvidiaSmiReset
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.process_control import PidfdControl
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.systemd import SystemctlUnit
-from hydra_watchdog.probes.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.report.metrics import parse_listen
 from tests import policy_kit as kit
 from tests.test_config import DEVICE_FIELDS, raw_value

@@ -27,11 +27,11 @@ from typing import Any
 import psutil
 import pytest
 
+from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.config import load_config
 from hydra_watchdog.daemon import Daemon, build_adapters
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy import decide
-from hydra_watchdog.probes.systemd import SystemctlUnit
 from hydra_watchdog.report.sdnotify import Notifier
 from hydra_watchdog.report.status import from_json
 from hydra_watchdog.sim.install import lay_out

@@ -15,15 +15,15 @@ from collections.abc import Iterator
 import pynvml
 import pytest
 
-from hydra_watchdog.config import GpuDevice
-from hydra_watchdog.observation import GpuReport, GpuSnapshot, NvmlErrorKind
-from hydra_watchdog.probes.gpu import (
+from hydra_watchdog.adapters.gpu import (
     CallRunner,
     NvmlFailure,
     NvmlGpu,
     classify,
     decode_clock_event_reasons,
 )
+from hydra_watchdog.config import GpuDevice
+from hydra_watchdog.observation import GpuReport, GpuSnapshot, NvmlErrorKind
 from hydra_watchdog.sim import nvml_state as ns
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 
@@ -424,7 +424,7 @@ def test_a_driver_reset_shows_as_drift(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:
 PROBE = """
 import json, sys
 from hydra_watchdog.config import GpuDevice
-from hydra_watchdog.probes.gpu import NvmlGpu
+from hydra_watchdog.adapters.gpu import NvmlGpu
 gpu = NvmlGpu(library_path=sys.argv[1], call_timeout=5.0)
 r = gpu.read([GpuDevice(index=0)])
 s = gpu.set_power_limit(0, 450)

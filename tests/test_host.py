@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_watchdog.probes.host import (
+from hydra_watchdog.adapters.host import (
     HostProbe,
     check_libraries,
     check_models_dir,

@@ -21,18 +21,18 @@ import pytest
 
 from hydra_watchdog.act.orphans import kill_orphan
 from hydra_watchdog.actions import KillOrphan, Reason, ResultStatus
-from hydra_watchdog.config import OrphansSection, parse_config
-from hydra_watchdog.observation import GpuReport, Outcome, ProcessRole, UnitStatus
-from hydra_watchdog.probes.identity import (
+from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     is_tabby_program,
     program_paths,
     read_identity,
     within,
 )
-from hydra_watchdog.probes.process_control import PidfdControl
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.tabby import TabbyClient
+from hydra_watchdog.adapters.process_control import PidfdControl
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.tabby import TabbyClient
+from hydra_watchdog.config import OrphansSection, parse_config
+from hydra_watchdog.observation import GpuReport, Outcome, ProcessRole, UnitStatus
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.states import Rule
 from tests.harness.adversary import SQUATTER, SYSTEM_PYTHON, Squatter, as_nobody, public_dir
@@ -444,8 +444,8 @@ def test_the_sim_install_tree_really_runs_the_simulator(tmp_path: Path) -> None:
 
 GATE_INSIDE = """
 import json, sys
-from hydra_watchdog.probes.identity import ListenerGate
-from hydra_watchdog.probes.systemd import SystemctlUnit
+from hydra_watchdog.adapters.identity import ListenerGate
+from hydra_watchdog.adapters.systemd import SystemctlUnit
 unit, port = json.load(sys.stdin)
 gate = ListenerGate("127.0.0.1", port, install_dirs=["/nonexistent"], user="root")
 gate.set_unit(SystemctlUnit(unit).status())

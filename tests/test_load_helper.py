@@ -23,10 +23,10 @@ import pytest
 from hydra_watchdog.act.load import ModelLoader
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import LoadModel, Reason, ResultStatus
+from hydra_watchdog.adapters.tabby import TabbyClient
 from hydra_watchdog.config import load_config
 from hydra_watchdog.events import EventKind
 from hydra_watchdog.load_record import LoadLaunch, read_launch, read_report
-from hydra_watchdog.probes.tabby import TabbyClient
 from hydra_watchdog.states import Phase, Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import (

@@ -13,9 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from hydra_watchdog.observation import UnitStatus
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.loader_env import (
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.loader_env import (
     EnvLookup,
     TabbyEnvironment,
     parse_assignments,
@@ -24,6 +23,7 @@ from hydra_watchdog.probes.loader_env import (
     parse_environ,
     unit_env,
 )
+from hydra_watchdog.observation import UnitStatus
 from tests.elf_kit import LIB, build_extension, build_library, needs_gcc
 
 SECRET = "sk-admin-0123456789"

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.loader_env import TabbyEnvironment
-from hydra_watchdog.probes.systemd import SystemctlUnit
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.loader_env import TabbyEnvironment
+from hydra_watchdog.adapters.systemd import SystemctlUnit
 from tests.elf_kit import LIB, build_extension, build_library, needs_gcc
 from tests.harness.systemd_ns import SystemdNamespace
 

@@ -24,7 +24,7 @@ REPO = Path(__file__).resolve().parents[1]
 _NO_FDS = """
 import errno, json, os, resource, sys, time
 from hydra_watchdog import control
-from hydra_watchdog.probes.tabby import TabbyClient
+from hydra_watchdog.adapters.tabby import TabbyClient
 from tests.harness.tabby import trusted_listener
 
 url, state_dir = sys.argv[1], sys.argv[2]
@@ -58,11 +58,11 @@ from hydra_watchdog.config import parse_config
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.probes.gpu import NvmlGpu
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.systemd import SystemctlUnit
-from hydra_watchdog.probes.tabby import TabbyClient
+from hydra_watchdog.adapters.gpu import NvmlGpu
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+from hydra_watchdog.adapters.tabby import TabbyClient
 
 url, models, no_systemd = sys.argv[1], sys.argv[2], sys.argv[3]
 cfg = parse_config({

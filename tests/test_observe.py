@@ -8,14 +8,14 @@ import threading
 import time
 from pathlib import Path
 
+from hydra_watchdog.adapters.gpu import NvmlGpu
+from hydra_watchdog.adapters.host import HostProbe
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+from hydra_watchdog.adapters.tabby import TabbyClient
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.observation import Outcome, Probe, ProcessRole
 from hydra_watchdog.observe import Observer
-from hydra_watchdog.probes.gpu import NvmlGpu
-from hydra_watchdog.probes.host import HostProbe
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.systemd import SystemctlUnit
-from hydra_watchdog.probes.tabby import TabbyClient
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim  # noqa: F401
 

@@ -17,10 +17,10 @@ from pathlib import Path
 import pytest
 import structlog
 
+from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import GpuReport, ProcessInfo, ProcessRole, UnitStatus
 from hydra_watchdog.printable import printable
-from hydra_watchdog.probes.procs import ProcScanner
 from hydra_watchdog.report.journal import _console_line, configure_logging, log_event
 from hydra_watchdog.states import Rule
 from tests.policy_kit import Run, config, obs, refused

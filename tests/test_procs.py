@@ -16,6 +16,12 @@ from typing import Any
 import psutil
 import pytest
 
+from hydra_watchdog.adapters.procs import (
+    ProcScanner,
+    cgroup_paths,
+    in_cgroup,
+    parse_listeners,
+)
 from hydra_watchdog.observation import (
     GpuProcess,
     GpuReport,
@@ -23,12 +29,6 @@ from hydra_watchdog.observation import (
     ProcessInfo,
     ProcessRole,
     UnitStatus,
-)
-from hydra_watchdog.probes.procs import (
-    ProcScanner,
-    cgroup_paths,
-    in_cgroup,
-    parse_listeners,
 )
 from tests.harness.systemd_ns import SystemdNamespace
 
@@ -257,8 +257,8 @@ def test_unreadable_proc_root_gives_an_empty_scan(tmp_path: Path) -> None:
 SCAN_INSIDE = """
 import dataclasses, json, sys
 from hydra_watchdog.observation import GpuReport
-from hydra_watchdog.probes.procs import ProcScanner
-from hydra_watchdog.probes.systemd import SystemctlUnit
+from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.systemd import SystemctlUnit
 # Arguments come on stdin: in argv the pattern would make this very process match it.
 unit, pattern, cgroup_root = json.load(sys.stdin)
 status = SystemctlUnit(unit).status()

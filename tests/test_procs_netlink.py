@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from hydra_watchdog.probes.procs import netlink_listeners, parse_listeners
+from hydra_watchdog.adapters.procs import netlink_listeners, parse_listeners
 
 
 def _proc_listeners(ports: list[int]) -> dict[int, int]:

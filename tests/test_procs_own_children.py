@@ -25,7 +25,7 @@ SCAN = (
     + """
 import json, subprocess, sys, time
 from hydra_watchdog.observation import GpuReport, ProcessRole, UnitStatus
-from hydra_watchdog.probes.procs import ProcScanner
+from hydra_watchdog.adapters.procs import ProcScanner
 # Only the suffix comes in argv: systemd-run's own command line must not match the pattern.
 marker, stranger = PREFIX + sys.argv[1], int(sys.argv[2])
 child = subprocess.Popen([sys.executable, marker + "/sleep.py"])

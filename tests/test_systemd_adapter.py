@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.adapters.systemd import SystemctlUnit, parse_show
 from hydra_watchdog.observation import UnitStatus
-from hydra_watchdog.probes.systemd import SystemctlUnit, parse_show
 from tests.harness.systemd_ns import SystemdNamespace
 
 pytest_plugins = ["tests.harness.systemd_fixtures"]

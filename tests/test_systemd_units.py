@@ -32,7 +32,7 @@ UNIT = REPO / "systemd" / "hydra-watchdog.service"
 DROP_IN = REPO / "systemd" / "tabbyapi.service.d" / "10-hydra-watchdog.conf"
 CATALOG = REPO / "systemd" / "hydra-watchdog.catalog"
 MAX_EXPOSURE = 4.5
-TABBY_POOL = 20  # httpcore.ConnectionPool(max_connections=20) in probes/tabby.py
+TABBY_POOL = 20  # httpcore.ConnectionPool(max_connections=20) in adapters/tabby.py
 
 # [Service] keys that differ between a Debian host and NixOS by nature, not by hardening:
 # NixOS sets LD_LIBRARY_PATH for NVML; the admin key's path is the user's choice.

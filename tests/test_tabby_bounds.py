@@ -19,8 +19,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 
-from hydra_watchdog.observation import Outcome
-from hydra_watchdog.probes.sse import (
+from hydra_watchdog.adapters.sse import (
     SSE_MAX_BYTES,
     SSE_MAX_EVENT,
     SSE_MAX_EVENTS,
@@ -29,9 +28,10 @@ from hydra_watchdog.probes.sse import (
     SseParser,
     StreamMalformedError,
 )
-from hydra_watchdog.probes.tabby import (
+from hydra_watchdog.adapters.tabby import (
     TabbyClient,
 )
+from hydra_watchdog.observation import Outcome
 from hydra_watchdog.sim.tabby_server import LOAD_STREAMS, parse_faults
 from tests.harness.tabby import ADMIN_KEY, TabbySims, trusted_listener, wait_for
 
@@ -42,7 +42,7 @@ GROWTH_MAX = 200 * MIB  # generous: the bounded client holds well under 1 MiB of
 # argv; prints {"detail", "outcome", "before", "peak"} (bytes of resident memory).
 CHILD = r"""
 import json, os, sys, threading, time
-from hydra_watchdog.probes.tabby import TabbyClient
+from hydra_watchdog.adapters.tabby import TabbyClient
 from tests.harness.tabby import trusted_listener
 
 def vm(field):

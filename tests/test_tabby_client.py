@@ -17,14 +17,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hydra_watchdog.adapters.fallback_route import LiteLlmRoute
+from hydra_watchdog.adapters.sse import SseParser
+from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import parse_config
 from hydra_watchdog.daemon import build_adapters
 from hydra_watchdog.interfaces import LoadOutcome
 from hydra_watchdog.observation import Outcome, UnitStatus
 from hydra_watchdog.printable import printable
-from hydra_watchdog.probes.fallback_route import LiteLlmRoute
-from hydra_watchdog.probes.sse import SseParser
-from hydra_watchdog.probes.tabby import TabbyClient, read_admin_key
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, trusted_listener, wait_for
 
 SLACK = 0.1  # issue 3: a probe never exceeds its deadline by more than 100 ms

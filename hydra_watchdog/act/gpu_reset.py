@@ -12,11 +12,11 @@ import time
 from collections.abc import Callable, Sequence
 
 from hydra_watchdog.actions import ActionResult, ResetGpu, ResultStatus
+from hydra_watchdog.adapters.identity import is_tabby_program
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import GpuAdapter, GpuResetter, ProcessControl
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.probes.identity import is_tabby_program
 
 # A reset normally takes seconds; a wedged driver must not hang the loop: this stays below the
 # unit's WatchdogSec (90 s) minus a ping interval.

@@ -32,6 +32,8 @@ from dataclasses import replace
 from pathlib import Path
 
 from hydra_watchdog.actions import LoadModel
+from hydra_watchdog.adapters.identity import read_text, stat_start_ticks
+from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.config import Config
 from hydra_watchdog.load_record import (
     LoadLaunch,
@@ -41,8 +43,6 @@ from hydra_watchdog.load_record import (
     read_report,
     write_launch,
 )
-from hydra_watchdog.probes.identity import read_text, stat_start_ticks
-from hydra_watchdog.probes.tabby import read_admin_key
 from hydra_watchdog.statefile import read_boot_id
 
 HELPER_MODULE = "hydra_watchdog.load_helper"

@@ -1,7 +1,7 @@
 """TabbyAPI's install tree, laid out for the simulator.
 
 On hydra-ai TabbyAPI runs as `python main.py` from /opt/tabbyapi, and the watchdog knows it by
-that: its program lies inside the install tree (probes/identity.py). The simulator is run the
+that: its program lies inside the install tree (adapters/identity.py). The simulator is run the
 same way, from a `main.py` in a tree of its own, so the demo, the tests and the benchmarks meet
 the identity rules production meets, never a looser stand-in.
 """

@@ -39,7 +39,7 @@ import uuid
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
-from hydra_watchdog.probes.systemd import kill_group
+from hydra_watchdog.adapters.systemd import kill_group
 
 CGROUP_HIERARCHIES = ("/sys/fs/cgroup/systemd", "/sys/fs/cgroup/unified", "/sys/fs/cgroup")
 _PR_SET_PDEATHSIG = 1

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from hydra_watchdog.probes.identity import ListenerCheck
+from hydra_watchdog.adapters.identity import ListenerCheck
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.sim.tabby_server import write_control
 

@@ -19,8 +19,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from hydra_watchdog.adapters.loader_env import TabbyEnvironment, describe_env
 from hydra_watchdog.observation import HostReport, ModelDir, UnitStatus
-from hydra_watchdog.probes.loader_env import TabbyEnvironment, describe_env
 
 if TYPE_CHECKING:
     from hydra_watchdog.config import Config

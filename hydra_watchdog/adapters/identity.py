@@ -11,7 +11,7 @@ put any text into an argv):
   the owner runs as TabbyAPI's uid, in our PID namespace, and its program (executable, argv[0]
   or script) lies inside TabbyAPI's install tree, and the socket was created by that uid.
 * Is this process outside the unit an orphan of TabbyAPI's? (`is_tabby_program` with the same
-  uid and namespace rules; see probes/procs.py.)
+  uid and namespace rules; see adapters/procs.py.)
 
 Paths are compared by component (`/opt/tabbyapi` holds `/opt/tabbyapi/main.py`, never
 `/opt/tabbyapi-shared/x`). Start times are the kernel's clock ticks since boot

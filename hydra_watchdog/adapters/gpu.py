@@ -3,7 +3,7 @@
 Theory of operation
 -------------------
 A GPU that falls off the bus can hang an NVML call for minutes, and a Python thread cannot be
-cancelled. So one lane (probes/bounded.py: a long-lived worker thread; CallRunner here) runs
+cancelled. So one lane (adapters/bounded.py: a long-lived worker thread; CallRunner here) runs
 every NVML call, and the caller waits at most `call_timeout` for each. A call that misses its
 deadline is reported as TIMEOUT and stays "stuck": until it returns, every further call is
 answered TIMEOUT at once without being queued, so a hung driver costs one deadline per read,
@@ -31,6 +31,7 @@ from typing import Any, TypeVar
 
 import pynvml
 
+from hydra_watchdog.adapters.bounded import Lane, Refused, Why
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.interfaces import PowerSetOutcome
 from hydra_watchdog.observation import (
@@ -40,7 +41,6 @@ from hydra_watchdog.observation import (
     NvmlErrorKind,
     PowerInfo,
 )
-from hydra_watchdog.probes.bounded import Lane, Refused, Why
 
 _T = TypeVar("_T")
 
@@ -133,7 +133,7 @@ def classify(exc: BaseException, what: str) -> NvmlFailure:
 
 
 class CallRunner:
-    """NVML's calls on one lane (probes/bounded.py), each waited for at most `timeout`.
+    """NVML's calls on one lane (adapters/bounded.py), each waited for at most `timeout`.
 
     A call past its deadline returns TIMEOUT and stays stuck; while it is stuck, new calls get
     TIMEOUT at once (see the module docstring). `call` never raises for what the callable raises.

@@ -14,9 +14,9 @@ import subprocess
 from collections.abc import Mapping, Sequence
 
 from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.adapters.loader_env import EnvLookup, parse_env_files_property, unit_env
 from hydra_watchdog.interfaces import CommandOutcome
 from hydra_watchdog.observation import UnitStatus
-from hydra_watchdog.probes.loader_env import EnvLookup, parse_env_files_property, unit_env
 
 PROPERTIES = (
     "LoadState",

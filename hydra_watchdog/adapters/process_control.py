@@ -2,7 +2,7 @@
 
 An adapter (interfaces.ProcessControl): the I/O only. What to compare and when to refuse stays
 with the actuators (act/orphans.py, act/gpu_reset.py); what identity means stays in
-probes/identity.py.
+adapters/identity.py.
 
 A pidfd pins the very process it was opened for: a signal sent through it can never reach a
 process that reused the PID number, and it turns readable when that process exits (a zombie
@@ -15,14 +15,14 @@ import os
 import select
 import signal
 
-from hydra_watchdog.interfaces import Delivery, PinFailure
-from hydra_watchdog.probes.identity import (
+from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     own_pid_namespace,
     read_identity,
     resolve_uid,
 )
-from hydra_watchdog.probes.procs import in_unit
+from hydra_watchdog.adapters.procs import in_unit
+from hydra_watchdog.interfaces import Delivery, PinFailure
 
 
 class _Pinned:

@@ -17,15 +17,7 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING
 
-from hydra_watchdog.observation import (
-    GpuReport,
-    Listener,
-    PortReport,
-    ProcessInfo,
-    ProcessRole,
-    UnitStatus,
-)
-from hydra_watchdog.probes.identity import (
+from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     cgroup_paths,
     find_owners,
@@ -41,6 +33,14 @@ from hydra_watchdog.probes.identity import (
     socket_owners,
     tabby_uid,
     unit_cgroup_members,
+)
+from hydra_watchdog.observation import (
+    GpuReport,
+    Listener,
+    PortReport,
+    ProcessInfo,
+    ProcessRole,
+    UnitStatus,
 )
 
 if TYPE_CHECKING:

@@ -1,7 +1,7 @@
 """The LiteLLM fallback route over HTTP: an adapter (interfaces.FallbackRoute).
 
 The runbook's check: a 5-token chat completion through the proxy at the configured URL, within
-a total deadline (probes/http_deadline.py). The proxy is another host than TabbyAPI, so this
+a total deadline (adapters/http_deadline.py). The proxy is another host than TabbyAPI, so this
 adapter has no key to send: it never sees TabbyAPI's admin key, and it sends no Authorization
 header at all. A URL's own credentials (`http://user:pass@...`) are redacted from every detail.
 """
@@ -10,10 +10,7 @@ from __future__ import annotations
 
 import time
 
-from hydra_watchdog.config import redact_url
-from hydra_watchdog.observation import HttpResult, Outcome
-from hydra_watchdog.printable import printable
-from hydra_watchdog.probes.http_deadline import (
+from hydra_watchdog.adapters.http_deadline import (
     Reply,
     choices_result,
     error_detail,
@@ -21,6 +18,9 @@ from hydra_watchdog.probes.http_deadline import (
     new_client,
     result,
 )
+from hydra_watchdog.config import redact_url
+from hydra_watchdog.observation import HttpResult, Outcome
+from hydra_watchdog.printable import printable
 
 _DETAIL_MAX = 300
 

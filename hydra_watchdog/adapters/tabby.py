@@ -1,19 +1,19 @@
 """TabbyAPI over HTTP: one httpx client, a hard total deadline per request, typed outcomes.
 
-An adapter (interfaces.TabbyApi). The deadline transport lives in probes/http_deadline.py, the
-bounded event-stream parser of a model load in probes/sse.py; the LiteLLM fallback route, which
-is another host, has its own adapter (probes/fallback_route.py).
+An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py, the
+bounded event-stream parser of a model load in adapters/sse.py; the LiteLLM fallback route, which
+is another host, has its own adapter (adapters/fallback_route.py).
 
 Nothing here raises for anything the server or the network does: every method returns a typed
 outcome (observation.Outcome) with the measured latency. The admin key goes out only in the
 Authorization header of requests to TabbyAPI, and only after the listener on its port was
-verified as TabbyAPI (probes/identity.py): a local user who binds the port while TabbyAPI is down
+verified as TabbyAPI (adapters/identity.py): a local user who binds the port while TabbyAPI is down
 gets nothing but unauthenticated /health probes. Every detail string is scrubbed of the key
 (before it is cut to length, so no piece of the key survives a cut) and has its control
 characters escaped.
 
 Every read is bounded: a plain answer by JSON_LIMIT, a load's event stream by the SSE_* bounds
-(probes/sse.py).
+(adapters/sse.py).
 """
 
 from __future__ import annotations
@@ -29,18 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from hydra_watchdog.config import Config, redact_url
-from hydra_watchdog.interfaces import LoadOutcome
-from hydra_watchdog.observation import (
-    Canary,
-    Health,
-    HttpResult,
-    ModelStatus,
-    Outcome,
-    UnitStatus,
-)
-from hydra_watchdog.printable import printable
-from hydra_watchdog.probes.http_deadline import (
+from hydra_watchdog.adapters.http_deadline import (
     JSON_LIMIT,
     LoadCancelledError,
     Reply,
@@ -54,8 +43,19 @@ from hydra_watchdog.probes.http_deadline import (
     new_client,
     result,
 )
-from hydra_watchdog.probes.identity import ListenerCheck, ListenerGate
-from hydra_watchdog.probes.sse import SseParser, StreamMalformedError
+from hydra_watchdog.adapters.identity import ListenerCheck, ListenerGate
+from hydra_watchdog.adapters.sse import SseParser, StreamMalformedError
+from hydra_watchdog.config import Config, redact_url
+from hydra_watchdog.interfaces import LoadOutcome
+from hydra_watchdog.observation import (
+    Canary,
+    Health,
+    HttpResult,
+    ModelStatus,
+    Outcome,
+    UnitStatus,
+)
+from hydra_watchdog.printable import printable
 
 _DETAIL_MAX = 300
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."

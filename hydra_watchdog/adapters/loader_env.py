@@ -23,9 +23,9 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
 
+from hydra_watchdog.adapters.identity import ListenerCheck, ListenerGate, read_bytes
 from hydra_watchdog.config import Config
 from hydra_watchdog.observation import UnitStatus
-from hydra_watchdog.probes.identity import ListenerCheck, ListenerGate, read_bytes
 
 # What decides which libraries the loader finds for a given file. LD_PRELOAD cannot make a
 # library "not found" and LD_AUDIT is not for this; everything else is none of ldd's business.
