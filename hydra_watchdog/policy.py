@@ -592,6 +592,7 @@ def _no_model(sit: Situation) -> Plan:
     notes: list[Finding] = []
     if not candidates:
         return _enter(s, Phase.BLOCKED if not main_usable else Phase.NO_MODEL, now), cleanup, []
+    vram_refused = False
     for name, is_fallback in candidates:
         need = vram_needed(cfg, host.fallback if is_fallback else host.model, fallback=is_fallback)
         if need is not None and free is not None and free < need:
@@ -600,6 +601,7 @@ def _no_model(sit: Situation) -> Plan:
                 return _enter(s, Phase.NO_MODEL, now), cleanup, notes  # cleanup first; re-check
             others = [p for p in obs.processes if p.gpu_bytes > 0 and p.role is ProcessRole.FOREIGN]
             notes.append(say.vram_refused(name, need, free, others, fallback=is_fallback))
+            vram_refused = vram_refused or not is_fallback
             continue
         rule = Rule.FALLBACK_MODEL if is_fallback else Rule.NO_MODEL
         why = "healthy but no model loaded"
@@ -628,6 +630,9 @@ def _no_model(sit: Situation) -> Plan:
             next_load_at=now + backoff_delay(s.load_failures + 1, cfg),
             using_fallback=is_fallback,
             main_retry_at=now + cfg.restart_loop.backoff_max if is_fallback else None,
+            fallback_blocker=_blocker(s, cfg, main_failed, main_usable, vram_refused)
+            if is_fallback
+            else "",
         )
         load = LoadModel(name, need, Reason(rule, why + vram))
         return _enter(s, Phase.LOADING, now), [*cleanup, load], notes
@@ -756,15 +761,39 @@ def _libraries_checked(sit: Situation) -> bool:
     return checked is not None and (since is None or checked >= since)
 
 
+def _blocker(s: PolicyState, cfg: Config, failed: object, usable: bool, vram_refused: bool) -> str:
+    """Why the fallback was loaded: what must clear before the main model is tried early."""
+    if failed is not None:
+        return "permanent"
+    if s.escalated:
+        return "escalated"
+    if s.load_failures >= cfg.model.max_load_attempts:
+        return "failures"
+    if not usable:
+        return "unusable"
+    return "vram" if vram_refused else ""
+
+
 def _main_retry_due(sit: Situation) -> bool:
     s, cfg, host = sit.s, sit.cfg, sit.obs.host
     main_usable = host.model is None or host.model.usable
     failed = s.permanent_failure(cfg.model.name) is not None
     if not main_usable or failed or s.load_in_flight or s.escalated:
         return False
-    # What made the fallback necessary has cleared (a fresh process, a fixed folder), or the
-    # slow timer says: try the main model again.
-    cleared = s.load_failures < cfg.model.max_load_attempts
+    # The main model must fit once the fallback gives its VRAM back (a load replaces it):
+    # retrying a load that cannot fit would only thrash between the two.
+    need = vram_needed(cfg, host.model, fallback=False)
+    free = vram_free(sit.obs.gpus, cfg.gpu.device)
+    freed = vram_needed(cfg, host.fallback, fallback=True) or 0
+    if need is not None and free is not None and need > free + freed:
+        return False
+    # What made the fallback necessary has cleared, or the slow timer says: try again.
+    cleared = {
+        "failures": s.load_failures < cfg.model.max_load_attempts,  # a fresh process
+        "vram": True,  # it fits now (checked above)
+        "unusable": True,  # the folder is usable again (checked above)
+        "permanent": True,  # the config, folder or process changed (checked above)
+    }.get(s.fallback_blocker, False)
     due = s.main_retry_at is not None and sit.now >= s.main_retry_at
     return cleared or due
 

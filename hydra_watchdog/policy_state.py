@@ -124,6 +124,7 @@ class PolicyState:
     # what they depend on changes (config, model folder, TabbyAPI's process)
     permanent: tuple[PermanentFailure, ...] = ()
     main_retry_at: float | None = None  # on the fallback: when to try the main model again
+    fallback_blocker: str = ""  # why the fallback: permanent, escalated, failures, unusable, vram
     # ExLlamaV2 libraries the last check found missing: remembered until a fresh check says fixed
     missing_libraries: tuple[str, ...] = ()
     libraries_checked_at: float | None = None
