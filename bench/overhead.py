@@ -38,6 +38,14 @@ clients = [socket.create_connection((host, port)) for _ in range(n)]
 print("ready", flush=True)
 sys.stdin.read()
 """
+_STRAY = """
+import socket, sys
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen()
+print(s.getsockname()[1], flush=True)
+sys.stdin.read()
+"""
 
 
 def _ticks(pid: int) -> int:
@@ -141,7 +149,7 @@ def port_scan(runs: int) -> dict[str, Any]:
 
     from hydra_watchdog.adapters.procs import ProcScanner
     from hydra_watchdog.adapters.systemd import SystemctlUnit
-    from hydra_watchdog.observation import GpuReport
+    from hydra_watchdog.observation import GpuReport, UnitStatus
 
     # Half the sockets live in a helper process: one process may not be allowed 20k fds (the
     # hard RLIMIT_NOFILE here is 20,000 and raising it needs CAP_SYS_RESOURCE).
@@ -171,8 +179,19 @@ def port_scan(runs: int) -> dict[str, Any]:
         )
         scanner = ProcScanner(nd.PORT, [str(nd.ROOT / "models")])
         unit = SystemctlUnit(nd.TABBY_UNIT).status()
+        # The search the full scan exists for: a listener no candidate holds (a stray server,
+        # started last), while the 20k sockets live in this process and the helper.
+        stray = subprocess.Popen([sys.executable, "-c", _STRAY], stdin=subprocess.PIPE,
+                                 stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert stray.stdout is not None
+        stray_port = int(stray.stdout.readline())
+        lost = ProcScanner(stray_port, ["/nonexistent-pattern/"])
+        no_unit = UnitStatus(name="none.service", available=False)
         fns: dict[str, Callable[[], object]] = {
             "ProcScanner.scan(full=True)": lambda: scanner.scan(unit, GpuReport(), full=True),
+            "ProcScanner.scan(full=True), owner no candidate": lambda: lost.scan(
+                no_unit, GpuReport(), full=True
+            ),
             "ProcScanner.scan(full=False)": lambda: scanner.scan(unit, GpuReport(), full=False),
             "psutil.net_connections('tcp')": lambda: psutil.net_connections("tcp"),
         }
@@ -184,6 +203,8 @@ def port_scan(runs: int) -> dict[str, Any]:
                 fn()
                 times.append(time.perf_counter() - t)
             out[name] = _stats_ms(times)
+        stray.stdin.close()  # type: ignore[union-attr]
+        stray.wait(30)
         return out
     finally:
         for s in socks:

@@ -216,13 +216,17 @@ def overhead_sections(ov: dict[str, Any]) -> tuple[list[str], list[str]]:
                     f"| `{k}` | {v['runs']} | {v['median_ms']:.1f} ms | {v['p95_ms']:.1f} ms | "
                     f"{v['max_ms']:.1f} ms |"
                 )
-        full = ps["ProcScanner.scan(full=True)"]["median_ms"]
+        full = max(
+            v["median_ms"]
+            for k, v in ps.items()
+            if k.startswith("ProcScanner.scan(full=True)") and isinstance(v, dict)
+        )
         targets.append(
-            f"- port scan (full) median {full:.1f} ms at 20k sockets vs ≤ 50 ms: "
+            f"- port scan (full, worst case) median {full:.1f} ms at 20k sockets vs ≤ 20 ms: "
             + (
                 "met"
-                if full <= 50
-                else f"**MISSED** by {full - 50:.1f} ms — " + KNOWN_CAUSES["port scan"]
+                if full <= 20
+                else f"**MISSED** by {full - 20:.1f} ms — " + KNOWN_CAUSES["port scan"]
             )
         )
         lines.append("")

@@ -317,7 +317,9 @@ def cmd_demo(args: argparse.Namespace) -> int:
 # --- parser -------------------------------------------------------------------------------------
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(only: str | None = None) -> argparse.ArgumentParser:
+    """The whole parser, or with `only` one command's (argparse spends milliseconds per
+    sub-parser, and `status` is run by monitoring every few seconds: it gets just its own)."""
     parser = argparse.ArgumentParser(
         prog="hydra-watchdog",
         description="TabbyAPI's incident runbook as an on-node watchdog.",
@@ -325,7 +327,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"hydra-watchdog {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
+    unused = argparse.ArgumentParser(add_help=False, conflict_handler="resolve")
+
     def add(name: str, fn: Command, help_text: str) -> argparse.ArgumentParser:
+        if only is not None and name != only:
+            return unused  # not this run's command: its options go nowhere
         p = sub.add_parser(name, help=help_text, description=help_text)
         p.add_argument(
             "--config",
@@ -358,8 +364,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+COMMANDS = frozenset(
+    ("run", "status", "check", "verify", "pause", "resume", "events", "check-config", "demo")
+)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    first = argv[0] if argv else ""
+    args = build_parser(first if first in COMMANDS else None).parse_args(argv)
     try:
         code: int = args.func(args)
     except CliError as exc:

@@ -6,13 +6,11 @@ id beside them: after a reboot the clock starts over, and `rebased()` drops what
 
 from __future__ import annotations
 
-import dataclasses
-import types
-import typing
 from dataclasses import dataclass
-from enum import Enum, StrEnum
-from typing import Any
+from enum import StrEnum
 
+from hydra_watchdog.jsonable import from_jsonable as from_jsonable  # noqa: PLC0414 - re-export
+from hydra_watchdog.jsonable import to_jsonable as to_jsonable  # noqa: PLC0414 - re-export
 from hydra_watchdog.observation import Probe
 from hydra_watchdog.states import Phase, Rule, Severity
 
@@ -169,64 +167,4 @@ class PolicyState:
 
 
 # --- JSON ---------------------------------------------------------------------------------------
-
-
-def to_jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
-    if isinstance(value, Enum):
-        return value.value
-    if isinstance(value, frozenset):
-        return sorted(to_jsonable(v) for v in value)
-    if isinstance(value, tuple | list):
-        return [to_jsonable(v) for v in value]
-    return value
-
-
-def _from(tp: Any, raw: Any) -> Any:
-    origin = typing.get_origin(tp)
-    if origin in (typing.Union, types.UnionType):
-        if raw is None:
-            return None
-        return _from(next(a for a in typing.get_args(tp) if a is not type(None)), raw)
-    if origin is tuple:
-        args = typing.get_args(tp)
-        if len(args) == 2 and args[1] is Ellipsis:
-            return tuple(_from(args[0], v) for v in raw)
-        return tuple(_from(a, v) for a, v in zip(args, raw, strict=True))
-    if origin is frozenset:
-        (arg,) = typing.get_args(tp)
-        return frozenset(_from(arg, v) for v in raw)
-    if isinstance(tp, type) and issubclass(tp, Enum):
-        return tp(raw)
-    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
-        if isinstance(raw, list):  # written as a tuple by an older version (PowerHold)
-            names = [f.name for f in dataclasses.fields(tp)]
-            raw = dict(zip(names, raw, strict=True))
-        return from_jsonable(tp, raw)
-    if tp is float:
-        if isinstance(raw, bool) or not isinstance(raw, int | float):
-            raise TypeError(f"expected a number, got {raw!r}")
-        return float(raw)
-    if tp in (int, str, bool):
-        if not isinstance(raw, tp) or (tp is int and isinstance(raw, bool)):
-            raise TypeError(f"expected {tp.__name__}, got {raw!r}")
-        return raw
-    raise TypeError(f"unsupported type {tp!r}")  # pragma: no cover - schema bug
-
-
-T = typing.TypeVar("T")
-
-
-def from_jsonable(cls: type[T], raw: Any) -> T:
-    """Inverse of to_jsonable for our dataclasses; TypeError/ValueError/KeyError on bad data.
-    Unknown keys are ignored (a newer minor writer), missing ones take their defaults."""
-    if not isinstance(raw, dict):
-        raise TypeError(f"expected an object for {cls.__name__}")
-    hints = typing.get_type_hints(cls)
-    kwargs = {
-        f.name: _from(hints[f.name], raw[f.name])
-        for f in dataclasses.fields(cls)  # type: ignore[arg-type]
-        if f.name in raw
-    }
-    return cls(**kwargs)
+# The generic codec lives in jsonable.py (light: `status` reads its file with it); re-exported.

@@ -32,11 +32,13 @@ import time
 from dataclasses import dataclass
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from hydra_watchdog.events import Event
-from hydra_watchdog.observation import local_failure
-from hydra_watchdog.policy_state import STATE_VERSION, PolicyState, from_jsonable, to_jsonable
+from hydra_watchdog.jsonable import from_jsonable, to_jsonable
+
+if TYPE_CHECKING:  # imported where used: `status` reads its file with read_regular, no policy
+    from hydra_watchdog.policy_state import PolicyState
 
 STATE_FILE = "state.json"
 # A dry run keeps its own memory: its pretended restarts and loads must not count against the
@@ -158,6 +160,8 @@ def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
     except (FileNotFoundError, PermissionError):
         raise
     except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket; ...
+        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see TYPE_CHECKING
+
         if local_failure(exc):
             raise
         raise UnusableFileError(f"cannot open it: {exc.strerror or exc}") from None
@@ -180,6 +184,8 @@ def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
             raise UnusableFileError(f"more than the {limit} bytes a valid one can have")
         return b"".join(chunks), st
     except OSError as exc:
+        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see TYPE_CHECKING
+
         if local_failure(exc):
             raise
         raise UnusableFileError(f"cannot read it: {exc.strerror or exc}") from None
@@ -298,6 +304,8 @@ class StateFile:
         """The saved state, or a fresh one. Never raises for what is in the file (or what stands
         in its place); raises UnsafeDirectoryError for a state dir it must not trust and
         PermissionError when this process may not read it."""
+        from hydra_watchdog.policy_state import STATE_VERSION, PolicyState  # noqa: PLC0415
+
         ensure_private_dir(self.dir)
         self._remove_stale_temps()
         try:
@@ -337,6 +345,8 @@ class StateFile:
 
     def save(self, state: PolicyState, events: tuple[Event, ...] | list[Event]) -> None:
         """Write atomically; only the last `events_kept` events are kept."""
+        from hydra_watchdog.policy_state import STATE_VERSION  # noqa: PLC0415
+
         kept = tuple(events)[-self.events_kept :]
         doc: dict[str, Any] = {
             "version": STATE_VERSION,
@@ -349,6 +359,8 @@ class StateFile:
         write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode(), 0o600)
 
     def _discard(self, why: str) -> Persisted:
+        from hydra_watchdog.policy_state import PolicyState  # noqa: PLC0415
+
         moved = move_aside(self.path, why)
         where = f"quarantined as {moved.name}" if moved else "could not be moved aside"
         note = f"{self.path.name} unusable ({why}); {where}; started with a fresh state"

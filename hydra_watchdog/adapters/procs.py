@@ -5,7 +5,9 @@ Cost matters (this runs every cycle): `psutil.net_connections()` walks every fd 
 /proc/net/tcp{,6} (their inodes), and only candidate processes' fds are searched for those
 inodes: the unit's cgroup, the processes whose command line mentions the install tree, the GPU
 memory holders. When an owner is still unknown, the processes of the socket's uid (netlink gives
-it) are searched next, then every process; `full=True` searches every process for every holder.
+it) are searched next, then every process, each stopping at the first holder (the fewest-fd
+processes first); `full=True` (the policy's PORT_SCAN, asked for when an owner was
+unknown) is that same search: no process is read twice, and one holder names the owner.
 
 Each process is read with the tolerance of a live system: any PID may exit, or be unreadable,
 between two reads; such a process is skipped, never an exception.
@@ -133,9 +135,11 @@ class ProcScanner:
             candidates.add(main_pid)
         inodes = {s.inode for s in sockets}
         owners = socket_owners(sorted(candidates), inodes, self.proc_root)
-        searched_all = full or any(inode not in owners for inode in inodes)
-        if searched_all:
-            owners = find_owners(sockets, sorted(candidates), self.proc_root, everyone=full)
+        unowned = any(inode not in owners for inode in inodes)
+        searched_all = full or unowned
+        if unowned:
+            # uid first, first holder: the policy asks for this search to name an unknown owner
+            owners = find_owners(sockets, sorted(candidates), self.proc_root)
 
         found: set[Listener] = set()
         for sock in sockets:

@@ -26,13 +26,16 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
-from hydra_watchdog.policy_state import PolicyState, RestartOrigin, from_jsonable, to_jsonable
+from hydra_watchdog.jsonable import from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Verdict
+
+if TYPE_CHECKING:  # the daemon's side (build_status); `status` only reads the file
+    from hydra_watchdog.config import Config, GpuDevice
+    from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation
+    from hydra_watchdog.policy_state import PolicyState
 
 SCHEMA_VERSION = 1
 GIB = 1024**3
@@ -334,6 +337,8 @@ def build_status(
                     )
                 )
             listeners = tuple(owned)
+        from hydra_watchdog.observation import ProcessRole  # noqa: PLC0415 - keep `status` light
+
         processes = tuple(
             ProcessEntry(p.pid, p.role.value, _short(p.command), p.gpu_bytes)
             for p in obs.processes
@@ -343,6 +348,8 @@ def build_status(
             pause = PauseInfo(True, obs.pause.reason, wall(obs.pause.until))
     if state.phase is Phase.PAUSED and not pause.paused:
         pause = PauseInfo(paused=True)
+
+    from hydra_watchdog.policy_state import RestartOrigin  # noqa: PLC0415 - keep `status` light
 
     window = cfg.restart_loop.window
     backoff = BackoffInfo(
