@@ -143,6 +143,18 @@ def wire(
     )
 
 
+CONFIRM_DELAY = 1.0  # seconds between the probes that confirm a failure (at most the interval)
+
+
+def next_cycle_delay(state: PolicyState, config: Config) -> float:
+    """When the next cycle runs. `failures_before_down` failed probes in a row make an outage
+    (one dropped probe is not one); once a probe failed, the next ones follow after
+    CONFIRM_DELAY instead of a whole interval, so an outage is confirmed in seconds."""
+    interval = config.watchdog.interval
+    unconfirmed = 0 < state.failures < config.tabbyapi.failures_before_down
+    return min(interval, CONFIRM_DELAY) if unconfirmed else interval
+
+
 class Daemon:
     def __init__(
         self,
@@ -377,8 +389,10 @@ class Daemon:
                 self._safe_cycle()
                 if once:
                     break
-                # Fixed rate from the cycle's start; an overrun starts the next one at once.
-                next_cycle = max(next_cycle + self.config.watchdog.interval, now)
+                # Fixed rate from the cycle's start; an overrun starts the next one at once. A
+                # probe that just failed is confirmed sooner (issue 15: detection).
+                step = next_cycle_delay(self.state, self.config)
+                next_cycle = max(next_cycle + step, now) if step else now
             if interval_ping is not None and self.clock() >= next_ping:
                 self.notifier.watchdog()
                 next_ping = self.clock() + interval_ping

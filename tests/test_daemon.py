@@ -28,10 +28,11 @@ import psutil
 import pytest
 
 from hydra_watchdog.adapters.systemd import SystemctlUnit
-from hydra_watchdog.config import load_config
-from hydra_watchdog.daemon import Daemon, build_adapters
+from hydra_watchdog.config import Config, load_config, parse_config
+from hydra_watchdog.daemon import CONFIRM_DELAY, Daemon, build_adapters, next_cycle_delay
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy import decide
+from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.sdnotify import Notifier
 from hydra_watchdog.report.status import from_json
 from hydra_watchdog.sim.install import lay_out
@@ -607,3 +608,20 @@ def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node)
     daemon._safe_cycle()
     assert daemon.cycles == 2
     daemon.close()
+
+
+def test_a_failed_probe_is_confirmed_sooner_than_an_interval() -> None:
+    cfg = load_config_text('[watchdog]\ninterval = "5s"\n[tabbyapi]\nfailures_before_down = 3\n')
+    assert next_cycle_delay(PolicyState(), cfg) == 5.0
+    assert next_cycle_delay(PolicyState(failures=1), cfg) == CONFIRM_DELAY
+    assert next_cycle_delay(PolicyState(failures=2), cfg) == CONFIRM_DELAY
+    # confirmed (or not failing): the interval again; never faster than the interval allows
+    assert next_cycle_delay(PolicyState(failures=3), cfg) == 5.0
+    fast = load_config_text('[watchdog]\ninterval = "200ms"\n')
+    assert next_cycle_delay(PolicyState(failures=1), fast) == 0.2
+
+
+def load_config_text(text: str) -> Config:
+    import tomllib
+
+    return parse_config(tomllib.loads(text))
