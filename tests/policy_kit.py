@@ -6,9 +6,9 @@ state and actions that come back.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import Any, TypeVar
 
 from hydra_watchdog.actions import Action, ActionResult, ResultStatus, UnitCommand, UnitVerb
 from hydra_watchdog.config import Config, parse_config
@@ -36,6 +36,7 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.states import Phase
 
 GIB = 1024**3
 PORT = 5000
@@ -273,6 +274,23 @@ class Run:
         return [
             a for a in self.actions if isinstance(a, UnitCommand) and (not verbs or a.verb in verbs)
         ]
+
+    def phase(self) -> Phase:
+        """The phase now. A call, so mypy does not carry an earlier assert's narrowing of
+        `run.state.phase` past the step() that changed it."""
+        return self.state.phase
+
+
+_A = TypeVar("_A")
+
+
+def only(kind: type[_A], actions: Iterable[Action]) -> list[_A]:
+    """The actions, each asserted to be a `kind` (so a test can read that kind's fields)."""
+    out: list[_A] = []
+    for a in actions:
+        assert isinstance(a, kind), f"expected only {kind.__name__}, got {a!r}"
+        out.append(a)
+    return out
 
 
 def ok_results(actions: Sequence[Action], at: float) -> tuple[ActionResult, ...]:

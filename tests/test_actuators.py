@@ -9,7 +9,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import replace
 from pathlib import Path
 
@@ -44,8 +44,9 @@ from hydra_watchdog.adapters.process_control import PidfdControl
 from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.adapters.tabby import TabbyClient
-from hydra_watchdog.config import Config, OrphansSection, parse_config
-from hydra_watchdog.interfaces import Adapters
+from hydra_watchdog.config import Config, GpuDevice, OrphansSection, parse_config
+from hydra_watchdog.interfaces import Adapters, PowerSetOutcome
+from hydra_watchdog.observation import GpuReport
 from hydra_watchdog.sim import nvml_state as ns
 from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
@@ -303,11 +304,17 @@ def test_after_a_failure_the_rest_of_the_batch_is_skipped(orphans: Orphans, tmp_
 
 def test_an_actuator_that_raises_becomes_a_failed_result(tmp_path: Path) -> None:
     class Exploding:
-        def set_power_limit(self, index: int, watts: float) -> object:
+        def read(self, devices: Sequence[GpuDevice]) -> GpuReport:
+            raise AssertionError("not read by the actuator")
+
+        def set_power_limit(self, index: int, watts: float) -> PowerSetOutcome:
             raise RuntimeError("boom")
 
+        def close(self) -> None:
+            pass
+
     ex = _executor(tmp_path)
-    ex.adapters = replace(ex.adapters, gpu=Exploding())  # type: ignore[arg-type]
+    ex.adapters = replace(ex.adapters, gpu=Exploding())
     result = ex.run_one(SetPowerLimit(0, 450.0, Reason(Rule.POWER_LIMIT, "drift")))
     assert (result.status, result.error_kind) == (ResultStatus.FAILED, "exception")
     assert "boom" in result.detail
@@ -535,7 +542,7 @@ def test_load_runs_in_the_background_one_at_a_time(tabby_sim: TabbySims) -> None
     assert progress is not None and progress.model == "m1" and progress.modules == 8
     (final,) = _drain_until(loader, 60)
     assert final.status is ResultStatus.OK, final.detail
-    assert final.action.model == "m1"  # type: ignore[union-attr]
+    assert isinstance(final.action, LoadModel) and final.action.model == "m1"
     assert loader.progress() is None
     assert len(sim.loads()) == 1  # the refused second load never reached TabbyAPI
 

@@ -190,7 +190,7 @@ def test_example_shows_every_schema_key(example_text: str, entries: list[Entry])
 def test_example_follows_the_schema_order(entries: list[Entry]) -> None:
     order = [(scope, key) for scope, keys in scoped_schema().items() for key in keys]
     # [[gpu.device]] tables come at the end of [gpu], so their keys sort right after gpu.device.
-    position = {ident: i for i, ident in enumerate(order)}
+    position: dict[tuple[str, str], float] = {ident: i for i, ident in enumerate(order)}
     device_at = position[("gpu", "device")]
     for i, key in enumerate(DEVICE_FIELDS):
         position[(DEVICE_SCOPE, key)] = device_at + (i + 1) / 100
@@ -250,6 +250,7 @@ def test_every_default_address_points_at_loopback() -> None:
         for key, f in fields.items():
             if f.metadata["kind"] not in _ADDRESS_KINDS or f.default == "":
                 continue
+            assert isinstance(f.default, str), f"{scope}.{key}"
             if f.metadata["kind"] == "listen_or_empty":
                 host = f.default.rpartition(":")[0]
             else:

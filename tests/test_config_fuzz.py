@@ -214,7 +214,7 @@ _WILD = st.one_of(
 
 
 _EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
-_BASES = (
+_BASES: tuple[dict[str, Any], ...] = (
     {},
     tomllib.loads(_EXAMPLE.read_text(encoding="utf-8")),
     {k: dict(v) for k, v in kit.BASE.items()},

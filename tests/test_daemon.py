@@ -382,12 +382,23 @@ def test_dry_run_decides_the_same_and_does_nothing(
         node = Node(tmp_path / ("dry" if dry else "real"), nvml_sim)
         node.write_config()
         proc = daemons.start(node, dry_run=dry)
-        wait_for(lambda n=node: bool(_decisions(n.events())), WAIT, "a first decision")
+
+        def decided(n: Node = node) -> bool:
+            return bool(_decisions(n.events()))
+
+        def loaded(n: Node = node) -> bool:
+            return n.phase() is Phase.HEALTHY
+
+        wait_for(decided, WAIT, "a first decision")
         if not dry:  # let the load finish: SIGTERM would cancel it (tested above)
-            wait_for(lambda n=node: n.phase() is Phase.HEALTHY, WAIT, "the load to finish")
+            wait_for(loaded, WAIT, "the load to finish")
         else:  # cycles for a while longer than a real load takes (0.4 s)
             seen = node.heartbeat() or 0.0
-            wait_for(lambda n=node, t=seen: (n.heartbeat() or 0.0) > t + 1.0, WAIT, "cycles")
+
+            def cycled(n: Node = node, t: float = seen) -> bool:
+                return (n.heartbeat() or 0.0) > t + 1.0
+
+            wait_for(cycled, WAIT, "cycles")
         proc.send_signal(signal.SIGTERM)
         assert _exit_code(proc) == 0
         first = _decisions(node.events())[0]
@@ -469,7 +480,8 @@ def test_the_loop_reads_no_test_switch_from_its_environment(
     (node.root / "no-systemd").mkdir()
     units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
     adapters = dataclasses.replace(build_adapters(cfg), units=units)
-    daemon = Daemon(cfg, adapters=adapters, decide=decide, notifier=Notifier({}), emit=[].append)
+    told: list[Event] = []
+    daemon = Daemon(cfg, adapters=adapters, decide=decide, notifier=Notifier({}), emit=told.append)
     hang = node.state_dir / "hang-loop"
     hang.touch()
     cycle = threading.Thread(target=daemon.cycle, daemon=True)
@@ -483,11 +495,13 @@ def test_the_loop_reads_no_test_switch_from_its_environment(
 
 
 def test_new_restarts_counts_each_of_several_in_one_cycle() -> None:
-    from hydra_watchdog.policy_state import PolicyState, RestartRecord
+    from hydra_watchdog.policy_state import PolicyState, RestartOrigin, RestartRecord
     from hydra_watchdog.report.reporters import new_restarts
 
-    before = PolicyState(restarts=(RestartRecord(1.0, "watchdog"),))
-    after = PolicyState(restarts=(*before.restarts, *[RestartRecord(5.0, "systemd")] * 3))
+    before = PolicyState(restarts=(RestartRecord(1.0, RestartOrigin.WATCHDOG),))
+    after = PolicyState(
+        restarts=(*before.restarts, *[RestartRecord(5.0, RestartOrigin.SYSTEMD)] * 3)
+    )
     assert sorted(new_restarts(before, after)) == ["systemd", "systemd", "systemd"]
     assert new_restarts(after, after) == []
 

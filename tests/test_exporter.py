@@ -5,6 +5,7 @@ from __future__ import annotations
 import socket
 import threading
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -19,8 +20,8 @@ WAIT = 30.0  # generous: two cores shared with other test runs
 def serve() -> Iterator[Callable[..., PageServer]]:
     servers: list[PageServer] = []
 
-    def start(render: Callable[[], bytes] = lambda: PAGE, **kw: object) -> PageServer:
-        server = PageServer("127.0.0.1", 0, render, **kw)  # type: ignore[arg-type]
+    def start(render: Callable[[], bytes] = lambda: PAGE, **kw: Any) -> PageServer:
+        server = PageServer("127.0.0.1", 0, render, **kw)
         server.start()
         servers.append(server)
         return server

@@ -354,7 +354,8 @@ def test_another_users_tabbyapi_and_a_contained_one_are_foreign(started: Started
     assert inner.role is ProcessRole.FOREIGN
     assert (refused.status, refused.error_kind) == (ResultStatus.REFUSED, "identity_changed")
     assert "another PID namespace" in refused.detail
-    assert inner_ident.pid_ns != read_identity(os.getpid()).pid_ns  # type: ignore[union-attr]
+    mine = read_identity(os.getpid())
+    assert mine is not None and inner_ident.pid_ns != mine.pid_ns
     assert ours.pid not in by_pid or by_pid[ours.pid].role is ProcessRole.ORPHAN
     assert read_identity(inner.pid) is not None  # never signalled: still alive
 

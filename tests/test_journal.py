@@ -19,6 +19,7 @@ import subprocess
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import structlog
@@ -82,8 +83,8 @@ def _reset_structlog() -> Iterator[None]:
     structlog.reset_defaults()
 
 
-def make_event(**overrides: object) -> Event:
-    base: dict[str, object] = {
+def make_event(**overrides: Any) -> Event:
+    base: dict[str, Any] = {
         "wall": 1_700_000_000.0,
         "kind": EventKind.ACTION,
         "severity": Severity.NOTICE,
@@ -96,7 +97,7 @@ def make_event(**overrides: object) -> Event:
         "fields": (("GPU_INDEX", "0"), ("TARGET_PID", "4242"), ("LATENCY_MS", "2500")),
     }
     base.update(overrides)
-    return Event(**base)  # type: ignore[arg-type]
+    return Event(**base)
 
 
 # --- wire format --------------------------------------------------------------------------------
@@ -216,7 +217,8 @@ def test_exception_becomes_a_multiline_field(journal_socket: tuple[str, socket.s
     path, sock = journal_socket
     configure_logging(journal=True, socket_path=path, stream=io.StringIO())
     try:
-        {}["missing"]
+        empty: dict[str, int] = {}
+        empty["missing"]
     except KeyError:
         structlog.get_logger().exception("cycle failed")
     record = as_dict(parse_native(sock.recv(65536)))

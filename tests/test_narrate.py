@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import replace
+from typing import Any
 
 from hydra_watchdog.actions import (
     ActionResult,
@@ -28,21 +29,21 @@ from hydra_watchdog.observation import (
     PauseRequest,
     UnitStatus,
 )
-from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
+from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.states import Phase, Rule, Severity
 
 CFG = Config()
 UNIT = CFG.tabbyapi.unit
 
 
-def _obs(**kw: object) -> Observation:
+def _obs(**kw: Any) -> Observation:
     base = Observation(
         at=1000.0,
         health=Health(HttpResult(Outcome.OK, 0.01, 200), healthy=True),
         unit=UnitStatus(name=UNIT, available=True, load_state="loaded", active_state="active"),
         host=HostReport(models_dir_ok=True),
     )
-    return replace(base, **kw)  # type: ignore[arg-type]
+    return replace(base, **kw)
 
 
 def _kinds(events: tuple[Event, ...]) -> list[EventKind]:
@@ -83,7 +84,7 @@ def test_state_change_names_both_phases_and_the_cause() -> None:
 
 
 def test_entering_backoff_is_a_restart_loop() -> None:
-    restarts = tuple(RestartRecord(900.0 + i, "systemd") for i in range(4))
+    restarts = tuple(RestartRecord(900.0 + i, RestartOrigin.SYSTEMD) for i in range(4))
     before = PolicyState(phase=Phase.DOWN, restarts=restarts)
     after = replace(before, phase=Phase.BACKOFF, backoff_step=1)
     events = narrate(before, after, (), (), _obs(), config=CFG, wall=1.0)

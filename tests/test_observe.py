@@ -7,6 +7,7 @@ from __future__ import annotations
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from hydra_watchdog.adapters.gpu import NvmlGpu
 from hydra_watchdog.adapters.host import HostProbe
@@ -14,7 +15,15 @@ from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.adapters.tabby import TabbyClient
 from hydra_watchdog.config import Config, parse_config
-from hydra_watchdog.observation import Outcome, Probe, ProcessRole
+from hydra_watchdog.interfaces import HostChecker, TabbyApi
+from hydra_watchdog.observation import (
+    Canary,
+    HostReport,
+    Outcome,
+    Probe,
+    ProcessRole,
+    UnitStatus,
+)
 from hydra_watchdog.observe import Observer
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim  # noqa: F401
@@ -106,14 +115,14 @@ class _StuckCanary:
     """The real client, except that its canary never comes back: a bug on our side, which the
     real client's deadline makes impossible to produce otherwise."""
 
-    def __init__(self, inner: object, release: threading.Event) -> None:
+    def __init__(self, inner: TabbyApi, release: threading.Event) -> None:
         self._inner = inner
         self._release = release
 
-    def __getattr__(self, name: str) -> object:
+    def __getattr__(self, name: str) -> Any:
         return getattr(self._inner, name)
 
-    def canary(self, deadline: float) -> object:
+    def canary(self, deadline: float) -> Canary:
         self._release.wait(30)
         raise RuntimeError("released")
 
@@ -124,7 +133,7 @@ def test_a_canary_our_thread_failed_to_deliver_is_unknown_not_a_hang(
     sim = tabby_sim.start(flavor="exl2", startup_model="m1")
     observer, _ = _observer(sim, nvml_sim, tmp_path)
     release = threading.Event()
-    observer.tabby = _StuckCanary(observer.tabby, release)  # type: ignore[assignment]
+    observer.tabby = _StuckCanary(observer.tabby, release)
     try:
         obs = observer.observe(frozenset({Probe.CANARY}))
         assert obs.health.healthy
@@ -139,14 +148,14 @@ class _StuckHost:
     """The real host checks, except that they never come back in time: a bug on our side (the
     real checks bound their own calls), as a hung mount would look to an unbounded one."""
 
-    def __init__(self, inner: HostProbe, release: threading.Event) -> None:
+    def __init__(self, inner: HostChecker, release: threading.Event) -> None:
         self._inner = inner
         self._release = release
 
     def close(self) -> None:
         self._inner.close()
 
-    def check(self, *, libraries: bool, unit: object = None) -> object:
+    def check(self, *, libraries: bool, unit: UnitStatus | None = None) -> HostReport:
         self._release.wait(30)
         return self._inner.check(libraries=libraries)
 
@@ -157,7 +166,7 @@ def test_a_host_check_that_did_not_answer_is_unknown_not_a_missing_mount(
     sim = tabby_sim.start(flavor="exl2", startup_model="m1")
     observer, _ = _observer(sim, nvml_sim, tmp_path)
     release = threading.Event()
-    observer.host = _StuckHost(observer.host, release)  # type: ignore[arg-type,assignment]
+    observer.host = _StuckHost(observer.host, release)
     try:
         obs = observer.observe(frozenset())
         assert obs.health.healthy  # the other probes answered

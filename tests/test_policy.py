@@ -4,21 +4,26 @@ from __future__ import annotations
 
 import itertools
 import json
+from collections.abc import Callable, Iterable
 
 import pytest
 
 from hydra_watchdog.actions import (
+    Action,
+    ActionResult,
     CheckFallbackRoute,
     KillOrphan,
     LoadModel,
     ResetGpu,
     ResultStatus,
+    SetPowerLimit,
     UnitCommand,
     UnitVerb,
 )
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.observation import (
     GpuReport,
+    Health,
     HostReport,
     NvmlErrorKind,
     Outcome,
@@ -26,7 +31,7 @@ from hydra_watchdog.observation import (
     ProcessRole,
 )
 from hydra_watchdog.policy import POWER_RETRY_AFTER, backoff_delay, decide, vram_needed
-from hydra_watchdog.policy_state import PolicyState, from_jsonable, to_jsonable
+from hydra_watchdog.policy_state import PolicyState, RestartOrigin, from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 from tests.policy_kit import (
     CFG,
@@ -43,6 +48,7 @@ from tests.policy_kit import (
     obs,
     ok,
     ok_results,
+    only,
     paused,
     ports,
     proc,
@@ -54,8 +60,8 @@ from tests.policy_kit import (
 )
 
 
-def rules(actions: object) -> list[Rule]:
-    return [a.reason.rule for a in actions]  # type: ignore[attr-defined]
+def rules(actions: Iterable[Action]) -> list[Rule]:
+    return [a.reason.rule for a in actions]
 
 
 def finding_rules(state: PolicyState) -> set[Rule]:
@@ -66,16 +72,20 @@ def finding_rules(state: PolicyState) -> set[Rule]:
 
 
 @pytest.mark.parametrize("fault", [refused, timeout], ids=["refused", "hang"])
-def test_down_needs_failures_before_down_probes_then_restarts(fault: object) -> None:
+def test_down_needs_failures_before_down_probes_then_restarts(
+    fault: Callable[[], Health],
+) -> None:
     run = Run()
     run.step(obs(0))
     assert run.state.phase is Phase.HEALTHY
     for t in (1, 2):
-        assert run.step(obs(t, health=fault())) == ()  # type: ignore[operator]
-    actions = run.step(obs(3, health=fault()))  # type: ignore[operator]
-    assert [(a.verb, a.reason.rule) for a in actions] == [(UnitVerb.RESTART, Rule.DOWN)]  # type: ignore[union-attr]
+        assert run.step(obs(t, health=fault())) == ()
+    actions = run.step(obs(3, health=fault()))
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, actions)] == [
+        (UnitVerb.RESTART, Rule.DOWN)
+    ]
     assert "unreachable for 3 probes" in actions[0].reason.evidence
-    assert run.state.phase is Phase.RECOVERING
+    assert run.phase() is Phase.RECOVERING
     assert run.state.recovery_started == 3
 
 
@@ -88,7 +98,7 @@ def test_refused_inside_startup_grace_is_starting_not_down() -> None:
         assert run.state.failures == 0
     # grace (10 s) over: now refused counts
     actions = [run.step(obs(t, health=refused(), unit=unit(enter=-2.0))) for t in (8, 9, 10)]
-    assert [a.verb for acts in actions for a in acts] == [UnitVerb.RESTART]  # type: ignore[union-attr]
+    assert [a.verb for acts in actions for a in only(UnitCommand, acts)] == [UnitVerb.RESTART]
 
 
 def test_timeouts_inside_grace_still_count() -> None:
@@ -97,9 +107,8 @@ def test_timeouts_inside_grace_still_count() -> None:
     for t in (0, 1):
         assert run.step(obs(t, health=timeout(), unit=unit(enter=-1.0))) == ()
     assert run.unit_commands() == []
-    assert [a.verb for a in run.step(obs(2, health=timeout(), unit=unit(enter=-1.0)))] == [
-        UnitVerb.RESTART
-    ]  # type: ignore[union-attr]
+    acts = run.step(obs(2, health=timeout(), unit=unit(enter=-1.0)))
+    assert [a.verb for a in only(UnitCommand, acts)] == [UnitVerb.RESTART]
 
 
 @pytest.mark.parametrize(
@@ -112,7 +121,7 @@ def test_timeouts_inside_grace_still_count() -> None:
 def test_stopped_unit_is_started_at_once(state: object, verbs: list[UnitVerb]) -> None:
     run = Run()
     actions = run.step(obs(0, health=refused(), unit=state))
-    assert [a.verb for a in actions] == verbs  # type: ignore[union-attr]
+    assert [a.verb for a in only(UnitCommand, actions)] == verbs
     assert run.state.phase is Phase.RECOVERING
 
 
@@ -126,7 +135,9 @@ def test_failed_unit_result_is_diagnosed() -> None:
 def test_sticky_503_restarts_immediately_with_the_issue_as_evidence() -> None:
     run = Run()
     actions = run.step(obs(0, health=sticky()))
-    assert [(a.verb, a.reason.rule) for a in actions] == [(UnitVerb.RESTART, Rule.STICKY_UNHEALTHY)]  # type: ignore[union-attr]
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, actions)] == [
+        (UnitVerb.RESTART, Rule.STICKY_UNHEALTHY)
+    ]
     assert "illegal memory access" in actions[0].reason.evidence
 
 
@@ -180,7 +191,7 @@ def test_missing_libraries_block_restarts_until_fixed() -> None:
             host=host(missing_libraries=()),
         )
     )
-    assert [a.verb for a in fixed] == [UnitVerb.RESET_FAILED, UnitVerb.START]  # type: ignore[union-attr]
+    assert [a.verb for a in only(UnitCommand, fixed)] == [UnitVerb.RESET_FAILED, UnitVerb.START]
 
 
 def test_down_with_leaked_vram_runs_full_recovery_in_runbook_order() -> None:
@@ -248,7 +259,9 @@ def test_systemd_restart_loop_stops_and_backs_off_exponentially() -> None:
     for i, t in enumerate((5, 10, 15), start=1):
         assert run.step(obs(t, unit=unit("activating", "auto-restart", n=i), **down)) == ()
     actions = run.step(obs(20, unit=unit("activating", "auto-restart", n=4), **down))
-    assert [(a.verb, a.reason.rule) for a in actions] == [(UnitVerb.STOP, Rule.RESTART_LOOP)]  # type: ignore[union-attr]
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, actions)] == [
+        (UnitVerb.STOP, Rule.RESTART_LOOP)
+    ]
     assert "4 restarts within 1m" in actions[0].reason.evidence
     assert run.state.phase is Phase.BACKOFF
     assert (run.state.backoff_step, run.state.backoff_until) == (1, 25.0)
@@ -256,12 +269,14 @@ def test_systemd_restart_loop_stops_and_backs_off_exponentially() -> None:
     stopped = unit("inactive", "dead", n=4)
     assert run.step(obs(22, unit=stopped, **down)) == ()  # waits out step 1
     attempt = run.step(obs(25, unit=stopped, **down))
-    assert [(a.verb, a.reason.rule) for a in attempt] == [(UnitVerb.START, Rule.BACKOFF_ATTEMPT)]  # type: ignore[union-attr]
-    assert run.state.phase is Phase.RECOVERING
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, attempt)] == [
+        (UnitVerb.START, Rule.BACKOFF_ATTEMPT)
+    ]
+    assert run.phase() is Phase.RECOVERING
 
     # the attempt crashes again: stop, step 2 waits twice as long
     again = run.step(obs(27, unit=unit("activating", "auto-restart", n=1), **down))
-    assert [a.verb for a in again] == [UnitVerb.STOP]  # type: ignore[union-attr]
+    assert [a.verb for a in only(UnitCommand, again)] == [UnitVerb.STOP]
     assert (run.state.backoff_step, run.state.backoff_until) == (2, 27.0 + 10.0)
     assert any(
         f.rule is Rule.RESTART_LOOP and f.severity is Severity.CRIT for f in run.state.findings
@@ -313,7 +328,7 @@ def test_nrestarts_reset_counts_the_new_value() -> None:
     run = Run()
     run.step(obs(0, unit=unit(n=5)))
     run.step(obs(1, unit=unit(n=2)))  # reset by a manual restart, then 2 automatic ones
-    assert run.state.restarts_in_window(1, 60, "systemd") == 2
+    assert run.state.restarts_in_window(1, 60, RestartOrigin.SYSTEMD) == 2
 
 
 def test_escalation_after_escalate_after() -> None:
@@ -335,9 +350,7 @@ def test_escalated_node_loads_the_fallback_model() -> None:
         state=PolicyState(phase=Phase.RECOVERING, backoff_step=4, escalated=True, loop_since=0.0)
     )
     acts = run.step(obs(200, model=model(None)))
-    assert [(type(a), a.model, a.reason.rule) for a in acts] == [
-        (LoadModel, "F", Rule.FALLBACK_MODEL)
-    ]  # type: ignore[union-attr]
+    assert [(a.model, a.reason.rule) for a in only(LoadModel, acts)] == [("F", Rule.FALLBACK_MODEL)]
 
 
 def test_attempt_deferred_while_a_blocking_cause_remains() -> None:
@@ -352,7 +365,7 @@ def test_attempt_deferred_while_a_blocking_cause_remains() -> None:
     for t in range(10, 20):
         assert run.step(obs(t, **broken)) == ()
     acts = run.step(obs(20, health=refused(), unit=unit("inactive", "dead")))
-    assert [a.verb for a in acts] == [UnitVerb.START]  # type: ignore[union-attr]
+    assert [a.verb for a in only(UnitCommand, acts)] == [UnitVerb.START]
 
 
 def test_someone_else_starting_the_unit_during_backoff_is_not_restarted() -> None:
@@ -373,7 +386,7 @@ def test_someone_else_starting_the_unit_during_backoff_is_not_restarted() -> Non
 def test_no_model_loads_once_and_waits_for_it() -> None:
     run = Run()
     acts = run.step(obs(0, model=model(None)))
-    assert [(type(a), a.model, a.reason.rule) for a in acts] == [(LoadModel, "M", Rule.NO_MODEL)]  # type: ignore[union-attr]
+    assert [(a.model, a.reason.rule) for a in only(LoadModel, acts)] == [("M", Rule.NO_MODEL)]
     assert "30.0 GiB" not in acts[0].reason.evidence and "52.0 GiB free" in acts[0].reason.evidence
     assert run.state.phase is Phase.LOADING
     for t in range(1, 30):
@@ -385,9 +398,9 @@ def test_no_model_loads_once_and_waits_for_it() -> None:
         assert run.state.phase is Phase.LOADING
     run.step(obs(30, results=(result(acts[0], at=29.5),)))
     # Loaded, but nothing served yet: a canary first (issue "Say what is true", item 4).
-    assert run.state.phase is Phase.RECOVERING and Probe.CANARY in run.state.wants
+    assert run.phase() is Phase.RECOVERING and Probe.CANARY in run.state.wants
     run.step(obs(31, canary=canary(Outcome.OK)))
-    assert run.state.phase is Phase.HEALTHY and run.state.load_failures == 0
+    assert run.phase() is Phase.HEALTHY and run.state.load_failures == 0
     assert sum(isinstance(a, LoadModel) for a in run.actions) == 1
 
 
@@ -395,7 +408,7 @@ def test_failed_loads_back_off_then_fall_back() -> None:
     run = Run()
     t = 0.0
     loads: list[LoadModel] = []
-    pending: tuple = ()
+    pending: tuple[ActionResult, ...] = ()
     while len(loads) < 4 and t < 300:
         acts = run.step(obs(t, model=model(None), results=pending))
         pending = ()
@@ -427,7 +440,7 @@ def test_leaked_vram_by_orphan_is_cleaned_before_the_load() -> None:
             gpus=gpus(free0=5.0, free1=10.0, procs0=((300, 25.0),)),
         )
     )
-    assert [(type(a), a.reason.rule) for a in acts] == [(KillOrphan, Rule.ORPHAN_CLEANUP)]  # type: ignore[union-attr]
+    assert [(type(a), a.reason.rule) for a in acts] == [(KillOrphan, Rule.ORPHAN_CLEANUP)]
     acts = run.step(obs(1, model=model(None)))  # the orphan is gone, VRAM free again
     assert [type(a) for a in acts] == [LoadModel]
 
@@ -443,7 +456,7 @@ def test_vram_short_because_of_a_foreign_process_refuses_and_falls_back() -> Non
             gpus=gpus(free0=6.0, free1=6.0, procs0=((400, 20.0),)),
         )
     )
-    assert [(type(a), a.model) for a in acts] == [(LoadModel, "F")]  # type: ignore[union-attr]
+    assert [a.model for a in only(LoadModel, acts)] == ["F"]
     refusal = next(f for f in run.state.findings if f.rule is Rule.VRAM_CHECK)
     assert "needs 20.0 GiB, 12.0 GiB free" in refusal.message and "pid 400" in refusal.message
     assert not any(isinstance(a, KillOrphan) for a in acts)
@@ -532,7 +545,9 @@ def test_slow_health_degrades_and_diagnoses_but_never_restarts() -> None:
 def test_generation_hang_restarts() -> None:
     run = Run()
     acts = run.step(obs(0, canary=canary(Outcome.TIMEOUT)))
-    assert [(a.verb, a.reason.rule) for a in acts] == [(UnitVerb.RESTART, Rule.GENERATION_HANG)]  # type: ignore[union-attr]
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, acts)] == [
+        (UnitVerb.RESTART, Rule.GENERATION_HANG)
+    ]
 
 
 def test_canary_due_by_interval() -> None:
@@ -559,7 +574,7 @@ def test_power_limits_enforced_on_drift_and_clamped() -> None:
     )
     run = Run(cfg=cfg)
     acts = run.step(obs(0, gpus=gpus(limit0=575.0, limit1=450.0)))
-    assert [(a.gpu_index, a.watts) for a in acts] == [(0, 600.0), (1, 300.0)]  # type: ignore[union-attr]
+    assert [(a.gpu_index, a.watts) for a in only(SetPowerLimit, acts)] == [(0, 600.0), (1, 300.0)]
     assert "clamped from 700 W" in acts[0].reason.evidence
     assert run.step(obs(1, gpus=gpus(limit0=600.0, limit1=300.4))) == ()
 
@@ -650,7 +665,7 @@ def test_pause_observes_only_then_resume_recovers() -> None:
     acts = run.step(
         obs(10, health=refused(), unit=unit("failed", "failed"), pause=paused(until=10.0))
     )
-    assert [a.verb for a in acts] == [UnitVerb.RESET_FAILED, UnitVerb.START]  # type: ignore[union-attr]
+    assert [a.verb for a in only(UnitCommand, acts)] == [UnitVerb.RESET_FAILED, UnitVerb.START]
 
 
 def test_fallback_route_checked_once_per_outage() -> None:
@@ -734,7 +749,7 @@ def test_findings_do_not_change_while_nothing_changes() -> None:
 def test_a_fresh_tabbyapi_process_gets_the_main_model_again() -> None:
     run = Run(state=PolicyState(load_failures=5, last_load_error="OOM", invocation_id="old"))
     acts = run.step(obs(0, model=model(None), unit=unit()))  # invocation "inv": a new process
-    assert [(type(a), a.model) for a in acts] == [(LoadModel, "M")]  # type: ignore[union-attr]
+    assert [a.model for a in only(LoadModel, acts)] == ["M"]
 
 
 def test_without_systemd_no_process_is_treated_as_an_orphan() -> None:

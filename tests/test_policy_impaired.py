@@ -31,7 +31,7 @@ def test_local_errors_neither_count_as_failed_probes_nor_restart() -> None:
     for t in range(3, 40):  # far more than failures_before_down
         assert run.step(obs(t, health=impaired())) == ()
         assert run.state.failures == 2  # not counted, not reset: no evidence either way
-        assert run.state.phase is Phase.UNKNOWN
+        assert run.phase() is Phase.UNKNOWN
         assert run.state.phase.verdict is Verdict.UNKNOWN
         [message] = impaired_findings(run)
         assert message.startswith("watchdog impaired: ") and "EMFILE" in message
@@ -41,7 +41,7 @@ def test_local_errors_neither_count_as_failed_probes_nor_restart() -> None:
     assert [(a.verb, a.reason.rule) for a in actions if isinstance(a, UnitCommand)] == [
         (UnitVerb.RESTART, Rule.DOWN)
     ]
-    assert "unreachable for 3 probes" in actions[-1].reason.evidence  # type: ignore[attr-defined]
+    assert "unreachable for 3 probes" in actions[-1].reason.evidence
     assert impaired_findings(run) == []
 
 

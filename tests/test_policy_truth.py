@@ -3,9 +3,16 @@ for the policy"): each one a runbook situation where the old policy acted or spo
 
 from __future__ import annotations
 
-from hydra_watchdog.actions import KillOrphan, LoadModel, ResultStatus, SetPowerLimit, UnitVerb
+from hydra_watchdog.actions import (
+    Action,
+    KillOrphan,
+    LoadModel,
+    ResultStatus,
+    SetPowerLimit,
+    UnitVerb,
+)
 from hydra_watchdog.errors import ErrorKind
-from hydra_watchdog.events import EventKind
+from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import HttpResult, ModelStatus, Outcome, ProcessRole
 from hydra_watchdog.policy_state import CanaryVerdict, PolicyState, RestartOrigin
@@ -124,10 +131,10 @@ def test_a_transient_failure_keeps_the_back_off() -> None:
 
 def test_every_failed_load_is_an_event_with_attempt_error_and_next_time() -> None:
     run = Run(cfg=config(model={"max_load_attempts": 9}))
-    told = []
+    told: list[Event] = []
     t = 0.0
     for attempt in (1, 2, 3):
-        acts = ()
+        acts: tuple[Action, ...] = ()
         while not any(isinstance(a, LoadModel) for a in acts):
             t += 1
             acts = run.step(obs(t, model=model(None)))
@@ -182,7 +189,7 @@ def test_recovery_from_a_hang_needs_a_passing_canary_after_the_restart() -> None
     assert run.state.phase is Phase.RECOVERING  # not HEALTHY
     assert "canary" in {p.value for p in run.state.wants}
     run.step(obs(4, unit=unit(enter=0.5), canary=canary(Outcome.OK)))
-    assert run.state.phase is Phase.HEALTHY
+    assert run.phase() is Phase.HEALTHY
 
 
 def test_a_hang_that_cannot_be_acted_on_never_turns_into_healthy() -> None:
@@ -192,7 +199,7 @@ def test_a_hang_that_cannot_be_acted_on_never_turns_into_healthy() -> None:
     assert run.state.phase is not Phase.HEALTHY and not run.unit_commands()
     for t in range(1, 5):
         run.step(obs(t, host=host(libraries_checked=False)))
-        assert run.state.phase is not Phase.HEALTHY
+        assert run.phase() is not Phase.HEALTHY
         assert Rule.GENERATION_HANG in _rules(run)
 
 

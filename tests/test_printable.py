@@ -18,6 +18,7 @@ import pytest
 import structlog
 
 from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.events import Event
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import GpuReport, ProcessInfo, ProcessRole, UnitStatus
 from hydra_watchdog.printable import printable
@@ -89,7 +90,7 @@ def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
         structlog.reset_defaults()
 
 
-def _foreign_holder_events(port: int, pid: int) -> list[object]:
+def _foreign_holder_events(port: int, pid: int) -> list[Event]:
     """Cycles of the real scan + decide + narrate until the foreign holder is told."""
     cfg = config(
         tabbyapi={"url": f"http://127.0.0.1:{port}", "cmdline_patterns": ["/opt/tabbyapi"]}

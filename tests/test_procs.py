@@ -16,12 +16,8 @@ from typing import Any
 import psutil
 import pytest
 
-from hydra_watchdog.adapters.procs import (
-    ProcScanner,
-    cgroup_paths,
-    in_cgroup,
-    parse_listeners,
-)
+from hydra_watchdog.adapters.identity import cgroup_paths, in_cgroup
+from hydra_watchdog.adapters.procs import ProcScanner, parse_listeners
 from hydra_watchdog.observation import (
     GpuProcess,
     GpuReport,

@@ -117,7 +117,7 @@ def test_a_process_that_never_served_is_the_plain_missing_libraries_case() -> No
 
 
 def test_the_restart_loop_record_says_what_changed() -> None:
-    from hydra_watchdog.events import EventKind
+    from hydra_watchdog.events import Event, EventKind
     from hydra_watchdog.narrate import narrate
 
     cfg = config(restart_loop={"max_restarts": 1, "window": "10m"})
@@ -125,7 +125,7 @@ def test_the_restart_loop_record_says_what_changed() -> None:
     run.step(obs(0, system=OLD))
     run.step(obs(10, system=NEW))
     crashed = unit("activating", "auto-restart", n=0)
-    records = []
+    records: list[Event] = []
     for t, n in ((20, 1), (21, 2), (22, 3)):
         prev = run.state
         o = obs(t, system=NEW, health=refused(), unit=dataclasses.replace(crashed, n_restarts=n))

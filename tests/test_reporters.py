@@ -16,7 +16,7 @@ from structlog.testing import capture_logs
 from hydra_watchdog.actions import ActionResult, Reason, ResultStatus, UnitCommand, UnitVerb
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.policy_state import PolicyState, RestartRecord
+from hydra_watchdog.policy_state import PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.reporters import (
     CycleRecord,
@@ -112,7 +112,9 @@ def test_the_chain_publishes_every_part_and_says_ready_last(cfg: Config) -> None
         metrics=metrics,
     )
     restarted = PolicyState(
-        phase=Phase.RECOVERING, restarts=(RestartRecord(9.0, "watchdog"),), phase_since=9.0
+        phase=Phase.RECOVERING,
+        restarts=(RestartRecord(9.0, RestartOrigin.WATCHDOG),),
+        phase_since=9.0,
     )
     record = _record(
         cfg,
@@ -197,8 +199,11 @@ def test_metrics_count_restarts_by_issuer_and_skip_latency_without_an_answer(
 ) -> None:
     metrics = Metrics()
     reporter = MetricsReporter(metrics)
-    one = (RestartRecord(3.0, "watchdog"),)
-    three = (*one, *[RestartRecord(5.0, "systemd")] * 2)  # two seen in one cycle: one stamp
+    one = (RestartRecord(3.0, RestartOrigin.WATCHDOG),)
+    three = (
+        *one,
+        *[RestartRecord(5.0, RestartOrigin.SYSTEMD)] * 2,
+    )  # two seen in one cycle: one stamp
     reporter.publish(
         _record(cfg, before=PolicyState(restarts=one), after=PolicyState(restarts=three))
     )

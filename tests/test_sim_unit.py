@@ -70,7 +70,7 @@ def test_crash_auto_restarts_and_counts(unit: SimUnit, tmp_path: Path) -> None:
     first = unit.status().main_pid
     assert first is not None
     psutil.Process(first).kill()  # a crash: SIGKILL
-    wait_for(lambda: unit.status().n_restarts >= 1)
+    wait_for(lambda: (unit.status().n_restarts or 0) >= 1)
     st = unit.status()
     # the restarted process exits 3 at once and is restarted again: Result records the cause
     wait_for(lambda: unit.status().result == "exit-code")

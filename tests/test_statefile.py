@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -24,6 +25,7 @@ from hydra_watchdog.policy_state import (
     STATE_VERSION,
     Finding,
     PolicyState,
+    RestartOrigin,
     RestartRecord,
     to_jsonable,
 )
@@ -46,7 +48,10 @@ def _state() -> PolicyState:
     return PolicyState(
         phase=Phase.BACKOFF,
         phase_since=1234.5,
-        restarts=(RestartRecord(1000.0, "systemd"), RestartRecord(1100.0, "watchdog")),
+        restarts=(
+            RestartRecord(1000.0, RestartOrigin.SYSTEMD),
+            RestartRecord(1100.0, RestartOrigin.WATCHDOG),
+        ),
         backoff_step=3,
         backoff_until=1500.0,
         loop_since=1000.0,
@@ -427,10 +432,10 @@ def test_fuzz_a_poisoned_field_loads_or_is_quarantined(tmp_path: Path, data: st.
     text = json.dumps(doc)
     # put the raw poison text in place: json.dumps cannot write most of these
     marker = "__POISON__"
-    target: object = doc
+    target: Any = doc  # a JSON document: dicts and lists, keyed by the path's str and int
     for key in path[:-1]:
-        target = target[key]  # type: ignore[index]
-    target[path[-1]] = marker  # type: ignore[index]
+        target = target[key]
+    target[path[-1]] = marker
     text = json.dumps(doc).replace(f'"{marker}"', poison)
     d = tmp_path / "fuzz"
     d.mkdir(mode=0o700, exist_ok=True)

@@ -9,6 +9,7 @@ import re
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -36,7 +37,7 @@ from hydra_watchdog.observation import (
     ProcessRole,
     UnitStatus,
 )
-from hydra_watchdog.policy_state import Finding, PolicyState, RestartRecord
+from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.report import status
 from hydra_watchdog.report.status import (
     GIB,
@@ -84,7 +85,7 @@ def gpu(index: int, uuid: str, limit: float, used_gib: int) -> GpuSnapshot:
     )
 
 
-def observation(**overrides: object) -> Observation:
+def observation(**overrides: Any) -> Observation:
     orphan = ProcessInfo(
         pid=4242,
         start_time=WALL - 900,
@@ -96,7 +97,7 @@ def observation(**overrides: object) -> Observation:
     main = ProcessInfo(
         pid=100, start_time=WALL - 60, cmdline=("python", "main.py"), role=ProcessRole.MAIN
     )
-    base: dict[str, object] = {
+    base: dict[str, Any] = {
         "at": MONO - 2.0,
         "health": Health(HttpResult(Outcome.REFUSED, 0.001, detail="connection refused"), False),
         "unit": UnitStatus(
@@ -121,13 +122,13 @@ def observation(**overrides: object) -> Observation:
         "pause": None,
     }
     base.update(overrides)
-    return Observation(**base)  # type: ignore[arg-type]
+    return Observation(**base)
 
 
-def event(kind: EventKind, message: str, wall: float, **kw: object) -> Event:
+def event(kind: EventKind, message: str, wall: float, **kw: Any) -> Event:
     return Event(
         wall=wall, kind=kind, severity=Severity.NOTICE, message=message, state=Phase.DOWN, **kw
-    )  # type: ignore[arg-type]
+    )
 
 
 RECENT = (
@@ -155,10 +156,10 @@ STATE = PolicyState(
     phase=Phase.BACKOFF,
     phase_since=MONO - 300,
     restarts=(
-        RestartRecord(MONO - 500, "systemd"),
-        RestartRecord(MONO - 400, "systemd"),
-        RestartRecord(MONO - 200, "watchdog"),
-        RestartRecord(MONO - 5000, "watchdog"),  # outside the 10 min window
+        RestartRecord(MONO - 500, RestartOrigin.SYSTEMD),
+        RestartRecord(MONO - 400, RestartOrigin.SYSTEMD),
+        RestartRecord(MONO - 200, RestartOrigin.WATCHDOG),
+        RestartRecord(MONO - 5000, RestartOrigin.WATCHDOG),  # outside the 10 min window
     ),
     backoff_step=2,
     backoff_until=MONO + 60,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -33,13 +33,15 @@ def unit_name(systemd_ns: SystemdNamespace) -> Iterator[str]:
     systemd_ns.reset_unit(name, remove=True)
 
 
-def wait_status(unit: SystemctlUnit, ns: SystemdNamespace, check: object, what: str) -> UnitStatus:
+def wait_status(
+    unit: SystemctlUnit, ns: SystemdNamespace, check: Callable[[UnitStatus], object], what: str
+) -> UnitStatus:
     last = unit.status()
 
     def reached() -> bool:
         nonlocal last
         last = unit.status()
-        return bool(check(last))  # type: ignore[operator]
+        return bool(check(last))
 
     ns.wait_for(reached, what=lambda: f"{what} (last: {last})")
     return last

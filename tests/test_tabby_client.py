@@ -23,7 +23,7 @@ from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import parse_config
 from hydra_watchdog.daemon import build_adapters
 from hydra_watchdog.interfaces import LoadOutcome
-from hydra_watchdog.observation import Outcome, UnitStatus
+from hydra_watchdog.observation import HttpResult, Outcome, UnitStatus
 from hydra_watchdog.printable import printable
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, trusted_listener, wait_for
 
@@ -677,6 +677,7 @@ def test_probes_never_raise_nor_overrun(
     result, took = timed(lambda: PROBES[probe](raw_client, raw_route, raw.url))
     assert took <= DEADLINE + SLACK, (probe, took, result)
     http = getattr(result, "result", result)
+    assert isinstance(http, HttpResult), result
     assert http.outcome in Outcome
     assert ADMIN_KEY not in repr(result)
 

@@ -682,6 +682,8 @@ def pytest_configure(config: pytest.Config) -> None:
 
 
 TRIALS = max(1, int(os.environ.get("CHAOS_TRIALS", "1") or 1))
+# The call phase's report, kept on the test item for the fixture's teardown to read.
+REP_CALL = pytest.StashKey[pytest.TestReport]()
 
 
 @pytest.fixture(params=range(1, TRIALS + 1), ids=lambda t: f"trial{t}")
@@ -700,7 +702,7 @@ def chaos(request: pytest.FixtureRequest, chaos_node: ChaosNode) -> Iterator[tup
         row.verdict = "FAILED"
         raise
     finally:
-        rep = getattr(request.node, "rep_call", None)
+        rep = request.node.stash.get(REP_CALL, None)
         if rep is not None:
             row.verdict = "pass" if rep.passed else "FAILED"
         if rep is None or not rep.passed:
@@ -711,5 +713,5 @@ def chaos(request: pytest.FixtureRequest, chaos_node: ChaosNode) -> Iterator[tup
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Any:
     rep = yield
     if rep.when == "call":
-        item.rep_call = rep  # type: ignore[attr-defined]
+        item.stash[REP_CALL] = rep
     return rep
