@@ -60,10 +60,13 @@ class Faults:
     load_stream: str = ""  # a hostile load stream (a key of LOAD_STREAMS) until the client leaves
     echo_auth_at: int | None = None  # every answer: a plain-text 500 whose character N starts
     # the bearer token the request sent (puts the key where a client cuts its error excerpt)
+    only_pid: int | None = None  # the faults hold for this process only (a fault like #428 is
+    # the process's: the one a restart brings up is fine, however late the file is cleared)
 
 
 _FAULT_TYPES: dict[str, tuple[type, ...]] = {
     "exit_code": (int,),
+    "only_pid": (int,),
     "refuse": (bool,),
     "hang": (bool,),
     "slow_seconds": (int, float),
@@ -197,6 +200,8 @@ class Node:
 
     def faults(self) -> Faults:
         faults = read_control(self.opts.control)
+        if faults.only_pid is not None and faults.only_pid != os.getpid():
+            return Faults()
         if faults.sticky_503:
             self.record_issue("RuntimeError: CUDA error: an illegal memory access was encountered")
         return faults
