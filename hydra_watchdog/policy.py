@@ -523,7 +523,12 @@ def _backoff(sit: Situation) -> Plan:
     waiting = Phase.ESCALATED if s.escalated else Phase.BACKOFF
 
     if s.backoff_until is not None and sit.unit_up:
-        if s.loop_invocation and sit.unit.invocation_id == s.loop_invocation:
+        entered = sit.unit.active_enter_mono
+        if s.loop_invocation:
+            same = sit.unit.invocation_id == s.loop_invocation
+        else:  # the loop began without systemd to ask: judge by when the unit became active
+            same = entered is None or s.loop_since is None or entered <= s.loop_since
+        if same:
             # The very process the loop stopped still runs: that stop did not happen (skipped
             # behind a failed kill, a dry run). Stop it again; it is no attempt of this step.
             reason = Reason(Rule.RESTART_LOOP, "the restart loop's stop did not happen")
@@ -542,13 +547,29 @@ def _backoff(sit: Situation) -> Plan:
         if not sit.budget_left:
             notes.append(say.backoff_deferred(": restart budget spent"))
             return _enter(s, waiting, now), cleanup, notes
+        if not sit.unit.available:
+            notes.append(say.backoff_deferred(f": systemd cannot be asked ({sit.unit.detail})"))
+            return _enter(s, waiting, now), cleanup, notes
         s = replace(s, backoff_until=None)
         evidence = f"back-off step {s.backoff_step} elapsed: one start attempt"
         s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
         return s, cleanup + start, notes
 
     # An attempt was made: starting inside the grace is fine, anything else failed the step
-    # (completions still failing on the new process too).
+    # (completions still failing on the new process too). Without systemd to ask, whether it
+    # ran cannot be told: the same step waits again rather than count it as a failed attempt.
+    entered, attempt = sit.unit.active_enter_mono, s.recovery_started
+    since = attempt if attempt is not None else now
+    never_came_up = (
+        not sit.unit_up
+        and (entered is None or attempt is None or entered < attempt)
+        and not any(r.by is RestartOrigin.SYSTEMD and r.at >= since for r in s.restarts)
+    )
+    if not sit.unit.available or never_came_up:
+        # (or the unit has not been active since the attempt: that start never ran, e.g. a
+        # failed job whose result was lost while the watchdog was away)
+        s = replace(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
+        return _enter(s, waiting, now), cleanup, notes
     if starting(s, sit.obs, now, cfg) or (
         sit.unit_up
         and s.failures < cfg.tabbyapi.failures_before_down

@@ -423,8 +423,17 @@ class Node:
         self.running = False
         self.hung = self.sticky = self.gen_hang = self.slow = False
         self.canary_error = ""
+        self._load_broken()
         self.loaded, self.load = None, None
         self.port_moved = False
+
+    def _load_broken(self) -> None:
+        """TabbyAPI's process went away mid-load: the watchdog's load stream breaks, and it
+        reads that as the load's (failed) end."""
+        if self.load is not None and self.load_known and self.load_action is not None:
+            detail = "the load stream broke: server disconnected"
+            self.pending.append(ActionResult(self.load_action, ResultStatus.FAILED, detail, self.t))
+        self.load_known, self.load_action = False, None
 
     def _start(self, by: str) -> None:
         self.running, self.stopped_by_us, self.auto_restart_at = True, False, None
@@ -439,6 +448,7 @@ class Node:
         self.loaded = None
         if self.mount_ok and self.main_folder_ok and not self.main_load_fails:
             self.loaded = main if self._fits(main) else None
+        self._load_broken()  # a restart (stop + start) ends a load in flight as well
         self.load = None
         self.starts.append((self.t, by))
 
