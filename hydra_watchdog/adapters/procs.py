@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING
 
 from hydra_watchdog.adapters.identity import (
     ProcIdentity,
+    all_pids,
     cgroup_paths,
     find_owners,
     in_cgroup,
@@ -123,11 +124,11 @@ class ProcScanner:
         ports = (self.port, self.port + 1)
         sockets = listen_sockets(ports, self.proc_root)
         main_pid = unit.main_pid if unit.main_pid and unit.main_pid > 0 else None
-        all_pids = self._pids()
-        pattern_pids = {pid for pid in all_pids if self._matches(pid)}
+        pids = all_pids(self.proc_root)
+        pattern_pids = {pid for pid in pids if self._matches(pid)}
         members = unit_cgroup_members(unit.control_group, self.cgroup_root)
         if members is None:  # no cgroup tree to read: ask every process where it lives
-            members = {p for p in all_pids if self._in_unit_cgroup(p, unit.control_group)}
+            members = {p for p in pids if self._in_unit_cgroup(p, unit.control_group)}
         gpu_bytes = self._gpu_holders(gpus)
 
         candidates = members | pattern_pids | set(gpu_bytes)
@@ -215,12 +216,6 @@ class ProcScanner:
         return bool(own) and any(in_cgroup(p, own) for p in ident.cgroups)
 
     # -- /proc readers ----------------------------------------------------------------------
-
-    def _pids(self) -> list[int]:
-        try:
-            return [int(name) for name in os.listdir(self.proc_root) if name.isdigit()]
-        except OSError:
-            return []
 
     def _matches(self, pid: int) -> bool:
         cmdline = read_cmdline(pid, self.proc_root)
