@@ -225,6 +225,8 @@ class UnitStatus:
     exec_main_status: int | None = None
     active_enter_mono: float | None = None  # seconds, CLOCK_MONOTONIC like `now`
     detail: str = ""
+    # How it was read: "D-Bus", or "systemctl" (with why D-Bus was not used, when it failed).
+    read_via: str = ""
 
     @property
     def exists(self) -> bool:

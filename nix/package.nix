@@ -35,6 +35,7 @@ python3Packages.buildPythonApplication {
     httpx
     structlog
     prometheus-client
+    jeepney
   ];
 
   postInstall = ''

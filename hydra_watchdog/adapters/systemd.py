@@ -1,8 +1,14 @@
-"""The TabbyAPI unit as systemd sees it, through the `systemctl` and `journalctl` commands.
+"""The TabbyAPI unit as systemd sees it: its state over D-Bus (unit_bus.py) read every cycle,
+with `systemctl show` as the fallback; commands and the journal through `systemctl` and
+`journalctl`.
 
-A subprocess per call (about 3 ms here) is simple and plenty at one status read per cycle; D-Bus
-would add a dependency for nothing. Nothing here raises for an outside failure: no systemd,
-a missing systemctl, a hung call or an unknown unit all become typed outcomes with a reason.
+The per-cycle read goes over PID 1's private socket because a `systemctl show` subprocess costs
+~6 ms of CPU, more than the rest of a healthy cycle. The commands stay subprocesses: they are rare,
+and `systemctl` is what an operator would run. When the bus fails (an incident is when it may),
+the read falls back to `systemctl show` at once and the bus is tried again BUS_RETRY later, so a
+hung bus costs one deadline, not one per cycle. Nothing here raises for an outside failure: no
+systemd, a missing systemctl, a hung call or an unknown unit all become typed outcomes with a
+reason.
 """
 
 from __future__ import annotations
@@ -11,10 +17,12 @@ import contextlib
 import os
 import signal
 import subprocess
-from collections.abc import Mapping, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.adapters.loader_env import EnvLookup, parse_env_files_property, unit_env
+from hydra_watchdog.adapters.unit_bus import PRIVATE_SOCKET, UnitBus
 from hydra_watchdog.interfaces import CommandOutcome
 from hydra_watchdog.observation import UnitStatus
 
@@ -32,6 +40,9 @@ PROPERTIES = (
     "ActiveEnterTimestampMonotonic",
 )
 
+BUS_RETRY = 30.0  # seconds on `systemctl show` after the bus failed, before trying it again
+BUS_TIMEOUT = 2.0  # seconds for one read over the bus; then `systemctl show` (self.timeout)
+
 # What systemctl prints when there is no service manager to talk to (PID 1 is not systemd, or
 # its bus socket is gone): such a failure means "refused", not "the command failed".
 _NO_SYSTEMD_MARKERS = (
@@ -41,7 +52,7 @@ _NO_SYSTEMD_MARKERS = (
 )
 
 
-def parse_show(name: str, text: str) -> UnitStatus:
+def parse_show(name: str, text: str, *, read_via: str = "systemctl") -> UnitStatus:
     """`systemctl show -p ...` output → UnitStatus. Lines are parsed by property name (systemd
     does not promise an order); a property that is absent or unparsable stays None/""."""
     props: dict[str, str] = {}
@@ -49,6 +60,11 @@ def parse_show(name: str, text: str) -> UnitStatus:
         key, sep, value = line.partition("=")
         if sep:
             props[key.strip()] = value.strip()
+    return status_from_props(name, props, read_via=read_via)
+
+
+def status_from_props(name: str, props: Mapping[str, str], *, read_via: str) -> UnitStatus:
+    """Properties as `systemctl show` prints them (from systemctl or from D-Bus) → UnitStatus."""
     load_state = props.get("LoadState", "")
     detail = ""
     if load_state == "not-found":
@@ -73,6 +89,7 @@ def parse_show(name: str, text: str) -> UnitStatus:
         # Microseconds on CLOCK_MONOTONIC, the clock of time.monotonic(); 0: never active.
         active_enter_mono=enter_us / 1e6 if enter_us else None,
         detail=detail,
+        read_via=read_via,
     )
 
 
@@ -89,6 +106,8 @@ class SystemctlUnit:
     `argv_prefix` and `root` point the adapter at another machine's systemd, e.g. a container
     entered with ("nsenter", "-t", PID, "-a") and root "/proc/PID/root"; by default it is this
     host's. `timeout` bounds reads, `command_timeout` bounds start/stop/restart/reset-failed.
+    `bus=False` reads the unit's state with `systemctl show` only; a UnitBus replaces the default
+    one (PID 1's private socket under `root`).
     """
 
     def __init__(
@@ -99,12 +118,22 @@ class SystemctlUnit:
         command_timeout: float = 60.0,
         argv_prefix: Sequence[str] = (),
         root: str = "/",
+        bus: UnitBus | bool = True,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.unit = unit
         self.timeout = timeout
         self.command_timeout = command_timeout
         self._prefix = tuple(argv_prefix)
         self._root = root
+        if bus is True:
+            bus = UnitBus(
+                unit, path=os.path.join(root, PRIVATE_SOCKET.lstrip("/")), timeout=BUS_TIMEOUT
+            )
+        self._bus = bus or None
+        self._clock = clock
+        self._bus_failed = ""  # why the last read over the bus failed ("" : it did not)
+        self._bus_retry_at = 0.0
 
     def _no_systemd(self) -> str | None:
         """Why there is no systemd to ask, or None. /run/systemd/system exists exactly when
@@ -141,18 +170,32 @@ class SystemctlUnit:
         return subprocess.CompletedProcess(full, proc.returncode, out, err)
 
     def close(self) -> None:
-        """Nothing held between calls: each runs systemctl / journalctl anew."""
+        """The bus connection; commands hold nothing between calls."""
+        if self._bus is not None:
+            self._bus.close()
 
     def status(self) -> UnitStatus:
         reason = self._no_systemd()
         if reason is not None:
             return UnitStatus(name=self.unit, available=False, detail=reason)
+        if self._bus is not None and self._clock() >= self._bus_retry_at:
+            props = self._bus.read(PROPERTIES)
+            if not isinstance(props, str):
+                self._bus_failed = ""
+                return status_from_props(self.unit, props, read_via="D-Bus")
+            self._bus_failed = props
+            self._bus_retry_at = self._clock() + BUS_RETRY
+        return self._show()
+
+    def _show(self) -> UnitStatus:
+        """The unit's state from `systemctl show`."""
+        via = f"systemctl ({self._bus_failed})" if self._bus_failed else "systemctl"
         argv = ["systemctl", "show", self.unit]
         for prop in PROPERTIES:
             argv += ["-p", prop]
         proc = self._run(argv, self.timeout)
         if isinstance(proc, str):
-            return UnitStatus(name=self.unit, available=False, detail=proc)
+            return UnitStatus(name=self.unit, available=False, detail=proc, read_via=via)
         if proc.returncode != 0:
             # `show` exits 0 even for an unknown unit: a failure here means systemd could not
             # be asked (bus down, bad unit name).
@@ -160,8 +203,9 @@ class SystemctlUnit:
                 name=self.unit,
                 available=False,
                 detail=f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}",
+                read_via=via,
             )
-        return parse_show(self.unit, proc.stdout)
+        return parse_show(self.unit, proc.stdout, read_via=via)
 
     def loader_environment(self, unit: UnitStatus) -> EnvLookup:
         """The unit's Environment= and EnvironmentFile= (what a start would get), for the

@@ -1,0 +1,263 @@
+"""The unit's state over D-Bus (PID 1's private socket) against real systemd, and the fallback to
+`systemctl show` when the bus is missing, silent or answers garbage."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import socket
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from hydra_watchdog.actions import UnitVerb
+from hydra_watchdog.adapters.systemd import BUS_RETRY, PROPERTIES, SystemctlUnit
+from hydra_watchdog.adapters.unit_bus import UnitBus, as_show_value
+from hydra_watchdog.observation import UnitStatus
+from tests.harness.systemd_ns import SystemdNamespace
+
+pytest_plugins = ["tests.harness.systemd_fixtures"]
+
+REPO = Path(__file__).resolve().parents[1]
+
+SLEEPER = "[Service]\nExecStart=/bin/sh -c 'exec sleep 600'\n"
+FAILING = (
+    "[Unit]\nStartLimitIntervalSec=0\n"
+    "[Service]\nExecStart=/bin/sh -c 'exit 3'\nRestart=on-failure\nRestartSec=30\n"
+)
+
+
+@pytest.fixture
+def unit_name(systemd_ns: SystemdNamespace) -> Iterator[str]:
+    name = f"hb-{uuid.uuid4().hex[:8]}.service"
+    yield name
+    systemd_ns.reset_unit(name, remove=True)
+
+
+# PID 1 resets a connection from outside its PID namespace, so the bus is read from inside it,
+# as the daemon does on a node: the snippet prints the statuses as JSON for the test to compare.
+READ_BOTH = """
+import dataclasses, json, sys
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+unit = sys.argv[1]
+shown = SystemctlUnit(unit, bus=False).status()
+bus = SystemctlUnit(unit)
+print(json.dumps([dataclasses.asdict(bus.status()), dataclasses.asdict(shown)]))
+"""
+
+
+def both(ns: SystemdNamespace, unit: str) -> tuple[UnitStatus, UnitStatus]:
+    """The same unit read over the bus and with `systemctl show`, inside the namespace (bus
+    last: a state that moved in between shows up as a difference, so callers read settled
+    states only)."""
+    done = ns.run([ns.interpreter, "-c", READ_BOTH, unit], cwd=str(REPO))
+    assert done.returncode == 0, done.stderr
+    bus, shown = json.loads(done.stdout)
+    return UnitStatus(**bus), UnitStatus(**shown)
+
+
+def inside(ns: SystemdNamespace, code: str) -> Any:
+    done = ns.run([ns.interpreter, "-c", code], cwd=str(REPO))
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+def same_but_source(a: UnitStatus, b: UnitStatus) -> bool:
+    return dataclasses.replace(a, read_via="") == dataclasses.replace(b, read_via="")
+
+
+def test_show_values_are_formatted_as_systemctl_prints_them() -> None:
+    assert as_show_value(bytes.fromhex("0f" * 16)) == "0f" * 16
+    assert as_show_value(b"") == ""  # an unset id128
+    assert as_show_value(4294967295) == "4294967295"
+    assert as_show_value(True) == "yes"
+    assert as_show_value("exit-code") == "exit-code"
+
+
+@pytest.mark.systemd
+def test_bus_and_systemctl_agree_on_every_state(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    absent, shown = both(systemd_ns, "hb-no-such-unit.service")
+    assert absent.read_via == "D-Bus"
+    assert absent.load_state == "not-found" and not absent.exists
+    assert same_but_source(absent, shown), (absent, shown)
+
+    systemd_ns.install_unit(unit_name, SLEEPER)
+    inactive, shown = both(systemd_ns, unit_name)
+    assert inactive.active_state == "inactive" and inactive.main_pid is None
+    assert same_but_source(inactive, shown), (inactive, shown)
+
+    unit = SystemctlUnit(unit_name, argv_prefix=systemd_ns.nsenter, root=systemd_ns.root, bus=False)
+    assert unit.command(UnitVerb.START).ok
+    systemd_ns.wait_for(lambda: unit.status().sub_state == "running", what="running")
+    running, shown = both(systemd_ns, unit_name)
+    assert running.read_via == "D-Bus"
+    assert running.main_pid is not None and running.main_pid > 1
+    assert running.control_group.endswith(f"/system.slice/{unit_name}")
+    assert len(running.invocation_id) == 32  # an id128 in hex, as systemctl prints it
+    assert running.active_enter_mono is not None
+    assert same_but_source(running, shown), (running, shown)
+    unit.close()
+
+
+@pytest.mark.systemd
+def test_bus_reads_a_failed_unit_between_restarts(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    systemd_ns.install_unit(unit_name, FAILING)
+    unit = SystemctlUnit(unit_name, argv_prefix=systemd_ns.nsenter, root=systemd_ns.root, bus=False)
+    assert unit.command(UnitVerb.START).ok
+    systemd_ns.wait_for(lambda: unit.status().sub_state == "auto-restart", what="auto-restart")
+    st, shown = both(systemd_ns, unit_name)  # RestartSec=30: settled for the two reads
+    assert (st.result, st.exec_main_status, st.active_state) == ("exit-code", 3, "activating")
+    assert st.n_restarts == 0
+    assert same_but_source(st, shown), (st, shown)
+    unit.command(UnitVerb.STOP)
+    unit.close()
+
+
+@pytest.mark.systemd
+def test_one_connection_serves_many_reads(systemd_ns: SystemdNamespace) -> None:
+    got = inside(
+        systemd_ns,
+        """
+import json
+from hydra_watchdog.adapters.systemd import PROPERTIES
+from hydra_watchdog.adapters.unit_bus import UnitBus
+bus = UnitBus("hb-no-such-unit.service")
+reads = [bus.read(PROPERTIES) for _ in range(20)]
+print(json.dumps({"same": all(r == reads[0] for r in reads), "first": reads[0],
+                  "kept": bus._sock is not None and bus._sock.fileno() >= 0}))
+""",
+    )
+    assert got["first"]["LoadState"] == "not-found"
+    assert set(got["first"]) == set(PROPERTIES)
+    assert got["same"] and got["kept"]
+
+
+class FakeBus:
+    """A unix socket where PID 1's private socket would be. `mode`: "silent" (accepts, never
+    answers), "rejected" (refuses the authentication), "garbage" (accepts the authentication,
+    then answers the call with bytes that are not D-Bus). Counts the connections it accepts."""
+
+    def __init__(self, path: Path, mode: str) -> None:
+        self.path = path
+        self.mode = mode
+        self.accepted = 0
+        self.server = socket.socket(socket.AF_UNIX)
+        self.server.bind(str(path))
+        self.server.listen(8)
+        self.server.settimeout(0.2)
+        self.held: list[socket.socket] = []
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._serve, daemon=True)
+        self.thread.start()
+
+    def _serve(self) -> None:
+        while not self.stop.is_set():
+            try:
+                conn, _ = self.server.accept()
+            except TimeoutError:
+                continue
+            self.accepted += 1
+            self.held.append(conn)  # held open until close()
+            if self.mode == "silent":
+                continue
+            conn.settimeout(2.0)
+            with contextlib.suppress(OSError):
+                while b"\r\n" not in conn.recv(4096):  # the NUL byte and the AUTH line
+                    pass
+                if self.mode == "rejected":
+                    conn.sendall(b"REJECTED EXTERNAL\r\n")
+                    continue
+                conn.sendall(b"OK 0123456789abcdef0123456789abcdef\r\n")
+                conn.recv(4096)  # BEGIN and the first call
+                conn.sendall(b"\xff" * 4096)
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+        for conn in self.held:
+            conn.close()
+        self.server.close()
+
+
+@pytest.mark.systemd
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("silent", "cannot connect"),
+        ("garbage", "unreadable answer"),
+        ("rejected", "authentication failed"),
+    ],
+)
+def test_a_failing_bus_falls_back_to_systemctl_and_is_retried_later(
+    systemd_ns: SystemdNamespace,
+    unit_name: str,
+    tmp_path: Path,
+    mode: str,
+    why: str,
+) -> None:
+    systemd_ns.install_unit(unit_name, SLEEPER)
+    fake = FakeBus(tmp_path / "private", mode)
+    now = [1000.0]
+    unit = SystemctlUnit(
+        unit_name,
+        argv_prefix=systemd_ns.nsenter,
+        root=systemd_ns.root,
+        bus=UnitBus(unit_name, path=str(fake.path), timeout=0.5),
+        clock=lambda: now[0],
+    )
+    try:
+        st = unit.status()
+        # The state is still read, by systemctl, and says why the bus was not used.
+        assert st.available and st.load_state == "loaded" and st.active_state == "inactive"
+        assert st.read_via.startswith("systemctl (D-Bus "), st.read_via
+        assert why in st.read_via, st.read_via
+        assert len(st.read_via) < 300  # what the peer sent is not quoted at length
+        assert fake.accepted == 1
+        # Within BUS_RETRY the bus is not asked again: a hung bus costs one deadline.
+        now[0] += BUS_RETRY / 2
+        assert unit.status().read_via.startswith("systemctl (D-Bus ")
+        assert fake.accepted == 1
+        now[0] += BUS_RETRY
+        unit.status()
+        assert fake.accepted == 2
+    finally:
+        unit.close()
+        fake.close()
+
+
+@pytest.mark.systemd
+def test_the_bus_comes_back_after_a_failure(systemd_ns: SystemdNamespace) -> None:
+    """A socket path that is missing, then PID 1's: the read moves back to D-Bus."""
+    missing, back = (
+        UnitStatus(**st)
+        for st in inside(
+            systemd_ns,
+            """
+import dataclasses, json, os, tempfile
+from hydra_watchdog.adapters.systemd import BUS_RETRY, SystemctlUnit
+from hydra_watchdog.adapters.unit_bus import UnitBus
+link = os.path.join(tempfile.mkdtemp(), "private")
+now = [0.0]
+name = "hb-no-such-unit.service"
+unit = SystemctlUnit(name, bus=UnitBus(name, path=link), clock=lambda: now[0])
+missing = unit.status()
+os.symlink("/run/systemd/private", link)
+now[0] += BUS_RETRY
+print(json.dumps([dataclasses.asdict(missing), dataclasses.asdict(unit.status())]))
+""",
+        )
+    )
+    assert missing.read_via.startswith("systemctl (D-Bus "), missing.read_via
+    assert "No such file" in missing.read_via
+    assert missing.load_state == "not-found"
+    assert back.read_via == "D-Bus"
+    assert same_but_source(back, missing)
