@@ -19,6 +19,7 @@ from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.reporters import (
+    STATE_REFRESH,
     CycleRecord,
     JournalReporter,
     MetricsReporter,
@@ -170,6 +171,35 @@ def test_the_state_file_is_written_only_when_something_changed(cfg: Config) -> N
     path.unlink()
     reporter.publish(dataclasses.replace(first, kept=more, after=PolicyState(phase=Phase.DOWN)))
     assert _state_file(cfg).load().state.phase is Phase.DOWN
+
+
+def test_clock_stamps_alone_are_saved_only_every_refresh_interval(cfg: Config) -> None:
+    now = [100.0]
+    reporter = StateFileReporter(
+        _state_file(cfg), saved=None, saved_events=(), clock=lambda: now[0]
+    )
+    first = _record(cfg)
+    base = dataclasses.replace(first.after, observed_at=100.0, nrestarts_at=100.0)
+    reporter.publish(dataclasses.replace(first, after=base))
+    path = Path(cfg.watchdog.state_dir) / "state.json"
+    path.unlink()
+
+    # A healthy cycle moves only the two stamps: no write...
+    now[0] += 1.0
+    ticked = dataclasses.replace(base, observed_at=101.0, nrestarts_at=101.0)
+    reporter.publish(dataclasses.replace(first, after=ticked))
+    assert not path.exists()
+    # ...until STATE_REFRESH passed since the last write: then the stamps are saved too.
+    now[0] += STATE_REFRESH
+    later = dataclasses.replace(base, observed_at=now[0], nrestarts_at=now[0])
+    reporter.publish(dataclasses.replace(first, after=later))
+    assert _state_file(cfg).load().state.observed_at == now[0]
+    path.unlink()
+    # Anything else that changes is saved at once, stamps included.
+    now[0] += 1.0
+    seen = dataclasses.replace(later, nrestarts_seen=7, nrestarts_at=now[0])
+    reporter.publish(dataclasses.replace(first, after=seen))
+    assert _state_file(cfg).load().state.nrestarts_at == now[0]
 
 
 def test_a_state_file_that_cannot_be_written_is_logged_and_retried(

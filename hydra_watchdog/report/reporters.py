@@ -23,9 +23,10 @@ from __future__ import annotations
 
 import contextlib
 import sys
+import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Protocol
 
@@ -121,29 +122,55 @@ class JournalReporter:
                     sys.stderr.write(f"hydra-watchdog: cannot log event: {text}\n")
 
 
+STATE_REFRESH = 60.0  # seconds: the longest a save is skipped while only the clocks moved
+
+
+def _without_clocks(state: PolicyState) -> PolicyState:
+    """The state less the two stamps that move every cycle (when it last observed, when it
+    last read NRestarts): a state file rewritten and fsynced for those alone costs more than
+    the rest of a healthy cycle."""
+    return replace(state, observed_at=None, nrestarts_at=None)
+
+
 class StateFileReporter:
-    """The policy's memory and the events kept, to the state file (atomic, fsynced)."""
+    """The policy's memory and the events kept, to the state file (atomic, fsynced).
+
+    Saved when anything but the per-cycle clocks changed, and at least every STATE_REFRESH
+    seconds, and at every stop (Daemon.shutdown). A watchdog killed outright therefore restarts
+    with stamps up to STATE_REFRESH old: restarts systemd made meanwhile are then dated that much
+    earlier (policy._count_restarts dates them to the start of the unseen gap), which can only
+    spread them out, never make a slow series look like a burst."""
 
     def __init__(
-        self, file: StateFile, *, saved: PolicyState | None, saved_events: tuple[Event, ...]
+        self,
+        file: StateFile,
+        *,
+        saved: PolicyState | None,
+        saved_events: tuple[Event, ...],
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.file = file  # replaced on a config reload
-        self._saved = saved  # what the file holds; None: unknown, save at the next chance
+        self._saved = None if saved is None else _without_clocks(saved)  # None: save next time
         self._saved_events = saved_events
+        self._clock = clock
+        self._saved_at = clock()
 
     def publish(self, record: CycleRecord) -> None:
         self.save(record.after, record.kept)
 
     def save(self, state: PolicyState, events: tuple[Event, ...]) -> None:
-        # Most healthy cycles change nothing: skip the fsyncs then.
-        if state == self._saved and events == self._saved_events:
+        # Most healthy cycles change nothing but the clocks: skip the fsyncs then.
+        now = self._clock()
+        key = _without_clocks(state)
+        fresh = now - self._saved_at < STATE_REFRESH
+        if fresh and key == self._saved and events == self._saved_events:
             return
         try:
             self.file.save(state, events)
         except OSError as exc:  # a full disk must not stop the watchdog; retried next cycle
             log.error("cannot persist the state", error=str(exc), path=str(self.file.path))
             return
-        self._saved, self._saved_events = state, events
+        self._saved, self._saved_events, self._saved_at = key, events, now
 
 
 class StatusFileReporter:
