@@ -1,6 +1,7 @@
 """The hardened unit, run by real systemd (in a namespace), still lets the watchdog do its job:
 ctypes callbacks under MemoryDenyWriteExecute (NVML goes through ctypes), its imports, the state
-and status directories, sd_notify, restarting another unit through PID 1, and SIGTERM to another
+and status directories, sd_notify, restarting another unit through PID 1, reading a unit over PID 1's private D-Bus
+socket, and SIGTERM to another
 user's process.
 
 The probe replaces ExecStart and keeps every other directive of systemd/hydra-watchdog.service.
@@ -42,6 +43,11 @@ restart = subprocess.run(
     ["systemctl", "restart", "hw-probe-victim.service"], capture_output=True, text=True
 )
 result["restart"] = [restart.returncode, restart.stderr.strip()]
+# The per-cycle unit read goes over PID 1's private socket (unit_bus.py), not systemctl.
+sys.path.insert(0, sys.argv[2])
+from hydra_watchdog.adapters.systemd import SystemctlUnit
+bus_read = SystemctlUnit("hw-probe-victim.service").status()
+result["bus_read"] = [bus_read.read_via, bus_read.active_state]
 pid = int(sys.argv[1])
 result["other_cmdline_visible"] = os.path.exists(f"/proc/{pid}/cmdline")
 try:
@@ -84,7 +90,7 @@ def test_hardened_unit_lets_the_watchdog_work(probe_units: SystemdNamespace) -> 
     unit = (REPO / "systemd" / "hydra-watchdog.service").read_text(encoding="utf-8")
     unit = unit.replace(
         "ExecStart=/usr/bin/hydra-watchdog run --config /etc/hydra-watchdog/config.toml",
-        f"ExecStart={sys.executable} /etc/hw-probe/probe.py {other_pid}",
+        f"ExecStart={sys.executable} /etc/hw-probe/probe.py {other_pid} {REPO}",
     )
     assert "/etc/hw-probe/probe.py" in unit
     # The interpreter may live under /root (pyenv) and the checkout (with its venv) under /tmp or
@@ -110,6 +116,7 @@ def test_hardened_unit_lets_the_watchdog_work(probe_units: SystemdNamespace) -> 
     assert result["runtime_dir_mode"] == "0o755"
     assert result["state_dir_mode"] == "0o700"
     assert result["restart"] == [0, ""]
+    assert result["bus_read"] == ["D-Bus", "active"]
     assert result["other_cmdline_visible"] is True
     assert result["kill"] == "ok"
     ns.wait_for_state("hw-probe-other.service", ["inactive", "failed"])
