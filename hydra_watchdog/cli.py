@@ -6,28 +6,26 @@ configuration exits 78 (EX_CONFIG) with one line naming the key, never a traceba
 
 from __future__ import annotations
 
-import argparse
-import json
 import os
 import sys
 import time
-from collections.abc import Callable, Sequence
-from pathlib import Path
-from typing import Any
 
 from hydra_watchdog import __version__
-from hydra_watchdog.config import (
-    DEFAULT_CONFIG_PATH,
-    EX_CONFIG,
-    Config,
-    ConfigError,
-    load_config,
-    render_config,
-)
-from hydra_watchdog.durations import parse_duration
 from hydra_watchdog.states import Verdict
 
-Command = Callable[[argparse.Namespace], int]
+# `status` runs every few seconds from monitoring: this module imports only what its quick path
+# needs (report/status_quick.py); every other command imports what it uses where it uses it.
+TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` milliseconds
+if TYPE_CHECKING:
+    import argparse
+    from collections.abc import Callable, Sequence
+    from typing import Any
+
+    from hydra_watchdog.config import Config
+
+    Command = Callable[[argparse.Namespace], int]
+
+EX_CONFIG = 78  # config.EX_CONFIG, without importing the config schema
 
 
 class CliError(Exception):
@@ -37,6 +35,8 @@ class CliError(Exception):
 
 
 def _config(args: argparse.Namespace) -> Config:
+    from hydra_watchdog.config import ConfigError, load_config  # noqa: PLC0415 - see the top
+
     try:
         return load_config(args.config)
     except ConfigError as exc:
@@ -45,6 +45,8 @@ def _config(args: argparse.Namespace) -> Config:
 
 def _config_or_defaults(args: argparse.Namespace) -> tuple[Config, str]:
     """Read-only commands still work when the config cannot be read (an unprivileged user)."""
+    from hydra_watchdog.config import Config, ConfigError, load_config  # noqa: PLC0415
+
     try:
         return load_config(args.config), ""
     except ConfigError as exc:
@@ -52,11 +54,10 @@ def _config_or_defaults(args: argparse.Namespace) -> tuple[Config, str]:
 
 
 def stale_after(cfg: Config) -> float:
-    """A status older than this means the loop is hung or gone: three missed cycles, plus the
-    longest probe deadline a cycle may legitimately wait for."""
-    t = cfg.tabbyapi
-    longest = max(t.health_timeout, t.canary_deadline, cfg.gpu.call_timeout * 2, 10.0)
-    return 3 * cfg.watchdog.interval + longest
+    """See report.status.stale_after (the daemon publishes it in the status file)."""
+    from hydra_watchdog.report import status  # noqa: PLC0415 - see the top
+
+    return status.stale_after(cfg)
 
 
 # --- commands -----------------------------------------------------------------------------------
@@ -70,6 +71,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
+    from hydra_watchdog.config import render_config  # noqa: PLC0415 - see the top
+
     cfg = _config(args)
     sys.stdout.write(render_config(cfg))
     return 0
@@ -77,10 +80,12 @@ def cmd_check_config(args: argparse.Namespace) -> int:
 
 def cmd_status(args: argparse.Namespace) -> int:
     """Never a traceback: a Nagios plugin that crashes exits 1 (WARNING) and says nothing
-    useful; whatever goes wrong here is UNKNOWN with the reason."""
-    from hydra_watchdog.report.status import render_human, to_json  # noqa: PLC0415
+    useful; whatever goes wrong here is UNKNOWN with the reason. main() first tries the quick
+    path (report/status_quick.py), which prints the same when it answers at all."""
+    from hydra_watchdog.report.status import to_json  # noqa: PLC0415
+    from hydra_watchdog.report.status_view import print_status  # noqa: PLC0415
 
-    now = time.time()
+    now = time.time() if args.now is None else args.now
     try:
         verdict, why, report, note = _status(args, now)
     except Exception as exc:  # see the docstring
@@ -90,25 +95,17 @@ def cmd_status(args: argparse.Namespace) -> int:
             None,
             "",
         )
-    why = " ".join(why.split())  # one line, whatever the file held
-    if args.json:
-        doc: dict[str, Any] = {
-            "verdict": verdict.name,
-            "exit_code": int(verdict),
-            "reason": why,
-            "report": json.loads(to_json(report)) if report is not None else None,
-        }
-        print(json.dumps(doc, indent=2))
-    else:
-        print(f"{verdict.name}: {why}")
-        if report is not None:
-            print(render_human(report, now=now))
-        if note:
-            print(note, file=sys.stderr)
-    return int(verdict)
+    doc = None
+    if report is not None and args.json:
+        import json  # noqa: PLC0415
+
+        doc = json.loads(to_json(report))
+    return print_status(verdict, why, report, doc, note, as_json=args.json, now=now)
 
 
 def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, str]:
+    from pathlib import Path  # noqa: PLC0415
+
     from hydra_watchdog.report.status import daemon_problem, evaluate  # noqa: PLC0415
     from hydra_watchdog.report.status_file import STATUS_FILE, read_status  # noqa: PLC0415
 
@@ -128,6 +125,9 @@ def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, st
 
 
 def cmd_events(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+    from pathlib import Path  # noqa: PLC0415
+
     from hydra_watchdog.policy_state import to_jsonable  # noqa: PLC0415
     from hydra_watchdog.statefile import (  # noqa: PLC0415
         DRY_RUN_STATE_FILE,
@@ -164,6 +164,7 @@ def cmd_events(args: argparse.Namespace) -> int:
 
 def cmd_pause(args: argparse.Namespace) -> int:
     from hydra_watchdog import control  # noqa: PLC0415
+    from hydra_watchdog.durations import parse_duration  # noqa: PLC0415
 
     cfg = _config(args)
     until = None
@@ -197,6 +198,8 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """One real observe + decide cycle: the diagnosis and the plan, never an action."""
+    import json  # noqa: PLC0415
+
     from hydra_watchdog.actions import describe  # noqa: PLC0415
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
     from hydra_watchdog.observe import Observer  # noqa: PLC0415
@@ -320,6 +323,11 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     """The whole parser, or with `only` one command's (argparse spends milliseconds per
     sub-parser, and `status` is run by monitoring every few seconds: it gets just its own)."""
+    import argparse  # noqa: PLC0415 - see the top
+    from pathlib import Path  # noqa: PLC0415
+
+    from hydra_watchdog.config import DEFAULT_CONFIG_PATH  # noqa: PLC0415
+
     parser = argparse.ArgumentParser(
         prog="hydra-watchdog",
         description="TabbyAPI's incident runbook as an on-node watchdog.",
@@ -348,6 +356,7 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = add("status", cmd_status, "the current verdict (Nagios exit codes)")
     p.add_argument("--json", action="store_true")
     p.add_argument("--runtime-dir", help="where the daemon writes status.json")
+    p.set_defaults(now=None)  # tests pass the clock of a quick_status run they compare with
     p = add("check", cmd_check, "one observe + decide cycle: diagnosis and plan; never acts")
     p.add_argument("--json", action="store_true")
     add("verify", cmd_verify, "the runbook's post-rebuild verification")
@@ -372,6 +381,12 @@ COMMANDS = frozenset(
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     first = argv[0] if argv else ""
+    if first == "status":
+        from hydra_watchdog.report.status_quick import quick_status  # noqa: PLC0415
+
+        quick = quick_status(argv[1:])
+        if quick is not None:
+            return quick
     args = build_parser(first if first in COMMANDS else None).parse_args(argv)
     try:
         code: int = args.func(args)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import hashlib
 import ipaddress
 import math
 import posixpath
@@ -282,12 +283,15 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     nixos: NixosSection = field(default_factory=NixosSection)
     source: str = field(default="(defaults)", compare=False)
+    # SHA-256 of the file's bytes (load_config): `status` trusts the daemon's published view of
+    # its config only for the very same bytes (report/status_quick.py)
+    sha256: str = field(default="", compare=False)
 
 
 SECTIONS: dict[str, type[Any]] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name != "source"
+    if f.name not in ("source", "sha256")
 }
 
 
@@ -653,7 +657,8 @@ def load_config(path: Path | str) -> Config:
         ) from None
     except Exception as exc:  # tomllib's other failures, e.g. a 5,000-digit integer
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
-    return parse_config(data, source=str(path))
+    cfg = parse_config(data, source=str(path))
+    return dataclasses.replace(cfg, sha256=hashlib.sha256(raw).hexdigest())
 
 
 # --- rendering ----------------------------------------------------------------------------------

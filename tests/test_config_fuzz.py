@@ -219,7 +219,7 @@ _BASES: tuple[dict[str, Any], ...] = (
     tomllib.loads(_EXAMPLE.read_text(encoding="utf-8")),
     {k: dict(v) for k, v in kit.BASE.items()},
 )
-_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name != "source"]
+_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("source", "sha256")]
 _SCOPES = {**schema(), "gpu.device": dict(DEVICE_FIELDS)}
 
 

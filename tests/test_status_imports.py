@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from hydra_watchdog.cli import COMMANDS, build_parser
-from hydra_watchdog.config import Config
+from hydra_watchdog.config import Config, load_config
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.status import build_status, process_start
 from hydra_watchdog.report.status_file import write_status
@@ -104,3 +104,50 @@ def test_the_fast_parser_knows_every_command() -> None:
         sub = build_parser(name)
         sub_choices = next(a.choices for a in sub._actions if a.dest == "command")
         assert sub_choices is not None and list(sub_choices) == [name]
+
+
+# What the quick path (report/status_quick.py) leaves out: each cost `status` milliseconds.
+NOT_QUICK = (
+    "argparse",
+    "tomllib",
+    "dataclasses",
+    "typing",
+    "logging",
+    "pathlib",
+    "hashlib",
+    "hydra_watchdog.config",
+    "hydra_watchdog.report.status",
+    "hydra_watchdog.report.status_file",
+    "hydra_watchdog.statefile",
+    "hydra_watchdog.jsonable",
+    "hydra_watchdog.events",
+)
+
+
+def test_status_of_a_daemon_with_the_same_config_takes_the_quick_path(tmp_path: Path) -> None:
+    config = tmp_path / "watchdog.toml"
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
+    daemon = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(120)", "hydra_watchdog"]
+    )
+    try:
+        report = build_status(
+            PolicyState(phase=Phase.HEALTHY, phase_since=time.monotonic()),
+            None,
+            load_config(config),  # as the daemon loads it: with the file's digest
+            (),
+            wall_now=time.time(),
+            mono_now=time.monotonic(),
+            pid=daemon.pid,
+            pid_start=process_start(daemon.pid),
+        )
+        write_status(tmp_path / "run", dataclasses.replace(report, heartbeat=time.time()))
+        code, modules, out = _status_modules("--config", str(config))
+    finally:
+        daemon.kill()
+        daemon.wait()
+    assert out.startswith("OK: healthy"), out
+    assert code == 0
+    assert "hydra_watchdog.report.status_quick" in modules
+    assert [m for m in modules if m in NOT_QUICK] == []
+    assert _heavy(modules) == []

@@ -21,15 +21,24 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from enum import Enum
-from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra_watchdog import __version__
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
+from hydra_watchdog.report.status_view import (
+    FUTURE_SKEW,
+    GIB,
+    PROC,
+    daemon_problem,
+    evaluate,
+    process_start,
+    render_human,
+    summarize,
+)
 from hydra_watchdog.states import Phase, Verdict
 
 if TYPE_CHECKING:  # the daemon's side (build_status); `status` only reads the file
@@ -38,13 +47,20 @@ if TYPE_CHECKING:  # the daemon's side (build_status); `status` only reads the f
     from hydra_watchdog.policy_state import PolicyState
 
 SCHEMA_VERSION = 1
-GIB = 1024**3
 ACTIONS_KEPT = 10
 _COMMAND_MAX = 200  # a command line is evidence, not a dump
 _ACTION_KINDS = (EventKind.ACTION, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED)
-FUTURE_SKEW = 10.0  # seconds a heartbeat may lie ahead of `now` (clock steps) before it is a lie
 _MAX_INT = 2**63  # bytes, pids, counts; beyond it a number is garbage (and overflows a float)
-PROC = Path("/proc")
+__all__ = [  # judged and rendered in status_view (light, for `status`), re-exported here
+    "FUTURE_SKEW",
+    "GIB",
+    "PROC",
+    "daemon_problem",
+    "evaluate",
+    "process_start",
+    "render_human",
+    "summarize",
+]
 
 
 @dataclass(frozen=True)
@@ -180,6 +196,20 @@ class StatusReport:
     backoff: BackoffInfo = field(default_factory=BackoffInfo)
     paused: PauseInfo = field(default_factory=PauseInfo)
     findings: tuple[FindingEntry, ...] = ()
+    # What `status` needs of the daemon's config, so that its quick path (status_quick.py) can
+    # skip reading the config: trusted only when the CLI's config file has the same SHA-256.
+    version: str = ""  # the daemon's hydra-watchdog version
+    config_sha256: str = ""  # of the config file's bytes; "" when not loaded from a file
+    runtime_dir: str = ""  # watchdog.runtime_dir
+    stale_after: float = 0.0  # see stale_after(); 0: not published
+
+
+def stale_after(cfg: Config) -> float:
+    """A status older than this means the loop is hung or gone: three missed cycles, plus the
+    longest probe deadline a cycle may legitimately wait for."""
+    t = cfg.tabbyapi
+    longest = max(t.health_timeout, t.canary_deadline, cfg.gpu.call_timeout * 2, 10.0)
+    return 3 * cfg.watchdog.interval + longest
 
 
 # --- building (pure) ----------------------------------------------------------------------------
@@ -221,33 +251,6 @@ def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
 
 def _short(command: str) -> str:
     return command if len(command) <= _COMMAND_MAX else command[: _COMMAND_MAX - 1] + "…"
-
-
-def summarize(report: StatusReport, *, now: float | None = None) -> str:
-    """One line: the sd_notify STATUS and the first line of `status`."""
-    now = report.generated_at if now is None else now
-    parts = [report.phase.value]
-    if report.paused.paused:
-        parts.append(f"paused: {report.paused.reason}" if report.paused.reason else "paused")
-    if report.health is not None:
-        h = report.health
-        if h.outcome == "ok":
-            parts.append(f"health {h.status} in {h.latency_s * 1000:.0f} ms")
-        else:
-            parts.append(f"health {h.outcome}" + (f" ({h.status})" if h.status else ""))
-    if report.load is not None:
-        progress = f" {report.load.module}/{report.load.modules}" if report.load.modules else ""
-        parts.append(f"loading {report.load.model}{progress}")
-    elif report.model.known:
-        parts.append(f"model {report.model.loaded}" if report.model.loaded else "no model loaded")
-    if report.backoff.step:
-        text = f"back-off step {report.backoff.step}"
-        if report.backoff.next_attempt_at is not None:
-            text += f", next start in {max(0.0, report.backoff.next_attempt_at - now):.0f} s"
-        parts.append(text)
-    if report.findings:
-        parts.append(report.findings[0].message)
-    return "; ".join(parts)
 
 
 def build_status(
@@ -399,6 +402,10 @@ def build_status(
         findings=tuple(
             FindingEntry(f.rule.value, f.severity.value, f.message) for f in state.findings
         ),
+        version=__version__,
+        config_sha256=cfg.sha256,
+        runtime_dir=cfg.watchdog.runtime_dir,
+        stale_after=stale_after(cfg),
     )
     return dataclasses.replace(report, summary=summarize(report))
 
@@ -467,212 +474,3 @@ def from_json(text: str | bytes) -> StatusReport:
         why = str(exc)[:200]
         raise ValueError(f"the status file does not match schema {SCHEMA_VERSION}: {why}") from None
     return report
-
-
-# --- reading ------------------------------------------------------------------------------------
-
-
-def process_start(pid: int, proc: Path = PROC) -> int | None:
-    """A process's start time (field 22 of /proc/PID/stat, clock ticks since boot); None when it
-    is gone or unreadable. With the pid it names one process for the life of a boot."""
-    try:
-        text = (proc / str(pid) / "stat").read_text(encoding="ascii", errors="replace")
-        # comm (field 2) may hold spaces and parentheses: fields 3.. follow the last ')'
-        return int(text.rsplit(")", 1)[1].split()[19])
-    except (OSError, IndexError, ValueError):
-        return None
-
-
-def daemon_problem(report: StatusReport, proc: Path = PROC) -> str:
-    """Why the daemon that wrote `report` is not running, or "" when it is (or when this user
-    cannot tell: /proc mounted with hidepid). Reads only world-readable /proc files."""
-    pid = report.pid
-    if not 0 < pid <= 2**22:  # the kernel's pid_max limit
-        return f"the status file names no daemon pid (pid {pid})"
-    base = proc / str(pid)
-    try:
-        cmdline = (base / "cmdline").read_bytes()
-        status = (base / "stat").read_text(encoding="ascii", errors="replace")
-    except (FileNotFoundError, ProcessLookupError):
-        if not (proc / "1").exists():
-            return ""  # hidepid: other users' processes are invisible to us; the heartbeat decides
-        return f"daemon pid {pid} is gone: hydra-watchdog is not running (it did not stop cleanly)"
-    except OSError:
-        return ""  # hidepid=noaccess: cannot tell
-    fields = status.rsplit(")", 1)[-1].split()
-    if fields and fields[0] in ("Z", "X"):
-        return f"daemon pid {pid} is gone: hydra-watchdog exited (a zombie, not yet reaped)"
-    # An empty cmdline: an exec in progress (or a kernel thread); the start time still decides.
-    if cmdline and b"hydra_watchdog" not in cmdline and b"hydra-watchdog" not in cmdline:
-        command = cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip()[:80]
-        return f"daemon pid {pid} is gone: that pid is now another process ({command or '?'})"
-    if report.pid_start is not None and process_start(pid, proc) != report.pid_start:
-        return f"daemon pid {pid} is gone: that pid is now another hydra-watchdog process"
-    return ""
-
-
-def evaluate(
-    report: StatusReport | None,
-    *,
-    wall_now: float,
-    stale_after: float,
-    daemon: str = "",
-) -> tuple[Verdict, str]:
-    """The Nagios verdict of a report and one line saying why (without the verdict's name).
-    UNKNOWN when there is no report, the daemon stopped, `daemon` says it is not running (see
-    daemon_problem), no cycle completed yet, the heartbeat is in the future or older than
-    `stale_after` seconds. Ages are computed from `wall_now`."""
-    if report is None:
-        return Verdict.UNKNOWN, (
-            "no status: hydra-watchdog is not running (or has not written its status yet)"
-        )
-    if report.stopped_at is not None:
-        return Verdict.UNKNOWN, (
-            f"hydra-watchdog (pid {report.pid}) stopped at {_clock(report.stopped_at)} "
-            f"({_ago(report.stopped_at, wall_now)}): nothing is watching TabbyAPI"
-        )
-    if daemon:
-        return Verdict.UNKNOWN, daemon
-    if report.heartbeat is None:
-        return Verdict.UNKNOWN, (f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet")
-    age = wall_now - report.heartbeat
-    if age < -FUTURE_SKEW:
-        return Verdict.UNKNOWN, (
-            f"the status file's last cycle is {-age:.0f} s in the future: the clock was set "
-            f"back, or the file was not written by hydra-watchdog (pid {report.pid})"
-        )
-    if age > stale_after:
-        return Verdict.UNKNOWN, (
-            f"status is stale: the last cycle was {age:.0f} s ago (limit {stale_after:.0f} s); "
-            f"is hydra-watchdog (pid {report.pid}) hung or stopped?"
-        )
-    return report.phase.verdict, summarize(report, now=wall_now)
-
-
-def _clock(t: float | None) -> str:
-    if t is None:
-        return "-"
-    try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
-    except (OverflowError, OSError, ValueError):
-        return f"{t:.0f} (not a date)"
-
-
-def _ago(t: float | None, now: float) -> str:
-    if t is None:
-        return "never"
-    delta = now - t
-    if delta < 0:
-        return f"in {_span(-delta)}"
-    return f"{_span(delta)} ago"
-
-
-def _span(seconds: float) -> str:
-    if seconds < 120:
-        return f"{seconds:.0f} s"
-    if seconds < 7200:
-        return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
-
-
-def _gib(value: int | None) -> str:
-    return "?" if value is None else f"{value / GIB:.1f} GiB"
-
-
-def _watts(value: float | None) -> str:
-    return "?" if value is None else f"{value:g} W"
-
-
-def render_human(report: StatusReport, *, now: float | None = None) -> str:
-    """`hydra-watchdog status` for a terminal: everything the runbook asks first. Ages are
-    computed from `now` (default: the current time), not from when the file was written."""
-    now = time.time() if now is None else now
-    daemon = f"pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
-    if report.stopped_at is not None:
-        daemon += f", STOPPED at {_clock(report.stopped_at)}"
-    lines = [
-        f"hydra-watchdog: {report.phase.value.upper()} [{report.phase.verdict.name}] "
-        f"since {_clock(report.since)} ({_ago(report.since, now)})",
-        f"  {summarize(report, now=now)}",
-        f"daemon:     {daemon}" + (", DRY RUN (actions are only logged)" if report.dry_run else ""),
-    ]
-    if report.health is not None:
-        h = report.health
-        text = f"{h.outcome}" + (f" {h.status}" if h.status else "")
-        text += f" in {h.latency_s * 1000:.0f} ms" + (f" ({h.detail})" if h.detail else "")
-        lines.append(f"health:     {text}")
-    if report.unit is not None:
-        u = report.unit
-        if u.available:
-            restarts = "?" if u.n_restarts is None else str(u.n_restarts)
-            lines.append(
-                f"unit:       {u.name} {u.active_state}/{u.sub_state}, "
-                f"result {u.result or '-'}, NRestarts {restarts}"
-                + (f", MainPID {u.main_pid}" if u.main_pid else "")
-            )
-        else:
-            lines.append(f"unit:       {u.name} (systemd not available: {u.detail or 'unknown'})")
-    m = report.model
-    model = f"wanted {m.wanted or '(none)'}"
-    if m.known:
-        model += f", loaded {m.loaded or '(none)'}"
-    if m.fallback_in_use:
-        model += " (fallback in use)"
-    lines.append(f"model:      {model}")
-    if report.load is not None:
-        ld = report.load
-        progress = f" {ld.module}/{ld.modules} modules" if ld.modules else ""
-        lines.append(
-            f"loading:    {ld.model}{progress}, started {_ago(ld.started_at, now)}, "
-            f"gives up at {_clock(ld.deadline_at)}"
-        )
-    if m.vram_needed_bytes is not None:
-        lines.append(f"VRAM need:  {_gib(m.vram_needed_bytes)} in total ({m.vram_needed_source})")
-    if report.gpu_error:
-        lines.append(f"GPUs:       not readable: {report.gpu_error}")
-    for g in report.gpus:
-        power = f"power limit {_watts(g.power_limit_w)}"
-        if g.power_target_w is not None:
-            power += f" (target {_watts(g.power_target_w)})"
-        lines.append(
-            f"gpu{g.index}:       {g.name}: VRAM used {_gib(g.vram_used_bytes)}, "
-            f"free {_gib(g.vram_free_bytes)} of {_gib(g.vram_total_bytes)}; {power}"
-            + (f"; errors: {', '.join(g.errors)}" if g.errors else "")
-        )
-    for lst in report.listeners:
-        owner = f"pid {lst.pid}" if lst.pid is not None else "unknown owner"
-        if lst.role:
-            owner += f" ({lst.role}: {lst.command})"
-        lines.append(f"port {lst.port}:  {owner}")
-    for proc in report.processes:
-        lines.append(
-            f"{proc.role + ':':<11} pid {proc.pid} {proc.command} ({_gib(proc.gpu_bytes)} on GPU)"
-        )
-    b = report.backoff
-    if b.step:
-        lines.append(
-            f"back-off:   step {b.step}, next attempt {_clock(b.next_attempt_at)} "
-            f"({_ago(b.next_attempt_at, now)})" + (", ESCALATED" if b.escalated else "")
-        )
-    else:
-        lines.append("back-off:   none")
-    lines.append(
-        f"restarts:   {b.restarts_in_window} in the last {_span(b.window_s)} "
-        f"({b.restarts_by_watchdog} by the watchdog, {b.restarts_by_systemd} by systemd)"
-    )
-    p = report.paused
-    if p.paused:
-        until = f"until {_clock(p.until)}" if p.until is not None else "until `resume`"
-        lines.append(f"paused:     yes, {p.reason or 'no reason given'}, {until}")
-    else:
-        lines.append("paused:     no")
-    if report.findings:
-        lines.append("findings:")
-        lines.extend(f"  [{f.severity}] {f.rule}: {f.message}" for f in report.findings)
-    if report.actions:
-        lines.append("last actions:")
-        for a in report.actions:
-            outcome = {"action_failed": " FAILED", "action_refused": " REFUSED"}.get(a.event, "")
-            because = f" (because {a.rule}: {a.reason})" if a.reason else ""
-            lines.append(f"  {_clock(a.at)}{outcome} {a.message}{because}")
-    return "\n".join(lines) + "\n"
