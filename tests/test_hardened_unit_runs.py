@@ -1,8 +1,7 @@
 """The hardened unit, run by real systemd (in a namespace), still lets the watchdog do its job:
 ctypes callbacks under MemoryDenyWriteExecute (NVML goes through ctypes), its imports, the state
-and status directories, sd_notify, restarting another unit through PID 1, reading a unit over PID 1's private D-Bus
-socket, and SIGTERM to another
-user's process.
+and status directories, sd_notify, restarting another unit through PID 1, reading a unit over
+PID 1's private D-Bus socket, and SIGTERM to another user's process.
 
 The probe replaces ExecStart and keeps every other directive of systemd/hydra-watchdog.service.
 Not checked here: LoadCredential delivery (systemd 252 in this namespace hands every unit an empty
