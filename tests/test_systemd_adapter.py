@@ -22,8 +22,16 @@ ExecStart=/bin/sh -c 'echo "hw-sleeper up $$"; exec sleep 600'
 """
 
 
-def adapter(ns: SystemdNamespace, unit: str, **kw: float) -> SystemctlUnit:
-    return SystemctlUnit(unit, argv_prefix=ns.nsenter, root=ns.root, **kw)
+def adapter(
+    ns: SystemdNamespace, unit: str, *, timeout: float = 10.0, command_timeout: float = 60.0
+) -> SystemctlUnit:
+    return SystemctlUnit(
+        unit,
+        argv_prefix=ns.nsenter,
+        root=ns.root,
+        timeout=timeout,
+        command_timeout=command_timeout,
+    )
 
 
 @pytest.fixture
