@@ -16,7 +16,7 @@ unanswered for confirm_after(health_timeout), `failures_before_down - 1` confirm
 most MAX_CONFIRMATIONS) go out at once, each a GET /health on its own connection (never the one
 the first probe waits on) with the full health_timeout. The cycle reports the first probe and how
 many confirmations failed too (judge_probes), so a hang reaches failures_before_down consecutive
-failed probes at about 1.2 x health_timeout instead of failures_before_down x (health_timeout +
+failed probes at about 1.1 x health_timeout instead of failures_before_down x (health_timeout +
 the pause between cycles). A probe that fails fast (refused, a 503) sends no confirmations: the
 daemon confirms it in the next cycles, CONFIRM_DELAY apart.
 """
@@ -69,17 +69,18 @@ _SLACK = 0.25  # thread start-up and hand-over on a loaded 2-core machine
 
 
 MAX_CONFIRMATIONS = 4  # confirming /health probes per cycle (one lane each); more wait a cycle
-CONFIRM_AFTER = 1.0  # seconds a first /health probe may go unanswered before confirmations go out
+CONFIRM_AFTER = 0.5  # seconds a first /health probe may go unanswered before confirmations go out
 _PROBES = ("health", "unit", "gpu", "host", "libraries", "journal", "model", "canary", "scan")
 _CONFIRM_LANES = tuple(f"confirm-{i}" for i in range(1, MAX_CONFIRMATIONS + 1))
 
 
 def confirm_after(health_timeout: float) -> float:
     """How long the cycle's first /health probe may go unanswered before its confirmations go
-    out: a fifth of its timeout, at most CONFIRM_AFTER. A healthy /health answers in
-    milliseconds (slow_threshold is 2 s), so by then the probe is late; every probe of the cycle
-    has failed by 1.2 x health_timeout, and a TabbyAPI that is merely slow answers them all."""
-    return min(CONFIRM_AFTER, health_timeout / 5)
+    out: a tenth of its timeout, at most CONFIRM_AFTER. A healthy /health answers in
+    milliseconds, so by then the probe is late (a few extra GETs of /health are all a false
+    alarm costs); every probe of the cycle has failed by 1.1 x health_timeout, about when a
+    single probe would have, and a TabbyAPI that is merely slow answers them all."""
+    return min(CONFIRM_AFTER, health_timeout / 10)
 
 
 def confirmations(failures_before_down: int) -> int:

@@ -216,10 +216,10 @@ def _health(outcome: Outcome, status: int | None = None) -> Health:
     return Health(HttpResult(outcome, 0.01, status, outcome.value), healthy=outcome is Outcome.OK)
 
 
-def test_confirmations_go_out_after_a_fifth_of_the_timeout_at_most_a_second() -> None:
-    assert confirm_after(5.0) == 1.0  # the production default: confirmations 1 s into the probe
-    assert confirm_after(1.0) == 0.2
-    assert confirm_after(30.0) == 1.0
+def test_confirmations_go_out_after_a_tenth_of_the_timeout_at_most_half_a_second() -> None:
+    assert confirm_after(5.0) == 0.5  # the production default: confirmations 0.5 s into the probe
+    assert confirm_after(1.0) == 0.1
+    assert confirm_after(30.0) == 0.5
     assert confirmations(3) == 2  # the first probe plus two make failures_before_down
     assert confirmations(1) == 0  # the first failed probe is the outage: nothing to confirm
     assert confirmations(50) == MAX_CONFIRMATIONS
@@ -340,7 +340,7 @@ def test_a_probe_that_answers_in_time_sends_no_confirmation(
     tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
 ) -> None:
     sim = tabby_sim.start(flavor="exl2", startup_model="m1")
-    # confirmations 1 s into the probe: a loopback /health answers long before
+    # confirmations 0.5 s into the probe: a loopback /health answers long before
     observer, _ = _observer(sim, nvml_sim, tmp_path, health_timeout="5s", slow_threshold="2s")
     before = _confirm_lanes()
     try:
@@ -355,7 +355,7 @@ def test_a_probe_that_answers_in_time_sends_no_confirmation(
 def test_a_slow_but_healthy_tabbyapi_answers_its_confirmations_and_stays_healthy(
     tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
 ) -> None:
-    # Every answer takes 0.5 s, past confirm_after(1 s) = 0.2 s and within the 1 s timeout.
+    # Every answer takes 0.5 s, past confirm_after(1 s) = 0.1 s and within the 1 s timeout.
     sim = tabby_sim.start(flavor="exl2", startup_model="m1", faults={"slow_seconds": 0.5})
     observer, cfg = _observer(sim, nvml_sim, tmp_path)
     try:
