@@ -159,7 +159,10 @@ Restart=on-failure
 """
 
 
-_DURATION = re.compile(r"^(RestartSec|TimeoutStartSec|TimeoutStopSec)=(\d+)(s|min)\s*$", re.M)
+# RestartSec=100ms is systemd's stock value, uncompressed for systemd alone too: not matched.
+_DURATION = re.compile(
+    r"^(RestartSec|RestartMaxDelaySec|TimeoutStartSec|TimeoutStopSec)=(\d+)(s|min)\s*$", re.M
+)
 
 
 def hydra_dropin(repo: Path) -> str:

@@ -21,9 +21,9 @@ INF = math.inf
 # Why a target is missed, from the analysis of the runs that missed it; shown only on a miss.
 KNOWN_CAUSES = {
     "crash": (
-        "systemd's Restart= restarts it after the project's drop-in RestartSec (2 s, 0.4 s "
-        "compressed; systemd alone uses its stock 100 ms), then the watchdog loads the model one "
-        "cycle after /health answers"
+        "systemd's Restart= restarts it after the drop-in's RestartSec (100 ms, as systemd "
+        "alone; growing to 2 s only over back-to-back crashes, on systemd >= 254), so only "
+        "noise or a watchdog action during the restart can make it slower"
     ),
     "orphan port holder": (
         "the watchdog kills the orphan within a cycle but then leaves the start to systemd's "
@@ -39,8 +39,9 @@ KNOWN_CAUSES = {
     ),
     "hang": (
         "the watchdog restarts after failures_before_down (3) consecutive failed probes, so that "
-        "one dropped probe is not an outage: detection takes ~3 intervals plus the last probe's "
-        "timeout, where the target allows one interval"
+        "one dropped probe is not an outage; the confirming two go out a tenth of the timeout "
+        "into the first, on connections of their own, so detection is the wait for the next "
+        "cycle plus 1.1 x health_timeout, where monit's single probe takes 1 x"
     ),
     "port scan": (
         "the full scan (run only when the cheap per-cycle scan cannot name the port's owner) "
@@ -344,7 +345,9 @@ def write_report(
         f"every duration divided by {factor:g} (interval {interval:g} s, health timeout "
         f"{interval:g} s, canary every {60 / factor:g} s, back-off from {30 / factor:g} s) and "
         f"the project's tabbyapi drop-in with its durations divided by {factor:g} "
-        f"(RestartSec={2 / factor:g}s, StartLimitIntervalSec=0); monit checks every "
+        f"(RestartSec=100ms as systemd's stock, not compressed; RestartSteps= and "
+        f"RestartMaxDelaySec={2 / factor:g}s, ignored by systemd 252; StartLimitIntervalSec=0); "
+        f"monit checks every "
         f"{interval:g} s with a {interval:g} s timeout;",
         "- **systemd alone**: `Restart=on-failure`, stock start limits (5 starts / 10 s) and "
         "stock RestartSec=100ms (stock values, not compressed);",

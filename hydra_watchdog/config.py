@@ -97,7 +97,11 @@ class TabbyAPISection:
         3, "Consecutive slow probes before the node counts as degraded.", "int", min=1
     )
     failures_before_down: int = _opt(
-        3, "Consecutive failed probes before TabbyAPI counts as down.", "int", min=1
+        3,
+        "Consecutive failed probes (GET /health, each with health_timeout) before TabbyAPI counts "
+        "as down; a hung probe is confirmed in its own cycle (observe.py).",
+        "int",
+        min=1,
     )
     startup_grace: float = _opt(
         300.0,

@@ -306,7 +306,8 @@ class Probe(StrEnum):
 @dataclass(frozen=True)
 class Observation:
     at: float
-    health: Health
+    health: Health  # the cycle's verdict (observe.judge_probes): the first /health probe's, or
+    # the healthy answer of one of its confirming probes
     unit: UnitStatus
     host: HostReport
     model: ModelStatus | None = None
@@ -318,6 +319,9 @@ class Observation:
     results: tuple[ActionResult, ...] = ()  # actions finished since the previous cycle
     pause: PauseRequest | None = None
     system: SystemLink | None = None  # None: not watched (nixos.current_system empty)
+    # Confirming /health probes sent in this cycle while the first went unanswered, that failed
+    # as well: each counts as one more consecutive failed probe (failures_before_down).
+    confirmations_failed: int = 0
 
     def process(self, pid: int) -> ProcessInfo | None:
         return next((p for p in self.processes if p.pid == pid), None)

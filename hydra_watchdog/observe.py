@@ -10,6 +10,15 @@ probes it runs. Every adapter bounds its own calls, but an adapter that hangs an
 inside NVML, a wedged systemctl) must not hang the loop: its answer is replaced by a typed "timed
 out" outcome, and while its lane is still stuck the probe is not started again (a hung probe
 costs one thread, never one per cycle; no probe costs a new thread per cycle).
+
+A /health probe that hangs is confirmed within the same cycle: once the first probe has gone
+unanswered for confirm_after(health_timeout), `failures_before_down - 1` confirming probes (at
+most MAX_CONFIRMATIONS) go out at once, each a GET /health on its own connection (never the one
+the first probe waits on) with the full health_timeout. The cycle reports the first probe and how
+many confirmations failed too (judge_probes), so a hang reaches failures_before_down consecutive
+failed probes at about 1.1 x health_timeout instead of failures_before_down x (health_timeout +
+the pause between cycles). A probe that fails fast (refused, a 503) sends no confirmations: the
+daemon confirms it in the next cycles, CONFIRM_DELAY apart.
 """
 
 from __future__ import annotations
@@ -59,7 +68,44 @@ JOURNAL_LINES = 50
 _SLACK = 0.25  # thread start-up and hand-over on a loaded 2-core machine
 
 
+MAX_CONFIRMATIONS = 4  # confirming /health probes per cycle (one lane each); more wait a cycle
+CONFIRM_AFTER = 0.5  # seconds a first /health probe may go unanswered before confirmations go out
 _PROBES = ("health", "unit", "gpu", "host", "libraries", "journal", "model", "canary", "scan")
+_CONFIRM_LANES = tuple(f"confirm-{i}" for i in range(1, MAX_CONFIRMATIONS + 1))
+
+
+def confirm_after(health_timeout: float) -> float:
+    """How long the cycle's first /health probe may go unanswered before its confirmations go
+    out: a tenth of its timeout, at most CONFIRM_AFTER. A healthy /health answers in
+    milliseconds, so by then the probe is late (a few extra GETs of /health are all a false
+    alarm costs); every probe of the cycle has failed by 1.1 x health_timeout, about when a
+    single probe would have, and a TabbyAPI that is merely slow answers them all."""
+    return min(CONFIRM_AFTER, health_timeout / 10)
+
+
+def confirmations(failures_before_down: int) -> int:
+    """How many confirming probes go out with a first probe that went unanswered: enough for
+    the cycle alone to reach failures_before_down, at most MAX_CONFIRMATIONS."""
+    return max(0, min(MAX_CONFIRMATIONS, failures_before_down - 1))
+
+
+def judge_probes(first: Health, confirming: tuple[Health | None, ...]) -> tuple[Health, int]:
+    """The cycle's health and how many of its confirming probes failed as well.
+
+    The probes overlap in time, so they have no order: any healthy answer makes the cycle
+    healthy (the failed one was the dropped probe). Otherwise the first probe speaks for the
+    cycle, and every confirmation that got an answer or timed out counts as one more failed
+    probe. A confirmation our own thread did not deliver (None) or could not run (LOCAL_ERROR)
+    is no evidence about TabbyAPI and counts for nothing."""
+    if first.healthy:
+        return first, 0
+    answered = [
+        h for h in confirming if h is not None and h.result.outcome is not Outcome.LOCAL_ERROR
+    ]
+    healthy = next((h for h in answered if h.healthy), None)
+    if healthy is not None:
+        return healthy, 0
+    return first, len(answered)
 
 
 @dataclass(frozen=True)
@@ -122,7 +168,7 @@ class Observer:
         self.host = host
         self._clock = clock
         self.system = SystemWatch(config.nixos.current_system, config.nixos.profiles_dir)
-        self._pool = Pool("probe", _PROBES)
+        self._pool = Pool("probe", _PROBES + _CONFIRM_LANES)
 
     @classmethod
     def from_adapters(
@@ -141,7 +187,8 @@ class Observer:
     def deadline(self, wants: frozenset[Probe]) -> float:
         """The longest deadline among the probes a cycle with `wants` runs."""
         cfg = self.config
-        longest = max(cfg.tabbyapi.health_timeout, cfg.gpu.call_timeout * 2, SUBPROCESS_DEADLINE)
+        health = cfg.tabbyapi.health_timeout
+        longest = max(health + confirm_after(health), cfg.gpu.call_timeout * 2, SUBPROCESS_DEADLINE)
         if Probe.CANARY in wants:
             longest = max(longest, cfg.tabbyapi.canary_deadline)
         return longest
@@ -165,6 +212,17 @@ class Observer:
         if task is None:  # pragma: no cover - every wanted probe was started
             return None, f"{name} probe was not started"
         return task.get(deadline, self._clock)
+
+    def _confirm_if_late(self, first: _Task[Health], start: float) -> list[_Task[Health]]:
+        """The confirming probes, started once the first one has gone unanswered for
+        confirm_after (at once if the cycle got here later than that); none if it answered."""
+        count = confirmations(self.config.tabbyapi.failures_before_down)
+        if first.call is None or count == 0:
+            return []  # no first probe went out: nothing to confirm
+        late = start + confirm_after(self.config.tabbyapi.health_timeout)
+        if first.call.wait(late - self._clock()):
+            return []
+        return [self._start(lane, self.tabby.health) for lane in _CONFIRM_LANES[:count]]
 
     def observe(
         self,
@@ -217,9 +275,16 @@ class Observer:
         if scanned is not None:
             port, processes = scanned
 
+        confirm_t = self._confirm_if_late(health_t, start)
         health, why = self._get(health_t, "health", deadline)
         if health is None:
             health = Health(_http_failed(why, self._clock() - start, health_t), healthy=False)
+        confirming = (
+            tuple(self._get(t, t.name, deadline)[0] for t in confirm_t)
+            if not health.healthy
+            else ()
+        )
+        health, confirmations_failed = judge_probes(health, confirming)
         model, _ = self._get(model_t, "model", deadline)
         # The canary goes only to a TabbyAPI that has a model loaded right now: the exl2 build
         # leaks its load lock on a completion sent while no model is loaded, and every
@@ -255,6 +320,7 @@ class Observer:
         return Observation(
             at=self._clock(),
             health=health,
+            confirmations_failed=confirmations_failed,
             unit=unit,
             host=host,
             model=model,

@@ -323,7 +323,8 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
     )
     if starting(s, obs, now, cfg):
         return replace(s, failures=0, last_failure="")
-    return replace(s, failures=s.failures + 1, last_failure=_health_text(obs))
+    failed = 1 + obs.confirmations_failed  # the first probe and its confirmations (observe.py)
+    return replace(s, failures=s.failures + failed, last_failure=_health_text(obs))
 
 
 _CANARY_VERDICTS = {

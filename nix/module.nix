@@ -194,8 +194,9 @@ in
       default = false;
       description = ''
         Give TabbyAPI's unit the settings of systemd/tabbyapi.service.d/10-hydra-watchdog.conf
-        (as defaults): Restart=on-failure, no start limit (the watchdog handles loops),
-        OOMPolicy=stop, a start timeout long enough for a 70B model.
+        (as defaults): Restart=on-failure after 100ms (as systemd's stock setting; growing to 2s
+        over back-to-back crashes), no start limit (the watchdog handles loops), OOMPolicy=stop,
+        a start timeout long enough for a 70B model.
       '';
     };
   };
@@ -319,7 +320,11 @@ in
         startLimitIntervalSec = lib.mkDefault 0;
         serviceConfig = {
           Restart = lib.mkDefault "on-failure";
-          RestartSec = lib.mkDefault "2s";
+          # 100ms growing to 2s over back-to-back crashes; a RestartSec above RestartMaxDelaySec
+          # is cut to it by systemd, so override the two together.
+          RestartSec = lib.mkDefault "100ms";
+          RestartSteps = lib.mkDefault "3";
+          RestartMaxDelaySec = lib.mkDefault "2s";
           TimeoutStartSec = lib.mkDefault "15min";
           OOMPolicy = lib.mkDefault "stop";
           KillMode = lib.mkDefault "control-group";

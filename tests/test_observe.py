@@ -4,6 +4,7 @@ the simulated library, the /proc scanner, the host checks, and systemctl without
 
 from __future__ import annotations
 
+import socket
 import threading
 import time
 from pathlib import Path
@@ -18,18 +19,30 @@ from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.interfaces import HostChecker, TabbyApi
 from hydra_watchdog.observation import (
     Canary,
+    Health,
     HostReport,
+    HttpResult,
     Outcome,
     Probe,
     ProcessRole,
     UnitStatus,
 )
-from hydra_watchdog.observe import Observer
+from hydra_watchdog.observe import (
+    MAX_CONFIRMATIONS,
+    Observer,
+    confirm_after,
+    confirmations,
+    judge_probes,
+)
+from hydra_watchdog.policy import decide
+from hydra_watchdog.policy_state import PolicyState
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim  # noqa: F401
 
 
-def _observer(sim: SimProcess, nvml: NvmlSim, tmp_path: Path) -> tuple[Observer, Config]:
+def _observer(
+    sim: SimProcess, nvml: NvmlSim, tmp_path: Path, **tabbyapi: Any
+) -> tuple[Observer, Config]:
     key = tmp_path / "admin_key"
     key.write_text(ADMIN_KEY)
     cfg = parse_config(
@@ -42,6 +55,7 @@ def _observer(sim: SimProcess, nvml: NvmlSim, tmp_path: Path) -> tuple[Observer,
                 "canary_deadline": "1s",
                 "venv": "",
                 "cmdline_patterns": [str(sim.install_dir)],
+                **tabbyapi,
             },
             "model": {"name": "m1", "models_dir": str(sim.models_dir)},
             "gpu": {"nvml_library": str(nvml.library), "device": [{"index": 0}, {"index": 1}]},
@@ -90,7 +104,15 @@ def test_expensive_probes_only_when_wanted(
     assert obs.port is not None and obs.port.full_scan
     assert obs.host.libraries_detail == "no venv configured"  # the check ran
     assert obs.host.journal_excerpt is not None  # read (empty: no journal without systemd)
-    assert sum(r["path"] == "/v1/completions" for r in sim.requests()) == 1
+    # The simulator logs a request after answering it: the line may come just after the answer.
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline and not _completions(sim):
+        time.sleep(0.05)
+    assert _completions(sim) == 1
+
+
+def _completions(sim: SimProcess) -> int:
+    return sum(r["path"] == "/v1/completions" for r in sim.requests())
 
 
 def test_a_hung_tabbyapi_never_overruns_the_cycle_deadline(
@@ -193,3 +215,170 @@ def test_probes_run_on_long_lived_threads_not_one_per_cycle(
         assert now == lanes  # the same threads, none added per cycle
     finally:
         observer.close()
+
+
+# --- a hang is confirmed within its cycle -------------------------------------------------------
+
+
+def _health(outcome: Outcome, status: int | None = None) -> Health:
+    return Health(HttpResult(outcome, 0.01, status, outcome.value), healthy=outcome is Outcome.OK)
+
+
+def test_confirmations_go_out_after_a_tenth_of_the_timeout_at_most_half_a_second() -> None:
+    assert confirm_after(5.0) == 0.5  # the production default: confirmations 0.5 s into the probe
+    assert confirm_after(1.0) == 0.1
+    assert confirm_after(30.0) == 0.5
+    assert confirmations(3) == 2  # the first probe plus two make failures_before_down
+    assert confirmations(1) == 0  # the first failed probe is the outage: nothing to confirm
+    assert confirmations(50) == MAX_CONFIRMATIONS
+
+
+def test_judge_probes_counts_failed_confirmations_and_any_healthy_answer_wins() -> None:
+    ok, hung = _health(Outcome.OK, 200), _health(Outcome.TIMEOUT)
+    refused, ours = _health(Outcome.REFUSED), _health(Outcome.LOCAL_ERROR)
+    assert judge_probes(ok, ()) == (ok, 0)
+    assert judge_probes(hung, ()) == (hung, 0)
+    assert judge_probes(hung, (hung, refused)) == (hung, 2)
+    # overlapping probes have no order: one healthy answer means the failed one was dropped
+    assert judge_probes(hung, (hung, ok)) == (ok, 0)
+    # no evidence about TabbyAPI: a confirmation our thread did not deliver or could not send
+    assert judge_probes(hung, (None, ours)) == (hung, 0)
+    assert judge_probes(hung, (None, hung)) == (hung, 1)
+
+
+class _HangingServer:
+    """A real HTTP server on 127.0.0.1 that reads every request and never answers (TabbyAPI's
+    hang): it records each request line with the client port of the connection it came on."""
+
+    def __init__(self) -> None:
+        self._sock = socket.create_server(("127.0.0.1", 0))
+        self.port = self._sock.getsockname()[1]
+        self._lock = threading.Lock()
+        self._requests: list[tuple[int, str]] = []
+        self._conns: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def requests(self, line: str) -> list[int]:
+        """The client ports that sent `line`, in arrival order."""
+        with self._lock:
+            return [port for port, got in self._requests if got == line]
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                conn, addr = self._sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns.append(conn)
+            threading.Thread(target=self._read, args=(conn, addr[1]), daemon=True).start()
+
+    def _read(self, conn: socket.socket, port: int) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            try:
+                chunk = conn.recv(4096)
+            except OSError:
+                return
+            if not chunk:
+                return
+            data += chunk
+        line = data.split(b"\r\n", 1)[0].decode("latin-1")
+        with self._lock:
+            self._requests.append((port, line))
+
+    def close(self) -> None:
+        self._sock.close()
+        with self._lock:
+            for conn in self._conns:
+                conn.close()
+
+
+def test_a_hang_is_confirmed_by_probes_on_their_own_connections_in_the_same_cycle(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    server = _HangingServer()
+    observer, cfg = _observer(sim, nvml_sim, tmp_path, url=server.url, failures_before_down=3)
+    try:
+        obs = observer.observe(frozenset())
+        health = server.requests("GET /health HTTP/1.1")
+        # the first probe and its two confirmations, each on a connection of its own
+        assert len(health) == 3 and len(set(health)) == 3
+        assert obs.health.result.outcome is Outcome.TIMEOUT and not obs.health.healthy
+        assert obs.confirmations_failed == 2
+        # ... which makes failures_before_down in this one cycle: the policy restarts now
+        state, _ = decide(PolicyState(), obs, obs.at, cfg)
+        assert state.failures == 3
+
+        # Every confirmation ended within the cycle: the next cycle confirms again.
+        again = observer.observe(frozenset())
+        assert again.confirmations_failed == 2
+        health = server.requests("GET /health HTTP/1.1")
+        assert len(health) == 6 and len(set(health)) == 6
+    finally:
+        observer.close()
+        server.close()
+
+
+def test_failures_before_down_1_sends_no_confirmation(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    server = _HangingServer()
+    observer, _ = _observer(sim, nvml_sim, tmp_path, url=server.url, failures_before_down=1)
+    try:
+        obs = observer.observe(frozenset())
+        assert len(server.requests("GET /health HTTP/1.1")) == 1
+        assert obs.health.result.outcome is Outcome.TIMEOUT and obs.confirmations_failed == 0
+    finally:
+        observer.close()
+        server.close()
+
+
+def _confirm_lanes() -> set[str]:
+    return {t.name for t in threading.enumerate() if t.name.startswith("probe-confirm-")}
+
+
+def test_a_probe_that_answers_in_time_sends_no_confirmation(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    # confirmations 0.5 s into the probe: a loopback /health answers long before
+    observer, _ = _observer(sim, nvml_sim, tmp_path, health_timeout="5s", slow_threshold="2s")
+    before = _confirm_lanes()
+    try:
+        for _ in range(3):
+            obs = observer.observe(frozenset())
+            assert obs.health.healthy and obs.confirmations_failed == 0
+        assert _confirm_lanes() == before  # no confirmation lane was ever started
+    finally:
+        observer.close()
+
+
+def test_a_slow_but_healthy_tabbyapi_answers_its_confirmations_and_stays_healthy(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    # Every answer takes 0.5 s, past confirm_after(1 s) = 0.1 s and within the 1 s timeout.
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1", faults={"slow_seconds": 0.5})
+    observer, cfg = _observer(sim, nvml_sim, tmp_path)
+    try:
+        obs = observer.observe(frozenset())
+        assert obs.health.healthy and obs.confirmations_failed == 0
+        state, _ = decide(PolicyState(), obs, obs.at, cfg)
+        assert state.failures == 0
+        # the confirmations did go out (the first probe was late), and were answered
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline and len(_answered_health(sim)) < 3:
+            time.sleep(0.05)
+        assert [r["status"] for r in _answered_health(sim)] == [200, 200, 200]
+    finally:
+        observer.close()
+
+
+def _answered_health(sim: SimProcess) -> list[dict[str, Any]]:
+    return [r for r in sim.requests() if r["path"] == "/health"]

@@ -89,6 +89,27 @@ def test_down_needs_failures_before_down_probes_then_restarts(
     assert run.state.recovery_started == 3
 
 
+def test_a_hang_confirmed_within_its_cycle_restarts_in_that_cycle() -> None:
+    """observe.py sends confirming probes while the first one hangs: each that failed too is one
+    more consecutive failed probe, so failures_before_down (3) is reached in one cycle."""
+    run = Run()
+    run.step(obs(0))
+    actions = run.step(obs(1, health=timeout(), confirmations_failed=2))
+    assert [(a.verb, a.reason.rule) for a in only(UnitCommand, actions)] == [
+        (UnitVerb.RESTART, Rule.DOWN)
+    ]
+    assert "unreachable for 3 probes" in actions[0].reason.evidence
+
+
+def test_one_failed_confirmation_short_of_failures_before_down_is_not_an_outage() -> None:
+    run = Run()
+    run.step(obs(0))
+    assert run.step(obs(1, health=timeout(), confirmations_failed=1)) == ()
+    assert run.state.failures == 2
+    assert run.step(obs(2)) == ()  # a healthy probe ends the streak
+    assert run.state.failures == 0
+
+
 def test_refused_inside_startup_grace_is_starting_not_down() -> None:
     run = Run()
     # the unit entered active 2 s ago: TabbyAPI loads its startup model before opening the port

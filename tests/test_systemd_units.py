@@ -168,7 +168,27 @@ def test_tabbyapi_drop_in_passes_verify_with_a_stand_in_unit(tmp_path: Path) -> 
     shutil.copy(DROP_IN, tmp_path / "tabbyapi.service.d" / DROP_IN.name)
     proc = verify(tmp_path / "tabbyapi.service", unit_path=tmp_path)
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == "", proc.stderr
+    if systemd_version() >= 254:
+        assert proc.stderr == "", proc.stderr
+    else:
+        # Debian 12's systemd 252 ignores (and names) exactly the keys that systemd 254 added;
+        # everything else in the drop-in it applies.
+        ignored = re.findall(r"Unknown key '(\w+)' in section \[Service\], ignoring\.", proc.stderr)
+        assert sorted(ignored) == sorted(SYSTEMD_254_KEYS), proc.stderr
+        assert len(proc.stderr.splitlines()) == len(SYSTEMD_254_KEYS), proc.stderr
+
+
+SYSTEMD_254_KEYS = ("RestartSteps", "RestartMaxDelaySec")
+
+
+def systemd_version() -> int:
+    assert SYSTEMD_ANALYZE is not None
+    out = subprocess.run(
+        [SYSTEMD_ANALYZE, "--version"], capture_output=True, text=True, timeout=30, check=True
+    ).stdout
+    match = re.match(r"systemd (\d+)", out)
+    assert match is not None, out
+    return int(match.group(1))
 
 
 def test_drop_in_leaves_loops_to_the_watchdog_and_waits_for_a_70b_load() -> None:
@@ -176,7 +196,11 @@ def test_drop_in_leaves_loops_to_the_watchdog_and_waits_for_a_70b_load() -> None
     unit, service = dict(sections["Unit"]), dict(sections["Service"])
     assert unit["StartLimitIntervalSec"] == "0"
     assert service["Restart"] == "on-failure"
-    assert "RestartSec" in service
+    # A single crash costs no more than under systemd alone (stock RestartSec=100ms); back-to-back
+    # crashes slow down to a short cap (systemd >= 254), loops being the watchdog's to stop.
+    assert service["RestartSec"] == "100ms"
+    assert int(service["RestartSteps"]) >= 1
+    assert service["RestartMaxDelaySec"] == "2s"
     assert service["OOMPolicy"] in ("stop", "kill")
     match = re.fullmatch(r"(\d+)min", service["TimeoutStartSec"])
     assert match is not None and int(match.group(1)) >= 10, service["TimeoutStartSec"]
