@@ -3,7 +3,7 @@
 Per trial: a clean node (TabbyAPI healthy with its model, the supervisor freshly started with no
 history), one fault injected at t0, then the node is watched until it is healthy again (see
 probe.py), or CAP_S has passed. systemd and monit have no timer longer than a few cycles, so
-their trial also ends ("quiescent") once nothing at all has happened for QUIET_S after the
+their trial also ends ("quiescent") once nothing at all has happened for QUIET_S[peer] after the
 injection (after the cause is gone, for the restart loop, whose cause ends by itself): no unit
 job, no load, no kill, no change in what a client sees. From that point on they would never act
 again. hydra-watchdog's trials never end early (its back-off has long timers).
@@ -38,7 +38,9 @@ from bench.probe import Sampler, recovered_at
 from hydra_watchdog.sim.tabby_server import write_control
 
 CAP_S = 90.0
-QUIET_S = 6.0  # > monit's longest rule (5 cycles); systemd has no later timer
+# monit: > its longest rule (5 cycles); systemd alone: > its longest timer (RestartSec=100ms),
+# with room for a start (~1.2 s) that ends in another exit.
+QUIET_S = {"monit": 6.0, "systemd": 3.0}
 QUIET_CHECK_S = 0.5  # how often a peer's trial looks for quiescence
 PEER_MIN_TRIALS = 2
 LOOP_FAULT_S = 12.0  # the restart loop's cause (a crash at every start) lasts this long
@@ -203,7 +205,7 @@ class Bench:
                 raise RuntimeError(f"hydra-watchdog did not start: {done.stderr.strip()}")
         elif supervisor == "monit":
             nd.systemctl("start", nd.MONIT_UNIT)
-            time.sleep(nd.monit_interval() + 0.5)
+            time.sleep(nd.monit_interval() + 0.5)  # monit has checked the healthy node
 
     # -- physical floor -----------------------------------------------------------------------
 
@@ -273,7 +275,7 @@ class Bench:
                 break
             if peer and now >= quiet_from and time.monotonic() >= next_quiet_check:
                 next_quiet_check = time.monotonic() + QUIET_CHECK_S
-                if now - self._last_change(t0, quiet_from) >= QUIET_S:
+                if now - self._last_change(t0, quiet_from) >= QUIET_S[supervisor]:
                     ended = "quiescent"
                     break
             time.sleep(0.1)

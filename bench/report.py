@@ -93,6 +93,12 @@ def recovery_table(rec: dict[str, Any]) -> tuple[list[str], list[str]]:
     return lines, targets
 
 
+def _quiet(quiet: float | dict[str, float]) -> str:
+    if isinstance(quiet, dict):
+        return ", ".join(f"{v:g} s ({k})" for k, v in quiet.items())
+    return f"{quiet:g} s"
+
+
 def _verdict(ok: bool) -> str:
     return "**MET**" if ok else "**MISSED**"
 
@@ -120,15 +126,20 @@ def polling_section(p: dict[str, Any], before: dict[str, Any]) -> tuple[list[str
         else "ticks of utime+stime+cutime+cstime (coarse)" if sources == {"ticks"}
         else "per column: " + ", ".join(f"{n} {sups[k]['cpu_source']}" for k, n in cols)
     )  # fmt: skip
-    lines = [
-        f"### Healthy polling ({p['seconds']:.0f} s, all at once, the same healthy TabbyAPI)",
-        "",
-        f"CPU: {source}. RSS: the main process's. **before** is hydra-watchdog at {commit} "
+    method = (
+        f"**before** is hydra-watchdog at {commit} "
         "(main before issue 15), run from `git archive` by a launcher that puts that tree "
         f"first on sys.path with the same venv ({before.get('package', 'not run')}); **after** "
         "is this checkout. Both run the project's defaults with every duration compressed to a "
         "1 s interval (so a cycle does a production cycle's work, canary every 12th included), "
-        "and again at the production defaults (5 s interval) in the same window.",
+        "and again at the production defaults (5 s interval) in the same window."
+        if "supervisors" in p
+        else "One hydra-watchdog (this checkout), before the side-by-side method."
+    )
+    lines = [
+        f"### Healthy polling ({p['seconds']:.0f} s, all at once, the same healthy TabbyAPI)",
+        "",
+        f"CPU: {source}. RSS: the main process's. {method}",
         "",
         "| | " + " | ".join(n for _, n in cols) + " |",
         "|---|" + "---|" * len(cols),
@@ -171,8 +182,9 @@ def polling_section(p: dict[str, Any], before: dict[str, Any]) -> tuple[list[str
     h, m = sups.get("after"), sups.get("monit")
     if h and m:
         targets.append(
-            f"- CPU per healthy cycle at the same {h['interval_s']:g} s interval: hydra-watchdog "
-            f"{h['cpu_ms_per_cycle']:.2f} ms ≤ monit {m['cpu_ms_per_cycle']:.2f} ms: "
+            f"- CPU per healthy cycle (hydra-watchdog at a {h['interval_s']:g} s interval, monit "
+            f"at {m['interval_s']:g} s): hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms ≤ monit "
+            f"{m['cpu_ms_per_cycle']:.2f} ms: "
             + _verdict(h["cpu_ms_per_cycle"] <= m["cpu_ms_per_cycle"])
             + f" ({h['cpu_ms_per_cycle'] / max(m['cpu_ms_per_cycle'], 1e-9):.1f}x monit; at the "
             f"production 5 s interval {h['cpu_ms_per_cycle'] / 50:.3f}% of one core)"
@@ -203,6 +215,9 @@ def status_section(st: dict[str, Any]) -> tuple[list[str], list[str]]:
                 f"{v['max_ms']:.0f} ms | {v.get('exit', '?')} |"
             )
     lines.append("")
+    for k, v in st.items():
+        if isinstance(v, dict) and v.get("exit") and v.get("output"):
+            lines += [f"`{k}` exited {v['exit']}: `{v['output']}`", ""]
     med = st["hydra-watchdog status"]["median_ms"]
     ref = st["systemctl status tabbyapi"]["median_ms"]
     floor = st.get("python -c pass")
@@ -390,8 +405,9 @@ def write_report(
     if rec:
         lines += [
             f"- wait capped at {rec['cap_s']:g} s; systemd and monit trials also end once "
-            f"nothing has happened for {rec['quiet_s']:g} s after the injection (after the cause "
-            "ended, for the restart loop): neither has a longer timer; reported as ∞. A peer's "
+            f"nothing has happened for {_quiet(rec['quiet_s'])} after the injection (after the "
+            "cause ended, for the restart loop): neither has a longer timer (monit: 5 cycles; "
+            "systemd: RestartSec=100ms); reported as ∞. A peer's "
             f"cell stops after {rec.get('peer_min_trials', 2)} trials when none recovered and a "
             "repeat cannot tell more: nobody reacted at all, or the peer is systemd alone (one "
             "rule, no timer: the same fault gets the same answer); its n says so. "
@@ -420,6 +436,6 @@ def write_report(
     if ov:
         ov_lines, ov_targets = overhead_sections(ov)
         lines += ["## Overhead and latency", "", *ov_lines]
-    lines += ["## Targets", "", *targets, *ov_targets, ""]
+    lines += ["## Targets (issue 15)", "", *ov_targets, *targets, ""]
     md.write_text("\n".join(lines))
     return md, png
