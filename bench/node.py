@@ -183,6 +183,17 @@ def install_dropin(node: Node, on: bool) -> None:
     systemctl("daemon-reload")
 
 
+# Inside this namespace systemd hands out empty credentials (LoadCredential= and SetCredential=
+# alike; see tests/chaos/conftest.py), so a load helper in a transient unit would get no admin
+# key and every load would be refused with 401. An empty INVOCATION_ID makes the watchdog start
+# the helper detached instead, handing it the key over a descriptor (act/load_launch.py); the
+# load itself is the same request either way.
+_DETACHED_LOADS = (
+    "# bench: the load helper detached (this namespace's credentials are empty)\n"
+    "Environment=INVOCATION_ID="
+)
+
+
 def hydra_unit(node: Node, config: Path | None = None, argv0: str = "") -> str:
     """hydra-watchdog's unit: `argv0` (default the venv's console script) `run --config`."""
     return f"""[Unit]
@@ -193,6 +204,7 @@ Type=notify
 NotifyAccess=main
 WorkingDirectory={node.repo}
 Environment=HYDRA_NVML_SIM_STATE={node.nvml}
+{_DETACHED_LOADS}
 ExecStart={argv0 or node.hydra_bin} run --config {config or node.hydra_config}
 TimeoutStartSec=60s
 """

@@ -388,6 +388,10 @@ def write_report(
         f"the project's tabbyapi drop-in with its durations divided by {factor:g} "
         f"(RestartSec={2 / factor:g}s, StartLimitIntervalSec=0); monit checks every "
         f"{interval:g} s with a {interval:g} s timeout;",
+        "- hydra-watchdog's unit has `Environment=INVOCATION_ID=`: this namespace's systemd "
+        "hands out empty credentials, so a load helper in a transient unit (the watchdog's "
+        "choice under systemd) would get no admin key; detached, it gets the key over a "
+        "descriptor and sends the same load request;",
         "- **systemd alone**: `Restart=on-failure`, stock start limits (5 starts / 10 s) and "
         "stock RestartSec=100ms (stock values, not compressed);",
         "- **monit** 5.33: `check process … matching`, `if failed host 127.0.0.1 port 5000 "
