@@ -140,7 +140,6 @@ class Watched:
 
 @dataclass(frozen=True)
 class CpuSnapshot:
-    pid: int
     cgroup_ns: int | None  # the unit's cgroup v2 cpu.stat usage_usec, in ns; None: unreadable
     threads_ns: int  # schedstat field 1 of the main process's live threads
     children_ticks: int  # cutime + cstime of the main process (its reaped children)
@@ -187,7 +186,7 @@ def _children_ticks(pid: int) -> int:
 
 
 def _snapshot(pid: int, cpu_stat: Path | None) -> CpuSnapshot:
-    return CpuSnapshot(pid, _usage_ns(cpu_stat), _threads_ns(pid), _children_ticks(pid))
+    return CpuSnapshot(_usage_ns(cpu_stat), _threads_ns(pid), _children_ticks(pid))
 
 
 def _status_kb(pid: int, key: str) -> int:
@@ -221,7 +220,7 @@ def _watched(node: nd.Node, before: dict[str, Any]) -> list[Watched]:
     for tree, argv0 in trees:
         for interval, factor in ((INTERVAL, nd.COMPRESSION), (PRODUCTION_INTERVAL, 1.0)):
             name = tree if interval == INTERVAL else f"{tree} @{interval:g}s"
-            w = Watched(name, f"hydra-bench-{tree}-{interval:g}s.service", interval)
+            unit = f"hydra-bench-{tree}-{interval:g}s.service"
             config = nd.ROOT / f"hydra-{tree}-{interval:g}s.toml"
             config.write_text(
                 nd.hydra_toml(
@@ -233,8 +232,8 @@ def _watched(node: nd.Node, before: dict[str, Any]) -> list[Watched]:
                     runtime_dir=str(nd.ROOT / f"run-{tree}-{interval:g}s"),
                 )
             )
-            Path("/etc/systemd/system", w.unit).write_text(nd.hydra_unit(node, config, argv0))
-            out.append(Watched(w.name, w.unit, interval, config))
+            Path("/etc/systemd/system", unit).write_text(nd.hydra_unit(node, config, argv0))
+            out.append(Watched(name, unit, interval, config))
     return out
 
 

@@ -174,7 +174,10 @@ def polling_section(p: dict[str, Any], before: dict[str, Any]) -> tuple[list[str
             measured)  # fmt: skip
     row("max RSS (VmRSS sampled every second)", lambda v, k: f"{v['rss_mb']:.1f} MB")
     if any("hwm_mb" in sups[k] for k, _ in cols):
-        row("peak RSS (VmHWM)", lambda v, k: f"{v['hwm_mb']:.1f} MB" if "hwm_mb" in v else "–")
+        row(
+            "peak RSS since its start (VmHWM)",
+            lambda v, k: f"{v['hwm_mb']:.1f} MB" if "hwm_mb" in v else "–",
+        )
     for name, why in p.get("failed", {}).items():
         lines.append(f"\n{name}: not measured: {why}")
     lines.append("")
