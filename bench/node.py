@@ -186,7 +186,19 @@ def install_dropin(node: Node, on: bool) -> None:
     systemctl("daemon-reload")
 
 
-def hydra_unit(node: Node) -> str:
+# Inside this namespace systemd hands out empty credentials (LoadCredential= and SetCredential=
+# alike; see tests/chaos/conftest.py), so a load helper in a transient unit would get no admin
+# key and every load would be refused with 401. An empty INVOCATION_ID makes the watchdog start
+# the helper detached instead, handing it the key over a descriptor (act/load_launch.py); the
+# load itself is the same request either way.
+_DETACHED_LOADS = (
+    "# bench: the load helper detached (this namespace's credentials are empty)\n"
+    "Environment=INVOCATION_ID="
+)
+
+
+def hydra_unit(node: Node, config: Path | None = None, argv0: str = "") -> str:
+    """hydra-watchdog's unit: `argv0` (default the venv's console script) `run --config`."""
     return f"""[Unit]
 Description=hydra-watchdog (benchmark)
 
@@ -195,7 +207,8 @@ Type=notify
 NotifyAccess=main
 WorkingDirectory={node.repo}
 Environment=HYDRA_NVML_SIM_STATE={node.nvml}
-ExecStart={node.hydra_bin} run --config {node.hydra_config}
+{_DETACHED_LOADS}
+ExecStart={argv0 or node.hydra_bin} run --config {config or node.hydra_config}
 TimeoutStartSec=60s
 """
 
@@ -220,8 +233,8 @@ def compressed_defaults(factor: float = COMPRESSION) -> dict[str, dict[str, Any]
     return out
 
 
-def hydra_settings(node: Node, library: Path) -> dict[str, Any]:
-    cfg = compressed_defaults()
+def hydra_settings(node: Node, library: Path, factor: float = COMPRESSION) -> dict[str, Any]:
+    cfg = compressed_defaults(factor)
     cfg["watchdog"].update(state_dir=str(ROOT / "state"), runtime_dir=str(ROOT / "run"))
     cfg["tabbyapi"].update(
         url=node.url,
@@ -236,8 +249,9 @@ def hydra_settings(node: Node, library: Path) -> dict[str, Any]:
     return cfg
 
 
-def hydra_toml(node: Node, library: Path, **watchdog: Any) -> str:
-    cfg = hydra_settings(node, library)
+def hydra_toml(node: Node, library: Path, factor: float = COMPRESSION, **watchdog: Any) -> str:
+    """The config file; `factor` 1 gives the production defaults (no time compression)."""
+    cfg = hydra_settings(node, library, factor)
     cfg["watchdog"].update(watchdog)
     parse_config(cfg, source="bench")  # fail here, with the key, rather than in the unit
     lines: list[str] = []

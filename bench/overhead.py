@@ -1,10 +1,18 @@
 """Overhead and latency, inside the namespace, with TabbyAPI healthy unless said otherwise.
 
-- CPU per healthy cycle and RSS: hydra-watchdog at a 100 ms interval (the 1 s interval compressed
-  10x, so a minute gives 600 cycles) beside monit at its 1 s minimum, both watching the same
-  healthy TabbyAPI; CPU is utime+stime of the main process plus its reaped children
-  (/proc/PID/stat), RSS is the largest VmRSS sampled once a second.
-- `hydra-watchdog status` against `systemctl status tabbyapi`: wall time of whole commands.
+- Healthy polling, side by side in one window against the same healthy TabbyAPI: hydra-watchdog
+  as it is now ("after") and as it was at BEFORE_COMMIT ("before", from `git archive`, run by a
+  launcher that puts that tree first on sys.path, with the same venv), both at a 1 s interval
+  (the project's defaults with every duration divided by the bench's time compression, so a
+  cycle does what a production cycle does, canary every 12 cycles included), monit at the same
+  1 s, and both hydra-watchdog trees again at the production defaults (5 s interval). CPU is the
+  unit's cgroup v2 `cpu.stat` usage_usec (every thread and child process, exited or not; the
+  scheduler's runtime, not ticks); /proc/PID/task/*/schedstat of the main process plus its reaped
+  children's cutime/cstime is recorded beside it as a cross-check (it misses threads that exited
+  in the window). RSS is the main process's: the largest VmRSS sampled once a second, and VmHWM.
+- Status latency: `hydra-watchdog status` (after, before) against `systemctl status tabbyapi`,
+  and `python -c pass` with the same interpreter as the floor; wall time of whole commands, run
+  round-robin, with .pyc files compiled and PYTHONDONTWRITEBYTECODE unset (a production install).
 - The port-ownership scan (ProcScanner.scan, full) with 20,000 TCP sockets open, against
   psutil.net_connections().
 - One full observation on the failure path (TabbyAPI stopped; every expensive probe asked for),
@@ -15,20 +23,47 @@ from __future__ import annotations
 
 import os
 import resource
+import shutil
 import socket
 import statistics
 import subprocess
 import sys
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from bench import node as nd
+from bench.probe import sample
 
-OVERHEAD_UNIT = "hydra-bench-overhead.service"
-OVERHEAD_INTERVAL = 0.1
+BEFORE_COMMIT = "a2334b4"  # main before issue 15's work
+BEFORE = nd.ROOT / "before"
+INTERVAL = 1.0  # hydra-watchdog's and monit's interval for the per-cycle comparison
+PRODUCTION_INTERVAL = 5.0  # hydra-watchdog's default
+# 60 s holds 60 cycles at 1 s and exactly 5 canaries (every 12 s compressed): the window's mix of
+# cycles is the production one, whatever the phase.
+POLL_SECONDS = 60.0
+POLL_SECONDS_QUICK = 24.0
+SETTLE_S = 2.0  # after every unit is up: past the first cycles
 SOCKET_PAIRS = 10_000  # 20,000 sockets (plus the listener)
+_LAUNCHER = """\"\"\"hydra-watchdog from the tree beside this file (the benchmark's "before").\"\"\"
+import os
+import sys
+
+TREE = {tree!r}
+sys.path.insert(0, TREE)
+import hydra_watchdog  # noqa: E402
+
+if not hydra_watchdog.__file__.startswith(TREE + "/"):
+    sys.exit(f"bench launcher: hydra_watchdog came from {{hydra_watchdog.__file__}}, not {{TREE}}")
+if os.environ.get("HYDRA_BENCH_WHICH"):
+    print(hydra_watchdog.__file__)
+    sys.exit(0)
+from hydra_watchdog.cli import main  # noqa: E402
+
+sys.exit(main())
+"""
 _CLIENTS = """
 import resource, socket, sys
 soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -48,21 +83,117 @@ sys.stdin.read()
 """
 
 
-def _ticks(pid: int) -> int:
+def production_env() -> dict[str, str]:
+    """The environment of a production install: Python writes and reads .pyc files."""
+    return {k: v for k, v in os.environ.items() if k != "PYTHONDONTWRITEBYTECODE"}
+
+
+def lay_out_before(node: nd.Node) -> dict[str, Any]:
+    """BEFORE_COMMIT's hydra_watchdog under BEFORE with a launcher; {"launcher"} or {"skipped"}.
+
+    The launcher refuses to run when another hydra_watchdog (the editable install's) shadows the
+    tree; `package` records where it imported it from."""
+    out: dict[str, Any] = {"commit": BEFORE_COMMIT}
+    if shutil.which("git") is None:
+        return {**out, "skipped": "git is not installed"}
+    git = ["git", "-c", "safe.directory=*", "-C", str(node.repo)]
+    found = nd.sh(*git, "rev-parse", "--verify", "-q", f"{BEFORE_COMMIT}^{{commit}}")
+    if found.returncode != 0:
+        why = found.stderr.strip() or "not in this checkout's history"
+        return {**out, "skipped": f"commit {BEFORE_COMMIT}: {why}"}
+    shutil.rmtree(BEFORE, ignore_errors=True)
+    BEFORE.mkdir(parents=True)
+    archive = subprocess.run(
+        [*git, "archive", BEFORE_COMMIT, "hydra_watchdog"], capture_output=True, check=False
+    )
+    untar = subprocess.run(
+        ["tar", "-x", "-C", str(BEFORE)], input=archive.stdout, capture_output=True, check=False
+    )
+    if archive.returncode != 0 or untar.returncode != 0:
+        why = (archive.stderr or untar.stderr).decode(errors="replace").strip()
+        return {**out, "skipped": f"git archive {BEFORE_COMMIT} failed: {why}"}
+    # Named as the console script is: `status` knows its daemon by "hydra-watchdog" in argv.
+    launcher = BEFORE / "hydra-watchdog"
+    launcher.write_text(_LAUNCHER.format(tree=str(BEFORE)))
+    which = subprocess.run(
+        [node.python, str(launcher)],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**production_env(), "HYDRA_BENCH_WHICH": "1"},
+    )
+    package = which.stdout.strip()
+    if which.returncode != 0 or not package.startswith(f"{BEFORE}/"):
+        return {**out, "skipped": f"the launcher failed: {(which.stderr or package).strip()}"}
+    return {**out, "launcher": str(launcher), "package": package}
+
+
+@dataclass(frozen=True)
+class Watched:
+    """One supervisor in the polling window."""
+
+    name: str  # "after", "before", "after @5s", "before @5s", "monit"
+    unit: str
+    interval: float
+    config: Path | None = None  # hydra-watchdog's config file
+
+
+@dataclass(frozen=True)
+class CpuSnapshot:
+    cgroup_ns: int | None  # the unit's cgroup v2 cpu.stat usage_usec, in ns; None: unreadable
+    threads_ns: int  # schedstat field 1 of the main process's live threads
+    children_ticks: int  # cutime + cstime of the main process (its reaped children)
+
+
+def _cpu_stat(cgroup: str) -> Path | None:
+    """The unit's cgroup v2 cpu.stat (pure v2, or the unified hierarchy of a hybrid one)."""
+    for base in ("/sys/fs/cgroup/unified", "/sys/fs/cgroup"):
+        path = Path(base + cgroup) / "cpu.stat"
+        try:
+            if "usage_usec" in path.read_text():
+                return path
+        except OSError:
+            continue
+    return None
+
+
+def _usage_ns(path: Path | None) -> int | None:
+    if path is None:
+        return None
+    try:
+        for line in path.read_text().splitlines():
+            key, _, value = line.partition(" ")
+            if key == "usage_usec":
+                return int(value) * 1000
+    except (OSError, ValueError):
+        pass
+    return None
+
+
+def _threads_ns(pid: int) -> int:
+    total = 0
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        try:
+            total += int((task / "schedstat").read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            continue  # the thread exited between the listing and the read
+    return total
+
+
+def _children_ticks(pid: int) -> int:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    # utime, stime, cutime, cstime are fields 14-17; fields[0] here is field 3 (state)
-    return sum(int(fields[i]) for i in (11, 12, 13, 14))
+    return int(fields[13]) + int(fields[14])  # cutime, cstime: fields 16-17 (fields[0] is 3)
 
 
-def _rss_bytes(pid: int) -> int:
+def _snapshot(pid: int, cpu_stat: Path | None) -> CpuSnapshot:
+    return CpuSnapshot(_usage_ns(cpu_stat), _threads_ns(pid), _children_ticks(pid))
+
+
+def _status_kb(pid: int, key: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) * 1024
+        if line.startswith(f"{key}:"):
+            return int(line.split()[1])
     return 0
-
-
-def _main_pid(unit: str) -> int:
-    return int(nd.show(unit, "MainPID").get("MainPID", "0") or 0)
 
 
 def _pct(values: list[float], q: float) -> float:
@@ -79,68 +210,137 @@ def _stats_ms(values: list[float]) -> dict[str, float]:
     }
 
 
-def healthy_polling(node: nd.Node, seconds: float) -> dict[str, Any]:
-    config = nd.ROOT / "hydra-overhead.toml"
+def _watched(node: nd.Node, before: dict[str, Any]) -> list[Watched]:
+    """Writes the config files and units of every hydra-watchdog in the window."""
     library = nd.ROOT / "lib" / "libnvidia-ml.so.1"
-    config.write_text(
-        nd.hydra_toml(
-            node,
-            library,
-            interval=OVERHEAD_INTERVAL,
-            state_dir=str(nd.ROOT / "state-overhead"),
-            runtime_dir=str(nd.ROOT / "run-overhead"),
-        )
-    )
-    unit = nd.hydra_unit(node).replace(str(node.hydra_config), str(config))
-    Path("/etc/systemd/system", OVERHEAD_UNIT).write_text(unit)
-    nd.systemctl("daemon-reload")
-    nd.systemctl("start", nd.TABBY_UNIT)
-    nd.wait_until(lambda: nd.show(nd.TABBY_UNIT, "ActiveState")["ActiveState"] == "active", 30)
-    time.sleep(2.0)  # the startup model is loaded
-    nd.systemctl("start", OVERHEAD_UNIT, nd.MONIT_UNIT)
-    time.sleep(3.0)  # past start-up (imports, first cycles)
-    pids = {"hydra-watchdog": _main_pid(OVERHEAD_UNIT), "monit": _main_pid(nd.MONIT_UNIT)}
-    hz = os.sysconf("SC_CLK_TCK")
-    start = {k: _ticks(p) for k, p in pids.items()}
-    rss = {k: _rss_bytes(p) for k, p in pids.items()}
-    t0 = time.monotonic()
-    while time.monotonic() - t0 < seconds:
-        time.sleep(1.0)
-        for k, p in pids.items():
-            rss[k] = max(rss[k], _rss_bytes(p))
-    elapsed = time.monotonic() - t0
-    end = {k: _ticks(p) for k, p in pids.items()}
-    cycles = {"hydra-watchdog": elapsed / OVERHEAD_INTERVAL, "monit": elapsed / nd.monit_interval()}
-    out: dict[str, Any] = {"seconds": elapsed}
-    for k in pids:
-        cpu = (end[k] - start[k]) / hz
-        out[k] = {
-            "interval_s": OVERHEAD_INTERVAL if k == "hydra-watchdog" else nd.monit_interval(),
-            "cycles": cycles[k],
-            "cpu_s": cpu,
-            "cpu_ms_per_cycle": cpu / cycles[k] * 1000,
-            "cpu_pct": cpu / elapsed * 100,
-            "rss_mb": rss[k] / 1e6,
-        }
+    trees = [("after", "")]
+    if "launcher" in before:
+        trees.append(("before", f"{node.python} {before['launcher']}"))
+    out: list[Watched] = []
+    for tree, argv0 in trees:
+        for interval, factor in ((INTERVAL, nd.COMPRESSION), (PRODUCTION_INTERVAL, 1.0)):
+            name = tree if interval == INTERVAL else f"{tree} @{interval:g}s"
+            unit = f"hydra-bench-{tree}-{interval:g}s.service"
+            config = nd.ROOT / f"hydra-{tree}-{interval:g}s.toml"
+            config.write_text(
+                nd.hydra_toml(
+                    node,
+                    library,
+                    factor,
+                    interval=interval,
+                    state_dir=str(nd.ROOT / f"state-{tree}-{interval:g}s"),
+                    runtime_dir=str(nd.ROOT / f"run-{tree}-{interval:g}s"),
+                )
+            )
+            Path("/etc/systemd/system", unit).write_text(nd.hydra_unit(node, config, argv0))
+            out.append(Watched(name, unit, interval, config))
     return out
 
 
-def status_latency(node: nd.Node, runs: int) -> dict[str, Any]:
-    config = nd.ROOT / "hydra-overhead.toml"
-    commands = {
-        "hydra-watchdog status": [node.hydra_bin, "status", "--config", str(config)],
-        "systemctl status tabbyapi": ["systemctl", "status", "--no-pager", nd.TABBY_UNIT],
-    }
-    out: dict[str, Any] = {}
-    for name, argv in commands.items():
-        times: list[float] = []
-        code = None
-        for _ in range(runs):
+def healthy_polling(node: nd.Node, seconds: float, watched: list[Watched]) -> dict[str, Any]:
+    """CPU per cycle and RSS of every supervisor in `watched` plus monit, all in one window."""
+    everyone = [*watched, Watched("monit", nd.MONIT_UNIT, float(nd.monit_interval()))]
+    nd.systemctl("daemon-reload")
+    nd.systemctl("start", nd.TABBY_UNIT)
+    if not nd.wait_until(lambda: sample(nd.PORT, nd.API_KEY, nd.MAIN_MODEL).healthy, 60, 0.2):
+        raise RuntimeError("TabbyAPI did not serve its model within 60 s")
+    # One start job each, in parallel; a Type=notify unit is up after its first cycle.
+    started = nd.systemctl("start", *(w.unit for w in everyone))
+    time.sleep(SETTLE_S)
+    out: dict[str, Any] = {"interval_s": INTERVAL, "supervisors": {}}
+    failed: dict[str, str] = {}
+    live: list[tuple[Watched, int, Path | None]] = []
+    for w in everyone:
+        props = nd.show(w.unit, "MainPID", "ControlGroup", "ActiveState", "Result")
+        pid = int(props.get("MainPID", "0") or 0)
+        if props.get("ActiveState") != "active" or pid <= 0:
+            failed[w.name] = (
+                f"{w.unit} is {props.get('ActiveState')} ({props.get('Result')}): "
+                f"{started.stderr.strip()[:300]}"
+            )
+            continue
+        live.append((w, pid, _cpu_stat(props.get("ControlGroup", ""))))
+    hz = os.sysconf("SC_CLK_TCK")
+    first = {w.name: _snapshot(pid, cg) for w, pid, cg in live}
+    rss = {w.name: _status_kb(pid, "VmRSS") for w, pid, _ in live}
+    t0 = time.monotonic()
+    while time.monotonic() - t0 < seconds:
+        time.sleep(1.0)
+        for w, pid, _ in live:
+            rss[w.name] = max(rss[w.name], _status_kb(pid, "VmRSS"))
+    elapsed = time.monotonic() - t0
+    for w, pid, cg in live:
+        last = _snapshot(pid, cg)
+        a = first[w.name]
+        now_pid = int(nd.show(w.unit, "MainPID").get("MainPID", "0") or 0)
+        if now_pid != pid:
+            failed[w.name] = f"{w.unit}'s main process changed in the window ({pid} -> {now_pid})"
+            continue
+        cgroup_ns = None if a.cgroup_ns is None or last.cgroup_ns is None else (
+            last.cgroup_ns - a.cgroup_ns
+        )  # fmt: skip
+        threads_ns = last.threads_ns - a.threads_ns
+        children_ns = (last.children_ticks - a.children_ticks) * 1e9 / hz
+        cpu_ns = cgroup_ns if cgroup_ns is not None else threads_ns + children_ns
+        cycles = elapsed / w.interval
+        out["supervisors"][w.name] = {
+            "unit": w.unit,
+            "interval_s": w.interval,
+            "cycles": cycles,
+            "cpu_source": "cgroup" if cgroup_ns is not None else "schedstat+cutime",
+            "cgroup_ms": None if cgroup_ns is None else cgroup_ns / 1e6,
+            "threads_ms": threads_ns / 1e6,
+            "children_ms": children_ns / 1e6,
+            "cpu_ms_per_cycle": cpu_ns / 1e6 / cycles,
+            "cpu_pct": cpu_ns / 1e9 / elapsed * 100,
+            "rss_mb": rss[w.name] * 1024 / 1e6,
+            "hwm_mb": _status_kb(pid, "VmHWM") * 1024 / 1e6,
+        }
+    out["seconds"] = elapsed
+    out["failed"] = failed
+    return out
+
+
+def status_latency(
+    node: nd.Node, runs: int, watched: list[Watched], before: dict[str, Any]
+) -> dict[str, Any]:
+    """Whole-command wall times, round-robin (one of each per round), after one warm-up round."""
+    env = production_env()
+    compiled = [str(node.repo / "hydra_watchdog")]
+    configs = {w.name: w.config for w in watched if w.config is not None}
+    commands: dict[str, list[str]] = {"python -c pass": [node.python, "-c", "pass"]}
+    if "launcher" in before and "before" in configs:
+        compiled.append(str(BEFORE / "hydra_watchdog"))
+        commands[f"hydra-watchdog status @{BEFORE_COMMIT}"] = [
+            node.python, before["launcher"], "status", "--config", str(configs["before"])
+        ]  # fmt: skip
+    commands["hydra-watchdog status"] = [
+        node.hydra_bin, "status", "--config", str(configs["after"])
+    ]  # fmt: skip
+    commands["systemctl status tabbyapi"] = ["systemctl", "status", "--no-pager", nd.TABBY_UNIT]
+    done = subprocess.run(
+        [node.python, "-m", "compileall", "-q", *compiled],
+        env=env,
+        capture_output=True,
+        check=False,
+    )
+    times: dict[str, list[float]] = {name: [] for name in commands}
+    codes: dict[str, int] = {}
+    said: dict[str, str] = {}  # the last run's first line of output: what the exit code means
+    for round_ in range(runs + 1):
+        for name, argv in commands.items():
             t = time.perf_counter()
-            done = subprocess.run(argv, capture_output=True, check=False, timeout=30)
-            times.append(time.perf_counter() - t)
-            code = done.returncode
-        out[name] = {**_stats_ms(times), "exit": code}
+            ran = subprocess.run(argv, capture_output=True, check=False, timeout=30, env=env)
+            if round_:
+                times[name].append(time.perf_counter() - t)
+            codes[name] = ran.returncode
+            said[name] = next(iter((ran.stdout or ran.stderr).decode(errors="replace").strip()
+                                   .splitlines()), "")[:300]  # fmt: skip
+    out: dict[str, Any] = {
+        name: {**_stats_ms(v), "exit": codes[name], "output": said[name]}
+        for name, v in times.items()
+    }
+    out["compileall_exit"] = done.returncode
     return out
 
 
@@ -198,7 +398,8 @@ def port_scan(runs: int) -> dict[str, Any]:
         out: dict[str, Any] = {"tcp_sockets_open": open_tcp}
         for name, fn in fns.items():
             times = []
-            for _ in range(runs):
+            # psutil is the reference, not a target: a few runs show its order of magnitude.
+            for _ in range(min(runs, 5) if name.startswith("psutil") else runs):
                 t = time.perf_counter()
                 fn()
                 times.append(time.perf_counter() - t)
@@ -266,20 +467,26 @@ def failure_observation(node: nd.Node, runs: int) -> dict[str, Any]:
 def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     node.reset_faults()
+    before = lay_out_before(node)
+    result["before"] = before
+    out(f"  before ({BEFORE_COMMIT}): {before.get('package') or before.get('skipped')}")
+    watched = _watched(node, before)
     try:
-        seconds = 20.0 if quick else 60.0
-        result["polling"] = healthy_polling(node, seconds)
-        p = result["polling"]
-        for k in ("hydra-watchdog", "monit"):
+        seconds = POLL_SECONDS_QUICK if quick else POLL_SECONDS
+        result["polling"] = p = healthy_polling(node, seconds, watched)
+        for k, v in p["supervisors"].items():
             out(
-                f"  {k:<15} {p[k]['cycles']:.0f} cycles: {p[k]['cpu_ms_per_cycle']:.2f} ms CPU"
-                f"/cycle, RSS {p[k]['rss_mb']:.1f} MB"
+                f"  {k:<15} {v['cycles']:.0f} cycles: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle "
+                f"({v['cpu_source']}), RSS {v['rss_mb']:.1f} MB"
             )
-        result["status"] = status_latency(node, 10 if quick else 50)
+        for k, why in p["failed"].items():
+            out(f"  {k:<15} not measured: {why}")
+        result["status"] = status_latency(node, 20 if quick else 50, watched, before)
         for k, v in result["status"].items():
-            out(f"  {k:<26} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+            if isinstance(v, dict):
+                out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
     finally:
-        nd.systemctl("stop", OVERHEAD_UNIT, nd.MONIT_UNIT)
+        nd.systemctl("stop", *(w.unit for w in watched), nd.MONIT_UNIT)
     result["port_scan"] = port_scan(5 if quick else 20)
     for k, v in result["port_scan"].items():
         if isinstance(v, dict):

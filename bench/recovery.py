@@ -3,10 +3,15 @@
 Per trial: a clean node (TabbyAPI healthy with its model, the supervisor freshly started with no
 history), one fault injected at t0, then the node is watched until it is healthy again (see
 probe.py), or CAP_S has passed. systemd and monit have no timer longer than a few cycles, so
-their trial also ends ("quiescent") once nothing at all has happened for QUIET_S after the
+their trial also ends ("quiescent") once nothing at all has happened for QUIET_S[peer] after the
 injection (after the cause is gone, for the restart loop, whose cause ends by itself): no unit
 job, no load, no kill, no change in what a client sees. From that point on they would never act
 again. hydra-watchdog's trials never end early (its back-off has long timers).
+
+A peer's row (fault class x systemd or monit) stops after PEER_MIN_TRIALS trials when none of
+them recovered and a repeat cannot tell anything new: nobody reacted to the fault at all, or the
+peer is systemd alone (its one rule, Restart=, has no timer or randomness: the same fault gets the
+same answer). hydra-watchdog's rows always run every trial.
 
 Detection: the first reaction to the fault by anyone supervising the node: systemd noticing the
 main process exit, a stop/start/restart job on the unit, a model load request, an orphan killed.
@@ -33,7 +38,11 @@ from bench.probe import Sampler, recovered_at
 from hydra_watchdog.sim.tabby_server import write_control
 
 CAP_S = 90.0
-QUIET_S = 6.0  # > monit's longest rule (5 cycles); systemd has no later timer
+# monit: > its longest rule (5 cycles); systemd alone: > its longest timer (RestartSec=100ms),
+# with room for a start (~1.2 s) that ends in another exit.
+QUIET_S = {"monit": 6.0, "systemd": 3.0}
+QUIET_CHECK_S = 0.5  # how often a peer's trial looks for quiescence
+PEER_MIN_TRIALS = 2
 LOOP_FAULT_S = 12.0  # the restart loop's cause (a crash at every start) lasts this long
 LEAK_GIB = 20.0
 FOREIGN_GIB = 2.0
@@ -64,6 +73,7 @@ class TrialResult:
     kills_wrong: int  # foreign processes killed (never correct)
     orphans_left: int
     ended: str  # healthy | cap | quiescent
+    wall_s: float = 0.0  # the trial's whole duration, its reset included
 
 
 @dataclass
@@ -177,7 +187,8 @@ class Bench:
             if not nd.wait_until(self.healthy_now, 60):
                 raise RuntimeError("TabbyAPI did not become healthy after a clean start")
         self.start_supervisor(supervisor)
-        time.sleep(1.0)  # one more cycle: every supervisor has seen the healthy node
+        if supervisor != "systemd":  # systemd alone has nothing to show the healthy node to
+            time.sleep(1.0)  # one more cycle: every supervisor has seen the healthy node
         self.sampler.trim()
 
     def stop_supervisor(self) -> None:
@@ -194,7 +205,7 @@ class Bench:
                 raise RuntimeError(f"hydra-watchdog did not start: {done.stderr.strip()}")
         elif supervisor == "monit":
             nd.systemctl("start", nd.MONIT_UNIT)
-            time.sleep(nd.monit_interval() + 0.5)
+            time.sleep(nd.monit_interval() + 0.5)  # monit has checked the healthy node
 
     # -- physical floor -----------------------------------------------------------------------
 
@@ -214,6 +225,7 @@ class Bench:
     # -- one trial ------------------------------------------------------------------------------
 
     def trial(self, supervisor: str, fault: str, index: int) -> TrialResult:
+        began = time.monotonic()
         self.reset(supervisor)
         node = self.node
         models = ("--models-dir", str(node.models))
@@ -249,7 +261,7 @@ class Bench:
         # quiet time counts from t0. The restart loop's cause ends by itself, at LOOP_FAULT_S.
         quiet_from = t0 + LOOP_FAULT_S if fault == "restart loop" else t0
         ended, healthy_at = "cap", None
-        next_quiet_check = time.monotonic() + 1.0
+        next_quiet_check = time.monotonic() + QUIET_CHECK_S
         while time.time() - t0 < CAP_S:
             now = time.time()
             for s in self.spawned:
@@ -262,8 +274,8 @@ class Bench:
                 ended = "healthy"
                 break
             if peer and now >= quiet_from and time.monotonic() >= next_quiet_check:
-                next_quiet_check = time.monotonic() + 1.0
-                if now - self._last_change(t0, quiet_from) >= QUIET_S:
+                next_quiet_check = time.monotonic() + QUIET_CHECK_S
+                if now - self._last_change(t0, quiet_from) >= QUIET_S[supervisor]:
                     ended = "quiescent"
                     break
             time.sleep(0.1)
@@ -286,6 +298,7 @@ class Bench:
             kills_wrong=sum(1 for s in self.spawned if s.role == "foreign" and s.died_at),
             orphans_left=sum(1 for s in self.spawned if s.role == "orphan" and not s.died_at),
             ended=ended,
+            wall_s=time.monotonic() - began,
         )
 
     def _maybe_clear(self, fault: str, pid: int, t0: float, now: float) -> float | None:
@@ -339,6 +352,15 @@ def _unload(node: nd.Node) -> None:
         resp.read()
 
 
+def enough_trials(supervisor: str, row: list[TrialResult]) -> bool:
+    """Whether a peer's row may stop here (see the module's docstring)."""
+    if supervisor == "hydra-watchdog" or len(row) < PEER_MIN_TRIALS:
+        return False
+    if any(r.healthy_s is not None for r in row):
+        return False
+    return supervisor == "systemd" or all(r.detect_s is None for r in row)
+
+
 def _median(values: list[float]) -> float:
     return statistics.median(values) if values else float("nan")
 
@@ -359,9 +381,11 @@ def run_recovery(
         for supervisor in supervisors:
             nd.install_dropin(node, on=supervisor == "hydra-watchdog")
             for fault in faults:
+                row: list[TrialResult] = []
                 for i in range(trials):
                     r = bench.trial(supervisor, fault, i)
                     results.append(r)
+                    row.append(r)
                     healthy = "never" if r.healthy_s is None else f"{r.healthy_s:.2f}s"
                     detect = "-" if r.detect_s is None else f"{r.detect_s:.2f}s"
                     out(
@@ -369,6 +393,9 @@ def run_recovery(
                         f"healthy {healthy:>7}  restarts {r.restarts}  kills ok/wrong "
                         f"{r.kills_ok}/{r.kills_wrong}  ({r.ended})"
                     )
+                    if i + 1 < trials and enough_trials(supervisor, row):
+                        out(f"  {supervisor:<15} {fault:<19} stops here: a repeat adds nothing")
+                        break
         nd.install_dropin(node, on=False)
     finally:
         bench.close()
@@ -376,6 +403,7 @@ def run_recovery(
         "floor": floor,
         "cap_s": CAP_S,
         "quiet_s": QUIET_S,
+        "peer_min_trials": PEER_MIN_TRIALS,
         "loop_fault_s": LOOP_FAULT_S,
         "faults": {f: FAULTS[f] for f in faults},
         "trials": [asdict(r) for r in results],
