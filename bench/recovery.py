@@ -61,6 +61,12 @@ FAULTS: dict[str, str] = {
 }
 
 
+def injection_phase(index: int) -> float:
+    """Trial `index`'s injection offset as a fraction of the check interval: the golden-ratio
+    sequence (0, 0.62, 0.24, 0.85, 0.47, ...) spreads any number of trials evenly."""
+    return (index * 0.6180339887) % 1.0
+
+
 @dataclass(frozen=True)
 class TrialResult:
     supervisor: str
@@ -227,6 +233,11 @@ class Bench:
     def trial(self, supervisor: str, fault: str, index: int) -> TrialResult:
         began = time.monotonic()
         self.reset(supervisor)
+        # Every supervisor checks once per interval from its start; a fault injected at a fixed
+        # time after that start would always land at the same point of one supervisor's cycle
+        # and another point of the other's. The trials spread the injection over the interval
+        # instead, at the same offsets for every supervisor.
+        time.sleep(injection_phase(index) * nd.monit_interval())
         node = self.node
         models = ("--models-dir", str(node.models))
         holder: _Spawned | None = None

@@ -408,6 +408,10 @@ def write_report(
         "(sampled every 100 ms; time to healthy is the start of the first healthy streak of "
         "≥ 1 s); detection = the first reaction by anyone (systemd noticing the exit, a unit "
         "job, a load request, an orphan killed); restarts = completed start jobs of the unit;",
+        "- the fault of trial i goes in (0.618 i mod 1) check intervals after the supervisor saw "
+        "the healthy node (0, 0.62, 0.24, 0.85, 0.47 …), the same offsets for every supervisor: "
+        "a fixed offset would land at one point of one supervisor's cycle and another of the "
+        "other's;",
     ]
     rec = data.get("recovery")
     targets: list[str] = []
