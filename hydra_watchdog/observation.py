@@ -224,6 +224,7 @@ class UnitStatus:
     invocation_id: str = ""
     exec_main_status: int | None = None
     active_enter_mono: float | None = None  # seconds, CLOCK_MONOTONIC like `now`
+    job_id: int | None = None  # a job systemd has queued or runs for the unit (None: none)
     detail: str = ""
     # How it was read: "D-Bus", or "systemctl" (with why D-Bus was not used, when it failed).
     read_via: str = ""

@@ -661,6 +661,27 @@ def _no_model(sit: Situation) -> Plan:
     return _enter(s, Phase.BLOCKED, now), cleanup, notes
 
 
+# Seconds after the watchdog's own (re)start during which a job queued on a stopped unit is taken
+# for that command's: a restart is a stop, then a start that systemd queues once the stop is
+# done, and a read in between finds the unit inactive with that start pending. Past this, a job
+# that has not started the unit (waiting on a dependency) no longer holds the watchdog back.
+OWN_JOB_SETTLE = 10.0
+
+
+def job_under_way(sit: Situation) -> bool:
+    """systemd is carrying out a stop or restart: the unit deactivates, or it is stopped with a
+    job queued shortly after the watchdog's own (re)start (see OWN_JOB_SETTLE)."""
+    unit = sit.unit
+    if not unit.available:
+        return False
+    if unit.active_state == ActiveState.DEACTIVATING:
+        return True
+    stopped = unit.active_state in (ActiveState.INACTIVE, ActiveState.FAILED)
+    attempts = sit.s.start_attempts
+    own = bool(attempts) and sit.now - attempts[-1] < OWN_JOB_SETTLE
+    return stopped and own and unit.job_id is not None
+
+
 def _job_running(sit: Situation) -> Plan:
     # A stop or restart job is under way (ours: restarts go out with --no-block, and the old
     # process takes a while to exit). Another unit command now would only pile up jobs.
@@ -982,7 +1003,7 @@ PLAN: tuple[PlanRule, ...] = (
         "job_running",
         "",
         (),
-        lambda x: x.unit.available and x.unit.active_state == ActiveState.DEACTIVATING,
+        job_under_way,
         _job_running,
     ),
     PlanRule(

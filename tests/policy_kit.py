@@ -123,6 +123,7 @@ def unit(
     main_pid: int = 100,
     available: bool = True,
     load: str = "loaded",
+    job: int | None = None,
 ) -> UnitStatus:
     return UnitStatus(
         name="tabbyapi.service",
@@ -137,6 +138,7 @@ def unit(
         invocation_id="inv",
         exec_main_status=1 if result == "exit-code" else 0,
         active_enter_mono=enter,
+        job_id=job,
         detail="" if available else "no systemd: PID 1 is not systemd",
     )
 

@@ -30,7 +30,13 @@ from hydra_watchdog.observation import (
     Probe,
     ProcessRole,
 )
-from hydra_watchdog.policy import POWER_RETRY_AFTER, backoff_delay, decide, vram_needed
+from hydra_watchdog.policy import (
+    OWN_JOB_SETTLE,
+    POWER_RETRY_AFTER,
+    backoff_delay,
+    decide,
+    vram_needed,
+)
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin, from_jsonable, to_jsonable
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 from tests.policy_kit import (
@@ -798,6 +804,33 @@ def test_dry_run_power_limit_is_repeated_hourly_not_every_cycle() -> None:
         assert run.step(obs(t, gpus=gpus(limit0=575.0))) == ()
     assert not any(f.rule is Rule.POWER_LIMIT for f in run.state.findings)  # nothing failed
     assert len(run.step(obs(1 + POWER_RETRY_AFTER, gpus=gpus(limit0=575.0)))) == 1
+
+
+def test_no_second_start_between_the_restart_jobs_stop_and_its_start() -> None:
+    """A restart is a stop, then a start systemd queues once the stop is done: a read in between
+    finds the unit inactive with that job pending (seen under real systemd, chaos 02/04). That is
+    the watchdog's own restart under way; the same read without a job is a unit to start."""
+    run = Run()
+    for t in (0.0, 1.0, 2.0):
+        acts = run.step(obs(t, health=timeout()))
+    assert [a.verb for a in run.unit_commands()] == [UnitVerb.RESTART]
+    between = unit("inactive", "dead", job=7)
+    assert run.step(obs(2.1, health=refused(), unit=between, results=ok_results(acts, 2.0))) == ()
+    assert run.state.phase is Phase.RECOVERING
+    assert run.step(obs(2.6, health=refused(), unit=unit(enter=2.5))) == ()  # it started
+    assert [a.verb for a in run.unit_commands()] == [UnitVerb.RESTART]
+
+
+def test_a_job_queued_long_after_the_watchdogs_start_does_not_hold_it_back() -> None:
+    """A start job stuck behind a dependency is not the watchdog's restart in flight: past
+    OWN_JOB_SETTLE the stopped unit is started as any stopped unit is."""
+    run = Run()
+    for t in (0.0, 1.0, 2.0):
+        acts = run.step(obs(t, health=timeout()))
+    later = 2.0 + OWN_JOB_SETTLE + 1.0
+    waiting = unit("inactive", "dead", job=7)
+    run.step(obs(later, health=refused(), unit=waiting, results=ok_results(acts, 2.0)))
+    assert [a.verb for a in run.unit_commands()][-1] is UnitVerb.START
 
 
 def test_no_second_start_while_the_restart_job_stops_the_old_process() -> None:

@@ -123,6 +123,28 @@ def test_bus_reads_a_failed_unit_between_restarts(
 
 
 @pytest.mark.systemd
+def test_bus_and_systemctl_agree_on_a_queued_job(systemd_ns: SystemdNamespace) -> None:
+    """A start job waiting on a dependency: the unit is inactive with a job (what a restart looks
+    like between its stop and its start); no job on a unit at rest."""
+    dep, waiter = f"hb-dep-{uuid.uuid4().hex[:6]}.service", f"hb-w-{uuid.uuid4().hex[:6]}.service"
+    systemd_ns.install_unit(dep, "[Service]\nType=oneshot\nExecStart=/bin/sleep 60\n")
+    systemd_ns.install_unit(
+        waiter, f"[Unit]\nRequires={dep}\nAfter={dep}\n[Service]\nExecStart=/bin/sleep 600\n"
+    )
+    try:
+        assert systemd_ns.systemctl("start", "--no-block", waiter).returncode == 0
+        queued, shown = both(systemd_ns, waiter)
+        assert queued.read_via == "D-Bus"
+        assert queued.active_state == "inactive" and queued.job_id is not None
+        assert same_but_source(queued, shown), (queued, shown)
+        rest, _ = both(systemd_ns, "hb-no-such-unit.service")
+        assert rest.job_id is None
+    finally:
+        systemd_ns.reset_unit(waiter, remove=True)
+        systemd_ns.reset_unit(dep, remove=True)
+
+
+@pytest.mark.systemd
 def test_one_connection_serves_many_reads(systemd_ns: SystemdNamespace) -> None:
     got = inside(
         systemd_ns,

@@ -38,6 +38,7 @@ PROPERTIES = (
     "InvocationID",
     "ExecMainStatus",
     "ActiveEnterTimestampMonotonic",
+    "Job",
 )
 
 BUS_RETRY = 30.0  # seconds on `systemctl show` after the bus failed, before trying it again
@@ -88,6 +89,7 @@ def status_from_props(name: str, props: Mapping[str, str], *, read_via: str) -> 
         exec_main_status=_int(props, "ExecMainStatus"),
         # Microseconds on CLOCK_MONOTONIC, the clock of time.monotonic(); 0: never active.
         active_enter_mono=enter_us / 1e6 if enter_us else None,
+        job_id=_int(props, "Job") or None,  # empty: no job queued or running
         detail=detail,
         read_via=read_via,
     )

@@ -40,6 +40,7 @@ INTERFACE_OF: Mapping[str, str] = {
     "SubState": _UNIT_IF,
     "InvocationID": _UNIT_IF,
     "ActiveEnterTimestampMonotonic": _UNIT_IF,
+    "Job": _UNIT_IF,
     "Result": _SERVICE_IF,
     "NRestarts": _SERVICE_IF,
     "MainPID": _SERVICE_IF,
@@ -66,7 +67,10 @@ class BusError(Exception):
 
 def as_show_value(value: Any) -> str:
     """A property's D-Bus value as `systemctl show` prints it: an id128 (ay) as 32 hex digits
-    (empty when unset), numbers in decimal, strings as they are."""
+    (empty when unset), a job (uo: its id and object path) as its id (empty for 0: none),
+    numbers in decimal, strings as they are."""
+    if isinstance(value, tuple):
+        return as_show_value(value[0]) if value and value[0] else ""
     if isinstance(value, bytes):
         return value.hex()
     if isinstance(value, bool):
