@@ -414,7 +414,9 @@ def build_status(
 
 
 def to_json(report: StatusReport) -> str:
-    return json.dumps(to_jsonable(report), indent=2, sort_keys=False) + "\n"
+    # Compact: json's C encoder serves only indent=None; the status file is rewritten every
+    # cycle, and `status --json` prints it indented for people anyway.
+    return json.dumps(to_jsonable(report), separators=(",", ":")) + "\n"
 
 
 def _refuse_constant(name: str) -> Any:
