@@ -59,6 +59,11 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     parser.add_argument("--load-id", required=True)
     parser.add_argument("--state-dir", type=Path, required=True)
     parser.add_argument("--key-fd", type=int, default=-1, help="read the admin key from this fd")
+    parser.add_argument(
+        "--key-credential",
+        action="store_true",
+        help="the key was handed as systemd's credential admin_key: its absence is an error",
+    )
     return parser.parse_args(argv)
 
 
@@ -88,6 +93,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         except OSError as exc:  # progress is best effort; the outcome is retried below
             print(f"load helper: cannot write the report: {exc}", file=sys.stderr)
 
+    if args.key_credential and key[0] is None:
+        # The watchdog asked systemd to hand the key over, and it did not arrive: a load sent
+        # without it would come back 401 and read as a rejected key, which it is not.
+        why = key[1] or "no admin_key in $CREDENTIALS_DIRECTORY"
+        detail = f"load helper: the admin key credential did not arrive ({why}); nothing sent"
+        report(finished=True, ok=False, detail=detail)
+        return 1
     try:
         cfg = load_config(args.config)
     except ConfigError as exc:

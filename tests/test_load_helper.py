@@ -249,3 +249,41 @@ def test_a_helper_killed_without_an_outcome_is_a_failed_load_once(
     # ... and a new load may start now.
     assert loader.start(LOAD).status is ResultStatus.IN_PROGRESS
     assert loader.cancel(WAIT)
+
+
+def _helper(config: Path, state: Path, creds: Path) -> subprocess.CompletedProcess[str]:
+    """The helper as the transient unit runs it: the key expected as systemd's credential."""
+    argv = [sys.executable, "-m", "hydra_watchdog.load_helper", "--config", str(config)]
+    argv += ["--model", "m1", "--load-id", "t1", "--state-dir", str(state), "--key-credential"]
+    env = {k: v for k, v in os.environ.items() if k != "CREDENTIALS_DIRECTORY"}
+    env["CREDENTIALS_DIRECTORY"] = str(creds)
+    return subprocess.run(argv, env=env, capture_output=True, text=True, timeout=120, check=False)
+
+
+def test_a_credential_that_did_not_arrive_is_said_and_nothing_is_sent(
+    tabby_sim: TabbySims, tmp_path: Path
+) -> None:
+    """systemd was asked to hand the helper the key (LoadCredential=) and the directory came
+    empty: the helper sends nothing (a load without the key would come back 401 and read as a
+    rejected key) and says which it is. With the credential there, the same helper loads."""
+    sim = tabby_sim.start(flavor="exl2", load_seconds=0.2, modules=2)
+    _, state = _loader(tmp_path, sim)
+    config = tmp_path / "config.toml"
+    # The transient unit's helper has no key file: only the credential.
+    config.write_text(config.read_text().replace(f'admin_key_file = "{tmp_path}/admin_key"\n', ""))
+    creds = tmp_path / "credentials"
+    creds.mkdir()
+
+    done = _helper(config, state, creds)
+    assert done.returncode == 1, done.stderr
+    outcome = read_report(state, "t1")
+    assert outcome is not None and outcome.finished and not outcome.ok
+    assert "admin key credential did not arrive" in outcome.detail
+    assert sim.loads() == []  # nothing reached TabbyAPI
+
+    (creds / "admin_key").write_text(ADMIN_KEY + "\n")
+    done = _helper(config, state, creds)
+    assert done.returncode == 0, done.stderr
+    outcome = read_report(state, "t1")
+    assert outcome is not None and outcome.ok, outcome
+    wait_for(lambda: bool(sim.loads()), WAIT, "the sim to log the load")

@@ -159,6 +159,7 @@ class LoadHelpers:
         source = self._key_source()
         if source:
             props += ["-p", f"LoadCredential=admin_key:{source}"]
+            argv = [*argv, "--key-credential"]  # a credential that does not arrive is an error
         run = [
             "systemd-run",
             "--quiet",
