@@ -1138,7 +1138,12 @@ def _wants(s: PolicyState, obs: Observation, now: float, cfg: Config) -> frozens
     )
     if s.will_fail and t.venv:
         wants.add(Probe.LIBRARIES)  # re-checked each cycle: it clears once the venv is rebuilt
-    if troubled:
+    # A TabbyAPI being (re)started (systemd's Restart= waiting, or the new process loading before
+    # it opens its port) is not diagnosed yet: its journal and an ldd run then only take CPU from
+    # the start. They are read once the start failed or outlived startup_grace (the log lines
+    # stay in the journal meanwhile).
+    settling = auto_restarting(obs.unit) or starting(s, obs, now, cfg)
+    if troubled and not settling:
         if t.venv:
             wants.add(Probe.LIBRARIES)
         wants.add(Probe.JOURNAL)

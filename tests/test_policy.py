@@ -806,6 +806,21 @@ def test_dry_run_power_limit_is_repeated_hourly_not_every_cycle() -> None:
     assert len(run.step(obs(1 + POWER_RETRY_AFTER, gpus=gpus(limit0=575.0)))) == 1
 
 
+def test_a_starting_tabbyapi_is_not_diagnosed_until_its_start_failed_or_outlived_grace() -> None:
+    """systemd restarts a crash by itself: while it waits (auto-restart) and while the new
+    process loads before opening its port (startup_grace, 10 s here), the journal is not read
+    (it would only take CPU from the start); once the grace is over it is."""
+    run = Run()
+    run.step(obs(0.0))
+    run.step(obs(1.0, health=refused(), unit=unit("activating", "auto-restart", n=1)))
+    assert Probe.JOURNAL not in run.state.wants
+    run.step(obs(2.0, health=refused(), unit=unit(n=1, enter=1.5)))
+    assert run.state.phase is Phase.STARTING
+    assert Probe.JOURNAL not in run.state.wants
+    run.step(obs(13.0, health=refused(), unit=unit(n=1, enter=1.5)))  # grace over: down
+    assert Probe.JOURNAL in run.state.wants
+
+
 def test_no_second_start_between_the_restart_jobs_stop_and_its_start() -> None:
     """A restart is a stop, then a start systemd queues once the stop is done: a read in between
     finds the unit inactive with that job pending (seen under real systemd, chaos 02/04). That is
