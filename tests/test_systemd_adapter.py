@@ -251,6 +251,27 @@ def test_journal_returns_the_units_last_lines(systemd_ns: SystemdNamespace, unit
 
 
 @pytest.mark.systemd
+def test_journal_leaves_out_pid1s_notes_on_the_unit_files(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    """systemd 252 logs "Unknown key" for RestartSteps= (systemd >= 254) at every load of the
+    unit: such notes on its files are not how it ran, and must not push out its last lines."""
+    token = uuid.uuid4().hex
+    # PID 1's own messages go to the journal (the harness boots it logging to the console).
+    assert systemd_ns.systemctl("log-target", "journal").returncode == 0
+    systemd_ns.install_unit(
+        unit_name,
+        f"[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo {token}'\nNoSuchKey{token[:6]}=1\n",
+    )
+    unit = adapter(systemd_ns, unit_name)
+    assert unit.command(UnitVerb.START).ok
+    systemd_ns.wait_for(lambda: any(token in line for line in unit.journal(5)), what="output")
+    raw = systemd_ns.journalctl("-q", "_PID=1", f"UNIT={unit_name}").stdout
+    assert f"NoSuchKey{token[:6]}" in raw, raw  # PID 1 did log it
+    assert not any(f"NoSuchKey{token[:6]}" in line for line in unit.journal(50))
+
+
+@pytest.mark.systemd
 def test_command_is_bounded_by_its_timeout(systemd_ns: SystemdNamespace, unit_name: str) -> None:
     systemd_ns.install_unit(
         unit_name,

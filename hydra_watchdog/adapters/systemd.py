@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import signal
 import subprocess
 import time
@@ -40,6 +41,11 @@ PROPERTIES = (
     "ActiveEnterTimestampMonotonic",
     "Job",
 )
+
+# PID 1 on the unit's files ("/etc/.../10-hydra-watchdog.conf:28: Unknown key ..., ignoring"),
+# logged again at every load of the unit: nothing about how TabbyAPI ran, and on systemd < 254
+# (which does not know RestartSteps=) they would push its last lines out of an excerpt.
+_UNIT_FILE_NOTE = re.compile(r"systemd\[1\]: /\S+:\d+: ")
 
 BUS_RETRY = 30.0  # seconds on `systemctl show` after the bus failed, before trying it again
 BUS_TIMEOUT = 2.0  # seconds for one read over the bus; then `systemctl show` (self.timeout)
@@ -270,7 +276,8 @@ class SystemctlUnit:
             return (f"[journal unavailable: {proc}]",)
         if proc.returncode != 0:
             return (f"[journal unavailable: {_first_line(proc.stderr) or proc.returncode}]",)
-        return tuple(proc.stdout.splitlines()[-lines:])
+        said = [line for line in proc.stdout.splitlines() if not _UNIT_FILE_NOTE.search(line)]
+        return tuple(said[-lines:])
 
 
 def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
