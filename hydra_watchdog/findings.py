@@ -291,10 +291,16 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
         )
 
 
+_PID1_MARK = " systemd[1]: "  # journalctl's short-iso: "<time> <host> systemd[1]: <message>"
+
+
 def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     excerpt = obs.host.journal_excerpt
     if excerpt and not obs.health.healthy:
-        last = " | ".join(line.strip() for line in excerpt[-3:])
+        # TabbyAPI's own last words (a CUDA OOM, a traceback) before PID 1's lines about the
+        # exit and the stop, which the unit's Result already says and which follow them.
+        own = [line for line in excerpt if _PID1_MARK not in line]
+        last = " | ".join(line.strip() for line in (own or list(excerpt))[-3:])
         yield Finding(Rule.DOWN, Severity.INFO, f"last log lines: {last[:400]}", subject="journal")
 
 

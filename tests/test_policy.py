@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 import json
 from collections.abc import Callable, Iterable
+from dataclasses import replace as dataclasses_replace
 
 import pytest
 
@@ -819,6 +820,32 @@ def test_a_starting_tabbyapi_is_not_diagnosed_until_its_start_failed_or_outlived
     assert Probe.JOURNAL not in run.state.wants
     run.step(obs(13.0, health=refused(), unit=unit(n=1, enter=1.5)))  # grace over: down
     assert Probe.JOURNAL in run.state.wants
+
+
+def test_the_journal_excerpt_quotes_tabbyapis_last_words_before_pid1s() -> None:
+    """PID 1's lines about the exit and the stop come after TabbyAPI's own last words: the
+    excerpt quotes TabbyAPI (its Result already says how it ended)."""
+    excerpt = (
+        "2026-12-01T19:19:02+0000 vm start.sh[278]: loading the model",
+        "2026-12-01T19:19:02+0000 vm start.sh[278]: RuntimeError: CUDA out of memory.",
+        "2026-12-01T19:19:02+0000 vm systemd[1]: tabbyapi.service: Main process exited",
+        "2026-12-01T19:19:02+0000 vm systemd[1]: tabbyapi.service: Failed with result",
+        "2026-12-01T19:19:03+0000 vm systemd[1]: Stopped tabbyapi.service.",
+        "2026-12-01T19:19:03+0000 vm systemd[1]: tabbyapi.service: Consumed 1.2s CPU time.",
+    )
+    down = obs(
+        0.0, health=refused(), unit=unit("failed", "failed"), host=host(journal_excerpt=excerpt)
+    )
+    run = Run()
+    run.step(down)
+    (said,) = [f for f in run.state.findings if f.message.startswith("last log lines")]
+    assert "CUDA out of memory" in said.message
+    assert "Consumed" not in said.message
+    only_pid1 = excerpt[2:]
+    run = Run()
+    run.step(dataclasses_replace(down, host=host(journal_excerpt=only_pid1)))
+    (said,) = [f for f in run.state.findings if f.message.startswith("last log lines")]
+    assert "Consumed" in said.message  # nothing of TabbyAPI's: PID 1's lines, rather than none
 
 
 def test_no_second_start_between_the_restart_jobs_stop_and_its_start() -> None:
