@@ -312,7 +312,9 @@ def machine() -> list[str]:
             break
     repo = Path(__file__).resolve().parents[1]
     commit = _cmd("git", "-C", str(repo), "rev-parse", "--short", "HEAD")
-    changed = _cmd("git", "-C", str(repo), "status", "--porcelain")
+    # The run's own outputs are written before this report: they are not "local changes".
+    outputs = [f":!bench/{name}" for name in ("results.json", "RESULTS.md", "recovery.png")]
+    changed = _cmd("git", "-C", str(repo), "status", "--porcelain", "--", ".", *outputs)
     dirty = changed not in ("", "?")
     return [
         f"- machine: {cpu}, {os.cpu_count()} CPUs, Linux {platform.release()}",
