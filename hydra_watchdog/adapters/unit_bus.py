@@ -115,10 +115,12 @@ class UnitBus:
             return f"D-Bus {self.path}: {one_line(str(exc), 160)}"
         out: dict[str, str] = {}
         for name, reply in zip(names, replies, strict=True):
-            if reply.header.message_type is MessageType.error:
+            body = reply.body
+            # A Get answers one variant, (signature, value); an error or anything else leaves
+            # the property out, as systemctl leaves out one it cannot read.
+            if reply.header.message_type is MessageType.error or not _is_variant(body):
                 continue
-            _signature, value = reply.body[0]
-            out[name] = as_show_value(value)
+            out[name] = as_show_value(body[0][1])
         return out
 
     def _connect(self, deadline: float) -> socket.socket:
@@ -211,6 +213,15 @@ class UnitBus:
                 _left(deadline)  # the deadline itself: raises
                 ping = new_method_call(DBusAddress("/", _SYSTEMD, _PEER), "Ping")
                 sock.sendall(ping.serialise(serial=next(self._serials)))
+
+
+def _is_variant(body: Any) -> bool:
+    return (
+        isinstance(body, tuple)
+        and len(body) == 1
+        and isinstance(body[0], tuple)
+        and len(body[0]) == 2
+    )
 
 
 def _left(deadline: float) -> float:
