@@ -53,13 +53,6 @@ def _config_or_defaults(args: argparse.Namespace) -> tuple[Config, str]:
         return Config(), f"(config not read: {exc}; using defaults)"
 
 
-def stale_after(cfg: Config) -> float:
-    """See report.status.stale_after (the daemon publishes it in the status file)."""
-    from hydra_watchdog.report import status  # noqa: PLC0415 - see the top
-
-    return status.stale_after(cfg)
-
-
 # --- commands -----------------------------------------------------------------------------------
 
 
@@ -106,7 +99,11 @@ def cmd_status(args: argparse.Namespace) -> int:
 def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, str]:
     from pathlib import Path  # noqa: PLC0415
 
-    from hydra_watchdog.report.status import daemon_problem, evaluate  # noqa: PLC0415
+    from hydra_watchdog.report.status import (  # noqa: PLC0415
+        daemon_problem,
+        evaluate,
+        stale_after,
+    )
     from hydra_watchdog.report.status_file import STATUS_FILE, read_status  # noqa: PLC0415
 
     cfg, note = _config_or_defaults(args)

@@ -106,7 +106,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         report(finished=True, ok=False, detail=f"load helper: {exc}")
         return 78
     client = TabbyClient.from_config(cfg, admin_key=key)
-    client.note_unit(SystemctlUnit(cfg.tabbyapi.unit).status())
+    units = SystemctlUnit(cfg.tabbyapi.unit)
+    client.note_unit(units.status())
+    # Let go of PID 1's bus at once: a load lasts minutes, and PID 1 sends every unit change to
+    # each connection on its private socket, which nobody here would read.
+    units.close()
     report()
 
     def on_progress(done: int, total: int) -> None:

@@ -37,7 +37,6 @@ from hydra_watchdog.adapters.process_control import PidfdControl
 from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
-from hydra_watchdog.cli import stale_after
 from hydra_watchdog.config import (
     Config,
     ConfigError,
@@ -52,6 +51,7 @@ from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.metrics import parse_listen
+from hydra_watchdog.report.status import stale_after
 from tests import policy_kit as kit
 from tests.test_config import DEVICE_FIELDS, raw_value
 
