@@ -22,12 +22,11 @@ import time
 from pathlib import Path
 
 from hydra_watchdog.observation import PauseRequest, local_failure
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.statefile import (
-    UnusableFileError,
     ensure_private_dir,
     move_aside,
     parse_json,
-    read_regular,
     write_atomic,
 )
 

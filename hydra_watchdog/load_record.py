@@ -23,7 +23,8 @@ from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
-from hydra_watchdog.statefile import parse_json, read_regular, write_atomic
+from hydra_watchdog.regular_file import read_regular
+from hydra_watchdog.statefile import parse_json, write_atomic
 
 LAUNCH_FILE = "load.json"
 REPORT_FILE = "load-progress.json"

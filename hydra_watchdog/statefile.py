@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra_watchdog.events import Event
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 
 if TYPE_CHECKING:  # imported where used: `status` reads its file with read_regular, no policy
     from hydra_watchdog.policy_state import PolicyState
@@ -70,11 +71,6 @@ def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
 class UnsafeDirectoryError(OSError):
     """A directory we would have to trust but must not: the message says what is wrong and how to
     fix it. An OSError, so that per-cycle writers treat it like any other failed write."""
-
-
-class UnusableFileError(ValueError):
-    """A path that holds something other than a regular file of ours (a directory, a FIFO, a
-    symlink, a file too large)."""
 
 
 def _create_dir(path: Path, mode: int, what: str, *, follow: bool) -> os.stat_result | None:
@@ -147,50 +143,6 @@ def ensure_public_dir(path: Path) -> None:
             f"runtime dir {path} is owned by uid {st.st_uid}, not by uid {euid} that runs "
             f"hydra-watchdog: its owner could replace status.json; remove it or chown it"
         )
-
-
-def read_regular(path: Path, limit: int) -> tuple[bytes, os.stat_result]:
-    """The bytes of a regular file of at most `limit` bytes, and its stat. Never follows a symlink
-    and never blocks on a FIFO. FileNotFoundError and PermissionError pass through; anything else
-    that is not a readable regular file within the limit is UnusableFileError. The watchdog's
-    own resource failures (EMFILE, ENOMEM...) pass through as OSError: they are not the file's
-    fault, and a file must never be moved aside for them."""
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except (FileNotFoundError, PermissionError):
-        raise
-    except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket; ...
-        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see TYPE_CHECKING
-
-        if local_failure(exc):
-            raise
-        raise UnusableFileError(f"cannot open it: {exc.strerror or exc}") from None
-    try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise UnusableFileError(f"not a regular file (mode {stat.filemode(st.st_mode)})")
-        if st.st_size > limit:
-            raise UnusableFileError(
-                f"{st.st_size} bytes, more than the {limit} a valid one can have"
-            )
-        chunks, total = [], 0
-        while total <= limit:  # the size may change while we read: the limit holds regardless
-            chunk = os.read(fd, min(1024**2, limit + 1 - total))
-            if not chunk:
-                break
-            chunks.append(chunk)
-            total += len(chunk)
-        if total > limit:
-            raise UnusableFileError(f"more than the {limit} bytes a valid one can have")
-        return b"".join(chunks), st
-    except OSError as exc:
-        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see TYPE_CHECKING
-
-        if local_failure(exc):
-            raise
-        raise UnusableFileError(f"cannot read it: {exc.strerror or exc}") from None
-    finally:
-        os.close(fd)
 
 
 def _refuse_constant(name: str) -> Any:

@@ -11,11 +11,10 @@ from __future__ import annotations
 import dataclasses
 from pathlib import Path
 
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.report.status import StatusReport, from_json, to_json
 from hydra_watchdog.statefile import (
-    UnusableFileError,
     ensure_public_dir,
-    read_regular,
     write_atomic,
 )
 

@@ -25,6 +25,7 @@ import re
 import time
 
 from hydra_watchdog import __version__
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.report.status_view import daemon_problem, evaluate, print_status
 from hydra_watchdog.states import Phase, Verdict
 
@@ -276,29 +277,13 @@ def parse_report(text: bytes) -> dict[str, Any]:
 
 
 def read_small(path: str, limit: int, *, follow: bool = False) -> bytes:
-    """A regular file of at most `limit` bytes, not blocking on a FIFO, through a symlink only
-    if `follow` (the config: NixOS links it; never the status file, as read_regular);
-    UnusualError otherwise, or when it is missing or unreadable (the full path says which)."""
-    flags = os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC | (0 if follow else os.O_NOFOLLOW)
+    """read_regular (the config through a symlink when `follow`: NixOS links it); UnusualError
+    when it is missing, unreadable or unusable (the full path says which)."""
     try:
-        fd = os.open(path, flags)
-    except OSError:
+        data, _ = read_regular(path, limit, follow=follow)
+    except (OSError, UnusableFileError):
         raise UnusualError from None
-    try:
-        st = os.fstat(fd)
-        if not (st.st_mode & 0o170000 == 0o100000 and st.st_size <= limit):  # S_ISREG
-            raise UnusualError
-        data = os.read(fd, limit + 1)
-        while len(data) <= limit:
-            more = os.read(fd, limit + 1 - len(data))
-            if not more:
-                return data
-            data += more
-        raise UnusualError
-    except OSError:
-        raise UnusualError from None
-    finally:
-        os.close(fd)
+    return data
 
 
 _RUNTIME_DIR = re.compile(rb'^[ \t]*runtime_dir[ \t]*=[ \t]*"([^"\\\n]*)"[ \t]*(?:#[^\n]*)?$', re.M)

@@ -1,0 +1,68 @@
+"""Bounded reads of regular files the daemon and `status` read: state, pause, load records, the
+status file, and `status`'s config.
+
+Its own module, importing only os and stat, because `status`'s quick path (report/status_quick.py)
+reads with it too and must not pay for statefile's imports at every start.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+
+TYPE_CHECKING = False  # not typing's: `status` would pay for importing it
+if TYPE_CHECKING:
+    StrPath = str | os.PathLike[str]
+
+
+class UnusableFileError(ValueError):
+    """A path that holds something other than a regular file of ours (a directory, a FIFO, a
+    symlink, a file too large)."""
+
+
+def read_regular(
+    path: StrPath, limit: int, *, follow: bool = False
+) -> tuple[bytes, os.stat_result]:
+    """The bytes of a regular file of at most `limit` bytes, and its stat. Follows a symlink only
+    when told (`follow`: a config NixOS links into the store), never blocks on a FIFO.
+    FileNotFoundError and PermissionError pass through; anything else that is not a readable
+    regular file within the limit is UnusableFileError. The watchdog's
+    own resource failures (EMFILE, ENOMEM...) pass through as OSError: they are not the file's
+    fault, and a file must never be moved aside for them."""
+    try:
+        nofollow = 0 if follow else os.O_NOFOLLOW
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
+    except (FileNotFoundError, PermissionError):
+        raise
+    except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket; ...
+        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see the module doc
+
+        if local_failure(exc):
+            raise
+        raise UnusableFileError(f"cannot open it: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise UnusableFileError(f"not a regular file (mode {stat.filemode(st.st_mode)})")
+        if st.st_size > limit:
+            raise UnusableFileError(
+                f"{st.st_size} bytes, more than the {limit} a valid one can have"
+            )
+        chunks, total = [], 0
+        while total <= limit:  # the size may change while we read: the limit holds regardless
+            chunk = os.read(fd, min(1024**2, limit + 1 - total))
+            if not chunk:
+                break
+            chunks.append(chunk)
+            total += len(chunk)
+        if total > limit:
+            raise UnusableFileError(f"more than the {limit} bytes a valid one can have")
+        return b"".join(chunks), st
+    except OSError as exc:
+        from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see the module doc
+
+        if local_failure(exc):
+            raise
+        raise UnusableFileError(f"cannot read it: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
