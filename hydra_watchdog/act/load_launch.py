@@ -33,6 +33,7 @@ from pathlib import Path
 
 from hydra_watchdog.actions import LoadModel
 from hydra_watchdog.adapters.identity import read_text, stat_start_ticks
+from hydra_watchdog.adapters.systemd import first_line
 from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.config import Config
 from hydra_watchdog.load_record import (
@@ -74,10 +75,6 @@ def _start_ticks(pid: int) -> int | None:
     if parsed is None or parsed[0] in ("Z", "X"):
         return None
     return parsed[1]
-
-
-def _first_line(text: str) -> str:
-    return next((line.strip() for line in text.splitlines() if line.strip()), "")[:200]
 
 
 class LoadHelpers:
@@ -185,7 +182,7 @@ class LoadHelpers:
             return launch  # it may well have started: the unit's state says so from now on
         if done.returncode != 0:
             clear(self.state_dir)
-            why = _first_line(done.stderr) or f"exit status {done.returncode}"
+            why = first_line(done.stderr)[:200] or f"exit status {done.returncode}"
             return f"systemd-run could not start the load helper {unit}: {why}"
         return launch
 

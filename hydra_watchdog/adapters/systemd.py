@@ -210,7 +210,7 @@ class SystemctlUnit:
             return UnitStatus(
                 name=self.unit,
                 available=False,
-                detail=f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}",
+                detail=f"systemctl show failed ({proc.returncode}): {first_line(proc.stderr)}",
                 read_via=via,
             )
         return parse_show(self.unit, proc.stdout, read_via=via)
@@ -225,7 +225,7 @@ class SystemctlUnit:
             return EnvLookup(None, proc)
         if proc.returncode != 0:
             return EnvLookup(
-                None, f"systemctl show failed ({proc.returncode}): {_first_line(proc.stderr)}"
+                None, f"systemctl show failed ({proc.returncode}): {first_line(proc.stderr)}"
             )
         environment, files = "", []
         for line in proc.stdout.splitlines():
@@ -250,7 +250,7 @@ class SystemctlUnit:
             return CommandOutcome(ok=False, detail=f"systemctl {verb} {self.unit}: {proc}")
         if proc.returncode == 0:
             return CommandOutcome(ok=True, detail=f"systemctl {verb} {self.unit}: ok")
-        err = _first_line(proc.stderr) or f"exit code {proc.returncode}"
+        err = first_line(proc.stderr) or f"exit code {proc.returncode}"
         if verb is UnitVerb.RESET_FAILED and "not loaded" in err:
             # systemd unloads an inactive unit it no longer needs: nothing is failed to reset.
             return CommandOutcome(
@@ -275,7 +275,7 @@ class SystemctlUnit:
         if isinstance(proc, str):
             return (f"[journal unavailable: {proc}]",)
         if proc.returncode != 0:
-            return (f"[journal unavailable: {_first_line(proc.stderr) or proc.returncode}]",)
+            return (f"[journal unavailable: {first_line(proc.stderr) or proc.returncode}]",)
         said = [line for line in proc.stdout.splitlines() if not _UNIT_FILE_NOTE.search(line)]
         return tuple(said[-lines:])
 
@@ -314,5 +314,6 @@ def _group_members(pgid: int) -> list[int]:
     return members
 
 
-def _first_line(text: str) -> str:
+def first_line(text: str) -> str:
+    """The first line of a command's output that is not blank, stripped ("" when none)."""
     return next((line.strip() for line in text.splitlines() if line.strip()), "")
