@@ -11,10 +11,10 @@ import sys
 import time
 
 from hydra_watchdog import __version__
-from hydra_watchdog.states import Verdict
 
 # `status` runs every few seconds from monitoring: this module imports only what its quick path
 # needs (report/status_quick.py); every other command imports what it uses where it uses it.
+# Not even states (its enums import enum): `status` passes verdicts as their exit codes.
 TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` milliseconds
 if TYPE_CHECKING:
     import argparse
@@ -76,14 +76,14 @@ def cmd_status(args: argparse.Namespace) -> int:
     useful; whatever goes wrong here is UNKNOWN with the reason. main() first tries the quick
     path (report/status_quick.py), which prints the same when it answers at all."""
     from hydra_watchdog.report.status import to_json  # noqa: PLC0415
-    from hydra_watchdog.report.status_view import print_status  # noqa: PLC0415
+    from hydra_watchdog.report.status_view import UNKNOWN, print_status  # noqa: PLC0415
 
     now = time.time() if args.now is None else args.now
     try:
         verdict, why, report, note = _status(args, now)
     except Exception as exc:  # see the docstring
         verdict, why, report, note = (
-            Verdict.UNKNOWN,
+            UNKNOWN,
             f"cannot evaluate the status: {type(exc).__name__}: {exc}",
             None,
             "",
@@ -96,7 +96,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     return print_status(verdict, why, report, doc, note, as_json=args.json, now=now)
 
 
-def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, str]:
+def _status(args: argparse.Namespace, now: float) -> tuple[int, str, Any, str]:
     from pathlib import Path  # noqa: PLC0415
 
     from hydra_watchdog.report.status import (  # noqa: PLC0415
@@ -105,6 +105,7 @@ def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, st
         stale_after,
     )
     from hydra_watchdog.report.status_file import STATUS_FILE, read_status  # noqa: PLC0415
+    from hydra_watchdog.report.status_view import UNKNOWN  # noqa: PLC0415
 
     cfg, note = _config_or_defaults(args)
     runtime_dir = Path(args.runtime_dir or cfg.watchdog.runtime_dir)
@@ -112,10 +113,10 @@ def _status(args: argparse.Namespace, now: float) -> tuple[Verdict, str, Any, st
     try:
         report = read_status(runtime_dir)
     except ValueError as exc:
-        return Verdict.UNKNOWN, f"{path}: {exc}", None, note
+        return UNKNOWN, f"{path}: {exc}", None, note
     if report is None:
         why = f"no status file {path}: hydra-watchdog is not running (or never completed a cycle)"
-        return Verdict.UNKNOWN, why, None, note
+        return UNKNOWN, why, None, note
     gone = daemon_problem(report) if report.stopped_at is None else ""
     verdict, why = evaluate(report, wall_now=now, stale_after=stale_after(cfg), daemon=gone)
     return verdict, why, report, note
@@ -202,7 +203,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from hydra_watchdog.observe import Observer  # noqa: PLC0415
     from hydra_watchdog.policy import decide  # noqa: PLC0415
     from hydra_watchdog.policy_state import PolicyState, to_jsonable  # noqa: PLC0415
-    from hydra_watchdog.states import Phase  # noqa: PLC0415
+    from hydra_watchdog.states import Phase, Verdict  # noqa: PLC0415
 
     cfg = _config(args)
     adapters = build_adapters(cfg)
@@ -247,6 +248,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """The runbook's post-rebuild verification, step by step."""
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
+    from hydra_watchdog.states import Verdict  # noqa: PLC0415
 
     cfg = _config(args)
     adapters = build_adapters(cfg)

@@ -32,10 +32,12 @@ HEAVY = (
 )
 
 PROBE = """
-import json, sys
+import sys
 from hydra_watchdog.cli import main
 code = main(sys.argv[1:])
-print(json.dumps({"code": code, "modules": sorted(sys.modules)}))
+modules = sorted(sys.modules)  # before this probe's own json
+import json
+print(json.dumps({"code": code, "modules": modules}))
 """
 
 
@@ -121,6 +123,11 @@ NOT_QUICK = (
     "hydra_watchdog.statefile",
     "hydra_watchdog.jsonable",
     "hydra_watchdog.events",
+    # json imports re, re imports enum, and states holds enums: ~15 ms together (measured)
+    "json",
+    "re",
+    "enum",
+    "hydra_watchdog.states",
 )
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -16,6 +17,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from hydra_watchdog import cli, config
 from hydra_watchdog.config import load_config
@@ -26,6 +29,7 @@ from hydra_watchdog.report import status, status_file
 from hydra_watchdog.report import status_quick as quick
 from hydra_watchdog.report.status import build_status, from_json, process_start
 from hydra_watchdog.report.status_file import mark_stopped, write_status
+from hydra_watchdog.report.status_view import UNKNOWN, VERDICT_NAMES
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 
 NOW = time.time()
@@ -293,6 +297,11 @@ def test_the_constants_are_the_modules_constants() -> None:
     assert quick.STATUS_MAX_BYTES == status_file.STATUS_MAX_BYTES
     assert quick.SCHEMA_VERSION == status.SCHEMA_VERSION
     assert cli.EX_CONFIG == config.EX_CONFIG
+    # the enums' values, which status_view and the quick path hold as plain strings and ints
+    assert frozenset(p.value for p in Phase) == quick.PHASES
+    assert tuple(v.name for v in sorted(Verdict)) == VERDICT_NAMES
+    assert [int(v) for v in sorted(Verdict)] == list(range(len(VERDICT_NAMES)))
+    assert Verdict.UNKNOWN == UNKNOWN
 
 
 def test_normalize_agrees_with_the_full_reader(node: Path, standin: int) -> None:
@@ -334,3 +343,141 @@ def test_the_runtime_dir_guess(config_text: str, expected: str) -> None:
 def test_the_runtime_dir_guess_gives_up_when_unsure(config_text: str) -> None:
     with pytest.raises(quick.UnusualError):
         quick.guess_runtime_dir(config_text.encode())
+
+
+# --- the JSON reader: json's C scanner without the json package -----------------------------------
+
+
+def _json_loads(text: bytes) -> Any:
+    """The reference: json.loads, refusing NaN and Infinity as the quick path does."""
+
+    def refuse(name: str) -> Any:
+        raise ValueError(name)
+
+    return json.loads(text, parse_constant=refuse)
+
+
+def _agrees(text: bytes) -> None:
+    try:
+        expected = _json_loads(text)
+    except (ValueError, RecursionError):
+        with pytest.raises(quick.UnusualError):
+            quick.loads(text)
+        return
+    try:
+        got = quick.loads(text)
+    except quick.UnusualError:
+        # stricter is allowed (the full path then answers); only for what UTF-8 cannot say
+        assert text.decode("utf-8", "replace").startswith("\ufeff") or not _utf8(text)
+        return
+    assert got == expected and type(got) is type(expected)
+
+
+def _utf8(text: bytes) -> bool:
+    try:
+        text.decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
+
+
+_JSON_VALUES = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers()
+    | st.floats(allow_nan=False, allow_infinity=False)
+    | st.text(),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=20,
+)
+
+
+@settings(max_examples=300, deadline=None)
+@given(_JSON_VALUES, st.sampled_from(["", " ", "\n", "\t\r\n "]), st.booleans())
+def test_loads_reads_what_json_loads_reads(value: Any, space: str, ascii_only: bool) -> None:
+    text = (space + json.dumps(value, ensure_ascii=ascii_only) + space).encode()
+    assert quick.loads(text) == json.loads(text)
+    _agrees(text)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b"",
+        b"   ",
+        b"{not json",
+        b'{"a": 1} trailing',
+        b'{"a": 1}{"b": 2}',
+        b'{"a": NaN}',
+        b"[Infinity]",
+        b"-Infinity",
+        b'{"a": 1,}',
+        b"[1 2]",
+        b'"\\x"',
+        b'"\\ud800"',
+        b'"a\tb"',  # a raw control character inside a string: strict JSON refuses it
+        b"\xef\xbb\xbf{}",  # a UTF-8 byte-order mark
+        b'{"a": "\xff"}',  # not UTF-8
+        b"1" * 5000,  # past int's digit limit
+        b"[" * 100_000 + b"]" * 100_000,
+        b'{"a": 1, "a": 2}',
+        b"\x0c{}",  # a form feed is not JSON whitespace
+    ],
+)
+def test_loads_refuses_what_json_loads_refuses(text: bytes) -> None:
+    _agrees(text)
+
+
+def test_loads_refuses_malformed_json_without_the_json_package() -> None:
+    """The C scanner reports a syntax error through json.decoder; while that is not imported,
+    Python 3.11's raises SystemError instead. Either way the quick path defers, importing
+    nothing."""
+    probe = (
+        "import sys\n"
+        "from hydra_watchdog.report import status_quick as q\n"
+        "for text in (b'{not json', b'[1,', b'{\"a\": NaN}', b'{} x'):\n"
+        "    try:\n"
+        "        q.loads(text)\n"
+        "    except q.UnusualError:\n"
+        "        pass\n"
+        "    else:\n"
+        "        raise SystemExit(f'accepted {text!r}')\n"
+        "print(q.loads(b' {\"ok\": [1, 2.5, null]} '))\n"
+        "print(sorted(m for m in ('json', 'json.decoder', 're', 'enum') if m in sys.modules))\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=60, check=True
+    ).stdout.splitlines()
+    assert out == ["{'ok': [1, 2.5, None]}", "[]"]
+
+
+# The guess's reference: the pattern it replaced (re costs `status` its import).
+_RUNTIME_DIR_RE = re.compile(
+    rb'^[ \t]*runtime_dir[ \t]*=[ \t]*"([^"\\\n]*)"[ \t]*(?:#[^\n]*)?$', re.M
+)
+_LINE_PARTS = st.lists(
+    st.sampled_from(
+        [" ", "\t", "runtime_dir", "runtime_dirs", "x", "=", '"', "/run/a", "\\", "#", "\r", "'"]
+    ),
+    max_size=9,
+).map("".join)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(_LINE_PARTS, min_size=1, max_size=4))
+def test_the_runtime_dir_guess_finds_what_the_pattern_finds(lines: list[str]) -> None:
+    config_bytes = "\n".join(lines).encode()
+    if b"runtime_dir" not in config_bytes:
+        assert quick.guess_runtime_dir(config_bytes) == quick.DEFAULT_RUNTIME_DIR
+        return
+    found = _RUNTIME_DIR_RE.findall(config_bytes)
+    if len(found) == 1:
+        assert quick.guess_runtime_dir(config_bytes) == found[0].decode()
+    else:
+        with pytest.raises(quick.UnusualError):
+            quick.guess_runtime_dir(config_bytes)
+
+
+def test_a_runtime_dir_that_is_not_utf8_is_left_to_the_full_path() -> None:
+    with pytest.raises(quick.UnusualError):
+        quick.guess_runtime_dir(b'[watchdog]\nruntime_dir = "/run/\xff"\n')

@@ -307,7 +307,7 @@ def test_before_the_first_observation() -> None:
     assert report.since is None
     assert report.phase is Phase.UNKNOWN
     assert report.health is None and report.unit is None and report.gpus == ()
-    assert evaluate(report, wall_now=WALL, stale_after=60)[0] is Verdict.UNKNOWN
+    assert evaluate(report, wall_now=WALL, stale_after=60)[0] == Verdict.UNKNOWN
 
 
 def test_gpu_probe_error_is_reported() -> None:
@@ -378,14 +378,14 @@ def test_from_json_garbage_is_a_clear_value_error(text: str | bytes, words: str)
 
 def test_missing_report_is_unknown() -> None:
     verdict, why = evaluate(None, wall_now=WALL, stale_after=60)
-    assert verdict is Verdict.UNKNOWN
+    assert verdict == Verdict.UNKNOWN
     assert "not running" in why
 
 
 def test_stale_report_is_unknown_and_says_why() -> None:
     report = build()
     verdict, why = evaluate(report, wall_now=WALL + 120, stale_after=60)
-    assert verdict is Verdict.UNKNOWN
+    assert verdict == Verdict.UNKNOWN
     assert "stale" in why and "122 s ago" in why and "pid 1234" in why
 
 
@@ -393,20 +393,20 @@ def test_stale_report_is_unknown_and_says_why() -> None:
 def test_fresh_report_verdict_per_phase(phase: Phase) -> None:
     report = build(state=dataclasses.replace(STATE, phase=phase))
     verdict, why = evaluate(report, wall_now=WALL + 1, stale_after=60)
-    assert verdict is phase.verdict
+    assert verdict == phase.verdict
     # the caller prints "<VERDICT>: <why>": a why that repeats the name reads "OK: OK: ..."
-    assert why.startswith(phase.value) and not why.startswith(verdict.name)
+    assert why.startswith(phase.value) and not why.startswith(Verdict(verdict).name)
 
 
 def test_verdicts_of_key_phases() -> None:
-    def verdict_of(phase: Phase) -> Verdict:
+    def verdict_of(phase: Phase) -> int:
         report = build(state=dataclasses.replace(STATE, phase=phase))
         return evaluate(report, wall_now=WALL, stale_after=60)[0]
 
-    assert verdict_of(Phase.HEALTHY) is Verdict.OK
-    assert verdict_of(Phase.DEGRADED) is Verdict.WARNING
-    assert verdict_of(Phase.DOWN) is Verdict.CRITICAL
-    assert verdict_of(Phase.ESCALATED) is Verdict.CRITICAL
+    assert verdict_of(Phase.HEALTHY) == Verdict.OK
+    assert verdict_of(Phase.DEGRADED) == Verdict.WARNING
+    assert verdict_of(Phase.DOWN) == Verdict.CRITICAL
+    assert verdict_of(Phase.ESCALATED) == Verdict.CRITICAL
 
 
 # --- render ---------------------------------------------------------------------------------------
@@ -480,10 +480,10 @@ def test_schema_doc_lists_every_field_of_every_object() -> None:
 
 def test_a_stopped_daemon_is_unknown_with_the_time_it_stopped() -> None:
     report = dataclasses.replace(build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY)))
-    assert evaluate(report, wall_now=WALL + 1, stale_after=60)[0] is Verdict.OK
+    assert evaluate(report, wall_now=WALL + 1, stale_after=60)[0] == Verdict.OK
     stopped = dataclasses.replace(report, stopped_at=WALL + 2)
     verdict, why = evaluate(stopped, wall_now=WALL + 20, stale_after=60)
-    assert verdict is Verdict.UNKNOWN
+    assert verdict == Verdict.UNKNOWN
     assert "(pid 1234) stopped at" in why and "(18 s ago)" in why
     assert "STOPPED at" in render_human(stopped, now=WALL + 20)
 
@@ -501,10 +501,10 @@ def test_a_heartbeat_from_the_future_is_unknown(ahead: float) -> None:
     report = build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY))
     future = dataclasses.replace(report, heartbeat=WALL + ahead)
     verdict, why = evaluate(future, wall_now=WALL, stale_after=60)
-    assert verdict is Verdict.UNKNOWN and "in the future" in why
+    assert verdict == Verdict.UNKNOWN and "in the future" in why
     # a little skew (a clock step by NTP) is tolerated
     near = dataclasses.replace(report, heartbeat=WALL + 5)
-    assert evaluate(near, wall_now=WALL, stale_after=60)[0] is Verdict.OK
+    assert evaluate(near, wall_now=WALL, stale_after=60)[0] == Verdict.OK
 
 
 def test_ages_are_computed_from_now_not_from_when_the_file_was_written() -> None:
@@ -618,7 +618,7 @@ def poisoned_status(path: tuple[object, ...], poison: str, base: StatusReport) -
 @given(data=st.data())
 def test_fuzz_a_poisoned_field_is_a_value_error(data: st.DataObject) -> None:
     base = _healthy()
-    assert evaluate(base, wall_now=WALL, stale_after=60)[0] is Verdict.OK  # without the poison
+    assert evaluate(base, wall_now=WALL, stale_after=60)[0] == Verdict.OK  # without the poison
     raw = json.loads(to_json(base))
     path = data.draw(st.sampled_from(_fields(raw)))
     text = poisoned_status(path, data.draw(st.sampled_from(_POISON)), base)

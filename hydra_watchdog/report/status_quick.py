@@ -19,20 +19,29 @@ what is wrong. The judging and the text are shared with it (status_view.py).
 
 from __future__ import annotations
 
-import json
 import os
-import re
 import time
 
 from hydra_watchdog import __version__
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
-from hydra_watchdog.report.status_view import daemon_problem, evaluate, print_status
-from hydra_watchdog.states import Phase, Verdict
+from hydra_watchdog.report.status_view import (
+    VERDICT_NAMES,
+    daemon_problem,
+    evaluate,
+    print_status,
+)
 
 try:  # the C module hashlib's sha256 falls back on; hashlib itself loads OpenSSL (milliseconds)
     from _sha256 import sha256  # type: ignore[import-not-found]
 except ImportError:  # pragma: no cover - Python >= 3.12 names it _sha2
     from hashlib import sha256
+
+# json's own C scanner, which json.loads runs too: the json package imports re, and re imports
+# enum, ~15 ms of this command's start-up (measured). Without the C module, json itself.
+try:
+    import _json
+except ImportError:  # pragma: no cover - every CPython has it
+    _json = None  # type: ignore[assignment]
 
 TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` milliseconds
 if TYPE_CHECKING:
@@ -170,8 +179,24 @@ SCHEMA: dict[str, tuple[tuple[str, str, Any], ...]] = {
         ("stale_after", "float", 0.0),
     ),
 }
-_PHASES = frozenset(p.value for p in Phase)
-_VERDICTS = frozenset(int(v) for v in Verdict)
+# states.Phase's values (a test keeps them equal): states imports enum.
+PHASES = frozenset(
+    (
+        "unknown",
+        "starting",
+        "healthy",
+        "degraded",
+        "no_model",
+        "loading",
+        "down",
+        "recovering",
+        "backoff",
+        "escalated",
+        "blocked",
+        "paused",
+    )
+)
+_VERDICTS = frozenset(range(len(VERDICT_NAMES)))
 
 
 class UnusualError(Exception):
@@ -197,7 +222,7 @@ def _value(kind: str, raw: Any) -> Any:  # noqa: PLR0912 - one branch per kind
     if kind in SCHEMA:
         return normalize(kind, raw)
     if kind in ("str", "phase"):
-        if type(raw) is not str or (kind == "phase" and raw not in _PHASES):
+        if type(raw) is not str or (kind == "phase" and raw not in PHASES):
             raise UnusualError
         try:
             raw.encode("utf-8")  # a lone surrogate from a \ud800 escape is not text
@@ -240,17 +265,14 @@ def normalize(record: str, raw: Any) -> dict[str, Any]:
 
 
 def view(record: str, doc: dict[str, Any]) -> View:
-    """The normalised JSON as objects shaped like the dataclasses (enums, tuples)."""
+    """The normalised JSON as objects shaped like the dataclasses (tuples; the phase a plain
+    string and the verdict a plain int, as status_view reads them)."""
     fields: dict[str, Any] = {}
     for name, kind, _ in SCHEMA[record]:
         value = doc[name]
         base = kind.rstrip("?*")
         if value is None:
             pass
-        elif kind == "phase":
-            value = Phase(value)
-        elif kind == "verdict":
-            value = Verdict(value)
         elif kind.endswith("*"):
             value = tuple(view(base, v) if base in SCHEMA else v for v in value)
         elif base in SCHEMA:
@@ -263,12 +285,45 @@ def _refuse_constant(name: str) -> Any:
     raise UnusualError
 
 
+class _Decoding:
+    """What json.JSONDecoder hands the C scanner: json.loads's defaults, NaN and Infinity
+    refused (the full path refuses them too)."""
+
+    strict = True
+    object_hook = None
+    object_pairs_hook = None
+    parse_float = float
+    parse_int = int
+    parse_constant = staticmethod(_refuse_constant)
+
+
+_WHITESPACE = " \t\n\r"  # JSON's, as json.decoder's WHITESPACE pattern has it
+
+
+def loads(text: bytes) -> Any:
+    """json.loads(text) for UTF-8 text; UnusualError for anything json.loads would refuse, or
+    might read differently (another encoding, a byte-order mark)."""
+    try:
+        string = text.decode("utf-8")
+        if _json is None:  # pragma: no cover - see the import
+            import json  # noqa: PLC0415
+
+            return json.loads(string, parse_constant=_refuse_constant)
+        start = len(string) - len(string.lstrip(_WHITESPACE))
+        # typeshed types the context as a scanner; any object with JSONDecoder's attributes is
+        value, end = _json.make_scanner(_Decoding)(string, start)  # type: ignore[arg-type]
+    except Exception:  # any refusal: the full path reads the file and says why
+        # (Malformed JSON: the scanner raises JSONDecodeError once json.decoder is imported,
+        # Python 3.11's raises SystemError before that; NaN: _refuse_constant's UnusualError.)
+        raise UnusualError from None
+    if string[end:].strip(_WHITESPACE):
+        raise UnusualError  # json.loads: "Extra data"
+    return value
+
+
 def parse_report(text: bytes) -> dict[str, Any]:
     """The status file's report, normalised; UnusualError for anything but a plain, valid one."""
-    try:
-        raw = json.loads(text, parse_constant=_refuse_constant)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        raise UnusualError from None
+    raw = loads(text)
     if type(raw) is not dict or not (
         type(raw.get("schema")) is int and 1 <= raw["schema"] <= SCHEMA_VERSION
     ):
@@ -286,7 +341,20 @@ def read_small(path: str, limit: int, *, follow: bool = False) -> bytes:
     return data
 
 
-_RUNTIME_DIR = re.compile(rb'^[ \t]*runtime_dir[ \t]*=[ \t]*"([^"\\\n]*)"[ \t]*(?:#[^\n]*)?$', re.M)
+def _runtime_dir_line(line: bytes) -> bytes | None:
+    """VALUE of a line `runtime_dir = "VALUE"` (a basic string without escapes, spaces or tabs
+    around, an optional comment after), or None for any other line."""
+    key, eq, rest = line.partition(b"=")
+    if not eq or key.strip(b" \t") != b"runtime_dir":
+        return None
+    rest = rest.lstrip(b" \t")
+    if not rest.startswith(b'"'):
+        return None
+    value, quote, tail = rest[1:].partition(b'"')
+    if not quote or b"\\" in value:
+        return None
+    tail = tail.lstrip(b" \t")
+    return value if not tail or tail.startswith(b"#") else None
 
 
 def guess_runtime_dir(config: bytes) -> str:
@@ -294,10 +362,13 @@ def guess_runtime_dir(config: bytes) -> str:
     status file it leads to must confirm (the report names the daemon's runtime_dir)."""
     if b"runtime_dir" not in config:
         return DEFAULT_RUNTIME_DIR
-    found = _RUNTIME_DIR.findall(config)
+    found = [v for line in config.split(b"\n") if (v := _runtime_dir_line(line)) is not None]
     if len(found) != 1:
         raise UnusualError
-    return str(found[0].decode("utf-8"))
+    try:
+        return found[0].decode("utf-8")
+    except UnicodeDecodeError:  # not TOML at all: the full path says so
+        raise UnusualError from None
 
 
 def parse_args(argv: Sequence[str]) -> tuple[str, str | None, bool]:

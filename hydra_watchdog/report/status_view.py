@@ -5,7 +5,9 @@ Split from report/status.py, which holds the report's dataclasses and builds it,
 `status` command's quick path (report/status_quick.py) can use the very same code on the report
 it reads without importing dataclasses, typing or the config schema: monitoring runs `status`
 every few seconds, and each of those costs it milliseconds of start-up. The functions take any
-object shaped like a StatusReport (the dataclass, or status_quick's read-only view of one).
+object shaped like a StatusReport (the dataclass, or status_quick's read-only view of one, whose
+phase is a plain string and verdict a plain int). Verdicts are the Nagios exit codes as ints:
+states.Verdict is an IntEnum, and importing enum alone costs `status` several milliseconds.
 """
 
 from __future__ import annotations
@@ -13,8 +15,6 @@ from __future__ import annotations
 import os
 import sys
 import time
-
-from hydra_watchdog.states import Verdict
 
 TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` milliseconds
 if TYPE_CHECKING:
@@ -25,12 +25,15 @@ if TYPE_CHECKING:
 GIB = 1024**3
 FUTURE_SKEW = 10.0  # seconds a heartbeat may lie ahead of `now` (clock steps) before it is a lie
 PROC = "/proc"
+# states.Verdict's names by value (a test keeps them equal): the Nagios plugin exit codes.
+VERDICT_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
+UNKNOWN = 3
 
 
 def summarize(report: StatusReport, *, now: float | None = None) -> str:
     """One line: the sd_notify STATUS and the first line of `status`."""
     now = report.generated_at if now is None else now
-    parts = [report.phase.value]
+    parts = [str(report.phase)]  # Phase is a StrEnum: its str is its value
     if report.paused.paused:
         parts.append(f"paused: {report.paused.reason}" if report.paused.reason else "paused")
     if report.health is not None:
@@ -104,36 +107,37 @@ def evaluate(
     wall_now: float,
     stale_after: float,
     daemon: str = "",
-) -> tuple[Verdict, str]:
-    """The Nagios verdict of a report and one line saying why (without the verdict's name).
+) -> tuple[int, str]:
+    """The Nagios verdict (the exit code: the report's own, judged by the daemon from its phase)
+    of a report and one line saying why (without the verdict's name).
     UNKNOWN when there is no report, the daemon stopped, `daemon` says it is not running (see
     daemon_problem), no cycle completed yet, the heartbeat is in the future or older than
     `stale_after` seconds. Ages are computed from `wall_now`."""
     if report is None:
-        return Verdict.UNKNOWN, (
+        return UNKNOWN, (
             "no status: hydra-watchdog is not running (or has not written its status yet)"
         )
     if report.stopped_at is not None:
-        return Verdict.UNKNOWN, (
+        return UNKNOWN, (
             f"hydra-watchdog (pid {report.pid}) stopped at {_clock(report.stopped_at)} "
             f"({_ago(report.stopped_at, wall_now)}): nothing is watching TabbyAPI"
         )
     if daemon:
-        return Verdict.UNKNOWN, daemon
+        return UNKNOWN, daemon
     if report.heartbeat is None:
-        return Verdict.UNKNOWN, (f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet")
+        return UNKNOWN, (f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet")
     age = wall_now - report.heartbeat
     if age < -FUTURE_SKEW:
-        return Verdict.UNKNOWN, (
+        return UNKNOWN, (
             f"the status file's last cycle is {-age:.0f} s in the future: the clock was set "
             f"back, or the file was not written by hydra-watchdog (pid {report.pid})"
         )
     if age > stale_after:
-        return Verdict.UNKNOWN, (
+        return UNKNOWN, (
             f"status is stale: the last cycle was {age:.0f} s ago (limit {stale_after:.0f} s); "
             f"is hydra-watchdog (pid {report.pid}) hung or stopped?"
         )
-    return report.phase.verdict, summarize(report, now=wall_now)
+    return report.verdict, summarize(report, now=wall_now)
 
 
 def _clock(t: float | None) -> str:
@@ -178,7 +182,7 @@ def render_human(report: StatusReport, *, now: float | None = None) -> str:  # n
     if report.stopped_at is not None:
         daemon += f", STOPPED at {_clock(report.stopped_at)}"
     lines = [
-        f"hydra-watchdog: {report.phase.value.upper()} [{report.phase.verdict.name}] "
+        f"hydra-watchdog: {str(report.phase).upper()} [{VERDICT_NAMES[report.verdict]}] "
         f"since {_clock(report.since)} ({_ago(report.since, now)})",
         f"  {summarize(report, now=now)}",
         f"daemon:     {daemon}" + (", DRY RUN (actions are only logged)" if report.dry_run else ""),
@@ -266,7 +270,7 @@ def render_human(report: StatusReport, *, now: float | None = None) -> str:  # n
 
 
 def print_status(
-    verdict: Verdict,
+    verdict: int,
     why: str,
     report: StatusReport | None,
     doc: object,
@@ -280,10 +284,11 @@ def print_status(
     if as_json:
         import json  # noqa: PLC0415 - only --json needs it
 
-        out = {"verdict": verdict.name, "exit_code": int(verdict), "reason": why, "report": doc}
+        name = VERDICT_NAMES[verdict]
+        out = {"verdict": name, "exit_code": int(verdict), "reason": why, "report": doc}
         print(json.dumps(out, indent=2))
     else:
-        print(f"{verdict.name}: {why}")
+        print(f"{VERDICT_NAMES[verdict]}: {why}")
         if report is not None:
             print(render_human(report, now=now))
         if note:
