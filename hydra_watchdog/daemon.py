@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from types import FrameType
 
-import structlog
-
 from hydra_watchdog import control
 from hydra_watchdog.act.executor import Executor
 from hydra_watchdog.act.load import ModelLoader
@@ -54,6 +52,7 @@ from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide as policy_decide
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.journal import configure_logging, log_event
+from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.reporters import (
     CycleRecord,
@@ -79,7 +78,7 @@ SHUTDOWN_LOAD_WAIT = 10.0
 
 Decide = Callable[[PolicyState, Observation, float, Config], tuple[PolicyState, tuple[Action, ...]]]
 
-log = structlog.get_logger("hydra_watchdog.daemon")
+log = get_logger("hydra_watchdog.daemon")
 
 
 def build_adapters(config: Config) -> Adapters:

@@ -33,7 +33,6 @@ python3Packages.buildPythonApplication {
     nvidia-ml-py
     psutil
     httpx
-    structlog
     prometheus-client
     jeepney
   ];

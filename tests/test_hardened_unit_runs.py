@@ -28,7 +28,7 @@ import ctypes, json, os, signal, socket, subprocess, sys
 result = {}
 # MemoryDenyWriteExecute=true: a libffi closure must still work.
 result["ctypes_callback"] = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)()
-import httpx, psutil, pynvml, structlog
+import httpx, jeepney, prometheus_client, psutil, pynvml
 result["imports"] = True
 with open(os.path.join(os.environ["STATE_DIRECTORY"], "probe"), "w") as f:
     f.write("x")

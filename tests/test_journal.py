@@ -1,4 +1,4 @@
-"""The journald writer: wire format, structlog wiring and sinks, the catalog.
+"""The journald writer: wire format, the logger's wiring and sinks, the catalog.
 
 Records are sent to a real AF_UNIX datagram socket the test binds, and parsed back with an
 independent reader of the native protocol; the catalog goes through the real `journalctl`.
@@ -22,7 +22,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import structlog
 
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.report import journal
@@ -35,6 +34,7 @@ from hydra_watchdog.report.journal import (
     field_name,
     log_event,
 )
+from hydra_watchdog.report.log import capture_logs, get_logger
 from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.systemd_ns import SystemdNamespace
 
@@ -78,9 +78,11 @@ def journal_socket(tmp_path: Path) -> Iterator[tuple[str, socket.socket]]:
 
 
 @pytest.fixture(autouse=True)
-def _reset_structlog() -> Iterator[None]:
-    yield
-    structlog.reset_defaults()
+def _restore_logging() -> Iterator[None]:
+    # capture_logs puts the process's configuration back when it ends: a test's own
+    # configure_logging (the journal socket of its tmp_path) does not outlive the test.
+    with capture_logs():
+        yield
 
 
 def make_event(**overrides: Any) -> Event:
@@ -182,7 +184,7 @@ def test_message_ids_are_stable_128_bit_and_unique() -> None:
     assert MESSAGE_IDS[EventKind.RESTART_LOOP] == "7a01b035dca1496d95cd584754b03efe"
 
 
-# --- the socket and structlog -------------------------------------------------------------------
+# --- the socket and the logger --------------------------------------------------------------------
 
 
 def test_log_event_reaches_the_journal_socket(journal_socket: tuple[str, socket.socket]) -> None:
@@ -199,12 +201,12 @@ def test_log_event_reaches_the_journal_socket(journal_socket: tuple[str, socket.
     assert console.getvalue() == ""
 
 
-def test_plain_structlog_calls_go_to_the_journal_too(
+def test_plain_logger_calls_go_to_the_journal_too(
     journal_socket: tuple[str, socket.socket],
 ) -> None:
     path, sock = journal_socket
     configure_logging(journal=True, socket_path=path, stream=io.StringIO())
-    structlog.get_logger().warning("config file unreadable", path="/etc/x.toml", attempt=2)
+    get_logger("test").warning("config file unreadable", path="/etc/x.toml", attempt=2)
     record = as_dict(parse_native(sock.recv(65536)))
     assert record["MESSAGE"] == "config file unreadable"
     assert record["PRIORITY"] == "4"
@@ -220,7 +222,7 @@ def test_exception_becomes_a_multiline_field(journal_socket: tuple[str, socket.s
         empty: dict[str, int] = {}
         empty["missing"]
     except KeyError:
-        structlog.get_logger().exception("cycle failed")
+        get_logger("test").exception("cycle failed")
     record = as_dict(parse_native(sock.recv(65536)))
     assert record["MESSAGE"] == "cycle failed"
     assert record["PRIORITY"] == "3"

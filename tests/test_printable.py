@@ -15,7 +15,6 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import structlog
 
 from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.events import Event
@@ -23,6 +22,7 @@ from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import GpuReport, ProcessInfo, ProcessRole, UnitStatus
 from hydra_watchdog.printable import printable
 from hydra_watchdog.report.journal import _console_line, configure_logging, log_event
+from hydra_watchdog.report.log import capture_logs
 from hydra_watchdog.states import Rule
 from tests.policy_kit import Run, config, obs, refused
 from tests.test_journal import as_dict, parse_native
@@ -83,11 +83,11 @@ def holder(tmp_path: Path) -> Iterator[tuple[subprocess.Popen[str], int]]:
     )
     try:
         assert proc.stdout is not None and proc.stdout.readline().strip() == "ready"
-        yield proc, port
+        with capture_logs():  # the test's configure_logging ends with it
+            yield proc, port
     finally:
         proc.kill()
         proc.wait()
-        structlog.reset_defaults()
 
 
 def _foreign_holder_events(port: int, pid: int) -> list[Event]:

@@ -11,12 +11,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from structlog.testing import capture_logs
 
 from hydra_watchdog.actions import ActionResult, Reason, ResultStatus, UnitCommand, UnitVerb
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin, RestartRecord
+from hydra_watchdog.report.log import capture_logs
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.reporters import (
     STATE_REFRESH,
@@ -150,8 +150,9 @@ def test_a_failing_reporter_is_logged_and_the_others_still_publish(cfg: Config) 
         publish([_Broken(), JournalReporter(told.append), StatusFileReporter()], record)
     assert told == list(record.told)
     assert read_status(cfg.watchdog.runtime_dir) == record.status
-    (failure,) = [e for e in logs if e["log_level"] == "error"]
+    (failure,) = [e for e in logs if e["level"] == "error"]
     assert failure["reporter"] == "_Broken" and failure["error"] == "a bug in one reporter"
+    assert failure["exception"].endswith("RuntimeError: a bug in one reporter")
 
 
 def test_the_state_file_is_written_only_when_something_changed(cfg: Config) -> None:
@@ -221,7 +222,7 @@ def test_an_unwritable_status_file_is_a_warning(cfg: Config, tmp_path: Path) -> 
     (tmp_path / "run").write_text("a file where the runtime dir belongs")
     with capture_logs() as logs:
         StatusFileReporter().publish(_record(cfg))
-    assert [(e["log_level"], e["event"]) for e in logs] == [("warning", "cannot write status.json")]
+    assert [(e["level"], e["event"]) for e in logs] == [("warning", "cannot write status.json")]
 
 
 def test_metrics_count_restarts_by_issuer_and_skip_latency_without_an_answer(

@@ -123,7 +123,10 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 
 class DeadlineTransport(httpx.HTTPTransport):
     def __init__(self) -> None:
-        super().__init__(trust_env=False)
+        # verify=False: the context httpx builds here serves only the pool replaced below, and
+        # the default one loads certifi's CA bundle (~1 MB RSS). Ours gets no ssl_context: httpcore
+        # would build its verifying default only for an https URL.
+        super().__init__(verify=False, trust_env=False)
         # httpx offers no public hook for the network backend; its own pool is swapped for one
         # built the same way (no proxy, HTTP/1.1) but with the deadline backend.
         self._pool = httpcore.ConnectionPool(

@@ -1,11 +1,11 @@
-"""Logging: structlog in front, journald's native protocol (or the console) behind.
+"""Logging: our logger (log.py) in front, journald's native protocol (or the console) behind.
 
 Under systemd the records go to journald as real fields (HYDRA_STATE, HYDRA_RULE, ...), not as
-JSON inside MESSAGE: structlog has no journald writer, and systemd-python needs libsystemd, so this
-module speaks the native protocol itself (systemd's JOURNAL_NATIVE_PROTOCOL.md, declared stable):
-one datagram of `KEY=value\\n` per record to /run/systemd/journal/socket; a value holding a
-newline is sent as `KEY\\n<u64 little-endian length><bytes>\\n`; a record too big for one datagram
-travels in a sealed memfd passed with SCM_RIGHTS.
+JSON inside MESSAGE: systemd-python needs libsystemd, so this module speaks the native protocol
+itself (systemd's JOURNAL_NATIVE_PROTOCOL.md, declared stable): one datagram of `KEY=value\\n` per
+record to /run/systemd/journal/socket; a value holding a newline is sent as
+`KEY\\n<u64 little-endian length><bytes>\\n`; a record too big for one datagram travels in a
+sealed memfd passed with SCM_RIGHTS.
 
 Each EventKind has a fixed MESSAGE_ID; systemd/hydra-watchdog.catalog explains every one of them
 (`journalctl -x`). Records about TabbyAPI's unit carry OBJECT_SYSTEMD_UNIT, which puts them in
@@ -27,13 +27,20 @@ import socket
 import struct
 import sys
 import threading
-from collections.abc import Iterable, Mapping, MutableMapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
-
-import structlog
 
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.printable import printable
+from hydra_watchdog.report.log import (
+    EventDict,
+    LogConfig,
+    Sink,
+    configure,
+    console_sink,
+    get_logger,
+    pair,
+)
 from hydra_watchdog.states import Severity
 
 JOURNAL_SOCKET = "/run/systemd/journal/socket"
@@ -72,7 +79,7 @@ _LEVEL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 
 _SEVERITY_METHOD = {
     Severity.DEBUG: "debug",
     Severity.INFO: "info",
-    Severity.NOTICE: "info",  # structlog has no notice; PRIORITY=5 still comes from the event
+    Severity.NOTICE: "info",  # the logger has no notice; PRIORITY=5 still comes from the event
     Severity.WARNING: "warning",
     Severity.ERR: "error",
     Severity.CRIT: "critical",
@@ -116,12 +123,12 @@ def encode(fields: Iterable[tuple[str, str]]) -> bytes:
 
 
 def event_fields(event: Event) -> list[tuple[str, str]]:
-    """The journald record of one Event (what log_event sends through structlog)."""
+    """The journald record of one Event (what log_event sends)."""
     return render_fields(event_dict_of(event))
 
 
 def event_dict_of(event: Event) -> dict[str, Any]:
-    """The structlog keyword arguments that carry one Event."""
+    """The logger's keyword arguments that carry one Event (its message as `event`)."""
     kw: dict[str, Any] = {
         "event": event.message,
         "message_id": MESSAGE_IDS[event.kind],
@@ -144,7 +151,8 @@ def event_dict_of(event: Event) -> dict[str, Any]:
 
 
 def render_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """structlog's event dict as journald fields (MESSAGE first, PRIORITY from the level)."""
+    """A logger's event dict (log.py) as journald fields (MESSAGE first, PRIORITY from the
+    level)."""
     # MESSAGE is what journalctl prints as the record's line: a newline in it would show as a
     # line of its own. Other fields travel length-prefixed (encode()) and keep their raw bytes.
     fields: list[tuple[str, str]] = [("MESSAGE", printable(str(event_dict.get("event", ""))))]
@@ -239,7 +247,7 @@ class JournalWriter:
             os.close(fd)
 
 
-# --- structlog wiring ---------------------------------------------------------------------------
+# --- the sinks and their wiring -------------------------------------------------------------------
 
 
 def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
@@ -257,9 +265,10 @@ def stderr_is_journal(environ: Mapping[str, str], stream: TextIO) -> bool:
 
 
 def _console_line(fields: Sequence[tuple[str, str]]) -> str:
+    # `<N>` first: when stderr is itself a journal stream, journald reads it as the PRIORITY.
     values = dict(fields)
     extras = " ".join(
-        f"{k.lower()}={v!r}" if " " in v or printable(v) != v else f"{k.lower()}={v}"
+        pair(k.lower(), v)
         for k, v in fields
         if k not in ("MESSAGE", "PRIORITY", "SYSLOG_IDENTIFIER", "MESSAGE_ID")
     )
@@ -267,56 +276,19 @@ def _console_line(fields: Sequence[tuple[str, str]]) -> str:
     return f"<{values.get('PRIORITY', '6')}>{message}  {extras}".rstrip()
 
 
-class JournalLogger:
-    """structlog's logger for the journal sink: receives the rendered fields and sends them;
-    when journald is gone it writes the record to the fallback stream instead."""
+def journal_sink(writer: JournalWriter, fallback: TextIO) -> Sink:
+    """A sink that sends each event dict to journald as fields; when journald is gone it writes
+    the record to the fallback stream instead."""
 
-    def __init__(self, writer: JournalWriter, fallback: TextIO) -> None:
-        self._writer = writer
-        self._fallback = fallback
-
-    def msg(self, fields: Sequence[tuple[str, str]]) -> None:
-        if self._writer.send(fields):
+    def send(event: EventDict) -> None:
+        fields = render_fields(event)  # a traceback is one multi-line EXCEPTION field
+        if writer.send(fields):
             return
         # Nowhere left to say it if this fails too; logging must not crash the watchdog.
         with contextlib.suppress(OSError, ValueError):
-            print(_console_line(fields), file=self._fallback, flush=True)
+            print(_console_line(fields), file=fallback, flush=True)
 
-    debug = info = warning = warn = error = critical = exception = fatal = failure = err = msg
-
-
-class _JournalLoggerFactory:
-    def __init__(self, writer: JournalWriter, fallback: TextIO) -> None:
-        self._logger = JournalLogger(writer, fallback)
-
-    def __call__(self, *args: Any) -> JournalLogger:
-        return self._logger
-
-
-def _to_journal(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> tuple[tuple[list[tuple[str, str]]], dict[str, Any]]:
-    return (render_fields(event_dict),), {}
-
-
-def _drop_journal_only(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    # The console shows the level already; MESSAGE_ID and PRIORITY only matter to journald.
-    event_dict.pop("message_id", None)
-    event_dict.pop("priority", None)
-    return event_dict
-
-
-def _escape_controls(
-    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
-) -> MutableMapping[str, Any]:
-    # structlog's console renderer prints strings as they are: a newline or an escape sequence
-    # that another process put in a command line or an error text would forge or hide lines.
-    for key, value in event_dict.items():
-        if isinstance(value, str):
-            event_dict[key] = printable(value)
-    return event_dict
+    return send
 
 
 _state_lock = threading.Lock()
@@ -330,54 +302,32 @@ def configure_logging(
     stream: TextIO | None = None,
     level: int = logging.INFO,
 ) -> None:
-    """Point structlog at journald or the console.
+    """Point the daemon's loggers (log.py) at journald or the console, at `level` and above.
 
     journal=None decides by itself: journald when stderr is the journal ($JOURNAL_STREAM), the
     console otherwise. journal=True still falls back to the console when nobody listens on
     `socket_path`. `stream` is the console (default: stderr).
     """
-    global _writer  # structlog's configuration is process-wide by design
+    global _writer  # the configuration is process-wide by design
     out = sys.stderr if stream is None else stream
     if journal is None:
         journal = stderr_is_journal(os.environ, out)
     writer = JournalWriter(socket_path) if journal else None
     if writer is not None and not writer.available():
         writer = None
-    shared: list[Any] = [
-        structlog.contextvars.merge_contextvars,
-        structlog.processors.add_log_level,
-    ]
-    processors: list[Any]
-    factory: Any
-    if writer is not None:
-        # A traceback becomes one multi-line EXCEPTION field; the console renders its own.
-        processors = [*shared, structlog.processors.format_exc_info, _to_journal]
-        factory = _JournalLoggerFactory(writer, out)
-    else:
-        colors = bool(getattr(out, "isatty", lambda: False)())
-        processors = [
-            *shared,
-            _drop_journal_only,
-            _escape_controls,
-            structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
-            structlog.dev.ConsoleRenderer(colors=colors),
-        ]
-        factory = structlog.WriteLoggerFactory(file=out)
+    sink = console_sink(out) if writer is None else journal_sink(writer, out)
     with _state_lock:
         old, _writer = _writer, writer
-        structlog.configure(
-            processors=processors,
-            logger_factory=factory,
-            wrapper_class=structlog.make_filtering_bound_logger(level),
-            cache_logger_on_first_use=False,
-        )
+        configure(LogConfig(sink, level))
     if old is not None:
         old.close()
 
 
+_log = get_logger("hydra_watchdog")
+
+
 def log_event(event: Event) -> None:
-    """Log one Event through structlog: journald fields under systemd, a console line otherwise."""
+    """Log one Event: journald fields under systemd, a console line otherwise."""
     kw = event_dict_of(event)
     message = kw.pop("event")
-    logger = structlog.get_logger("hydra_watchdog")
-    getattr(logger, _SEVERITY_METHOD[event.severity])(message, **kw)
+    getattr(_log, _SEVERITY_METHOD[event.severity])(message, **kw)

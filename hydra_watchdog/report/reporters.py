@@ -1,8 +1,8 @@
 """One publish seam: every cycle ends as one CycleRecord handed to an ordered list of reporters.
 
-Modelled on structlog's processor chain. The daemon produces one frozen record of what the cycle
-did (the policy state before and after, the observation, the actions and their results, the
-events told) and each reporter publishes its part of it, in this order (`reporters()`):
+Modelled on a logging library's chain of processors. The daemon produces one frozen record of
+what the cycle did (the policy state before and after, the observation, the actions and their
+results, the events told) and each reporter publishes its part of it, in this order (`reporters()`):
 
 1. journal: the cycle's events (narrate.py chose them) to journald, or the console;
 2. state file: the policy's memory and the events kept, atomically (skipped when unchanged);
@@ -30,21 +30,20 @@ from dataclasses import dataclass, replace
 from functools import cached_property
 from typing import Protocol
 
-import structlog
-
 from hydra_watchdog.actions import Action, ActionResult, action_name
 from hydra_watchdog.config import Config
 from hydra_watchdog.events import Event
 from hydra_watchdog.observation import Observation, Outcome
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.printable import printable
+from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.status import StatusReport, build_status
 from hydra_watchdog.report.status_file import write_status
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase
 
-log = structlog.get_logger("hydra_watchdog.report")
+log = get_logger("hydra_watchdog.report")
 
 
 @dataclass(frozen=True)
