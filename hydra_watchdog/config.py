@@ -139,7 +139,7 @@ class TabbyAPISection:
     @property
     def port(self) -> int:
         parsed = urllib.parse.urlsplit(self.url)
-        return parsed.port or (443 if parsed.scheme == "https" else 80)
+        return parsed.port or 80  # http:// only (see _url)
 
 
 @dataclass(frozen=True)
@@ -343,22 +343,22 @@ def _is_loopback_host(host: str) -> bool:
 def _url(key: str, value: object, *, local: bool) -> str:
     if not isinstance(value, str):
         raise ConfigError(
-            key, f"{_show(value)} is not a string; expected an http:// or https:// URL"
+            key, f"{_show(value)} is not a string; expected an http:// URL"
         )
     if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ConfigError(
             key,
             f"{_show(value)} holds spaces, control or non-ASCII characters; "
-            "percent-encode them in an http:// or https:// URL",
+            "percent-encode them in an http:// URL",
         )
     try:
         parsed = urllib.parse.urlsplit(value)
     except ValueError:  # e.g. an unclosed "[::1" IPv6 literal
         raise ConfigError(
-            key, f"{_show(value)} is not an http:// or https:// URL with a host"
+            key, f"{_show(value)} is not an http:// URL with a host"
         ) from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
-        raise ConfigError(key, f"{_show(value)} is not an http:// or https:// URL with a host")
+        raise ConfigError(key, f"{_show(value)} is not an http:// URL with a host")
     # Credentials and queries would be sent on every probe and shown in status and logs; a
     # fragment means nothing to a server. Shown redacted: the message lands in the journal.
     if "@" in parsed.netloc or "?" in value or "#" in value:
@@ -366,6 +366,14 @@ def _url(key: str, value: object, *, local: bool) -> str:
             key,
             f"{_show(redact_url(value))} carries user info, a query or a fragment; give a plain "
             "base URL like 'http://127.0.0.1:5000' (the admin key goes in tabbyapi.admin_key_file)",
+        )
+    if parsed.scheme == "https":
+        # The client's deadline-bounded connections speak no TLS: every probe would fail, and a
+        # failing /health is what restarts TabbyAPI (measured: "unusable answer").
+        raise ConfigError(
+            key,
+            f"{_show(value)}: https:// is not supported (the watchdog's client speaks plain "
+            "HTTP, as TabbyAPI serves it on loopback); use http://",
         )
     try:
         port = parsed.port

@@ -455,13 +455,25 @@ INVALID: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "no scheme",
         {"tabbyapi": {"url": "127.0.0.1:5000"}},
         "tabbyapi.url",
-        ["'127.0.0.1:5000'", "http:// or https://"],
+        ["'127.0.0.1:5000'", "an http:// URL"],
     ),
     (
         "bad scheme",
         {"tabbyapi": {"url": "ftp://127.0.0.1/"}},
         "tabbyapi.url",
-        ["'ftp://127.0.0.1/'", "http:// or https://"],
+        ["'ftp://127.0.0.1/'", "an http:// URL"],
+    ),
+    (
+        "https",  # the client speaks no TLS: every probe would fail, and restart TabbyAPI
+        {"tabbyapi": {"url": "https://127.0.0.1:5000"}},
+        "tabbyapi.url",
+        ["'https://127.0.0.1:5000'", "https:// is not supported", "use http://"],
+    ),
+    (
+        "https route",
+        {"fallback_route": {"url": "https://127.0.0.1:4000"}},
+        "fallback_route.url",
+        ["https:// is not supported"],
     ),
     (
         "bad port",
@@ -473,19 +485,19 @@ INVALID: list[tuple[str, dict[str, Any], str, list[str]]] = [
         "unclosed IPv6",
         {"tabbyapi": {"url": "http://[::1:5000"}},
         "tabbyapi.url",
-        ["'http://[::1:5000'", "http:// or https://"],
+        ["'http://[::1:5000'", "an http:// URL"],
     ),
     (
         "url not a string",
         {"tabbyapi": {"url": 5000}},
         "tabbyapi.url",
-        ["5000", "http:// or https://"],
+        ["5000", "an http:// URL"],
     ),
     (
         "route not a URL",
         {"fallback_route": {"url": "litellm:4000"}},
         "fallback_route.url",
-        ["'litellm:4000'", "http:// or https://"],
+        ["'litellm:4000'", "an http:// URL"],
     ),
     (
         "listen port only",
@@ -739,7 +751,7 @@ def test_plain_values_at_the_limits_are_valid(data: dict[str, Any]) -> None:
         {"tabbyapi": {"slow_threshold": "4999ms"}},
         {"restart_loop": {"backoff_initial": "15m"}},
         {"gpu": {"device": [{"index": 0}, {"uuid": "0"}]}},  # index 0 is not the uuid "0"
-        {"tabbyapi": {"url": "https://[::1]:5000/"}},
+        {"tabbyapi": {"url": "http://[::1]:5000/"}},
         {"tabbyapi": {"url": "http://localhost:5000"}},
         {"tabbyapi": {"url": "http://127.9.9.9"}},
         {"metrics": {"listen": ""}},
@@ -1003,8 +1015,7 @@ _URL_PATH = st.text(alphabet=string.ascii_letters + string.digits + "/-_.~", max
 def _url(hosts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
     port = st.none() | st.integers(min_value=1, max_value=65535)
     return st.builds(
-        lambda scheme, host, p, path: f"{scheme}://{host}{'' if p is None else f':{p}'}/{path}",
-        st.sampled_from(["http", "https"]),
+        lambda host, p, path: f"http://{host}{'' if p is None else f':{p}'}/{path}",
         hosts,
         port,
         _URL_PATH,
