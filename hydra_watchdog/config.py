@@ -342,9 +342,7 @@ def _is_loopback_host(host: str) -> bool:
 
 def _url(key: str, value: object, *, local: bool) -> str:
     if not isinstance(value, str):
-        raise ConfigError(
-            key, f"{_show(value)} is not a string; expected an http:// URL"
-        )
+        raise ConfigError(key, f"{_show(value)} is not a string; expected an http:// URL")
     if not value.isascii() or any(ch.isspace() or not ch.isprintable() for ch in value):
         raise ConfigError(
             key,
@@ -354,9 +352,7 @@ def _url(key: str, value: object, *, local: bool) -> str:
     try:
         parsed = urllib.parse.urlsplit(value)
     except ValueError:  # e.g. an unclosed "[::1" IPv6 literal
-        raise ConfigError(
-            key, f"{_show(value)} is not an http:// URL with a host"
-        ) from None
+        raise ConfigError(key, f"{_show(value)} is not an http:// URL with a host") from None
     if parsed.scheme not in ("http", "https") or not parsed.hostname:
         raise ConfigError(key, f"{_show(value)} is not an http:// URL with a host")
     # Credentials and queries would be sent on every probe and shown in status and logs; a
