@@ -121,7 +121,8 @@ def test_capture_logs_records_event_dicts_and_restores_the_sink() -> None:
 
 
 def test_importing_the_daemon_does_not_import_asyncio() -> None:
-    """The daemon is threaded and runs no event loop; asyncio costs ~5 MB of RSS (issue 15)."""
+    """The daemon is threaded and runs no event loop; structlog imported asyncio for it (issue 15:
+    2.6 MB of the daemon's RSS with structlog, measured)."""
     probe = "import sys, hydra_watchdog.daemon; print('asyncio' in sys.modules)"
     out = subprocess.run(
         [sys.executable, "-c", probe],
