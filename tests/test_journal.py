@@ -10,6 +10,7 @@ import array
 import fcntl
 import io
 import json
+import logging
 import os
 import re
 import shutil
@@ -35,6 +36,7 @@ from hydra_watchdog.report.journal import (
     log_event,
 )
 from hydra_watchdog.report.log import capture_logs, get_logger
+from hydra_watchdog.statefile import STATE_FILE, StateFile
 from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.systemd_ns import SystemdNamespace
 
@@ -213,6 +215,36 @@ def test_plain_logger_calls_go_to_the_journal_too(
     assert record["PATH"] == "/etc/x.toml"
     assert record["ATTEMPT"] == "2"
     assert record["SYSLOG_IDENTIFIER"] == "hydra-watchdog"
+
+
+def test_the_packages_stdlib_warnings_reach_the_journal_at_their_priority(
+    journal_socket: tuple[str, socket.socket], tmp_path: Path
+) -> None:
+    """statefile.py warns through the stdlib's logging when it quarantines a state file that
+    someone planted or a crash tore; that warning reaches journald as one, not as bare stderr
+    text at journald's default priority. Another library's INFO (httpx: every request) does
+    not."""
+    path, sock = journal_socket
+    configure_logging(journal=True, socket_path=path, stream=io.StringIO())
+    logging.getLogger("httpx").info("HTTP Request: GET http://127.0.0.1:5000/health 200")
+    state_dir = tmp_path / "st"
+    state_dir.mkdir(mode=0o700)
+    (state_dir / STATE_FILE).write_bytes(b"{not json")
+    StateFile(state_dir, events_kept=5, boot_id="b").load()
+    record = as_dict(parse_native(sock.recv(65536)))  # the first record: not httpx's
+    assert record["PRIORITY"] == "4"
+    assert record["MESSAGE"].startswith(f"{state_dir / STATE_FILE} is unusable (")
+    assert "moved it to" in record["MESSAGE"]
+    assert record["CODE_FILE"].endswith("/hydra_watchdog/statefile.py")
+    assert record["CODE_FUNC"] == "move_aside" and record["CODE_LINE"].isdigit()
+    assert record["SYSLOG_IDENTIFIER"] == "hydra-watchdog"
+    try:
+        raise OSError("disk on fire")
+    except OSError:
+        logging.getLogger("hydra_watchdog.control").exception("cannot read %s", "/x")
+    record = as_dict(parse_native(sock.recv(65536)))
+    assert (record["MESSAGE"], record["PRIORITY"]) == ("cannot read /x", "3")
+    assert record["EXCEPTION"].endswith("OSError: disk on fire")
 
 
 def test_exception_becomes_a_multiline_field(journal_socket: tuple[str, socket.socket]) -> None:

@@ -36,6 +36,7 @@ from hydra_watchdog.report.log import (
     EventDict,
     LogConfig,
     Sink,
+    bridge_stdlib,
     configure,
     console_sink,
     get_logger,
@@ -302,7 +303,8 @@ def configure_logging(
     stream: TextIO | None = None,
     level: int = logging.INFO,
 ) -> None:
-    """Point the daemon's loggers (log.py) at journald or the console, at `level` and above.
+    """Point the daemon's loggers (log.py), and the package's stdlib ones, at journald or the
+    console, at `level` and above.
 
     journal=None decides by itself: journald when stderr is the journal ($JOURNAL_STREAM), the
     console otherwise. journal=True still falls back to the console when nobody listens on
@@ -319,6 +321,7 @@ def configure_logging(
     with _state_lock:
         old, _writer = _writer, writer
         configure(LogConfig(sink, level))
+        bridge_stdlib(level)
     if old is not None:
         old.close()
 

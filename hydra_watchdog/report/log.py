@@ -108,7 +108,14 @@ def get_logger(name: str) -> Logger:
     return Logger(name)
 
 
-def _emit(level: str, message: str, fields: Mapping[str, object], *, with_traceback: bool) -> None:
+def _emit(
+    level: str,
+    message: str,
+    fields: Mapping[str, object],
+    *,
+    with_traceback: bool,
+    trace: str = "",
+) -> None:
     config = _config  # one read: the whole record goes to one configuration
     if LEVELS[level] < config.level:
         return
@@ -116,8 +123,53 @@ def _emit(level: str, message: str, fields: Mapping[str, object], *, with_traceb
     with contextlib.suppress(Exception):
         event: EventDict = {"event": message, **fields, "level": level}
         if with_traceback and sys.exc_info()[0] is not None:
-            event["exception"] = traceback.format_exc().rstrip("\n")
+            trace = traceback.format_exc()
+        if trace:
+            event["exception"] = trace.rstrip("\n")
         config.sink(event)
+
+
+# --- the package's stdlib loggers ------------------------------------------------------------
+
+STDLIB_ROOT = "hydra_watchdog"  # statefile.py, control.py: logging.getLogger(__name__)
+
+
+def _level_name(levelno: int) -> str:
+    return next((name for name, no in reversed(list(LEVELS.items())) if levelno >= no), "debug")
+
+
+class _StdlibBridge(logging.Handler):
+    """The package's own stdlib `logging` records into the same sink, at their level. Without
+    it they reach stderr through logging's last-resort handler as bare text, which journald
+    files at its default priority (info), a warning about a corrupt state file included."""
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            message = record.getMessage()
+        except Exception:  # a call whose arguments do not fit its format: say the format
+            message = str(record.msg)
+        trace = ""
+        if record.exc_info and record.exc_info[0] is not None:
+            trace = "".join(traceback.format_exception(*record.exc_info))
+        # journald's own names for where a record comes from (CODE_FILE=, CODE_LINE=, CODE_FUNC=)
+        fields = {
+            "code_file": record.pathname,
+            "code_line": record.lineno,
+            "code_func": record.funcName,
+        }
+        _emit(_level_name(record.levelno), message, fields, with_traceback=False, trace=trace)
+
+
+_bridge = _StdlibBridge()
+
+
+def bridge_stdlib(level: int) -> None:
+    """Send the package's stdlib loggers (STDLIB_ROOT and below) to this module's sink from
+    `level` up; other libraries' loggers (httpx logs every request at INFO) are left alone."""
+    logger = logging.getLogger(STDLIB_ROOT)
+    if _bridge not in logger.handlers:
+        logger.addHandler(_bridge)
+    logger.setLevel(level)
 
 
 # --- the console (pure) -------------------------------------------------------------------------
