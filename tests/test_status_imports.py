@@ -57,7 +57,12 @@ def _heavy(modules: list[str]) -> list[str]:
     return [m for m in modules if any(m == h or m.startswith(h + ".") for h in HEAVY)]
 
 
-def test_status_of_a_live_daemon_imports_nothing_heavy(tmp_path: Path) -> None:
+def _status_of_a_live_daemon(
+    tmp_path: Path, *args: str, digest: bool
+) -> tuple[int, list[str], str]:
+    """`status --config F ARGS` after a completed cycle of a live stand-in daemon. `digest`: the
+    report carries the config file's digest, as the daemon that loaded F writes it (the quick
+    path answers only then); otherwise the defaults' (none)."""
     config = tmp_path / "watchdog.toml"
     config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
     # A live process whose command line names hydra_watchdog stands in for the daemon.
@@ -68,7 +73,7 @@ def test_status_of_a_live_daemon_imports_nothing_heavy(tmp_path: Path) -> None:
         report = build_status(
             PolicyState(phase=Phase.HEALTHY, phase_since=time.monotonic()),
             None,
-            Config(),
+            load_config(config) if digest else Config(),
             (),
             wall_now=time.time(),
             mono_now=time.monotonic(),
@@ -77,10 +82,14 @@ def test_status_of_a_live_daemon_imports_nothing_heavy(tmp_path: Path) -> None:
         )
         # a completed cycle: build_status dates the heartbeat from an observation
         write_status(tmp_path / "run", dataclasses.replace(report, heartbeat=time.time()))
-        code, modules, out = _status_modules("--config", str(config), "--json")
+        return _status_modules("--config", str(config), *args)
     finally:
         daemon.kill()
         daemon.wait()
+
+
+def test_status_of_a_live_daemon_imports_nothing_heavy(tmp_path: Path) -> None:
+    code, modules, out = _status_of_a_live_daemon(tmp_path, "--json", digest=False)
     assert json.loads(out[: out.rindex("\n{")])["verdict"] == "OK", out
     assert code == 0
     assert "hydra_watchdog.report.status" in modules  # the status path really ran
@@ -132,27 +141,7 @@ NOT_QUICK = (
 
 
 def test_status_of_a_daemon_with_the_same_config_takes_the_quick_path(tmp_path: Path) -> None:
-    config = tmp_path / "watchdog.toml"
-    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
-    daemon = subprocess.Popen(
-        [sys.executable, "-c", "import time; time.sleep(120)", "hydra_watchdog"]
-    )
-    try:
-        report = build_status(
-            PolicyState(phase=Phase.HEALTHY, phase_since=time.monotonic()),
-            None,
-            load_config(config),  # as the daemon loads it: with the file's digest
-            (),
-            wall_now=time.time(),
-            mono_now=time.monotonic(),
-            pid=daemon.pid,
-            pid_start=process_start(daemon.pid),
-        )
-        write_status(tmp_path / "run", dataclasses.replace(report, heartbeat=time.time()))
-        code, modules, out = _status_modules("--config", str(config))
-    finally:
-        daemon.kill()
-        daemon.wait()
+    code, modules, out = _status_of_a_live_daemon(tmp_path, digest=True)
     assert out.startswith("OK: healthy"), out
     assert code == 0
     assert "hydra_watchdog.report.status_quick" in modules
