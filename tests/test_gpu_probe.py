@@ -19,6 +19,7 @@ from hydra_watchdog.adapters.gpu import (
     CallRunner,
     NvmlFailure,
     NvmlGpu,
+    RawCall,
     classify,
     decode_clock_event_reasons,
 )
@@ -337,6 +338,57 @@ def test_call_runner_returns_values_and_exceptions_typed() -> None:
         runner.close()
     closed = runner.call("late", lambda: 1)
     assert isinstance(closed, NvmlFailure) and "closed" in closed.detail
+
+
+def test_a_batch_runs_on_the_lane_and_is_bounded_per_call() -> None:
+    """CallRunner.batch: every call on the lane in one hand-off, the body replayed on the
+    caller's thread with the recorded answers; a call past the timeout is TIMEOUT, the rest
+    "not attempted", and the lane stays stuck until that call returns."""
+    runner = CallRunner(timeout=TIMEOUT)
+    release = threading.Event()
+    lanes: list[str] = []
+
+    def on_lane(value: int) -> int:
+        lanes.append(threading.current_thread().name)
+        return value
+
+    def body(call: RawCall) -> list[object]:
+        answers: list[object] = [call("one", lambda: on_lane(1))]
+        answers.append(call("two", lambda: on_lane(2 // 0)))
+        answers.append(call("hang", lambda: release.wait(30) and on_lane(3)))
+        answers.append(call("four", lambda: on_lane(4)))
+        return answers
+
+    try:
+        release.set()
+        one, two, three, four = runner.batch(body)
+        assert (one, three, four) == (1, 3, 4)
+        assert isinstance(two, NvmlFailure) and two.detail.startswith("two: ")
+        assert lanes == ["nvml-calls"] * 3  # 2 // 0 raised before on_lane ran
+
+        release.clear()
+        start = time.monotonic()
+        one, two, hung, four = runner.batch(body)
+        assert time.monotonic() - start < TIMEOUT + MARGIN
+        assert one == 1 and isinstance(two, NvmlFailure)
+        assert isinstance(hung, NvmlFailure) and hung.kind is NvmlErrorKind.TIMEOUT
+        assert hung.detail.startswith(f"hang: no answer within {TIMEOUT:g} s")
+        assert isinstance(four, NvmlFailure) and four.kind is NvmlErrorKind.TIMEOUT
+        assert four.detail.startswith("four: not attempted, hang has not returned")
+
+        refused = runner.batch(body)  # stuck: nothing reaches the lane, every call is told why
+        assert all(
+            isinstance(a, NvmlFailure) and "not attempted, hang has not returned" in a.detail
+            for a in refused
+        )
+        alone = runner.call("alone", lambda: 5)  # call() is refused the same way
+        assert isinstance(alone, NvmlFailure) and "hang has not returned" in alone.detail
+        release.set()
+        assert wait_until(lambda: not runner.stuck)
+        assert runner.batch(body)[::2] == [1, 3]
+    finally:
+        release.set()
+        runner.close()
 
 
 # ---- power limit --------------------------------------------------------------------------

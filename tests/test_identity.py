@@ -21,6 +21,7 @@ import pytest
 
 from hydra_watchdog.act.orphans import kill_orphan
 from hydra_watchdog.actions import KillOrphan, Reason, ResultStatus
+from hydra_watchdog.adapters import identity
 from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     is_tabby_program,
@@ -157,6 +158,41 @@ def test_the_key_goes_to_the_units_main_process(tabby_sim: TabbySims, key_file: 
         assert "not in tabbyapi.service" in withheld.detail
     finally:
         client.close()
+
+
+def test_a_verdict_is_reused_only_while_its_listener_is_the_same(
+    tabby_sim: TabbySims, key_file: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gate reuses a verdict while nothing it rested on changed (identity._Vouched). Here the
+    unit status does not change at all (a stale read: no systemd), TabbyAPI exits and a squatter
+    binds its port: its socket and its process are new, so it is judged afresh and gets nothing."""
+    identities: list[int] = []  # the holders whose identity the gate read from /proc
+
+    def read_identity_seen(pid: int, proc_root: str = "/proc") -> ProcIdentity | None:
+        identities.append(pid)
+        return read_identity(pid, proc_root)
+
+    monkeypatch.setattr(identity, "read_identity", read_identity_seen)
+    sim = tabby_sim.start(startup_model="m1")
+    client = _client(sim.url, key_file, sim.install_dir)
+    client.note_unit(NO_SYSTEMD)
+    try:
+        assert client.model().loaded == "m1"
+        assert client.model().loaded == "m1"
+        assert identities == [sim.proc.pid]  # the same listener: verified once, sent twice
+        sim.stop()
+        with Squatter.start("127.0.0.1", sim.port) as squatter:
+            withheld = client.model().result
+            canary = client.canary(2.0).result
+            _assert_no_key(squatter)
+    finally:
+        client.close()
+    for result in (withheld, canary):
+        assert result.outcome is Outcome.WITHHELD, result
+        assert f"held by pid {squatter.pid}, uid 65534" in result.detail
+    assert not squatter.requests()
+    assert identities == [sim.proc.pid, squatter.pid, squatter.pid]
+    assert sum(1 for r in sim.requests() if r["path"] == "/v1/model") == 2
 
 
 def test_nothing_is_sent_before_the_unit_was_read(tabby_sim: TabbySims, key_file: Path) -> None:

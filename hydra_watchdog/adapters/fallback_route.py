@@ -11,11 +11,11 @@ from __future__ import annotations
 import time
 
 from hydra_watchdog.adapters.http_deadline import (
+    DeadlineTransport,
     Reply,
     choices_result,
     error_detail,
     exchange,
-    new_client,
     result,
 )
 from hydra_watchdog.config import redact_url
@@ -44,7 +44,7 @@ class LiteLlmRoute:
     """Safe to share between threads; close() releases the connection pool."""
 
     def __init__(self) -> None:
-        self._http = new_client()
+        self._transport = DeadlineTransport()
 
     def check(self, url: str, model: str, timeout: float) -> HttpResult:
         started = time.monotonic()
@@ -56,10 +56,10 @@ class LiteLlmRoute:
         target = url.rstrip("/") + "/v1/chat/completions"
         try:
             shown = redact_url(target)
-        except ValueError:  # e.g. an unclosed "[" of an IPv6 host: httpx will say more
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 host: the request will say more
             shown = "the configured URL"
         reply = exchange(
-            self._http,
+            self._transport,
             "POST",
             target,
             shown=shown,
@@ -72,4 +72,4 @@ class LiteLlmRoute:
         return choices_result(reply, _status_result)
 
     def close(self) -> None:
-        self._http.close()
+        self._transport.close()

@@ -8,7 +8,8 @@ every NVML call, and the caller waits at most `call_timeout` for each. A call th
 deadline is reported as TIMEOUT and stays "stuck": until it returns, every further call is
 answered TIMEOUT at once without being queued, so a hung driver costs one deadline per read,
 never a growing pile of threads. When the stuck call finally returns, the lane takes new calls
-again.
+again. A read hands all its calls to the lane at once (CallRunner.batch) with the same bound on
+each: a hand-off between threads costs more CPU than an NVML call.
 
 nvmlInit runs lazily on the first read. A call that says the driver went away (DriverNotLoaded,
 GpuIsLost, Uninitialized, an RM version mismatch) marks the library for re-initialisation on the
@@ -25,13 +26,14 @@ import ctypes
 import math
 import os
 import threading
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import pynvml
 
-from hydra_watchdog.adapters.bounded import Lane, Refused, Why
+from hydra_watchdog.adapters.bounded import Call, Lane, Refused, Why
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.interfaces import PowerSetOutcome
 from hydra_watchdog.observation import (
@@ -132,6 +134,93 @@ def classify(exc: BaseException, what: str) -> NvmlFailure:
     )
 
 
+_R = TypeVar("_R")
+
+
+class RawCall(Protocol):
+    """An NVML call made (or answered) for a batch: fn's value, or why there is none."""
+
+    def __call__(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure: ...
+
+
+def _no_answer(what: str, timeout: float) -> NvmlFailure:
+    return NvmlFailure(
+        NvmlErrorKind.TIMEOUT, f"{what}: no answer within {timeout:g} s (GPU fallen off the bus?)"
+    )
+
+
+def _not_attempted(what: str, stuck: str, since: float) -> NvmlFailure:
+    return NvmlFailure(
+        NvmlErrorKind.TIMEOUT,
+        f"{what}: not attempted, {stuck} has not returned for {time.monotonic() - since:.1f} s "
+        "(GPU fallen off the bus or driver hung?)",
+    )
+
+
+class _Recording:
+    """The answers of one batch's calls on the lane, in order (CallRunner.batch)."""
+
+    def __init__(self) -> None:
+        self.answers: list[object] = []
+        # (index, what, start) of the call in progress, replaced as one value: the caller reads
+        # it from another thread.
+        self.current: tuple[int, str, float] = (0, "the first call", time.monotonic())
+        self.job: Call[Any] | None = None
+
+    def make(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
+        """On the lane: make the call, record its answer."""
+        self.current = (len(self.answers), what, time.monotonic())
+        answer: _T | NvmlFailure
+        try:
+            answer = fn()
+        except BaseException as exc:  # typed, like call() types what the lane hands back
+            answer = classify(exc, what)
+        self.answers.append(answer)
+        return answer
+
+    def wait(self, job: Call[Any], timeout: float) -> tuple[int, str, float] | None:
+        """None once the batch returned; else the call in progress once it is past `timeout`."""
+        while True:
+            current = self.current
+            if job.wait(current[2] + timeout - time.monotonic()):
+                return None
+            if self.current is current:  # no progress since: that call is past its timeout
+                return current
+
+
+class _Replay:
+    """The caller's run of a batch: each call gets its recorded answer, in order."""
+
+    def __init__(
+        self, answers: list[object], stuck_at: int, stuck: str, since: float, timeout: float
+    ) -> None:
+        self.answers = answers
+        self.stuck_at, self.stuck, self.since = stuck_at, stuck, since
+        self.timeout = timeout
+        self.asked = 0
+
+    def __call__(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
+        index, self.asked = self.asked, self.asked + 1
+        if index < len(self.answers):
+            # the answer this very call got on the lane (body is pure: same calls, same order)
+            return self.answers[index]  # type: ignore[return-value]
+        if not self.stuck:  # the lane's run made fewer calls: body is not pure (a bug)
+            return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: not run (the batch's record ended)")
+        if index == self.stuck_at:
+            return _no_answer(what, self.timeout)
+        return _not_attempted(what, self.stuck, self.since)
+
+
+class _Refusing:
+    """Every call of a batch the lane refused gets that refusal."""
+
+    def __init__(self, refuse: Callable[[str], NvmlFailure]) -> None:
+        self.refuse = refuse
+
+    def __call__(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
+        return self.refuse(what)
+
+
 class CallRunner:
     """NVML's calls on one lane (adapters/bounded.py), each waited for at most `timeout`.
 
@@ -143,6 +232,7 @@ class CallRunner:
         self.timeout = timeout
         self._lane = Lane(name)
         self._lock = threading.Lock()  # one call at a time, waited for by its own caller
+        self._batch: _Recording | None = None  # the last batch handed to the lane
 
     @property
     def stuck(self) -> bool:
@@ -152,24 +242,50 @@ class CallRunner:
         with self._lock:
             job = self._lane.submit(what, fn)
             if isinstance(job, Refused):
-                if job.why is Why.STUCK and job.stuck is not None:
-                    return NvmlFailure(
-                        NvmlErrorKind.TIMEOUT,
-                        f"{what}: not attempted, {job.stuck.what} has not returned for "
-                        f"{job.stuck_for:.1f} s (GPU fallen off the bus or driver hung?)",
-                    )
-                if job.why is Why.CLOSED:
-                    return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: the GPU probe is closed")
-                return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: not run ({job.detail})")
+                return self._refusal(what, job)
             if not job.wait(self.timeout):
-                return NvmlFailure(
-                    NvmlErrorKind.TIMEOUT,
-                    f"{what}: no answer within {self.timeout:g} s (GPU fallen off the bus?)",
-                )
+                return _no_answer(what, self.timeout)
         if job.error is not None:
             return classify(job.error, what)
         value: _T = job.value  # type: ignore[assignment]  # set: the call returned
         return value
+
+    def batch(self, body: Callable[[RawCall], _R]) -> _R:
+        """`body` with every NVML call it makes run on the lane in one hand-off, each bounded as
+        by call(): a read of a GPU makes a dozen calls, and a hand-off between threads costs
+        more CPU than the call (issue 15).
+
+        `body` must be a pure function of the answers its calls get, and it runs twice. First on
+        the lane, where each call is made in turn and its answer recorded; the caller waits as
+        long as the call in progress is younger than `timeout`. Then on the caller's thread,
+        where each call gets its recorded answer. A call past `timeout` gets TIMEOUT and keeps
+        the lane stuck, so every later call gets "not attempted", exactly as call() answers.
+        Only the caller's run counts: nothing the lane's run does reaches the caller."""
+        rec = _Recording()
+        with self._lock:
+            job = self._lane.submit("batch", lambda: body(rec.make))
+            if isinstance(job, Refused):
+                refused = job
+                return body(_Refusing(lambda what: self._refusal(what, refused)))
+            rec.job = job
+            self._batch = rec
+            stuck = rec.wait(job, self.timeout)
+        answers = list(rec.answers)  # the lane may still append: a snapshot
+        if stuck is None:
+            return body(_Replay(answers, len(answers), "", 0.0, self.timeout))
+        index, name, since = stuck
+        return body(_Replay(answers[:index], index, name, since, self.timeout))
+
+    def _refusal(self, what: str, refused: Refused) -> NvmlFailure:
+        if refused.why is Why.STUCK and refused.stuck is not None:
+            name, since = refused.stuck.what, refused.stuck.started
+            rec = self._batch
+            if rec is not None and rec.job is refused.stuck:  # name the call, not the batch
+                _, name, since = rec.current
+            return _not_attempted(what, name, since)
+        if refused.why is Why.CLOSED:
+            return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: the GPU probe is closed")
+        return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: not run ({refused.detail})")
 
     def close(self, wait: float = 1.0) -> None:
         """Stop the worker; a worker stuck in a call is left behind (it is a daemon thread)."""
@@ -206,7 +322,7 @@ class NvmlGpu:
         self._initialized = False
         self._owes_shutdown = False  # an nvmlInit of ours is still counted by the library
         self._library_loaded = not library_path
-        self._gone: NvmlFailure | None = None  # driver vanished during the current read
+        self._gone: NvmlFailure | None = None  # driver vanished during the current power set
 
     @classmethod
     def from_config(cls, config: Config) -> NvmlGpu:
@@ -220,12 +336,13 @@ class NvmlGpu:
 
     def read(self, devices: Sequence[GpuDevice]) -> GpuReport:
         with self._lock:
-            self._gone = None
             failure = self._ensure_init()
             if failure is not None:
                 return GpuReport(error=failure.kind, detail=failure.detail)
-            snapshots = tuple(self._read_device(d) for d in devices)
-            gone, self._gone = self._gone, None
+            snapshots, failures = self._runner.batch(lambda raw: _read_all(self, devices, raw))
+            if any(f.reinit for f in failures):
+                self._initialized = False
+            gone = next((f for f in failures if f.kind is NvmlErrorKind.DRIVER_NOT_LOADED), None)
             if gone is not None:
                 return GpuReport(error=gone.kind, detail=gone.detail)
             return GpuReport(devices=snapshots)
@@ -352,11 +469,11 @@ class NvmlGpu:
         self._owes_shutdown = True
         return None
 
-    def _read_device(self, dev: GpuDevice) -> GpuSnapshot:
+    def _read_device(self, dev: GpuDevice, call: RawCall) -> GpuSnapshot:
         errors: list[tuple[str, NvmlErrorKind]] = []
 
         def get(what: str, fn: Callable[[], _T]) -> _T | None:
-            result = self._call(f"{dev.label} {what}", fn)
+            result = call(f"{dev.label} {what}", fn)
             if isinstance(result, NvmlFailure):
                 errors.append((what, result.kind))
                 return None
@@ -364,12 +481,10 @@ class NvmlGpu:
 
         if dev.uuid:
             uuid_key = dev.uuid
-            handle = self._call(
-                f"{dev.label} handle", lambda: pynvml.nvmlDeviceGetHandleByUUID(uuid_key)
-            )
+            handle = call(f"{dev.label} handle", lambda: pynvml.nvmlDeviceGetHandleByUUID(uuid_key))
         elif dev.index is not None:
             index_key = dev.index
-            handle = self._call(
+            handle = call(
                 f"{dev.label} handle", lambda: pynvml.nvmlDeviceGetHandleByIndex(index_key)
             )
         else:
@@ -388,7 +503,7 @@ class NvmlGpu:
             index = dev.index if dev.index is not None else -1
         uuid = get("uuid", lambda: str(pynvml.nvmlDeviceGetUUID(handle)))
         name = get("name", lambda: str(pynvml.nvmlDeviceGetName(handle)))
-        memory = self._read_memory(dev, handle, errors)
+        memory = self._read_memory(dev, handle, errors, call)
         processes = get(
             "processes",
             lambda: tuple(
@@ -447,7 +562,11 @@ class NvmlGpu:
         )
 
     def _read_memory(
-        self, dev: GpuDevice, handle: Any, errors: list[tuple[str, NvmlErrorKind]]
+        self,
+        dev: GpuDevice,
+        handle: Any,
+        errors: list[tuple[str, NvmlErrorKind]],
+        call: RawCall,
     ) -> tuple[int | None, int | None, int | None]:
         """(total, used, free): v2, whose `used` leaves out the driver's reservation; v1 when
         the driver has no v2."""
@@ -460,10 +579,32 @@ class NvmlGpu:
             m = pynvml.nvmlDeviceGetMemoryInfo(handle)
             return int(m.total), int(m.used), int(m.free)
 
-        result = self._call(f"{dev.label} memory", v2)
+        result = call(f"{dev.label} memory", v2)
         if isinstance(result, NvmlFailure) and result.code in _NO_V2_CODES:
-            result = self._call(f"{dev.label} memory (v1)", v1)
+            result = call(f"{dev.label} memory (v1)", v1)
         if isinstance(result, NvmlFailure):
             errors.append(("memory", result.kind))
             return None, None, None
         return result
+
+
+def _read_all(
+    gpu: NvmlGpu, devices: Sequence[GpuDevice], raw: RawCall
+) -> tuple[tuple[GpuSnapshot, ...], list[NvmlFailure]]:
+    """The snapshots of `devices` and every failed call, a pure function of the answers `raw`
+    gives (CallRunner.batch runs it twice). Once the driver is gone, later calls are not made."""
+    failures: list[NvmlFailure] = []
+    gone: NvmlFailure | None = None
+
+    def call(what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
+        nonlocal gone
+        if gone is not None:
+            return gone
+        answer = raw(what, fn)
+        if isinstance(answer, NvmlFailure):
+            failures.append(answer)
+            if answer.kind is NvmlErrorKind.DRIVER_NOT_LOADED:
+                gone = answer
+        return answer
+
+    return tuple(gpu._read_device(d, call) for d in devices), failures

@@ -133,6 +133,19 @@ class DeadlineTransport(httpx.HTTPTransport):
             max_connections=20, max_keepalive_connections=10, network_backend=_DeadlineBackend()
         )
 
+        self.closed = False
+
+    @property
+    def pool(self) -> httpcore.ConnectionPool:
+        """The connection pool under the client, which `exchange` sends to directly."""
+        return self._pool
+
+    def close(self) -> None:
+        # A closed pool would simply open new connections: `exchange` asks this flag instead,
+        # as httpx refuses to send through a closed client.
+        self.closed = True
+        super().close()
+
 
 @dataclass(frozen=True)
 class Reply:
@@ -145,13 +158,16 @@ class Reply:
     failure: HttpResult | None = None
 
 
-def new_client() -> httpx.Client:
-    """An httpx client over the deadline transport, blind to the environment's proxies.
+def new_client(transport: DeadlineTransport | None = None) -> httpx.Client:
+    """An httpx client over the deadline transport (a new one by default), blind to the
+    environment's proxies.
 
     identity: httpx would inflate a compressed answer a whole read at a time, beyond any bound
     we count; an answer compressed anyway is refused (content_encoding)."""
     return httpx.Client(
-        transport=DeadlineTransport(), trust_env=False, headers={"Accept-Encoding": "identity"}
+        transport=transport or DeadlineTransport(),
+        trust_env=False,
+        headers={"Accept-Encoding": "identity"},
     )
 
 
@@ -211,9 +227,8 @@ def failed(
     outcome: Outcome,
     detail: str,
     scrub: Callable[[str], str],
-    resp: httpx.Response | None = None,
+    status: int | None = None,
 ) -> Reply:
-    status = None if resp is None else resp.status_code
     res = HttpResult(outcome, time.monotonic() - started, status, scrub(detail))
     return Reply(res.latency_s, failure=res)
 
@@ -230,7 +245,7 @@ def _local(
 
 
 def exchange(
-    http: httpx.Client,
+    transport: DeadlineTransport,
     method: str,
     url: str,
     *,
@@ -242,14 +257,41 @@ def exchange(
     scrub: Callable[[str], str],
 ) -> Reply:
     """One request that ends by `started + budget` (monotonic), the body read up to JSON_LIMIT
-    bytes. `shown` is the URL as a detail may name it (credentials redacted)."""
+    bytes. `shown` is the URL as a detail may name it (credentials redacted).
+
+    It goes to httpcore's pool directly, the one under the httpx client (DeadlineTransport.pool):
+    these are small requests of every cycle, and httpx's layers above the pool (URL model,
+    cookies, auth and redirect flows, response wrapping) cost more CPU than the exchange itself
+    (issue 15; bench/RESULTS.md). h11 still parses every byte the server sends."""
+    if transport.closed:  # our own state, no evidence about the server
+        return failed(
+            started, Outcome.LOCAL_ERROR, f"{shown} not probed: the client is closed", scrub
+        )
     # The scope spans the handlers too: they ask BUDGET whether any byte came back.
     with deadline_scope(started + budget):
-        return _exchange(http, method, url, shown, headers, body, started, budget, scrub)
+        return _exchange(transport.pool, method, url, shown, headers, body, started, budget, scrub)
+
+
+def _request_headers(headers: dict[str, str], content: bytes | None) -> list[tuple[bytes, bytes]]:
+    """The caller's headers plus what httpx would have added: identity coding (see new_client),
+    and the JSON body's type and length. httpcore adds Host."""
+    out = [(b"Accept", b"*/*"), (b"Accept-Encoding", b"identity")]
+    out += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()]
+    if content is not None:
+        out += [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(content))]
+    return out
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    """The first value of header `name` (lower case), "" when absent."""
+    for key, value in headers:
+        if key.lower() == name:
+            return value.decode("latin-1")
+    return ""
 
 
 def _exchange(
-    http: httpx.Client,
+    pool: httpcore.ConnectionPool,
     method: str,
     url: str,
     shown: str,
@@ -262,38 +304,57 @@ def _exchange(
     deadline = started + budget
     got_headers = False
     try:
-        with http.stream(
-            method, url, json=body, headers=headers, timeout=httpx.Timeout(budget)
+        target = httpcore.URL(url)
+    except (ValueError, UnicodeError) as exc:  # e.g. an unclosed "[" or a port out of range
+        why = f"{shown} is not a usable http URL ({describe(exc, scrub)})"
+        return failed(started, Outcome.REFUSED, why, scrub)
+    try:
+        # httpx's own JSON encoding of a request body
+        content = (
+            None
+            if body is None
+            else json.dumps(
+                body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
+            ).encode("utf-8")
+        )
+        timeouts = {"connect": budget, "read": budget, "write": budget, "pool": budget}
+        with pool.stream(
+            method,
+            target,
+            headers=_request_headers(headers, content),
+            content=content,
+            extensions={"timeout": timeouts},
         ) as resp:
             got_headers = True
-            if encoding := content_encoding(resp):
-                why = f"{shown}: compressed answer ({encoding}), which was not asked for"
-                return failed(started, Outcome.BAD_BODY, why, scrub, resp)
+            coding = _header(resp.headers, b"content-encoding").strip().lower()
+            if coding not in ("", "identity"):
+                why = f"{shown}: compressed answer ({coding}), which was not asked for"
+                return failed(started, Outcome.BAD_BODY, why, scrub, resp.status)
             data = bytearray()
-            for chunk in resp.iter_raw():
+            for chunk in resp.iter_stream():
                 data += chunk
                 if len(data) > JSON_LIMIT:
-                    return failed(started, Outcome.BAD_BODY, "body over 1 MiB", scrub, resp)
+                    return failed(started, Outcome.BAD_BODY, "body over 1 MiB", scrub, resp.status)
                 if time.monotonic() > deadline:
-                    raise httpx.ReadTimeout("the total deadline passed")
+                    raise httpcore.ReadTimeout("the total deadline passed")
             return Reply(
                 time.monotonic() - started,
-                resp.status_code,
-                resp.headers.get("content-type", ""),
+                resp.status,
+                _header(resp.headers, b"content-type"),
                 bytes(data),
             )
-    except httpx.TimeoutException:
+    except httpcore.TimeoutException:
         why = f"no complete answer from {shown} within {budget:g} s"
         return failed(started, Outcome.TIMEOUT, why, scrub)
-    except httpx.ConnectError as exc:
+    except httpcore.ConnectError as exc:
         return _local(started, shown, exc, scrub) or failed(
             started, Outcome.REFUSED, f"{shown}: {describe(exc, scrub)}", scrub
         )
-    except (httpx.InvalidURL, httpx.UnsupportedProtocol) as exc:
+    except httpcore.UnsupportedProtocol as exc:
         # Never sent: closest to "could not reach"; the detail says it is the URL's fault.
-        why = f"{shown} is not a usable http(s) URL ({describe(exc, scrub)})"
+        why = f"{shown} is not a usable http URL ({describe(exc, scrub)})"
         return failed(started, Outcome.REFUSED, why, scrub)
-    except (httpx.ReadError, httpx.WriteError, httpx.RemoteProtocolError) as exc:
+    except (httpcore.ReadError, httpcore.WriteError, httpcore.RemoteProtocolError) as exc:
         local = _local(started, shown, exc, scrub)
         if local is not None:
             return local
@@ -302,7 +363,7 @@ def _exchange(
             return failed(started, Outcome.REFUSED, why, scrub)
         why = f"{shown}: broken answer ({describe(exc, scrub)})"
         return failed(started, Outcome.BAD_BODY, why, scrub)
-    except Exception as exc:  # e.g. a bad Content-Encoding: still only a bad answer
+    except Exception as exc:  # anything else the answer made the client raise: a bad answer
         why = f"{shown}: unusable answer ({describe(exc, scrub)})"
         return _local(started, shown, exc, scrub) or failed(started, Outcome.BAD_BODY, why, scrub)
 

@@ -470,6 +470,43 @@ def unit_cgroup_members(cgroup: str, cgroup_root: str = "/sys/fs/cgroup") -> set
     return None
 
 
+def same_process(pid: int, start_ticks: int, proc_root: str = "/proc") -> bool:
+    """`pid` is still the live process that started at `start_ticks` (not gone, not a zombie,
+    not a later process that got the same number)."""
+    stat = read_text(f"{proc_root}/{pid}/stat")
+    parsed = None if stat is None else stat_start_ticks(stat)
+    return parsed is not None and parsed[0] not in ("Z", "X") and parsed[1] == start_ticks
+
+
+@dataclass(frozen=True)
+class _Vouched:
+    """A listener verified as TabbyAPI, and everything that verdict rested on.
+
+    The verdict is reused, without reading every holder's identity from /proc again (most of
+    a cycle's check), only while all of that is unchanged: the same unit status, the same
+    listening sockets (inode, address and uid from sock_diag, read again for every request)
+    and each socket's verified holder still the same process (pid and start time). A squatter
+    can change none of them unseen: its own socket is a new inode, and a listener can only
+    move to another process by its holder's own doing (fork or SCM_RIGHTS)."""
+
+    unit: UnitStatus | None
+    target: str
+    sockets: tuple[ListenSocket, ...]
+    holders: tuple[tuple[int, int], ...]
+    check: ListenerCheck
+    proc_root: str
+
+    def still_holds(
+        self, unit: UnitStatus | None, target: str, sockets: tuple[ListenSocket, ...]
+    ) -> bool:
+        return (
+            unit == self.unit
+            and target == self.target
+            and sockets == self.sockets
+            and all(same_process(pid, ticks, self.proc_root) for pid, ticks in self.holders)
+        )
+
+
 class ListenerGate:
     """Answers "may the admin key go to whoever listens on TabbyAPI's port now?".
 
@@ -493,6 +530,7 @@ class ListenerGate:
         self.proc_root = proc_root
         self.cgroup_root = cgroup_root
         self._unit: UnitStatus | None = None
+        self._vouched: _Vouched | None = None  # the last verdict that let a request go
         self._lock = threading.Lock()
 
     def set_unit(self, unit: UnitStatus) -> None:
@@ -506,20 +544,27 @@ class ListenerGate:
 
     def check(self) -> ListenerCheck:
         with self._lock:
-            unit = self._unit
+            unit, vouched = self._unit, self._vouched
         sockets = listen_sockets((self.port,), self.proc_root)
         for target in self._targets():
-            reaching = [s for s in sockets if s.accepts(target)]
+            reaching = tuple(s for s in sockets if s.accepts(target))
             if reaching:
-                return self._verify(target, reaching, unit)
+                if vouched is not None and vouched.still_holds(unit, target, reaching):
+                    return vouched.check
+                check, holders = self._verify(target, reaching, unit)
+                fresh = _Vouched(unit, target, reaching, holders, check, self.proc_root)
+                with self._lock:
+                    self._vouched = fresh if check.ok and unit is not None else None
+                return check
         return ListenerCheck(False, f"nothing listens on port {self.port}; not sent", refused=True)
 
     def _verify(
         self, target: str, reaching: Sequence[ListenSocket], unit: UnitStatus | None
-    ) -> ListenerCheck:
+    ) -> tuple[ListenerCheck, tuple[tuple[int, int], ...]]:
+        """The verdict, and (pid, start ticks) of each socket's holder it rests on."""
         withheld = "not TabbyAPI; admin key withheld"
         if unit is None:
-            return ListenerCheck(False, "TabbyAPI's unit not read yet; admin key withheld")
+            return ListenerCheck(False, "TabbyAPI's unit not read yet; admin key withheld"), ()
         by_unit = unit.available and unit.exists
         members: set[int] = set()
         if by_unit:
@@ -529,6 +574,7 @@ class ListenerGate:
         uid, uid_name = tabby_uid(unit, self.user)
         ns = own_pid_namespace() if self.proc_root == "/proc" else None
         verified: int | None = None
+        holders_seen: list[tuple[int, int]] = []
         for sock in reaching:
             holders = sorted(owners.get(sock.inode, ()))
             if not holders:
@@ -536,12 +582,14 @@ class ListenerGate:
                     False,
                     f"port {sock.port} ({sock.address}) is held by a process of uid {sock.uid} "
                     f"that cannot be seen: {withheld}",
-                )
+                ), ()
             pid = holders[0]
             verified = pid
             ident = read_identity(pid, self.proc_root)
             if ident is None:
-                return ListenerCheck(False, f"port {sock.port}: pid {pid} vanished; {withheld}")
+                why = f"port {sock.port}: pid {pid} vanished; {withheld}"
+                return ListenerCheck(False, why), ()
+            holders_seen.append((pid, ident.start_ticks))
             if by_unit:
                 ok = pid == unit.main_pid or any(
                     in_cgroup(p, unit.control_group) for p in ident.cgroups
@@ -559,7 +607,8 @@ class ListenerGate:
             if not ok:
                 return ListenerCheck(
                     False, f"port {sock.port} held by {describe(ident)} ({why}): {withheld}"
-                )
-        return ListenerCheck(
+                ), ()
+        verdict = ListenerCheck(
             True, f"port {self.port}: TabbyAPI verified", address=target, pid=verified
         )
+        return verdict, tuple(holders_seen)

@@ -31,6 +31,7 @@ import httpx
 
 from hydra_watchdog.adapters.http_deadline import (
     JSON_LIMIT,
+    DeadlineTransport,
     LoadCancelledError,
     Reply,
     choices_result,
@@ -132,7 +133,8 @@ class TabbyClient:
         self.key_source = key_source
         self.__key = admin_key or None
         self._load_lock = threading.Lock()
-        self._http = new_client()
+        self._transport = DeadlineTransport()  # every request but a load (exchange)
+        self._http = new_client(self._transport)  # a load's event stream, on the same pool
 
     @classmethod
     def from_config(
@@ -416,7 +418,7 @@ class TabbyClient:
         url = self.base_url + path
         try:
             shown = redact_url(url)
-        except ValueError:  # e.g. an unclosed "[" of an IPv6 host: httpx will say more
+        except ValueError:  # e.g. an unclosed "[" of an IPv6 host: the request will say more
             shown = "the configured URL"
         headers: dict[str, str] = {}
         if auth:
@@ -425,7 +427,7 @@ class TabbyClient:
                 return Reply(authorized.latency_s, failure=authorized)
             url, headers = authorized
         return exchange(
-            self._http,
+            self._transport,
             method,
             url,
             shown=shown,
