@@ -448,6 +448,22 @@ def _ident(
     return ProcIdentity(1, 0, 0, 1, cmdline, exe, cwd, "pid:[1]", ())
 
 
+def test_read_bytes_reads_a_whole_file_up_to_its_limit(tmp_path: Path) -> None:
+    """read_bytes reads in steps (no buffer of `limit` bytes per /proc file): a file over several
+    steps comes back whole, a limit cuts it, a missing one is None."""
+    data = bytes(range(256)) * 1000  # 256 000 bytes: a page, then several 64 KiB reads
+    path = tmp_path / "blob"
+    path.write_bytes(data)
+    assert identity.read_bytes(str(path)) == data
+    assert identity.read_bytes(str(path), 5000) == data[:5000]
+    assert identity.read_bytes(str(path), 0) == b""
+    assert identity.read_bytes(str(tmp_path / "missing")) is None
+    assert identity.read_bytes(str(tmp_path)) is None  # a directory: EISDIR on read
+    with open(f"/proc/{os.getpid()}/cmdline", "rb") as f:
+        cmdline = f.read()
+    assert identity.read_bytes(f"/proc/{os.getpid()}/cmdline") == cmdline
+
+
 def test_install_tree_is_matched_by_whole_path_components() -> None:
     assert within("/opt/tabbyapi/main.py", ["/opt/tabbyapi"])
     assert within("/opt/tabbyapi", ["/opt/tabbyapi/"])

@@ -54,12 +54,34 @@ class ProcIdentity:
         return " ".join(self.cmdline)
 
 
+_FIRST_READ = 4096
+_NEXT_READS = 65536
+
+
 def read_bytes(path: str, limit: int = 1 << 20) -> bytes | None:
+    """Up to `limit` bytes of a (typically /proc) file; None when it cannot be read.
+
+    Read with os.read until end of file: a buffered f.read(limit) allocates `limit` bytes up
+    front, a fresh 1 MiB mapping per /proc file, and a cycle reads dozens of them (issue 15)."""
     try:
-        with open(path, "rb") as f:
-            return f.read(limit)
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError:
         return None
+    try:
+        parts: list[bytes] = []
+        total, step = 0, _FIRST_READ  # most /proc files fit in one page
+        while total < limit:
+            chunk = os.read(fd, min(step, limit - total))
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            step = _NEXT_READS
+        return b"".join(parts)
+    except OSError:
+        return None
+    finally:
+        os.close(fd)
 
 
 def read_text(path: str) -> str | None:
