@@ -16,9 +16,11 @@ Detail texts go through the caller's `scrub` (which removes its secret, escapes 
 
 from __future__ import annotations
 
+import base64
 import json
 import threading
 import time
+import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -272,14 +274,30 @@ def exchange(
         return _exchange(transport.pool, method, url, shown, headers, body, started, budget, scrub)
 
 
-def _request_headers(headers: dict[str, str], content: bytes | None) -> list[tuple[bytes, bytes]]:
+def _request_headers(
+    url: str, headers: dict[str, str], content: bytes | None
+) -> list[tuple[bytes, bytes]]:
     """The caller's headers plus what httpx would have added: identity coding (see new_client),
-    and the JSON body's type and length. httpcore adds Host."""
+    Basic auth from a user:password@ in the URL (unless the caller authorises), and the JSON
+    body's type and length. httpcore adds Host."""
     out = [(b"Accept", b"*/*"), (b"Accept-Encoding", b"identity")]
     out += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()]
+    if not any(name.lower() == "authorization" for name in headers):
+        out += _basic_auth(url)
     if content is not None:
         out += [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(content))]
     return out
+
+
+def _basic_auth(url: str) -> list[tuple[bytes, bytes]]:
+    """[Authorization: Basic ...] for a URL with user:password@, as httpx sends it; else []."""
+    parts = urllib.parse.urlsplit(url)
+    if parts.username is None and parts.password is None:
+        return []
+    user = urllib.parse.unquote(parts.username or "")
+    password = urllib.parse.unquote(parts.password or "")
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    return [(b"Authorization", f"Basic {token}".encode("ascii"))]
 
 
 def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
@@ -321,7 +339,7 @@ def _exchange(
         with pool.stream(
             method,
             target,
-            headers=_request_headers(headers, content),
+            headers=_request_headers(url, headers, content),
             content=content,
             extensions={"timeout": timeouts},
         ) as resp:
