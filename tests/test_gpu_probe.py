@@ -343,20 +343,20 @@ def test_call_runner_returns_values_and_exceptions_typed() -> None:
 def test_a_batch_runs_on_the_lane_and_is_bounded_per_call() -> None:
     """CallRunner.batch: every call on the lane in one hand-off, the body replayed on the
     caller's thread with the recorded answers; a call past the timeout is TIMEOUT, the rest
-    "not attempted", and the lane stays stuck until that call returns."""
+    "not attempted" and never made, and the lane stays stuck until that call returns."""
     runner = CallRunner(timeout=TIMEOUT)
     release = threading.Event()
-    lanes: list[str] = []
+    made: list[tuple[str, int]] = []  # (thread, value) of every call that reached "NVML"
 
-    def on_lane(value: int) -> int:
-        lanes.append(threading.current_thread().name)
+    def nvml(value: int) -> int:
+        made.append((threading.current_thread().name, value))
         return value
 
     def body(call: RawCall) -> list[object]:
-        answers: list[object] = [call("one", lambda: on_lane(1))]
-        answers.append(call("two", lambda: on_lane(2 // 0)))
-        answers.append(call("hang", lambda: release.wait(30) and on_lane(3)))
-        answers.append(call("four", lambda: on_lane(4)))
+        answers: list[object] = [call("one", lambda: nvml(1))]
+        answers.append(call("two", lambda: nvml(2 // 0)))
+        answers.append(call("hang", lambda: release.wait(30) and nvml(3)))
+        answers.append(call("four", lambda: nvml(4)))
         return answers
 
     try:
@@ -364,8 +364,9 @@ def test_a_batch_runs_on_the_lane_and_is_bounded_per_call() -> None:
         one, two, three, four = runner.batch(body)
         assert (one, three, four) == (1, 3, 4)
         assert isinstance(two, NvmlFailure) and two.detail.startswith("two: ")
-        assert lanes == ["nvml-calls"] * 3  # 2 // 0 raised before on_lane ran
+        assert made == [("nvml-calls", 1), ("nvml-calls", 3), ("nvml-calls", 4)]
 
+        made.clear()
         release.clear()
         start = time.monotonic()
         one, two, hung, four = runner.batch(body)
@@ -385,6 +386,8 @@ def test_a_batch_runs_on_the_lane_and_is_bounded_per_call() -> None:
         assert isinstance(alone, NvmlFailure) and "hang has not returned" in alone.detail
         release.set()
         assert wait_until(lambda: not runner.stuck)
+        # The hung call returned; the read that gave up on it made no call after it.
+        assert made == [("nvml-calls", 1), ("nvml-calls", 3)]
         assert runner.batch(body)[::2] == [1, 3]
     finally:
         release.set()

@@ -195,6 +195,65 @@ def test_a_verdict_is_reused_only_while_its_listener_is_the_same(
     assert sum(1 for r in sim.requests() if r["path"] == "/v1/model") == 2
 
 
+FORKING_LISTENER = """
+import os, socket, sys, time
+s = socket.socket()
+s.bind(("127.0.0.1", 0))
+s.listen(8)
+print(s.getsockname()[1], flush=True)
+sys.stdin.readline()
+child = os.fork()
+if child:
+    print(child, flush=True)
+    os._exit(0)
+time.sleep(120)
+"""
+
+
+def test_a_vouched_socket_held_by_another_process_is_judged_afresh(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The same listening socket, but its verified holder gone and a forked child holding it:
+    the reused verdict rested on that holder, so the gate verifies the child before trusting."""
+    identities: list[int] = []
+
+    def read_identity_seen(pid: int, proc_root: str = "/proc") -> ProcIdentity | None:
+        identities.append(pid)
+        return read_identity(pid, proc_root)
+
+    monkeypatch.setattr(identity, "read_identity", read_identity_seen)
+    install = tmp_path / "tabbyapi"
+    install.mkdir()
+    (install / "main.py").write_text(FORKING_LISTENER)
+    proc = subprocess.Popen(
+        [sys.executable, str(install / "main.py")],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert proc.stdin is not None and proc.stdout is not None
+    child = 0
+    try:
+        port = int(proc.stdout.readline())
+        gate = identity.ListenerGate("127.0.0.1", port, install_dirs=[str(install)], user="root")
+        gate.set_unit(NO_SYSTEMD)
+        first, second = gate.check(), gate.check()
+        assert first.ok and second.ok and second.pid == proc.pid, (first, second)
+        assert identities == [proc.pid]  # the second check reused the verdict
+        proc.stdin.write("fork\n")
+        proc.stdin.flush()
+        child = int(proc.stdout.readline())
+        assert proc.wait(5) == 0
+        moved = gate.check()
+        assert moved.ok and moved.pid == child, moved  # TabbyAPI's own child: still TabbyAPI
+        assert identities == [proc.pid, child]
+    finally:
+        if child:
+            os.kill(child, signal.SIGKILL)
+        proc.kill()
+        proc.wait(5)
+
+
 def test_nothing_is_sent_before_the_unit_was_read(tabby_sim: TabbySims, key_file: Path) -> None:
     sim = tabby_sim.start(startup_model="m1")
     client = _client(sim.url, key_file, sim.install_dir)

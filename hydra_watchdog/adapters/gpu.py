@@ -162,13 +162,16 @@ class _Recording:
 
     def __init__(self) -> None:
         self.answers: list[object] = []
-        # (index, what, start) of the call in progress, replaced as one value: the caller reads
-        # it from another thread.
-        self.current: tuple[int, str, float] = (0, "the first call", time.monotonic())
+        # What the lane does, since when: (index of the call, its name or "" between calls,
+        # start). Replaced as one value at every step: the caller reads it from its own thread.
+        self.current: tuple[int, str, float] = (0, "", time.monotonic())
         self.job: Call[Any] | None = None
+        self.abandoned = False  # the caller gave up: the lane makes no further call
 
     def make(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
         """On the lane: make the call, record its answer."""
+        if self.abandoned:  # nothing more into a driver that just hung; the lane frees at once
+            return NvmlFailure(NvmlErrorKind.TIMEOUT, f"{what}: not attempted (the read gave up)")
         self.current = (len(self.answers), what, time.monotonic())
         answer: _T | NvmlFailure
         try:
@@ -176,15 +179,17 @@ class _Recording:
         except BaseException as exc:  # typed, like call() types what the lane hands back
             answer = classify(exc, what)
         self.answers.append(answer)
+        self.current = (len(self.answers), "", time.monotonic())
         return answer
 
     def wait(self, job: Call[Any], timeout: float) -> tuple[int, str, float] | None:
-        """None once the batch returned; else the call in progress once it is past `timeout`."""
+        """None once the batch returned; else what the lane has been doing for `timeout`
+        without a step forward (a call, or rarely the time between two)."""
         while True:
             current = self.current
             if job.wait(current[2] + timeout - time.monotonic()):
                 return None
-            if self.current is current:  # no progress since: that call is past its timeout
+            if self.current is current:  # no step since: past its timeout
                 return current
 
 
@@ -192,11 +197,19 @@ class _Replay:
     """The caller's run of a batch: each call gets its recorded answer, in order."""
 
     def __init__(
-        self, answers: list[object], stuck_at: int, stuck: str, since: float, timeout: float
+        self,
+        answers: list[object],
+        stuck_at: int,
+        stuck: str,
+        since: float,
+        timeout: float,
+        *,
+        done: bool = False,
     ) -> None:
         self.answers = answers
         self.stuck_at, self.stuck, self.since = stuck_at, stuck, since
         self.timeout = timeout
+        self.done = done  # the lane's run returned: a call past the record is a bug
         self.asked = 0
 
     def __call__(self, what: str, fn: Callable[[], _T], /) -> _T | NvmlFailure:
@@ -204,9 +217,10 @@ class _Replay:
         if index < len(self.answers):
             # the answer this very call got on the lane (body is pure: same calls, same order)
             return self.answers[index]  # type: ignore[return-value]
-        if not self.stuck:  # the lane's run made fewer calls: body is not pure (a bug)
+        if self.done:  # the lane's run made fewer calls: body is not pure (a bug)
             return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: not run (the batch's record ended)")
         if index == self.stuck_at:
+            self.stuck = self.stuck or what  # stuck between calls: name the one it did not make
             return _no_answer(what, self.timeout)
         return _not_attempted(what, self.stuck, self.since)
 
@@ -259,7 +273,8 @@ class CallRunner:
         the lane, where each call is made in turn and its answer recorded; the caller waits as
         long as the call in progress is younger than `timeout`. Then on the caller's thread,
         where each call gets its recorded answer. A call past `timeout` gets TIMEOUT and keeps
-        the lane stuck, so every later call gets "not attempted", exactly as call() answers.
+        the lane stuck, every later call gets "not attempted", as call() answers them; the
+        lane's run makes no call after the stuck one, so the lane frees when that one returns.
         Only the caller's run counts: nothing the lane's run does reaches the caller."""
         rec = _Recording()
         with self._lock:
@@ -271,8 +286,9 @@ class CallRunner:
             self._batch = rec
             stuck = rec.wait(job, self.timeout)
         answers = list(rec.answers)  # the lane may still append: a snapshot
-        if stuck is None:
-            return body(_Replay(answers, len(answers), "", 0.0, self.timeout))
+        if stuck is None:  # every call answered: nothing is stuck past the record's end
+            return body(_Replay(answers, len(answers), "", 0.0, self.timeout, done=True))
+        rec.abandoned = True
         index, name, since = stuck
         return body(_Replay(answers[:index], index, name, since, self.timeout))
 
@@ -282,6 +298,7 @@ class CallRunner:
             rec = self._batch
             if rec is not None and rec.job is refused.stuck:  # name the call, not the batch
                 _, name, since = rec.current
+                name = name or "an NVML read"
             return _not_attempted(what, name, since)
         if refused.why is Why.CLOSED:
             return NvmlFailure(NvmlErrorKind.OTHER, f"{what}: the GPU probe is closed")

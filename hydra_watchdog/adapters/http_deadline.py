@@ -16,11 +16,9 @@ Detail texts go through the caller's `scrub` (which removes its secret, escapes 
 
 from __future__ import annotations
 
-import base64
 import json
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -246,6 +244,16 @@ def _local(
     return failed(started, Outcome.LOCAL_ERROR, f"{shown} not probed: {why}", scrub)
 
 
+@dataclass(frozen=True)
+class Request:
+    """A request as it goes to the pool."""
+
+    method: str
+    url: httpcore.URL
+    headers: list[tuple[bytes, bytes]]
+    content: bytes | None
+
+
 def exchange(
     transport: DeadlineTransport,
     method: str,
@@ -269,61 +277,10 @@ def exchange(
         return failed(
             started, Outcome.LOCAL_ERROR, f"{shown} not probed: the client is closed", scrub
         )
-    # The scope spans the handlers too: they ask BUDGET whether any byte came back.
-    with deadline_scope(started + budget):
-        return _exchange(transport.pool, method, url, shown, headers, body, started, budget, scrub)
-
-
-def _request_headers(
-    url: str, headers: dict[str, str], content: bytes | None
-) -> list[tuple[bytes, bytes]]:
-    """The caller's headers plus what httpx would have added: identity coding (see new_client),
-    Basic auth from a user:password@ in the URL (unless the caller authorises), and the JSON
-    body's type and length. httpcore adds Host."""
-    out = [(b"Accept", b"*/*"), (b"Accept-Encoding", b"identity")]
-    out += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()]
-    if not any(name.lower() == "authorization" for name in headers):
-        out += _basic_auth(url)
-    if content is not None:
-        out += [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(content))]
-    return out
-
-
-def _basic_auth(url: str) -> list[tuple[bytes, bytes]]:
-    """[Authorization: Basic ...] for a URL with user:password@, as httpx sends it; else []."""
-    parts = urllib.parse.urlsplit(url)
-    if parts.username is None and parts.password is None:
-        return []
-    user = urllib.parse.unquote(parts.username or "")
-    password = urllib.parse.unquote(parts.password or "")
-    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
-    return [(b"Authorization", f"Basic {token}".encode("ascii"))]
-
-
-def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
-    """The first value of header `name` (lower case), "" when absent."""
-    for key, value in headers:
-        if key.lower() == name:
-            return value.decode("latin-1")
-    return ""
-
-
-def _exchange(
-    pool: httpcore.ConnectionPool,
-    method: str,
-    url: str,
-    shown: str,
-    headers: dict[str, str],
-    body: object,
-    started: float,
-    budget: float,
-    scrub: Callable[[str], str],
-) -> Reply:
-    deadline = started + budget
-    got_headers = False
     try:
         target = httpcore.URL(url)
-    except (ValueError, UnicodeError) as exc:  # e.g. an unclosed "[" or a port out of range
+    except (ValueError, TypeError) as exc:  # an unclosed "[", a bad port, a non-ASCII URL
+        # Never sent: closest to "could not reach"; the detail says it is the URL's fault.
         why = f"{shown} is not a usable http URL ({describe(exc, scrub)})"
         return failed(started, Outcome.REFUSED, why, scrub)
     try:
@@ -335,17 +292,63 @@ def _exchange(
                 body, ensure_ascii=False, separators=(",", ":"), allow_nan=False
             ).encode("utf-8")
         )
+        request = Request(method, target, _request_headers(target, headers, content), content)
+    except (ValueError, TypeError) as exc:  # a body JSON cannot hold, a header latin-1 cannot
+        why = f"{shown} not probed: the request could not be written ({describe(exc, scrub)})"
+        return failed(started, Outcome.LOCAL_ERROR, why, scrub)
+    # The scope spans the handlers too: they ask BUDGET whether any byte came back.
+    with deadline_scope(started + budget):
+        return _exchange(transport.pool, request, shown, started, budget, scrub)
+
+
+def host_header(url: httpcore.URL) -> bytes:
+    """Host as httpx writes it: an IPv6 address in brackets (httpcore's own would be `::1:5000`,
+    which no server can read), the port only when it is not the scheme's default."""
+    host = b"[" + url.host + b"]" if b":" in url.host else url.host
+    default = {b"http": 80, b"https": 443}.get(url.scheme)
+    return host if url.port is None or url.port == default else b"%s:%d" % (host, url.port)
+
+
+def _request_headers(
+    url: httpcore.URL, headers: dict[str, str], content: bytes | None
+) -> list[tuple[bytes, bytes]]:
+    """The caller's headers plus what httpx would have added: Host, identity coding (see
+    new_client), and the JSON body's type and length."""
+    out = [(b"Host", host_header(url)), (b"Accept", b"*/*"), (b"Accept-Encoding", b"identity")]
+    out += [(name.encode("ascii"), value.encode("latin-1")) for name, value in headers.items()]
+    if content is not None:
+        out += [(b"Content-Type", b"application/json"), (b"Content-Length", b"%d" % len(content))]
+    return out
+
+
+def _header(headers: list[tuple[bytes, bytes]], name: bytes) -> str:
+    """Every value of header `name` (lower case), joined by ", " as httpx joins them; "" when
+    absent."""
+    return ", ".join(value.decode("latin-1") for key, value in headers if key.lower() == name)
+
+
+def _exchange(
+    pool: httpcore.ConnectionPool,
+    request: Request,
+    shown: str,
+    started: float,
+    budget: float,
+    scrub: Callable[[str], str],
+) -> Reply:
+    deadline = started + budget
+    got_headers = False
+    try:
         timeouts = {"connect": budget, "read": budget, "write": budget, "pool": budget}
         with pool.stream(
-            method,
-            target,
-            headers=_request_headers(url, headers, content),
-            content=content,
+            request.method,
+            request.url,
+            headers=request.headers,
+            content=request.content,
             extensions={"timeout": timeouts},
         ) as resp:
             got_headers = True
             coding = _header(resp.headers, b"content-encoding").strip().lower()
-            if coding not in ("", "identity"):
+            if any(c.strip() not in ("", "identity") for c in coding.split(",")):
                 why = f"{shown}: compressed answer ({coding}), which was not asked for"
                 return failed(started, Outcome.BAD_BODY, why, scrub, resp.status)
             data = bytearray()
@@ -368,8 +371,12 @@ def _exchange(
         return _local(started, shown, exc, scrub) or failed(
             started, Outcome.REFUSED, f"{shown}: {describe(exc, scrub)}", scrub
         )
-    except httpcore.UnsupportedProtocol as exc:
-        # Never sent: closest to "could not reach"; the detail says it is the URL's fault.
+    except httpcore.LocalProtocolError as exc:
+        # h11 would not write our own request (e.g. a control character in a header): never
+        # sent, so no evidence about the server, and never a refusal that counts to a restart.
+        why = f"{shown} not probed: the request could not be written ({describe(exc, scrub)})"
+        return failed(started, Outcome.LOCAL_ERROR, why, scrub)
+    except httpcore.UnsupportedProtocol as exc:  # never sent, as for an unusable URL above
         why = f"{shown} is not a usable http URL ({describe(exc, scrub)})"
         return failed(started, Outcome.REFUSED, why, scrub)
     except (httpcore.ReadError, httpcore.WriteError, httpcore.RemoteProtocolError) as exc:

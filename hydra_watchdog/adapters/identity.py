@@ -249,6 +249,7 @@ class ListenSocket:
     port: int
     address: str  # as bound: "127.0.0.1", "0.0.0.0", "::1", "::"
     uid: int  # the socket's creator (its fsuid)
+    cookie: int = 0  # sock_diag's 64-bit socket cookie, never reused (0: read from /proc/net)
 
     def accepts(self, target: str) -> bool:
         """Whether a connection to `target` (an IP) may reach this socket. An IPv6 wildcard may
@@ -309,9 +310,10 @@ def _read_diag_dump(sock: socket.socket, wanted: set[int], found: list[ListenSoc
                 (port,) = struct.unpack_from(">H", data, body + 4)  # id.idiag_sport
                 raw = data[body + 8 : body + 8 + (4 if family == socket.AF_INET else 16)]
                 uid, inode = struct.unpack_from("=II", data, body + 64)  # idiag_uid, idiag_inode
+                low, high = struct.unpack_from("=II", data, body + 44)  # id.idiag_cookie[2]
                 if state == _TCP_LISTEN_STATE and port in wanted and inode:
                     address = socket.inet_ntop(family, raw)
-                    found.append(ListenSocket(inode, port, address, uid))
+                    found.append(ListenSocket(inode, port, address, uid, low | high << 32))
             off += (length + 3) & ~3
 
 
@@ -506,10 +508,13 @@ class _Vouched:
 
     The verdict is reused, without reading every holder's identity from /proc again (most of
     a cycle's check), only while all of that is unchanged: the same unit status, the same
-    listening sockets (inode, address and uid from sock_diag, read again for every request)
-    and each socket's verified holder still the same process (pid and start time). A squatter
-    can change none of them unseen: its own socket is a new inode, and a listener can only
-    move to another process by its holder's own doing (fork or SCM_RIGHTS)."""
+    listening sockets (sock_diag's cookie, which the kernel never reuses, with inode, address
+    and uid, read again for every request) and each socket's verified holder still the same
+    process (pid and start time). A squatter can change none of them unseen: its own socket
+    is a new one, and a listener can only move to another process by its holder's own doing
+    (fork or SCM_RIGHTS), as a process can only exec another program by its own doing. Where
+    sock_diag is unavailable (/proc/net: no cookie), a new socket must also reuse the
+    vouched one's inode number and uid, while its holder lives, to pass."""
 
     unit: UnitStatus | None
     target: str

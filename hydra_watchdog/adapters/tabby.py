@@ -1,6 +1,7 @@
-"""TabbyAPI over HTTP: one httpx client, a hard total deadline per request, typed outcomes.
+"""TabbyAPI over HTTP: one connection pool, a hard total deadline per request, typed outcomes.
 
-An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py, the
+An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py (a
+request goes to its pool directly; a model load streams through an httpx client on it), the
 bounded event-stream parser of a model load in adapters/sse.py; the LiteLLM fallback route, which
 is another host, has its own adapter (adapters/fallback_route.py).
 
