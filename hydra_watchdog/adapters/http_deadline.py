@@ -132,7 +132,6 @@ class DeadlineTransport(httpx.HTTPTransport):
         self._pool = httpcore.ConnectionPool(
             max_connections=20, max_keepalive_connections=10, network_backend=_DeadlineBackend()
         )
-
         self.closed = False
 
     @property
