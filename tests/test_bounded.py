@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+from pathlib import Path
 
 from hydra_watchdog.adapters.bounded import Call, Lane, Pool, Refused, Why
 
@@ -102,3 +103,17 @@ def test_a_pool_has_a_fixed_set_of_lanes_each_stuck_on_its_own() -> None:
     finally:
         release.set()
         pool.close()
+
+
+def test_a_lanes_thread_carries_its_name_for_top_and_ps() -> None:
+    """The kernel's name of the lane's thread (top -H, ps -L) is the lane's, cut to 15 bytes."""
+    pool = Pool("probe", ["health", "a-rather-long-lane-name"])
+    try:
+        comms = []
+        for name in ("health", "a-rather-long-lane-name"):
+            call = pool.submit(name, threading.get_native_id)
+            assert isinstance(call, Call) and call.wait(10), call
+            comms.append(Path(f"/proc/self/task/{call.value}/comm").read_text().strip())
+    finally:
+        pool.close()
+    assert comms == ["probe-health", "probe-a-rather-"]

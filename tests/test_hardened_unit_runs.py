@@ -1,7 +1,7 @@
 """The hardened unit, run by real systemd (in a namespace), still lets the watchdog do its job:
 ctypes callbacks under MemoryDenyWriteExecute (NVML goes through ctypes), its imports, the state
 and status directories, sd_notify, restarting another unit through PID 1, reading a unit over
-PID 1's private D-Bus socket, and SIGTERM to another user's process.
+PID 1's private D-Bus socket, naming its threads (prctl), and SIGTERM to another user's process.
 
 The probe replaces ExecStart and keeps every other directive of systemd/hydra-watchdog.service.
 Not checked here: LoadCredential delivery (systemd 252 in this namespace hands every unit an empty
@@ -47,6 +47,15 @@ sys.path.insert(0, sys.argv[2])
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 bus_read = SystemctlUnit("hw-probe-victim.service").status()
 result["bus_read"] = [bus_read.read_via, bus_read.active_state]
+# Lanes name their threads with prctl(PR_SET_NAME), which the syscall filter must allow.
+import threading
+from hydra_watchdog.adapters.bounded import Lane
+lane = Lane("probe-health")
+named = lane.submit("tid", threading.get_native_id)
+named.wait(10)
+with open(f"/proc/self/task/{named.value}/comm") as f:
+    result["lane_comm"] = f.read().strip()
+lane.close()
 pid = int(sys.argv[1])
 result["other_cmdline_visible"] = os.path.exists(f"/proc/{pid}/cmdline")
 try:
@@ -116,6 +125,7 @@ def test_hardened_unit_lets_the_watchdog_work(probe_units: SystemdNamespace) -> 
     assert result["state_dir_mode"] == "0o700"
     assert result["restart"] == [0, ""]
     assert result["bus_read"] == ["D-Bus", "active"]
+    assert result["lane_comm"] == "probe-health"  # what top -H and ps -L show
     assert result["other_cmdline_visible"] is True
     assert result["kill"] == "ok"
     ns.wait_for_state("hw-probe-other.service", ["inactive", "failed"])

@@ -15,6 +15,7 @@ watchdog's own failure and tries again on the next one.
 
 from __future__ import annotations
 
+import ctypes
 import queue
 import threading
 import time
@@ -24,6 +25,21 @@ from enum import StrEnum
 from typing import Any, Generic, TypeVar
 
 T = TypeVar("T")
+
+_PR_SET_NAME = 15  # prctl(2)
+_COMM_MAX = 15  # bytes of a thread's name the kernel keeps
+
+
+def name_this_thread(name: str) -> None:
+    """Give the calling thread `name` where `top -H`, `ps -L` and /proc/PID/task/TID/comm show it
+    (its first 15 bytes): Python's thread names stay inside Python, so a CPU or hang inquiry
+    would see a dozen threads all called hydra-watchdog. Best effort: nothing else depends on
+    it."""
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(_PR_SET_NAME, name.encode("utf-8", "replace")[:_COMM_MAX], 0, 0, 0)
+    except (OSError, AttributeError):  # no libc by that name, or no prctl (not Linux)
+        pass
 
 
 class Call(Generic[T]):
@@ -119,6 +135,7 @@ class Lane:
             thread.join(wait)
 
     def _work(self) -> None:
+        name_this_thread(self.name)
         while True:
             call = self._calls.get()
             if call is None:
