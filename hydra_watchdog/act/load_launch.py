@@ -32,7 +32,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hydra_watchdog.actions import LoadModel
-from hydra_watchdog.adapters.identity import read_text, stat_start_ticks
+from hydra_watchdog.adapters.identity import live_start_ticks
 from hydra_watchdog.adapters.systemd import first_line
 from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.config import Config
@@ -67,14 +67,6 @@ def under_systemd(environ: Mapping[str, str] = os.environ) -> bool:
 
 def unit_name(model: str) -> str:
     return f"{UNIT_PREFIX}{hashlib.sha256(model.encode()).hexdigest()[:12]}.service"
-
-
-def _start_ticks(pid: int) -> int | None:
-    """The process's start ticks; None when it is gone or a zombie."""
-    parsed = stat_start_ticks(read_text(f"/proc/{pid}/stat") or "")
-    if parsed is None or parsed[0] in ("Z", "X"):
-        return None
-    return parsed[1]
 
 
 class LoadHelpers:
@@ -219,7 +211,7 @@ class LoadHelpers:
             os.close(read_end)
             if write_end >= 0:
                 os.close(write_end)
-        ticks = _start_ticks(proc.pid)
+        ticks = live_start_ticks(proc.pid)
         launch = replace(launch, pid=proc.pid, start_ticks=ticks or 0)
         self._child = proc
         try:
@@ -246,7 +238,7 @@ class LoadHelpers:
         child = self._child
         if child is not None and child.pid == launch.pid and child.poll() is not None:
             return False  # our own child, now reaped
-        return launch.start_ticks > 0 and _start_ticks(launch.pid) == launch.start_ticks
+        return launch.start_ticks > 0 and live_start_ticks(launch.pid) == launch.start_ticks
 
     def report(self, launch: LoadLaunch) -> LoadReport | None:
         return read_report(self.state_dir, launch.load_id)
@@ -297,7 +289,7 @@ class LoadHelpers:
         except OSError:
             return
         try:
-            if _start_ticks(launch.pid) == launch.start_ticks:
+            if live_start_ticks(launch.pid) == launch.start_ticks:
                 signal.pidfd_send_signal(pidfd, signum)
         except OSError:
             pass

@@ -494,12 +494,13 @@ def unit_cgroup_members(cgroup: str, cgroup_root: str = "/sys/fs/cgroup") -> set
     return None
 
 
-def same_process(pid: int, start_ticks: int, proc_root: str = "/proc") -> bool:
-    """`pid` is still the live process that started at `start_ticks` (not gone, not a zombie,
-    not a later process that got the same number)."""
-    stat = read_text(f"{proc_root}/{pid}/stat")
-    parsed = None if stat is None else stat_start_ticks(stat)
-    return parsed is not None and parsed[0] not in ("Z", "X") and parsed[1] == start_ticks
+def live_start_ticks(pid: int, proc_root: str = "/proc") -> int | None:
+    """The start ticks of `pid` while it is a live process; None when it is gone, a zombie or
+    unreadable. Equal ticks say it is still the same process, not a later one with its number."""
+    parsed = stat_start_ticks(read_text(f"{proc_root}/{pid}/stat") or "")
+    if parsed is None or parsed[0] in ("Z", "X"):
+        return None
+    return parsed[1]
 
 
 @dataclass(frozen=True)
@@ -521,16 +522,19 @@ class _Vouched:
     sockets: tuple[ListenSocket, ...]
     holders: tuple[tuple[int, int], ...]
     check: ListenerCheck
-    proc_root: str
 
     def still_holds(
-        self, unit: UnitStatus | None, target: str, sockets: tuple[ListenSocket, ...]
+        self,
+        unit: UnitStatus | None,
+        target: str,
+        sockets: tuple[ListenSocket, ...],
+        proc_root: str,
     ) -> bool:
         return (
             unit == self.unit
             and target == self.target
             and sockets == self.sockets
-            and all(same_process(pid, ticks, self.proc_root) for pid, ticks in self.holders)
+            and all(live_start_ticks(pid, proc_root) == t for pid, t in self.holders)
         )
 
 
@@ -576,10 +580,12 @@ class ListenerGate:
         for target in self._targets():
             reaching = tuple(s for s in sockets if s.accepts(target))
             if reaching:
-                if vouched is not None and vouched.still_holds(unit, target, reaching):
+                if vouched is not None and vouched.still_holds(
+                    unit, target, reaching, self.proc_root
+                ):
                     return vouched.check
                 check, holders = self._verify(target, reaching, unit)
-                fresh = _Vouched(unit, target, reaching, holders, check, self.proc_root)
+                fresh = _Vouched(unit, target, reaching, holders, check)
                 with self._lock:
                     self._vouched = fresh if check.ok and unit is not None else None
                 return check
