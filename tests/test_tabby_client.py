@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TypeVar
 
@@ -25,6 +23,7 @@ from hydra_watchdog.daemon import build_adapters
 from hydra_watchdog.interfaces import LoadOutcome
 from hydra_watchdog.observation import HttpResult, Outcome, UnitStatus
 from hydra_watchdog.printable import printable
+from tests.harness.raw_http import RawServer, Script, answer_head, reply
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, trusted_listener, wait_for
 
 SLACK = 0.1  # issue 3: a probe never exceeds its deadline by more than 100 ms
@@ -393,119 +392,6 @@ def test_the_key_never_appears_in_any_outcome(
     assert ADMIN_KEY not in text and wrong_key not in text  # ... and never shown
 
 
-# --- a raw server that answers whatever a test scripts -----------------------------------------
-
-
-@dataclass
-class Script:
-    parts: tuple[tuple[float, bytes], ...]  # (pause before, bytes)
-    hold_open: bool = False  # after the last part, keep the connection until the client leaves
-
-
-@dataclass
-class RawServer:
-    routes: dict[str, Script] = field(default_factory=dict)
-    default: Script = field(default_factory=lambda: Script(()))
-    echo_auth: bool = False
-    seen: list[bytes] = field(default_factory=list)
-
-    def __post_init__(self) -> None:
-        self._sock = socket.socket()
-        self._sock.bind(("127.0.0.1", 0))
-        self._sock.listen(32)
-        self._sock.settimeout(0.1)
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._accept, daemon=True)
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{self._sock.getsockname()[1]}"
-
-    def __enter__(self) -> RawServer:
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        self._stop.set()
-        self._thread.join(5)
-        self._sock.close()
-
-    def _accept(self) -> None:
-        while not self._stop.is_set():
-            try:
-                conn, _ = self._sock.accept()
-            except TimeoutError:
-                continue
-            threading.Thread(target=self._serve, args=(conn,), daemon=True).start()
-
-    def _serve(self, conn: socket.socket) -> None:
-        with conn:
-            conn.settimeout(5)
-            try:
-                request = self._read_request(conn)
-                self.seen.append(request)
-                path = request.split(b" ", 2)[1].decode() if request.count(b" ") >= 2 else "/"
-                script = self.routes.get(path, self.default)
-                if self.echo_auth:
-                    script = self._echo(request)
-                for pause, data in script.parts:
-                    if pause and self._stop.wait(pause):
-                        return
-                    conn.sendall(data)
-                if script.hold_open:
-                    while not self._stop.is_set() and conn.recv(1024):
-                        pass
-            except OSError:
-                pass  # the client gave up first: what the test wants to see
-
-    @staticmethod
-    def _read_request(conn: socket.socket) -> bytes:
-        data = b""
-        while b"\r\n\r\n" not in data:
-            chunk = conn.recv(4096)
-            if not chunk:
-                return data
-            data += chunk
-        head, _, body = data.partition(b"\r\n\r\n")
-        length = 0
-        for line in head.split(b"\r\n")[1:]:
-            name, _, value = line.partition(b":")
-            if name.strip().lower() == b"content-length":
-                length = int(value.strip())
-        while len(body) < length:
-            chunk = conn.recv(4096)
-            if not chunk:
-                break
-            body += chunk
-        return head + b"\r\n\r\n" + body
-
-    @staticmethod
-    def _echo(request: bytes) -> Script:
-        auth = [ln for ln in request.split(b"\r\n") if ln.lower().startswith(b"authorization")]
-        detail = (auth[0] if auth else b"none").decode()
-        body = json.dumps({"detail": f"you sent {detail}"}).encode()
-        if b"/v1/model/load" in request.split(b"\r\n", 1)[0]:
-            event = json.dumps({"error": {"message": f"you sent {detail}"}}).encode()
-            stream = b"data: " + event + b"\n\n"
-            return Script(((0, _head(200, "text/event-stream", len(stream)) + stream),))
-        return Script(((0, _head(401, "application/json", len(body)) + body),))
-
-
-def _head(status: int, ctype: str, length: int | None, extra: str = "") -> bytes:
-    lines = [f"HTTP/1.1 {status} X", "connection: close"]
-    if ctype:
-        lines.append(f"content-type: {ctype}")
-    if length is not None:
-        lines.append(f"content-length: {length}")
-    if extra:
-        lines.append(extra)
-    return ("\r\n".join(lines) + "\r\n\r\n").encode()
-
-
-def _reply(status: int, ctype: str, body: bytes) -> Script:
-    return Script(((0, _head(status, ctype, len(body)) + body),))
-
-
 @pytest.fixture(scope="module")
 def raw() -> Iterator[RawServer]:
     with RawServer() as server:
@@ -516,26 +402,30 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
     client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener)
     try:
         cases: list[tuple[Script, Outcome, int | None]] = [
-            (_reply(200, "text/html", b'{"status":"healthy"}'), Outcome.BAD_BODY, 200),
-            (_reply(200, "application/json", b'{"status":'), Outcome.BAD_BODY, 200),
-            (_reply(200, "application/json", b"[1, 2]"), Outcome.BAD_BODY, 200),
-            (_reply(200, "application/json", b'{"status":"meh"}'), Outcome.BAD_BODY, 200),
+            (reply(200, "text/html", b'{"status":"healthy"}'), Outcome.BAD_BODY, 200),
+            (reply(200, "application/json", b'{"status":'), Outcome.BAD_BODY, 200),
+            (reply(200, "application/json", b"[1, 2]"), Outcome.BAD_BODY, 200),
+            (reply(200, "application/json", b'{"status":"meh"}'), Outcome.BAD_BODY, 200),
             (
-                _reply(503, "application/json", b'{"status":"unhealthy","issues":5}'),
+                reply(503, "application/json", b'{"status":"unhealthy","issues":5}'),
                 Outcome.BAD_BODY,
                 503,
             ),
-            (_reply(500, "text/plain", b"Internal Server Error"), Outcome.HTTP_ERROR, 500),
-            (_reply(403, "application/json", b'{"detail":"no"}'), Outcome.UNAUTHORIZED, 403),
+            (reply(500, "text/plain", b"Internal Server Error"), Outcome.HTTP_ERROR, 500),
+            (reply(403, "application/json", b'{"detail":"no"}'), Outcome.UNAUTHORIZED, 403),
             (Script(((0, b"SSH-2.0-OpenSSH_9.2\r\n"),)), Outcome.BAD_BODY, None),
             (Script(()), Outcome.REFUSED, None),  # closed before an answer
-            (Script(((0, _head(200, "application/json", 100) + b'{"st'),)), Outcome.BAD_BODY, None),
+            (
+                Script(((0, answer_head(200, "application/json", 100) + b'{"st'),)),
+                Outcome.BAD_BODY,
+                None,
+            ),
             (
                 Script(
                     (
                         (
                             0,
-                            _head(200, "application/json", None, "content-encoding: gzip")
+                            answer_head(200, "application/json", None, "content-encoding: gzip")
                             + b"not gzip",
                         ),
                     )
@@ -549,22 +439,22 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
             health = client.health()
             assert (health.result.outcome, health.result.status) == (outcome, status), script
             assert not health.healthy
-        raw.default = _reply(200, "application/json", b'{"id": 5}')
+        raw.default = reply(200, "application/json", b'{"id": 5}')
         assert client.model().result.outcome is Outcome.BAD_BODY
-        raw.default = _reply(400, "application/json", b'{"detail":"bad request"}')
+        raw.default = reply(400, "application/json", b'{"detail":"bad request"}')
         odd = client.model()
         assert (odd.result.outcome, odd.known) == (Outcome.HTTP_ERROR, False)
-        raw.default = _reply(200, "application/json", b'{"choices": []}')
+        raw.default = reply(200, "application/json", b'{"choices": []}')
         assert client.canary(1.0).result.outcome is Outcome.BAD_BODY
-        raw.default = _reply(200, "application/json", b"x" * (1 << 21))
+        raw.default = reply(200, "application/json", b"x" * (1 << 21))
         assert client.health().result.outcome is Outcome.BAD_BODY
         missing = {"type": "missing", "loc": ["body", "model_name"], "msg": "Field required"}
-        raw.default = _reply(422, "application/json", json.dumps({"detail": [missing]}).encode())
+        raw.default = reply(422, "application/json", json.dumps({"detail": [missing]}).encode())
         refused = load(client, "m1")
         assert refused == LoadOutcome(
             False, "load refused: HTTP 422: model_name: Field required", kind="permanent"
         )
-        raw.default = _reply(200, "application/json", b"{}")
+        raw.default = reply(200, "application/json", b"{}")
         assert "not an event stream" in load(client, "m1").detail
     finally:
         client.close()
@@ -583,7 +473,7 @@ def test_fallback_route_gets_no_tabby_key(raw: RawServer, tmp_path: Path) -> Non
     )
     adapters = build_adapters(cfg)
     try:
-        raw.default = _reply(200, "application/json", b'{"choices": [{"index": 0}]}')
+        raw.default = reply(200, "application/json", b'{"choices": [{"index": 0}]}')
         raw.seen.clear()
         assert adapters.fallback.check(raw.url, "tabby", 1.0).outcome is Outcome.OK
         [request] = raw.seen
@@ -630,7 +520,7 @@ def scripts(draw: st.DrawFn) -> Script:
         raw = draw(st.binary(min_size=1, max_size=64))
     else:
         length = {"length": len(body), "short": len(body) + 5, "close": None}[framing]
-        raw = _head(status, ctype, length) + body
+        raw = answer_head(status, ctype, length) + body
     piece = draw(st.integers(1, 64))
     pause = draw(st.sampled_from([0.0, 0.0, 0.01, 0.05, 0.12]))
     parts = tuple((pause, raw[i : i + piece]) for i in range(0, len(raw), piece))
@@ -724,13 +614,13 @@ def test_load_stream_any_split(
     confirmed: bool,
 ) -> None:
     stream = _sse(items, newline)
-    head = _head(200, "text/event-stream", None)
+    head = answer_head(200, "text/event-stream", None)
     raw.routes.clear()
     raw.routes["/v1/model/load"] = Script(
         tuple((0.0, (head + stream)[i : i + piece]) for i in range(0, len(head + stream), piece))
     )
     card = {"id": "m1"} if confirmed else {"detail": "No models are currently loaded."}
-    raw.routes["/v1/model"] = _reply(
+    raw.routes["/v1/model"] = reply(
         200 if confirmed else 503, "application/json", json.dumps(card).encode()
     )
     seen: list[tuple[int, int]] = []
@@ -762,7 +652,7 @@ def test_load_never_overruns_its_timeout(
 ) -> None:
     raw.routes.clear()
     raw.routes["/v1/model/load"] = script
-    raw.default = _reply(503, "application/json", b'{"detail": "No models are currently loaded."}')
+    raw.default = reply(503, "application/json", b'{"detail": "No models are currently loaded."}')
     outcome, took = timed(lambda: load(raw_client, "m1", timeout=DEADLINE))
     # The stream gets `timeout`; confirming a clean end gets its own health_timeout.
     assert took <= 2 * DEADLINE + SLACK, (took, outcome)
@@ -786,7 +676,7 @@ def test_env_does_not_leak_proxies(monkeypatch: pytest.MonkeyPatch, raw: RawServ
     monkeypatch.setenv("HTTP_PROXY", "http://127.0.0.1:1")
     monkeypatch.setenv("ALL_PROXY", "http://127.0.0.1:1")
     raw.routes.clear()
-    raw.default = _reply(200, "application/json", b'{"status": "healthy", "issues": []}')
+    raw.default = reply(200, "application/json", b'{"status": "healthy", "issues": []}')
     client = TabbyClient(raw.url, admin_key=None, health_timeout=1.0, gate=trusted_listener)
     try:
         assert client.health().healthy
