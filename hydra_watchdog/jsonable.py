@@ -12,10 +12,27 @@ import typing
 from enum import Enum
 from typing import Any
 
+# Exact types that are their own JSON form (a str or int Enum is not: it takes the other path).
+_PLAIN: frozenset[type] = frozenset({str, int, float, bool, type(None)})
+_FIELD_NAMES: dict[type, tuple[str, ...] | None] = {}
+
+
+def _field_names(cls: type) -> tuple[str, ...] | None:
+    """The field names of a dataclass, None for any other type. Kept per class: the status
+    file is rebuilt every cycle, and dataclasses.fields() costs more than the walk itself."""
+    if cls not in _FIELD_NAMES:
+        is_dc = dataclasses.is_dataclass(cls)
+        _FIELD_NAMES[cls] = tuple(f.name for f in dataclasses.fields(cls)) if is_dc else None
+    return _FIELD_NAMES[cls]
+
 
 def to_jsonable(value: Any) -> Any:
-    if dataclasses.is_dataclass(value) and not isinstance(value, type):
-        return {f.name: to_jsonable(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    cls = type(value)
+    if cls in _PLAIN:
+        return value
+    names = _field_names(cls)  # a dataclass instance; a dataclass *class* has type `type`
+    if names is not None:
+        return {name: to_jsonable(getattr(value, name)) for name in names}
     if isinstance(value, Enum):
         return value.value
     if isinstance(value, frozenset):

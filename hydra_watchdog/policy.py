@@ -28,6 +28,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from hydra_watchdog import findings as say
 from hydra_watchdog import rebuild
@@ -77,6 +78,23 @@ Plan = tuple[PolicyState, list[Action], list[Finding]]
 __all__ = ["PLAN", "POWER_RETRY_AFTER", "PlanRule", "backoff_delay", "decide", "vram_needed"]
 
 
+if TYPE_CHECKING:
+    from _typeshed import DataclassInstance
+
+_D = TypeVar("_D", bound="DataclassInstance")
+
+
+def changed(obj: _D, /, **changes: Any) -> _D:
+    """dataclasses.replace, except that `obj` itself comes back when every change gives a
+    field the value it already has: in a healthy cycle most rules change nothing, and copying
+    the state costs more than the rule that looked at it."""
+    for name, value in changes.items():
+        current = getattr(obj, name)
+        if current is not value and current != value:
+            return replace(obj, **changes)
+    return obj
+
+
 def decide(
     state: PolicyState, obs: Observation, now: float, config: Config
 ) -> tuple[PolicyState, tuple[Action, ...]]:
@@ -88,13 +106,13 @@ def decide(
     s = _track_health(s, obs, now, config)
     r = config.restart_loop
     if s.loop_since is not None and not s.escalated and now - s.loop_since >= r.escalate_after:
-        s = replace(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
+        s = changed(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
     findings = diagnose(s, obs, config) + counted
 
     if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
         until_in = None if obs.pause.until is None else obs.pause.until - now
         paused = say.paused(obs.pause.reason, until_in)
-        s = replace(_enter(s, Phase.PAUSED, now), findings=(paused, *findings), wants=frozenset())
+        s = changed(_enter(s, Phase.PAUSED, now), findings=(paused, *findings), wants=frozenset())
         return s, ()
 
     cleanup: tuple[Action, ...] = ()
@@ -110,7 +128,7 @@ def decide(
     actions += _power_limits(s, obs, now, config)
     actions += _fallback_route(s, config)
     said = findings + notes + more
-    s = replace(
+    s = changed(
         s,
         findings=tuple(said),
         wants=_wants(s, obs, now, config),
@@ -143,26 +161,26 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         elif isinstance(action, UnitCommand) and action.verb in (UnitVerb.START, UnitVerb.RESTART):
             s = _absorb_start(s, res, now, cfg)
         elif isinstance(action, KillOrphan) and res.error_kind == ErrorKind.UNKILLABLE:
-            s = replace(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
+            s = changed(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.OK:
             # The hourly retry worked: the "failed" finding goes with the hold.
             kept = tuple(d for d in s.power_denied if d.gpu_index != action.gpu_index)
-            s = replace(s, power_denied=kept)
+            s = changed(s, power_denied=kept)
         elif isinstance(action, SetPowerLimit) and res.status in (
             ResultStatus.FAILED,
             ResultStatus.REFUSED,
         ):
             denied = [d for d in s.power_denied if d.gpu_index != action.gpu_index]
             denied.append(PowerHold(action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
-            s = replace(s, power_denied=tuple(denied))
+            s = changed(s, power_denied=tuple(denied))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.DRY_RUN:
             # The limit never changes in a dry run: say "would set" hourly, not every cycle.
             held = [d for d in s.power_held if d.gpu_index != action.gpu_index]
             held.append(PowerHold(action.gpu_index, action.watts, now + POWER_RETRY_AFTER))
-            s = replace(s, power_held=tuple(held))
+            s = changed(s, power_held=tuple(held))
         elif isinstance(action, CheckFallbackRoute) and res.status is not ResultStatus.SKIPPED:
             verdict = "works" if res.succeeded else "FAILS"
-            s = replace(
+            s = changed(
                 s,
                 fallback_route_checked=True,
                 fallback_route_ok=res.succeeded,
@@ -170,17 +188,17 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             )
 
     if final_load is not None:
-        s = replace(s, load_in_flight="", load_started=None)
+        s = changed(s, load_in_flight="", load_started=None)
         action = final_load.action
         if final_load.succeeded:
             # A model just loaded has served nothing yet: a canary runs before "healthy".
-            s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+            s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
         elif final_load.error_kind == ErrorKind.UNAUTHORIZED:
             # Not the model's fault and no back-off can fix it: admin_key_rejected says so.
-            s = replace(s, last_load_error=final_load.detail, next_load_at=None)
+            s = changed(s, last_load_error=final_load.detail, next_load_at=None)
         elif final_load.error_kind == ErrorKind.LOAD_PERMANENT and isinstance(action, LoadModel):
             # No back-off either: waiting cannot change it, and the fallback may go at once.
-            s = replace(
+            s = changed(
                 s,
                 next_load_at=None,
                 permanent=(
@@ -197,7 +215,7 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         # The actuator reports progress for as long as a load runs; silence means it is gone
         # (the daemon was restarted mid-load). Count it, so a vanishing load cannot loop.
         s = _load_failed(
-            replace(s, load_in_flight="", load_started=None), now, cfg, "the load was lost"
+            changed(s, load_in_flight="", load_started=None), now, cfg, "the load was lost"
         )
     return s
 
@@ -210,9 +228,9 @@ def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) ->
         restarts = s.restarts
         if mine:
             restarts = s.restarts[: mine[-1]] + s.restarts[mine[-1] + 1 :]
-        s = replace(s, restarts=restarts, recovery_started=None)
+        s = changed(s, restarts=restarts, recovery_started=None)
         if s.backoff_step > 0 and s.backoff_until is None:
-            s = replace(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
+            s = changed(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
         return s
     if res.status is ResultStatus.OK and s.canary_verdict in (
         CanaryVerdict.STALLED,
@@ -220,7 +238,7 @@ def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) ->
     ):
         # A new process: the old verdict no longer describes it, but only a canary that passes
         # may say it recovered.
-        s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+        s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
     return s
 
 
@@ -233,7 +251,7 @@ def _load_mark(obs: Observation, cfg: Config, model: str) -> str:
 
 def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> PolicyState:
     failures = s.load_failures + 1
-    return replace(
+    return changed(
         s,
         load_failures=failures,
         next_load_at=now + backoff_delay(failures, cfg),
@@ -262,23 +280,23 @@ def _count_restarts(
                 notes.append(say.restarts_seen_late(delta, gap))
             records += [RestartRecord(at, RestartOrigin.SYSTEMD)] * delta
         seen = n
-        s = replace(s, nrestarts_at=now)
+        s = changed(s, nrestarts_at=now)
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
     attempts = tuple(at for at in s.start_attempts if now - at < window)
     if attempts != s.start_attempts:
-        s = replace(s, start_attempts=attempts)
+        s = changed(s, start_attempts=attempts)
     fresh = bool(s.invocation_id) and obs.unit.invocation_id not in ("", s.invocation_id)
-    s = replace(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
+    s = changed(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
     if fresh and s.load_failures:
         # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try.
-        s = replace(s, load_failures=0, next_load_at=None, last_load_error="")
+        s = changed(s, load_failures=0, next_load_at=None, last_load_error="")
     if fresh and s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
-        s = replace(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+        s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
     # Config, folder or process changed: such a failure may not hold any more.
     holding = tuple(p for p in s.permanent if _load_mark(obs, cfg, p.model) == p.mark)
     if holding != s.permanent:
-        s = replace(s, permanent=holding)
+        s = changed(s, permanent=holding)
     return s, notes
 
 
@@ -287,26 +305,26 @@ def _count_restarts(
 
 def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> PolicyState:
     health, t = obs.health, cfg.tabbyapi
-    s = replace(s, observed_at=now)
+    s = changed(s, observed_at=now)
     if obs.canary is not None:
-        s = replace(s, last_canary_at=now)
+        s = changed(s, last_canary_at=now)
         verdict = _CANARY_VERDICTS.get(obs.canary.result.outcome)
         if "No models" in obs.canary.result.detail:
             verdict = None  # the model went away meanwhile: no word on generation
         if verdict is not None:  # withheld, refused, our own failure: no word on generation
-            s = replace(s, canary_verdict=verdict, canary_detail=obs.canary.result.detail)
+            s = changed(s, canary_verdict=verdict, canary_detail=obs.canary.result.detail)
     if obs.host.libraries_checked:
         missing = obs.host.missing_libraries or ()  # unknown never blocks a restart
-        s = replace(s, missing_libraries=tuple(missing), libraries_checked_at=now)
+        s = changed(s, missing_libraries=tuple(missing), libraries_checked_at=now)
     if obs.model is not None and obs.model.loaded:
-        s = replace(s, next_load_at=None, last_load_error="")
+        s = changed(s, next_load_at=None, last_load_error="")
         if obs.model.loaded == cfg.model.name:
-            s = replace(s, load_failures=0, using_fallback=False)
+            s = changed(s, load_failures=0, using_fallback=False)
     if health.result.outcome is Outcome.LOCAL_ERROR:
         return s  # the watchdog could not probe: no evidence either way, streaks stay as they are
     if health.healthy:
         slow = health.result.latency_s > t.slow_threshold
-        return replace(
+        return changed(
             s,
             failures=0,
             last_failure="",
@@ -316,15 +334,15 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             fallback_route_ok=None,
             fallback_route_detail="",
         )
-    s = replace(
+    s = changed(
         s,
         healthy_since=None,
         slow_streak=0,
     )
     if starting(s, obs, now, cfg):
-        return replace(s, failures=0, last_failure="")
+        return changed(s, failures=0, last_failure="")
     failed = 1 + obs.confirmations_failed  # the first probe and its confirmations (observe.py)
-    return replace(s, failures=s.failures + failed, last_failure=_health_text(obs))
+    return changed(s, failures=s.failures + failed, last_failure=_health_text(obs))
 
 
 _CANARY_VERDICTS = {
@@ -365,7 +383,7 @@ class PlanRule:
 
 
 def _enter(s: PolicyState, phase: Phase, now: float) -> PolicyState:
-    return s if s.phase is phase else replace(s, phase=phase, phase_since=now)
+    return s if s.phase is phase else changed(s, phase=phase, phase_since=now)
 
 
 def _stay(phase: Phase, *, cleanup: bool = True) -> Callable[[Situation], Plan]:
@@ -408,15 +426,15 @@ def _settle(sit: Situation) -> tuple[Situation, list[Finding]]:
     health is reset (before that, only its pending attempt is dropped)."""
     s, now, r = sit.s, sit.now, sit.cfg.restart_loop
     notes: list[Finding] = []
-    s = replace(s, recovery_started=None)
+    s = changed(s, recovery_started=None)
     if s.backoff_step > 0:
         healthy_for = now - (s.healthy_since if s.healthy_since is not None else now)
         if healthy_for >= r.reset_after:
-            s = replace(s, backoff_step=0, backoff_until=None, loop_since=None, escalated=False)
+            s = changed(s, backoff_step=0, backoff_until=None, loop_since=None, escalated=False)
             notes.append(say.backoff_reset(healthy_for))
         else:
-            s = replace(s, backoff_until=None)
-    return replace(sit, s=s), notes
+            s = changed(s, backoff_until=None)
+    return changed(sit, s=s), notes
 
 
 # --- the remedies the rules share ---
@@ -467,7 +485,7 @@ def _start_actions(
         if unit.active_state == ActiveState.FAILED and not stopped:
             actions.append(UnitCommand(UnitVerb.RESET_FAILED, unit.name, reason))
         actions.append(UnitCommand(UnitVerb.START, unit.name, reason))
-    s = replace(
+    s = changed(
         s,
         restarts=(*s.restarts, RestartRecord(now, RestartOrigin.WATCHDOG)),
         start_attempts=(*s.start_attempts, now),
@@ -492,7 +510,7 @@ def _enter_loop(
         actions.append(
             UnitCommand(UnitVerb.STOP, sit.unit.name, Reason(Rule.RESTART_LOOP, note.message))
         )
-    s = replace(
+    s = changed(
         s,
         backoff_step=step,
         backoff_until=now + wait,
@@ -536,7 +554,7 @@ def _backoff(sit: Situation) -> Plan:
             stop = UnitCommand(UnitVerb.STOP, sit.unit.name, reason)
             return _enter(s, waiting, now), [*cleanup, stop], notes
         # Someone else (a human, a timer) started it while we waited: that is this step's attempt.
-        s = replace(s, backoff_until=None, recovery_started=now)
+        s = changed(s, backoff_until=None, recovery_started=now)
         return _enter(s, Phase.RECOVERING, now), cleanup, notes
     if s.backoff_until is not None:  # waiting for the next attempt
         if now < s.backoff_until:
@@ -551,7 +569,7 @@ def _backoff(sit: Situation) -> Plan:
         if not sit.unit.available:
             notes.append(say.backoff_deferred(f": systemd cannot be asked ({sit.unit.detail})"))
             return _enter(s, waiting, now), cleanup, notes
-        s = replace(s, backoff_until=None)
+        s = changed(s, backoff_until=None)
         evidence = f"back-off step {s.backoff_step} elapsed: one start attempt"
         s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
         return s, cleanup + start, notes
@@ -569,7 +587,7 @@ def _backoff(sit: Situation) -> Plan:
     if not sit.unit.available or never_came_up:
         # (or the unit has not been active since the attempt: that start never ran, e.g. a
         # failed job whose result was lost while the watchdog was away)
-        s = replace(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
+        s = changed(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
         return _enter(s, waiting, now), cleanup, notes
     if starting(s, sit.obs, now, cfg) or (
         sit.unit_up
@@ -645,7 +663,7 @@ def _no_model(sit: Situation) -> Plan:
             if need is not None and free is not None
             else "; VRAM not checked (unknown)"
         )
-        s = replace(
+        s = changed(
             s,
             load_in_flight=name,
             load_started=now,
@@ -846,12 +864,12 @@ def _fallback_serving(sit: Situation) -> Plan:
     tried again when its blocker clears, or hourly (restart_loop.backoff_max)."""
     s, cfg, now = sit.s, sit.cfg, sit.now
     if s.main_retry_at is None:
-        s = replace(s, main_retry_at=now + cfg.restart_loop.backoff_max)
-    if not _main_retry_due(replace(sit, s=s)):
+        s = changed(s, main_retry_at=now + cfg.restart_loop.backoff_max)
+    if not _main_retry_due(changed(sit, s=s)):
         return _enter(s, Phase.DEGRADED, now), list(sit.cleanup), []
     name = cfg.model.name
     need = vram_needed(cfg, sit.obs.host.model, fallback=False)
-    s = replace(
+    s = changed(
         s,
         load_in_flight=name,
         load_started=now,

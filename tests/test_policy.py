@@ -35,6 +35,7 @@ from hydra_watchdog.policy import (
     OWN_JOB_SETTLE,
     POWER_RETRY_AFTER,
     backoff_delay,
+    changed,
     decide,
     vram_needed,
 )
@@ -890,3 +891,17 @@ def test_no_second_start_while_the_restart_job_stops_the_old_process() -> None:
         assert run.state.phase is Phase.RECOVERING
     assert run.step(obs(4.0, health=refused(), unit=unit(enter=3.9))) == ()  # starting now
     assert [a.verb for a in run.unit_commands()] == [UnitVerb.RESTART]
+
+
+def test_changed_copies_only_when_a_field_gets_a_new_value() -> None:
+    """The policy's replace: the same object when every change is to the value already there
+    (also an equal value that is another object), a copy with the change otherwise."""
+    state = PolicyState(failures=2, last_failure="refused")
+    assert changed(state, failures=2, last_failure="refused") is state
+    equal_text = "".join(["ref", "used"])
+    assert equal_text is not state.last_failure
+    assert changed(state, last_failure=equal_text) is state
+    moved = changed(state, failures=state.failures + 1, restarts=())
+    assert moved is not state
+    assert moved.failures == state.failures + 1
+    assert moved == dataclasses_replace(state, failures=state.failures + 1)

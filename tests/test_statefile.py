@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import enum
 import json
 import math
 import os
@@ -75,7 +76,7 @@ def _event(n: int) -> Event:
     )
 
 
-def testrnd_trip_keeps_state_and_last_events(tmp_path: Path) -> None:
+def test_round_trip_keeps_state_and_last_events(tmp_path: Path) -> None:
     sf = StateFile(tmp_path / "st", events_kept=3, boot_id=BOOT)
     sf.save(_state(), [_event(n) for n in range(5)])
     loaded = StateFile(tmp_path / "st", events_kept=3, boot_id=BOOT).load()
@@ -452,3 +453,43 @@ def test_fuzz_arbitrary_bytes_never_raise(tmp_path: Path, content: bytes) -> Non
     d = tmp_path / "fuzz"
     d.mkdir(mode=0o700, exist_ok=True)
     _check_load(d, content)
+
+
+def test_to_jsonable_gives_each_kind_of_value_its_json_form() -> None:
+    """The per-class field cache and the exact-type shortcut change no answer: an Enum that is
+    also a str or an int gives its value, bool stays bool, a frozenset is sorted, a dataclass
+    *class* is left as it is, and a second call (from the cache) answers as the first did."""
+
+    class Colour(enum.StrEnum):
+        RED = "red"
+
+    class Level(enum.IntEnum):
+        HIGH = 3
+
+    @dataclasses.dataclass(frozen=True)
+    class Inner:
+        colour: Colour
+        flags: frozenset[str]
+
+    @dataclasses.dataclass(frozen=True)
+    class Outer:
+        inner: Inner
+        level: Level
+        on: bool
+        items: tuple[Inner, ...]
+        missing: float | None
+
+    value = Outer(Inner(Colour.RED, frozenset({"b", "a"})), Level.HIGH, True, (), None)
+    expected = {
+        "inner": {"colour": "red", "flags": ["a", "b"]},
+        "level": 3,
+        "on": True,
+        "items": [],
+        "missing": None,
+    }
+    for _ in range(2):
+        got = to_jsonable(value)
+        assert got == expected
+        assert type(got["inner"]["colour"]) is str and type(got["level"]) is int
+        assert got["on"] is True
+    assert to_jsonable(Inner) is Inner
