@@ -230,6 +230,49 @@ def test_decode_clock_event_reasons() -> None:
     assert decode_clock_event_reasons(0x20 | 0x400) == ("sw_thermal_slowdown", "unknown_0x400")
 
 
+# ---- what does not change between nvmlInits is read once --------------------------------
+
+FIXED_SYMBOLS = (
+    "nvmlDeviceGetUUID",
+    "nvmlDeviceGetName",
+    "nvmlDeviceGetPowerManagementDefaultLimit",
+    "nvmlDeviceGetPowerManagementLimitConstraints",
+)
+
+
+def test_fixed_answers_are_read_once_per_nvml_init(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:  # noqa: F811
+    first = gpu.read(BOTH).devices[0]
+    assert first.errors == () and first.name == GPU0.name
+    # Were these calls made again, their failures would show: they are not made.
+    for symbol in FIXED_SYMBOLS:
+        ns.set_fault(nvml_sim.state, symbol, ns.NvmlCode.UNKNOWN, gpu=0)
+    again = gpu.read(BOTH).devices[0]
+    assert again.errors == ()
+    assert (again.index, again.uuid, again.name) == (first.index, first.uuid, first.name)
+    assert again.power == first.power
+    # A call that asks for re-initialisation: the next read starts over and asks again.
+    ns.set_fault(nvml_sim.state, "nvmlDeviceGetTemperature", ns.NvmlCode.GPU_IS_LOST, gpu=1)
+    gpu.read(BOTH)
+    ns.clear_faults(nvml_sim.state)
+    for symbol in FIXED_SYMBOLS:
+        ns.set_fault(nvml_sim.state, symbol, ns.NvmlCode.UNKNOWN, gpu=0)
+    after = gpu.read(BOTH).devices[0]
+    assert set(after.errors) == {
+        (what, NvmlErrorKind.OTHER)
+        for what in ("uuid", "name", "default power limit", "power constraints")
+    }
+
+
+def test_incomplete_fixed_answers_are_asked_again(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:  # noqa: F811
+    ns.set_fault(nvml_sim.state, "nvmlDeviceGetName", ns.NvmlCode.NOT_SUPPORTED, gpu=0)
+    assert gpu.read(BOTH).devices[0].errors == (("name", NvmlErrorKind.NOT_SUPPORTED),)
+    assert gpu.read(BOTH).devices[0].errors == (("name", NvmlErrorKind.NOT_SUPPORTED),)
+    ns.clear_faults(nvml_sim.state)
+    assert gpu.read(BOTH).devices[0].name == GPU0.name
+    ns.set_fault(nvml_sim.state, "nvmlDeviceGetName", ns.NvmlCode.NOT_SUPPORTED, gpu=0)
+    assert gpu.read(BOTH).devices[0].name == GPU0.name  # complete now: kept
+
+
 # ---- driver and GPU loss: re-init ---------------------------------------------------------
 
 
@@ -239,7 +282,10 @@ def test_a_lost_gpu_reinitialises_on_the_next_read(gpu: NvmlGpu, nvml_sim: NvmlS
     report = gpu.read(BOTH)
     assert report.error is None
     assert report.devices[0].errors == ()
-    assert report.devices[1].errors == (("handle", NvmlErrorKind.GPU_LOST),)
+    # The handle is known since the first read: every reading it takes fails, none is made up.
+    lost = report.devices[1]
+    assert lost.errors and {kind for _, kind in lost.errors} == {NvmlErrorKind.GPU_LOST}
+    assert (lost.memory_total, lost.temperature_c, lost.power.usage_w) == (None, None, None)
     # Proof that the next read re-initialises: make nvmlInit fail and see it called.
     ns.clear_faults(nvml_sim.state)
     ns.set_fault(nvml_sim.state, "nvmlInitWithFlags", ns.NvmlCode.UNKNOWN)
@@ -274,6 +320,15 @@ def test_driver_unloaded_while_running(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:
 # ---- the hang -----------------------------------------------------------------------------
 
 
+def assert_nothing_read(snap: GpuSnapshot) -> None:
+    """Every reading of the GPU not attempted (its handle is known from an earlier read, so
+    each of them says so, not the handle): TIMEOUT for each, no value made up."""
+    assert snap.errors and {kind for _, kind in snap.errors} == {NvmlErrorKind.TIMEOUT}
+    fields = {what for what, _ in snap.errors}
+    assert {"memory", "temperature", "power usage", "processes"} <= fields
+    assert (snap.memory_total, snap.temperature_c, snap.power.usage_w) == (None, None, None)
+
+
 def test_a_hung_call_is_bounded_and_nothing_piles_up(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:  # noqa: F811
     assert gpu.read(BOTH).error is None
     threads_before = threading.active_count()
@@ -286,13 +341,14 @@ def test_a_hung_call_is_bounded_and_nothing_piles_up(gpu: NvmlGpu, nvml_sim: Nvm
     assert g0.memory_total == 32 * ns.GIB  # read before the hang
     assert ("temperature", NvmlErrorKind.TIMEOUT) in g0.errors
     assert all(kind is NvmlErrorKind.TIMEOUT for _, kind in g0.errors)
-    assert g1.errors == (("handle", NvmlErrorKind.TIMEOUT),)  # not attempted: worker stuck
+    assert_nothing_read(g1)  # not attempted: the worker is stuck
 
     for _ in range(3):  # while stuck, every read answers at once and starts no thread
         start = time.monotonic()
         report = gpu.read(BOTH)
         assert time.monotonic() - start < MARGIN
-        assert [d.errors for d in report.devices] == [(("handle", NvmlErrorKind.TIMEOUT),)] * 2
+        for snap in report.devices:
+            assert_nothing_read(snap)
     outcome = gpu.set_power_limit(0, 500)
     assert (outcome.ok, outcome.error) == (False, NvmlErrorKind.TIMEOUT)
     assert "has not returned" in outcome.detail
