@@ -17,7 +17,7 @@ import pytest
 
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.adapters.systemd import BUS_RETRY, PROPERTIES, SystemctlUnit
-from hydra_watchdog.adapters.unit_bus import UnitBus, as_show_value
+from hydra_watchdog.adapters.unit_bus import LIVE, UnitBus, as_show_value
 from hydra_watchdog.observation import UnitStatus
 from tests.harness.systemd_ns import SystemdNamespace
 
@@ -161,6 +161,95 @@ print(json.dumps({"same": all(r == reads[0] for r in reads), "first": reads[0],
     assert got["first"]["LoadState"] == "not-found"
     assert set(got["first"]) == set(PROPERTIES)
     assert got["same"] and got["kept"]
+
+
+# One bus, its calls counted per read, through three changes that leave ActiveState and
+# InvocationID as they were: only PID 1's signals can tell the read that anything moved.
+WATCH_SIGNALS = """
+import json, subprocess
+from hydra_watchdog.adapters.systemd import PROPERTIES
+from hydra_watchdog.adapters.unit_bus import FULL_READ_EVERY, UnitBus
+SLEEPER, WAITER = {sleeper!r}, {waiter!r}
+now = [0.0]
+asked = []
+def counted(bus):
+    exchange = bus._exchange
+    def spy(sock, calls, deadline):
+        asked[-1].append(len(calls))
+        return exchange(sock, calls, deadline)
+    bus._exchange = spy
+    return bus
+def read(bus):
+    asked.append([])
+    return bus.read(PROPERTIES)
+def ctl(*args):
+    subprocess.run(["systemctl", *args], check=True, capture_output=True)
+out = {{}}
+sleeper, waiter = counted(UnitBus(SLEEPER, clock=lambda: now[0])), counted(UnitBus(WAITER))
+ctl("start", SLEEPER)
+first = read(sleeper)
+out["steady"] = [read(sleeper) == first for _ in range(3)]
+# a daemon-reload that changes User= of the running unit (no state change, no new invocation)
+path = f"/etc/systemd/system/{{SLEEPER}}"
+with open(path) as f:
+    text = f.read()
+with open(path, "w") as f:
+    f.write(text.replace("[Service]\\n", "[Service]\\nUser=nobody\\n"))
+ctl("daemon-reload")
+out["user"] = (first["User"], read(sleeper)["User"])
+out["after_reload"] = read(sleeper) == read(sleeper)
+now[0] += FULL_READ_EVERY
+read(sleeper)
+# a job queued on an inactive unit (waits on its dependency): only JobNew says so
+before = read(waiter)
+read(waiter)
+ctl("start", "--no-block", WAITER)
+queued = read(waiter)
+out["job"] = (before["Job"], queued["Job"], before["ActiveState"], queued["ActiveState"])
+out["asked"] = asked
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.systemd
+def test_reads_ask_for_everything_only_when_something_moved(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    """Between changes a read asks PID 1 for ActiveState and InvocationID only, and answers with
+    its last full read; a signal about the unit (a daemon-reload, a job), or FULL_READ_EVERY
+    gone by, makes the next read a full one, which sees the change."""
+    dep, waiter = f"hb-dep-{uuid.uuid4().hex[:6]}.service", f"hb-w-{uuid.uuid4().hex[:6]}.service"
+    systemd_ns.install_unit(unit_name, SLEEPER)
+    systemd_ns.install_unit(dep, "[Service]\nType=oneshot\nExecStart=/bin/sleep 60\n")
+    # Enabled, as TabbyAPI's unit is: an inactive unit nothing refers to is unloaded after each
+    # call and loaded again by the next (UnitRemoved, UnitNew), and every read is a full one.
+    systemd_ns.install_unit(
+        waiter,
+        f"[Unit]\nRequires={dep}\nAfter={dep}\n[Service]\nExecStart=/bin/sleep 600\n"
+        "[Install]\nWantedBy=multi-user.target\n",
+    )
+    assert systemd_ns.systemctl("enable", waiter).returncode == 0
+    try:
+        got = inside(systemd_ns, WATCH_SIGNALS.format(sleeper=unit_name, waiter=waiter))
+    finally:
+        systemd_ns.systemctl("disable", waiter)
+        systemd_ns.reset_unit(waiter, remove=True)
+        systemd_ns.reset_unit(dep, remove=True)
+    full, live = len(PROPERTIES), len(LIVE)
+    asked = got["asked"]
+    # the sleeper: a full read, then three that ask for the live pair only
+    assert asked[0][-1] == full and asked[1:4] == [[live]] * 3, asked
+    assert all(got["steady"])
+    # a daemon-reload: its Reloading signal makes the next read a full one, with the new User=
+    assert got["user"] == ["", "nobody"]
+    assert asked[4] == [live, full], asked
+    assert got["after_reload"]
+    # FULL_READ_EVERY gone by: a full read without a signal
+    assert asked[7] == [full], asked
+    # the waiter: the job is seen on the very next read, the state being the same
+    assert got["job"][0] == "" and got["job"][1] != ""
+    assert got["job"][2] == got["job"][3] == "inactive"
+    assert asked[9] == [live] and asked[10] == [live, full], asked
 
 
 class FakeBus:

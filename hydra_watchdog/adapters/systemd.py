@@ -1,5 +1,6 @@
-"""The TabbyAPI unit as systemd sees it: its state over D-Bus (unit_bus.py) read every cycle,
-with `systemctl show` as the fallback; commands and the journal through `systemctl` and
+"""The TabbyAPI unit as systemd sees it: its state over D-Bus (unit_bus.py) read every cycle
+(in full when PID 1's signals or its state say something moved), with `systemctl show` as the
+fallback; commands and the journal through `systemctl` and
 `journalctl`.
 
 The per-cycle read goes over PID 1's private socket because a `systemctl show` subprocess costs

@@ -8,6 +8,17 @@ authentication; the socket and its deadline are ours, so every call is bounded.
 
 Nothing here raises for an outside failure: `read()` returns the properties, or a sentence saying
 why they could not be read, and the caller (SystemctlUnit) falls back to `systemctl show`.
+
+PID 1 sends every signal to every connection on its private socket, unasked (no AddMatch, no
+Subscribe: there is no bus daemon to filter). So a read need not ask for all twelve properties
+every cycle (issue 15: parsing their replies was most of the unit probe's CPU). It asks for
+ActiveState and InvocationID (a new one at every start), and answers with its last full read when
+both are as they were, no signal about the unit came in since that read (PropertiesChanged on its
+object; JobNew, JobRemoved, UnitNew, UnitRemoved naming it; Reloading, as a daemon-reload can
+change LoadState and User, which send no change signal), and that read is younger than
+FULL_READ_EVERY. Signals arrive on the connection in the order PID 1 sent them, before the replies
+to later calls: by the time the two replies are in, every signal sent before them has been seen.
+A new connection starts from a full read.
 """
 
 from __future__ import annotations
@@ -16,7 +27,7 @@ import itertools
 import socket
 import struct
 import time
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 from jeepney import DBusAddress, HeaderFields, Message, MessageType, new_method_call
@@ -59,6 +70,12 @@ _SERIAL_AT = (
     8  # the serial's offset in a message header (after endian, type, flags, version, length)
 )
 _MAX_REPLY = 1 << 20  # PID 1 answers a Get in well under a KiB; more is not a reply to us
+# Asked at every read: the state, and a restart even if two reads saw the same state.
+LIVE = ("ActiveState", "InvocationID")
+# A full read at least this often, signals or not (seconds): what a missed signal could cost.
+FULL_READ_EVERY = 30.0
+# The Manager's signals that name a unit (its name is in the body) and change what we read.
+_UNIT_SIGNALS = frozenset({"JobNew", "JobRemoved", "UnitNew", "UnitRemoved"})
 
 
 class BusError(Exception):
@@ -82,15 +99,25 @@ class UnitBus:
     """Reads one unit's properties over a connection kept between calls; a failed call drops
     the connection (the next call reconnects)."""
 
-    def __init__(self, unit: str, *, path: str = PRIVATE_SOCKET, timeout: float = 2.0) -> None:
+    def __init__(
+        self,
+        unit: str,
+        *,
+        path: str = PRIVATE_SOCKET,
+        timeout: float = 2.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
         self.unit = unit
         self.path = path
         self.timeout = timeout
+        self._clock = clock
         self._sock: socket.socket | None = None
         self._parser = Parser()
         self._serials: Iterator[int] = itertools.count(1)
         self._object: str | None = None
         self._gets: dict[tuple[str, ...], list[bytes]] = {}  # serialised once per object path
+        self._last: tuple[tuple[str, ...], dict[str, str], float] | None = None  # full read
+        self._moved = False  # a signal about the unit came in since the last full read
 
     def close(self) -> None:
         if self._sock is not None:
@@ -99,29 +126,56 @@ class UnitBus:
         self._object = None
         self._gets = {}
         self._parser = Parser()
+        self._last = None  # signals sent while there was no connection were never seen
 
     def read(self, names: Sequence[str]) -> dict[str, str] | str:
         """The properties as `systemctl show` would print them, or why they could not be read.
-        A property PID 1 does not know (an older systemd) is left out, as systemctl leaves it."""
+        A property PID 1 does not know (an older systemd) is left out, as systemctl leaves it.
+        The last full read answers when nothing moved since (see the module docstring)."""
+        names = tuple(names)
         deadline = time.monotonic() + self.timeout
         try:
             sock = self._connect(deadline)
             obj = self._object or self._load_unit(sock, deadline)
             self._object = obj
-            replies = self._exchange(sock, self._get_calls(obj, tuple(names)), deadline)
+            unchanged = self._unchanged(sock, obj, names, deadline)
+            if unchanged is not None:
+                return unchanged
+            self._moved = False  # a signal during this read sets it again: read again next time
+            replies = self._exchange(sock, self._get_calls(obj, names), deadline)
         except BusError as exc:
             self.close()
             # An error may quote what the peer sent: one bounded, printable line.
             return f"D-Bus {self.path}: {one_line(str(exc), 160)}"
-        out: dict[str, str] = {}
-        for name, reply in zip(names, replies, strict=True):
-            body = reply.body
-            # A Get answers one variant, (signature, value); an error or anything else leaves
-            # the property out, as systemctl leaves out one it cannot read.
-            if reply.header.message_type is MessageType.error or not _is_variant(body):
-                continue
-            out[name] = as_show_value(body[0][1])
-        return out
+        out = _values(names, replies)
+        self._last = (names, out, self._clock())
+        return dict(out)
+
+    def _unchanged(
+        self, sock: socket.socket, obj: str, names: tuple[str, ...], deadline: float
+    ) -> dict[str, str] | None:
+        """The last full read, when it is still what PID 1 would say; None: read in full."""
+        last = self._last
+        if last is None or last[0] != names or self._clock() - last[2] >= FULL_READ_EVERY:
+            return None
+        live = _values(LIVE, self._exchange(sock, self._get_calls(obj, LIVE), deadline))
+        if self._moved or any(live.get(n) != last[1].get(n) for n in LIVE):
+            return None
+        return dict(last[1])
+
+    def _saw(self, msg: Message) -> None:
+        """A message that answers none of our calls: a signal about the unit marks the last
+        full read as out of date."""
+        if msg.header.message_type is not MessageType.signal:
+            return
+        fields = msg.header.fields
+        member = fields.get(HeaderFields.member)
+        if (
+            fields.get(HeaderFields.path) == self._object
+            or member == "Reloading"
+            or (member in _UNIT_SIGNALS and self.unit in msg.body)
+        ):
+            self._moved = True
 
     def _connect(self, deadline: float) -> socket.socket:
         if self._sock is not None:
@@ -191,6 +245,8 @@ class UnitBus:
                 serial = msg.header.fields.get(HeaderFields.reply_serial)
                 if serial in pending:
                     pending[serial] = msg
+                else:
+                    self._saw(msg)
         except TimeoutError as exc:
             raise BusError(f"no answer within {self.timeout:g} s") from exc
         except OSError as exc:
@@ -213,6 +269,18 @@ class UnitBus:
                 _left(deadline)  # the deadline itself: raises
                 ping = new_method_call(DBusAddress("/", _SYSTEMD, _PEER), "Ping")
                 sock.sendall(ping.serialise(serial=next(self._serials)))
+
+
+def _values(names: Sequence[str], replies: Sequence[Message]) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for name, reply in zip(names, replies, strict=True):
+        body = reply.body
+        # A Get answers one variant, (signature, value); an error or anything else leaves the
+        # property out, as systemctl leaves out one it cannot read.
+        if reply.header.message_type is MessageType.error or not _is_variant(body):
+            continue
+        out[name] = as_show_value(body[0][1])
+    return out
 
 
 def _is_variant(body: Any) -> bool:
