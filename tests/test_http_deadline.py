@@ -6,7 +6,7 @@ context no request ever uses)."""
 from __future__ import annotations
 
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import certifi
 import pytest
@@ -26,7 +26,12 @@ def test_a_new_client_loads_no_ca_bundle(monkeypatch: pytest.MonkeyPatch) -> Non
         assert client.headers["Accept-Encoding"] == "identity"
 
 
-def _get(transport: DeadlineTransport, url: str, headers: dict[str, str] | None = None) -> Reply:
+def _get(
+    transport: DeadlineTransport,
+    url: str,
+    headers: dict[str, str] | None = None,
+    vet: Callable[[], str] | None = None,
+) -> Reply:
     return exchange(
         transport,
         "GET",
@@ -37,6 +42,7 @@ def _get(transport: DeadlineTransport, url: str, headers: dict[str, str] | None 
         started=time.monotonic(),
         budget=3.0,
         scrub=str,
+        vet=vet,
     )
 
 
@@ -102,3 +108,35 @@ def test_a_closed_transport_sends_nothing(transport: DeadlineTransport) -> None:
     assert answer.failure is not None and answer.failure.outcome is Outcome.LOCAL_ERROR
     assert "the client is closed" in answer.failure.detail
     assert server.seen == []
+
+
+def test_a_vetted_pool_sends_only_over_connections_its_vet_passed() -> None:
+    """The pool for requests with the key (vetted=True): without a vet nothing connects; a new
+    connection the vet refuses carries nothing (WITHHELD, closed before a byte went out); one it
+    passes carries the request."""
+    vetted = DeadlineTransport(vetted=True)
+    asked: list[str] = []
+
+    def vet_saying(why: str) -> Callable[[], str]:
+        def vet() -> str:
+            asked.append(why)
+            return why
+
+        return vet
+
+    try:
+        with RawServer(default=JSON_OK) as server:
+            url = f"{server.url}/v1/model"
+            bare = _get(vetted, url, {"Authorization": "Bearer k"})
+            assert bare.failure is not None and bare.failure.outcome is Outcome.WITHHELD
+            assert "no listener check came with the request" in bare.failure.detail
+            refused = _get(vetted, url, {"Authorization": "Bearer k"}, vet_saying("moved"))
+            assert refused.failure is not None and refused.failure.outcome is Outcome.WITHHELD
+            assert refused.failure.detail == f"{url} not sent: moved"
+            assert not any(server.seen)  # no byte of a request arrived
+            sent = _get(vetted, url, {"Authorization": "Bearer k"}, vet_saying(""))
+            assert sent.failure is None and sent.status == 200
+            assert [r.split(b"\r\n", 1)[0] for r in server.seen if r] == [b"GET /v1/model HTTP/1.1"]
+    finally:
+        vetted.close()
+    assert asked == ["moved", ""]

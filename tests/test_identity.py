@@ -195,6 +195,69 @@ def test_a_verdict_is_reused_only_while_its_listener_is_the_same(
     assert sum(1 for r in sim.requests() if r["path"] == "/v1/model") == 2
 
 
+# A squatter that answers on one connection and keeps it, but lets go of the port at once, so
+# that TabbyAPI can start there (it sets SO_REUSEADDR, as uvicorn does): what a kept-alive
+# connection from an earlier /health probe leads to.
+KEEPING_SQUATTER = r"""
+import socket, sys
+host, port = sys.argv[1], int(sys.argv[2])
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((host, port))
+s.listen(16)
+print("ready", flush=True)
+c, _ = s.accept()
+s.close()
+print("released", flush=True)
+body = b'{"status":"healthy","issues":[],"id":"m1","choices":[{"index":0,"text":"x"}]}'
+data = b""
+while True:
+    chunk = c.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+    while b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        print("REQUEST " + head.decode(errors="replace").replace("\r\n", " | "), flush=True)
+        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+"""
+
+
+def test_a_connection_a_squatter_kept_never_carries_the_key(
+    tabby_sim: TabbySims, key_file: Path
+) -> None:
+    """/health goes to whoever listens, and its connection is kept alive. A squatter answers it,
+    lets go of the port but not of the connection, and TabbyAPI starts on the port: the gate
+    verifies TabbyAPI, and the key must still never go over the squatter's connection (requests
+    with the key have a pool of their own, every connection vetted once made)."""
+    port = free_port()
+    install = tabby_sim.tmp / f"sim{len(tabby_sim.started)}" / "tabbyapi"  # the next sim's
+    client = _client(f"http://127.0.0.1:{port}", key_file, install)
+    client.note_unit(NO_SYSTEMD)
+    with public_dir() as folder:
+        script = folder / "squatter.py"
+        script.write_text(KEEPING_SQUATTER)
+        script.chmod(0o644)
+        with Squatter.start("127.0.0.1", port, script=script) as squatter:
+            try:
+                assert client.health().healthy  # the squatter's answer, on a kept connection
+                wait_for(lambda: "released" in squatter.transcript(), 10, "the port let go")
+                sim = tabby_sim.start(startup_model="m1", port=port)
+                assert (sim.port, sim.install_dir) == (port, install)
+                model = client.model()
+                canary = client.canary(5.0)
+                again = client.health()  # still the squatter's connection: no key on it
+            finally:
+                client.close()
+            _assert_no_key(squatter)
+    assert model.loaded == "m1", model.result
+    assert canary.result.outcome is Outcome.OK, canary.result
+    assert again.healthy
+    assert len(squatter.requests()) == 2
+    assert [r["path"] for r in sim.requests()].count("/v1/model") == 1
+
+
 FORKING_LISTENER = """
 import os, socket, sys, time
 s = socket.socket()

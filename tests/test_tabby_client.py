@@ -3,6 +3,7 @@ that sends whatever hypothesis makes up (bad bodies, odd statuses, trickled byte
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import threading
@@ -16,6 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from hydra_watchdog.adapters.fallback_route import LiteLlmRoute
+from hydra_watchdog.adapters.identity import ListenerCheck, ListenSocket
 from hydra_watchdog.adapters.sse import SseParser
 from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import parse_config
@@ -683,3 +685,52 @@ def test_env_does_not_leak_proxies(monkeypatch: pytest.MonkeyPatch, raw: RawServ
     finally:
         client.close()
     assert os.environ["HTTP_PROXY"]  # the variable really was set
+
+
+def test_a_listener_that_moved_while_connecting_gets_no_key(raw: RawServer) -> None:
+    """Once a connection for a request with the key is made, the gate is asked again: a verdict
+    on other sockets than the one that let the request go (TabbyAPI restarted in between, or a
+    squatter came), a refusal, or a gate that fails keep the key off that connection."""
+    verified = ListenerCheck(
+        True,
+        "verified",
+        address="127.0.0.1",
+        sockets=(ListenSocket(inode=1, port=raw.port, address="127.0.0.1", uid=0, cookie=11),),
+    )
+    moved = dataclasses.replace(
+        verified,
+        sockets=(ListenSocket(inode=2, port=raw.port, address="127.0.0.1", uid=0, cookie=12),),
+    )
+    refused = ListenerCheck(False, "port held by pid 9 (not TabbyAPI): admin key withheld")
+    script: list[ListenerCheck | Exception] = []
+
+    def gate() -> ListenerCheck:
+        answer = script.pop(0)
+        if isinstance(answer, Exception):
+            raise answer
+        return answer
+
+    def keyed_requests() -> int:
+        return sum(1 for r in raw.seen if ADMIN_KEY.encode() in r)
+
+    client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0, gate=gate)
+    try:
+        cases: list[tuple[ListenerCheck | Exception, str]] = [
+            (moved, "the port's listener changed while connecting; admin key withheld"),
+            (refused, refused.detail),
+            (RuntimeError("bug"), "listener check failed (RuntimeError: bug); admin key withheld"),
+        ]
+        for again, why in cases:
+            script[:] = [verified, again]
+            before = keyed_requests()
+            withheld = client.model().result
+            assert withheld.outcome is Outcome.WITHHELD, withheld
+            assert withheld.detail.endswith(f"not sent: {why}"), withheld.detail
+            assert keyed_requests() == before  # the connection carried nothing
+            assert script == []  # asked before the request and once connected
+        script[:] = [verified, verified]
+        sent = client.model().result
+        assert sent.outcome is not Outcome.WITHHELD, sent
+        assert script == []
+    finally:
+        client.close()

@@ -35,11 +35,13 @@ _EXCERPT_MAX = 120  # characters of a plain-text error body quoted in a detail
 
 
 class Budget(threading.local):
-    """The deadline (monotonic) and cancel event of the request running on this thread."""
+    """The deadline (monotonic) and cancel event of the request running on this thread, and
+    the check a new connection must pass before it carries the request (see DeadlineTransport)."""
 
     deadline: float | None = None
     cancel: threading.Event | None = None
     received: int = 0  # bytes read so far: tells "closed in silence" from "sent garbage"
+    vet: Callable[[], str] | None = None  # "" : the new connection may carry it; else why not
 
 
 BUDGET = Budget()
@@ -49,14 +51,23 @@ class LoadCancelledError(Exception):
     """Raised inside a read when the load's cancel event is set; the load catches it."""
 
 
+class ListenerChangedError(Exception):
+    """A new connection that must not carry its request: the vet said why. Raised before a
+    byte of the request was written; the connection is closed."""
+
+
 @contextmanager
-def deadline_scope(deadline: float, cancel: threading.Event | None = None) -> Iterator[None]:
-    saved = (BUDGET.deadline, BUDGET.cancel, BUDGET.received)
-    BUDGET.deadline, BUDGET.cancel, BUDGET.received = deadline, cancel, 0
+def deadline_scope(
+    deadline: float,
+    cancel: threading.Event | None = None,
+    vet: Callable[[], str] | None = None,
+) -> Iterator[None]:
+    saved = (BUDGET.deadline, BUDGET.cancel, BUDGET.received, BUDGET.vet)
+    BUDGET.deadline, BUDGET.cancel, BUDGET.received, BUDGET.vet = deadline, cancel, 0, vet
     try:
         yield
     finally:
-        BUDGET.deadline, BUDGET.cancel, BUDGET.received = saved
+        BUDGET.deadline, BUDGET.cancel, BUDGET.received, BUDGET.vet = saved
 
 
 def _clamp(timeout: float | None, expired: type[Exception]) -> float | None:
@@ -102,8 +113,9 @@ class _DeadlineStream(httpcore.NetworkStream):
 
 
 class _DeadlineBackend(httpcore.NetworkBackend):
-    def __init__(self) -> None:
+    def __init__(self, *, vetted: bool = False) -> None:
         self._inner = httpcore.SyncBackend()
+        self._vetted = vetted
 
     def connect_tcp(
         self,
@@ -113,8 +125,15 @@ class _DeadlineBackend(httpcore.NetworkBackend):
         local_address: str | None = None,
         socket_options: Any = None,
     ) -> httpcore.NetworkStream:
+        vet = BUDGET.vet
+        if vet is None and self._vetted:  # fail closed: this pool's connections carry the key
+            raise ListenerChangedError("no listener check came with the request; not connected")
         allowed = _clamp(timeout, httpcore.ConnectTimeout)
         stream = self._inner.connect_tcp(host, port, allowed, local_address, socket_options)
+        why = vet() if vet is not None else ""
+        if why:
+            stream.close()
+            raise ListenerChangedError(why)
         return _DeadlineStream(stream)
 
     def sleep(self, seconds: float) -> None:
@@ -122,7 +141,16 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 
 
 class DeadlineTransport(httpx.HTTPTransport):
-    def __init__(self) -> None:
+    """httpx's transport over a pool of our own: every connection under the deadline backend.
+
+    vetted=True: a pool for requests that carry a credential. Each new connection is vetted once
+    it is established, before a byte of the request goes out (the request's scope must bring a
+    `vet`; without one nothing connects), and such a pool is never shared with requests that
+    were not vetted. A kept-alive connection was accepted by whoever listened when it was made:
+    one opened by an unchecked request (a /health probe) to a squatter, who then let go of the
+    port but not of the connection, would otherwise carry the key to it."""
+
+    def __init__(self, *, vetted: bool = False) -> None:
         # verify=False: the context httpx builds here serves only the pool replaced below, and
         # the default one loads certifi's CA bundle (~1 MB RSS). Ours gets no ssl_context: httpcore
         # would build its verifying default only for an https URL.
@@ -130,7 +158,9 @@ class DeadlineTransport(httpx.HTTPTransport):
         # httpx offers no public hook for the network backend; its own pool is swapped for one
         # built the same way (no proxy, HTTP/1.1) but with the deadline backend.
         self._pool = httpcore.ConnectionPool(
-            max_connections=20, max_keepalive_connections=10, network_backend=_DeadlineBackend()
+            max_connections=20,
+            max_keepalive_connections=10,
+            network_backend=_DeadlineBackend(vetted=vetted),
         )
         self.closed = False
 
@@ -264,9 +294,11 @@ def exchange(
     started: float,
     budget: float,
     scrub: Callable[[str], str],
+    vet: Callable[[], str] | None = None,
 ) -> Reply:
     """One request that ends by `started + budget` (monotonic), the body read up to JSON_LIMIT
-    bytes. `shown` is the URL as a detail may name it (credentials redacted).
+    bytes. `shown` is the URL as a detail may name it (credentials redacted). `vet` is asked
+    about a connection opened for this request (DeadlineTransport): WITHHELD when it refuses.
 
     It goes to httpcore's pool directly, the one under the httpx client (DeadlineTransport.pool):
     these are small requests of every cycle, and httpx's layers above the pool (URL model,
@@ -296,7 +328,7 @@ def exchange(
         why = f"{shown} not probed: the request could not be written ({describe(exc, scrub)})"
         return failed(started, Outcome.LOCAL_ERROR, why, scrub)
     # The scope spans the handlers too: they ask BUDGET whether any byte came back.
-    with deadline_scope(started + budget):
+    with deadline_scope(started + budget, vet=vet):
         return _exchange(transport.pool, request, shown, started, budget, scrub)
 
 
@@ -387,9 +419,20 @@ def _exchange(
             return failed(started, Outcome.REFUSED, why, scrub)
         why = f"{shown}: broken answer ({describe(exc, scrub)})"
         return failed(started, Outcome.BAD_BODY, why, scrub)
-    except Exception as exc:  # anything else the answer made the client raise: a bad answer
-        why = f"{shown}: unusable answer ({describe(exc, scrub)})"
-        return _local(started, shown, exc, scrub) or failed(started, Outcome.BAD_BODY, why, scrub)
+    except Exception as exc:
+        return _other_failure(started, shown, exc, scrub)
+
+
+def _other_failure(
+    started: float, shown: str, exc: Exception, scrub: Callable[[str], str]
+) -> Reply:
+    """A failure that is not httpcore's: a new connection the vet refused (connected, nothing
+    sent: no say of the server's), our own lack of resources, or anything else the answer made
+    the client raise (a bad answer)."""
+    if isinstance(exc, ListenerChangedError):
+        return failed(started, Outcome.WITHHELD, f"{shown} not sent: {exc}", scrub)
+    why = f"{shown}: unusable answer ({describe(exc, scrub)})"
+    return _local(started, shown, exc, scrub) or failed(started, Outcome.BAD_BODY, why, scrub)
 
 
 def choices_result(reply: Reply, status_result: Callable[[Reply], HttpResult]) -> HttpResult:

@@ -474,6 +474,7 @@ class ListenerCheck:
     address: str = ""
     refused: bool = False
     pid: int | None = None  # ok: the verified listener's process
+    sockets: tuple[ListenSocket, ...] = ()  # ok: the listening sockets verified
 
 
 def unit_cgroup_members(cgroup: str, cgroup_root: str = "/sys/fs/cgroup") -> set[int] | None:
@@ -642,6 +643,10 @@ class ListenerGate:
                     False, f"port {sock.port} held by {describe(ident)} ({why}): {withheld}"
                 ), ()
         verdict = ListenerCheck(
-            True, f"port {self.port}: TabbyAPI verified", address=target, pid=verified
+            True,
+            f"port {self.port}: TabbyAPI verified",
+            address=target,
+            pid=verified,
+            sockets=tuple(reaching),
         )
         return verdict, tuple(holders_seen)

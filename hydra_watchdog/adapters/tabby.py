@@ -33,6 +33,7 @@ import httpx
 from hydra_watchdog.adapters.http_deadline import (
     JSON_LIMIT,
     DeadlineTransport,
+    ListenerChangedError,
     LoadCancelledError,
     Reply,
     choices_result,
@@ -61,6 +62,9 @@ from hydra_watchdog.printable import printable
 
 _DETAIL_MAX = 300
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
+# A request the gate let go: its URL pinned to the verified address, its headers, and the vet
+# for a connection made for it (TabbyClient._vet).
+_Authorized = tuple[str, dict[str, str], Callable[[], str]]
 
 
 @dataclass(frozen=True)
@@ -134,8 +138,12 @@ class TabbyClient:
         self.key_source = key_source
         self.__key = admin_key or None
         self._load_lock = threading.Lock()
-        self._transport = DeadlineTransport()  # every request but a load (exchange)
-        self._http = new_client(self._transport)  # a load's event stream, on the same pool
+        self._pins: dict[str, str] = {}  # verified address -> base URL pinned to it
+        # Two pools that never share a connection: /health (no key, whoever answers) and the
+        # requests with the key, whose every connection the gate vets once it is made.
+        self._open = DeadlineTransport()
+        self._keyed = DeadlineTransport(vetted=True)
+        self._http = new_client(self._keyed)  # a load's event stream, on the keyed pool
 
     @classmethod
     def from_config(
@@ -172,7 +180,8 @@ class TabbyClient:
         return f"TabbyClient({self.base_url!r}, admin_key=<{key}>)"
 
     def close(self) -> None:
-        self._http.close()
+        self._http.close()  # and the keyed pool under it
+        self._open.close()
 
     # --- probes ---------------------------------------------------------------------------------
 
@@ -293,10 +302,10 @@ class TabbyClient:
         authorized = self._authorized("/v1/model/load", started)
         if isinstance(authorized, HttpResult):
             return LoadOutcome(False, f"load not sent: {authorized.detail}")
-        url, headers = authorized
+        url, headers, vet = authorized
         try:
             with (
-                deadline_scope(started + timeout, cancel),
+                deadline_scope(started + timeout, cancel, vet),
                 self._http.stream(
                     "POST",
                     url,
@@ -331,6 +340,8 @@ class TabbyClient:
                     error = progress.event(data)
                     if error is not None:
                         return progress.failed(self._scrub(error) or "load failed")
+        except ListenerChangedError as exc:  # connected, nothing sent
+            return LoadOutcome(False, f"load not sent: {self._scrub(str(exc))}")
         except StreamMalformedError as exc:  # the `with` has closed the connection
             return progress.outcome(False, f"event stream malformed: {exc}")
         except LoadCancelledError:
@@ -374,10 +385,11 @@ class TabbyClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
-    def _authorized(self, path: str, started: float) -> tuple[str, dict[str, str]] | HttpResult:
-        """(URL pinned to the verified address, auth headers), or why nothing may be sent: a
-        request to TabbyAPI's API goes out only once its listener is verified as TabbyAPI
-        (identity.ListenerGate), key or no key: a squatter gets neither the key nor a say."""
+    def _authorized(self, path: str, started: float) -> _Authorized | HttpResult:
+        """(URL pinned to the verified address, auth headers, the vet for a new connection), or
+        why nothing may be sent: a request to TabbyAPI's API goes out only once its listener is
+        verified as TabbyAPI (identity.ListenerGate), key or no key: a squatter gets neither the
+        key nor a say."""
         try:
             check = self._gate()
         except Exception as exc:  # a bug in the gate must withhold, never send
@@ -386,12 +398,39 @@ class TabbyClient:
             outcome = Outcome.REFUSED if check.refused else Outcome.WITHHELD
             latency = time.monotonic() - started
             return HttpResult(outcome, latency, None, self._scrub(check.detail))
-        try:
-            base = str(httpx.URL(self.base_url).copy_with(host=check.address)).rstrip("/")
-        except (httpx.InvalidURL, TypeError, ValueError):
-            base = self.base_url  # unusable anyway: the request reports the URL's fault
         headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
-        return base + path, headers
+        return self._pinned(check.address) + path, headers, self._vet(check)
+
+    def _pinned(self, address: str) -> str:
+        """The base URL with its host replaced by the verified address (kept per address)."""
+        pinned = self._pins.get(address)
+        if pinned is None:
+            try:
+                pinned = str(httpx.URL(self.base_url).copy_with(host=address)).rstrip("/")
+            except (httpx.InvalidURL, TypeError, ValueError):
+                pinned = self.base_url  # unusable anyway: the request reports the URL's fault
+            self._pins[address] = pinned
+        return pinned
+
+    def _vet(self, verified: ListenerCheck) -> Callable[[], str]:
+        """The check of a connection just made for a request `verified` let go: the gate again,
+        which must name the very same listening sockets. Those were there before the connection
+        and are there after it, and no other user's socket can take that address and port while
+        they listen: so the connection reached them. Anything else (another listener, a failed
+        check, a bug in it) keeps the request, and the key, from that connection."""
+
+        def vet() -> str:
+            try:
+                again = self._gate()
+            except Exception as exc:
+                return f"listener check failed ({self._describe(exc)}); admin key withheld"
+            if not again.ok:
+                return again.detail
+            if (again.address, again.sockets) != (verified.address, verified.sockets):
+                return "the port's listener changed while connecting; admin key withheld"
+            return ""
+
+        return vet
 
     def _redact(self, text: str) -> str:
         return text.replace(self.__key, "***") if self.__key else text
@@ -422,13 +461,15 @@ class TabbyClient:
         except ValueError:  # e.g. an unclosed "[" of an IPv6 host: the request will say more
             shown = "the configured URL"
         headers: dict[str, str] = {}
+        transport, vet = self._open, None
         if auth:
             authorized = self._authorized(path, started)
             if isinstance(authorized, HttpResult):
                 return Reply(authorized.latency_s, failure=authorized)
-            url, headers = authorized
+            url, headers, vet = authorized
+            transport = self._keyed
         return exchange(
-            self._transport,
+            transport,
             method,
             url,
             shown=shown,
@@ -437,6 +478,7 @@ class TabbyClient:
             started=started,
             budget=budget,
             scrub=self._scrub,
+            vet=vet,
         )
 
     def _status_result(self, reply: Reply) -> HttpResult:
