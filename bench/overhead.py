@@ -10,6 +10,8 @@
   scheduler's runtime, not ticks); /proc/PID/task/*/schedstat of the main process plus its reaped
   children's cutime/cstime is recorded beside it as a cross-check (it misses threads that exited
   in the window). RSS is the main process's: the largest VmRSS sampled once a second, and VmHWM.
+- The floor under a Python cycle, in the same window: one GET /health a second by ever thinner
+  clients (bench/floor.py), from the interpreter asleep to hydra-watchdog's own /health probe.
 - Status latency: `hydra-watchdog status` (after, before) against `systemctl status tabbyapi`,
   and `python -c pass` with the same interpreter as the floor; wall time of whole commands, run
   round-robin, with .pyc files compiled and PYTHONDONTWRITEBYTECODE unset (a production install).
@@ -34,6 +36,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from bench import floor
 from bench import node as nd
 from bench.probe import sample
 
@@ -47,6 +50,7 @@ POLL_SECONDS = 60.0
 POLL_SECONDS_QUICK = 24.0
 SETTLE_S = 2.0  # after every unit is up: past the first cycles
 SOCKET_PAIRS = 10_000  # 20,000 sockets (plus the listener)
+FLOOR = "floor: "  # the names of bench/floor.py's clients in the polling window
 _LAUNCHER = """\"\"\"hydra-watchdog from the tree beside this file (the benchmark's "before").\"\"\"
 import os
 import sys
@@ -132,7 +136,7 @@ def lay_out_before(node: nd.Node) -> dict[str, Any]:
 class Watched:
     """One supervisor in the polling window."""
 
-    name: str  # "after", "before", "after @5s", "before @5s", "monit"
+    name: str  # "after", "before", "after @5s", "before @5s", "monit", "floor: raw", ...
     unit: str
     interval: float
     config: Path | None = None  # hydra-watchdog's config file
@@ -234,7 +238,22 @@ def _watched(node: nd.Node, before: dict[str, Any]) -> list[Watched]:
             )
             Path("/etc/systemd/system", unit).write_text(nd.hydra_unit(node, config, argv0))
             out.append(Watched(name, unit, interval, config))
+    for variant in floor.VARIANTS:
+        unit = f"hydra-bench-floor-{variant}.service"
+        Path("/etc/systemd/system", unit).write_text(floor_unit(node, variant))
+        out.append(Watched(f"{FLOOR}{variant}", unit, floor.INTERVAL))
     return out
+
+
+def floor_unit(node: nd.Node, variant: str) -> str:
+    """One of bench/floor.py's clients: GET /health once a second (see its docstring)."""
+    return f"""[Unit]
+Description=Python floor: {variant} (benchmark)
+
+[Service]
+WorkingDirectory={node.repo}
+ExecStart={node.python} {node.repo}/bench/floor.py {variant} {nd.PORT}
+"""
 
 
 def healthy_polling(node: nd.Node, seconds: float, watched: list[Watched]) -> dict[str, Any]:

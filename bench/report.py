@@ -200,6 +200,41 @@ def polling_section(p: dict[str, Any], before: dict[str, Any]) -> tuple[list[str
     return lines, targets
 
 
+FLOOR_WHAT = {
+    "asleep": "the interpreter waking once a second, nothing else",
+    "raw": "GET /health written by hand on a kept socket, cut by Content-Length, JSON parsed",
+    "h11": "the same through h11 (the HTTP parser under httpcore)",
+    "httpcore": "the same through httpcore's connection pool",
+    "exchange": "hydra-watchdog's /health probe (TabbyClient.health, http_deadline.exchange)",
+}
+
+
+def floor_section(p: dict[str, Any]) -> list[str]:
+    """bench/floor.py's clients, beside monit and one hydra-watchdog cycle."""
+    sups = _supervisors(p)
+    floors = {k.removeprefix("floor: "): v for k, v in sups.items() if k.startswith("floor: ")}
+    if not floors:
+        return []
+    lines = [
+        "### The floor under a Python cycle (same window)",
+        "",
+        "One GET /health a second against the same TabbyAPI, each client a unit of its own and "
+        "measured as the supervisors are (cgroup CPU per 1 s cycle): what one probe of a cycle "
+        "costs in Python before any of the watchdog's own work (bench/floor.py).",
+        "",
+        "| client | CPU / cycle |",
+        "|---|---|",
+    ]
+    for name, v in floors.items():
+        lines.append(f"| {name}: {FLOOR_WHAT.get(name, '')} | {v['cpu_ms_per_cycle']:.2f} ms |")
+    for key, label in (("monit", "monit (process check + GET /health, C)"),
+                       ("after", "hydra-watchdog, one whole healthy cycle")):  # fmt: skip
+        if key in sups:
+            lines.append(f"| {label} | {sups[key]['cpu_ms_per_cycle']:.2f} ms |")
+    lines.append("")
+    return lines
+
+
 def status_section(st: dict[str, Any]) -> tuple[list[str], list[str]]:
     lines = [
         "### Status command wall latency",
@@ -242,7 +277,7 @@ def overhead_sections(ov: dict[str, Any]) -> tuple[list[str], list[str]]:
     p = ov.get("polling")
     if p:
         more, t = polling_section(p, before)
-        lines += more
+        lines += more + floor_section(p)
         targets += t
     st = ov.get("status")
     if st:
