@@ -10,11 +10,12 @@
   scheduler's runtime, not ticks); /proc/PID/task/*/schedstat of the main process plus its reaped
   children's cutime/cstime is recorded beside it as a cross-check (it misses threads that exited
   in the window). RSS is the main process's: the largest VmRSS sampled once a second, and VmHWM.
-- The floor under a Python cycle, in the same window: one GET /health a second by ever thinner
-  clients (bench/floor.py), from the interpreter asleep to hydra-watchdog's own /health probe.
 - Status latency: `hydra-watchdog status` (after, before) against `systemctl status tabbyapi`,
   and `python -c pass` with the same interpreter as the floor; wall time of whole commands, run
   round-robin, with .pyc files compiled and PYTHONDONTWRITEBYTECODE unset (a production install).
+- The floor under a Python cycle, in a window of its own after those: one GET /health a second
+  by ever thinner clients (bench/floor.py), from the interpreter asleep to hydra-watchdog's own
+  /health probe.
 - The port-ownership scan (ProcScanner.scan, full) with 20,000 TCP sockets open, against
   psutil.net_connections().
 - One full observation on the failure path (TabbyAPI stopped; every expensive probe asked for),
@@ -50,7 +51,7 @@ POLL_SECONDS = 60.0
 POLL_SECONDS_QUICK = 24.0
 SETTLE_S = 2.0  # after every unit is up: past the first cycles
 SOCKET_PAIRS = 10_000  # 20,000 sockets (plus the listener)
-FLOOR = "floor: "  # the names of bench/floor.py's clients in the polling window
+FLOOR = "floor: "  # the names of bench/floor.py's clients in their window
 _LAUNCHER = """\"\"\"hydra-watchdog from the tree beside this file (the benchmark's "before").\"\"\"
 import os
 import sys
@@ -238,6 +239,12 @@ def _watched(node: nd.Node, before: dict[str, Any]) -> list[Watched]:
             )
             Path("/etc/systemd/system", unit).write_text(nd.hydra_unit(node, config, argv0))
             out.append(Watched(name, unit, interval, config))
+    return out
+
+
+def _floors(node: nd.Node) -> list[Watched]:
+    """Writes the units of bench/floor.py's clients."""
+    out: list[Watched] = []
     for variant in floor.VARIANTS:
         unit = f"hydra-bench-floor-{variant}.service"
         Path("/etc/systemd/system", unit).write_text(floor_unit(node, variant))
@@ -256,9 +263,13 @@ ExecStart={node.python} {node.repo}/bench/floor.py {variant} {nd.PORT}
 """
 
 
-def healthy_polling(node: nd.Node, seconds: float, watched: list[Watched]) -> dict[str, Any]:
+def healthy_polling(
+    node: nd.Node, seconds: float, watched: list[Watched], *, monit: bool = True
+) -> dict[str, Any]:
     """CPU per cycle and RSS of every supervisor in `watched` plus monit, all in one window."""
-    everyone = [*watched, Watched("monit", nd.MONIT_UNIT, float(nd.monit_interval()))]
+    everyone = [*watched]
+    if monit:
+        everyone.append(Watched("monit", nd.MONIT_UNIT, float(nd.monit_interval())))
     nd.systemctl("daemon-reload")
     nd.systemctl("start", nd.TABBY_UNIT)
     if not nd.wait_until(lambda: sample(nd.PORT, nd.API_KEY, nd.MAIN_MODEL).healthy, 60, 0.2):
@@ -506,6 +517,17 @@ def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> d
                 out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
     finally:
         nd.systemctl("stop", *(w.unit for w in watched), nd.MONIT_UNIT)
+    # A window of their own: monit's `check process … matching` reads every process's command
+    # line each cycle, so five more processes would raise monit's figure.
+    floors = _floors(node)
+    try:
+        result["floor"] = f = healthy_polling(node, seconds, floors, monit=False)
+    finally:
+        nd.systemctl("stop", *(w.unit for w in floors))
+    for k, v in f["supervisors"].items():
+        out(f"  {k:<15} {v['cycles']:.0f} cycles: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle")
+    for k, why in f["failed"].items():
+        out(f"  {k:<15} not measured: {why}")
     result["port_scan"] = port_scan(5 if quick else 20)
     for k, v in result["port_scan"].items():
         if isinstance(v, dict):

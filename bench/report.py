@@ -209,24 +209,27 @@ FLOOR_WHAT = {
 }
 
 
-def floor_section(p: dict[str, Any]) -> list[str]:
-    """bench/floor.py's clients, beside monit and one hydra-watchdog cycle."""
-    sups = _supervisors(p)
-    floors = {k.removeprefix("floor: "): v for k, v in sups.items() if k.startswith("floor: ")}
-    if not floors:
-        return []
+def floor_section(f: dict[str, Any], p: dict[str, Any] | None) -> list[str]:
+    """bench/floor.py's clients (`f`), beside monit and one hydra-watchdog cycle (`p`, the
+    polling window just before)."""
+    floors = {k.removeprefix("floor: "): v for k, v in _supervisors(f).items()}
+    sups = _supervisors(p) if p else {}
     lines = [
-        "### The floor under a Python cycle (same window)",
+        f"### The floor under a Python cycle ({f['seconds']:.0f} s, a window of its own)",
         "",
-        "One GET /health a second against the same TabbyAPI, each client a unit of its own and "
-        "measured as the supervisors are (cgroup CPU per 1 s cycle): what one probe of a cycle "
-        "costs in Python before any of the watchdog's own work (bench/floor.py).",
+        "One GET /health a second against the same healthy TabbyAPI, each client a unit of its "
+        "own, measured as the supervisors are (cgroup CPU per 1 s cycle), in a window of their "
+        "own (monit reads every process's command line each cycle: five more processes would "
+        "raise its figure): what one probe costs in Python before any of the watchdog's own "
+        "work (bench/floor.py). monit and hydra-watchdog from the polling window above.",
         "",
         "| client | CPU / cycle |",
         "|---|---|",
     ]
     for name, v in floors.items():
         lines.append(f"| {name}: {FLOOR_WHAT.get(name, '')} | {v['cpu_ms_per_cycle']:.2f} ms |")
+    for name, why in f.get("failed", {}).items():
+        lines.append(f"| {name}: not measured: {why} | – |")
     for key, label in (("monit", "monit (process check + GET /health, C)"),
                        ("after", "hydra-watchdog, one whole healthy cycle")):  # fmt: skip
         if key in sups:
@@ -277,8 +280,10 @@ def overhead_sections(ov: dict[str, Any]) -> tuple[list[str], list[str]]:
     p = ov.get("polling")
     if p:
         more, t = polling_section(p, before)
-        lines += more + floor_section(p)
+        lines += more
         targets += t
+    if ov.get("floor"):
+        lines += floor_section(ov["floor"], p)
     st = ov.get("status")
     if st:
         more, t = status_section(st)
