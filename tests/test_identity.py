@@ -30,7 +30,7 @@ from hydra_watchdog.adapters.identity import (
     within,
 )
 from hydra_watchdog.adapters.process_control import PidfdControl
-from hydra_watchdog.adapters.procs import ProcScanner
+from hydra_watchdog.adapters.procs import RESCAN_EVERY, ProcScanner
 from hydra_watchdog.adapters.tabby import TabbyClient
 from hydra_watchdog.config import OrphansSection, parse_config
 from hydra_watchdog.observation import GpuReport, Outcome, ProcessRole, UnitStatus
@@ -516,6 +516,47 @@ def test_another_users_tabbyapi_and_a_contained_one_are_foreign(started: Started
     assert mine is not None and inner_ident.pid_ns != mine.pid_ns
     assert ours.pid not in by_pid or by_pid[ours.pid].role is ProcessRole.ORPHAN
     assert read_identity(inner.pid) is not None  # never signalled: still alive
+
+
+def test_command_lines_are_read_for_new_processes_and_all_again_every_rescan(
+    started: Started, tmp_path: Path
+) -> None:
+    """An orphan that holds nothing is a candidate by its command line alone. A process seen
+    for the first time is read at once; one seen before is read again only at the next rescan
+    (RESCAN_EVERY): so a process that became TabbyAPI's program by exec, after it was first
+    seen, is reported from the rescan on, not before."""
+    port = _free_pair()
+    install = tmp_path / "tabbyapi"
+    install.mkdir()
+    (install / "server.py").write_text(LISTEN)
+    now = [0.0]
+    scanner = ProcScanner(port, [str(install)], clock=lambda: now[0])
+
+    def orphans() -> set[int]:
+        _, found = scanner.scan(_unit(1), GpuReport(), full=False)
+        return {p.pid for p in found if p.role is ProcessRole.ORPHAN}
+
+    assert orphans() == set()
+    new = started.run([sys.executable, str(install / "server.py"), "0"])  # port 0: holds nothing
+    assert orphans() == {new.pid}  # first seen: read at once
+    # The path reaches the shell on stdin: its command line never names the install tree.
+    late = subprocess.Popen(
+        ["sh", "-c", f'echo ready; read path; exec {sys.executable} "$path" 0'],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    started.procs.append(late)
+    assert late.stdin is not None and late.stdout is not None
+    assert late.stdout.readline().strip() == "ready"
+    assert orphans() == {new.pid}  # seen as the shell
+    late.stdin.write(f"{install / 'server.py'}\n")
+    late.stdin.flush()
+    assert late.stdout.readline().strip() == "ready"  # the same pid runs server.py now
+    assert orphans() == {new.pid}
+    now[0] += RESCAN_EVERY
+    assert orphans() == {new.pid, late.pid}
 
 
 def test_a_real_orphan_from_the_install_tree_is_found_and_killed(

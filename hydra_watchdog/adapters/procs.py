@@ -11,12 +11,20 @@ unknown) is that same search: no process is read twice, and one holder names the
 
 Each process is read with the tolerance of a live system: any PID may exit, or be unreadable,
 between two reads; such a process is skipped, never an exception.
+
+The command line of every process on the host is read when the process is first seen and again
+for all of them every RESCAN_EVERY, not every cycle: ~25 us a process, 13 ms a cycle on a node
+running 500 (issue 15; the benchmark's namespace holds a handful). A match only makes a process
+a candidate, whose identity is then read afresh each cycle; an orphan that holds the port or GPU
+memory is a candidate through those anyway. What the interval can delay is the notice for an
+orphan that holds neither and took on TabbyAPI's program by exec after it was first seen.
 """
 
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Sequence
+import time
+from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING
 
 from hydra_watchdog.adapters.identity import (
@@ -48,6 +56,8 @@ from hydra_watchdog.observation import (
 
 if TYPE_CHECKING:
     from hydra_watchdog.config import Config
+
+RESCAN_EVERY = 60.0  # seconds: every process's command line is read again at least this often
 
 
 def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
@@ -97,12 +107,16 @@ class ProcScanner:
         user: str = "root",
         proc_root: str = "/proc",
         cgroup_root: str = "/sys/fs/cgroup",
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.port = port
         self.install_dirs = tuple(p for p in install_dirs if p)
         self.user = user
         self.proc_root = proc_root.rstrip("/") or "/"
         self.cgroup_root = cgroup_root
+        self._clock = clock
+        self._mentions: dict[int, bool] = {}  # pid -> its command line named an install tree
+        self._rescan_at: float | None = None  # when every command line is read again
         self._clock_ticks = os.sysconf("SC_CLK_TCK")
         self._btime: float | None = None
         self._own_service: str | None = None  # the watchdog's own .service cgroup ("" if none)
@@ -125,7 +139,7 @@ class ProcScanner:
         sockets = listen_sockets(ports, self.proc_root)
         main_pid = unit.main_pid if unit.main_pid and unit.main_pid > 0 else None
         pids = all_pids(self.proc_root)
-        pattern_pids = {pid for pid in pids if self._matches(pid)}
+        pattern_pids = self._mentioning(pids)
         members = unit_cgroup_members(unit.control_group, self.cgroup_root)
         if members is None:  # no cgroup tree to read: ask every process where it lives
             members = {p for p in pids if self._in_unit_cgroup(p, unit.control_group)}
@@ -216,6 +230,17 @@ class ProcScanner:
         return bool(own) and any(in_cgroup(p, own) for p in ident.cgroups)
 
     # -- /proc readers ----------------------------------------------------------------------
+
+    def _mentioning(self, pids: Sequence[int]) -> set[int]:
+        """The processes whose command line names an install tree: read for the processes not
+        seen before, and for all of them every RESCAN_EVERY (see the module docstring)."""
+        now = self._clock()
+        if self._rescan_at is None or now >= self._rescan_at:
+            self._mentions = {}
+            self._rescan_at = now + RESCAN_EVERY
+        known = self._mentions
+        self._mentions = {p: known[p] if p in known else self._matches(p) for p in pids}
+        return {p for p, named in self._mentions.items() if named}
 
     def _matches(self, pid: int) -> bool:
         cmdline = read_cmdline(pid, self.proc_root)
