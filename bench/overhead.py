@@ -17,7 +17,7 @@
   by ever thinner clients (bench/floor.py), from the interpreter asleep to hydra-watchdog's own
   /health probe.
 - The port-ownership scan (ProcScanner.scan, full) with 20,000 TCP sockets open, against
-  psutil.net_connections().
+  psutil.net_connections(); the cycle's scan with 500 more processes running.
 - One full observation on the failure path (TabbyAPI stopped; every expensive probe asked for),
   with the production adapters.
 """
@@ -35,11 +35,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from bench import floor
 from bench import node as nd
 from bench.probe import sample
+
+if TYPE_CHECKING:
+    from hydra_watchdog.observation import UnitStatus
 
 BEFORE_COMMIT = "a2334b4"  # main before issue 15's work
 BEFORE = nd.ROOT / "before"
@@ -51,6 +54,7 @@ POLL_SECONDS = 60.0
 POLL_SECONDS_QUICK = 24.0
 SETTLE_S = 2.0  # after every unit is up: past the first cycles
 SOCKET_PAIRS = 10_000  # 20,000 sockets (plus the listener)
+CROWD = 500  # processes added for the scan on a busy host
 FLOOR = "floor: "  # the names of bench/floor.py's clients in their window
 _LAUNCHER = """\"\"\"hydra-watchdog from the tree beside this file (the benchmark's "before").\"\"\"
 import os
@@ -374,6 +378,37 @@ def status_latency(
     return out
 
 
+def crowded_scan(unit: UnitStatus, runs: int) -> dict[str, Any]:
+    """The cycle's scan (full=False) on a host with CROWD more processes, as a node runs: a new
+    scanner's first scan reads every process's command line (so does each rescan, every
+    procs.RESCAN_EVERY), the scans after it only those of new processes."""
+    from hydra_watchdog.adapters.identity import all_pids
+    from hydra_watchdog.adapters.procs import RESCAN_EVERY, ProcScanner
+    from hydra_watchdog.observation import GpuReport
+
+    crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
+    try:
+        count = len(all_pids())
+        first: list[float] = []
+        steady: list[float] = []
+        for _ in range(runs):
+            scanner = ProcScanner(nd.PORT, [str(nd.ROOT / "models")])
+            for times in (first, steady):
+                t = time.perf_counter()
+                scanner.scan(unit, GpuReport(), full=False)
+                times.append(time.perf_counter() - t)
+    finally:
+        for proc in crowd:
+            proc.kill()
+        for proc in crowd:
+            proc.wait()
+    label = f"ProcScanner.scan(full=False), {count} processes"
+    return {
+        f"{label}: first, or a rescan (every {RESCAN_EVERY:g} s)": _stats_ms(first),
+        f"{label}: the cycles between": _stats_ms(steady),
+    }
+
+
 def port_scan(runs: int) -> dict[str, Any]:
     import psutil
 
@@ -434,6 +469,7 @@ def port_scan(runs: int) -> dict[str, Any]:
                 fn()
                 times.append(time.perf_counter() - t)
             out[name] = _stats_ms(times)
+        out.update(crowded_scan(unit, runs))
         stray.stdin.close()  # type: ignore[union-attr]
         stray.wait(30)
         return out
