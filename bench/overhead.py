@@ -10,6 +10,7 @@
   scheduler's runtime, not ticks); /proc/PID/task/*/schedstat of the main process plus its reaped
   children's cutime/cstime is recorded beside it as a cross-check (it misses threads that exited
   in the window). RSS is the main process's: the largest VmRSS sampled once a second, and VmHWM.
+- The same polling again for "after" and monit with 500 more processes running, as on a node.
 - Status latency: `hydra-watchdog status` (after, before) against `systemctl status tabbyapi`,
   and `python -c pass` with the same interpreter as the floor; wall time of whole commands, run
   round-robin, with .pyc files compiled and PYTHONDONTWRITEBYTECODE unset (a production install).
@@ -530,6 +531,46 @@ def failure_observation(node: nd.Node, runs: int) -> dict[str, Any]:
     }
 
 
+def floor_window(node: nd.Node, seconds: float, out: Callable[[str], None]) -> dict[str, Any]:
+    """bench/floor.py's clients polling together. A window of their own: monit's `check
+    process … matching` reads every process's command line each cycle, so five more processes
+    would raise monit's figure."""
+    floors = _floors(node)
+    try:
+        f = healthy_polling(node, seconds, floors, monit=False)
+    finally:
+        nd.systemctl("stop", *(w.unit for w in floors))
+    for k, v in f["supervisors"].items():
+        out(f"  {k:<15} {v['cycles']:.0f} cycles: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle")
+    for k, why in f["failed"].items():
+        out(f"  {k:<15} not measured: {why}")
+    return f
+
+
+def crowded_window(
+    node: nd.Node, seconds: float, watched: list[Watched], out: Callable[[str], None]
+) -> dict[str, Any]:
+    """ "after" and monit polling again with CROWD more processes. A node runs hundreds of
+    processes, the namespace a handful; both read every process's command line (monit each
+    cycle, the scan at its rescans)."""
+    after = [w for w in watched if w.name == "after"]
+    crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
+    try:
+        c = healthy_polling(node, seconds, after)
+    finally:
+        nd.systemctl("stop", *(w.unit for w in after), nd.MONIT_UNIT)
+        for proc in crowd:
+            proc.kill()
+        for proc in crowd:
+            proc.wait()
+    c["added_processes"] = CROWD
+    for k, v in c["supervisors"].items():
+        out(f"  {k:<15} +{CROWD} processes: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle")
+    for k, why in c["failed"].items():
+        out(f"  {k:<15} not measured: {why}")
+    return c
+
+
 def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     node.reset_faults()
@@ -553,17 +594,8 @@ def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> d
                 out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
     finally:
         nd.systemctl("stop", *(w.unit for w in watched), nd.MONIT_UNIT)
-    # A window of their own: monit's `check process … matching` reads every process's command
-    # line each cycle, so five more processes would raise monit's figure.
-    floors = _floors(node)
-    try:
-        result["floor"] = f = healthy_polling(node, seconds, floors, monit=False)
-    finally:
-        nd.systemctl("stop", *(w.unit for w in floors))
-    for k, v in f["supervisors"].items():
-        out(f"  {k:<15} {v['cycles']:.0f} cycles: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle")
-    for k, why in f["failed"].items():
-        out(f"  {k:<15} not measured: {why}")
+    result["floor"] = floor_window(node, seconds, out)
+    result["crowded"] = crowded_window(node, seconds, watched, out)
     result["port_scan"] = port_scan(5 if quick else 20)
     for k, v in result["port_scan"].items():
         if isinstance(v, dict):
