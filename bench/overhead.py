@@ -551,8 +551,8 @@ def crowded_window(
     node: nd.Node, seconds: float, watched: list[Watched], out: Callable[[str], None]
 ) -> dict[str, Any]:
     """ "after" and monit polling again with CROWD more processes. A node runs hundreds of
-    processes, the namespace a handful; both read every process's command line (monit each
-    cycle, the scan at its rescans)."""
+    processes, the namespace a handful; monit walks every process each cycle, the scan reads
+    every command line at its rescans."""
     after = [w for w in watched if w.name == "after"]
     crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
     try:

@@ -246,8 +246,8 @@ def crowded_section(c: dict[str, Any]) -> list[str]:
         f"({c['seconds']:.0f} s, a window of its own)",
         "",
         "The namespace above runs a handful of processes, a node hundreds. monit's `check "
-        "process … matching` reads every process's command line each cycle; hydra-watchdog's "
-        "scan reads those of new processes each cycle and all of them every 60 s. Measured as "
+        "process … matching` walks every process each cycle; hydra-watchdog's scan reads the "
+        "command lines of new processes each cycle and all of them every 60 s. Measured as "
         "above; informative: the target is the window above's.",
         "",
         "| | CPU / cycle | RSS |",
@@ -309,6 +309,14 @@ def overhead_sections(ov: dict[str, Any]) -> tuple[list[str], list[str]]:
         lines += floor_section(ov["floor"], p)
     if ov.get("crowded"):
         lines += crowded_section(ov["crowded"])
+        sups = _supervisors(ov["crowded"])
+        h, m = sups.get("after"), sups.get("monit")
+        if h and m:
+            targets.append(
+                f"- informative, not the target: with {ov['crowded'].get('added_processes')} "
+                f"more processes on the host, hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms, "
+                f"monit {m['cpu_ms_per_cycle']:.2f} ms per cycle"
+            )
     st = ov.get("status")
     if st:
         more, t = status_section(st)
