@@ -426,7 +426,8 @@ class TabbyClient:
                 return f"listener check failed ({self._describe(exc)}); admin key withheld"
             if not again.ok:
                 return again.detail
-            if (again.address, again.sockets) != (verified.address, verified.sockets):
+            # as sets: the same sockets, whatever order the kernel lists them in
+            if again.address != verified.address or set(again.sockets) != set(verified.sockets):
                 return "the port's listener changed while connecting; admin key withheld"
             return ""
 
