@@ -5,6 +5,7 @@ context no request ever uses)."""
 
 from __future__ import annotations
 
+import socket
 import time
 from collections.abc import Callable, Iterator
 
@@ -30,7 +31,7 @@ def _get(
     transport: DeadlineTransport,
     url: str,
     headers: dict[str, str] | None = None,
-    vet: Callable[[], str] | None = None,
+    vet: Callable[[socket.socket], str] | None = None,
 ) -> Reply:
     return exchange(
         transport,
@@ -117,8 +118,9 @@ def test_a_vetted_pool_sends_only_over_connections_its_vet_passed() -> None:
     vetted = DeadlineTransport(vetted=True)
     asked: list[str] = []
 
-    def vet_saying(why: str) -> Callable[[], str]:
-        def vet() -> str:
+    def vet_saying(why: str) -> Callable[[socket.socket], str]:
+        def vet(conn: socket.socket) -> str:
+            assert conn.getpeername()[1] == server.port  # the very connection just made
             asked.append(why)
             return why
 

@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -23,6 +24,8 @@ from hydra_watchdog.act.orphans import kill_orphan
 from hydra_watchdog.actions import KillOrphan, Reason, ResultStatus
 from hydra_watchdog.adapters import identity
 from hydra_watchdog.adapters.identity import (
+    ListenerCheck,
+    ListenSocket,
     ProcIdentity,
     is_tabby_program,
     program_paths,
@@ -117,6 +120,22 @@ def test_a_squatter_gets_no_key_and_no_say(
     assert not model.known
     assert not load.ok and load.detail.startswith("load not sent:")
     assert len(squatter.requests()) == 1
+
+
+def test_a_main_pid_come_round_to_a_squatter_gets_no_key(key_file: Path, tmp_path: Path) -> None:
+    """A unit status read a while ago (a load's helper reads it once) names a MainPID that now
+    belongs to a squatter: PIDs come round again, the unit's cgroup does not. Outside it, the
+    holder is not TabbyAPI, whatever its PID."""
+    port = free_port()
+    client = _client(f"http://127.0.0.1:{port}", key_file, tmp_path / "tabbyapi")
+    with Squatter.start("127.0.0.1", port) as squatter:
+        client.note_unit(_unit(squatter.pid))
+        model = client.model().result
+        client.close()
+        _assert_no_key(squatter)
+    assert model.outcome is Outcome.WITHHELD, model
+    assert f"held by pid {squatter.pid}, uid 65534" in model.detail
+    assert "not in tabbyapi.service" in model.detail
 
 
 def test_the_key_goes_to_tabbyapi_verified_by_identity(
@@ -256,6 +275,67 @@ def test_a_connection_a_squatter_kept_never_carries_the_key(
     assert again.healthy
     assert len(squatter.requests()) == 2
     assert [r["path"] for r in sim.requests()].count("/v1/model") == 1
+
+
+def _connected(host: str, port: int) -> socket.socket:
+    return socket.create_connection((host, port), timeout=5)
+
+
+def test_the_far_end_of_a_connection_names_its_listeners_user() -> None:
+    """far_end_uid: the socket the kernel made for our connection from a listener has that
+    listener's uid, by sock_diag and by /proc/net alike; a dual-stack listener's end (v4-mapped)
+    is found too; a connection that is gone has no far end to vouch for it."""
+    port = free_port()
+    with Squatter.start("127.0.0.1", port) as squatter:
+        theirs = _connected("127.0.0.1", port)
+        try:
+            local, peer = theirs.getsockname(), theirs.getpeername()
+            assert identity.far_end_uid(theirs) == 65534
+            assert identity._far_end_proc_net(local, peer) == 65534
+        finally:
+            theirs.close()
+        squatter.stop()
+    for host, family in (("127.0.0.1", socket.AF_INET), ("::", socket.AF_INET6)):
+        with socket.socket(family) as listener:
+            if family == socket.AF_INET6:
+                listener.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
+            listener.bind((host, 0))
+            listener.listen(4)
+            ours = _connected("127.0.0.1", listener.getsockname()[1])
+            try:
+                local, peer = ours.getsockname(), ours.getpeername()
+                assert identity.far_end_uid(ours) == os.geteuid(), host
+                assert identity._far_end_proc_net(local, peer) == os.geteuid(), host
+            finally:
+                ours.close()
+    gone = socket.socket()
+    assert identity.far_end_uid(gone) is None  # never connected
+    gone.close()
+
+
+def test_a_connection_that_reached_another_users_listener_carries_no_key(key_file: Path) -> None:
+    """The gate's verdict names TabbyAPI's sockets (uid 0) and is the same before and after the
+    connection, yet the connection reached a uid 65534 listener (what a bind race, or a
+    wildcard IPv6 socket that takes no IPv4, would allow): its far end says so, and nothing is
+    sent over it."""
+    port = free_port()
+    tabby = ListenSocket(inode=1, port=port, address="127.0.0.1", uid=0, cookie=7)
+    verdict = ListenerCheck(True, "verified", address="127.0.0.1", sockets=(tabby,))
+    client = TabbyClient(
+        f"http://127.0.0.1:{port}", admin_key=ADMIN_KEY, health_timeout=3.0, gate=lambda: verdict
+    )
+    with Squatter.start("127.0.0.1", port) as squatter:
+        try:
+            model = client.model().result
+            canary = client.canary(3.0).result
+        finally:
+            client.close()
+        squatter.stop()
+    for result in (model, canary):
+        assert result.outcome is Outcome.WITHHELD, result
+        assert "the far end of the new connection belongs to uid 65534, not [0]" in result.detail
+    assert ADMIN_KEY not in squatter.transcript()
+    assert "GET /v1/model" not in squatter.transcript()
 
 
 FORKING_LISTENER = """
@@ -437,8 +517,6 @@ def _free_pair() -> int:
     for _ in range(50):
         port = free_port()
         if free_port() != port + 1:
-            import socket
-
             with socket.socket() as probe:
                 try:
                     probe.bind(("127.0.0.1", port + 1))

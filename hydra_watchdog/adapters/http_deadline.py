@@ -17,6 +17,7 @@ Detail texts go through the caller's `scrub` (which removes its secret, escapes 
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -41,7 +42,8 @@ class Budget(threading.local):
     deadline: float | None = None
     cancel: threading.Event | None = None
     received: int = 0  # bytes read so far: tells "closed in silence" from "sent garbage"
-    vet: Callable[[], str] | None = None  # "" : the new connection may carry it; else why not
+    # Asked about each new connection (its socket): "" when it may carry the request, else why not.
+    vet: Callable[[socket.socket], str] | None = None
 
 
 BUDGET = Budget()
@@ -60,7 +62,7 @@ class ListenerChangedError(Exception):
 def deadline_scope(
     deadline: float,
     cancel: threading.Event | None = None,
-    vet: Callable[[], str] | None = None,
+    vet: Callable[[socket.socket], str] | None = None,
 ) -> Iterator[None]:
     saved = (BUDGET.deadline, BUDGET.cancel, BUDGET.received, BUDGET.vet)
     BUDGET.deadline, BUDGET.cancel, BUDGET.received, BUDGET.vet = deadline, cancel, 0, vet
@@ -130,10 +132,17 @@ class _DeadlineBackend(httpcore.NetworkBackend):
             raise ListenerChangedError("no listener check came with the request; not connected")
         allowed = _clamp(timeout, httpcore.ConnectTimeout)
         stream = self._inner.connect_tcp(host, port, allowed, local_address, socket_options)
-        why = vet() if vet is not None else ""
-        if why:
-            stream.close()
-            raise ListenerChangedError(why)
+        if vet is not None:
+            try:
+                why = vet(stream.get_extra_info("socket"))
+            except Exception as exc:  # a failing check keeps the request off the connection
+                why = f"the connection check failed ({type(exc).__name__}: {exc})"
+            except BaseException:
+                stream.close()
+                raise
+            if why:
+                stream.close()
+                raise ListenerChangedError(why)
         return _DeadlineStream(stream)
 
     def sleep(self, seconds: float) -> None:
@@ -294,13 +303,13 @@ def exchange(
     started: float,
     budget: float,
     scrub: Callable[[str], str],
-    vet: Callable[[], str] | None = None,
+    vet: Callable[[socket.socket], str] | None = None,
 ) -> Reply:
     """One request that ends by `started + budget` (monotonic), the body read up to JSON_LIMIT
     bytes. `shown` is the URL as a detail may name it (credentials redacted). `vet` is asked
     about a connection opened for this request (DeadlineTransport): WITHHELD when it refuses.
 
-    It goes to httpcore's pool directly, the one under the httpx client (DeadlineTransport.pool):
+    It goes to httpcore's pool directly (DeadlineTransport.pool, under an httpx client or not):
     these are small requests of every cycle, and httpx's layers above the pool (URL model,
     cookies, auth and redirect flows, response wrapping) cost more CPU than the exchange itself
     (issue 15; bench/RESULTS.md). h11 still parses every byte the server sends."""

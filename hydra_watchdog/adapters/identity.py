@@ -26,8 +26,10 @@ import pwd
 import socket
 import struct
 import threading
+import time
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 from hydra_watchdog.observation import UnitStatus
 from hydra_watchdog.printable import one_line
@@ -315,6 +317,96 @@ def _read_diag_dump(sock: socket.socket, wanted: set[int], found: list[ListenSoc
                     address = socket.inet_ntop(family, raw)
                     found.append(ListenSocket(inode, port, address, uid, low | high << 32))
             off += (length + 3) & ~3
+
+
+_NLM_F_REQUEST = 0x1
+_TCP_ESTABLISHED = 1
+_TCP_ESTABLISHED_HEX = "01"
+_NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE: look the socket up by its addresses alone
+FAR_END_PAUSES = (0.0, 0.001, 0.005)  # seconds after each look that found no ESTABLISHED end
+
+
+def far_end_uid(conn: socket.socket) -> int | None:
+    """The uid of the socket at the far end of a local TCP connection we made: the socket the
+    listener's queue holds for it, which the kernel clones from the listener, uid included.
+    None while that end is not ESTABLISHED (a half-open one reports uid 0, whoever listens),
+    or when it cannot be seen: the connection is gone, or neither sock_diag nor /proc/net
+    shows it (then nothing may go over the connection)."""
+    try:
+        local, peer = conn.getsockname(), conn.getpeername()
+    except OSError:
+        return None
+    for pause in FAR_END_PAUSES:
+        found = _far_end_netlink(conn.family, local, peer)
+        if found is _UNSEEN:
+            found = _far_end_proc_net(local, peer)
+        if isinstance(found, int):
+            return found
+        time.sleep(pause)  # the kernel may still be completing the handshake on its side
+    return None
+
+
+_UNSEEN = object()  # sock_diag could not be asked: read /proc/net instead
+
+
+def _far_end_netlink(family: int, local: tuple[Any, ...], peer: tuple[Any, ...]) -> object:
+    """The far end's uid by sock_diag's exact lookup (the socket's own view: its source is our
+    peer); None when it is not an ESTABLISHED socket, _UNSEEN when netlink cannot be used."""
+    src = socket.inet_pton(family, peer[0]).ljust(16, b"\0")
+    dst = socket.inet_pton(family, local[0]).ljust(16, b"\0")
+    sockid = struct.pack(">HH", peer[1], local[1]) + src + dst
+    sockid += struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE)  # idiag_if, idiag_cookie
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
+    hdr = _NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
+    try:
+        with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
+            nl.settimeout(1.0)
+            nl.sendall(hdr + req)
+            data = nl.recv(65536)
+    except OSError:
+        return _UNSEEN
+    if len(data) < _NLMSG_HDR.size:
+        return None
+    length, kind, _, _, _ = _NLMSG_HDR.unpack_from(data, 0)
+    body = _NLMSG_HDR.size
+    if kind != _SOCK_DIAG_BY_FAMILY or len(data) < body + _DIAG_MSG_LEN or length > len(data):
+        return None  # NLMSG_ERROR: no such socket
+    state = data[body + 1]
+    ports = struct.unpack_from(">HH", data, body + 4)
+    # (a dual-stack listener's end is an IPv6 socket with a v4-mapped address: not compared)
+    if (state, ports) != (_TCP_ESTABLISHED, (peer[1], local[1])):
+        return None
+    (uid,) = struct.unpack_from("=I", data, body + 64)
+    return int(uid)
+
+
+def _far_end_proc_net(local: tuple[Any, ...], peer: tuple[Any, ...]) -> int | None:
+    """The far end's uid from /proc/net/tcp{,6} (where netlink is not allowed); both files, as
+    a dual-stack listener's end is listed in tcp6 with v4-mapped addresses."""
+    want = (_unmapped(peer[0]), peer[1], _unmapped(local[0]), local[1])
+    for name in ("tcp", "tcp6"):
+        for line in (read_text(f"/proc/net/{name}") or "").splitlines()[1:]:
+            fields = line.split()
+            if len(fields) < 10 or fields[3] != _TCP_ESTABLISHED_HEX:
+                continue
+            try:
+                (la, _, lp), (ra, _, rp) = fields[1].rpartition(":"), fields[2].rpartition(":")
+                ends = (
+                    _unmapped(_proc_net_address(la)),
+                    int(lp, 16),
+                    _unmapped(_proc_net_address(ra)),
+                    int(rp, 16),
+                )
+                if ends == want:
+                    return int(fields[7])
+            except ValueError:
+                continue
+    return None
+
+
+def _unmapped(address: str) -> str:
+    """An IPv4-mapped IPv6 address as the IPv4 address it stands for."""
+    return address.removeprefix("::ffff:")
 
 
 def parse_proc_net(text: str, ports: Iterable[int]) -> list[ListenSocket]:
@@ -625,8 +717,11 @@ class ListenerGate:
                 return ListenerCheck(False, why), ()
             holders_seen.append((pid, ident.start_ticks))
             if by_unit:
-                ok = pid == unit.main_pid or any(
-                    in_cgroup(p, unit.control_group) for p in ident.cgroups
+                # The unit's cgroup, which only systemd puts processes in. MainPID alone only
+                # where the unit names no cgroup: a PID number can be had again by anyone, and
+                # a unit status read minutes ago (a load's helper) may still name it.
+                ok = any(in_cgroup(p, unit.control_group) for p in ident.cgroups) or (
+                    pid == unit.main_pid and not unit.control_group
                 )
                 why = f"not in {unit.name}"
             else:

@@ -1,7 +1,9 @@
-"""TabbyAPI over HTTP: one connection pool, a hard total deadline per request, typed outcomes.
+"""TabbyAPI over HTTP: kept-alive connections, a hard total deadline per request, typed outcomes.
 
-An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py (a
-request goes to its pool directly; a model load streams through an httpx client on it), the
+An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py: two
+pools that never share a connection, one for /health and one for the requests with the key, whose
+every new connection is vetted before a byte goes over it (TabbyClient._vet). A request goes to
+its pool directly; a model load streams through an httpx client on the keyed one. The
 bounded event-stream parser of a model load in adapters/sse.py; the LiteLLM fallback route, which
 is another host, has its own adapter (adapters/fallback_route.py).
 
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import threading
 import time
 import urllib.parse
@@ -46,7 +49,7 @@ from hydra_watchdog.adapters.http_deadline import (
     new_client,
     result,
 )
-from hydra_watchdog.adapters.identity import ListenerCheck, ListenerGate
+from hydra_watchdog.adapters.identity import ListenerCheck, ListenerGate, far_end_uid
 from hydra_watchdog.adapters.sse import SseParser, StreamMalformedError
 from hydra_watchdog.config import Config, redact_url
 from hydra_watchdog.interfaces import LoadOutcome
@@ -64,7 +67,7 @@ _DETAIL_MAX = 300
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
 # A request the gate let go: its URL pinned to the verified address, its headers, and the vet
 # for a connection made for it (TabbyClient._vet).
-_Authorized = tuple[str, dict[str, str], Callable[[], str]]
+_Authorized = tuple[str, dict[str, str], Callable[[socket.socket], str]]
 
 
 @dataclass(frozen=True)
@@ -127,8 +130,8 @@ class TabbyClient:
         key_source: str = "",
     ) -> None:
         """`gate` is asked right before every request that would carry the key (and its URL is
-        pinned to the address it verified); `on_unit` receives each cycle's unit status, which
-        the gate judges listeners by."""
+        pinned to the address it verified), and again for each new connection such a request
+        opens; `on_unit` receives each cycle's unit status, which the gate judges listeners by."""
         self.base_url = base_url.rstrip("/")
         self._gate = gate
         self._on_unit = on_unit
@@ -412,23 +415,30 @@ class TabbyClient:
             self._pins[address] = pinned
         return pinned
 
-    def _vet(self, verified: ListenerCheck) -> Callable[[], str]:
-        """The check of a connection just made for a request `verified` let go: the gate again,
-        which must name the very same listening sockets. Those were there before the connection
-        and are there after it, and no other user's socket can take that address and port while
-        they listen: so the connection reached them. Anything else (another listener, a failed
-        check, a bug in it) keeps the request, and the key, from that connection."""
+    def _vet(self, verified: ListenerCheck) -> Callable[[socket.socket], str]:
+        """The check of a connection just made for a request `verified` let go, before a byte
+        goes over it: the gate again, which must name the very same listening sockets, and the
+        far end of this connection, which the kernel made from a listener and gave that
+        listener's uid, must have the uid of the sockets verified. Anything else (another
+        listener, a far end of another user, one that cannot be seen, a failed check) keeps the
+        request, and the key, from that connection."""
 
-        def vet() -> str:
+        def vet(conn: socket.socket) -> str:
+            withheld = "admin key withheld"
             try:
                 again = self._gate()
             except Exception as exc:
-                return f"listener check failed ({self._describe(exc)}); admin key withheld"
+                return f"listener check failed ({self._describe(exc)}); {withheld}"
             if not again.ok:
-                return again.detail
+                return again.detail or f"listener check refused; {withheld}"
             # as sets: the same sockets, whatever order the kernel lists them in
             if again.address != verified.address or set(again.sockets) != set(verified.sockets):
-                return "the port's listener changed while connecting; admin key withheld"
+                return f"the port's listener changed while connecting; {withheld}"
+            uids = {s.uid for s in verified.sockets}
+            far = far_end_uid(conn)
+            if far is None or far not in uids:
+                seen = "cannot be seen" if far is None else f"belongs to uid {far}"
+                return f"the far end of the new connection {seen}, not {sorted(uids)}; {withheld}"
             return ""
 
         return vet

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from hydra_watchdog.adapters.identity import ListenerCheck
+from hydra_watchdog.adapters.identity import ListenerCheck, ListenSocket
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.sim.tabby_server import write_control
 
@@ -36,8 +36,10 @@ START_TIMEOUT = 20.0  # generous: a busy 2-core machine
 
 def trusted_listener() -> ListenerCheck:
     """The credential gate for tests of the HTTP protocol alone: the test's own server on
-    127.0.0.1 is taken as TabbyAPI unchecked (the gate itself is tested in test_identity.py)."""
-    return ListenerCheck(True, "the test's own server", address="127.0.0.1")
+    127.0.0.1 is taken as TabbyAPI unchecked (the gate itself is tested in test_identity.py).
+    Its socket stands for any listener of this test's uid: a connection's far end must have it."""
+    mine = ListenSocket(inode=0, port=0, address="127.0.0.1", uid=os.geteuid())
+    return ListenerCheck(True, "the test's own server", address="127.0.0.1", sockets=(mine,))
 
 
 def free_port() -> int:
