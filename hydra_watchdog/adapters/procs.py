@@ -12,12 +12,13 @@ unknown) is that same search: no process is read twice, and one holder names the
 Each process is read with the tolerance of a live system: any PID may exit, or be unreadable,
 between two reads; such a process is skipped, never an exception.
 
-The command line of every process on the host is read when the process is first seen and again
-for all of them every RESCAN_EVERY, not every cycle: ~25 us a process, 13 ms a cycle on a node
+The command line of every process on the host is read when its PID is first seen and again for
+all of them every RESCAN_EVERY, not every cycle: ~25 us a process, 13 ms a cycle on a node
 running 500 (issue 15; the benchmark's namespace holds a handful). A match only makes a process
 a candidate, whose identity is then read afresh each cycle; an orphan that holds the port or GPU
 memory is a candidate through those anyway. What the interval can delay is the notice for an
-orphan that holds neither and took on TabbyAPI's program by exec after it was first seen.
+orphan that holds neither and took on TabbyAPI's program by exec after it was first seen, or
+that got the PID of a process seen before between two cycles.
 """
 
 from __future__ import annotations

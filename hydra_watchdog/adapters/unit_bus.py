@@ -18,7 +18,9 @@ object; JobNew, JobRemoved, UnitNew, UnitRemoved naming it; Reloading, as a daem
 change LoadState and User, which send no change signal), and that read is younger than
 FULL_READ_EVERY. Signals arrive on the connection in the order PID 1 sent them, before the replies
 to later calls: by the time the two replies are in, every signal sent before them has been seen.
-A new connection starts from a full read.
+PID 1 may hold a change signal back while its bus queues are busy and answer Gets meanwhile; a
+change that moves neither of the two properties can then be seen a cycle or more late, at most
+FULL_READ_EVERY. A new connection starts from a full read.
 """
 
 from __future__ import annotations
