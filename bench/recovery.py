@@ -246,14 +246,19 @@ class Bench:
         pid = self.main_pid()
         t0 = time.time()
         cleared_at: float | None = None
-        if fault in ("crash", "orphan port holder", "restart loop"):
+        # A process-bound fault names its process: a restart faster than the clearing below
+        # (a sticky 503 is cleared once the sampler has seen a 503) must not hand it on to the
+        # next process, which would then need a restart of its own.
+        if fault == "restart loop":
             write_control(node.control, exit_code=1)
+        elif fault in ("crash", "orphan port holder"):
+            write_control(node.control, exit_code=1, only_pid=pid)
         elif fault == "hang":
-            write_control(node.control, hang=True)
+            write_control(node.control, hang=True, only_pid=pid)
         elif fault == "sticky 503":
-            write_control(node.control, sticky_503=True)
+            write_control(node.control, sticky_503=True, only_pid=pid)
         elif fault == "generation hang":
-            write_control(node.control, generation_hang=True)
+            write_control(node.control, generation_hang=True, only_pid=pid)
         elif fault in ("no model", "leaked VRAM"):
             if fault == "leaked VRAM":
                 nvml = ("--nvml-state", str(node.nvml))
