@@ -209,23 +209,32 @@ FLOOR_WHAT = {
 }
 
 
+def _table_head(title: str, text: str, columns: tuple[str, ...]) -> list[str]:
+    """A section's heading, its paragraph and the head of its table."""
+    return [
+        f"### {title}",
+        "",
+        text,
+        "",
+        "| " + " | ".join(columns) + " |",
+        "|" + "---|" * len(columns),
+    ]
+
+
 def floor_section(f: dict[str, Any], p: dict[str, Any] | None) -> list[str]:
     """bench/floor.py's clients (`f`), beside monit and one hydra-watchdog cycle (`p`, the
     polling window just before)."""
     floors = {k.removeprefix("floor: "): v for k, v in _supervisors(f).items()}
     sups = _supervisors(p) if p else {}
-    lines = [
-        f"### The floor under a Python cycle ({f['seconds']:.0f} s, a window of its own)",
-        "",
+    lines = _table_head(
+        f"The floor under a Python cycle ({f['seconds']:.0f} s, a window of its own)",
         "One GET /health a second against the same healthy TabbyAPI, each client a unit of its "
         "own, measured as the supervisors are (cgroup CPU per 1 s cycle), in a window of their "
         "own (monit reads every process's command line each cycle: five more processes would "
         "raise its figure): what one probe costs in Python before any of the watchdog's own "
         "work (bench/floor.py). monit and hydra-watchdog from the polling window above.",
-        "",
-        "| client | CPU / cycle |",
-        "|---|---|",
-    ]
+        ("client", "CPU / cycle"),
+    )
     for name, v in floors.items():
         lines.append(f"| {name}: {FLOOR_WHAT.get(name, '')} | {v['cpu_ms_per_cycle']:.2f} ms |")
     for name, why in f.get("failed", {}).items():
@@ -241,18 +250,15 @@ def floor_section(f: dict[str, Any], p: dict[str, Any] | None) -> list[str]:
 def crowded_section(c: dict[str, Any]) -> list[str]:
     """hydra-watchdog and monit polling again with many more processes on the host."""
     sups = _supervisors(c)
-    lines = [
-        f"### Healthy polling with {c.get('added_processes', '?')} more processes "
+    lines = _table_head(
+        f"Healthy polling with {c.get('added_processes', '?')} more processes "
         f"({c['seconds']:.0f} s, a window of its own)",
-        "",
         "The namespace above runs a handful of processes, a node hundreds. monit's `check "
         "process … matching` walks every process each cycle; hydra-watchdog's scan reads the "
         "command lines of new processes each cycle and all of them every 60 s. Measured as "
         "above; informative: the target is the window above's.",
-        "",
-        "| | CPU / cycle | RSS |",
-        "|---|---|---|",
-    ]
+        ("", "CPU / cycle", "RSS"),
+    )
     for name, v in sups.items():
         lines.append(f"| {name} | {v['cpu_ms_per_cycle']:.2f} ms | {v['rss_mb']:.1f} MB |")
     for name, why in c.get("failed", {}).items():
