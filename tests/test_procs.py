@@ -217,9 +217,14 @@ def test_processes_dying_mid_scan_are_skipped(procs: Procs) -> None:
     )
     procs.started.append(churn)
     scanner = ProcScanner(free_port_pair(), [marker])
-    seen = 0
-    for _ in range(40):
+    seen = scans = 0
+    # At least 40 scans, and on until one met a short-lived process: a scan that reads only the
+    # command lines of new processes takes a millisecond, so 40 of them can all be over before
+    # a loaded machine has run the shell's first iteration.
+    deadline = time.monotonic() + 20
+    while scans < 40 or (not seen and time.monotonic() < deadline):
         _, found = scanner.scan(NO_UNIT, GpuReport(), full=True)
+        scans += 1
         for info in found:
             assert marker in info.command, info
             assert info.role is ProcessRole.ORPHAN, info

@@ -143,6 +143,11 @@ class _DeadlineBackend(httpcore.NetworkBackend):
             if why:
                 stream.close()
                 raise ListenerChangedError(why)
+            try:  # the check's own time counts against the request's deadline
+                _clamp(None, httpcore.ConnectTimeout)
+            except httpcore.ConnectTimeout:
+                stream.close()
+                raise
         return _DeadlineStream(stream)
 
     def sleep(self, seconds: float) -> None:
