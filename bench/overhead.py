@@ -25,6 +25,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import resource
 import shutil
@@ -33,7 +34,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -379,6 +380,19 @@ def status_latency(
     return out
 
 
+@contextlib.contextmanager
+def _crowd() -> Iterator[None]:
+    """CROWD more processes on the host (sleeping) while the block runs."""
+    crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
+    try:
+        yield
+    finally:
+        for proc in crowd:
+            proc.kill()
+        for proc in crowd:
+            proc.wait()
+
+
 def crowded_scan(unit: UnitStatus, runs: int) -> dict[str, Any]:
     """The cycle's scan (full=False) on a host with CROWD more processes, as a node runs: a new
     scanner's first scan reads every process's command line (so does each rescan, every
@@ -387,8 +401,7 @@ def crowded_scan(unit: UnitStatus, runs: int) -> dict[str, Any]:
     from hydra_watchdog.adapters.procs import RESCAN_EVERY, ProcScanner
     from hydra_watchdog.observation import GpuReport
 
-    crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
-    try:
+    with _crowd():
         count = len(all_pids())
         first: list[float] = []
         steady: list[float] = []
@@ -398,11 +411,6 @@ def crowded_scan(unit: UnitStatus, runs: int) -> dict[str, Any]:
                 t = time.perf_counter()
                 scanner.scan(unit, GpuReport(), full=False)
                 times.append(time.perf_counter() - t)
-    finally:
-        for proc in crowd:
-            proc.kill()
-        for proc in crowd:
-            proc.wait()
     label = f"ProcScanner.scan(full=False), {count} processes"
     return {
         f"{label}: first, or a rescan (every {RESCAN_EVERY:g} s)": _stats_ms(first),
@@ -550,19 +558,15 @@ def floor_window(node: nd.Node, seconds: float, out: Callable[[str], None]) -> d
 def crowded_window(
     node: nd.Node, seconds: float, watched: list[Watched], out: Callable[[str], None]
 ) -> dict[str, Any]:
-    """ "after" and monit polling again with CROWD more processes. A node runs hundreds of
+    """This checkout and monit polling again with CROWD more processes. A node runs hundreds of
     processes, the namespace a handful; monit walks every process each cycle, the scan reads
     every command line at its rescans."""
     after = [w for w in watched if w.name == "after"]
-    crowd = [subprocess.Popen(["sleep", "3600"]) for _ in range(CROWD)]
-    try:
-        c = healthy_polling(node, seconds, after)
-    finally:
-        nd.systemctl("stop", *(w.unit for w in after), nd.MONIT_UNIT)
-        for proc in crowd:
-            proc.kill()
-        for proc in crowd:
-            proc.wait()
+    with _crowd():
+        try:
+            c = healthy_polling(node, seconds, after)
+        finally:
+            nd.systemctl("stop", *(w.unit for w in after), nd.MONIT_UNIT)
     c["added_processes"] = CROWD
     for k, v in c["supervisors"].items():
         out(f"  {k:<15} +{CROWD} processes: {v['cpu_ms_per_cycle']:.2f} ms CPU/cycle")

@@ -276,19 +276,23 @@ def netlink_sockets(ports: Iterable[int]) -> list[ListenSocket] | None:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as sock:
             sock.settimeout(1.0)
             for seq, family in enumerate((socket.AF_INET, socket.AF_INET6), start=1):
-                # struct inet_diag_req_v2: family, protocol, ext, pad, states, an empty sockid
-                req = struct.pack(
-                    "=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 1 << _TCP_LISTEN_STATE
-                ) + bytes(48)
-                hdr = _NLMSG_HDR.pack(
-                    _NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST_DUMP, seq, 0
+                sock.sendall(
+                    _diag_request(family, 1 << _TCP_LISTEN_STATE, _NLM_F_REQUEST_DUMP, seq)
                 )
-                sock.sendall(hdr + req)
                 if not _read_diag_dump(sock, wanted, found):
                     return None
     except OSError:
         return None
     return found
+
+
+def _diag_request(
+    family: int, states: int, flags: int, seq: int, sockid: bytes = bytes(48)
+) -> bytes:
+    """A SOCK_DIAG_BY_FAMILY request for TCP: struct inet_diag_req_v2 (family, protocol, ext,
+    pad, the states wanted, the socket id: empty for a dump) behind its netlink header."""
+    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, states) + sockid
+    return _NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, flags, seq, 0) + req
 
 
 def _read_diag_dump(sock: socket.socket, wanted: set[int], found: list[ListenSocket]) -> bool:
@@ -323,7 +327,7 @@ _NLM_F_REQUEST = 0x1
 _TCP_ESTABLISHED = 1
 _TCP_ESTABLISHED_HEX = "01"
 _NO_COOKIE = 0xFFFFFFFF  # INET_DIAG_NOCOOKIE: look the socket up by its addresses alone
-FAR_END_PAUSES = (0.0, 0.001, 0.005)  # seconds after each look that found no ESTABLISHED end
+FAR_END_PAUSES = (0.0, 0.001, 0.005)  # seconds before each look for an ESTABLISHED far end
 
 
 def far_end_uid(conn: socket.socket) -> int | None:
@@ -337,12 +341,12 @@ def far_end_uid(conn: socket.socket) -> int | None:
     except OSError:
         return None
     for pause in FAR_END_PAUSES:
+        time.sleep(pause)  # the kernel may still be completing the handshake on its side
         found = _far_end_netlink(conn.family, local, peer)
         if found is _UNSEEN:
             found = _far_end_proc_net(local, peer)
         if isinstance(found, int):
             return found
-        time.sleep(pause)  # the kernel may still be completing the handshake on its side
     return None
 
 
@@ -356,12 +360,10 @@ def _far_end_netlink(family: int, local: tuple[Any, ...], peer: tuple[Any, ...])
     dst = socket.inet_pton(family, local[0]).ljust(16, b"\0")
     sockid = struct.pack(">HH", peer[1], local[1]) + src + dst
     sockid += struct.pack("=III", 0, _NO_COOKIE, _NO_COOKIE)  # idiag_if, idiag_cookie
-    req = struct.pack("=BBBBI", family, socket.IPPROTO_TCP, 0, 0, 0xFFFFFFFF) + sockid
-    hdr = _NLMSG_HDR.pack(_NLMSG_HDR.size + len(req), _SOCK_DIAG_BY_FAMILY, _NLM_F_REQUEST, 1, 0)
     try:
         with socket.socket(socket.AF_NETLINK, socket.SOCK_DGRAM, _NETLINK_SOCK_DIAG) as nl:
             nl.settimeout(1.0)
-            nl.sendall(hdr + req)
+            nl.sendall(_diag_request(family, 0xFFFFFFFF, _NLM_F_REQUEST, 1, sockid))
             data = nl.recv(65536)
     except OSError:
         return _UNSEEN
