@@ -97,7 +97,8 @@ def test_hardened_unit_lets_the_watchdog_work(probe_units: SystemdNamespace) -> 
     ns.write_file("/etc/hydra-watchdog/admin_key", "test-key\n", 0o600)
     unit = (REPO / "systemd" / "hydra-watchdog.service").read_text(encoding="utf-8")
     unit = unit.replace(
-        "ExecStart=/usr/bin/hydra-watchdog run --config /etc/hydra-watchdog/config.toml",
+        "ExecStart=/opt/hydra-watchdog/bin/hydra-watchdog run --config "
+        "/etc/hydra-watchdog/config.toml",
         f"ExecStart={sys.executable} /etc/hw-probe/probe.py {other_pid} {REPO}",
     )
     assert "/etc/hw-probe/probe.py" in unit

@@ -42,9 +42,10 @@ PLATFORM_KEYS = {"Environment", "LoadCredential"}
 def installed_unit(tmp_path: Path) -> Path:
     """systemd/hydra-watchdog.service with ExecStart at the venv's real executable (verify wants
     the binary to exist)."""
-    text = UNIT.read_text(encoding="utf-8").replace(
-        "/usr/bin/hydra-watchdog", str(PACKAGE_ROOT / "bin" / "hydra-watchdog")
-    )
+    installed = "ExecStart=/opt/hydra-watchdog/bin/hydra-watchdog "
+    text = UNIT.read_text(encoding="utf-8")
+    assert installed in text
+    text = text.replace(installed, f"ExecStart={PACKAGE_ROOT / 'bin' / 'hydra-watchdog'} ")
     path = tmp_path / "hydra-watchdog.service"
     path.write_text(text, encoding="utf-8")
     return path
@@ -57,7 +58,7 @@ def service_directives(text: str) -> dict[str, tuple[str, ...]]:
         if key in PLATFORM_KEYS:
             continue
         if key.startswith("Exec"):
-            # /usr/bin/kill vs ${coreutils}/bin/kill, /usr/bin/hydra-watchdog vs the store path.
+            # /bin/kill vs ${coreutils}/bin/kill, /opt/hydra-watchdog/bin/... vs the store path.
             program, _, args = value.partition(" ")
             normalised.append((key, f"{Path(program).name} {args}"))
         else:
