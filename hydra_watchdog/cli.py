@@ -64,10 +64,12 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from hydra_watchdog.config import render_config  # noqa: PLC0415 - see the top
+    from hydra_watchdog.config import Config, render_config  # noqa: PLC0415 - see the top
 
     cfg = _config(args)
     sys.stdout.write(render_config(cfg))
+    if cfg == Config():  # valid, but an empty file (an editor's new file) is rarely what was meant
+        print(f"warning: {args.config}: every option is at its default", file=sys.stderr)
     return 0
 
 

@@ -82,6 +82,19 @@ def test_check_config_accepts_the_example_and_refuses_credentials(tmp_path: Path
     assert "hunter2" not in out.stderr + out.stdout and "abc" not in out.stderr + out.stdout
 
 
+@pytest.mark.parametrize("body", ["", "# nothing but a comment\n\n[watchdog]\n"])
+def test_check_config_says_when_a_config_sets_nothing(tmp_path: Path, body: str) -> None:
+    # An empty file is valid (every default is safe) but is rarely what the operator meant: the
+    # README's install once opened an editor on a file that did not exist.
+    path = tmp_path / "config.toml"
+    path.write_text(body)
+    out = cli("check-config", "--config", str(path))
+    assert out.returncode == 0, out.stderr
+    assert out.stderr == f"warning: {path}: every option is at its default\n"
+    assert "[tabbyapi]" in out.stdout  # the defaults, printed as always
+    assert cli("check-config", "--config", str(EXAMPLE)).stderr == ""
+
+
 @pytest.mark.parametrize(
     ("body", "needle"),
     [
