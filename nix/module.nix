@@ -9,12 +9,31 @@ let
   cfg = config.services.hydra-watchdog;
   s = cfg.settings;
   format = pkgs.formats.toml { };
-  configFile = format.generate "hydra-watchdog.toml" cfg.settings;
+  generatedConfig = format.generate "hydra-watchdog.toml" cfg.settings;
+  # The daemon's own loader checks the generated file at build time (as nixpkgs' Prometheus module
+  # runs promtool): unknown or mistyped keys, wrong types and bad values fail `nixos-rebuild` with
+  # the key, the value and what is accepted, instead of the unit failing with exit 78 after the
+  # switch. check-config reads only the file: nothing of the build sandbox decides the verdict.
+  configFile =
+    if cfg.checkConfig then
+      pkgs.runCommand "hydra-watchdog-checked.toml" { nativeBuildInputs = [ cfg.package ]; } ''
+        hydra-watchdog check-config --config ${generatedConfig} > /dev/null
+        ln -s ${generatedConfig} $out
+      ''
+    else
+      generatedConfig;
   configPath = "/etc/hydra-watchdog/config.toml";
 
-  # metrics.listen is "host:port" ("" turns the exporter off).
-  metricsHost = lib.concatStringsSep ":" (lib.init (lib.splitString ":" s.metrics.listen));
-  metricsPort = lib.toInt (lib.last (lib.splitString ":" s.metrics.listen));
+  # metrics.listen is "host:port" ("" turns the exporter off); the daemon splits at the last ":"
+  # and wants a port of digits. A malformed value leaves metricsPort null: an assertion names it
+  # where the firewall needs the port, and check-config refuses it at build time.
+  listenParts = builtins.match "(.*):([0-9]+)" s.metrics.listen;
+  metricsHost =
+    if listenParts == null then
+      lib.concatStringsSep ":" (lib.init (lib.splitString ":" s.metrics.listen))
+    else
+      builtins.head listenParts;
+  metricsPort = if listenParts == null then null else lib.toInt (lib.last listenParts);
   metricsOn = s.metrics.listen != "";
   metricsOnLoopback = lib.hasPrefix "127." metricsHost
     || builtins.elem metricsHost [ "localhost" "::1" "[::1]" ];
@@ -23,6 +42,22 @@ let
   loopbackOnly = s.fallback_route.url == "" && (!metricsOn || metricsOnLoopback);
 
   tabbyapiService = lib.removeSuffix ".service" s.tabbyapi.unit;
+  # Whether a NixOS module gives TabbyAPI's unit a command; the drop-in's settings alone would
+  # render a unit without ExecStart= (unless a package in systemd.packages ships the unit).
+  tabbyapiUnit = config.systemd.services.${tabbyapiService} or { };
+  tabbyapiHasCommand =
+    (tabbyapiUnit.serviceConfig or { }) ? ExecStart || (tabbyapiUnit.script or "") != "";
+
+  # StateDirectory=/RuntimeDirectory= take the part below /var/lib/ or /run/: normalised, or
+  # "/var/lib/../../etc/hw" would pass a prefix check and name /etc/hw.
+  underDir =
+    top: path:
+    let
+      parts = lib.splitString "/" (lib.removePrefix top path);
+    in
+    lib.hasPrefix top path
+    && parts != [ "" ]
+    && !(builtins.any (part: builtins.elem part [ "" "." ".." ]) parts);
 
   # The journal catalog database is built from one source directory: systemd's own catalogs plus
   # ours (nixpkgs' systemd reads catalogs from its store path only).
@@ -87,11 +122,22 @@ in
   options.services.hydra-watchdog = {
     enable = lib.mkEnableOption "hydra-watchdog, the on-node watchdog that recovers TabbyAPI";
 
-    package = lib.mkOption {
-      type = lib.types.package;
-      default = pkgs.hydra-watchdog or (pkgs.callPackage ./package.nix { });
-      defaultText = lib.literalExpression "pkgs.hydra-watchdog";
-      description = "The hydra-watchdog package to run.";
+    # pkgs.hydra-watchdog comes with this repository's overlay; without it, the package is built
+    # from ./package.nix with the system's nixpkgs.
+    package = lib.mkPackageOption (pkgs // {
+      hydra-watchdog = pkgs.hydra-watchdog or (pkgs.callPackage ./package.nix { });
+    }) "hydra-watchdog" {
+      extraDescription = "Without this repository's overlay, it is built from nix/package.nix.";
+    };
+
+    checkConfig = lib.mkOption {
+      type = lib.types.bool;
+      default = true;
+      description = ''
+        Check the generated config with the package's own `hydra-watchdog check-config` at build
+        time, so a mistyped key, a wrong type or a bad value fails the build (turn off only when
+        the build machine cannot run the package, e.g. when cross-compiling).
+      '';
     };
 
     settings = lib.mkOption {
@@ -220,6 +266,14 @@ in
           '';
         }
         {
+          assertion = !cfg.openFirewall || !metricsOn || metricsPort != null;
+          message = ''
+            services.hydra-watchdog.openFirewall needs the metrics port, but
+            settings.metrics.listen is "${s.metrics.listen}", not host:port with a numeric port
+            (e.g. "0.0.0.0:9835").
+          '';
+        }
+        {
           assertion = !cfg.openFirewall || (metricsOn && !metricsOnLoopback);
           message = ''
             services.hydra-watchdog.openFirewall opens the metrics port, but settings.metrics.listen
@@ -228,21 +282,24 @@ in
           '';
         }
         {
-          assertion = lib.hasPrefix "/var/lib/" s.watchdog.state_dir;
+          assertion = underDir "/var/lib/" s.watchdog.state_dir;
           message = ''
-            services.hydra-watchdog.settings.watchdog.state_dir must lie under /var/lib/ (the unit
-            is ProtectSystem=strict and gets it as StateDirectory=); got ${s.watchdog.state_dir}.
+            services.hydra-watchdog.settings.watchdog.state_dir must lie under /var/lib/, written
+            without ".", ".." or empty parts (the unit is ProtectSystem=strict and gets it as
+            StateDirectory=); got ${s.watchdog.state_dir}.
           '';
         }
         {
-          assertion = lib.hasPrefix "/run/" s.watchdog.runtime_dir;
+          assertion = underDir "/run/" s.watchdog.runtime_dir;
           message = ''
-            services.hydra-watchdog.settings.watchdog.runtime_dir must lie under /run/ (the unit
-            gets it as RuntimeDirectory=); got ${s.watchdog.runtime_dir}.
+            services.hydra-watchdog.settings.watchdog.runtime_dir must lie under /run/, written
+            without ".", ".." or empty parts (the unit gets it as RuntimeDirectory=); got
+            ${s.watchdog.runtime_dir}.
           '';
         }
         {
           assertion = !(metricsOn
+            && metricsPort != null
             && (config.services.prometheus.exporters.nvidia-gpu.enable or false)
             && metricsPort == (config.services.prometheus.exporters.nvidia-gpu.port or 9835));
           message = ''
@@ -251,6 +308,13 @@ in
           '';
         }
       ];
+
+      warnings = lib.optional (cfg.tuneTabbyapiUnit && !tabbyapiHasCommand) ''
+        services.hydra-watchdog.tuneTabbyapiUnit tunes ${s.tabbyapi.unit}, but no NixOS module
+        gives it an ExecStart= (serviceConfig.ExecStart or script): unless a package in
+        systemd.packages ships that unit, NixOS renders one that systemd refuses to start. Define
+        TabbyAPI's service, or point settings.tabbyapi.unit at the unit that runs it.
+      '';
 
       environment.systemPackages = [ cfg.package ];
       # The CLI (status, events, pause, check-config) finds the config at its default path.
@@ -311,7 +375,7 @@ in
     }
 
     (lib.mkIf cfg.openFirewall {
-      networking.firewall.allowedTCPPorts = lib.optional metricsOn metricsPort;
+      networking.firewall.allowedTCPPorts = lib.optional (metricsOn && metricsPort != null) metricsPort;
     })
 
     (lib.mkIf cfg.tuneTabbyapiUnit {

@@ -33,6 +33,7 @@ python3Packages.buildPythonApplication {
     nvidia-ml-py
     psutil
     httpx
+    httpcore
     prometheus-client
     jeepney
   ];

@@ -3,6 +3,7 @@ lib stand-in in tests/nix/, renders a unit that systemd accepts and a config the
 
 from __future__ import annotations
 
+import re
 import subprocess
 import tomllib
 from pathlib import Path
@@ -12,6 +13,7 @@ import pytest
 
 from hydra_watchdog.config import ConfigError, load_config, schema
 from tests.nix.units import (
+    GENERATED_TOML,
     NIX_INSTANTIATE,
     PACKAGE_ROOT,
     REPO,
@@ -20,6 +22,7 @@ from tests.nix.units import (
     evaluate,
     parse_unit,
     render_unit,
+    run_build_check,
     to_toml,
     verify,
 )
@@ -93,9 +96,11 @@ def test_typical_configuration_evaluates_without_failed_assertions(
     assert service["LoadCredential"] == ["admin_key:/etc/tabbyapi/admin_key"]
     assert "/etc/tabbyapi/admin_key" not in repr(typical["settings"])
     assert unit["environment"] == {"LD_LIBRARY_PATH": "/run/opengl-driver/lib"}
+    # The config as checked at build time (checkConfig), never the unchecked file.
     assert unit["restartTriggers"] == [
-        "/nix/store/00000000000000000000000000000000-hydra-watchdog.toml"
+        "/nix/store/00000000000000000000000000000000-hydra-watchdog-checked.toml"
     ]
+    assert typical["configSource"]["path"] == unit["restartTriggers"][0]
     assert typical["etc"] == ["hydra-watchdog/config.toml"]
     assert typical["firewallTCPPorts"] == []
     catalog = typical["services"]["hydra-watchdog-catalog"]
@@ -286,3 +291,130 @@ def test_the_module_watches_the_nixos_system_link_by_default() -> None:
     assert minimal["nixos"]["current_system"] == "/run/current-system"
     off = evaluate('{ services.hydra-watchdog.settings.nixos.current_system = ""; }')["settings"]
     assert off["nixos"]["current_system"] == ""
+
+
+# --- issue 24 item 4: settings checked at build time, and what evaluation must refuse ---------
+
+
+def test_the_build_checks_the_generated_config_with_the_package_itself(
+    typical: dict[str, Any], tmp_path: Path
+) -> None:
+    source = typical["configSource"]
+    assert source["nativeBuildInputs"] == [str(PACKAGE_ROOT)]
+    assert "hydra-watchdog check-config --config" in source["script"]
+    proc = run_build_check(typical, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert (tmp_path / "out").resolve() == (tmp_path / "hydra-watchdog.toml")
+
+
+@pytest.mark.parametrize(
+    ("module", "needle"),
+    [
+        # a mistyped key, in a section the module declares options in
+        ('{ services.hydra-watchdog.settings.watchdog.intervall = "5s"; }', "did you mean"),
+        # a wrong type on a key the module does not declare
+        ('{ services.hydra-watchdog.settings.tabbyapi.slow_probes = "three"; }', "slow_probes"),
+        # a malformed metrics.listen (the module declares it as a plain string)
+        ('{ services.hydra-watchdog.settings.metrics.listen = "localhost"; }', "host:port"),
+        ('{ services.hydra-watchdog.settings.metrics.listen = "0.0.0.0:http"; }', "host:port"),
+    ],
+)
+def test_the_build_refuses_what_the_daemon_would_refuse(
+    module: str, needle: str, tmp_path: Path
+) -> None:
+    result = evaluate(module)
+    assert result["failedAssertions"] == []  # evaluation alone lets these through
+    proc = run_build_check(result, tmp_path)
+    assert proc.returncode == 78, proc.stdout + proc.stderr
+    assert needle in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_check_config_off_installs_the_generated_file_unchecked() -> None:
+    result = evaluate("{ services.hydra-watchdog.checkConfig = false; }")
+    assert result["configSource"] == GENERATED_TOML
+    assert result["services"]["hydra-watchdog"]["restartTriggers"] == [GENERATED_TOML]
+
+
+@pytest.mark.parametrize(
+    ("module", "message"),
+    [
+        (
+            '{ services.hydra-watchdog.settings.watchdog.state_dir = "/var/lib/../../etc/hw"; }',
+            'without ".", ".." or empty parts',
+        ),
+        (
+            '{ services.hydra-watchdog.settings.watchdog.state_dir = "/var/lib/"; }',
+            "state_dir must lie under /var/lib/",
+        ),
+        (
+            '{ services.hydra-watchdog.settings.watchdog.runtime_dir = "/run/hw/../../etc"; }',
+            "runtime_dir must lie under /run/",
+        ),
+        (
+            '{ services.hydra-watchdog.settings.watchdog.runtime_dir = "/run//hw"; }',
+            "runtime_dir must lie under /run/",
+        ),
+    ],
+)
+def test_state_and_runtime_dirs_must_be_normalised(module: str, message: str) -> None:
+    failed = evaluate(module)["failedAssertions"]
+    assert len(failed) == 1, failed
+    assert message in failed[0]
+
+
+def test_a_nested_state_dir_below_var_lib_is_fine() -> None:
+    result = evaluate(
+        '{ services.hydra-watchdog.settings.watchdog.state_dir = "/var/lib/hw/main"; }'
+    )
+    assert result["failedAssertions"] == []
+    assert result["services"]["hydra-watchdog"]["serviceConfig"]["StateDirectory"] == "hw/main"
+
+
+def test_open_firewall_on_a_port_name_is_an_assertion_not_a_nix_error() -> None:
+    result = evaluate(
+        "{ services.hydra-watchdog.openFirewall = true; "
+        'services.hydra-watchdog.settings.metrics.listen = "0.0.0.0:http"; }'
+    )
+    assert len(result["failedAssertions"]) == 1, result["failedAssertions"]
+    assert "not host:port with a numeric port" in result["failedAssertions"][0]
+    assert result["firewallTCPPorts"] == []
+
+
+def test_tuning_a_unit_no_module_defines_warns() -> None:
+    result = evaluate("{ services.hydra-watchdog.tuneTabbyapiUnit = true; }")
+    assert len(result["warnings"]) == 1, result["warnings"]
+    assert "no NixOS module" in result["warnings"][0]
+    assert "tabbyapi.service" in result["warnings"][0]
+
+
+@pytest.mark.parametrize(
+    "definition",
+    [
+        'systemd.services.tabbyapi.serviceConfig.ExecStart = "/opt/tabbyapi/start.sh";',
+        'systemd.services.tabbyapi.script = "exec /opt/tabbyapi/start.sh";',
+    ],
+)
+def test_tuning_a_unit_with_a_command_does_not_warn(definition: str) -> None:
+    result = evaluate(f"{{ services.hydra-watchdog.tuneTabbyapiUnit = true; {definition} }}")
+    assert result["warnings"] == []
+
+
+def test_the_package_option_is_a_package_option(typical: dict[str, Any]) -> None:
+    declared = evaluate()["packageOption"]
+    assert declared["defaultText"] == "pkgs.hydra-watchdog"
+    assert "nix/package.nix" in declared["description"]
+    service = typical["services"]["hydra-watchdog"]["serviceConfig"]
+    assert service["ExecStart"].startswith(f"{PACKAGE_ROOT}/bin/hydra-watchdog ")
+
+
+def test_package_nix_lists_every_dependency_of_pyproject() -> None:
+    pyproject = tomllib.loads((REPO / "pyproject.toml").read_text(encoding="utf-8"))
+    wanted = {
+        re.split(r"[<>=!~ \[]", dep, maxsplit=1)[0].lower().replace("_", "-")
+        for dep in pyproject["project"]["dependencies"]
+    }
+    text = (REPO / "nix" / "package.nix").read_text(encoding="utf-8")
+    block = text.split("dependencies = with python3Packages; [", 1)[1].split("];", 1)[0]
+    listed = {line.strip() for line in block.splitlines() if line.strip()}
+    assert listed == wanted

@@ -31,5 +31,24 @@ in
   etc = builtins.attrNames config.environment.etc;
   firewallTCPPorts = config.networking.firewall.allowedTCPPorts;
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
+  inherit (config) warnings;
+  # What /etc/hydra-watchdog/config.toml comes from: the checked file's build step, or the
+  # generated file itself (checkConfig = false).
+  configSource =
+    let
+      source = config.environment.etc."hydra-watchdog/config.toml".source or null;
+    in
+    if source ? script then
+      {
+        inherit (source) name script;
+        path = source.outPath;
+        nativeBuildInputs = map toString source.env.nativeBuildInputs;
+      }
+    else
+      source;
+  packageOption = {
+    defaultText = options.services.hydra-watchdog.package.defaultText.text;
+    inherit (options.services.hydra-watchdog.package) description;
+  };
   declaredSettings = optionPaths "" (options.services.hydra-watchdog.settings.type.getSubOptions [ ]);
 }

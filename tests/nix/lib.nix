@@ -63,6 +63,22 @@ let
     in
     if m == null then throw "toInt: '${s}' is not an integer" else builtins.fromJSON (head m);
   isDerivation = v: isAttrs v && (v.type or null) == "derivation";
+  attrByPath =
+    path: fallback: set:
+    if path == [ ] then
+      set
+    else if isAttrs set && set ? ${head path} then
+      attrByPath (builtins.tail path) fallback set.${head path}
+    else
+      fallback;
+  genAttrs =
+    names: f:
+    listToAttrs (
+      map (name: {
+        inherit name;
+        value = f name;
+      }) names
+    );
   getExe = pkg: "${pkg}/bin/${pkg.meta.mainProgram}";
   literalExpression = text: {
     _type = "literalExpression";
@@ -230,6 +246,20 @@ let
       check = _: true;
       merge = mergeAny;
     };
+    # One definition only (nixpkgs' read-only nixpkgs.overlays under runNixOSTest is one).
+    unique =
+      { message }:
+      elem:
+      mkOptionType {
+        name = elem.name;
+        check = elem.check;
+        merge =
+          loc: values:
+          if length values == 1 then
+            head values
+          else
+            throw "The option `${showLoc loc}' is defined multiple times: ${message}";
+      };
     nullOr =
       elem:
       mkOptionType {
@@ -300,6 +330,24 @@ let
       description = "Whether to enable ${name}.";
     };
   isOption = v: isAttrs v && (v._type or null) == "option";
+  # nixpkgs' mkPackageOption, for the arguments the module uses.
+  mkPackageOption =
+    pkgs: name:
+    {
+      default ? name,
+      extraDescription ? "",
+      pkgsText ? "pkgs",
+    }:
+    let
+      path = if isList default then default else [ default ];
+      shown = concatStringsSep "." path;
+    in
+    mkOption {
+      type = types.package;
+      default = attrByPath path (throw "${pkgsText}.${shown} cannot be found") pkgs;
+      defaultText = literalExpression "${pkgsText}.${shown}";
+      description = "The ${name} package to use." + optionalString (extraDescription != "") " ${extraDescription}";
+    };
 
   # --- evaluation -----------------------------------------------------------------------------
   # One option: its definitions (wrapped in properties) against its declaration.
@@ -380,13 +428,22 @@ let
               loaded (specialArgs // { inherit config options lib; })
             else
               loaded;
-          structured = value ? options || value ? config || value ? imports;
+          # { options, config, imports } or the shorthand: everything but imports is config.
+          structured = value ? options || value ? config;
           self = {
             options = value.options or { };
-            config = if structured then value.config or { } else value;
+            config =
+              if structured then
+                value.config or { }
+              else
+                builtins.removeAttrs value [
+                  "imports"
+                  "_file"
+                  "key"
+                ];
           };
         in
-        [ self ] ++ concatMap collect (if structured then value.imports or [ ] else [ ]);
+        [ self ] ++ concatMap collect (value.imports or [ ]);
       all' = concatMap collect modules;
       options = foldl' mergeDecls { } (map (m: m.options) all');
       config = evalTree {
@@ -407,7 +464,35 @@ let
       if a ? ${name} && !isOption v && !isOption a.${name} then mergeDecls a.${name} v else v
     ) b;
 
+  # lib.fileset, for the one use nix/package.nix makes of it: a source of a few files and folders
+  # under a root (copied into the store when instantiated, as nixpkgs does).
+  fileset = {
+    unions = paths: paths;
+    toSource =
+      { root, fileset }:
+      let
+        wanted = map toString fileset;
+        keep =
+          path: _type:
+          any (w: path == w || hasPrefix "${w}/" path || hasPrefix "${path}/" w) wanted;
+      in
+      builtins.path {
+        path = root;
+        name = "source";
+        filter = keep;
+      };
+  };
+
   lib = {
+    inherit fileset;
+    licenses.mit = {
+      spdxId = "MIT";
+      shortName = "mit";
+    };
+    platforms.linux = [
+      "x86_64-linux"
+      "aarch64-linux"
+    ];
     inherit
       unique
       concatMap
@@ -422,6 +507,8 @@ let
       removePrefix
       removeSuffix
       splitString
+      attrByPath
+      genAttrs
       toInt
       getExe
       literalExpression
@@ -433,6 +520,7 @@ let
       mkOptionDefault
       mkOption
       mkEnableOption
+      mkPackageOption
       types
       evalModules
       ;

@@ -10,6 +10,10 @@ in
       type = types.listOf types.anything;
       default = [ ];
     };
+    warnings = mkOption {
+      type = types.listOf types.str;
+      default = [ ];
+    };
     environment.systemPackages = mkOption {
       type = types.listOf types.package;
       default = [ ];

@@ -14,7 +14,13 @@ in
     };
     generate = name: _value: storePath name;
   };
-  runCommand = name: _env: _script: storePath name;
+  # A derivation as the module hands it to nixpkgs: its output path, plus what it would run, so
+  # a test can run the build step itself (tests/nix/units.py: run_build_check).
+  runCommand = name: env: script: {
+    type = "derivation";
+    inherit name env script;
+    outPath = storePath name;
+  };
   coreutils = "/usr";
   hydra-watchdog = {
     type = "derivation";

@@ -193,3 +193,34 @@ def to_toml(data: Mapping[str, Any]) -> str:
     out: list[str] = []
     _toml_table("", data, out)
     return "\n".join(out)
+
+
+# --- the module's build steps, run as Nix would run them -----------------------------------------
+
+GENERATED_TOML = "/nix/store/00000000000000000000000000000000-hydra-watchdog.toml"
+
+
+def run_build_check(result: Mapping[str, Any], workdir: Path) -> subprocess.CompletedProcess[str]:
+    """Run the build step that checks the generated config (nix/module.nix, checkConfig) the way
+    a Nix builder would: bash -e, a bare environment, the inputs' bin/ on PATH, $out in a scratch
+    folder, and the TOML that formats.toml would write from the evaluated settings in place of
+    its store path. The script is the module's own text."""
+    source = result["configSource"]
+    assert isinstance(source, dict) and "script" in source, source
+    toml = workdir / "hydra-watchdog.toml"
+    toml.write_text(to_toml(result["settings"]), encoding="utf-8")
+    script = source["script"].replace(GENERATED_TOML, str(toml))
+    assert str(toml) in script, script
+    path = ":".join(
+        [*(f"{p}/bin" for p in source["nativeBuildInputs"]), "/usr/bin", "/bin"],
+    )
+    env = {"PATH": path, "HOME": "/homeless-shelter", "out": str(workdir / "out")}
+    return subprocess.run(
+        ["bash", "-e", "-c", script],
+        cwd=workdir,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
