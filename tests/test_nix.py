@@ -418,3 +418,81 @@ def test_package_nix_lists_every_dependency_of_pyproject() -> None:
     block = text.split("dependencies = with python3Packages; [", 1)[1].split("];", 1)[0]
     listed = {line.strip() for line in block.splitlines() if line.strip()}
     assert listed == wanted
+
+
+# --- issue 24 item 3: the flake's outputs instantiate (scripts/flake-check.sh, also in .ci/run) --
+
+FLAKE_CHECK = REPO / "scripts" / "flake-check.sh"
+
+
+def flake_check(source: Path | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [str(FLAKE_CHECK), *([str(source)] if source else [])],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+
+
+def test_every_flake_output_instantiates_against_the_nixpkgs_stand_in() -> None:
+    proc = flake_check()
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    log = proc.stderr
+    for output in ("packages", "nixosModules", "overlays", "checks"):
+        assert f"checking flake output '{output}'" in log, log[-4000:]
+    # two systems each: the package, and the VM test with its node evaluated
+    assert log.count("instantiated 'hydra-watchdog-0.1.0'") >= 2, log[-4000:]
+    assert log.count("instantiated 'vm-test-run-hydra-watchdog'") == 2, log[-4000:]
+
+
+def _checkout_copy(dest: Path) -> Path:
+    listed = subprocess.run(
+        ["git", "-C", str(REPO), "ls-files", "--cached", "--others", "--exclude-standard"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    for name in listed:
+        source = REPO / name
+        if source.is_file():
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            (dest / name).write_bytes(source.read_bytes())
+    return dest
+
+
+# The three ways the flake's checks failed before issue 24, each put back into a copy.
+_BROKEN = {
+    "the test called with an argument it does not take": (
+        "flake.nix",
+        "pkgs.testers.runNixOSTest ./nix/tests/hydra-watchdog.nix;",
+        "pkgs.testers.runNixOSTest (import ./nix/tests/hydra-watchdog.nix {\n"
+        "            nixosModule = self.nixosModules.hydra-watchdog;\n          });",
+        # (the old test took `{ module ? ... }` and named the unexpected argument instead)
+        "called without required argument 'lib'",
+    ),
+    "a node module that sets nixpkgs.overlays": (
+        "nix/tests/hydra-watchdog.nix",
+        "imports = [ ../module.nix ];",
+        "imports = [ ../module.nix ];\n      nixpkgs.overlays = [ (import ../overlay.nix) ];",
+        "nixpkgs.overlays is set to read-only",
+    ),
+    "the application handed to python3.withPackages": (
+        "nix/tests/hydra-watchdog.nix",
+        "(ps.toPythonModule config.services.hydra-watchdog.package)",
+        "config.services.hydra-watchdog.package",
+        "is no Python module",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", sorted(_BROKEN))
+def test_the_flake_check_catches_what_broke_the_checks_before(case: str, tmp_path: Path) -> None:
+    name, good, bad, error = _BROKEN[case]
+    copy = _checkout_copy(tmp_path / "src")
+    text = (copy / name).read_text(encoding="utf-8")
+    assert text.count(good) == 1, f"{name} no longer holds {good!r}"
+    (copy / name).write_text(text.replace(good, bad), encoding="utf-8")
+    proc = flake_check(copy)
+    assert proc.returncode != 0, proc.stderr[-4000:]
+    assert error in proc.stderr, proc.stderr[-4000:]

@@ -1,14 +1,12 @@
-# A NixOS VM test (pkgs.testers.runNixOSTest), modelled on nixpkgs' nixos/tests/ollama.nix.
-# It cannot run in this project's CI (no KVM, no nixpkgs); run it where you can:
-#   nix build .#checks.x86_64-linux.nixos-test                       (flake)
-#   nix-build -E 'with import <nixpkgs> { }; testers.runNixOSTest (import ./nix/tests/hydra-watchdog.nix { })'
+# A NixOS VM test, written as nixpkgs writes its own (nixos/tests/ollama.nix): a test module for
+# pkgs.testers.runNixOSTest. It cannot run in this project's CI (no KVM, no nixpkgs; CI only
+# instantiates it, scripts/flake-check.sh); run it where you can:
+#   nix build .#checks.x86_64-linux.nixos-test                                   (flake)
+#   nix-build -E 'with import <nixpkgs> { }; testers.runNixOSTest ./nix/tests/hydra-watchdog.nix'
 #
 # TabbyAPI is stood in for by the package's simulator; the VM has no GPU, so NVML reports the
 # library missing and the watchdog must keep going on everything else.
-{
-  module ? ../module.nix,
-}:
-{ lib, pkgs, ... }:
+{ lib, ... }:
 let
   tabbyPort = 5000;
   metricsPort = 9835;
@@ -18,12 +16,16 @@ in
   name = "hydra-watchdog";
 
   nodes.machine =
-    { config, ... }:
+    { config, pkgs, ... }:
     let
-      python = pkgs.python3.withPackages (_: [ config.services.hydra-watchdog.package ]);
+      # The simulator ships inside the package, an application; python3.withPackages takes
+      # modules only (it leaves an application out), so the package goes in as one.
+      python = pkgs.python3.withPackages (ps: [
+        (ps.toPythonModule config.services.hydra-watchdog.package)
+      ]);
     in
     {
-      imports = [ module ];
+      imports = [ ../module.nix ];
 
       users.users.alice = {
         isNormalUser = true;
