@@ -20,8 +20,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.systemd_ns import REPO, SystemdNamespace, SystemdNamespaceError
-from tests.harness.systemd_ns import unavailable_reason as systemd_unavailable
+from tests.harness.systemd_fixtures import booted_systemd
+from tests.harness.systemd_ns import REPO, SystemdNamespace
 
 pytestmark = [pytest.mark.systemd]
 
@@ -138,18 +138,11 @@ def run_block(
 
 @pytest.fixture(scope="module")
 def runs() -> Iterator[Runs]:
-    reason = systemd_unavailable()
-    if reason is not None:
-        pytest.skip(f"real systemd in a namespace unavailable: {reason}")
-    wheels = build_wheelhouse()
     # A systemd of its own: the block installs units, /opt and /usr/local/bin into its overlay,
     # which the session's shared namespace must not see.
-    ns = SystemdNamespace()
+    ns = booted_systemd()
     try:
-        ns.boot()
-    except SystemdNamespaceError as exc:
-        pytest.fail(f"booting systemd in a namespace failed: {exc}")
-    try:
+        wheels = build_wheelhouse()
         copy_checkout(ns)
         block = readme_block()
         unset = run_block(ns, block, wheels, None)

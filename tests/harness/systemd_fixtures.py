@@ -31,8 +31,9 @@ def host_tmp_marker() -> Iterator[Path]:
     marker.unlink()
 
 
-@pytest.fixture(scope="session")
-def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
+def booted_systemd() -> SystemdNamespace:
+    """A freshly booted systemd in a namespace; the test skips where none can boot here and fails
+    where booting fails. The caller shuts it down."""
     reason = unavailable_reason()
     if reason is not None:
         pytest.skip(f"real systemd in a namespace unavailable: {reason}")
@@ -41,6 +42,12 @@ def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
         ns.boot()
     except SystemdNamespaceError as exc:
         pytest.fail(f"booting systemd in a namespace failed: {exc}")
+    return ns
+
+
+@pytest.fixture(scope="session")
+def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
+    ns = booted_systemd()
     try:
         yield ns
     finally:
