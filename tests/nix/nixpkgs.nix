@@ -100,14 +100,18 @@ let
         propagatedBuildInputs = dependencies;
       };
   }
+  # The Python packages of nixpkgs that nix/package.nix names (a new dependency goes here too;
+  # structlog and logging-journald are issue 25's).
   // lib.genAttrs [
     "hatchling"
     "httpcore"
     "httpx"
     "jeepney"
+    "logging-journald"
     "nvidia-ml-py"
     "prometheus-client"
     "psutil"
+    "structlog"
   ] (name: derivationOf "python3.12-${name}" { } // { pythonModule = python3; });
 
   # A NixOS node under runNixOSTest: the options the project's modules touch (nixos-stubs.nix),
