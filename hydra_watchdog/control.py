@@ -6,8 +6,9 @@ needs no listener, survives a daemon restart (maintenance mode must not end beca
 restarted) and is atomic with a rename. The expiry is wall-clock (a human typed "for 2h"); the
 daemon converts it to its monotonic clock when it reads it.
 
-The file is read with a size cap and without following symlinks; a pause file that this process
-did not write (another owner, group/other-writable) pauses nothing. (The daemon's answer, the
+The file is read with a size cap, without following symlinks, relative to a state dir walked
+and checked afresh for each read (trusted_path); a pause file that this process did not write
+(another owner, group/other-writable) pauses nothing. (The daemon's answer, the
 status file, lives in report/status_file.py.)
 """
 
@@ -23,12 +24,8 @@ from pathlib import Path
 
 from hydra_watchdog.observation import PauseRequest, local_failure
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
-from hydra_watchdog.statefile import (
-    ensure_private_dir,
-    move_aside,
-    parse_json,
-    write_atomic,
-)
+from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
+from hydra_watchdog.trusted_path import state_dir as private_dir
 
 PAUSE_FILE = "pause.json"
 PAUSE_VERSION = 1
@@ -42,21 +39,21 @@ def pause(state_dir: Path | str, reason: str, until_wall: float | None) -> None:
     until `resume`. A second pause replaces the first."""
     if until_wall is not None and not math.isfinite(until_wall):
         raise ValueError(f"until_wall must be a finite time, not {until_wall!r}")
-    directory = Path(state_dir)
-    ensure_private_dir(directory)
     doc = {
         "version": PAUSE_VERSION,
         "reason": reason,
         "until_wall": until_wall,
         "since_wall": time.time(),
     }
-    write_atomic(directory / PAUSE_FILE, json.dumps(doc).encode(), 0o600)
+    with private_dir(state_dir, create=True) as dir_fd:
+        write_atomic(Path(PAUSE_FILE), json.dumps(doc).encode(), 0o600, dir_fd=dir_fd)
 
 
 def resume(state_dir: Path | str) -> bool:
     """Leave maintenance mode; False if it was not paused."""
     try:
-        (Path(state_dir) / PAUSE_FILE).unlink()
+        with private_dir(state_dir) as dir_fd:
+            os.unlink(PAUSE_FILE, dir_fd=dir_fd)
     except FileNotFoundError:
         return False
     return True
@@ -73,25 +70,34 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
     """
     path = Path(state_dir) / PAUSE_FILE
     try:
-        raw, st = read_regular(path, PAUSE_MAX_BYTES)
+        with private_dir(state_dir) as dir_fd:
+            return _read_pause(path, dir_fd, wall_now, mono_now)
     except FileNotFoundError:
-        return None
-    except OSError as exc:
+        return None  # no state dir yet: nothing paused
+    except OSError as exc:  # UnsafeDirectoryError (it names the component), EACCES...
         if local_failure(exc):
             why = f"{path} exists but cannot be read ({exc.strerror or exc}); observing only"
             log.error("%s", why)
             return PauseRequest(reason=why, until=None)
         log.warning("cannot read %s: %s; not paused", path, exc)
         return None
+
+
+def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> PauseRequest | None:
+    try:
+        raw, st = read_regular(PAUSE_FILE, PAUSE_MAX_BYTES, dir_fd=dir_fd)
+    except FileNotFoundError:
+        return None
     except UnusableFileError as exc:
-        move_aside(path, f"not a pause request: {exc}")
+        move_aside(path, f"not a pause request: {exc}", dir_fd=dir_fd)
         return None
     euid = os.geteuid()
     if st.st_uid != euid or st.st_mode & 0o022:
         # `pause` writes it 0600 as the daemon's user; anything else was planted
         move_aside(
             path,
-            f"not written by `hydra-watchdog pause`: owned by uid {st.st_uid} with mode "
+            dir_fd=dir_fd,
+            why=f"not written by `hydra-watchdog pause`: owned by uid {st.st_uid} with mode "
             f"{stat.S_IMODE(st.st_mode):04o} (wanted uid {euid}, not group/other-writable); "
             f"not paused",
         )
@@ -111,7 +117,7 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
         ):
             raise TypeError(f"'until_wall' is {str(until)[:40]!r}, not a time or null")
     except (ValueError, TypeError, RecursionError) as exc:
-        move_aside(path, f"not a pause request: {exc}"[:200])
+        move_aside(path, f"not a pause request: {exc}"[:200], dir_fd=dir_fd)
         return None
     if until is None:
         return PauseRequest(reason=reason, until=None)

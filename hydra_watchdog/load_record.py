@@ -11,25 +11,33 @@ watchdog does not end. Two files in the state dir tie the two together:
   It carries the launch's random id, so a report left from an older load is never taken for
   this one's.
 
-Both are replaced atomically; a file that cannot be read or parsed counts as absent (the state
-dir is private, so nobody but us writes there).
+Both are replaced atomically and read relative to the state dir walked afresh (trusted_path): a
+state dir that another user could replace is never read from. A file that cannot be read or
+parsed counts as absent. What a record names is still checked before anything is done to it
+(act/load_launch.py): the process must be our helper, the unit one of our helper units.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import os
 from dataclasses import asdict, dataclass, fields
 from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra_watchdog.regular_file import read_regular
-from hydra_watchdog.statefile import parse_json, write_atomic
+from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
+from hydra_watchdog.trusted_path import UnsafeDirectoryError
+from hydra_watchdog.trusted_path import state_dir as private_dir
 
 LAUNCH_FILE = "load.json"
 REPORT_FILE = "load-progress.json"
 _LIMIT = 64 * 1024  # bytes; each file is a few hundred
 _MODE = 0o600
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -74,23 +82,29 @@ _TYPES: dict[str, tuple[type, ...]] = {
 }
 
 
-def _write(path: Path, record: LoadLaunch | LoadReport) -> None:
-    write_atomic(path, json.dumps(asdict(record), sort_keys=True).encode(), _MODE)
+def _write(state_dir: Path, name: str, record: LoadLaunch | LoadReport) -> None:
+    data = json.dumps(asdict(record), sort_keys=True).encode()
+    with private_dir(state_dir) as dir_fd:
+        write_atomic(Path(name), data, _MODE, dir_fd=dir_fd)
 
 
-def _read(path: Path, kind: type[_T]) -> _T | None:
+def _read(state_dir: Path, name: str, kind: type[_T]) -> _T | None:
     try:
-        raw, _ = read_regular(path, _LIMIT)
+        with private_dir(state_dir) as dir_fd:
+            raw, _ = read_regular(name, _LIMIT, dir_fd=dir_fd)
         data: Any = parse_json(raw)
+    except UnsafeDirectoryError as exc:  # never read from a dir another user could swap in
+        log.warning("%s not read: %s", name, exc)
+        return None
     except (OSError, ValueError):
         return None
     if not isinstance(data, dict):
         return None
-    names = {f.name: f for f in fields(kind)}
-    if set(data) != set(names):
+    known = {f.name: f for f in fields(kind)}
+    if set(data) != set(known):
         return None
-    for name, value in data.items():
-        want = _TYPES[str(names[name].type)]
+    for key, value in data.items():
+        want = _TYPES[str(known[key].type)]
         if isinstance(value, bool) and bool not in want:
             return None
         if not isinstance(value, want):
@@ -99,25 +113,42 @@ def _read(path: Path, kind: type[_T]) -> _T | None:
 
 
 def write_launch(state_dir: Path, launch: LoadLaunch) -> None:
-    _write(state_dir / LAUNCH_FILE, launch)
+    _write(state_dir, LAUNCH_FILE, launch)
 
 
 def read_launch(state_dir: Path) -> LoadLaunch | None:
-    return _read(state_dir / LAUNCH_FILE, LoadLaunch)
+    return _read(state_dir, LAUNCH_FILE, LoadLaunch)
 
 
 def write_report(state_dir: Path, report: LoadReport) -> None:
-    _write(state_dir / REPORT_FILE, report)
+    _write(state_dir, REPORT_FILE, report)
 
 
 def read_report(state_dir: Path, load_id: str) -> LoadReport | None:
     """The helper's report for the launch `load_id`; None when there is none (yet)."""
-    report = _read(state_dir / REPORT_FILE, LoadReport)
+    report = _read(state_dir, REPORT_FILE, LoadReport)
     return report if report is not None and report.load_id == load_id else None
 
 
 def clear(state_dir: Path) -> None:
-    """Forget the load: its outcome was reported (or it belonged to another boot)."""
-    for name in (LAUNCH_FILE, REPORT_FILE):
-        with contextlib.suppress(FileNotFoundError):
-            (state_dir / name).unlink()
+    """Forget the load: its outcome was reported (or it belonged to another boot). Best effort:
+    a record that cannot be removed is said, and read (and judged) again next time."""
+    try:
+        with private_dir(state_dir) as dir_fd:
+            for name in (LAUNCH_FILE, REPORT_FILE):
+                with contextlib.suppress(FileNotFoundError):
+                    os.unlink(name, dir_fd=dir_fd)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        log.warning("cannot remove the load records in %s: %s", state_dir, exc)
+
+
+def quarantine(state_dir: Path, why: str) -> None:
+    """A launch record that names what is not our helper: kept aside as evidence, warned about
+    once, never acted on (act/load_launch.py judges it)."""
+    try:
+        with private_dir(state_dir) as dir_fd:
+            move_aside(state_dir / LAUNCH_FILE, f"not a load of ours: {why}", dir_fd=dir_fd)
+    except OSError as exc:
+        log.warning("cannot move aside %s: %s", state_dir / LAUNCH_FILE, exc)

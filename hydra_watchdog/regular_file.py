@@ -1,5 +1,7 @@
-"""Bounded reads of regular files the daemon and `status` read: state, pause, load records, the
-status file, and `status`'s config.
+"""The one way the watchdog reads a file: bounded, non-blocking, regular files only. The config
+and the admin key (at start and on reload), the state, pause and load records, the status file,
+a unit's EnvironmentFile=. (Kernel files under /proc and /sys are read by
+adapters/identity.read_bytes, also bounded.)
 
 Its own module, importing only os and stat, because `status`'s quick path (report/status_quick.py)
 reads with it too and must not pay for statefile's imports at every start.
@@ -21,20 +23,27 @@ class UnusableFileError(ValueError):
 
 
 def read_regular(
-    path: StrPath, limit: int, *, follow: bool = False
+    path: StrPath, limit: int, *, follow: bool = False, dir_fd: int | None = None
 ) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file of at most `limit` bytes, and its stat. Follows a symlink only
-    when told (`follow`: a config NixOS links into the store), never blocks on a FIFO.
+    when told (`follow`: a config NixOS links into the store), never blocks on a FIFO. With
+    `dir_fd` (trusted_path), `path` is a name in that directory.
     FileNotFoundError and PermissionError pass through; anything else that is not a readable
     regular file within the limit is UnusableFileError. The watchdog's
     own resource failures (EMFILE, ENOMEM...) pass through as OSError: they are not the file's
     fault, and a file must never be moved aside for them."""
     try:
+        # Judged before it is opened: opening a device can act (a tape rewinds, /dev/watchdog
+        # arms); what changes in between is caught by the fstat below.
+        before = os.stat(path, dir_fd=dir_fd, follow_symlinks=follow)
+        if not stat.S_ISREG(before.st_mode):
+            kind = "a symlink" if stat.S_ISLNK(before.st_mode) else "not a regular file"
+            raise UnusableFileError(f"{kind} (mode {stat.filemode(before.st_mode)})")
         nofollow = 0 if follow else os.O_NOFOLLOW
-        fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC)
+        fd = os.open(path, os.O_RDONLY | nofollow | os.O_NONBLOCK | os.O_CLOEXEC, dir_fd=dir_fd)
     except (FileNotFoundError, PermissionError):
         raise
-    except OSError as exc:  # ELOOP: a symlink; ENXIO: a socket; ...
+    except OSError as exc:  # ELOOP: a symlink swapped in; ENAMETOOLONG; ...
         from hydra_watchdog.observation import local_failure  # noqa: PLC0415 - see the module doc
 
         if local_failure(exc):

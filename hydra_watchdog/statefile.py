@@ -12,22 +12,22 @@ moved aside as `state.json.corrupt-<ts>` with a warning and the daemon starts fr
 That includes what json accepts but the policy cannot use: NaN/Infinity, a 400-digit number, a
 negative count, a directory or a FIFO in the file's place, a file too large to be ours.
 
-The state dir is trusted (pause.json in it stops every recovery), so it is never repaired: a dir
-that exists but is a symlink, is not owned by us or is open to group/other is refused
-(UnsafeDirectoryError), because whoever created it first could have planted files in it.
+The state dir is trusted (pause.json in it stops every recovery, load.json names the process a
+stop signals), so it is never repaired: trusted_path's rule holds for every component of its path
+and the dir itself is 0700, or it is refused (UnsafeDirectoryError), because whoever created or
+can replace it could have planted files in it. Every read and write walks that path again and
+opens the file relative to the directory it checked, never following a symlink.
 """
 
 from __future__ import annotations
 
 import contextlib
 import dataclasses
-import errno
 import json
 import logging
 import math
 import os
-import stat
-import tempfile
+import secrets
 import time
 from dataclasses import dataclass
 from enum import Enum
@@ -37,6 +37,7 @@ from typing import TYPE_CHECKING, Any
 from hydra_watchdog.events import Event
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
+from hydra_watchdog.trusted_path import open_trusted_dir, state_dir
 
 if TYPE_CHECKING:  # imported where used: `status` reads its file with read_regular, no policy
     from hydra_watchdog.policy_state import PolicyState
@@ -68,81 +69,19 @@ def read_boot_id(path: Path = BOOT_ID_PATH) -> str:
         return ""
 
 
-class UnsafeDirectoryError(OSError):
-    """A directory we would have to trust but must not: the message says what is wrong and how to
-    fix it. An OSError, so that per-cycle writers treat it like any other failed write."""
-
-
-def _create_dir(path: Path, mode: int, what: str, *, follow: bool) -> os.stat_result | None:
-    """Create `path` with exactly `mode` and return None, or return the stat of what is already
-    there (for the caller to judge). UnsafeDirectoryError when it can be neither."""
-    try:
-        path.parent.mkdir(mode=0o755, parents=True, exist_ok=True)
-        try:
-            os.mkdir(path, mode)
-        except FileExistsError:
-            return os.stat(path) if follow else os.lstat(path)
-        os.chmod(path, mode)  # ours, just made: this only undoes a umask
-    except OSError as exc:
-        raise UnsafeDirectoryError(
-            f"cannot create the {what} {path}: {exc.strerror or exc}"
-        ) from None
-    return None
-
-
 def ensure_private_dir(path: Path) -> None:
-    """The state dir: create it 0700 if missing; if it exists it must be a real directory (not a
-    symlink) owned by this process's euid with no group/other permissions. Never chmod'ed or
-    chown'ed into shape: a user who created it first may already have planted `pause.json`."""
-    euid = os.geteuid()
-    st = _create_dir(path, 0o700, "state dir", follow=False)
-    if st is None:
-        return
-    fix = (
-        f"inspect it (a planted pause.json stops every recovery), then remove it or run "
-        f"`chown {euid} {path} && chmod 700 {path}`"
-    )
-    if stat.S_ISLNK(st.st_mode):
-        raise UnsafeDirectoryError(
-            f"state dir {path} is a symlink; point state_dir at the real directory"
-        )
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeDirectoryError(f"state dir {path} exists and is not a directory; move it away")
-    if st.st_uid == 0 and euid != 0:  # root's dir seen by a user (`events` unprivileged)
-        raise PermissionError(errno.EACCES, f"state dir {path} belongs to root; run as root")
-    if st.st_uid != euid:
-        raise UnsafeDirectoryError(
-            f"state dir {path} is owned by uid {st.st_uid}, not by uid {euid} that runs "
-            f"hydra-watchdog: refusing to trust it; {fix}"
-        )
-    if st.st_mode & 0o077:
-        raise UnsafeDirectoryError(
-            f"state dir {path} has mode {stat.S_IMODE(st.st_mode):04o}, not 0700: other users "
-            f"could have written into it; refusing to trust it; {fix}"
-        )
+    """The state dir: created 0700 if missing; if it exists, trusted_path's rule holds for every
+    component and the dir itself is 0700. Never chmod'ed or chown'ed into shape: a user who
+    created it first may already have planted `pause.json`. UnsafeDirectoryError names the
+    component that breaks the rule."""
+    os.close(open_trusted_dir(path, what="state dir", private=True, create_mode=0o700))
 
 
 def ensure_public_dir(path: Path) -> None:
-    """The runtime dir (status.json, world-readable): create it 0755 if missing; refuse one that
-    is not a directory, not ours, or writable by group/other (e.g. /tmp), where another user could
-    replace status.json with a verdict of their own."""
-    euid = os.geteuid()
-    st = _create_dir(path, 0o755, "runtime dir", follow=True)
-    if st is None:
-        return
-    if not stat.S_ISDIR(st.st_mode):
-        raise UnsafeDirectoryError(f"runtime dir {path} exists and is not a directory")
-    if st.st_mode & 0o022:
-        raise UnsafeDirectoryError(
-            f"runtime dir {path} is writable by others (mode {stat.S_IMODE(st.st_mode):04o}): "
-            f"anyone could replace status.json; use a directory of its own, e.g. "
-            f"/run/hydra-watchdog (0755)"
-        )
-    if st.st_uid != euid:
-        raise UnsafeDirectoryError(
-            f"runtime dir {path} is owned by uid {st.st_uid}, not by uid {euid} that runs "
-            f"hydra-watchdog: its owner could replace status.json; remove it or chown it"
-        )
+    """The runtime dir (status.json, world-readable): created 0755 if missing; refused when a
+    component breaks trusted_path's rule (e.g. the dir is /tmp itself, or a symlink), where
+    another user could replace status.json with a verdict of their own."""
+    os.close(open_trusted_dir(path, what="runtime dir", create_mode=0o755))
 
 
 def _refuse_constant(name: str) -> Any:
@@ -178,48 +117,75 @@ def _check_ranges(value: Any, where: str) -> None:
             _check_ranges(item, where)
 
 
-def write_atomic(path: Path, data: bytes, mode: int) -> None:
+def write_atomic(path: Path, data: bytes, mode: int, *, dir_fd: int | None = None) -> None:
     """Replace `path` with `data` so that a crash at any instant leaves the old or the new file.
 
-    The temp file lives in the same directory (rename is only atomic within one filesystem), is
-    fsynced before the rename (else the rename can reach the disk before the data), and the
-    directory is fsynced after it (else the rename itself can be lost on power failure).
+    With `dir_fd` (a trusted_path descriptor), `path.name` is written in that directory and the
+    path's own directory is never looked up again. The temp file lives in the same directory
+    (rename is only atomic within one filesystem), is fsynced before the rename (else the rename
+    can reach the disk before the data), and the directory is fsynced after it (else the rename
+    itself can be lost on power failure). No symlink is followed.
     """
-    fd, tmp = tempfile.mkstemp(prefix=_TMP_PREFIX + path.name + ".", dir=path.parent)
+    if dir_fd is None:
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+        own_fd = os.open(path.parent, flags)
+        try:
+            write_atomic(path, data, mode, dir_fd=own_fd)
+        finally:
+            os.close(own_fd)
+        return
+    name = path.name
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    while True:
+        tmp = f"{_TMP_PREFIX}{name}.{secrets.token_hex(6)}"
+        try:
+            fd = os.open(tmp, flags, 0o600, dir_fd=dir_fd)
+            break
+        except FileExistsError:
+            continue
     try:
         os.fchmod(fd, mode)
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
             os.fsync(handle.fileno())
-        os.replace(tmp, path)
+        os.replace(tmp, name, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except BaseException:
         with contextlib.suppress(OSError):
-            os.unlink(tmp)
+            os.unlink(tmp, dir_fd=dir_fd)
         raise
-    dir_fd = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+    os.fsync(dir_fd)
 
 
-def move_aside(path: Path, why: str, *, wall: float | None = None) -> Path | None:
+def move_aside(
+    path: Path, why: str, *, wall: float | None = None, dir_fd: int | None = None
+) -> Path | None:
     """Keep a file we cannot use as evidence (`<name>.corrupt-<ts>`) and warn; None if even that
-    failed (then the caller goes on without it: the next write replaces it)."""
+    failed (then the caller goes on without it: the next write replaces it). With `dir_fd`,
+    `path.name` in that directory (write_atomic)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if wall is None else wall))
-    target = path.with_name(f"{path.name}.corrupt-{stamp}")
+    name = path.name if dir_fd is not None else str(path)
+    target = f"{name}.corrupt-{stamp}"
     n = 1
-    while target.exists():
+    while _lexists(target, dir_fd):
         n += 1
-        target = path.with_name(f"{path.name}.corrupt-{stamp}.{n}")
+        target = f"{name}.corrupt-{stamp}.{n}"
     try:
-        os.replace(path, target)
+        os.replace(name, target, src_dir_fd=dir_fd, dst_dir_fd=dir_fd)
     except OSError as exc:
         log.warning("%s is unusable (%s) and could not be moved aside: %s", path, why, exc)
         return None
-    log.warning("%s is unusable (%s); moved it to %s and started afresh", path, why, target)
-    return target
+    moved = path.with_name(os.path.basename(target))
+    log.warning("%s is unusable (%s); moved it to %s and started afresh", path, why, moved)
+    return moved
+
+
+def _lexists(name: str, dir_fd: int | None) -> bool:
+    try:
+        os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 @dataclass(frozen=True)
@@ -256,23 +222,30 @@ class StateFile:
         """The saved state, or a fresh one. Never raises for what is in the file (or what stands
         in its place); raises UnsafeDirectoryError for a state dir it must not trust and
         PermissionError when this process may not read it."""
+        from hydra_watchdog.policy_state import PolicyState  # noqa: PLC0415
+
+        with state_dir(self.dir, create=True) as dir_fd:
+            self._remove_stale_temps(dir_fd)
+            try:
+                raw, _ = read_regular(self.path.name, self.max_bytes, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return Persisted(PolicyState())
+            except UnusableFileError as exc:
+                return self._discard(str(exc), dir_fd)
+            parsed = self._parse(raw)
+            return self._discard(parsed, dir_fd) if isinstance(parsed, str) else parsed
+
+    def _parse(self, raw: bytes) -> Persisted | str:
+        """What the file holds, or why it cannot be used."""
         from hydra_watchdog.policy_state import STATE_VERSION, PolicyState  # noqa: PLC0415
 
-        ensure_private_dir(self.dir)
-        self._remove_stale_temps()
-        try:
-            raw, _ = read_regular(self.path, self.max_bytes)
-        except FileNotFoundError:
-            return Persisted(PolicyState())
-        except UnusableFileError as exc:
-            return self._discard(str(exc))
         try:
             doc = parse_json(raw)
             version = doc["version"] if isinstance(doc, dict) else None
             if not isinstance(version, int) or isinstance(version, bool):
                 raise ValueError(f"no integer 'version' (got {str(version)[:40]})")
             if version > STATE_VERSION:
-                return self._discard(f"version {version} is newer than this watchdog's")
+                return f"version {version} is newer than this watchdog's"
             state = from_jsonable(PolicyState, doc["state"])
             _check_ranges(state, "state")
             raw_events = doc.get("events", [])
@@ -289,7 +262,7 @@ class StateFile:
             RecursionError,
             OverflowError,
         ) as exc:
-            return self._discard(f"corrupt: {type(exc).__name__}: {exc}"[:300])
+            return f"corrupt: {type(exc).__name__}: {exc}"[:300]
         if boot_id != self.boot_id or not self.boot_id:
             note = "state from another boot: monotonic times dropped, back-off step kept"
             return Persisted(state.rebased(), events, (note,), rebased=True)
@@ -307,22 +280,26 @@ class StateFile:
             "state": to_jsonable(state),
             "events": [to_jsonable(e) for e in kept],
         }
-        ensure_private_dir(self.dir)
-        write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode(), 0o600)
+        with state_dir(self.dir, create=True) as dir_fd:
+            data = json.dumps(doc, separators=(",", ":")).encode()
+            write_atomic(self.path, data, 0o600, dir_fd=dir_fd)
 
-    def _discard(self, why: str) -> Persisted:
+    def _discard(self, why: str, dir_fd: int) -> Persisted:
         from hydra_watchdog.policy_state import PolicyState  # noqa: PLC0415
 
-        moved = move_aside(self.path, why)
+        moved = move_aside(self.path, why, dir_fd=dir_fd)
         where = f"quarantined as {moved.name}" if moved else "could not be moved aside"
         note = f"{self.path.name} unusable ({why}); {where}; started with a fresh state"
         return Persisted(PolicyState(), (), (note,))
 
-    def _remove_stale_temps(self) -> None:
-        # Left by a writer killed between mkstemp and rename. Only old ones: another process
-        # (the daemon, while `hydra-watchdog events` loads) may be writing a fresh one right now.
+    def _remove_stale_temps(self, dir_fd: int) -> None:
+        # Left by a writer killed between its temp file and the rename. Only old ones: another
+        # process (the daemon, while `hydra-watchdog events` loads) may be writing one right now.
         cutoff = time.time() - STALE_TEMP_AGE
-        for tmp in self.dir.glob(f"{_TMP_PREFIX}{self.path.name}.*"):
-            with contextlib.suppress(OSError):
-                if tmp.stat().st_mtime < cutoff:
-                    tmp.unlink()
+        prefix = f"{_TMP_PREFIX}{self.path.name}."
+        with os.scandir(dir_fd) as entries:
+            for entry in entries:
+                if entry.name.startswith(prefix):
+                    with contextlib.suppress(OSError):
+                        if entry.stat(follow_symlinks=False).st_mtime < cutoff:
+                            os.unlink(entry.name, dir_fd=dir_fd)

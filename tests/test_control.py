@@ -12,7 +12,7 @@ import pytest
 
 from hydra_watchdog import control
 from hydra_watchdog.observation import PauseRequest
-from hydra_watchdog.statefile import UnsafeDirectoryError
+from hydra_watchdog.trusted_path import UnsafeDirectoryError
 
 
 def test_pause_until_converts_wall_expiry_to_the_monotonic_clock(tmp_path: Path) -> None:

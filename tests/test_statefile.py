@@ -36,11 +36,11 @@ from hydra_watchdog.statefile import (
     MAX_TIME,
     STATE_FILE,
     StateFile,
-    UnsafeDirectoryError,
     read_boot_id,
     write_atomic,
 )
 from hydra_watchdog.states import Phase, Rule, Severity
+from hydra_watchdog.trusted_path import UnsafeDirectoryError
 
 BOOT = "11111111-2222-3333-4444-555555555555"
 
@@ -138,7 +138,7 @@ def test_a_symlink_or_a_file_as_state_dir_is_refused(tmp_path: Path) -> None:
     plain.write_text("x")
     with pytest.raises(UnsafeDirectoryError, match="not a directory"):
         StateFile(plain, events_kept=5, boot_id=BOOT).load()
-    with pytest.raises(UnsafeDirectoryError, match="cannot create the state dir"):
+    with pytest.raises(UnsafeDirectoryError, match="not a directory"):
         StateFile(plain / "below", events_kept=5, boot_id=BOOT).load()
 
 
@@ -208,7 +208,7 @@ def test_a_directory_fifo_or_symlink_in_place_of_the_file_is_quarantined(tmp_pat
     (tmp_path / "other" / STATE_FILE).rename(target)
     (d / STATE_FILE).symlink_to(target)  # never followed, even to a valid state
     loaded = sf.load()
-    assert loaded.state == PolicyState() and "cannot open it" in loaded.notes[0]
+    assert loaded.state == PolicyState() and "a symlink" in loaded.notes[0]
     assert len(_quarantined(d)) == 3
     sf.save(_state(), [])  # and the daemon goes on with a fresh file
     assert sf.load().state == _state()

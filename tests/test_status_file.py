@@ -14,8 +14,8 @@ import pytest
 
 from hydra_watchdog.report.status import StatusReport, from_json
 from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, read_status, write_status
-from hydra_watchdog.statefile import UnsafeDirectoryError
 from hydra_watchdog.states import Phase
+from hydra_watchdog.trusted_path import UnsafeDirectoryError
 
 
 @pytest.fixture

@@ -13,7 +13,11 @@ Where the helper runs decides whether it outlives the watchdog:
 Whether it is still running is asked of systemd (the unit's ActiveState) or of /proc (the pid
 with the start ticks recorded at launch, so a reused pid never passes for it). When the answer
 is unknown (systemctl failed), the load counts as running: a second load is never started on a
-guess.
+guess. Nothing a record names is stopped on the record's word (issue 22 item 4): a unit only
+when it is the one launch() names for the record's model (hydra-watchdog-load-<hash>.service;
+system units are root's to create), a process only when it is alive with the recorded start
+ticks, our uid and the helper's command line for this load id and state dir. A record naming
+anything else is moved aside with a warning.
 """
 
 from __future__ import annotations
@@ -32,7 +36,7 @@ from dataclasses import replace
 from pathlib import Path
 
 from hydra_watchdog.actions import LoadModel
-from hydra_watchdog.adapters.identity import live_start_ticks
+from hydra_watchdog.adapters.identity import ProcIdentity, live_start_ticks, read_identity
 from hydra_watchdog.adapters.systemd import first_line
 from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.config import Config
@@ -40,11 +44,14 @@ from hydra_watchdog.load_record import (
     LoadLaunch,
     LoadReport,
     clear,
+    quarantine,
     read_launch,
     read_report,
     write_launch,
 )
+from hydra_watchdog.printable import printable
 from hydra_watchdog.statefile import read_boot_id
+from hydra_watchdog.trusted_path import state_dir as private_dir
 
 HELPER_MODULE = "hydra_watchdog.load_helper"
 UNIT_PREFIX = "hydra-watchdog-load-"
@@ -67,6 +74,19 @@ def under_systemd(environ: Mapping[str, str] = os.environ) -> bool:
 
 def unit_name(model: str) -> str:
     return f"{UNIT_PREFIX}{hashlib.sha256(model.encode()).hexdigest()[:12]}.service"
+
+
+def runs_helper(cmdline: Sequence[str], load_id: str, state_dir: Path) -> bool:
+    """`cmdline` is the helper's for this load: `-m hydra_watchdog.load_helper` followed by the
+    options launch() passed, `--load-id` and `--state-dir` among them. The interpreter before
+    `-m` is not compared: a successor watchdog may run another one."""
+    args = list(cmdline)
+    for i in range(len(args) - 1):
+        if args[i] == "-m" and args[i + 1] == HELPER_MODULE:
+            options = args[i + 2 :]
+            pairs = dict(zip(options[::2], options[1::2], strict=False))
+            return pairs.get("--load-id") == load_id and pairs.get("--state-dir") == str(state_dir)
+    return False
 
 
 class LoadHelpers:
@@ -195,7 +215,8 @@ class LoadHelpers:
             os.close(write_end)
             write_end = -1
             flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW
-            log_fd = os.open(self.state_dir / HELPER_LOG, flags, 0o600)
+            with private_dir(self.state_dir) as dir_fd:
+                log_fd = os.open(HELPER_LOG, flags, 0o600, dir_fd=dir_fd)
             try:
                 proc = subprocess.Popen(
                     [*argv, "--key-fd", str(read_end)],
@@ -224,21 +245,59 @@ class LoadHelpers:
     # --- watch --------------------------------------------------------------------------------
 
     def current(self) -> LoadLaunch | None:
-        """The load handed to a helper and not yet reported; one of another boot is dropped."""
+        """The load handed to a helper and not yet reported; one of another boot is dropped, and
+        one that names what is not our helper is moved aside, never acted on."""
         launch = read_launch(self.state_dir)
         if launch is not None and launch.boot_id != read_boot_id():
             clear(self.state_dir)  # its helper died with that boot; its clock means nothing
             return None
+        foreign = self._foreign(launch) if launch is not None else ""
+        if foreign:
+            quarantine(self.state_dir, foreign)
+            return None
         return launch
+
+    def _foreign(self, launch: LoadLaunch) -> str:
+        """Why the record names something that is not this watchdog's helper; "" when it names
+        ours, or a process that has ended (its outcome is then collected as usual)."""
+        if launch.unit:
+            if launch.unit != unit_name(launch.model):
+                return f"its unit {launch.unit[:80]!r} is not {unit_name(launch.model)}"
+            return ""
+        ident = read_identity(launch.pid) if launch.pid > 0 else None
+        if ident is None or ident.start_ticks != launch.start_ticks:
+            return ""  # gone (or its pid reused): the helper ended
+        return self._not_helper(ident, launch)
+
+    def _not_helper(self, ident: ProcIdentity, launch: LoadLaunch) -> str:
+        """Why the live process `ident` is not the helper `launch` started; "" when it is."""
+        if (ident.uid, ident.euid) != (os.getuid(), os.geteuid()):
+            return f"pid {ident.pid} runs as uid {ident.euid}, not as this watchdog"
+        if not runs_helper(ident.cmdline, launch.load_id, self.state_dir):
+            return f"pid {ident.pid} is not its load helper ({printable(ident.command)[:80]})"
+        return ""
+
+    def _is_helper(self, launch: LoadLaunch) -> bool:
+        """The record's process is alive and provably the helper it started: the same start
+        ticks (never a reused pid), our uid, the helper's command line for this load id and
+        state dir. Not its parent: a successor watchdog adopts its predecessor's helper."""
+        ident = read_identity(launch.pid) if launch.pid > 0 and launch.start_ticks > 0 else None
+        return (
+            ident is not None
+            and ident.start_ticks == launch.start_ticks
+            and not self._not_helper(ident, launch)
+        )
 
     def alive(self, launch: LoadLaunch) -> bool:
         if launch.unit:
+            if launch.unit != unit_name(launch.model):
+                return False  # never asked about, never stopped (current() moves it aside)
             state = self._unit_state(launch.unit)
             return state is None or state in _RUNNING
         child = self._child
         if child is not None and child.pid == launch.pid and child.poll() is not None:
             return False  # our own child, now reaped
-        return launch.start_ticks > 0 and live_start_ticks(launch.pid) == launch.start_ticks
+        return self._is_helper(launch)
 
     def report(self, launch: LoadLaunch) -> LoadReport | None:
         return read_report(self.state_dir, launch.load_id)
@@ -264,7 +323,7 @@ class LoadHelpers:
     def stop(self, launch: LoadLaunch, wait: float) -> bool:
         """A deliberate cancel: SIGTERM to the helper (it closes the stream and writes the
         outcome); True when it ended within `wait` s."""
-        if launch.unit:
+        if launch.unit == unit_name(launch.model):  # only ever one of our own helper units
             with contextlib.suppress(OSError, subprocess.TimeoutExpired):
                 subprocess.run(
                     ["systemctl", "stop", "--no-block", launch.unit],
@@ -273,7 +332,7 @@ class LoadHelpers:
                     timeout=_COMMAND_TIMEOUT,
                     check=False,
                 )
-        else:
+        elif not launch.unit:
             self._signal(launch, signal.SIGTERM)
         deadline = time.monotonic() + wait
         while self.alive(launch):
@@ -283,13 +342,14 @@ class LoadHelpers:
         return True
 
     def _signal(self, launch: LoadLaunch, signum: int) -> None:
-        """Through a pidfd, after the start ticks matched: a reused pid is never hit."""
+        """Through a pidfd, once the process it holds proved to be our helper (_is_helper): a
+        reused pid, or a process a record merely names, is never hit."""
         try:
             pidfd = os.pidfd_open(launch.pid)
         except OSError:
             return
         try:
-            if live_start_ticks(launch.pid) == launch.start_ticks:
+            if self._is_helper(launch):
                 signal.pidfd_send_signal(pidfd, signum)
         except OSError:
             pass

@@ -1,7 +1,9 @@
 """The status file: how the daemon's verdict reaches `hydra-watchdog status` as any user.
 
 The daemon writes `status.json` into the runtime dir (0755, file 0644, no secrets) every cycle,
-so `hydra-watchdog status` works for an unprivileged user. A clean stop marks it stopped, so that
+so `hydra-watchdog status` works for an unprivileged user. Each write walks the runtime dir's path
+afresh (trusted_path: no component another user could replace, no symlink followed) and writes
+relative to the directory it checked. A clean stop marks it stopped, so that
 `status` never shows a dead daemon's last verdict as the current one. The file is read with a
 size cap and without following symlinks; its content is judged by report/status.py.
 """
@@ -13,10 +15,8 @@ from pathlib import Path
 
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.report.status import StatusReport, from_json, to_json
-from hydra_watchdog.statefile import (
-    ensure_public_dir,
-    write_atomic,
-)
+from hydra_watchdog.statefile import write_atomic
+from hydra_watchdog.trusted_path import runtime_dir as trusted_runtime_dir
 
 STATUS_FILE = "status.json"
 STATUS_MAX_BYTES = 4 * 1024**2  # ours is a few KiB; `status` must stay light on a huge one
@@ -24,9 +24,9 @@ STATUS_MAX_BYTES = 4 * 1024**2  # ours is a few KiB; `status` must stay light on
 
 def write_status(runtime_dir: Path | str, report: StatusReport) -> None:
     """Publish the daemon's status for `hydra-watchdog status` (world-readable: no secrets)."""
-    directory = Path(runtime_dir)
-    ensure_public_dir(directory)
-    write_atomic(directory / STATUS_FILE, to_json(report).encode(), 0o644)
+    data = to_json(report).encode()
+    with trusted_runtime_dir(runtime_dir, create=True) as dir_fd:
+        write_atomic(Path(STATUS_FILE), data, 0o644, dir_fd=dir_fd)
 
 
 def read_status(runtime_dir: Path | str) -> StatusReport | None:

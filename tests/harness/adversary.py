@@ -122,3 +122,19 @@ class Squatter:
 
     def transcript(self) -> str:
         return "\n".join(self._lines)
+
+
+def plant(script: str, *args: str) -> None:
+    """Run a shell script as nobody (what the adversary can do to the file system), `args` as
+    "$1"...; AssertionError with its output when it fails."""
+    done = subprocess.run(
+        as_nobody(["/bin/sh", "-c", script, "sh", *args]),
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        cwd="/",
+        env={"PATH": "/usr/bin:/bin"},
+    )
+    if done.returncode != 0:
+        raise AssertionError(f"the adversary's script failed: {done.stderr or done.stdout}")
