@@ -26,6 +26,7 @@ from typing import Any
 
 from hydra_watchdog.durations import ACCEPTED as DURATION_ACCEPTED
 from hydra_watchdog.durations import format_duration, parse_duration
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 
 DEFAULT_CONFIG_PATH = Path("/etc/hydra-watchdog/config.toml")
 EX_CONFIG = 78
@@ -634,19 +635,16 @@ def parse_config(data: Mapping[str, object], source: str = "(inline)") -> Config
 
 def load_config(path: Path | str) -> Config:
     path = Path(path)
-    try:
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_CONFIG_BYTES + 1)  # bounded: --config /dev/zero must not hang
+    try:  # a regular file (NixOS links it into the store), bounded: never a FIFO, /dev/zero
+        raw, _ = read_regular(path, MAX_CONFIG_BYTES, follow=True)
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist (pass --config PATH)") from None
+    except UnusableFileError as exc:
+        raise ConfigError(
+            "", f"config file {path} cannot be read: {exc}; is --config the right file?"
+        ) from None
     except OSError as exc:
         raise ConfigError("", f"config file {path} cannot be read: {exc}") from None
-    if len(raw) > MAX_CONFIG_BYTES:
-        raise ConfigError(
-            "",
-            f"config file {path} is larger than {MAX_CONFIG_BYTES // 1024} KiB; "
-            "that is not a configuration (is --config the right file?)",
-        )
     try:
         text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:

@@ -35,6 +35,7 @@ from hydra_watchdog.act.executor import Executor
 from hydra_watchdog.act.load import ModelLoader
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import Action, ActionResult
+from hydra_watchdog.adapters.tabby import ADMIN_KEY_MAX_BYTES
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.interfaces import Adapters
@@ -51,6 +52,7 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide as policy_decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
@@ -441,6 +443,21 @@ class Daemon:
         )
 
 
+def unusable_key_file(path: str) -> str:
+    """Why the configured admin key file can never hold a key (a FIFO, a device, a directory,
+    too large), or "". Refused at start like a bad config; one that is missing or unreadable is
+    not: the key's problem is said every cycle, and the file may appear later."""
+    if not path:
+        return ""
+    try:
+        read_regular(path, ADMIN_KEY_MAX_BYTES, follow=True)
+    except UnusableFileError as exc:
+        return f"tabbyapi.admin_key_file {path} is unusable: {exc}"
+    except OSError:
+        return ""
+    return ""
+
+
 def run_daemon(
     config_path: Path | str,
     *,
@@ -462,8 +479,12 @@ def run_daemon(
     try:  # before anything reads pause.json or the state from a dir someone else prepared
         ensure_private_dir(Path(config.watchdog.state_dir))
         ensure_public_dir(Path(config.watchdog.runtime_dir))
-    except OSError as exc:  # UnsafeDirectoryError says what and how to fix; 78: no restart loop
+    except OSError as exc:  # UnsafeDirectoryError names the component; 78: no restart loop
         print(f"hydra-watchdog: refusing to start: {exc}", file=sys.stderr)
+        return EX_CONFIG
+    unusable = unusable_key_file(config.tabbyapi.admin_key_file)
+    if unusable:
+        print(f"hydra-watchdog: refusing to start: {unusable}", file=sys.stderr)
         return EX_CONFIG
     configure_logging()
     adapters = adapter_factory(config)

@@ -25,11 +25,11 @@ from pathlib import Path
 from types import FrameType
 
 from hydra_watchdog.adapters.systemd import SystemctlUnit
-from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
+from hydra_watchdog.adapters.tabby import ADMIN_KEY_MAX_BYTES, TabbyClient, read_admin_key
 from hydra_watchdog.config import ConfigError, load_config
 from hydra_watchdog.load_record import LoadReport, write_report
 
-KEY_LIMIT = 4096  # bytes read from the key descriptor; a key is a few dozen
+KEY_LIMIT = ADMIN_KEY_MAX_BYTES  # bytes read from the key descriptor
 
 
 def read_key_fd(fd: int) -> tuple[str | None, str]:

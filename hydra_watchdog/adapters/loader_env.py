@@ -26,6 +26,7 @@ from typing import Protocol
 from hydra_watchdog.adapters.identity import ListenerCheck, ListenerGate, read_bytes
 from hydra_watchdog.config import Config
 from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 
 # What decides which libraries the loader finds for a given file. LD_PRELOAD cannot make a
 # library "not found" and LD_AUDIT is not for this; everything else is none of ldd's business.
@@ -125,14 +126,14 @@ def unit_env(
     """What the unit would start with: Environment= overridden by the EnvironmentFile=s."""
     pairs = parse_assignments(environment)
     for path, ignore_errors in env_files:
-        try:
-            with open(os.path.join(root, path.lstrip("/")), "rb") as f:
-                text = f.read(_MAX_ENV_FILE).decode("utf-8", "replace")
-        except OSError as exc:
+        try:  # a regular file, bounded: a FIFO named there must not hang the cycle
+            raw, _ = read_regular(os.path.join(root, path.lstrip("/")), _MAX_ENV_FILE, follow=True)
+        except (OSError, UnusableFileError) as exc:
             if ignore_errors:
                 continue
-            why = exc.strerror or str(exc)
+            why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             return EnvLookup(None, f"{name}'s EnvironmentFile {path} unreadable ({why})")
+        text = raw.decode("utf-8", "replace")
         pairs += parse_env_file(text)
     return EnvLookup(LoaderEnv(_keep(pairs), f"{name}'s Environment=/EnvironmentFile="), "")
 

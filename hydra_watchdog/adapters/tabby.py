@@ -62,8 +62,10 @@ from hydra_watchdog.observation import (
     UnitStatus,
 )
 from hydra_watchdog.printable import printable
+from hydra_watchdog.regular_file import UnusableFileError, read_regular
 
 _DETAIL_MAX = 300
+ADMIN_KEY_MAX_BYTES = 4096  # a key is a few dozen bytes
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
 # A request the gate let go: its URL pinned to the verified address, its headers, and the vet
 # for a connection made for it (TabbyClient._vet).
@@ -91,8 +93,10 @@ def read_admin_key(path: str, environ: Mapping[str, str]) -> tuple[str | None, s
         if candidate is None or not candidate.is_file():
             return None, ""
         source = str(candidate)
-    try:
-        text = Path(source).read_text(encoding="utf-8")
+    try:  # a regular file, bounded (a FIFO must not hang us, /dev/zero not fill memory)
+        text = read_regular(source, ADMIN_KEY_MAX_BYTES, follow=True)[0].decode("utf-8")
+    except UnusableFileError as exc:
+        return None, f"the admin key file {source} cannot be read ({exc})"
     except (OSError, UnicodeDecodeError) as exc:
         why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
         return None, f"the admin key file {source} cannot be read ({why})"
