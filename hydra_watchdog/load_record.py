@@ -38,6 +38,8 @@ _LIMIT = 64 * 1024  # bytes; each file is a few hundred
 _MODE = 0o600
 
 log = logging.getLogger(__name__)
+# The last refusal warned about: a cycle reads the records several times, and says it once.
+_last_refusal = [""]
 
 
 @dataclass(frozen=True)
@@ -91,10 +93,13 @@ def _write(state_dir: Path, name: str, record: LoadLaunch | LoadReport) -> None:
 def _read(state_dir: Path, name: str, kind: type[_T]) -> _T | None:
     try:
         with private_dir(state_dir) as dir_fd:
+            _last_refusal[0] = ""  # trusted again: a new refusal is said again
             raw, _ = read_regular(name, _LIMIT, dir_fd=dir_fd)
         data: Any = parse_json(raw)
     except UnsafeDirectoryError as exc:  # never read from a dir another user could swap in
-        log.warning("%s not read: %s", name, exc)
+        if str(exc) != _last_refusal[0]:
+            _last_refusal[0] = str(exc)
+            log.warning("load records not read: %s", exc)
         return None
     except (OSError, ValueError):
         return None
