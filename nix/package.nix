@@ -36,6 +36,8 @@ python3Packages.buildPythonApplication {
     httpcore
     prometheus-client
     jeepney
+    structlog
+    logging-journald
   ];
 
   postInstall = ''

@@ -28,7 +28,7 @@ import ctypes, json, os, signal, socket, subprocess, sys
 result = {}
 # MemoryDenyWriteExecute=true: a libffi closure must still work.
 result["ctypes_callback"] = ctypes.CFUNCTYPE(ctypes.c_int)(lambda: 7)()
-import httpx, jeepney, prometheus_client, psutil, pynvml
+import httpx, jeepney, logging_journald, prometheus_client, psutil, pynvml, structlog
 result["imports"] = True
 with open(os.path.join(os.environ["STATE_DIRECTORY"], "probe"), "w") as f:
     f.write("x")

@@ -1,4 +1,4 @@
-"""The journald writer: wire format, the logger's wiring and sinks, the catalog.
+"""The journald sink: wire format, the chain's wiring and fallbacks, the catalog.
 
 Records are sent to a real AF_UNIX datagram socket the test binds, and parsed back with an
 independent reader of the native protocol; the catalog goes through the real `journalctl`.
@@ -30,10 +30,10 @@ from hydra_watchdog.report.journal import (
     MESSAGE_IDS,
     JournalWriter,
     configure_logging,
-    encode,
     event_fields,
     field_name,
     log_event,
+    render_fields,
 )
 from hydra_watchdog.report.log import capture_logs, get_logger
 from hydra_watchdog.statefile import STATE_FILE, StateFile
@@ -107,13 +107,29 @@ def make_event(**overrides: Any) -> Event:
 # --- wire format --------------------------------------------------------------------------------
 
 
-def test_plain_values_are_key_equals_value_lines() -> None:
-    assert encode([("MESSAGE", "hello"), ("PRIORITY", "6")]) == b"MESSAGE=hello\nPRIORITY=6\n"
+def _sent(path: str, fields: list[tuple[str, str]]) -> None:
+    writer = JournalWriter(path)
+    try:
+        assert writer.send(fields)
+    finally:
+        writer.close()
 
 
-def test_multiline_value_uses_the_length_prefixed_form() -> None:
+def test_plain_values_are_key_equals_value_lines(
+    journal_socket: tuple[str, socket.socket],
+) -> None:
+    path, sock = journal_socket
+    _sent(path, [("MESSAGE", "hello"), ("PRIORITY", "6")])
+    assert sock.recv(65536) == b"MESSAGE=hello\nPRIORITY=6\n"
+
+
+def test_multiline_value_uses_the_length_prefixed_form(
+    journal_socket: tuple[str, socket.socket],
+) -> None:
+    path, sock = journal_socket
     value = "line one\nline two=still two\n"
-    data = encode([("MESSAGE", "x"), ("HYDRA_REASON", value), ("PRIORITY", "3")])
+    _sent(path, [("MESSAGE", "x"), ("HYDRA_REASON", value), ("PRIORITY", "3")])
+    data = sock.recv(65536)
     raw = value.encode()
     assert b"HYDRA_REASON\n" + struct.pack("<Q", len(raw)) + raw + b"\n" in data
     assert parse_native(data) == [
@@ -125,11 +141,24 @@ def test_multiline_value_uses_the_length_prefixed_form() -> None:
 
 def test_oversized_value_is_truncated_on_a_character_boundary() -> None:
     value = "é" * journal.MAX_VALUE_BYTES  # two bytes each: the cut lands mid-character
-    ((key, data),) = parse_native(encode([("MESSAGE", value)]))
-    assert key == "MESSAGE"
+    fields = dict(render_fields({"event": "x", "hydra_excerpt": value}))
+    data = fields["HYDRA_EXCERPT"].encode("utf-8")  # strict: raises on a split character
     assert len(data) <= journal.MAX_VALUE_BYTES
     assert data.endswith(b" [truncated]")
-    data.decode("utf-8")  # strict: raises if a character was split
+
+
+def test_a_value_that_is_not_valid_utf8_still_goes_out(
+    journal_socket: tuple[str, socket.socket],
+) -> None:
+    """A path decoded with surrogateescape holds lone surrogates, which UTF-8 cannot encode:
+    the record goes to journald all the same, the undecodable byte shown as "?"."""
+    path, sock = journal_socket
+    configure_logging(journal=True, socket_path=path, stream=io.StringIO())
+    get_logger("test").warning(
+        "model folder unreadable", path=b"/mnt/models/m\xff".decode("utf-8", "surrogateescape")
+    )
+    record = as_dict(parse_native(sock.recv(65536)))
+    assert record["PATH"] == "/mnt/models/m?"
 
 
 @pytest.mark.parametrize(

@@ -1,22 +1,21 @@
-"""The daemon's logger (report/log.py): the console line, exception(), level filtering, the
-never-raise rule, the capture seam, and that importing the daemon does not pull in asyncio."""
+"""The daemon's logging (report/log.py): the console line, its colours, exception(), level
+filtering, secrets scrubbed, the never-raise rule and the capture seam."""
 
 from __future__ import annotations
 
 import io
 import logging
-import subprocess
-import sys
+import os
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import pytest
+import structlog
 
 from hydra_watchdog.report import log
 from hydra_watchdog.report.journal import configure_logging
-from hydra_watchdog.report.log import LogConfig, capture_logs, console_line, get_logger
-
-WHEN = 1_790_000_000.0
+from hydra_watchdog.report.log import capture_logs, get_logger
 
 
 @pytest.fixture(autouse=True)
@@ -25,27 +24,73 @@ def _restore_logging() -> Iterator[None]:
         yield
 
 
+def _stamped(line: str) -> str:
+    """The line less its local-time stamp, which must be a time within the last minute."""
+    stamp, rest = line[:19], line[20:]
+    assert abs(time.mktime(time.strptime(stamp, "%Y-%m-%d %H:%M:%S")) - time.time()) < 60
+    return rest
+
+
 def test_console_line_shows_level_message_and_fields_quoted_and_escaped() -> None:
-    event = {
-        "event": "restart tabbyapi.service\n[fake] ok",
-        "level": "warning",
-        "hydra_state": "down",
-        "hydra_reason": "3 probes refused in 15 s",
-        "command": "nc\x1b[2J",
-        "attempt": 2,
-        "message_id": "c32d8ac185494636a75dd41c7d0e41cf",
-        "priority": 5,
-        "skipped": None,
-    }
-    line = console_line(event, WHEN)
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(WHEN))
-    assert line == (
-        f"{stamp} [warning  ] restart tabbyapi.service\\n[fake] ok "
-        "attempt=2 command='nc\\x1b[2J' hydra_reason='3 probes refused in 15 s' hydra_state=down"
+    console = io.StringIO()
+    configure_logging(journal=False, stream=console)
+    get_logger("test").warning(
+        "restart tabbyapi.service\n[fake] ok",
+        hydra_state="down",
+        hydra_reason="3 probes refused in 15 s",
+        command="nc\x1b[2J",
+        attempt=2,
+        message_id="c32d8ac185494636a75dd41c7d0e41cf",
+        priority=5,
+        skipped=None,
     )
     # A short message is padded, so the fields of successive lines start in one column.
-    short = console_line({"event": "started", "level": "info", "pid": 7}, WHEN)
-    assert short == f"{stamp} [info     ] {'started':<30} pid=7"
+    get_logger("test").info("started", pid=7)
+    first, second = console.getvalue().splitlines()
+    assert _stamped(first) == (
+        "[warning  ] restart tabbyapi.service\\n[fake] ok "
+        "attempt=2 command='nc\\x1b[2J' hydra_reason='3 probes refused in 15 s' hydra_state=down"
+    )
+    assert _stamped(second) == f"[info     ] {'started':<30} pid=7"
+
+
+def test_colours_on_a_terminal_and_none_under_no_color(monkeypatch: pytest.MonkeyPatch) -> None:
+    leader, follower = os.openpty()
+    monkeypatch.delenv("NO_COLOR", raising=False)
+    with os.fdopen(follower, "w") as terminal, os.fdopen(leader, "rb", buffering=0) as screen:
+        configure_logging(journal=False, stream=terminal)
+        get_logger("test").warning("coloured", attempt=2)
+        shown = screen.read(4096).decode()
+        assert "\x1b[" in shown and "coloured" in shown  # the level, the message, the field
+        monkeypatch.setenv("NO_COLOR", "1")
+        configure_logging(journal=False, stream=terminal)
+        get_logger("test").warning("plain", attempt=2)
+        shown = screen.read(4096).decode()
+        assert "plain" in shown and "\x1b" not in shown
+    monkeypatch.delenv("NO_COLOR")
+    off_terminal = io.StringIO()
+    configure_logging(journal=False, stream=off_terminal)
+    get_logger("test").warning("to a file", attempt=2)
+    assert "to a file" in off_terminal.getvalue() and "\x1b" not in off_terminal.getvalue()
+
+
+def test_secrets_are_scrubbed_from_every_record() -> None:
+    console = io.StringIO()
+    configure_logging(journal=False, stream=console)
+    get_logger("test").error(
+        "load refused by http://tabby:hunter2@127.0.0.1:5000/v1/model/load",
+        admin_key="k-admin-0001",
+        authorization="Bearer k-admin-0002",
+        detail="sent Authorization: Bearer k-admin-0003; got 401",
+        url="http://user:k-admin-0004@127.0.0.1:5000/",
+        gpu_index=0,
+    )
+    out = console.getvalue()
+    for secret in ("hunter2", "k-admin-0001", "k-admin-0002", "k-admin-0003", "k-admin-0004"):
+        assert secret not in out
+    assert "http://[redacted]@127.0.0.1:5000/v1/model/load" in out
+    assert "admin_key=[redacted]" in out and "Bearer [redacted]; got 401" in out
+    assert "gpu_index=0" in out  # the rest as it was
 
 
 def test_exception_prints_the_traceback_under_the_line() -> None:
@@ -91,11 +136,21 @@ class _Unprintable:
         raise RuntimeError("repr failed")
 
 
-def test_logging_never_raises_into_the_caller() -> None:
-    def broken(_event: log.EventDict) -> None:
+class _BrokenLogger:
+    def msg(self, _line: str) -> None:
         raise OSError("sink is gone")
 
-    log.configure(LogConfig(broken))
+    error = msg
+
+
+def test_logging_never_raises_into_the_caller() -> None:
+    log.configure(log.chain(*log.console_chain(io.StringIO())), _BrokenLogger(), logging.INFO)
+    get_logger("test").error("lost, not raised")
+
+    def broken(_logger: Any, _method: str, _event: structlog.typing.EventDict) -> Any:
+        raise RuntimeError("a processor with a bug")
+
+    log.configure(log.chain(broken), log.ConsoleLogger(io.StringIO()), logging.INFO)
     get_logger("test").error("lost, not raised")
 
     closed = io.StringIO()
@@ -118,17 +173,3 @@ def test_capture_logs_records_event_dicts_and_restores_the_sink() -> None:
     assert console.getvalue() == ""
     get_logger("test").info("back on the console")
     assert "back on the console" in console.getvalue()
-
-
-def test_importing_the_daemon_does_not_import_asyncio() -> None:
-    """The daemon is threaded and runs no event loop; structlog imported asyncio for it (issue 15:
-    2.6 MB of the daemon's RSS with structlog, measured)."""
-    probe = "import sys, hydra_watchdog.daemon; print('asyncio' in sys.modules)"
-    out = subprocess.run(
-        [sys.executable, "-c", probe],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=120,
-    )
-    assert out.stdout.strip() == "False"

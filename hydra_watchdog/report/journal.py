@@ -1,44 +1,43 @@
-"""Logging: our logger (log.py) in front, journald's native protocol (or the console) behind.
+"""Logging to journald: its native protocol as a structlog renderer, and the wiring.
 
 Under systemd the records go to journald as real fields (HYDRA_STATE, HYDRA_RULE, ...), not as
-JSON inside MESSAGE: systemd-python needs libsystemd, so this module speaks the native protocol
-itself (systemd's JOURNAL_NATIVE_PROTOCOL.md, declared stable): one datagram of `KEY=value\\n` per
-record to /run/systemd/journal/socket; a value holding a newline is sent as
-`KEY\\n<u64 little-endian length><bytes>\\n`; a record too big for one datagram travels in a
-sealed memfd passed with SCM_RIGHTS.
+JSON inside MESSAGE: structlog has no journald writer of its own, so the chain (log.py) ends here
+in `render_journal`, which turns the event dict into journald fields, and JournalWriter sends them
+over the native protocol (systemd's JOURNAL_NATIVE_PROTOCOL.md, declared stable) with
+logging-journald's transport, pure Python: one datagram of `KEY=value\\n` per record to
+/run/systemd/journal/socket, a value holding a newline length-prefixed, a record too big for
+one datagram in a sealed memfd. (systemd-python and cysystemd need libsystemd;
+structlog-journald needs Python 3.12 and journald-send, a Rust extension: docs/dependencies.md.)
 
 Each EventKind has a fixed MESSAGE_ID; systemd/hydra-watchdog.catalog explains every one of them
 (`journalctl -x`). Records about TabbyAPI's unit carry OBJECT_SYSTEMD_UNIT, which puts them in
 `journalctl -u tabbyapi` too.
 
 Logging never raises into the daemon: without journald (or when a send fails) the record goes to
-the console renderer on stderr instead.
+the console on stderr instead.
 """
 
 from __future__ import annotations
 
-import array
-import contextlib
-import errno
-import fcntl
 import logging
 import os
 import socket
-import struct
 import sys
 import threading
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, TextIO
 
+from logging_journald import JournaldTransport
+from structlog.typing import EventDict, WrappedLogger
+
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.printable import printable
 from hydra_watchdog.report.log import (
-    EventDict,
-    LogConfig,
-    Sink,
+    ConsoleLogger,
     bridge_stdlib,
+    chain,
     configure,
-    console_sink,
+    console_chain,
     get_logger,
     pair,
 )
@@ -76,6 +75,7 @@ MAX_VALUE_BYTES = 1024 * 1024
 _TRUNCATED = b" [truncated]"
 _SEND_TIMEOUT_S = 1.0  # a wedged journald must not stall the loop (and its WATCHDOG=1 pings)
 
+_EVENT_KEY = "hydra"  # log_event's Event, which add_event_fields turns into fields
 _LEVEL_PRIORITY = {"debug": 7, "info": 6, "warning": 4, "error": 3, "critical": 2, "exception": 3}
 _SEVERITY_METHOD = {
     Severity.DEBUG: "debug",
@@ -90,7 +90,7 @@ _RENAMES = {"event": "MESSAGE", "unit": "OBJECT_SYSTEMD_UNIT"}
 _DROPPED = {"level", "timestamp", "logger"}  # journald stamps time and level itself
 
 
-# --- the wire format (pure) ---------------------------------------------------------------------
+# --- the event dict as journald fields (pure) --------------------------------------------------
 
 
 def field_name(key: str) -> str | None:
@@ -101,26 +101,17 @@ def field_name(key: str) -> str | None:
     return name or None
 
 
-def _truncate(data: bytes) -> bytes:
-    if len(data) <= MAX_VALUE_BYTES:
-        return data
-    cut = data[: MAX_VALUE_BYTES - len(_TRUNCATED)]
-    # Drop a split UTF-8 sequence at the cut rather than emit a broken character.
-    cut = cut.decode("utf-8", "ignore").encode()
-    return cut + _TRUNCATED
-
-
-def encode(fields: Iterable[tuple[str, str]]) -> bytes:
-    """One native-protocol record. Keys must already be valid field names."""
-    out = bytearray()
-    for key, value in fields:
-        data = _truncate(value.encode("utf-8", "replace"))
-        name = key.encode("ascii")
-        if b"\n" in data:
-            out += name + b"\n" + struct.pack("<Q", len(data)) + data + b"\n"
-        else:
-            out += name + b"=" + data + b"\n"
-    return bytes(out)
+def field_value(value: object) -> str:
+    """A value as journald text: valid UTF-8 (a lone surrogate becomes "?"), at most
+    MAX_VALUE_BYTES, cut on a character boundary."""
+    text = ("1" if value else "0") if isinstance(value, bool) else str(value)
+    if text.isascii() and len(text) <= MAX_VALUE_BYTES:
+        return text
+    data = text.encode("utf-8", "replace")
+    if len(data) > MAX_VALUE_BYTES:
+        # Drop a split UTF-8 sequence at the cut rather than emit a broken character.
+        data = data[: MAX_VALUE_BYTES - len(_TRUNCATED)] + _TRUNCATED
+    return data.decode("utf-8", "ignore")
 
 
 def event_fields(event: Event) -> list[tuple[str, str]]:
@@ -129,7 +120,8 @@ def event_fields(event: Event) -> list[tuple[str, str]]:
 
 
 def event_dict_of(event: Event) -> dict[str, Any]:
-    """The logger's keyword arguments that carry one Event (its message as `event`)."""
+    """An Event's part of the event dict: its message as `event`, MESSAGE_ID, PRIORITY and the
+    HYDRA_* fields."""
     kw: dict[str, Any] = {
         "event": event.message,
         "message_id": MESSAGE_IDS[event.kind],
@@ -151,12 +143,19 @@ def event_dict_of(event: Event) -> dict[str, Any]:
     return kw
 
 
+def add_event_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """The processor that turns the Event log_event passes as `hydra=` into its fields."""
+    event = event_dict.pop(_EVENT_KEY, None)
+    if isinstance(event, Event):
+        event_dict.update(event_dict_of(event))
+    return event_dict
+
+
 def render_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
-    """A logger's event dict (log.py) as journald fields (MESSAGE first, PRIORITY from the
-    level)."""
+    """An event dict as journald fields (MESSAGE first, PRIORITY from the level)."""
     # MESSAGE is what journalctl prints as the record's line: a newline in it would show as a
-    # line of its own. Other fields travel length-prefixed (encode()) and keep their raw bytes.
-    fields: list[tuple[str, str]] = [("MESSAGE", printable(str(event_dict.get("event", ""))))]
+    # line of its own. Other fields travel length-prefixed and keep their raw bytes.
+    fields = [("MESSAGE", field_value(printable(str(event_dict.get("event", "")))))]
     priority = event_dict.get("priority")
     if not isinstance(priority, int) or isinstance(priority, bool):
         priority = _LEVEL_PRIORITY.get(str(event_dict.get("level", "info")), 6)
@@ -169,27 +168,32 @@ def render_fields(event_dict: Mapping[str, Any]) -> list[tuple[str, str]]:
         if name is None or name in seen:
             continue
         seen.add(name)
-        fields.append((name, _text(value)))
+        fields.append((name, field_value(value)))
     if "SYSLOG_IDENTIFIER" not in seen:
         fields.append(("SYSLOG_IDENTIFIER", SYSLOG_IDENTIFIER))
     return fields
 
 
-def _text(value: object) -> str:
-    if isinstance(value, bool):
-        return "1" if value else "0"
-    return str(value)
+def render_journal(
+    _logger: WrappedLogger, _method: str, event_dict: EventDict
+) -> tuple[tuple[list[tuple[str, str]]], dict[str, Any]]:
+    """The chain's renderer under journald: the fields, for JournalLogger.msg (a traceback is one
+    multi-line EXCEPTION field)."""
+    return (render_fields(event_dict),), {}
 
 
 # --- the socket (imperative shell) --------------------------------------------------------------
 
 
 class JournalWriter:
-    """Sends records to journald's native socket; send() returns False instead of raising."""
+    """Sends records to journald's native socket; send() returns False instead of raising.
+
+    logging-journald's transport, unconnected: each datagram is addressed to the path, as
+    libsystemd does, so a journald that restarted (a new socket at the path) is found again."""
 
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
         self.path = path
-        self._sock: socket.socket | None = None
+        self._transport: JournaldTransport | None = None
         self._lock = threading.Lock()
 
     def available(self) -> bool:
@@ -202,17 +206,13 @@ class JournalWriter:
         return True
 
     def send(self, fields: Iterable[tuple[str, str]]) -> bool:
-        data = encode(fields)
         with self._lock:
             try:
-                sock = self._socket()
-                try:
-                    sock.sendto(data, self.path)
-                except OSError as exc:
-                    if exc.errno not in (errno.EMSGSIZE, errno.ENOBUFS):
-                        raise
-                    self._send_memfd(sock, data)
-            except OSError:
+                if self._transport is None:
+                    self._transport = JournaldTransport(self.path, connected=False)
+                    self._transport.socket.settimeout(_SEND_TIMEOUT_S)
+                self._transport.send(fields)
+            except (OSError, ValueError):
                 self._close_locked()
                 return False
         return True
@@ -221,31 +221,10 @@ class JournalWriter:
         with self._lock:
             self._close_locked()
 
-    def _socket(self) -> socket.socket:
-        if self._sock is None:
-            sock = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
-            sock.settimeout(_SEND_TIMEOUT_S)
-            self._sock = sock
-        return self._sock
-
     def _close_locked(self) -> None:
-        if self._sock is not None:
-            self._sock.close()
-            self._sock = None
-
-    def _send_memfd(self, sock: socket.socket, data: bytes) -> None:
-        # journald only accepts a memfd that is sealed: it must not change while being read.
-        fd = os.memfd_create("hydra-watchdog-journal", os.MFD_CLOEXEC | os.MFD_ALLOW_SEALING)
-        try:
-            view = memoryview(data)
-            while view:
-                view = view[os.write(fd, view) :]
-            seals = fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE | fcntl.F_SEAL_SEAL
-            fcntl.fcntl(fd, fcntl.F_ADD_SEALS, seals)
-            rights = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", [fd]).tobytes())]
-            sock.sendmsg([], rights, 0, self.path)
-        finally:
-            os.close(fd)
+        if self._transport is not None:
+            self._transport.socket.close()
+            self._transport = None
 
 
 # --- the sinks and their wiring -------------------------------------------------------------------
@@ -277,19 +256,19 @@ def _console_line(fields: Sequence[tuple[str, str]]) -> str:
     return f"<{values.get('PRIORITY', '6')}>{message}  {extras}".rstrip()
 
 
-def journal_sink(writer: JournalWriter, fallback: TextIO) -> Sink:
-    """A sink that sends each event dict to journald as fields; when journald is gone it writes
-    the record to the fallback stream instead."""
+class JournalLogger:
+    """structlog's logger under journald: sends each record's fields; when journald is gone it
+    writes the record to the console instead."""
 
-    def send(event: EventDict) -> None:
-        fields = render_fields(event)  # a traceback is one multi-line EXCEPTION field
-        if writer.send(fields):
-            return
-        # Nowhere left to say it if this fails too; logging must not crash the watchdog.
-        with contextlib.suppress(OSError, ValueError):
-            print(_console_line(fields), file=fallback, flush=True)
+    def __init__(self, writer: JournalWriter, fallback: ConsoleLogger) -> None:
+        self._writer = writer
+        self._fallback = fallback
 
-    return send
+    def msg(self, fields: Sequence[tuple[str, str]]) -> None:
+        if not self._writer.send(fields):
+            self._fallback.msg(_console_line(fields))
+
+    debug = info = warning = error = critical = msg
 
 
 _state_lock = threading.Lock()
@@ -317,10 +296,14 @@ def configure_logging(
     writer = JournalWriter(socket_path) if journal else None
     if writer is not None and not writer.available():
         writer = None
-    sink = console_sink(out) if writer is None else journal_sink(writer, out)
+    console = ConsoleLogger(out)
     with _state_lock:
         old, _writer = _writer, writer
-        configure(LogConfig(sink, level))
+        if writer is None:
+            configure(chain(*console_chain(out), expand=[add_event_fields]), console, level)
+        else:
+            logger = JournalLogger(writer, console)
+            configure(chain(render_journal, expand=[add_event_fields]), logger, level)
         bridge_stdlib(level)
     if old is not None:
         old.close()
@@ -331,6 +314,4 @@ _log = get_logger("hydra_watchdog")
 
 def log_event(event: Event) -> None:
     """Log one Event: journald fields under systemd, a console line otherwise."""
-    kw = event_dict_of(event)
-    message = kw.pop("event")
-    getattr(_log, _SEVERITY_METHOD[event.severity])(message, **kw)
+    getattr(_log, _SEVERITY_METHOD[event.severity])(event.message, **{_EVENT_KEY: event})

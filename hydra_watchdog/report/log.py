@@ -1,15 +1,22 @@
-"""The daemon's logger: `get_logger(name).info("message", key=value)`, level filtering, one sink.
+"""The daemon's logging: structlog, its processors in front, journald or the console behind.
 
-A call builds one event dict, `{"event": message, **fields, "level": "info"}` (plus `exception`,
-the formatted traceback, from `exception()`), and hands it to the sink that configure_logging
-(journal.py) installed: journald's native protocol under systemd, `console_sink` otherwise. The
-configuration is process-wide, one frozen LogConfig swapped under a lock, so a thread that logs
-while another reconfigures sees either the old sink or the new one, never half of each.
+`get_logger(name).info("message", key=value)`; also debug, warning, error, critical, and
+exception (an error with the traceback being handled). Every record runs through one processor
+chain (`chain`):
 
-Our own rather than a logging library's: the daemon is threaded and runs no event loop, and the
-library we used imported asyncio at start-up (2.6 MB of the daemon's RSS between them,
-measured) for a front end this small. Logging never raises into the daemon: a sink or a value
-that fails loses the record.
+1. structlog's add_log_level and format_exc_info: `level` ("exception" logs as "error") and
+   `exception`, the formatted traceback;
+2. the sink's expanders (journal.py's add_event_fields: an Event's HYDRA_* fields);
+3. scrub_secrets: a value under a key that names a secret, URL credentials and bearer tokens in
+   any text become REDACTED;
+4. escape_controls: the message and each row of the traceback escaped by printable(), so one
+   record stays one line (a row each for the traceback) whatever another process wrote;
+5. the sink's renderer: journal.py's (native-protocol fields), or `console_chain`'s
+   TimeStamper and ConsoleRenderer (colours on a terminal, none under NO_COLOR).
+
+The configuration is process-wide (structlog.configure); configure_logging (journal.py) sets it
+once at start, before the threads. Logging never raises into the daemon: a record that fails
+anywhere in the chain, its renderer or its output is lost (Logger, the wrapper class).
 
 `capture_logs()` is the test seam: it records the event dicts instead of writing them.
 """
@@ -18,128 +25,239 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import re
 import sys
-import threading
-import time
-import traceback
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
-from typing import Any, TextIO
+from collections.abc import Iterator, Mapping, Sequence
+from typing import Any, TextIO, cast
+
+import structlog
+from structlog.dev import Column, ConsoleRenderer, KeyValueColumnFormatter, LogLevelColumnFormatter
+from structlog.typing import EventDict, Processor, WrappedLogger
 
 from hydra_watchdog.printable import printable
 
-EventDict = dict[str, Any]
-Sink = Callable[[EventDict], None]
+STDLIB_ROOT = "hydra_watchdog"  # statefile.py, control.py: logging.getLogger(__name__)
+REDACTED = "[redacted]"
+_MESSAGE_WIDTH = 30  # the message column: the fields of successive lines start together
+# Only journald reads these (journal.py); the console shows the level instead.
+_JOURNAL_ONLY = ("message_id", "priority")
 
-# The stdlib's numbers, so configure_logging(level=logging.DEBUG) means what it says.
-LEVELS: Mapping[str, int] = {
-    "debug": logging.DEBUG,
-    "info": logging.INFO,
-    "warning": logging.WARNING,
-    "error": logging.ERROR,
-    "critical": logging.CRITICAL,
-}
-# Only journald reads these (journal.py's render_fields); the console shows the level instead.
-_JOURNAL_ONLY = frozenset({"message_id", "priority"})
-_LEVEL_WIDTH = 9  # "[info     ]": room for the longest name, as the console has always shown
-_MESSAGE_WIDTH = 30
+# --- the front: the wrapper class ---------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class LogConfig:
-    sink: Sink
-    level: int = logging.INFO
+class Logger(structlog.BoundLoggerBase):
+    """structlog's wrapper class for the daemon: records below the configured level are skipped,
+    and whatever fails on a record's way out is swallowed with it."""
 
+    min_level = logging.INFO  # set by configure(), with the chain it goes with
 
-def console_sink(stream: TextIO | None = None) -> Sink:
-    """A sink that prints `console_line` (and a traceback under it) to `stream`, or to whatever
-    sys.stderr is at the time of the call."""
+    def _log(self, level: int, method: str, message: str, fields: dict[str, Any]) -> None:
+        if level < Logger.min_level:
+            return
+        # Nowhere left to say it; logging must not crash the watchdog (a value whose repr()
+        # raises, a console that is gone).
+        with contextlib.suppress(Exception):
+            self._proxy_to_logger(method, message, **fields)
 
-    def write(event: EventDict) -> None:
-        out = sys.stderr if stream is None else stream
-        # Nowhere left to say it if the console fails too; logging must not crash the watchdog.
-        with contextlib.suppress(OSError, ValueError):
-            print(console_text(event, time.time()), file=out, flush=True)
+    def debug(self, message: str, **fields: Any) -> None:
+        self._log(logging.DEBUG, "debug", message, fields)
 
-    return write
+    def info(self, message: str, **fields: Any) -> None:
+        self._log(logging.INFO, "info", message, fields)
 
+    def warning(self, message: str, **fields: Any) -> None:
+        self._log(logging.WARNING, "warning", message, fields)
 
-_lock = threading.Lock()
-_config = LogConfig(console_sink())
+    def error(self, message: str, **fields: Any) -> None:
+        self._log(logging.ERROR, "error", message, fields)
 
+    def critical(self, message: str, **fields: Any) -> None:
+        self._log(logging.CRITICAL, "critical", message, fields)
 
-def configure(config: LogConfig) -> LogConfig:
-    """Install `config` for every logger in the process; returns the one it replaces."""
-    global _config  # process-wide by design: one daemon, one place its records go
-    with _lock:
-        old, _config = _config, config
-    return old
-
-
-class Logger:
-    """What the daemon logs through; `name` says who, for a reader of the code."""
-
-    __slots__ = ("name",)
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-
-    def debug(self, message: str, **fields: object) -> None:
-        _emit("debug", message, fields, with_traceback=False)
-
-    def info(self, message: str, **fields: object) -> None:
-        _emit("info", message, fields, with_traceback=False)
-
-    def warning(self, message: str, **fields: object) -> None:
-        _emit("warning", message, fields, with_traceback=False)
-
-    def error(self, message: str, **fields: object) -> None:
-        _emit("error", message, fields, with_traceback=False)
-
-    def critical(self, message: str, **fields: object) -> None:
-        _emit("critical", message, fields, with_traceback=False)
-
-    def exception(self, message: str, **fields: object) -> None:
+    def exception(self, message: str, **fields: Any) -> None:
         """An error with the exception being handled attached as `exception` (its traceback)."""
-        _emit("error", message, fields, with_traceback=True)
+        fields.setdefault("exc_info", True)
+        self._log(logging.ERROR, "error", message, fields)
 
 
 def get_logger(name: str) -> Logger:
-    return Logger(name)
+    """A logger for `name` (who logs, for a reader of the code); it follows configure()."""
+    return cast(Logger, structlog.get_logger(name))
 
 
-def _emit(
-    level: str,
-    message: str,
-    fields: Mapping[str, object],
-    *,
-    with_traceback: bool,
-    trace: str = "",
-) -> None:
-    config = _config  # one read: the whole record goes to one configuration
-    if LEVELS[level] < config.level:
-        return
-    # A record that cannot be told (a sink or a value's str() that fails) is lost, not raised.
-    with contextlib.suppress(Exception):
-        event: EventDict = {"event": message, **fields, "level": level}
-        if with_traceback and sys.exc_info()[0] is not None:
-            trace = traceback.format_exc()
-        if trace:
-            event["exception"] = trace.rstrip("\n")
-        config.sink(event)
+# --- the processors (pure) ----------------------------------------------------------------------
+
+# Keys whose value is a secret whatever it holds (compared lower-case, "-" read as "_").
+SECRET_KEYS = frozenset(
+    {"admin_key", "api_key", "x_admin_key", "x_api_key", "authorization", "password", "secret"}
+)
+# Credentials inside text: a URL's user info (scheme://user:password@host) and a bearer token.
+_URL_USER = re.compile(r"(?<=://)[^/@\s]+@")
+_BEARER = re.compile(r"(?i)(?<=bearer )[^\s\"',;]+")
+
+
+def redact_text(text: str) -> str:
+    return _BEARER.sub(REDACTED, _URL_USER.sub(REDACTED + "@", text))
+
+
+def scrub_secrets(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """Secrets never reach a log: TabbyAPI's keys, a URL's user info, a bearer token."""
+    for key, value in event_dict.items():
+        if key.lower().replace("-", "_") in SECRET_KEYS and value is not None:
+            event_dict[key] = REDACTED
+        elif isinstance(value, str):
+            event_dict[key] = redact_text(value)
+    return event_dict
+
+
+def escape_controls(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """The message on one line, the traceback a row per line, each escaped by printable(): a
+    newline or an escape sequence that another process put in a command line or an error would
+    forge or hide lines. (Other values: the console quotes them with repr(); journald keeps
+    their bytes, length-prefixed.)"""
+    event_dict["event"] = printable(str(event_dict.get("event", "")))
+    trace = event_dict.get("exception")
+    if isinstance(trace, str):
+        event_dict["exception"] = "\n".join(printable(row) for row in trace.split("\n"))
+    return event_dict
+
+
+def chain(*sink: Processor, expand: Sequence[Processor] = ()) -> list[Processor]:
+    """The processors of every record, in the order of the module docstring."""
+    first: list[Processor] = [
+        structlog.processors.add_log_level,
+        structlog.processors.format_exc_info,
+    ]
+    return [*first, *expand, scrub_secrets, escape_controls, *sink]
+
+
+# --- the console --------------------------------------------------------------------------------
+
+
+def console_value(value: object) -> str:
+    """A field's value on the console, quoted the way repr() does when it holds a space, is empty
+    or holds a character printable() would escape; so one value never reads as two, nor breaks
+    the line."""
+    text = value if isinstance(value, str) else repr(value)
+    if not text or " " in text or printable(text) != text:
+        return repr(text)
+    return text
+
+
+def pair(key: str, value: object) -> str:
+    return f"{key}={console_value(value)}"
+
+
+def _for_console(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    for key in [k for k, v in event_dict.items() if v is None or k in _JOURNAL_ONLY]:
+        del event_dict[key]
+    return event_dict
+
+
+def colours_wanted(stream: TextIO, environ: Mapping[str, str]) -> bool:
+    """Colours on a terminal, unless NO_COLOR is set to anything (no-color.org)."""
+    if environ.get("NO_COLOR"):
+        return False
+    with contextlib.suppress(OSError, ValueError, AttributeError):
+        return bool(stream.isatty())
+    return False
+
+
+def console_renderer(colours: bool) -> ConsoleRenderer:
+    """`2026-12-01 18:10:31 [info     ] message                        key=value ...`: local time,
+    the level, the message (padded to a column), then the fields sorted by name; a traceback on
+    the lines under it."""
+    styles = ConsoleRenderer.get_default_column_styles(colours)
+    levels = ConsoleRenderer.get_default_level_styles(colours)
+    reset = styles.reset
+    return ConsoleRenderer(
+        columns=[
+            Column("timestamp", KeyValueColumnFormatter(None, styles.timestamp, reset, str)),
+            # Padded to the longest level name: "[info     ]".
+            Column(
+                "level",
+                LogLevelColumnFormatter({k: v + styles.bright for k, v in levels.items()}, reset),
+            ),
+            Column(
+                "event",
+                KeyValueColumnFormatter(None, styles.bright, reset, str, width=_MESSAGE_WIDTH),
+            ),
+            Column(
+                "", KeyValueColumnFormatter(styles.kv_key, styles.kv_value, reset, console_value)
+            ),
+        ]
+    )
+
+
+def console_chain(stream: TextIO, environ: Mapping[str, str] = os.environ) -> list[Processor]:
+    return [
+        _for_console,
+        structlog.processors.TimeStamper(fmt="%Y-%m-%d %H:%M:%S", utc=False),
+        console_renderer(colours_wanted(stream, environ)),
+    ]
+
+
+class ConsoleLogger:
+    """structlog's logger for the console: prints each rendered record to `stream`, or to
+    whatever sys.stderr is at the time of the call."""
+
+    def __init__(self, stream: TextIO | None = None) -> None:
+        self._stream = stream
+
+    def msg(self, line: str) -> None:
+        print(line, file=sys.stderr if self._stream is None else self._stream, flush=True)
+
+    debug = info = warning = error = critical = msg
+
+
+# --- the configuration ----------------------------------------------------------------------------
+
+
+def configure(processors: Sequence[Processor], logger: WrappedLogger, level: int) -> None:
+    """Install `processors` (see `chain`) and `logger` for every logger in the process."""
+    # Process-wide by design: one daemon, one place its records go.
+    structlog.configure(
+        processors=list(processors),
+        wrapper_class=Logger,
+        logger_factory=lambda *_args: logger,
+        cache_logger_on_first_use=False,  # a later configure() reaches every logger
+    )
+    Logger.min_level = level
+
+
+configure(chain(*console_chain(sys.stderr)), ConsoleLogger(), logging.INFO)
+
+
+@contextlib.contextmanager
+def capture_logs(level: int = logging.DEBUG) -> Iterator[list[EventDict]]:
+    """Record every event dict at `level` or above, in order, instead of writing it; the previous
+    configuration comes back on exit. For tests."""
+    records: list[EventDict] = []
+
+    def keep(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+        records.append(event_dict)
+        raise structlog.DropEvent
+
+    old, old_level = structlog.get_config(), Logger.min_level
+    configure(chain(keep), ConsoleLogger(), level)
+    try:
+        yield records
+    finally:
+        structlog.configure(**old)
+        Logger.min_level = old_level
 
 
 # --- the package's stdlib loggers ------------------------------------------------------------
 
-STDLIB_ROOT = "hydra_watchdog"  # statefile.py, control.py: logging.getLogger(__name__)
 
-
-def _level_name(levelno: int) -> str:
-    return next((name for name, no in reversed(list(LEVELS.items())) if levelno >= no), "debug")
+def _method_of(levelno: int) -> str:
+    levels = (("critical", 50), ("error", 40), ("warning", 30), ("info", 20))
+    return next((name for name, no in levels if levelno >= no), "debug")
 
 
 class _StdlibBridge(logging.Handler):
-    """The package's own stdlib `logging` records into the same sink, at their level. Without
+    """The package's own stdlib `logging` records into the same chain, at their level. Without
     it they reach stderr through logging's last-resort handler as bare text, which journald
     files at its default priority (info), a warning about a corrupt state file included."""
 
@@ -148,74 +266,25 @@ class _StdlibBridge(logging.Handler):
             message = record.getMessage()
         except Exception:  # a call whose arguments do not fit its format: say the format
             message = str(record.msg)
-        trace = ""
-        if record.exc_info and record.exc_info[0] is not None:
-            trace = "".join(traceback.format_exception(*record.exc_info))
-        # journald's own names for where a record comes from (CODE_FILE=, CODE_LINE=, CODE_FUNC=)
-        fields = {
+        fields: dict[str, Any] = {
+            # journald's own names for where a record comes from
             "code_file": record.pathname,
             "code_line": record.lineno,
             "code_func": record.funcName,
         }
-        _emit(_level_name(record.levelno), message, fields, with_traceback=False, trace=trace)
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["exc_info"] = record.exc_info
+        getattr(_bridged, _method_of(record.levelno))(message, **fields)
 
 
 _bridge = _StdlibBridge()
+_bridged = get_logger(STDLIB_ROOT)
 
 
 def bridge_stdlib(level: int) -> None:
-    """Send the package's stdlib loggers (STDLIB_ROOT and below) to this module's sink from
-    `level` up; other libraries' loggers (httpx logs every request at INFO) are left alone."""
+    """Send the package's stdlib loggers (STDLIB_ROOT and below) through the chain from `level`
+    up; other libraries' loggers (httpx logs every request at INFO) are left alone."""
     logger = logging.getLogger(STDLIB_ROOT)
     if _bridge not in logger.handlers:
         logger.addHandler(_bridge)
     logger.setLevel(level)
-
-
-# --- the console (pure) -------------------------------------------------------------------------
-
-
-def pair(key: str, value: object) -> str:
-    """`key=value`, the value quoted the way repr() does when it holds a space, is empty or holds
-    a character printable() would escape; so one value never reads as two, nor breaks the line."""
-    text = value if isinstance(value, str) else repr(value)
-    if not text or " " in text or printable(text) != text:
-        return f"{key}={text!r}"
-    return f"{key}={text}"
-
-
-def console_line(event: Mapping[str, Any], when: float) -> str:
-    """`2026-12-01 18:10:31 [info     ] message                        key=value ...`: local time,
-    the level, the message escaped by printable(), then the fields by name (the traceback and
-    journald's own fields left out)."""
-    stamp = time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(when))
-    level = f"[{event.get('level', 'info')!s:<{_LEVEL_WIDTH}}]"
-    message = printable(str(event.get("event", "")))
-    rest = " ".join(
-        pair(key, event[key])
-        for key in sorted(event)
-        if key not in ("event", "level", "exception", *_JOURNAL_ONLY) and event[key] is not None
-    )
-    return f"{stamp} {level} {message:<{_MESSAGE_WIDTH}} {rest}".rstrip()
-
-
-def console_text(event: Mapping[str, Any], when: float) -> str:
-    """console_line, and the traceback, if there is one, on the lines under it (each line
-    escaped: an exception's text can come from another process)."""
-    line = console_line(event, when)
-    trace = event.get("exception")
-    if not isinstance(trace, str) or not trace:
-        return line
-    return "\n".join([line, *(printable(row) for row in trace.split("\n"))])
-
-
-@contextlib.contextmanager
-def capture_logs(level: int = logging.DEBUG) -> Iterator[list[EventDict]]:
-    """Record every event dict at `level` or above, in order, instead of writing it; the previous
-    configuration comes back on exit. For tests."""
-    records: list[EventDict] = []
-    old = configure(LogConfig(records.append, level))
-    try:
-        yield records
-    finally:
-        configure(old)
