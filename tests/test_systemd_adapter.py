@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 import uuid
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
+import psutil
 import pytest
 
 from hydra_watchdog.actions import UnitVerb
-from hydra_watchdog.adapters.systemd import SystemctlUnit, parse_show
+from hydra_watchdog.adapters.systemd import SystemctlUnit, kill_group, parse_show
 from hydra_watchdog.observation import UnitStatus
 from tests.harness.systemd_ns import SystemdNamespace
 
@@ -121,6 +124,43 @@ def test_missing_systemctl_is_unavailable(tmp_path: Path) -> None:
     assert not out.ok
     assert "not found" in out.detail
     assert unit.journal(5)[0].startswith("[journal unavailable")
+
+
+# A command that waits on a child it put in a session of its own (out of its process group),
+# and ignores SIGTERM: only a kill of its descendants ends it, and the child, promptly.
+_WAITS_ON_A_CHILD = """
+import signal, subprocess
+signal.signal(signal.SIGTERM, signal.SIG_IGN)
+child = subprocess.Popen(
+    ["sleep", "600"], start_new_session=True, stdout=subprocess.DEVNULL
+)
+print(child.pid, flush=True)
+child.wait()
+"""
+
+
+def test_a_timed_out_commands_descendants_are_killed_first() -> None:
+    """kill_group kills what the command started (psutil's children(recursive=True)), not only
+    its process group: the child below left its group, and still dies, so the command, waiting on
+    it, exits and is reaped."""
+    proc = subprocess.Popen(
+        [sys.executable, "-c", _WAITS_ON_A_CHILD],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
+    assert proc.stdout is not None
+    child = psutil.Process(int(proc.stdout.readline()))
+    try:
+        kill_group(proc)
+        assert proc.returncode == 0  # it returned from child.wait(): not killed itself
+        child.wait(timeout=10)  # raises TimeoutExpired while it still runs
+        assert not child.is_running()
+    finally:
+        if child.is_running():
+            child.kill()
+        proc.kill()
+        proc.wait()
 
 
 # -- against real systemd -----------------------------------------------------------------------

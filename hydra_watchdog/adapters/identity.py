@@ -135,7 +135,11 @@ def stat_start_ticks(stat: str) -> tuple[str, int] | None:
 
 
 def read_identity(pid: int, proc_root: str = "/proc") -> ProcIdentity | None:
-    """None when the process is gone, a zombie, a kernel thread or unreadable."""
+    """None when the process is gone, a zombie, a kernel thread or unreadable.
+
+    Read here, not with psutil: Process.oneshot() for the same answers, plus the start ticks,
+    PID namespace and cgroups it has no call for, cost 1.5 ms against 0.6 ms for 5 processes
+    (hot loop, issue 25), and the scan reads every candidate every cycle."""
     base = f"{proc_root}/{pid}"
     cmdline = read_cmdline(pid, proc_root)
     stat = read_text(f"{base}/stat")

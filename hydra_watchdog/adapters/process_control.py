@@ -37,6 +37,9 @@ class _Pinned:
         return read_identity(self.pid, self._proc_root)
 
     def exited(self, timeout: float) -> bool:
+        # The pinning pidfd, not psutil's Process.wait(): that one opens a pidfd of its own when
+        # called (a PID reused since the pin would be waited on) and takes a zombie that is not
+        # our child for alive (measured: TimeoutExpired after the full 1 s; this poll: at once).
         poller = select.poll()
         poller.register(self._pidfd, select.POLLIN)
         return bool(poller.poll(max(0, int(timeout * 1000))))

@@ -22,6 +22,8 @@ import subprocess
 import time
 from collections.abc import Callable, Mapping, Sequence
 
+import psutil
+
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.adapters.loader_env import EnvLookup, parse_env_files_property, unit_env
 from hydra_watchdog.adapters.unit_bus import PRIVATE_SOCKET, UnitBus
@@ -282,37 +284,22 @@ class SystemctlUnit:
 
 
 def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:
-    """SIGKILL the process group that `proc` leads, members before the leader, and reap it.
+    """SIGKILL what `proc` started (psutil's children, descendants all), then reap `proc`; its
+    process group too if it does not exit.
 
     Behind nsenter the command is the leader's child in another pid namespace; killed together,
     it would lose its parent first and linger as a zombie parented outside that namespace
     (holding up its shutdown). Killed first, it is reaped by the leader, which then exits."""
-    for pid in _group_members(proc.pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+    with contextlib.suppress(psutil.Error):
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            with contextlib.suppress(psutil.Error):  # gone already, or a reused PID: not ours
+                child.kill()
     try:
         proc.communicate(timeout=2.0)
     except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
             os.killpg(proc.pid, signal.SIGKILL)
         proc.communicate()
-
-
-def _group_members(pgid: int) -> list[int]:
-    members = []
-    for entry in os.scandir("/proc"):
-        if not entry.name.isdigit() or int(entry.name) == pgid:
-            continue
-        try:
-            with open(f"/proc/{entry.name}/stat") as f:
-                stat = f.read()
-        except OSError:
-            continue
-        # Fields after the ")" that ends the command name: state, ppid, pgrp, ...
-        fields = stat.rpartition(")")[2].split()
-        if len(fields) > 2 and fields[2] == str(pgid):
-            members.append(int(entry.name))
-    return members
 
 
 def first_line(text: str) -> str:
