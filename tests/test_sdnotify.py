@@ -52,6 +52,16 @@ def test_path_socket_receives_each_message(path_socket: tuple[str, socket.socket
     assert sock.recv(4096) == b"STOPPING=1"
 
 
+def test_status_is_utf8_whatever_the_model_is_called(
+    path_socket: tuple[str, socket.socket],
+) -> None:
+    """systemd reads STATUS as UTF-8; the `sdnotify` package encodes Latin-1 and drops a line
+    outside it without a word (the reason the module is ours: its docstring)."""
+    address, sock = path_socket
+    assert Notifier({"NOTIFY_SOCKET": address}).status("healthy: Qwen2.5-72B ✓ café")
+    assert sock.recv(4096).decode("utf-8") == "STATUS=healthy: Qwen2.5-72B ✓ café"
+
+
 def test_abstract_socket(abstract_socket: tuple[str, socket.socket]) -> None:
     address, sock = abstract_socket
     notifier = Notifier({"NOTIFY_SOCKET": address})

@@ -8,7 +8,7 @@ chain (`chain`):
    `exception`, the formatted traceback;
 2. the sink's expanders (journal.py's add_event_fields: an Event's HYDRA_* fields);
 3. scrub_secrets: a value under a key that names a secret, URL credentials and bearer tokens in
-   any text become REDACTED;
+   any text become "[redacted]";
 4. escape_controls: the message and each row of the traceback escaped by printable(), so one
    record stays one line (a row each for the traceback) whatever another process wrote;
 5. the sink's renderer: journal.py's (native-protocol fields), or `console_chain`'s

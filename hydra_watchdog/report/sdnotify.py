@@ -2,7 +2,10 @@
 
 In-house rather than a dependency: the protocol is one datagram of `KEY=value` lines to the
 socket named by `$NOTIFY_SOCKET`, declared stable by systemd (sd_notify(3) ships a self-contained
-Python example), and the `sdnotify` package (last release 2017) adds nothing over these lines.
+Python example). The `sdnotify` package (0.3.2, 2017; checked for issue 25) encodes Latin-1, so
+a STATUS line naming a model outside it is dropped without a word (and one inside it reaches
+systemd as invalid UTF-8); it reads no WATCHDOG_USEC or WATCHDOG_PID, returns nothing to tell a
+failed send by, and reads os.environ only (the tests hand an environment).
 
 Not under systemd (no `$NOTIFY_SOCKET`) every call is a silent no-op, so the daemon calls these
 unconditionally. A send that fails (socket gone, systemd restarting) returns False and never raises:
