@@ -368,11 +368,7 @@ def test_record_too_big_for_a_datagram_travels_in_a_sealed_memfd(
     path, sock = journal_socket
     excerpt = "\n".join(f"tabbyapi[{i}]: traceback line {i}" for i in range(15_000))
     assert len(excerpt) > 500_000  # beyond any default AF_UNIX datagram size
-    writer = JournalWriter(path)
-    try:
-        assert writer.send([("MESSAGE", "journal excerpt"), ("HYDRA_EXCERPT", excerpt)])
-    finally:
-        writer.close()
+    _sent(path, [("MESSAGE", "journal excerpt"), ("HYDRA_EXCERPT", excerpt)])
     size = struct.calcsize("i")
     data, ancdata, _, _ = sock.recvmsg(65536, socket.CMSG_SPACE(size))
     assert data == b""
