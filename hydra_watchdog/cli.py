@@ -64,9 +64,19 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def cmd_check_config(args: argparse.Namespace) -> int:
-    from hydra_watchdog.config import Config, render_config  # noqa: PLC0415 - see the top
+    from hydra_watchdog.config import (  # noqa: PLC0415 - see the top
+        Config,
+        ConfigError,
+        check_host,
+        render_config,
+    )
 
     cfg = _config(args)
+    if not args.file_only:
+        try:
+            check_host(cfg)
+        except ConfigError as exc:
+            raise CliError(EX_CONFIG, f"config error: {exc}") from None
     sys.stdout.write(render_config(cfg))
     if cfg == Config():  # valid, but an empty file (an editor's new file) is rarely what was meant
         print(f"warning: {args.config}: every option is at its default", file=sys.stderr)
@@ -368,7 +378,12 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = add("events", cmd_events, "recent events")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.add_argument("--json", action="store_true")
-    add("check-config", cmd_check_config, "validate the config; print it with secrets redacted")
+    p = add("check-config", cmd_check_config, "validate the config; print it with secrets redacted")
+    p.add_argument(
+        "--file-only",
+        action="store_true",
+        help="check the file alone, not against this machine (its users): for a build sandbox",
+    )
     p = add("demo", cmd_demo, "the daemon against a simulated node, with scripted incidents")
     p.add_argument("--fast", action="store_true", help="shorter scenario timings")
     return parser

@@ -14,6 +14,7 @@ import hashlib
 import ipaddress
 import math
 import posixpath
+import pwd
 import re
 import reprlib
 import tomllib
@@ -308,15 +309,23 @@ def schema() -> dict[str, dict[str, dataclasses.Field[Any]]]:
 # --- parsing ------------------------------------------------------------------------------------
 
 
+SHOWN_MAX = 60  # characters of a quoted value in a message: every line stays readable
 _REPR = reprlib.Repr()
-_REPR.maxstring = _REPR.maxother = 120
+_REPR.maxstring = _REPR.maxother = SHOWN_MAX
 _REPR.maxlevel = 3
 
 
 def _show(value: object) -> str:
-    """repr() for messages: bounded in length and depth (a deeply nested TOML value would make
-    plain repr() raise RecursionError, a 1 MiB string would flood the journal)."""
-    return _REPR.repr(value)
+    """A value quoted in a message (every message quotes through this): repr(), cut to
+    SHOWN_MAX characters and 3 levels deep. A deeply nested TOML value would make plain repr()
+    raise RecursionError, a nested list of strings would run to thousands of characters, and a
+    1 MiB string would flood the journal."""
+    text = _REPR.repr(value)
+    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 3] + "..."
+
+
+# A key as the schema spells them; any other (unknown) key is shown quoted and cut (_show).
+_PLAIN_KEY = re.compile(r"[A-Za-z0-9_-]{1,40}", re.ASCII)
 
 
 def _control_chars(text: str) -> list[str]:
@@ -364,6 +373,22 @@ def _url(key: str, value: object, *, local: bool) -> str:
             f"{_show(redact_url(value))} carries user info, a query or a fragment; give a plain "
             "base URL like 'http://127.0.0.1:5000' (the admin key goes in tabbyapi.admin_key_file)",
         )
+    if "%" in parsed.netloc:
+        # An IPv6 zone id ("[fe80::1%25eth0]") names an interface, not a host on this node; the
+        # client and the listener check would each read it their own way.
+        raise ConfigError(
+            key,
+            f"{_show(value)} holds an IPv6 zone id ('%'); give a plain address, like "
+            "'http://127.0.0.1:5000' or 'http://[::1]:5000'",
+        )
+    if parsed.path not in ("", "/"):
+        # Every request appends its own path (/health, /v1/model...): a base path would send
+        # them all where nothing answers, and a failing /health restarts TabbyAPI.
+        raise ConfigError(
+            key,
+            f"{_show(value)} has a path ({_show(parsed.path)}); give the base URL alone, like "
+            "'http://127.0.0.1:5000' (the watchdog adds /health, /v1/...)",
+        )
     if parsed.scheme == "https":
         # The client's deadline-bounded connections speak no TLS: every probe would fail, and a
         # failing /health is what restarts TabbyAPI (measured: "unusable answer").
@@ -395,7 +420,7 @@ def _number(key: str, value: object, rules: Mapping[str, Any], integer: bool) ->
         raise ConfigError(key, f"{_show(value)} is not {what}")
     # TOML spells inf and nan; nan would also slip past the minimum check below.
     if isinstance(value, float) and not math.isfinite(value):
-        raise ConfigError(key, f"{value!r} is not a finite number")
+        raise ConfigError(key, f"{_show(value)} is not a finite number")
     if "min" in rules and value < rules["min"]:
         raise ConfigError(key, f"{_show(value)} is below the minimum {rules['min']}")
     if "max" in rules and value > rules["max"]:
@@ -532,7 +557,7 @@ def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
     if kind == "user":
         if not isinstance(value, str) or not _USER_NAME.fullmatch(value):
             raise ConfigError(
-                key, f"{value!r} is not a user name (like 'tabbyapi') or a numeric uid"
+                key, f"{_show(value)} is not a user name (like 'tabbyapi') or a numeric uid"
             )
         return value
     raise AssertionError(f"unknown field kind {kind}")  # pragma: no cover - schema bug
@@ -541,24 +566,40 @@ def _parse_value(key: str, value: object, meta: Mapping[str, Any]) -> Any:
 _USER_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
 
 
+def resolve_uid(user: str) -> int | None:
+    """A user name or a numeric uid -> uid; None when no such user exists here."""
+    if user.isascii() and user.isdigit():
+        return int(user)
+    try:
+        return pwd.getpwnam(user).pw_uid
+    except KeyError:
+        return None
+
+
 def _install_dirs(key: str, value: object) -> tuple[str, ...]:
     """Absolute directories, normalised. Bare words ("python", " ") would make any process
     that mentions them TabbyAPI's, and "/" would make every process so: refused."""
     if not isinstance(value, list) or not value:
         raise ConfigError(
-            key, f"{value!r} is not a non-empty list of absolute paths like ['/opt/tabbyapi']"
+            key, f"{_show(value)} is not a non-empty list of absolute paths like ['/opt/tabbyapi']"
         )
     dirs = []
     for item in value:
         if not isinstance(item, str) or not item.startswith("/") or item != item.strip():
             raise ConfigError(
                 key,
-                f"{item!r} is not an absolute path: entries name TabbyAPI's install tree, "
+                f"{_show(item)} is not an absolute path: entries name TabbyAPI's install tree, "
                 "like '/opt/tabbyapi' (a bare word would match any command line)",
+            )
+        if ".." in item.split("/"):
+            raise ConfigError(
+                key,
+                f"{_show(item)} holds '..', which widens the install tree to a parent folder; "
+                "name the tree itself, like '/opt/tabbyapi'",
             )
         norm = posixpath.normpath(item)
         if norm in ("/", "//") or any(ord(ch) < 0x20 or ch == "\x7f" for ch in item):
-            raise ConfigError(key, f"{item!r} is not a usable install directory")
+            raise ConfigError(key, f"{_show(item)} is not a usable install directory")
         dirs.append(norm)
     return tuple(dirs)
 
@@ -566,10 +607,11 @@ def _install_dirs(key: str, value: object) -> tuple[str, ...]:
 def _reject_unknown(prefix: str, table: Mapping[str, object], known: Sequence[str]) -> None:
     for key in table:
         if key not in known:
-            hint = difflib.get_close_matches(key, known, n=1)
+            hint = difflib.get_close_matches(key[:100], known, n=1)
             did_you_mean = f"; did you mean '{hint[0]}'?" if hint else ""
+            shown = key if _PLAIN_KEY.fullmatch(key) else _show(key)
             raise ConfigError(
-                f"{prefix}{key}",
+                f"{prefix}{shown}",
                 f"unknown key{did_you_mean} (known here: {', '.join(sorted(known))})",
             )
 
@@ -600,7 +642,7 @@ def _parse_devices(key: str, raw: object) -> tuple[GpuDevice, ...]:
         # Keyed by kind too: index 0 and a uuid spelled "0" are different GPUs.
         ident = ("index", str(dev.index)) if dev.index is not None else ("uuid", str(dev.uuid))
         if ident in seen:
-            raise ConfigError(f"{key}[{i}]", f"the GPU {ident[1]!r} is listed twice")
+            raise ConfigError(f"{key}[{i}]", f"the GPU {_show(ident[1])} is listed twice")
         seen.add(ident)
     return devices
 
@@ -619,8 +661,67 @@ def _check_cross_keys(cfg: Config) -> None:
             f"{format_duration(r.backoff_initial)} exceeds restart_loop.backoff_max "
             f"({format_duration(r.backoff_max)})",
         )
+    _check_own_names(cfg)
     if m.fallback and m.fallback == m.name:
-        raise ConfigError("model.fallback", f"{m.fallback!r} is the main model; pick a smaller one")
+        raise ConfigError(
+            "model.fallback", f"{_show(m.fallback)} is the main model; pick a smaller one"
+        )
+
+
+# The watchdog's own units (systemd/hydra-watchdog.service, and the load helper's transient units,
+# act/load_launch.UNIT_PREFIX): restarting or stopping one of them as "TabbyAPI" stops the watchdog.
+OWN_UNIT = "hydra-watchdog.service"
+OWN_UNIT_PREFIX = "hydra-watchdog-load-"
+
+
+def _check_own_names(cfg: Config) -> None:
+    """Keys that name what the watchdog itself owns: its unit, its port, its folders."""
+    t, w = cfg.tabbyapi, cfg.watchdog
+    if t.unit == OWN_UNIT or t.unit.startswith(OWN_UNIT_PREFIX):
+        raise ConfigError(
+            "tabbyapi.unit",
+            f"{_show(t.unit)} is the watchdog's own unit, not TabbyAPI's; give the unit that "
+            "runs TabbyAPI, like 'tabbyapi.service'",
+        )
+    if cfg.metrics.listen:
+        port = int(cfg.metrics.listen.rpartition(":")[2])
+        if port in (t.port, t.port + 1):
+            raise ConfigError(
+                "metrics.listen",
+                f"{_show(cfg.metrics.listen)} takes port {port}, TabbyAPI's "
+                f"({t.port}, or {t.port + 1} where TabbyAPI moves when its port is busy); "
+                "pick another port, like the default '127.0.0.1:9835'",
+            )
+    state, runtime = posixpath.normpath(w.state_dir), posixpath.normpath(w.runtime_dir)
+    if within_dir(state, runtime) or within_dir(runtime, state):
+        raise ConfigError(
+            "watchdog.state_dir",
+            f"{_show(w.state_dir)} is watchdog.runtime_dir or shares a tree with it "
+            f"({_show(w.runtime_dir)}): state is root's alone and kept, the runtime folder "
+            "world-readable and removed when the watchdog stops; give each its own, like "
+            "/var/lib/hydra-watchdog and /run/hydra-watchdog",
+        )
+
+
+def check_host(cfg: Config) -> None:
+    """What the file alone cannot say, checked on the machine that runs the watchdog: by `run`
+    at start and at each reload, and by `check-config` unless told --file-only. Never by
+    load_config, whose verdict rests on the file's bytes alone (the status quick path trusts a
+    config by its hash; a NixOS build checks the file in a sandbox that has no TabbyAPI user)."""
+    user = cfg.tabbyapi.user
+    if resolve_uid(user) is None:
+        # The processes of a user that does not exist can never be TabbyAPI's: without a unit,
+        # the admin key would be withheld and no orphan ever recognised, in silence.
+        raise ConfigError(
+            "tabbyapi.user",
+            f"{_show(user)} is no user on this machine; give the user TabbyAPI runs as (a name "
+            "from the user database, or a numeric uid)",
+        )
+
+
+def within_dir(path: str, top: str) -> bool:
+    """`path` is `top` or lies below it, by whole components (both normalised, absolute)."""
+    return path == top or path.startswith(top.rstrip("/") + "/")
 
 
 def parse_config(data: Mapping[str, object], source: str = "(inline)") -> Config:

@@ -36,7 +36,7 @@ from hydra_watchdog.act.load import ModelLoader
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import Action, ActionResult
 from hydra_watchdog.adapters.tabby import ADMIN_KEY_MAX_BYTES
-from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, load_config
+from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, check_host, load_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.narrate import narrate
@@ -324,6 +324,7 @@ class Daemon:
         old, loader = self.adapters, self.executor.loader
         try:
             new = load_config(self.config_path)
+            check_host(new)
             adapters = self.adapter_factory(new)
             try:
                 # The running loader carries over: a load in flight finishes on the client it
@@ -473,6 +474,7 @@ def run_daemon(
     path = Path(config_path)
     try:
         config = load_config(path)
+        check_host(config)
     except ConfigError as exc:
         print(f"hydra-watchdog: {exc}", file=sys.stderr)
         return EX_CONFIG

@@ -13,11 +13,12 @@ let
   # The daemon's own loader checks the generated file at build time (as nixpkgs' Prometheus module
   # runs promtool): unknown or mistyped keys, wrong types and bad values fail `nixos-rebuild` with
   # the key, the value and what is accepted, instead of the unit failing with exit 78 after the
-  # switch. check-config reads only the file: nothing of the build sandbox decides the verdict.
+  # switch. check-config --file-only reads only the file: nothing of the build sandbox (which has
+  # no TabbyAPI user) decides the verdict; the unit's own start checks the machine.
   configFile =
     if cfg.checkConfig then
       pkgs.runCommand "hydra-watchdog-checked.toml" { nativeBuildInputs = [ cfg.package ]; } ''
-        hydra-watchdog check-config --config ${generatedConfig} > /dev/null
+        hydra-watchdog check-config --config ${generatedConfig} --file-only > /dev/null
         ln -s ${generatedConfig} $out
       ''
     else

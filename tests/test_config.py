@@ -20,12 +20,16 @@ import pytest
 from hypothesis import HealthCheck, given, reject, settings
 from hypothesis import strategies as st
 
+from hydra_watchdog.act.load_launch import UNIT_PREFIX
 from hydra_watchdog.config import (
     DEFAULT_CONFIG_PATH,
     MAX_DURATION,
+    OWN_UNIT,
+    OWN_UNIT_PREFIX,
     Config,
     ConfigError,
     GpuDevice,
+    check_host,
     load_config,
     parse_config,
     redact_url,
@@ -38,7 +42,14 @@ from hydra_watchdog.durations import parse_duration
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
 DEVICE_SCOPE = "gpu.device"
 DEVICE_FIELDS = {f.name: f for f in dataclasses.fields(GpuDevice)}
-CROSS_KEYS = {"tabbyapi.slow_threshold", "restart_loop.backoff_initial", "model.fallback"}
+CROSS_KEYS = {
+    "tabbyapi.slow_threshold",
+    "restart_loop.backoff_initial",
+    "model.fallback",
+    "tabbyapi.unit",
+    "metrics.listen",
+    "watchdog.state_dir",
+}
 
 
 def scoped_schema() -> dict[str, dict[str, dataclasses.Field[Any]]]:
@@ -707,6 +718,130 @@ UNSAFE: list[tuple[str, dict[str, Any], str, list[str]]] = [
     ("deep section", {"metrics": [[[[[[[[1]]]]]]]]}, "metrics", ["is not a table"]),
 ]
 
+# Issue 22: what `run` would accept and then misbehave on silently.
+PATTERNS, LISTEN = "tabbyapi.cmdline_patterns", "metrics.listen"
+UNSAFE += [
+    (
+        "tree parent",
+        {"tabbyapi": {"cmdline_patterns": ["/opt/tabbyapi/.."]}},
+        PATTERNS,
+        ["'/opt/tabbyapi/..'", "holds '..'", "parent folder", "like '/opt/tabbyapi'"],
+    ),
+    (
+        "tree via ..",
+        {"tabbyapi": {"cmdline_patterns": ["/srv", "/opt/x/../y"]}},
+        PATTERNS,
+        ["'..'"],
+    ),
+    (
+        "metrics on the port",
+        {"metrics": {"listen": "127.0.0.1:5000"}},
+        LISTEN,
+        ["'127.0.0.1:5000'", "port 5000, TabbyAPI's", "'127.0.0.1:9835'"],
+    ),
+    (
+        "metrics on port+1",
+        {"tabbyapi": {"url": "http://localhost:8080"}, "metrics": {"listen": "[::1]:8081"}},
+        LISTEN,
+        ["port 8081", "8081 where TabbyAPI moves"],
+    ),
+    (
+        "own unit",
+        {"tabbyapi": {"unit": "hydra-watchdog.service"}},
+        "tabbyapi.unit",
+        ["'hydra-watchdog.service'", "the watchdog's own unit", "'tabbyapi.service'"],
+    ),
+    (
+        "load helper unit",
+        {"tabbyapi": {"unit": "hydra-watchdog-load-0123abcd.service"}},
+        "tabbyapi.unit",
+        ["the watchdog's own unit"],
+    ),
+    (
+        "state is runtime",
+        {"watchdog": {"state_dir": "/run/hydra-watchdog/"}},
+        "watchdog.state_dir",
+        ["'/run/hydra-watchdog/'", "watchdog.runtime_dir", "/var/lib/hydra-watchdog"],
+    ),
+    (
+        "runtime in state",
+        {"watchdog": {"runtime_dir": "/var/lib/hydra-watchdog/run"}},
+        "watchdog.state_dir",
+        ["'/var/lib/hydra-watchdog/run'", "shares a tree"],
+    ),
+    (
+        "url zone id",
+        {"tabbyapi": {"url": "http://[::1%25lo]:5000"}},
+        "tabbyapi.url",
+        ["'http://[::1%25lo]:5000'", "zone id", "'http://[::1]:5000'"],
+    ),
+    (
+        "route zone id",
+        {"fallback_route": {"url": "http://[fe80::1%25eth0]:4000"}},
+        "fallback_route.url",
+        ["zone id"],
+    ),
+    (
+        "url path",
+        {"tabbyapi": {"url": "http://127.0.0.1:5000/v1"}},
+        "tabbyapi.url",
+        ["'http://127.0.0.1:5000/v1'", "has a path ('/v1')", "base URL alone"],
+    ),
+    (
+        "route path",
+        {"fallback_route": {"url": "http://litellm.internal:4000/v1"}},
+        "fallback_route.url",
+        ["has a path ('/v1')"],
+    ),
+]
+
+
+def test_a_user_that_does_not_exist_is_refused_on_the_machine_not_in_the_file() -> None:
+    """The file alone is fine (load_config's verdict rests on its bytes); the machine that runs
+    the watchdog has no such user: check_host (run, check-config) refuses it."""
+    cfg = parse_config({"tabbyapi": {"user": "hw-no-such-user"}})
+    with pytest.raises(ConfigError) as caught:
+        check_host(cfg)
+    assert caught.value.key == "tabbyapi.user"
+    assert str(caught.value) == (
+        "tabbyapi.user: 'hw-no-such-user' is no user on this machine; give the user TabbyAPI "
+        "runs as (a name from the user database, or a numeric uid)"
+    )
+    for user in ("root", "nobody", "4242"):  # a uid need not have a name
+        check_host(parse_config({"tabbyapi": {"user": user}}))
+
+
+def test_the_own_unit_names_are_the_watchdogs() -> None:
+    """What check-config calls the watchdog's own units is what the watchdog runs."""
+    unit = (Path(__file__).resolve().parents[1] / "systemd" / OWN_UNIT).read_text()
+    assert re.search(r"^ExecStart=\S*/hydra-watchdog run ", unit, re.M), unit
+    assert OWN_UNIT_PREFIX == UNIT_PREFIX
+
+
+# Every quoted value is cut: a message stays readable whatever the value (a nested list of long
+# strings ran to 2,001 characters).
+_LONG = "/opt/" + "x" * 5000
+QUOTED: list[tuple[str, dict[str, Any]]] = [
+    ("nested patterns", {"tabbyapi": {"cmdline_patterns": [[["a" * 200] * 6] * 6] * 6}}),
+    ("long pattern", {"tabbyapi": {"cmdline_patterns": ["relative" + "x" * 5000]}}),
+    ("long dotdot", {"tabbyapi": {"cmdline_patterns": [_LONG + "/.."]}}),
+    ("long user", {"tabbyapi": {"user": ["u" * 5000]}}),
+    ("long url", {"tabbyapi": {"url": "http://127.0.0.1:5000/" + "p" * 5000}}),
+    ("long unknown key", {"watchdog": {"k" * 5000: 1}}),
+    ("long section", {"s" * 5000: {}}),
+    ("long gpu uuid", {"gpu": {"device": [{"uuid": "u" * 5000}, {"uuid": "u" * 5000}]}}),
+    ("long fallback", {"model": {"name": "m" * 200, "fallback": "m" * 200}}),
+]
+
+
+@pytest.mark.parametrize("data", [row[1] for row in QUOTED], ids=[row[0] for row in QUOTED])
+def test_a_quoted_value_is_cut(data: dict[str, Any]) -> None:
+    with pytest.raises(ConfigError) as caught:
+        parse_config(data)
+    message = str(caught.value)
+    assert len(message) < 400, message
+    assert "..." in message  # cut, and said to be
+
 
 @pytest.mark.parametrize(
     ("data", "key", "fragments"), [row[1:] for row in UNSAFE], ids=[row[0] for row in UNSAFE]
@@ -738,7 +873,11 @@ def test_values_run_would_misuse_are_refused_naming_the_key(
         {"gpu": {"device": [{"index": 255, "power_limit_watts": 10000}]}},
         {"metrics": {"listen": "localhost:9835"}},
         {"metrics": {"listen": "0.0.0.0:9835"}},
-        {"fallback_route": {"url": "http://litellm.internal:4000/v1"}},
+        {"fallback_route": {"url": "http://litellm.internal:4000/"}},
+        {"tabbyapi": {"user": "hw-no-such-user"}},  # the file is fine; this machine: check_host
+        {"tabbyapi": {"url": "http://127.0.0.1:9835"}, "metrics": {"listen": "127.0.0.1:9834"}},
+        {"tabbyapi": {"unit": "hydra-watchdog-tabby.service"}},
+        {"watchdog": {"state_dir": "/var/lib/hydra", "runtime_dir": "/var/lib/hydra-run"}},
     ],
 )
 def test_plain_values_at_the_limits_are_valid(data: dict[str, Any]) -> None:
@@ -1009,16 +1148,16 @@ def test_redact_url_leaves_plain_urls_alone() -> None:
 # Valid raw values for each field kind; an unknown kind fails here, so a new kind gets a strategy.
 _UNITS = ["ms", "s", "m", "h", "d"]
 _LOOPBACK_HOSTS = ["127.0.0.1", "127.8.9.10", "localhost", "[::1]"]
-_URL_PATH = st.text(alphabet=string.ascii_letters + string.digits + "/-_.~", max_size=12)
 
 
 def _url(hosts: st.SearchStrategy[str]) -> st.SearchStrategy[str]:
+    """A base URL: a host, maybe a port, maybe a trailing "/" (a path is refused)."""
     port = st.none() | st.integers(min_value=1, max_value=65535)
     return st.builds(
-        lambda host, p, path: f"http://{host}{'' if p is None else f':{p}'}/{path}",
+        lambda host, p, slash: f"http://{host}{'' if p is None else f':{p}'}{slash}",
         hosts,
         port,
-        _URL_PATH,
+        st.sampled_from(["", "/"]),
     )
 
 
@@ -1074,7 +1213,7 @@ def raw_value(meta: Mapping[str, Any]) -> st.SearchStrategy[Any]:
             min_size=1,
             max_size=3,
         ),
-        "user": st.sampled_from(["root", "tabbyapi", "65534", "_svc-1"]),
+        "user": st.sampled_from(["root", "nobody", "65534", "0"]),  # users that exist here
         "str_list": st.lists(
             st.text(min_size=1, max_size=10), min_size=1 if meta.get("nonempty") else 0, max_size=3
         ),

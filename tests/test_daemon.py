@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -581,9 +581,11 @@ def test_a_corrupt_state_file_is_an_event_in_the_journal_and_the_events(node: No
     assert notes[0] in node.events()
 
 
-def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node) -> None:
-    """SIGHUP goes through one wiring function: new observer, executor and state file from the
-    new config; the old adapters and the old observer's probe threads are let go."""
+def _reloadable_daemon(
+    node: Node, emit: Callable[[Event], None] = lambda _event: None
+) -> tuple[Daemon, SystemctlUnit]:
+    """A Daemon over node's config that can reload it, with no systemd to ask: and its unit
+    manager, which its adapter factory hands out again at each reload."""
     cfg = load_config(node.config)
     (node.root / "no-systemd").mkdir()
     units = SystemctlUnit(cfg.tabbyapi.unit, root=str(node.root / "no-systemd"))
@@ -598,8 +600,16 @@ def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node)
         config_path=node.config,
         adapter_factory=factory,
         notifier=Notifier({}),
-        emit=lambda _event: None,
+        emit=emit,
     )
+    return daemon, units
+
+
+def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node) -> None:
+    """SIGHUP goes through one wiring function: new observer, executor and state file from the
+    new config; the old adapters and the old observer's probe threads are let go."""
+    daemon, units = _reloadable_daemon(node)
+    cfg = daemon.config
     before = set(threading.enumerate())
     daemon._safe_cycle()
     old_adapters, old_observer, old_executor = daemon.adapters, daemon.observer, daemon.executor
@@ -621,6 +631,21 @@ def test_a_reload_builds_everything_anew_and_closes_the_old_adapters(node: Node)
     assert daemon.adapters.units is units
     daemon._safe_cycle()
     assert daemon.cycles == 2
+    daemon.close()
+
+
+def test_a_reload_naming_a_user_this_machine_lacks_keeps_the_old_config(node: Node) -> None:
+    """What `run` refuses at start (config.check_host), a reload refuses too: the file is valid,
+    but without that user on this machine no process could ever be TabbyAPI's."""
+    told: list[Event] = []
+    daemon, _ = _reloadable_daemon(node, told.append)
+    cfg = daemon.config
+    node.write_config(tabbyapi={"user": "hw-no-such-user"})
+    assert not daemon.reload()
+    assert daemon.config is cfg
+    rejected = [e for e in told if e.kind is EventKind.CONFIG_REJECTED]
+    assert len(rejected) == 1
+    assert "tabbyapi.user: 'hw-no-such-user' is no user on this machine" in rejected[0].message
     daemon.close()
 
 

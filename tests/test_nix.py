@@ -351,6 +351,14 @@ def test_the_build_refuses_what_the_daemon_would_refuse(
     assert not (tmp_path / "out").exists()
 
 
+def test_the_build_checks_the_file_not_the_build_machine(tmp_path: Path) -> None:
+    """A user that exists on the node, not in the build sandbox: the file is fine (the unit's
+    own start checks the machine it runs on)."""
+    result = evaluate('{ services.hydra-watchdog.settings.tabbyapi.user = "hw-no-such-user"; }')
+    proc = run_build_check(result, tmp_path)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_check_config_off_installs_the_generated_file_unchecked() -> None:
     result = evaluate("{ services.hydra-watchdog.checkConfig = false; }")
     assert result["configSource"] == GENERATED_TOML

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import os
 import posixpath
-import pwd
 import socket
 import struct
 import threading
@@ -31,6 +30,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
+from hydra_watchdog.config import resolve_uid
 from hydra_watchdog.observation import UnitStatus
 from hydra_watchdog.printable import one_line
 
@@ -214,16 +214,6 @@ def program_paths(ident: ProcIdentity) -> tuple[str, ...]:
 
 def is_tabby_program(ident: ProcIdentity, install_dirs: Sequence[str]) -> bool:
     return any(within(p, install_dirs) for p in program_paths(ident))
-
-
-def resolve_uid(user: str) -> int | None:
-    """A user name or a numeric uid → uid; None when no such user exists here."""
-    if user.isascii() and user.isdigit():
-        return int(user)
-    try:
-        return pwd.getpwnam(user).pw_uid
-    except KeyError:
-        return None
 
 
 def tabby_uid(unit: UnitStatus | None, configured_user: str) -> tuple[int | None, str]:

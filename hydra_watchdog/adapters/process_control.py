@@ -15,13 +15,9 @@ import os
 import select
 import signal
 
-from hydra_watchdog.adapters.identity import (
-    ProcIdentity,
-    own_pid_namespace,
-    read_identity,
-    resolve_uid,
-)
+from hydra_watchdog.adapters.identity import ProcIdentity, own_pid_namespace, read_identity
 from hydra_watchdog.adapters.procs import in_unit
+from hydra_watchdog.config import resolve_uid
 from hydra_watchdog.interfaces import Delivery, PinFailure
 
 

@@ -69,7 +69,7 @@ ORACLE_CONFIG = {
         "escalate_after": "120s",
     },
     "gpu": {"device": [{"index": 0, "power_limit_watts": 450}]},
-    "fallback_route": {"url": "http://127.0.0.1:4000/v1"},
+    "fallback_route": {"url": "http://127.0.0.1:4000"},
 }
 CFG = parse_config(ORACLE_CONFIG)
 # The "slow timer" after which the main model must have been retried while the fallback
