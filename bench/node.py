@@ -98,18 +98,29 @@ class Node:
         """TabbyAPI's install tree on this node (tabbyapi.cmdline_patterns)."""
         return ROOT / "tabbyapi"
 
+    @property
+    def program(self) -> Path:
+        """TabbyAPI's program, the one its unit runs: the simulator, or with --zombie first a
+        leftover process (bench/zombie.py), so that an orphan runs TabbyAPI's very program."""
+        return self.install / "main.py"
+
     def zombie_argv(self, *extra: str, orphan: bool) -> list[str]:
-        """An orphan runs as a script from TabbyAPI's install tree (so it is TabbyAPI's by the
-        identity rules); a foreign process as `python -m bench.zombie` from the repo."""
+        """An orphan runs TabbyAPI's own program, left behind (so it is TabbyAPI's by the
+        identity rules); a foreign process `python -m bench.zombie` from the repo."""
         if not orphan:
             return [self.python, "-m", "bench.zombie", *extra]
-        script = self.install / "zombie.py"
-        script.parent.mkdir(parents=True, exist_ok=True)
-        script.write_text(
-            f"import runpy, sys\nsys.path.insert(0, {str(self.repo)!r})\n"
-            'runpy.run_module("bench.zombie", run_name="__main__", alter_sys=True)\n'
-        )
-        return [self.python, str(script), *extra]
+        return [self.python, str(self.program), "--zombie", *extra]
+
+
+_PROGRAM = """\
+import runpy, sys
+if sys.argv[1:2] == ["--zombie"]:
+    del sys.argv[1]
+    sys.path.insert(0, {repo!r})
+    runpy.run_module("bench.zombie", run_name="__main__", alter_sys=True)
+else:
+    runpy.run_module("hydra_watchdog.sim.tabby_server", run_name="__main__", alter_sys=True)
+"""
 
 
 def build_node(repo: Path) -> Node:
@@ -121,6 +132,8 @@ def build_node(repo: Path) -> Node:
     (folder / "config.json").write_text(json.dumps({"sim_vram_bytes": int(MODEL_GIB * GIB)}))
     (folder / "output.safetensors").write_bytes(b"\0" * 1024)
     (ROOT / "tokens.yml").write_text(f"api_key: {API_KEY}\nadmin_key: {ADMIN_KEY}\n")
+    node.install.mkdir(parents=True)
+    node.program.write_text(_PROGRAM.format(repo=str(repo)))
     key = ROOT / "admin_key"
     key.write_text(ADMIN_KEY + "\n")
     key.chmod(0o600)
@@ -151,7 +164,7 @@ Description=TabbyAPI (simulated)
 [Service]
 Type=simple
 WorkingDirectory={node.repo}
-ExecStart={node.python} -m hydra_watchdog.sim.tabby_server --port {PORT} \
+ExecStart={node.python} {node.program} --port {PORT} \
  --models-dir {node.models} --tokens {ROOT}/tokens.yml --control {node.control} \
  --nvml-state {node.nvml} --request-log {node.requests} --startup-model {MAIN_MODEL} \
  --load-seconds {LOAD_SECONDS:g} --modules 8
@@ -290,7 +303,7 @@ set log {ROOT}/monit.log
 set idfile {ROOT}/monit.id
 set statefile {ROOT}/monit.state
 
-check process tabbyapi matching "tabby_server --port {PORT}"
+check process tabbyapi matching "main.py --port {PORT}"
     start program = "/bin/systemctl start {TABBY_UNIT}" with timeout {MONIT_START_TIMEOUT} seconds
     stop program = "/bin/systemctl stop {TABBY_UNIT}"
     if failed host 127.0.0.1 port {PORT} protocol http request "/health"

@@ -1,6 +1,6 @@
 """A leftover process for the orphan fault classes: `python -m bench.zombie ...`.
 
-Run as a script from TabbyAPI's install tree (bench/node.py zombie_argv) it is an orphan of
+Run as TabbyAPI's own program with --zombie (bench/node.py zombie_argv) it is an orphan of
 TabbyAPI; run with `-m` from the repo, it is a foreign process that nobody may kill, whatever
 its arguments mention. --hold-port waits until the
 port is free and then listens without ever accepting: connections hang, like a wedged TabbyAPI

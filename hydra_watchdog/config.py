@@ -127,8 +127,8 @@ class TabbyAPISection:
     )
     cmdline_patterns: tuple[str, ...] = _opt(
         ("/opt/tabbyapi",),
-        "TabbyAPI's install tree(s), absolute paths: a process is TabbyAPI's only when its "
-        "executable or script lies inside one (by path component) and it runs as its user.",
+        "TabbyAPI's install tree(s), absolute paths: an orphan runs TabbyAPI's own program "
+        "(its unit's ExecStart=, or one seen in the unit) from inside one, as its user.",
         "install_dirs",
     )
     user: str = _opt(

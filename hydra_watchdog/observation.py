@@ -225,6 +225,12 @@ class UnitStatus:
     exec_main_status: int | None = None
     active_enter_mono: float | None = None  # seconds, CLOCK_MONOTONIC like `now`
     job_id: int | None = None  # a job systemd has queued or runs for the unit (None: none)
+    # ExecStart= as systemd resolved it: the executable's path and the argv it gets; and
+    # WorkingDirectory= ("" : unset; "!/x" : may be missing; "~" : the user's home). What TabbyAPI's
+    # own program is (adapters/identity.py); () and "" where not read.
+    exec_path: str = ""
+    exec_argv: tuple[str, ...] = ()
+    working_directory: str = ""
     detail: str = ""
     # How it was read: "D-Bus", or "systemctl" (with why D-Bus was not used, when it failed).
     read_via: str = ""

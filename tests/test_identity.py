@@ -28,7 +28,7 @@ from hydra_watchdog.adapters.identity import (
     ListenSocket,
     ProcIdentity,
     is_tabby_program,
-    program_paths,
+    program,
     read_identity,
     within,
 )
@@ -48,7 +48,10 @@ pytest_plugins = ["tests.harness.systemd_fixtures"]
 NO_SYSTEMD = UnitStatus(name="tabbyapi.service", available=False, detail="no systemd here")
 
 
-def _unit(main_pid: int | None, cgroup: str = "/system.slice/tabbyapi.service") -> UnitStatus:
+def _unit(
+    main_pid: int | None, cgroup: str = "/system.slice/tabbyapi.service", program: str = ""
+) -> UnitStatus:
+    """The unit's status; `program`: the script its ExecStart= runs with this interpreter."""
     return UnitStatus(
         name="tabbyapi.service",
         available=True,
@@ -56,6 +59,8 @@ def _unit(main_pid: int | None, cgroup: str = "/system.slice/tabbyapi.service") 
         active_state="activating" if main_pid else "failed",
         main_pid=main_pid,
         control_group=cgroup if main_pid else "",
+        exec_path=sys.executable if program else "",
+        exec_argv=(sys.executable, program) if program else (),
     )
 
 
@@ -550,7 +555,7 @@ def test_a_mention_of_the_install_tree_is_not_an_orphan(started: Started) -> Non
             ]
         )
         scanner = ProcScanner(port, [str(install)])
-        roles = _roles(scanner, _unit(1))
+        roles = _roles(scanner, _unit(1, program=f"{install}/main.py"))
     assert roles[job.pid] is ProcessRole.FOREIGN
 
 
@@ -566,7 +571,9 @@ def test_another_users_tabbyapi_and_a_contained_one_are_foreign(started: Started
             ["unshare", "--pid", "--fork", SYSTEM_PYTHON, str(install / "server.py"), str(port)]
         )
         scanner = ProcScanner(port, [str(install)])
-        _, found = scanner.scan(_unit(1), GpuReport(), full=True)
+        _, found = scanner.scan(
+            _unit(1, program=str(install / "server.py")), GpuReport(), full=True
+        )
         by_pid = {p.pid: p for p in found}
         # the contained TabbyAPI is unshare's child, in a PID namespace of its own
         inner = next(p for p in found if p.listens_on == (port,))
@@ -609,9 +616,10 @@ def test_command_lines_are_read_for_new_processes_and_all_again_every_rescan(
     (install / "server.py").write_text(LISTEN)
     now = [0.0]
     scanner = ProcScanner(port, [str(install)], clock=lambda: now[0])
+    unit = _unit(1, program=str(install / "server.py"))
 
     def orphans() -> set[int]:
-        _, found = scanner.scan(_unit(1), GpuReport(), full=False)
+        _, found = scanner.scan(unit, GpuReport(), full=False)
         return {p.pid for p in found if p.role is ProcessRole.ORPHAN}
 
     assert orphans() == set()
@@ -646,7 +654,7 @@ def test_a_real_orphan_from_the_install_tree_is_found_and_killed(
     (install / "server.py").write_text(LISTEN)
     orphan = started.run([sys.executable, str(install / "server.py"), str(port)])
     scanner = ProcScanner(port, [str(install)])
-    _, found = scanner.scan(_unit(1), GpuReport(), full=False)
+    _, found = scanner.scan(_unit(1, program=str(install / "server.py")), GpuReport(), full=False)
     info = next(p for p in found if p.pid == orphan.pid)
     assert info.role is ProcessRole.ORPHAN and info.uid == os.getuid()
     action = KillOrphan(
@@ -713,11 +721,11 @@ def test_install_tree_is_matched_by_whole_path_components() -> None:
     assert not within("relative/opt/tabbyapi", ["/opt/tabbyapi"])
 
 
-def test_program_paths_take_the_script_not_the_arguments() -> None:
+def test_program_is_the_script_not_the_arguments() -> None:
     venv = ("/opt/tabbyapi/venv/bin/python", "main.py", "--port", "5000")
     assert is_tabby_program(_ident(venv, cwd="/opt/tabbyapi"), ["/opt/tabbyapi"])
     relative = ("python3", "-u", "main.py")
-    assert program_paths(_ident(relative, cwd="/opt/tabbyapi"))[-1] == "/opt/tabbyapi/main.py"
+    assert program(_ident(relative, cwd="/opt/tabbyapi")) == "/opt/tabbyapi/main.py"
     inline = ("python3", "-c", "pass", "/opt/tabbyapi/main.py")
     assert not is_tabby_program(_ident(inline), ["/opt/tabbyapi"])
     module = ("python3", "-m", "http.server", "/opt/tabbyapi/main.py")

@@ -16,7 +16,7 @@ from typing import Any
 import psutil
 import pytest
 
-from hydra_watchdog.adapters.identity import cgroup_paths, in_cgroup
+from hydra_watchdog.adapters.identity import cgroup_paths, in_cgroup, program, read_identity
 from hydra_watchdog.adapters.procs import ProcScanner, parse_listeners
 from hydra_watchdog.observation import (
     GpuProcess,
@@ -236,9 +236,15 @@ def test_processes_dying_mid_scan_are_skipped(procs: Procs) -> None:
 
 
 def test_the_watchdog_itself_is_never_an_orphan(procs: Procs) -> None:
-    # The pattern matches this test process and its child alike: only the child is an orphan.
+    # This test process runs a program of the install tree as its child does: only the child
+    # is an orphan.
     child = procs.server("child", 0)
-    scanner = ProcScanner(free_port_pair(), [sys.executable])
+    me = read_identity(os.getpid())
+    mine = program(me) if me is not None else None
+    if mine is None:
+        pytest.skip("run as `python -m pytest`: this process runs no program file")
+    tree = [os.path.dirname(mine), str(procs.folder / "child")]
+    scanner = ProcScanner(free_port_pair(), tree)
     found = by_pid(scanner.scan(NO_UNIT, GpuReport(), full=False)[1])
     assert found[child.pid].role is ProcessRole.ORPHAN
     assert os.getpid() not in found

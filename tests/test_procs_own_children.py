@@ -30,7 +30,11 @@ from hydra_watchdog.adapters.procs import ProcScanner
 marker, stranger = PREFIX + sys.argv[1], int(sys.argv[2])
 child = subprocess.Popen([sys.executable, marker + "/sleep.py"])
 scanner = ProcScanner(5000, [marker])
-unit = UnitStatus(name="tabbyapi.service", available=True, load_state="loaded")
+# TabbyAPI's unit runs the very program the child runs (ExecStart=): an orphan's program
+unit = UnitStatus(
+    name="tabbyapi.service", available=True, load_state="loaded",
+    exec_path=sys.executable, exec_argv=(sys.executable, marker + "/sleep.py"),
+)
 deadline = time.monotonic() + 30
 try:
     while not scanner._matches(child.pid) and time.monotonic() < deadline:

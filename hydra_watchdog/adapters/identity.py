@@ -8,10 +8,11 @@ put any text into an argv):
   every request that carries the admin key.) Under systemd: the socket's owner is the unit's
   MainPID or sits in the unit's cgroup, the full path systemd reports (a user's own
   `tabbyapi.service` lives under user@UID.service, never at that path). Without a unit to ask:
-  the owner runs as TabbyAPI's uid, in our PID namespace, and its program (executable, argv[0]
-  or script) lies inside TabbyAPI's install tree, and the socket was created by that uid.
-* Is this process outside the unit an orphan of TabbyAPI's? (`is_tabby_program` with the same
-  uid and namespace rules; see adapters/procs.py.)
+  the owner runs as TabbyAPI's uid, in our PID namespace, and its program (see "TabbyAPI's
+  program" below) lies inside TabbyAPI's install tree, and the socket was created by that uid.
+* Is this process outside the unit an orphan of TabbyAPI's? (It runs as TabbyAPI's uid, in our
+  PID namespace, and runs TabbyAPI's own program: `runs_program` with `unit_programs`, or
+  `is_tabby_program` without a unit; see adapters/procs.py.)
 
 Paths are compared by component (`/opt/tabbyapi` holds `/opt/tabbyapi/main.py`, never
 `/opt/tabbyapi-shared/x`). Start times are the kernel's clock ticks since boot
@@ -22,19 +23,18 @@ from __future__ import annotations
 
 import os
 import posixpath
+import re
 import socket
 import struct
 import threading
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 from hydra_watchdog.config import resolve_uid
 from hydra_watchdog.observation import UnitStatus
 from hydra_watchdog.printable import one_line
-
-_INTERPRETER_FLAGS_WITH_ARG = frozenset({"-c", "-m", "-W", "-X", "-Q"})
 
 
 @dataclass(frozen=True)
@@ -187,33 +187,146 @@ def within(path: str, roots: Iterable[str]) -> bool:
     return False
 
 
-def program_paths(ident: ProcIdentity) -> tuple[str, ...]:
-    """Where a process's program lives: its executable, argv[0], and for an interpreter the
-    script it runs (the first argument that is not an option). Relative paths are resolved
-    against its working directory. `python -c`/`-m` run no script file: none is taken."""
-    cwd = ident.cwd or "/"
+# --- TabbyAPI's program ------------------------------------------------------------------------
+#
+# The program a process runs is its executable (/proc/PID/exe, which the kernel resolved), or,
+# for an interpreter (Python, or a POSIX shell running a script), the script it runs: the first
+# argument after the interpreter's options, resolved against the process's working directory
+# when relative. Nothing else on a command line counts: argv[0] is any text its parent chose
+# (`python3` run from /opt/tabbyapi is not /opt/tabbyapi/python3), and the arguments of a
+# program that is no interpreter are its data (`sleep 25` from /opt/tabbyapi runs /usr/bin/sleep,
+# not /opt/tabbyapi/25). An interpreter told to run no script file (`-c`, `-m`, `-` or stdin)
+# runs no program here: it never matches, and neither does a script path holding `..` (which the
+# kernel resolves through symlinks, not by text) or a relative one whose cwd cannot be read.
+#
+# A process is TabbyAPI's when its program is TabbyAPI's own program:
+# * with a unit (`unit_programs`): the program the unit's ExecStart= runs (its executable, or the
+#   script its interpreter runs, relative to WorkingDirectory=), and the program of any process
+#   seen in the unit's cgroup (what a wrapper script such as start.sh exec'd or started); each
+#   only while it lies inside the install tree (tabbyapi.cmdline_patterns), so a unit that runs
+#   a generic tool (`/usr/bin/env`, `/bin/sleep`) makes no other use of that tool TabbyAPI's;
+# * without a unit (`is_tabby_program`): a program inside the install tree.
+# A process merely started from inside the tree (its cwd), or running another file of the tree
+# (a `job.py` beside `main.py`), is not TabbyAPI's.
 
-    def absolute(p: str) -> str:
-        return posixpath.normpath(p if p.startswith("/") else posixpath.join(cwd, p))
 
-    paths: list[str] = []
-    if ident.exe:
-        paths.append(ident.exe.removesuffix(" (deleted)"))
-    if ident.cmdline and ident.cmdline[0]:
-        paths.append(absolute(ident.cmdline[0]))
-    for arg in ident.cmdline[1:]:
-        if arg in _INTERPRETER_FLAGS_WITH_ARG:
-            break
-        if arg.startswith("-"):
-            continue
-        if arg:
-            paths.append(absolute(arg))
-        break
-    return tuple(paths)
+@dataclass(frozen=True)
+class _Options:
+    """How an interpreter's command line names its script."""
+
+    no_script: frozenset[str]  # option letters after which no script file runs
+    with_value: frozenset[str]  # option letters whose value is the next argument (or attached)
+    long_with_value: frozenset[str]  # --long options whose value is the next argument
+    plus: bool  # shells also take options as `+o`
+
+
+_PYTHON = _Options(frozenset("cm"), frozenset("WX"), frozenset({"--check-hash-based-pycs"}), False)
+_SHELL = _Options(frozenset("cs"), frozenset("oO"), frozenset({"--rcfile", "--init-file"}), True)
+_PYTHON_NAME = re.compile(r"python[0-9.]*[a-z]?", re.ASCII)  # python, python3.11, python3.13t
+_SHELL_NAMES = frozenset({"sh", "bash", "dash"})
+
+
+def _interpreter(path: str) -> _Options | None:
+    name = posixpath.basename(path)
+    if _PYTHON_NAME.fullmatch(name):
+        return _PYTHON
+    return _SHELL if name in _SHELL_NAMES else None
+
+
+def script_argument(args: Sequence[str], options: _Options) -> str | None:
+    """The script an interpreter runs, as its arguments (argv[1:]) name it; None when it runs
+    none (`-c`, `-m`, `-`: code from elsewhere)."""
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if arg == "--":
+            rest = args[i + 1 : i + 2]
+            return rest[0] or None if rest else None
+        if arg == "-":
+            return None  # stdin
+        if arg.startswith("--"):
+            if arg in options.long_with_value:
+                i += 1
+        elif arg.startswith("-") or (options.plus and arg.startswith("+")):
+            letters = arg[1:]
+            for at, letter in enumerate(letters):
+                if letter in options.no_script:
+                    return None
+                if letter in options.with_value:
+                    i += at == len(letters) - 1  # no value attached: it is the next argument
+                    break
+        else:
+            return arg or None
+        i += 1
+    return None
+
+
+def _resolved(script: str, cwd: str | None) -> str | None:
+    """`script` as an absolute path, by text: None where only the file system could say."""
+    if not script.startswith("/"):
+        if cwd is None or not cwd.startswith("/") or cwd.endswith(" (deleted)"):
+            return None
+        script = posixpath.join(cwd, script)
+    if ".." in script.split("/"):
+        return None
+    return posixpath.normpath(script)
+
+
+def program(ident: ProcIdentity) -> str | None:
+    """The program a process runs (see above); None when it runs none we can name."""
+    if not ident.exe:
+        return None
+    exe = ident.exe.removesuffix(" (deleted)")
+    options = _interpreter(exe)
+    if options is None:
+        return exe
+    script = script_argument(ident.cmdline[1:], options)
+    return None if script is None else _resolved(script, ident.cwd)
 
 
 def is_tabby_program(ident: ProcIdentity, install_dirs: Sequence[str]) -> bool:
-    return any(within(p, install_dirs) for p in program_paths(ident))
+    """Without a unit: the process's program lies inside the install tree."""
+    found = program(ident)
+    return found is not None and within(found, install_dirs)
+
+
+def exec_program(unit: UnitStatus) -> str | None:
+    """The program the unit's ExecStart= runs: its executable, or for an interpreter the script
+    it names, relative to WorkingDirectory= (a system service's default: /)."""
+    path = unit.exec_path
+    if not path.startswith("/"):
+        return None
+    options = _interpreter(path) or _interpreter(os.path.realpath(path))
+    if options is None:
+        return posixpath.normpath(path)
+    script = script_argument(unit.exec_argv[1:], options)
+    # "!/x": WorkingDirectory=-/x (may be missing); "~": the user's home, not resolved here.
+    cwd = unit.working_directory.removeprefix("!") or "/"
+    return None if script is None else _resolved(script, cwd)
+
+
+def unit_programs(
+    unit: UnitStatus, seen: Iterable[str], install_dirs: Sequence[str]
+) -> frozenset[str]:
+    """TabbyAPI's own programs: the one ExecStart= runs and those `seen` run in the unit's
+    cgroup, each where it lies inside the install tree; each also as the file system resolves
+    it (the form /proc gives an executable in), where that lies inside too."""
+    forms: set[str] = set()
+    for named in (exec_program(unit), *seen):
+        if named is None or not within(named, install_dirs):
+            continue
+        forms.add(named)
+        real = os.path.realpath(named)
+        if within(real, install_dirs):
+            forms.add(real)
+    return frozenset(forms)
+
+
+def runs_program(ident: ProcIdentity, programs: Collection[str]) -> bool:
+    """The process runs one of `programs` (compared as named: a script path is never resolved
+    through symlinks, which whoever owns them could point elsewhere meanwhile)."""
+    found = program(ident)
+    return found is not None and found in programs
 
 
 def tabby_uid(unit: UnitStatus | None, configured_user: str) -> tuple[int | None, str]:

@@ -44,12 +44,16 @@ from hydra_watchdog.adapters.identity import (
     netlink_sockets,
     own_pid_namespace,
     parse_proc_net,
+    program,
     read_cmdline,
     read_identity,
     read_text,
+    runs_program,
     socket_owners,
     tabby_uid,
     unit_cgroup_members,
+    unit_programs,
+    within,
 )
 from hydra_watchdog.observation import (
     GpuReport,
@@ -64,6 +68,7 @@ if TYPE_CHECKING:
     from hydra_watchdog.config import Config
 
 RESCAN_EVERY = 60.0  # seconds: every process's command line is read again at least this often
+MAX_SEEN_PROGRAMS = 16  # programs remembered from the unit's cgroup (a wrapper, its child...)
 
 
 def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
@@ -97,11 +102,21 @@ def in_unit(pid: int, unit: str, proc_root: str = "/proc") -> bool | None:
     return False
 
 
+def _inside_unit(ident: ProcIdentity, main_pid: int | None, members: set[int], cgroup: str) -> bool:
+    """The unit's MainPID or a process in its cgroup, by the cgroup tree or /proc/PID/cgroup."""
+    return (
+        ident.pid == main_pid
+        or ident.pid in members
+        or any(in_cgroup(p, cgroup) for p in ident.cgroups)
+    )
+
+
 class ProcScanner:
     """ProcessScanner over a /proc tree (`proc_root`) and a cgroup tree (`cgroup_root`).
 
     Roles (identity.py has the rules): MAIN and UNIT come from systemd (MainPID, the unit's
-    cgroup). An ORPHAN runs TabbyAPI's program from its install tree (`install_dirs`, the
+    cgroup). An ORPHAN runs TabbyAPI's own program (the one the unit's ExecStart= runs, or one
+    seen in its cgroup; without a unit, a program of the install tree: `install_dirs`, the
     config's cmdline_patterns), as TabbyAPI's uid, in our PID namespace, outside the unit.
     Everything else is FOREIGN: reported, never signalled."""
 
@@ -127,6 +142,7 @@ class ProcScanner:
         self._btime: float | None = None
         self._own_service: str | None = None  # the watchdog's own .service cgroup ("" if none)
         self._own_ns = own_pid_namespace() if self.proc_root == "/proc" else None
+        self._seen_programs: dict[str, None] = {}  # run in the unit's cgroup, oldest first
 
     @classmethod
     def from_config(cls, config: Config) -> ProcScanner:
@@ -173,12 +189,16 @@ class ProcScanner:
                 listens.setdefault(lst.pid, set()).add(lst.port)
 
         uid, _ = tabby_uid(unit, self.user)
+        # exited, zombies and the unreadable are left out: nothing to act on
+        read = (read_identity(p, self.proc_root) for p in sorted(candidates | set(listens)))
+        idents = [ident for ident in read if ident is not None]
+        inside = [i for i in idents if _inside_unit(i, main_pid, members, unit.control_group)]
+        programs = self._tabby_programs(unit, inside)
+        inside_pids = {i.pid for i in inside}
         processes = []
-        for pid in sorted(candidates | set(listens)):
-            ident = read_identity(pid, self.proc_root)
-            if ident is None:  # exited, a zombie, or unreadable: nothing to act on
-                continue
-            role = self._role(ident, main_pid, members, unit.control_group, uid)
+        for ident in idents:
+            pid = ident.pid
+            role = self._role(ident, main_pid, pid in inside_pids, uid, programs)
             # Listed for its command line alone, and not TabbyAPI's: a mention, a reused PID,
             # or a forked child of a matching process that has exec'd something else since.
             if role is ProcessRole.FOREIGN and pid not in listens and pid not in gpu_bytes:
@@ -198,23 +218,44 @@ class ProcScanner:
         report = PortReport(port=self.port, listeners=tuple(listeners), full_scan=searched_all)
         return report, tuple(processes)
 
+    def _tabby_programs(
+        self, unit: UnitStatus, inside: Sequence[ProcIdentity]
+    ) -> frozenset[str] | None:
+        """TabbyAPI's own programs (identity.unit_programs): ExecStart's, and those seen run in
+        the unit's cgroup, remembered (the latest MAX_SEEN_PROGRAMS) for when the unit is down,
+        as it is when an orphan is most likely. None without a unit: the install tree decides."""
+        if not unit.exists:
+            return None
+        for ident in inside:
+            found = program(ident)
+            if found is not None and within(found, self.install_dirs):
+                self._seen_programs.pop(found, None)
+                self._seen_programs[found] = None  # the latest last
+        while len(self._seen_programs) > MAX_SEEN_PROGRAMS:
+            del self._seen_programs[next(iter(self._seen_programs))]
+        return unit_programs(unit, self._seen_programs, self.install_dirs)
+
     def _role(
         self,
         ident: ProcIdentity,
         main_pid: int | None,
-        members: set[int],
-        cgroup: str,
+        in_unit: bool,
         uid: int | None,
+        programs: frozenset[str] | None,
     ) -> ProcessRole:
         if ident.pid == main_pid:
             return ProcessRole.MAIN
-        if ident.pid in members or any(in_cgroup(p, cgroup) for p in ident.cgroups):
+        if in_unit:
             return ProcessRole.UNIT
         if (
             uid is not None
             and ident.uid == uid
             and (self._own_ns is None or ident.pid_ns == self._own_ns)
-            and is_tabby_program(ident, self.install_dirs)
+            and (
+                is_tabby_program(ident, self.install_dirs)
+                if programs is None
+                else runs_program(ident, programs)
+            )
             and not self._is_self(ident)
         ):
             return ProcessRole.ORPHAN

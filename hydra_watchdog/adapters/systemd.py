@@ -43,6 +43,8 @@ PROPERTIES = (
     "ExecMainStatus",
     "ActiveEnterTimestampMonotonic",
     "Job",
+    "ExecStart",
+    "WorkingDirectory",
 )
 
 # PID 1 on the unit's files ("/etc/.../10-hydra-watchdog.conf:28: Unknown key ..., ignoring"),
@@ -66,11 +68,30 @@ def parse_show(name: str, text: str, *, read_via: str = "systemctl") -> UnitStat
     """`systemctl show -p ...` output → UnitStatus. Lines are parsed by property name (systemd
     does not promise an order); a property that is absent or unparsable stays None/""."""
     props: dict[str, str] = {}
+    commands = 0
     for line in text.splitlines():
         key, sep, value = line.partition("=")
         if sep:
             props[key.strip()] = value.strip()
+            commands += key.strip() == "ExecStart"
+    if commands > 1:  # a oneshot's several commands: no one program (as over D-Bus)
+        props["ExecStart"] = ""
     return status_from_props(name, props, read_via=read_via)
+
+
+# systemctl's form of one command: "{ path=P ; argv[]=A0 A1 ... ; ignore_errors=no ; ... }". The
+# argv is joined with spaces, unquoted: an argument holding a space is read as two (and can then
+# only fail to name TabbyAPI's program).
+_EXEC_COMMAND = re.compile(r"\{ path=(?P<path>.*?) ; argv\[\]=(?P<argv>.*?) ; ignore_errors=")
+
+
+def parse_exec(value: str) -> tuple[str, tuple[str, ...]]:
+    """ExecStart= as `systemctl show` prints it → (path, argv); ("", ()) when it is not one
+    command in that form."""
+    found = _EXEC_COMMAND.match(value)
+    if found is None:
+        return "", ()
+    return found["path"], tuple(found["argv"].split(" "))
 
 
 def status_from_props(name: str, props: Mapping[str, str], *, read_via: str) -> UnitStatus:
@@ -83,6 +104,7 @@ def status_from_props(name: str, props: Mapping[str, str], *, read_via: str) -> 
         detail = "systemctl show returned no LoadState"
     main_pid = _int(props, "MainPID")
     enter_us = _int(props, "ActiveEnterTimestampMonotonic")
+    exec_path, exec_argv = parse_exec(props.get("ExecStart", ""))
     return UnitStatus(
         name=name,
         available=True,
@@ -99,6 +121,9 @@ def status_from_props(name: str, props: Mapping[str, str], *, read_via: str) -> 
         # Microseconds on CLOCK_MONOTONIC, the clock of time.monotonic(); 0: never active.
         active_enter_mono=enter_us / 1e6 if enter_us else None,
         job_id=_int(props, "Job") or None,  # empty: no job queued or running
+        exec_path=exec_path,
+        exec_argv=exec_argv,
+        working_directory=props.get("WorkingDirectory", ""),
         detail=detail,
         read_via=read_via,
     )

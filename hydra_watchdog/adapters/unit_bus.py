@@ -10,7 +10,7 @@ Nothing here raises for an outside failure: `read()` returns the properties, or 
 why they could not be read, and the caller (SystemctlUnit) falls back to `systemctl show`.
 
 PID 1 sends every signal to every connection on its private socket, unasked (no AddMatch, no
-Subscribe: there is no bus daemon to filter). So a read need not ask for all twelve properties
+Subscribe: there is no bus daemon to filter). So a read need not ask for all fourteen properties
 every cycle (issue 15: parsing their replies was most of the unit probe's CPU). It asks for
 ActiveState and InvocationID (a new one at every start), and answers with its last full read when
 both are as they were, no signal about the unit came in since that read (PropertiesChanged on its
@@ -60,6 +60,8 @@ INTERFACE_OF: Mapping[str, str] = {
     "ControlGroup": _SERVICE_IF,
     "User": _SERVICE_IF,
     "ExecMainStatus": _SERVICE_IF,
+    "ExecStart": _SERVICE_IF,
+    "WorkingDirectory": _SERVICE_IF,
 }
 _PEER = "org.freedesktop.DBus.Peer"
 # PID 1 (systemd 252, measured in the test namespace: 10 of 15 fresh connections) can leave the
@@ -87,7 +89,15 @@ class BusError(Exception):
 def as_show_value(value: Any) -> str:
     """A property's D-Bus value as `systemctl show` prints it: an id128 (ay) as 32 hex digits
     (empty when unset), a job (uo: its id and object path) as its id (empty for 0: none),
-    numbers in decimal, strings as they are."""
+    numbers in decimal, strings as they are, one command (ExecStart's a(sasbttttuii)) as
+    `{ path=P ; argv[]=A0 A1 ; ignore_errors=no ; ... }` up to the fields we read (several: empty,
+    as parse_show reads several lines)."""
+    if isinstance(value, list):
+        if len(value) != 1 or not _is_command(value[0]):
+            return ""
+        path, argv, ignore = value[0][:3]
+        ignore_errors = as_show_value(ignore)
+        return f"{{ path={path} ; argv[]={' '.join(argv)} ; ignore_errors={ignore_errors} }}"
     if isinstance(value, tuple):
         return as_show_value(value[0]) if value and value[0] else ""
     if isinstance(value, bytes):
@@ -283,6 +293,16 @@ def _values(names: Sequence[str], replies: Sequence[Message]) -> dict[str, str]:
             continue
         out[name] = as_show_value(body[0][1])
     return out
+
+
+def _is_command(entry: Any) -> bool:
+    return (
+        isinstance(entry, tuple)
+        and len(entry) >= 3
+        and isinstance(entry[0], str)
+        and isinstance(entry[1], list)
+        and all(isinstance(arg, str) for arg in entry[1])
+    )
 
 
 def _is_variant(body: Any) -> bool:

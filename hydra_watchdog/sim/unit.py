@@ -10,6 +10,7 @@ It needs no root and no systemd, so `hydra-watchdog demo` runs anywhere.
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import threading
@@ -38,6 +39,9 @@ class SimUnit:
     ) -> None:
         self.name = name
         self.argv = list(argv)
+        # ExecStart= as systemd reports it: the executable's path, found as Popen finds it
+        self._exec_path = (shutil.which(self.argv[0]) or self.argv[0]) if self.argv else ""
+        self._cwd = os.getcwd()  # the processes start where the demo runs
         self.log_path = log_path
         self.restart_sec = restart_sec
         self.env = env
@@ -71,6 +75,9 @@ class SimUnit:
                 invocation_id=self._invocation,
                 exec_main_status=self._status,
                 active_enter_mono=self._entered,
+                exec_path=self._exec_path,
+                exec_argv=tuple(self.argv),
+                working_directory=self._cwd,
             )
 
     def command(self, verb: UnitVerb) -> CommandOutcome:

@@ -3,9 +3,10 @@
 One systemd namespace per session (the shared `systemd_ns` fixture, overlay root: it never sees
 the host's /tmp). This module installs, once per chaos module:
 
-* /opt/tabbyapi, laid out like hydra-ai: `start.sh` runs the TabbyAPI simulator from the venv
-  after "importing" ExLlamaV2's compiled extension (a real dlopen of a real .so that links to a
-  library under /opt/tabbyapi/store, so `ldd` and the import fail together when it is removed);
+* /opt/tabbyapi, laid out like hydra-ai: `start.sh` execs `python /opt/tabbyapi/main.py` (the
+  TabbyAPI simulator: the program an orphan of TabbyAPI runs too) after "importing" ExLlamaV2's
+  compiled extension (a real dlopen of a real .so that links to a library under
+  /opt/tabbyapi/store, so `ldd` and the import fail together when it is removed);
   `api_tokens.yml`, the fault control file, the request log, `env` (STARTUP_MODEL, config.yml's
   model_name: empty by default, as on hydra-ai where TabbyAPINoModel fires after restarts);
 * /mnt/models: a real tmpfs mount holding the main model (20 GiB in the NVML simulator) and the
@@ -158,7 +159,7 @@ cd {TABBY}
 for ext in {TABBY}/venv/lib/python3*/site-packages/exllamav2_ext*.so; do
     {TABBY}/bin/load-ext "$ext"
 done
-exec {sys.executable} -m hydra_watchdog.sim.tabby_server --port {PORT} \\
+exec {sys.executable} {TABBY}/main.py --port {PORT} \\
     --models-dir {MODELS} --tokens {TABBY}/api_tokens.yml --flavor exl2 \\
     --control {CONTROL} --request-log {REQUEST_LOG} --startup-model "${{STARTUP_MODEL:-}}" \\
     --load-seconds 0.5 --modules 4 --nvml-state {NVML_STATE} --port-file {PORT_FILE}
