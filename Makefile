@@ -23,16 +23,20 @@ system-deps:
 demo: venv system-deps
 	$(BIN)/hydra-watchdog demo
 
+# Hypothesis draws the same examples on every run (the ci profile, tests/harness/
+# hypothesis_profiles.py): a landing never depends on the draw.
 test: venv system-deps
-	$(BIN)/pytest
+	$(BIN)/pytest --hypothesis-profile=ci
 
-# The policy oracle (issue 13) on many more seeded traces than `make test` runs; FUZZ_TRACES and
-# FUZZ_SEED pick how many and which.
+# Exploration, beside `make test`: the policy oracle (issue 13) on many more seeded traces
+# (FUZZ_TRACES and FUZZ_SEED pick how many and which), then every hypothesis test drawing at
+# random, 10 times its own number of examples (the fuzz profile).
 FUZZ_TRACES ?= 20000
 FUZZ_SEED ?= 13000
 fuzz: venv
 	HYDRA_ORACLE_TRACES=$(FUZZ_TRACES) HYDRA_ORACLE_SEED=$(FUZZ_SEED) \
 		$(BIN)/pytest -p no:cacheprovider -s tests/test_policy_oracle.py
+	$(BIN)/pytest --hypothesis-profile=fuzz -m hypothesis tests
 
 chaos: venv system-deps
 	$(BIN)/pytest -m chaos tests/chaos
