@@ -1,4 +1,5 @@
-"""Command line: hydra-watchdog run|status|check|verify|pause|resume|events|check-config|demo.
+"""Command line: hydra-watchdog run|status|check|verify|pause|resume|events|incidents|check-config|
+demo.
 
 Verdicts follow the Nagios plugin convention (0 OK, 1 WARNING, 2 CRITICAL, 3 UNKNOWN); a bad
 configuration exits 78 (EX_CONFIG) with one line naming the key, never a traceback.
@@ -169,6 +170,39 @@ def cmd_events(args: argparse.Namespace) -> int:
         print(f"{stamp} {e.severity.value:<7} {e.kind.value}{rule}: {e.message}")
         if e.reason and e.reason not in e.message:
             print(f"{'':20}because {e.reason}")
+    return 0
+
+
+def cmd_incidents(args: argparse.Namespace) -> int:
+    import json  # noqa: PLC0415
+
+    from hydra_watchdog.durations import parse_duration  # noqa: PLC0415
+    from hydra_watchdog.incidents import incidents_since  # noqa: PLC0415
+    from hydra_watchdog.report.incident_file import IncidentFile  # noqa: PLC0415
+    from hydra_watchdog.report.incident_view import render, to_json  # noqa: PLC0415
+
+    try:
+        since = parse_duration(args.since)
+    except ValueError as exc:
+        raise CliError(2, f"--since {args.since!r}: {exc}") from None
+    cfg, note = _config_or_defaults(args)
+    try:
+        loaded = IncidentFile(cfg.watchdog.state_dir, dry_run=cfg.watchdog.dry_run).load()
+    except PermissionError:
+        raise CliError(
+            3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
+        ) from None
+    except OSError as exc:  # statefile.UnsafeDirectoryError: says what is wrong and how to fix it
+        raise CliError(3, str(exc)) from None
+    now = time.time()
+    found = incidents_since(loaded.tracker, now - since)
+    if args.json:
+        print(json.dumps(to_json(found), indent=2))
+        return 0
+    for line in (loaded.note, note):
+        if line:
+            print(line, file=sys.stderr)
+    print("\n".join(render(found, now=now, since_text=args.since)))
     return 0
 
 
@@ -378,6 +412,9 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
     p = add("events", cmd_events, "recent events")
     p.add_argument("-n", type=int, default=20, help="how many (default 20)")
     p.add_argument("--json", action="store_true")
+    p = add("incidents", cmd_incidents, "incidents: alert, cause, actions, time to recover")
+    p.add_argument("--since", default="24h", help='how far back, e.g. "7d" (default 24h)')
+    p.add_argument("--json", action="store_true")
     p = add("check-config", cmd_check_config, "validate the config; print it with secrets redacted")
     p.add_argument(
         "--file-only",
@@ -390,7 +427,18 @@ def build_parser(only: str | None = None) -> argparse.ArgumentParser:
 
 
 COMMANDS = frozenset(
-    ("run", "status", "check", "verify", "pause", "resume", "events", "check-config", "demo")
+    (
+        "run",
+        "status",
+        "check",
+        "verify",
+        "pause",
+        "resume",
+        "events",
+        "incidents",
+        "check-config",
+        "demo",
+    )
 )
 
 

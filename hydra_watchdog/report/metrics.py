@@ -22,6 +22,7 @@ from typing import Any
 from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
 
+from hydra_watchdog.incidents import AlertClass, Incident, IncidentOutcome
 from hydra_watchdog.observation import Outcome
 from hydra_watchdog.policy_state import RestartOrigin
 from hydra_watchdog.report.exporter import PageServer
@@ -32,6 +33,9 @@ PREFIX = "hydra_watchdog"
 RESTART_SOURCES = tuple(RestartOrigin)
 # 2 s is the runbook's slow-health threshold: it must be a bucket boundary for the alert.
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 30.0)
+# Time to recover, from seconds (a crash the watchdog fixes) to hours (a human at night).
+INCIDENT_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0, 3600.0, 7200.0)
+RULE_NAMES = frozenset(r.value for r in Rule)
 # What generate_latest() writes (named here: older prometheus_client releases lack the constant).
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
 
@@ -62,10 +66,35 @@ class _ReportCollector:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._report: StatusReport | None = None
+        self._incident: Incident | None = None
 
     def set(self, report: StatusReport) -> None:
         with self._lock:
             self._report = report
+
+    def set_incident(self, incident: Incident | None) -> None:
+        with self._lock:
+            self._incident = incident
+
+    def _incident_families(self) -> Iterator[GaugeMetricFamily]:
+        with self._lock:
+            inc = self._incident
+        open_ = GaugeMetricFamily(
+            f"{PREFIX}_incident_open",
+            "1 while an incident is open: the runbook alert it stands for, and the rule of the "
+            "cause the watchdog found (unknown: none yet; other: a rule this version lacks).",
+            labels=["alert", "cause"],
+        )
+        if inc is not None:
+            rule = inc.cause_rule or "unknown"
+            open_.add_metric([inc.alert.value, rule if rule in RULE_NAMES else "other"], 1.0)
+        yield open_
+        yield GaugeMetricFamily(
+            f"{PREFIX}_incident_human_needed",
+            "1 while the open incident needs a human (escalated, blocked, or a cause no restart "
+            "fixes); see `hydra-watchdog incidents`.",
+            value=1.0 if inc is not None and inc.human_needed else 0.0,
+        )
 
     def describe(self) -> list[Any]:
         return []  # the set of series depends on the report; nothing to check at registration
@@ -75,6 +104,7 @@ class _ReportCollector:
             report = self._report
         if report is None:
             return
+        yield from self._incident_families()
         state = GaugeMetricFamily(
             f"{PREFIX}_state",
             "1 for the watchdog's current phase, 0 for the others.",
@@ -193,7 +223,36 @@ class Metrics:
             buckets=LATENCY_BUCKETS,
             registry=self.registry,
         )
+        self._incident_seconds = Histogram(
+            f"{PREFIX}_incident_seconds",
+            "Time to recover of each closed incident, from its first symptom to healthy again, "
+            "by the runbook alert it stood for.",
+            ["alert"],
+            buckets=INCIDENT_BUCKETS,
+            registry=self.registry,
+        )
+        self._incidents = Counter(
+            f"{PREFIX}_incidents",
+            "Closed incidents by runbook alert and outcome (recovered: by the watchdog alone; "
+            "human: a human was needed).",
+            ["alert", "outcome"],
+            registry=self.registry,
+        )
+        for alert in AlertClass:
+            self._incident_seconds.labels(alert=alert.value)
+            for outcome in IncidentOutcome:
+                self._incidents.labels(alert=alert.value, outcome=outcome.value)
         self._server: PageServer | None = None
+
+    def record_incident(self, closed: Incident) -> None:
+        """A closed incident: counted, and its time to recover observed."""
+        seconds = closed.time_to_recover()
+        self._incidents.labels(alert=closed.alert.value, outcome=closed.outcome.value).inc()
+        if seconds is not None:
+            self._incident_seconds.labels(alert=closed.alert.value).observe(seconds)
+
+    def set_open_incident(self, incident: Incident | None) -> None:
+        self._report.set_incident(incident)
 
     def update(self, report: StatusReport) -> None:
         self._report.set(report)

@@ -6,9 +6,11 @@ results, the events told) and each reporter publishes its part of it, in this or
 
 1. journal: the cycle's events (narrate.py chose them) to journald, or the console;
 2. state file: the policy's memory and the events kept, atomically (skipped when unchanged);
-3. status file: status.json for `hydra-watchdog status`;
-4. metrics: the Prometheus page;
-5. sd_notify: STATUS= on a phase change, READY=1 after the first complete cycle.
+3. incidents: the incident each cycle belongs to (incidents.py), kept in the state dir and
+   counted in the metrics when it closes;
+4. status file: status.json for `hydra-watchdog status`;
+5. metrics: the Prometheus page;
+6. sd_notify: STATUS= on a phase change, READY=1 after the first complete cycle.
 
 The order matters: the state is on disk before the outside world hears of it, and READY=1 comes
 last, so that `systemctl start` returns only once `status` has a file to read. A reporter that
@@ -33,9 +35,11 @@ from typing import Protocol
 from hydra_watchdog.actions import Action, ActionResult, action_name
 from hydra_watchdog.config import Config
 from hydra_watchdog.events import Event
+from hydra_watchdog.incidents import Tracker, facts, step
 from hydra_watchdog.observation import Observation, Outcome
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.printable import printable
+from hydra_watchdog.report.incident_file import IncidentFile
 from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.status import StatusReport, build_status
@@ -172,6 +176,54 @@ class StateFileReporter:
         self._saved, self._saved_events, self._saved_at = key, events, now
 
 
+class IncidentReporter:
+    """Incidents from each cycle's record (incidents.py, pure), kept in the state dir
+    (incidents.json, written only when the tracker changed) and, with metrics on, the closed
+    ones counted and the open one shown. The file is read at the first cycle, and again when a
+    reload moves the state dir or switches dry run."""
+
+    def __init__(self, metrics: Metrics | None) -> None:
+        self.metrics = metrics
+        self.tracker = Tracker()
+        self._file: IncidentFile | None = None
+        self._unsaved = False
+
+    def publish(self, record: CycleRecord) -> None:
+        file = IncidentFile(record.config.watchdog.state_dir, dry_run=record.dry_run)
+        if self._file is None or file.path != self._file.path:
+            try:
+                loaded = file.load()
+            except OSError as exc:  # retried next cycle; the incident is tracked meanwhile
+                log.error("cannot read the incidents", error=str(exc), path=str(file.path))
+            else:
+                if loaded.note:
+                    log.warning(loaded.note, path=str(file.path))
+                self.tracker, self._file = loaded.tracker, file
+        cycle = facts(
+            record.before,
+            record.after,
+            record.observation,
+            record.results,
+            record.config,
+            wall=record.wall,
+            mono=record.mono,
+        )
+        tracker, closed = step(self.tracker, cycle)
+        if tracker is not self.tracker:
+            self._unsaved = True
+        self.tracker = tracker
+        if self._unsaved and self._file is not None:
+            try:
+                self._file.save(tracker)
+                self._unsaved = False
+            except OSError as exc:  # a full disk: retried next cycle
+                log.error("cannot save the incidents", error=str(exc), path=str(file.path))
+        if self.metrics is not None:
+            if closed is not None:
+                self.metrics.record_incident(closed)
+            self.metrics.set_open_incident(tracker.open)
+
+
 class StatusFileReporter:
     """status.json in the runtime dir, for `hydra-watchdog status` as any user."""
 
@@ -250,7 +302,7 @@ def reporters(
     metrics: Metrics | None,
 ) -> tuple[Reporter, ...]:
     """The daemon's chain, in the order the module docstring gives and why."""
-    chain: list[Reporter] = [journal, state_file, StatusFileReporter()]
+    chain: list[Reporter] = [journal, state_file, IncidentReporter(metrics), StatusFileReporter()]
     if metrics is not None:
         chain.append(MetricsReporter(metrics))
     chain.append(SdNotifyReporter(notifier))
