@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz lint bench chaos venv system-deps clean
+.PHONY: demo test fuzz lint bench alerts dashboard chaos venv system-deps clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -42,12 +42,21 @@ chaos: venv system-deps
 	$(BIN)/pytest -m chaos tests/chaos
 
 lint: venv
-	$(BIN)/ruff check hydra_watchdog tests bench
-	$(BIN)/ruff format --check hydra_watchdog tests bench
+	$(BIN)/ruff check hydra_watchdog tests bench dashboards
+	$(BIN)/ruff format --check hydra_watchdog tests bench dashboards
 	$(BIN)/mypy
 
 bench: venv system-deps
 	$(BIN)/python -m bench
+
+# The runbook's incidents under a real Prometheus and Alertmanager (issue 26): pages fired and
+# avoided, time to resolution; writes its own section of bench/RESULTS.md (a few minutes).
+alerts: venv system-deps
+	$(BIN)/python -m bench.alerts
+
+# dashboards/hydra-watchdog.json from its generator (tests/test_dashboard.py checks they agree).
+dashboard: venv
+	$(BIN)/python -m dashboards.hydra_watchdog --write
 
 clean:
 	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis

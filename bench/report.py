@@ -533,5 +533,10 @@ def write_report(
         ov_lines, ov_targets = overhead_sections(ov)
         lines += ["## Overhead and latency", "", *ov_lines]
     lines += ["## Targets (issue 15)", "", *ov_targets, *targets, ""]
-    md.write_text("\n".join(lines))
+    text = "\n".join(lines)
+    # `make alerts` writes a section of its own (bench/alerts.py): kept as it was.
+    from bench.alerts import alerts_section, with_section
+
+    kept = alerts_section(md.read_text(encoding="utf-8")) if md.exists() else ""
+    md.write_text(with_section(text, kept) if kept else text)
     return md, png

@@ -625,9 +625,8 @@ class ChaosNode:
         self.mark()
 
 
-@pytest.fixture(scope="module")
-def chaos_node(systemd_ns: SystemdNamespace) -> Iterator[ChaosNode]:
-    ns = systemd_ns
+def install_chaos_node(ns: SystemdNamespace) -> ChaosNode:
+    """Lay the chaos node out in a booted namespace (the fixture below; `make alerts` too)."""
     node = ChaosNode(ns)
     ns.write_file("/tmp/load-ext.c", LOAD_EXT_C)
     ns.run(["sh", "-c", BUILD_TABBY], check=True, timeout=120)
@@ -657,23 +656,35 @@ def chaos_node(systemd_ns: SystemdNamespace) -> Iterator[ChaosNode]:
     ns.run(["mount", "--make-rshared", "/"], check=True)
     checked = ns.run([f"{VENV_BIN}/hydra-watchdog", "check-config", "--config", CONFIG])
     assert checked.returncode == 0, checked.stdout + checked.stderr
+    return node
+
+
+def remove_chaos_node(node: ChaosNode) -> None:
+    """Undo install_chaos_node: the namespace is as booted again (for the next module)."""
+    ns = node.ns
+    node.kill_spawned()
+    for unit in (WATCHDOG, TABBY_UNIT):
+        ns.reset_unit(unit, remove=True)
+    ns.run(
+        [
+            "sh",
+            "-c",
+            f"rm -rf /etc/systemd/system/{WATCHDOG}.d /etc/systemd/system/{TABBY_UNIT}.d "
+            f"{STATE_DIR}; umount {MODELS} || true",
+        ]
+    )
+    ns.daemon_reload()
+    ns.systemctl("log-target", "console")
+    ns.run(["mount", "--make-rprivate", "/"])
+
+
+@pytest.fixture(scope="module")
+def chaos_node(systemd_ns: SystemdNamespace) -> Iterator[ChaosNode]:
+    node = install_chaos_node(systemd_ns)
     try:
         yield node
     finally:
-        node.kill_spawned()
-        for unit in (WATCHDOG, TABBY_UNIT):
-            ns.reset_unit(unit, remove=True)
-        ns.run(
-            [
-                "sh",
-                "-c",
-                f"rm -rf /etc/systemd/system/{WATCHDOG}.d /etc/systemd/system/{TABBY_UNIT}.d "
-                f"{STATE_DIR}; umount {MODELS} || true",
-            ]
-        )
-        ns.daemon_reload()
-        ns.systemctl("log-target", "console")
-        ns.run(["mount", "--make-rprivate", "/"])
+        remove_chaos_node(node)
 
 
 def pytest_configure(config: pytest.Config) -> None:
