@@ -297,6 +297,38 @@ def test_disabled_module_defines_nothing() -> None:
     assert result["etc"] == []
 
 
+def test_the_grafana_dashboard_is_off_by_default(typical: dict[str, Any]) -> None:
+    assert typical["grafana"] == {"provision": False, "providers": []}
+    both = "{ lib, ... }: { services.hydra-watchdog = { enable = lib.mkForce false; "
+    off = evaluate(both + "grafanaDashboard = true; }; }")  # and with the module off
+    assert off["grafana"]["providers"] == []
+
+
+def test_the_grafana_dashboard_is_provisioned_from_the_committed_json(tmp_path: Path) -> None:
+    result = evaluate("{ services.hydra-watchdog.grafanaDashboard = true; }")
+    assert result["grafana"]["provision"] is True
+    [provider] = result["grafana"]["providers"]
+    assert provider["name"] == "hydra-watchdog"
+    folder = provider["folder"]
+    # The build step copies one file from the store, where Nix put the repository's JSON: run
+    # it with that file in the store path's place, as a builder would see it.
+    [stored] = re.findall(r"/nix/store/[a-z0-9]{32}-hydra-watchdog\.json", folder["script"])
+    committed = REPO / "dashboards" / "hydra-watchdog.json"
+    script = folder["script"].replace(stored, str(committed))
+    out = tmp_path / "out"
+    proc = subprocess.run(
+        ["bash", "-e", "-c", script],
+        env={"PATH": "/usr/bin:/bin", "out": str(out)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert proc.returncode == 0, proc.stderr
+    assert [p.name for p in out.iterdir()] == ["hydra-watchdog.json"]  # the provider loads all
+    assert (out / "hydra-watchdog.json").read_bytes() == committed.read_bytes()
+
+
 def test_the_stand_in_rejects_a_wrongly_typed_definition() -> None:
     with pytest.raises(NixError, match="is not of type boolean"):
         evaluate('{ services.hydra-watchdog.openFirewall = "yes"; }')

@@ -30,6 +30,17 @@ in
   services = config.systemd.services;
   etc = builtins.attrNames config.environment.etc;
   firewallTCPPorts = config.networking.firewall.allowedTCPPorts;
+  grafana = {
+    provision = config.services.grafana.provision.enable;
+    # A provider's folder as its build step (the stand-in's runCommand), not just its path.
+    providers = map (p: {
+      inherit (p) name;
+      folder = {
+        inherit (p.options.path) name script;
+        path = p.options.path.outPath;
+      };
+    }) config.services.grafana.provision.dashboards.settings.providers;
+  };
   failedAssertions = map (a: a.message) (builtins.filter (a: !a.assertion) config.assertions);
   inherit (config) warnings;
   # What /etc/hydra-watchdog/config.toml comes from: the checked file's build step, or the

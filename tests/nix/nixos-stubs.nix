@@ -33,5 +33,13 @@ in
       type = types.attrsOf types.anything;
       default = { };
     };
+    services.grafana.provision.enable = mkOption {
+      type = types.bool;
+      default = false;
+    };
+    services.grafana.provision.dashboards.settings.providers = mkOption {
+      type = types.listOf types.anything;
+      default = [ ];
+    };
   };
 }
