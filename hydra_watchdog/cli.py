@@ -20,11 +20,12 @@ TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` mil
 if TYPE_CHECKING:
     import argparse
     from collections.abc import Callable, Sequence
-    from typing import Any
+    from typing import Any, TypeVar
 
     from hydra_watchdog.config import Config
 
     Command = Callable[[argparse.Namespace], int]
+    T = TypeVar("T")
 
 EX_CONFIG = 78  # config.EX_CONFIG, without importing the config schema
 
@@ -135,6 +136,18 @@ def _status(args: argparse.Namespace, now: float) -> tuple[int, str, Any, str]:
     return verdict, why, report, note
 
 
+def _from_state_dir(cfg: Config, load: Callable[[], T]) -> T:
+    """What `load` reads from the state dir (root's), or the CliError saying why it cannot."""
+    try:
+        return load()
+    except PermissionError:
+        raise CliError(
+            3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
+        ) from None
+    except OSError as exc:  # statefile.UnsafeDirectoryError: says what is wrong and how to fix it
+        raise CliError(3, str(exc)) from None
+
+
 def cmd_events(args: argparse.Namespace) -> int:
     import json  # noqa: PLC0415
     from pathlib import Path  # noqa: PLC0415
@@ -147,17 +160,13 @@ def cmd_events(args: argparse.Namespace) -> int:
     )
 
     cfg, note = _config_or_defaults(args)
-    try:
-        name = DRY_RUN_STATE_FILE if cfg.watchdog.dry_run else STATE_FILE
-        persisted = StateFile(
+    name = DRY_RUN_STATE_FILE if cfg.watchdog.dry_run else STATE_FILE
+    persisted = _from_state_dir(
+        cfg,
+        StateFile(
             Path(cfg.watchdog.state_dir), events_kept=cfg.watchdog.events_kept, name=name
-        ).load()
-    except PermissionError:
-        raise CliError(
-            3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
-        ) from None
-    except OSError as exc:  # statefile.UnsafeDirectoryError: says what is wrong and how to fix it
-        raise CliError(3, str(exc)) from None
+        ).load,
+    )
     events = list(persisted.events)[-args.n :] if args.n > 0 else []
     if args.json:
         print(json.dumps([to_jsonable(e) for e in events], indent=2))
@@ -186,14 +195,9 @@ def cmd_incidents(args: argparse.Namespace) -> int:
     except ValueError as exc:
         raise CliError(2, f"--since {args.since!r}: {exc}") from None
     cfg, note = _config_or_defaults(args)
-    try:
-        loaded = IncidentFile(cfg.watchdog.state_dir, dry_run=cfg.watchdog.dry_run).load()
-    except PermissionError:
-        raise CliError(
-            3, f"cannot read {cfg.watchdog.state_dir}: permission denied (run as root)"
-        ) from None
-    except OSError as exc:  # statefile.UnsafeDirectoryError: says what is wrong and how to fix it
-        raise CliError(3, str(exc)) from None
+    loaded = _from_state_dir(
+        cfg, IncidentFile(cfg.watchdog.state_dir, dry_run=cfg.watchdog.dry_run).load
+    )
     now = time.time()
     found = incidents_since(loaded.tracker, now - since)
     if args.json:

@@ -6,8 +6,6 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
@@ -45,6 +43,7 @@ from hydra_watchdog.report.incident_view import render, to_json
 from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.states import Phase, Rule
 from tests import policy_kit as k
+from tests.test_cli import cli
 
 WALL0 = 1_800_000_000.0  # wall time at monotonic 0 in these runs
 
@@ -344,16 +343,6 @@ def test_metrics_count_closed_incidents_and_show_the_open_one() -> None:
 
 
 # --- the command ---------------------------------------------------------------------------------
-
-
-def cli(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hydra_watchdog", *args],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
 
 
 def test_the_command_lists_the_window_as_text_and_json(tmp_path: Path) -> None:
