@@ -100,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     old = args.results.read_text(encoding="utf-8") if args.results.exists() else ""
     args.results.write_text(with_section(old, section), encoding="utf-8")
     print("\n".join(lines))
+    for o in outcomes:
+        print(f"{o.scenario}: pages (s after the fault, cause) {o.pages}; incident {o.incident}")
     print(f"\nwrote the alert loop's section of {args.results}")
     bad = [o.scenario for o in outcomes if o.unresolved or o.healthy_s is None]
     return 1 if bad else 0

@@ -84,13 +84,21 @@ def compress_rules(text: str, factor: float = FACTOR) -> str:
 
 
 def alerts_config(metrics_port: int) -> str:
-    """The chaos node's config with the exporter on, and the restart window the alert counts
-    in (10 minutes / FACTOR: the runbook's "more than 3 in 10 minutes" and the watchdog's
-    max_restarts 3 count the same restarts)."""
-    text = CHAOS_CONFIG.replace('listen = ""', f'listen = "127.0.0.1:{metrics_port}"')
-    window = prom_duration(600 / FACTOR)
-    text = re.sub(r'(?m)^window = ".*"$', f'window = "{window}"', text)
-    assert f"127.0.0.1:{metrics_port}" in text and f'window = "{window}"' in text
+    """The chaos node's config with the exporter on and the runbook's numbers where the alerts
+    have them: restarts counted in 10 minutes / FACTOR (the runbook's "more than 3 in 10
+    minutes" and max_restarts 3 count the same restarts), slow above 2 s (a latency, not
+    compressed), and a canary deadline of 30 s / FACTOR, above that latency: a slow TabbyAPI
+    is slow, not hung."""
+    settings = {
+        "listen": f"127.0.0.1:{metrics_port}",
+        "window": prom_duration(600 / FACTOR),
+        "slow_threshold": "2s",
+        "canary_deadline": prom_duration(30 / FACTOR),
+    }
+    text = CHAOS_CONFIG
+    for key, value in settings.items():
+        text, n = re.subn(rf'(?m)^{key} = ".*"$', f'{key} = "{value}"', text)
+        assert n == 1, f"{key} appears {n} times in the chaos config"
     return text
 
 
@@ -234,6 +242,16 @@ class AlertStack:
             (d["t"], d["body"]) for d in _jsonl(self.host_path(f"{RECORDER}/notifications.jsonl"))
         ]
 
+    def pages_since(self, t0: float, name: str) -> list[tuple[float, str]]:
+        """(when, its cause annotation) of each notification since t0 with `name` firing."""
+        return [
+            (t, alert.get("annotations", {}).get("cause", ""))
+            for t, body in self.notifications()
+            if t >= t0
+            for alert in body.get("alerts", [])
+            if alert["labels"].get("alertname") == name and alert["status"] == "firing"
+        ]
+
     def active(self, names: tuple[str, ...] = RUNBOOK_ALERTS) -> list[str]:
         snaps = self.snapshots()
         last = snaps[-1] if snaps else Snapshot(0.0, ())
@@ -257,7 +275,7 @@ class Scenario:
     alert: str  # the runbook alert this incident is
     inject: Callable[[ChaosNode], None]
     fix: Callable[[ChaosNode], None] | None = None  # what the operator does, once `fix_when`
-    fix_when: Callable[[ChaosNode], bool] | None = None
+    fix_when: Callable[[ChaosNode, AlertStack], bool] | None = None
     in_ci: bool = False  # run by the test too, not only by `make alerts`
     note: str = ""
 
@@ -316,7 +334,7 @@ SCENARIOS = (
         AlertClass.SLOW_HEALTH,
         _slow,
         fix=lambda n: n.faults(),
-        fix_when=lambda n: time.time() - n.t0 >= SLOW_HOLD,
+        fix_when=lambda n, _s: time.time() - n.t0 >= SLOW_HOLD,
         note="slowness is diagnosed, never restarted for: the operator's to fix",
     ),
     Scenario(
@@ -324,7 +342,7 @@ SCENARIOS = (
         AlertClass.RESTART_LOOP,
         _crash_at_every_start,
         fix=lambda n: n.faults(),
-        fix_when=lambda n: _backoff_step(n) >= 2,
+        fix_when=lambda n, _s: _backoff_step(n) >= 2,
         note="fixed by the operator at back-off step 2",
     ),
     Scenario(
@@ -332,9 +350,9 @@ SCENARIOS = (
         AlertClass.RESTART_LOOP,
         _remove_library,
         fix=_restore_library,
-        fix_when=lambda n: _backoff_step(n) >= 1 and bool(n.status().get("findings")),
+        fix_when=lambda n, s: bool(s.pages_since(n.t0, AlertClass.RESTART_LOOP)),
         in_ci=True,
-        note="no restart can fix it: the operator restores the library",
+        note="no restart can fix it: paged, the operator restores the library",
     ),
 )
 
@@ -353,6 +371,7 @@ class Outcome:
     unresolved: bool = False  # still active when the wait ended
     cause: str = ""  # the page's cause annotation
     others: tuple[str, ...] = ()  # other runbook alerts that went pending or fired
+    pages: list[tuple[float, str]] = field(default_factory=list)  # (after the fault, cause)
     note: str = ""
     incident: dict[str, Any] = field(default_factory=dict)  # `hydra-watchdog incidents`
 
@@ -377,7 +396,7 @@ def run_scenario(node: ChaosNode, stack: AlertStack, sc: Scenario) -> Outcome:
     sc.inject(node)
     fix, fix_when = sc.fix, sc.fix_when
     if fix is not None and fix_when is not None:
-        node.wait(lambda: fix_when(node), 180, lambda: f"{sc.name}: {node.describe()}")
+        node.wait(lambda: fix_when(node, stack), 180, lambda: f"{sc.name}: {node.describe()}")
         fix(node)
     out = Outcome(sc.name, sc.alert, note=sc.note)
     # status.json from before the fault must not pass for "serving again": first see it go.
@@ -400,13 +419,9 @@ def run_scenario(node: ChaosNode, stack: AlertStack, sc: Scenario) -> Outcome:
     out.others = tuple(
         n for n in RUNBOOK_ALERTS if n != sc.alert and any(s.state(n) for s in snaps)
     )
-    for t, body in stack.notifications():
-        if t < t0 or body.get("status") != "firing":
-            continue
-        for alert in body.get("alerts", []):
-            if alert["labels"].get("alertname") == sc.alert and alert["status"] == "firing":
-                out.paged = True
-                out.cause = out.cause or alert.get("annotations", {}).get("cause", "")
+    out.pages = [(t - t0, cause) for t, cause in stack.pages_since(t0, sc.alert)]
+    out.paged = bool(out.pages)
+    out.cause = out.pages[0][1] if out.pages else ""  # what the first page said
     found = node.cli("incidents", "--json", "--since", "1h")
     listed = json.loads(found.stdout) if found.returncode == 0 else []
     out.incident = next((i for i in reversed(listed) if i["began"] >= t0 - 1), {})
@@ -440,7 +455,7 @@ def table(outcomes: list[Outcome]) -> list[str]:
     ]
     for o in outcomes:
         if o.fired:
-            page = "**paged**" if o.paged else "fired, no page received"
+            page = f"**paged** at {o.pages[0][0]:.1f} s" if o.pages else "fired, no page came"
         else:
             page = "avoided" if o.pending else "-"
         resolved = "NOT RESOLVED" if o.unresolved else _s(o.resolved_s)
