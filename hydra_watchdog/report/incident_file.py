@@ -1,10 +1,11 @@
 """`incidents.json` in the state dir: the incident tracker (incidents.py), kept across restarts.
 
-Written like the state file (statefile.write_atomic: temp file, fsync, rename, fsync of the dir)
-and only when the tracker changed, which a healthy cycle never does. Read with the project's
-bounded regular-file reader; a file that is not ours (corrupt, too large, a FIFO, a symlink) is
-moved aside as evidence and the tracker starts empty: never a crash. Bounded by construction:
-INCIDENTS_KEPT closed incidents of at most ACTIONS_KEPT actions, texts of TEXT_LIMIT characters.
+Written like the state file (through the trusted state dir's descriptor, statefile.write_atomic:
+temp file, fsync, rename, fsync of the dir) and only when the tracker changed, which a healthy
+cycle never does. Read with the project's bounded regular-file reader in that directory; a file
+that is not ours (corrupt, too large, a FIFO, a symlink) is moved aside as evidence and the
+tracker starts empty: never a crash. Bounded by construction: INCIDENTS_KEPT closed incidents of
+at most ACTIONS_KEPT actions, texts of TEXT_LIMIT characters.
 """
 
 from __future__ import annotations
@@ -16,13 +17,8 @@ from pathlib import Path
 from hydra_watchdog.incidents import Tracker
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
-from hydra_watchdog.statefile import (
-    _check_ranges,
-    ensure_private_dir,
-    move_aside,
-    parse_json,
-    write_atomic,
-)
+from hydra_watchdog.statefile import _check_ranges, move_aside, parse_json, write_atomic
+from hydra_watchdog.trusted_path import state_dir
 
 INCIDENT_FILE = "incidents.json"
 DRY_RUN_INCIDENT_FILE = "incidents.dry-run.json"  # a dry run's incidents are its own
@@ -44,29 +40,30 @@ class IncidentFile:
     def load(self) -> Loaded:
         """The tracker, or an empty one. Raises UnsafeDirectoryError for a state dir it must not
         trust and PermissionError when this process may not read it (both OSError)."""
-        ensure_private_dir(self.dir)
-        try:
-            raw, _ = read_regular(self.path, MAX_BYTES)
-        except FileNotFoundError:
-            return Loaded(Tracker())
-        except UnusableFileError as exc:
-            return self._discard(str(exc))
-        try:
-            doc = parse_json(raw)
-            if not isinstance(doc, dict) or doc.get("version") != INCIDENT_VERSION:
-                raise ValueError(f"not version {INCIDENT_VERSION} of {INCIDENT_FILE}")
-            tracker = from_jsonable(Tracker, doc["tracker"])
-            _check_ranges(tracker, "tracker")
-        except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-            return self._discard(f"corrupt: {type(exc).__name__}: {exc}"[:300])
-        return Loaded(tracker)
+        with state_dir(self.dir, create=True) as dir_fd:
+            try:
+                raw, _ = read_regular(self.path.name, MAX_BYTES, dir_fd=dir_fd)
+            except FileNotFoundError:
+                return Loaded(Tracker())
+            except UnusableFileError as exc:
+                return self._discard(str(exc), dir_fd)
+            try:
+                doc = parse_json(raw)
+                if not isinstance(doc, dict) or doc.get("version") != INCIDENT_VERSION:
+                    raise ValueError(f"not version {INCIDENT_VERSION} of {INCIDENT_FILE}")
+                tracker = from_jsonable(Tracker, doc["tracker"])
+                _check_ranges(tracker, "tracker")
+            except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
+                return self._discard(f"corrupt: {type(exc).__name__}: {exc}"[:300], dir_fd)
+            return Loaded(tracker)
 
     def save(self, tracker: Tracker) -> None:
         doc = {"version": INCIDENT_VERSION, "tracker": to_jsonable(tracker)}
-        ensure_private_dir(self.dir)
-        write_atomic(self.path, json.dumps(doc, separators=(",", ":")).encode(), 0o600)
+        data = json.dumps(doc, separators=(",", ":")).encode()
+        with state_dir(self.dir, create=True) as dir_fd:
+            write_atomic(self.path, data, 0o600, dir_fd=dir_fd)
 
-    def _discard(self, why: str) -> Loaded:
-        moved = move_aside(self.path, why)
+    def _discard(self, why: str, dir_fd: int) -> Loaded:
+        moved = move_aside(self.path, why, dir_fd=dir_fd)
         where = f"set aside as {moved.name}" if moved else "could not be moved aside"
         return Loaded(Tracker(), f"{self.path.name} unusable ({why}); {where}; incidents restart")
