@@ -35,7 +35,7 @@ from hydra_watchdog.act.executor import Executor
 from hydra_watchdog.act.load import ModelLoader
 from hydra_watchdog.act.load_launch import LoadHelpers
 from hydra_watchdog.actions import Action, ActionResult
-from hydra_watchdog.adapters.tabby import ADMIN_KEY_MAX_BYTES
+from hydra_watchdog.adapters.admin_key import ADMIN_KEY_MAX_BYTES
 from hydra_watchdog.config import EX_CONFIG, Config, ConfigError, check_host, load_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.interfaces import Adapters

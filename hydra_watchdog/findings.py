@@ -24,7 +24,7 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
 from hydra_watchdog.printable import one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
-from hydra_watchdog.situation import in_unit, port_holders, tabby_runs, unit_up
+from hydra_watchdog.situation import in_unit, key_refused, port_holders, tabby_runs, unit_up
 from hydra_watchdog.states import Rule, Severity
 from hydra_watchdog.vram import GIB
 
@@ -88,13 +88,45 @@ def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable
 
 
 def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    model = obs.model
-    if model is not None and model.result.outcome is Outcome.UNAUTHORIZED:
+    """A 401/403 on any request with the key: the model probe's, the canary's, or a load's
+    (remembered until the key changes: situation.key_refused)."""
+    view = obs.admin_key
+    if view is None or view.live:
+        reread = "its file is read again when it changes (no reload needed)"
+    else:  # a credential: systemd copied it when the watchdog started
+        reread = f"{view.source} is copied at start: restart hydra-watchdog after changing it"
+    refused = next(
+        (
+            p.result
+            for p in (obs.model, obs.canary)
+            if p is not None and p.result.outcome is Outcome.UNAUTHORIZED
+        ),
+        None,
+    )
+    if refused is not None:
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
             Severity.CRIT,
-            f"TabbyAPI rejected the admin key ({model.result.detail}): loads are impossible "
-            "until it matches admin_key in TabbyAPI's api_tokens.yml",
+            f"TabbyAPI rejected the admin key ({refused.detail}): loads are impossible "
+            f"until it matches admin_key in TabbyAPI's api_tokens.yml; {reread}",
+        )
+    elif key_refused(s, obs):
+        where = f"the key from {view.source}" if view is not None and view.source else "its key"
+        # Answered with this key, /v1/model took it: a key that reads but cannot load is
+        # TabbyAPI's api_key (notes/tabbyapi.md).
+        reads = obs.model is not None and obs.model.known
+        kind = (
+            ": it is accepted for reading (/v1/model) but not for loading, so it is TabbyAPI's "
+            "api_key, not its admin_key"
+            if reads
+            else ""
+        )
+        yield Finding(
+            Rule.ADMIN_KEY_REJECTED,
+            Severity.CRIT,
+            f"TabbyAPI refused a model load with {where} ({s.key_refused_detail[:160]}){kind}; "
+            f"no load is sent until the key changes or TabbyAPI restarts; put admin_key from "
+            f"TabbyAPI's api_tokens.yml there: {reread}",
         )
 
 

@@ -26,6 +26,7 @@ from hydra_watchdog.observation import (
     Health,
     HostReport,
     HttpResult,
+    KeyView,
     ModelStatus,
     NvmlErrorKind,
     PortReport,
@@ -66,6 +67,9 @@ class PowerSetOutcome:
 class TabbyApi(Protocol):
     def note_unit(self, unit: UnitStatus) -> None:
         """This cycle's unit status: what the credential gate judges the port's listener by."""
+
+    def admin_key(self) -> KeyView:
+        """The admin key held now (read again when its file changed): where from, its stamp."""
 
     def health(self) -> Health: ...
 

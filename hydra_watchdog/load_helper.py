@@ -24,8 +24,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from hydra_watchdog.adapters.admin_key import ADMIN_KEY_MAX_BYTES
 from hydra_watchdog.adapters.systemd import SystemctlUnit
-from hydra_watchdog.adapters.tabby import ADMIN_KEY_MAX_BYTES, TabbyClient, read_admin_key
+from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import ConfigError, load_config
 from hydra_watchdog.load_record import LoadReport, write_report
 

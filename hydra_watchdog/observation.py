@@ -90,6 +90,16 @@ class ModelStatus:
 
 
 @dataclass(frozen=True)
+class KeyView:
+    """The admin key the client holds now, for the policy and messages; never the key itself."""
+
+    source: str  # where it is read from, for messages ("the file /etc/x"); "": none configured
+    stamp: str = ""  # what was read (the file's identity); another stamp is another key
+    problem: str = ""  # why no key could be read ("" : read, or none configured)
+    live: bool = True  # a change of the source is read without a restart (a credential: not)
+
+
+@dataclass(frozen=True)
 class Canary:
     """A 1-token POST /v1/completions with a deadline."""
 
@@ -329,6 +339,7 @@ class Observation:
     # Confirming /health probes sent in this cycle while the first went unanswered, that failed
     # as well: each counts as one more consecutive failed probe (failures_before_down).
     confirmations_failed: int = 0
+    admin_key: KeyView | None = None  # None: not reported (an adapter that holds no key)
 
     def process(self, pid: int) -> ProcessInfo | None:
         return next((p for p in self.processes if p.pid == pid), None)

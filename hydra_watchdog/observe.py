@@ -319,6 +319,7 @@ class Observer:
 
         return Observation(
             at=self._clock(),
+            admin_key=self.tabby.admin_key(),
             health=health,
             confirmations_failed=confirmations_failed,
             unit=unit,

@@ -66,7 +66,15 @@ from hydra_watchdog.policy_state import (
     RestartRecord,
 )
 from hydra_watchdog.printable import one_line
-from hydra_watchdog.situation import Situation, auto_restarting, orphans_in_the_way, starting
+from hydra_watchdog.situation import (
+    Situation,
+    auto_restarting,
+    key_refused,
+    orphans_in_the_way,
+    process_replaced,
+    starting,
+    tabby_process,
+)
 from hydra_watchdog.states import Phase, Rule
 from hydra_watchdog.vram import GIB, snapshot_for, vram_free, vram_needed
 
@@ -194,8 +202,15 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
             # A model just loaded has served nothing yet: a canary runs before "healthy".
             s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
         elif final_load.error_kind == ErrorKind.UNAUTHORIZED:
-            # Not the model's fault and no back-off can fix it: admin_key_rejected says so.
-            s = changed(s, last_load_error=final_load.detail, next_load_at=None)
+            # Not the model's fault and no back-off can fix it: admin_key_rejected says so, and
+            # no load goes out with this key again (situation.key_refused).
+            s = changed(
+                s,
+                last_load_error=final_load.detail,
+                next_load_at=None,
+                key_refused=obs.admin_key.stamp if obs.admin_key is not None else "",
+                key_refused_detail=final_load.detail,
+            )
         elif final_load.error_kind == ErrorKind.LOAD_PERMANENT and isinstance(action, LoadModel):
             # No back-off either: waiting cannot change it, and the fallback may go at once.
             s = changed(
@@ -243,10 +258,11 @@ def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) ->
 
 
 def _load_mark(obs: Observation, cfg: Config, model: str) -> str:
-    """What a permanent load failure depends on: the model config, the folder, the process."""
+    """What a permanent load failure depends on besides TabbyAPI's process (whose replacement
+    clears them all: _count_restarts): the model config and the folder."""
     folder = obs.host.fallback if model == cfg.model.fallback else obs.host.model
     mtime = folder.mtime if folder is not None else None
-    return f"{cfg.model!r}|{mtime}|{obs.unit.invocation_id}"
+    return f"{cfg.model!r}|{mtime}"
 
 
 def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> PolicyState:
@@ -286,14 +302,26 @@ def _count_restarts(
     attempts = tuple(at for at in s.start_attempts if now - at < window)
     if attempts != s.start_attempts:
         s = changed(s, start_attempts=attempts)
-    fresh = bool(s.invocation_id) and obs.unit.invocation_id not in ("", s.invocation_id)
-    s = changed(s, restarts=kept, nrestarts_seen=seen, invocation_id=obs.unit.invocation_id)
+    fresh = process_replaced(s, obs)
+    invocation, process = obs.unit.invocation_id, tabby_process(obs)
+    if not fresh:  # not knowing now is no change: the process last seen stays
+        invocation, process = invocation or s.invocation_id, process or s.tabby_process
+    s = changed(
+        s,
+        restarts=kept,
+        nrestarts_seen=seen,
+        invocation_id=invocation,
+        tabby_process=process,
+    )
     if fresh and s.load_failures:
         # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try.
         s = changed(s, load_failures=0, next_load_at=None, last_load_error="")
     if fresh and s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
         s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
-    # Config, folder or process changed: such a failure may not hold any more.
+    if fresh:
+        # What a process refused (a permanent load error, a key) the next one may take.
+        s = changed(s, permanent=(), key_refused=None)
+    # Config or folder changed: such a failure may not hold any more.
     holding = tuple(p for p in s.permanent if _load_mark(obs, cfg, p.model) == p.mark)
     if holding != s.permanent:
         s = changed(s, permanent=holding)
@@ -806,8 +834,12 @@ def _model_missing(sit: Situation) -> bool:
 
 
 def _key_rejected(sit: Situation) -> bool:
+    """TabbyAPI refuses the admin key: the model probe's 401, or a load's while a load is
+    wanted (with a model loaded, a key that cannot load blocks nothing)."""
     model = sit.obs.model
-    return model is not None and model.result.outcome is Outcome.UNAUTHORIZED
+    if model is not None and model.result.outcome is Outcome.UNAUTHORIZED:
+        return True
+    return _model_missing(sit) and key_refused(sit.s, sit.obs)
 
 
 def _serving_fallback(sit: Situation) -> bool:
@@ -839,7 +871,7 @@ def _main_retry_due(sit: Situation) -> bool:
     s, cfg, host = sit.s, sit.cfg, sit.obs.host
     main_usable = host.model is None or host.model.usable
     failed = s.permanent_failure(cfg.model.name) is not None
-    if not main_usable or failed or s.load_in_flight or s.escalated:
+    if not main_usable or failed or s.load_in_flight or s.escalated or key_refused(s, sit.obs):
         return False
     # The main model must fit once the fallback gives its VRAM back (a load replaces it):
     # retrying a load that cannot fit would only thrash between the two.
@@ -956,7 +988,7 @@ PLAN: tuple[PlanRule, ...] = (
         "no_model",
         NO_MODEL,
         (Rule.NO_MODEL, Rule.VRAM_CHECK, Rule.FALLBACK_MODEL),
-        lambda x: x.healthy and _model_missing(x),
+        lambda x: x.healthy and _model_missing(x) and not _key_rejected(x),
         _no_model,
         settles=True,
     ),

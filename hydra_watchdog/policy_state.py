@@ -104,7 +104,10 @@ class PolicyState:
     nrestarts_seen: int | None = None  # last NRestarts, to count systemd's restarts by delta
     nrestarts_at: float | None = None  # when it was read (the unit may vanish in between)
     loop_invocation: str = ""  # TabbyAPI's process when the loop stopped it
+    # TabbyAPI's process last seen (situation.process_replaced): systemd's InvocationID, and
+    # "pid@start ticks" of its main process or, with no unit to ask, of its listener
     invocation_id: str = ""
+    tabby_process: str = ""
     recovery_started: float | None = None  # a start/restart was issued; grace counts from here
     healthy_since: float | None = None
     backoff_step: int = 0  # 0: not in a loop; n: the n-th back-off wait
@@ -122,6 +125,10 @@ class PolicyState:
     # what they depend on changes (config, model folder, TabbyAPI's process)
     permanent: tuple[PermanentFailure, ...] = ()
     main_retry_at: float | None = None  # on the fallback: when to try the main model again
+    # TabbyAPI answered a load with 401/403: the stamp of the admin key it refused (KeyView) and
+    # its words. No load goes out while the key held has that stamp (admin_key_rejected).
+    key_refused: str | None = None
+    key_refused_detail: str = ""
     fallback_blocker: str = ""  # why the fallback: permanent, escalated, failures, unusable, vram
     # ExLlamaV2 libraries the last check found missing: remembered until a fresh check says fixed
     missing_libraries: tuple[str, ...] = ()

@@ -17,7 +17,7 @@ from dataclasses import replace
 from hydra_watchdog.durations import format_duration
 from hydra_watchdog.observation import Observation, Outcome
 from hydra_watchdog.policy_state import PolicyState, SystemSwitch
-from hydra_watchdog.situation import tabby_runs
+from hydra_watchdog.situation import process_replaced, tabby_runs
 
 
 def track(s: PolicyState, obs: Observation, now: float) -> PolicyState:
@@ -43,7 +43,7 @@ def _track_system(s: PolicyState, obs: Observation, now: float) -> PolicyState:
 
 
 def _track_libraries(s: PolicyState, obs: Observation) -> PolicyState:
-    replaced = bool(s.invocation_id) and obs.unit.invocation_id not in ("", s.invocation_id)
+    replaced = process_replaced(s, obs)
     if not tabby_runs(obs) or replaced:
         # Gone: a start is a real start, and the blocking check (missing_libraries) decides.
         # Replaced: the new process started with today's libraries, so they resolve.

@@ -75,6 +75,38 @@ def orphans_in_the_way(obs: Observation) -> list[ProcessInfo]:
     ]
 
 
+def tabby_process(obs: Observation) -> str:
+    """TabbyAPI's process as "pid@start ticks" ("" : none seen): the unit's main process, or
+    where there is no unit to ask, the listener on its port (or port+1) that runs TabbyAPI's
+    program as its user (the scanner's ORPHAN: outside any unit; never another user's)."""
+    unit = obs.unit
+    roles = (ProcessRole.MAIN,) if unit.available and unit.exists else (ProcessRole.ORPHAN,)
+    found = [p for p in obs.processes if p.role in roles and (p.listens_on or in_unit(p))]
+    if not found:
+        return ""
+    first = min(found, key=lambda p: (min(p.listens_on, default=0), p.pid))
+    return f"{first.pid}@{first.start_ticks}"
+
+
+def process_replaced(s: PolicyState, obs: Observation) -> bool:
+    """A new TabbyAPI process since the one last seen: systemd's InvocationID changed or, where
+    that says nothing (no systemd, TabbyAPI started by hand), its process did (pid and start
+    ticks). Not knowing now (systemd unreachable, nothing listening) is no change."""
+    invocation = obs.unit.invocation_id
+    if s.invocation_id and invocation and invocation != s.invocation_id:
+        return True
+    process = tabby_process(obs)
+    return bool(s.tabby_process) and bool(process) and process != s.tabby_process
+
+
+def key_refused(s: PolicyState, obs: Observation) -> bool:
+    """TabbyAPI refused a load with the admin key held now: no load goes out until it changes
+    (its file is read again when it does: adapters/admin_key.py)."""
+    if s.key_refused is None:
+        return False
+    return obs.admin_key is None or obs.admin_key.stamp == s.key_refused
+
+
 def start_reference(s: PolicyState, obs: Observation) -> float | None:
     stamps = [t for t in (s.recovery_started, obs.unit.active_enter_mono) if t is not None]
     return max(stamps) if stamps else None

@@ -18,7 +18,7 @@ from hydra_watchdog.report.status import from_json
 from hydra_watchdog.sim.tabby_server import write_control
 from hydra_watchdog.states import Phase
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
-from tests.harness.tabby import API_KEY, wait_for
+from tests.harness.tabby import ADMIN_KEY, API_KEY, wait_for
 from tests.test_daemon import WAIT, Daemons, Node
 
 
@@ -117,3 +117,40 @@ def test_the_load_lock_leak_is_seen_restarted_and_verified(sim_node: Node, runne
     # restarted once, and called recovered only after that (a passing canary came in between)
     assert len(restarts) == 1 and restarts[0] < recovered[0]
     assert sim_node.phase() is Phase.HEALTHY
+
+
+# --- issue 23 item 1: an API key in the admin key's place --------------------------------------
+
+
+def test_an_api_key_in_the_key_file_is_named_and_one_load_is_sent(
+    sim_node: Node, runner: Daemons
+) -> None:
+    # TabbyAPI takes its ordinary API key for GET /v1/model and answers the load 401 "Invalid
+    # admin key" (notes/tabbyapi.md): the watchdog once sent that load every cycle.
+    sim_node.key_file.write_text(API_KEY + "\n")
+    runner.start(sim_node)
+    wait_for(lambda: bool(_rejected(sim_node)), WAIT, "the load's 401 to be named")
+    time.sleep(3.0)  # ~15 cycles at 200 ms
+    assert len(sim_node.loads()) == 1
+    assert sim_node.loads()[0]["status"] == 401
+    message = _rejected(sim_node)
+    assert f"the file {sim_node.key_file}" in message
+    assert "accepted for reading (/v1/model) but not for loading" in message
+    assert "api_key, not its admin_key" in message
+    assert "read again when it changes" in message and API_KEY not in message
+    assert sim_node.phase() is Phase.BLOCKED
+    assert EventKind.ADMIN_KEY_REJECTED in sim_node.kinds()
+    assert _status_exit(sim_node) == 2
+
+    # The right key put in place: read again without SIGHUP, and the model loads.
+    sim_node.key_file.write_text(ADMIN_KEY + "\n")
+    wait_for(lambda: sim_node.phase() is Phase.HEALTHY, WAIT, "the load with the new key")
+    assert [r["status"] for r in sim_node.loads()] == [401, 200]
+    assert _rejected(sim_node) == ""
+
+
+def _rejected(node: Node) -> str:
+    try:
+        return next((m for r, m in _findings(node) if r == "admin_key_rejected"), "")
+    except (OSError, ValueError):
+        return ""

@@ -36,9 +36,9 @@ from dataclasses import replace
 from pathlib import Path
 
 from hydra_watchdog.actions import LoadModel
+from hydra_watchdog.adapters.admin_key import load_credential_source, locate, read_key_file
 from hydra_watchdog.adapters.identity import ProcIdentity, live_start_ticks, read_identity
 from hydra_watchdog.adapters.systemd import first_line
-from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.config import Config
 from hydra_watchdog.load_record import (
     LoadLaunch,
@@ -199,15 +199,13 @@ class LoadHelpers:
         return launch
 
     def _key_source(self) -> str:
-        """The file systemd should hand the helper as its credential: ours, or the key file."""
-        if self.admin_key_file:
-            return self.admin_key_file
-        creds = self.environ.get("CREDENTIALS_DIRECTORY", "")
-        candidate = Path(creds, "admin_key") if creds else None
-        return str(candidate) if candidate is not None and candidate.is_file() else ""
+        """The file the key is read from now, as the client reads it (adapters/admin_key.py):
+        the key file, our credential's source, or our credential."""
+        return locate(self.admin_key_file, self.environ, lookup=load_credential_source).path
 
     def _detached(self, launch: LoadLaunch, argv: Sequence[str]) -> LoadLaunch | str:
-        key, _problem = read_admin_key(self.admin_key_file, self.environ)
+        source = self._key_source()
+        key = read_key_file(source)[0] if source else None
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
         try:
             # A key is far below the pipe's capacity: written whole before the helper runs.

@@ -243,6 +243,21 @@ class SystemctlUnit:
             )
         return parse_show(self.unit, proc.stdout, read_via=via)
 
+    def show_text(self, *properties: str) -> tuple[str, str]:
+        """`systemctl show -p ...` of the unit as printed: (output, "") or ("", why not)."""
+        reason = self._no_systemd()
+        if reason is not None:
+            return "", reason
+        argv = ["systemctl", "show", self.unit]
+        for prop in properties:
+            argv += ["-p", prop]
+        proc = self._run(argv, self.timeout)
+        if isinstance(proc, str):
+            return "", proc
+        if proc.returncode != 0:
+            return "", f"systemctl show failed ({proc.returncode}): {first_line(proc.stderr)}"
+        return proc.stdout, ""
+
     def loader_environment(self, unit: UnitStatus) -> EnvLookup:
         """The unit's Environment= and EnvironmentFile= (what a start would get), for the
         library check. Read only when asked: the values are filtered to the loader's variables

@@ -27,12 +27,13 @@ import socket
 import threading
 import time
 import urllib.parse
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import httpx
 
+from hydra_watchdog.adapters.admin_key import AdminKeySource, key_for_process
+from hydra_watchdog.adapters.admin_key import read_admin_key as read_admin_key  # noqa: PLC0414
 from hydra_watchdog.adapters.http_deadline import (
     JSON_LIMIT,
     DeadlineTransport,
@@ -57,15 +58,14 @@ from hydra_watchdog.observation import (
     Canary,
     Health,
     HttpResult,
+    KeyView,
     ModelStatus,
     Outcome,
     UnitStatus,
 )
 from hydra_watchdog.printable import printable
-from hydra_watchdog.regular_file import UnusableFileError, read_regular
 
 _DETAIL_MAX = 300
-ADMIN_KEY_MAX_BYTES = 4096  # a key is a few dozen bytes
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
 # A request the gate let go: its URL pinned to the verified address, its headers, and the vet
 # for a connection made for it (TabbyClient._vet).
@@ -78,44 +78,6 @@ class ModelList:
 
     result: HttpResult
     models: tuple[str, ...] = ()
-
-
-def read_admin_key(path: str, environ: Mapping[str, str]) -> tuple[str | None, str]:
-    """(key, problem) from `path`, or from systemd's credential `admin_key` when path is empty.
-
-    problem is "" when all is well (including "no key configured"); otherwise it says which file
-    could not be used and why, never what it holds.
-    """
-    source = path
-    if not source:
-        creds = environ.get("CREDENTIALS_DIRECTORY", "")
-        candidate = Path(creds, "admin_key") if creds else None
-        if candidate is None or not candidate.is_file():
-            return None, ""
-        source = str(candidate)
-    try:  # a regular file, bounded (a FIFO must not hang us, /dev/zero not fill memory)
-        text = read_regular(source, ADMIN_KEY_MAX_BYTES, follow=True)[0].decode("utf-8")
-    except UnusableFileError as exc:
-        return None, f"the admin key file {source} cannot be read ({exc})"
-    except (OSError, UnicodeDecodeError) as exc:
-        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else type(exc).__name__
-        return None, f"the admin key file {source} cannot be read ({why})"
-    key = text.strip()
-    if not key:
-        return None, f"the admin key file {source} is empty"
-    if any(ch.isspace() for ch in key):
-        return None, f"the admin key file {source} holds more than one word; expected the key only"
-    return key, ""
-
-
-def admin_key_source(path: str, environ: Mapping[str, str]) -> str:
-    """Where the admin key comes from, for messages (never the key itself)."""
-    if path:
-        return f"the file {path}"
-    creds = environ.get("CREDENTIALS_DIRECTORY", "")
-    if creds and Path(creds, "admin_key").is_file():
-        return "the systemd credential 'admin_key'"
-    return ""
 
 
 class TabbyClient:
@@ -132,18 +94,24 @@ class TabbyClient:
         key_problem: str = "",
         on_unit: Callable[[UnitStatus], None] | None = None,
         key_source: str = "",
+        keys: AdminKeySource | None = None,
+        command: bool = False,
     ) -> None:
         """`gate` is asked right before every request that would carry the key (and its URL is
         pinned to the address it verified), and again for each new connection such a request
-        opens; `on_unit` receives each cycle's unit status, which the gate judges listeners by."""
+        opens; `on_unit` receives each cycle's unit status, which the gate judges listeners by.
+
+        The key: `keys` (read again whenever its file changes), else `admin_key` as given.
+        `command`: a command from a shell (`check`, `verify`), not the daemon: a 401 to it while
+        it holds no key says nothing about TabbyAPI (the daemon's key may be one this user
+        cannot read), so it is LOCAL_ERROR with how to pass the key, never a rejected key."""
         self.base_url = base_url.rstrip("/")
         self._gate = gate
         self._on_unit = on_unit
         self.health_timeout = health_timeout
         self.request_timeout = request_timeout
-        self.key_problem = key_problem
-        self.key_source = key_source
-        self.__key = admin_key or None
+        self._keys = keys or AdminKeySource.fixed(admin_key or None, key_problem, key_source)
+        self._command = command
         self._load_lock = threading.Lock()
         self._pins: dict[str, str] = {}  # verified address -> base URL pinned to it
         # Two pools that never share a connection: /health (no key, whoever answers) and the
@@ -154,14 +122,21 @@ class TabbyClient:
 
     @classmethod
     def from_config(
-        cls, cfg: Config, *, admin_key: tuple[str | None, str] | None = None
+        cls,
+        cfg: Config,
+        *,
+        admin_key: tuple[str | None, str] | None = None,
+        command: bool = False,
     ) -> TabbyClient:
         """`admin_key`: (key, problem) read elsewhere (the load helper's inherited descriptor);
-        by default read_admin_key() of the configured file or credential."""
-        if admin_key is None:
-            admin_key = read_admin_key(cfg.tabbyapi.admin_key_file, os.environ)
-        key, problem = admin_key
+        by default the configured file or credential, read again whenever it changes
+        (adapters/admin_key.py). `command`: a command from a shell (see __init__), which also
+        looks for the watchdog unit's credential."""
         t = cfg.tabbyapi
+        if admin_key is None:
+            keys = key_for_process(t.admin_key_file, os.environ, discover=command)
+        else:
+            keys = AdminKeySource.fixed(*admin_key)
         gate = ListenerGate(
             urllib.parse.urlsplit(t.url).hostname or "",
             t.port,
@@ -170,20 +145,32 @@ class TabbyClient:
         )
         return cls(
             t.url,
-            admin_key=key,
+            admin_key=None,
             health_timeout=t.health_timeout,
             gate=gate.check,
-            key_problem=problem,
             on_unit=gate.set_unit,
-            key_source=admin_key_source(t.admin_key_file, os.environ),
+            keys=keys,
+            command=command,
         )
 
     def note_unit(self, unit: UnitStatus) -> None:
         if self._on_unit is not None:
             self._on_unit(unit)
 
+    def admin_key(self) -> KeyView:
+        """The key held now (read again if its file changed), for the observation."""
+        return self._keys.current()[1]
+
+    @property
+    def key_problem(self) -> str:
+        return self._keys.current()[1].problem
+
+    @property
+    def key_source(self) -> str:
+        return self._keys.current()[1].source
+
     def __repr__(self) -> str:
-        key = "set" if self.__key else "unset"
+        key = "set" if self._keys.current()[0] else "unset"
         return f"TabbyClient({self.base_url!r}, admin_key=<{key}>)"
 
     def close(self) -> None:
@@ -405,7 +392,8 @@ class TabbyClient:
             outcome = Outcome.REFUSED if check.refused else Outcome.WITHHELD
             latency = time.monotonic() - started
             return HttpResult(outcome, latency, None, self._scrub(check.detail))
-        headers = {"Authorization": f"Bearer {self.__key}"} if self.__key else {}
+        key = self._keys.current()[0]
+        headers = {"Authorization": f"Bearer {key}"} if key else {}
         return self._pinned(check.address) + path, headers, self._vet(check)
 
     def _pinned(self, address: str) -> str:
@@ -448,7 +436,9 @@ class TabbyClient:
         return vet
 
     def _redact(self, text: str) -> str:
-        return text.replace(self.__key, "***") if self.__key else text
+        for key in self._keys.seen():  # the key sent, and those held before it
+            text = text.replace(key, "***")
+        return text
 
     def _scrub(self, text: str) -> str:
         """Text from the server or the network made fit for a detail: the key replaced first
@@ -503,12 +493,20 @@ class TabbyClient:
         if said:
             detail += f": {said}"
         if reply.status in (401, 403):
-            if self.key_problem:
-                detail += f" ({self.key_problem})"
-            elif not self.__key:
-                detail += " (no admin key configured: set tabbyapi.admin_key_file)"
-            elif self.key_source:
-                detail += f" (the admin key read from {self.key_source} was rejected)"
+            key, view = self._keys.current()
+            if not key and self._command:
+                # This command's own lack, not TabbyAPI's verdict on the daemon's key.
+                how = self._keys.location.hint or "run this command as root, as the daemon runs"
+                why = f"{view.problem}: {how}" if view.problem else how
+                return result(
+                    reply, Outcome.LOCAL_ERROR, self._scrub(f"{detail}; not checked: {why}")
+                )
+            if view.problem:
+                detail += f" ({view.problem})"
+            elif not key:
+                detail += f" ({self._keys.location.hint or 'no admin key configured'})"
+            elif view.source:
+                detail += f" (the admin key read from {view.source} was rejected)"
             return result(reply, Outcome.UNAUTHORIZED, self._scrub(detail))
         return result(reply, Outcome.HTTP_ERROR, self._scrub(detail))
 
