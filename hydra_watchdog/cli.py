@@ -250,6 +250,7 @@ def cmd_check(args: argparse.Namespace) -> int:
 
     from hydra_watchdog.actions import describe  # noqa: PLC0415
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
+    from hydra_watchdog.observation import Probe  # noqa: PLC0415
     from hydra_watchdog.observe import Observer  # noqa: PLC0415
     from hydra_watchdog.policy import decide  # noqa: PLC0415
     from hydra_watchdog.policy_state import PolicyState, to_jsonable  # noqa: PLC0415
@@ -261,8 +262,10 @@ def cmd_check(args: argparse.Namespace) -> int:
     # Two passes: the first asks for the expensive probes the rules need, the second runs them.
     # Nothing is executed, so the second pass starts afresh with only the probe requests.
     first, _ = decide(PolicyState(), observer.observe(frozenset()), time.monotonic(), cfg)
-    obs = observer.observe(first.wants)
-    state, actions = decide(PolicyState(wants=first.wants), obs, obs.at, cfg)
+    # /v1/model afresh too: the first pass's "no model" would otherwise be carried (observe.py)
+    wants = first.wants | {Probe.MODEL}
+    obs = observer.observe(wants)
+    state, actions = decide(PolicyState(wants=wants), obs, obs.at, cfg)
     verdict = Verdict.WARNING if state.phase is Phase.UNKNOWN else state.phase.verdict
     if args.json:
         doc = {

@@ -82,11 +82,15 @@ class Health:
 
 @dataclass(frozen=True)
 class ModelStatus:
-    """GET /v1/model. `loaded` is the model id; None with known=True means "no model loaded"."""
+    """GET /v1/model. `loaded` is the model id; None with known=True means "no model loaded".
+
+    fresh=False: not asked this cycle; the last answer, at most a minute old (observe.py asks
+    less often while no model is loaded: each ask writes an ERROR line into TabbyAPI's log)."""
 
     result: HttpResult
     loaded: str | None
     known: bool
+    fresh: bool = True
 
 
 @dataclass(frozen=True)
@@ -318,6 +322,7 @@ class Probe(StrEnum):
     PORT_SCAN = "port_scan"  # host-wide owner search for the port listeners
     LIBRARIES = "libraries"  # ldd on the ExLlamaV2 extension
     JOURNAL = "journal"  # the unit's last journal lines
+    MODEL = "model"  # GET /v1/model now, not the answer of up to a minute ago (observe.py)
 
 
 @dataclass(frozen=True)

@@ -1,8 +1,16 @@
 """One Observation per cycle, from the adapters, within a bounded time.
 
-Cheap probes run every cycle: /health, /v1/model, the unit's status, the GPU read, the cheap port
-check (listeners of the port and port+1 among known PIDs) and the models dir. Expensive ones run
-only when the policy asked in `state.wants`: the canary, the host-wide port scan, ldd, the journal.
+Cheap probes run every cycle: /health, the unit's status, the GPU read, the cheap port check
+(listeners of the port and port+1 among known PIDs) and the models dir. Expensive ones run only
+when the policy asked in `state.wants`: the canary, the host-wide port scan, ldd, the journal.
+
+/v1/model runs every cycle too, but while its last answer was "no model loaded" and nothing has
+changed, at most once every MODEL_QUIET: TabbyAPI writes an ERROR line into its log for each such
+answer (notes/tabbyapi.md), about 17,000 a day at a 5 s interval while a load is blocked. It is
+asked at once when the policy wants it (Probe.MODEL: before it acts on the answer), when the
+unit's process changed, after a NixOS switch, when a load of ours ended, and by a new Observer
+(a config reload); in between, the cycle carries the last answer, marked not fresh. A model
+loaded by hand is seen within MODEL_QUIET.
 
 The probes of one cycle run concurrently, each on its own lane of a pool of long-lived threads
 (adapters/bounded.py), and the whole observation has one deadline: the longest deadline among the
@@ -29,7 +37,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Generic, TypeVar
 
-from hydra_watchdog.actions import ActionResult
+from hydra_watchdog.actions import ActionResult, LoadModel, ResultStatus
 from hydra_watchdog.adapters.bounded import Call, Pool, Why
 from hydra_watchdog.adapters.nixos import SystemWatch
 from hydra_watchdog.config import Config
@@ -48,6 +56,7 @@ from hydra_watchdog.observation import (
     HostReport,
     HttpResult,
     LoadProgress,
+    ModelStatus,
     NvmlErrorKind,
     Observation,
     Outcome,
@@ -66,6 +75,7 @@ T_co = TypeVar("T_co", covariant=True)
 SUBPROCESS_DEADLINE = 10.0
 JOURNAL_LINES = 50
 _SLACK = 0.25  # thread start-up and hand-over on a loaded 2-core machine
+MODEL_QUIET = 60.0  # seconds between asks of /v1/model while none is loaded and nothing changed
 
 
 MAX_CONFIRMATIONS = 4  # confirming /health probes per cycle (one lane each); more wait a cycle
@@ -169,6 +179,10 @@ class Observer:
         self._clock = clock
         self.system = SystemWatch(config.nixos.current_system, config.nixos.profiles_dir)
         self._pool = Pool("probe", _PROBES + _CONFIRM_LANES)
+        # The last answer of /v1/model, when it was asked, and the unit's process then.
+        self._model: ModelStatus | None = None
+        self._model_at = 0.0
+        self._model_process: tuple[str, int | None] = ("", None)
 
     @classmethod
     def from_adapters(
@@ -224,6 +238,53 @@ class Observer:
             return []
         return [self._start(lane, self.tabby.health) for lane in _CONFIRM_LANES[:count]]
 
+    def _start_model(
+        self,
+        wants: frozenset[Probe],
+        unit: UnitStatus,
+        switched: bool,
+        results: tuple[ActionResult, ...],
+    ) -> _Task[ModelStatus] | None:
+        """GET /v1/model, when this cycle asks it (see the module docstring)."""
+        if not self._model_due(wants, unit, switched, results):
+            return None
+        self._model_process = (unit.invocation_id, unit.main_pid)
+        return self._start("model", self.tabby.model)
+
+    def _model_due(
+        self,
+        wants: frozenset[Probe],
+        unit: UnitStatus,
+        switched: bool,
+        results: tuple[ActionResult, ...],
+    ) -> bool:
+        last = self._model
+        quiet = last is not None and last.known and last.loaded is None
+        process = (unit.invocation_id, unit.main_pid)
+        load_ended = any(
+            isinstance(r.action, LoadModel) and r.status is not ResultStatus.IN_PROGRESS
+            for r in results
+        )
+        return (
+            not quiet
+            or Probe.MODEL in wants
+            or self._clock() - self._model_at >= MODEL_QUIET
+            or process != self._model_process
+            or switched
+            or load_ended
+        )
+
+    def _model_answer(
+        self, task: _Task[ModelStatus] | None, deadline: float, start: float
+    ) -> ModelStatus | None:
+        """This cycle's answer, remembered; without a task, the last one, marked not fresh."""
+        if task is None:
+            last = self._model
+            return dataclasses.replace(last, fresh=False) if last is not None else None
+        model, _ = self._get(task, "model", deadline)
+        self._model, self._model_at = model, start
+        return model
+
     def observe(
         self,
         wants: frozenset[Probe] = frozenset(),
@@ -259,7 +320,7 @@ class Observer:
         # ldd runs in the environment of the unit's process, so the host check waits for it.
         unit_seen = unit
         host_t = self._start("host", lambda: self.host.check(libraries=libraries, unit=unit_seen))
-        model_t = self._start("model", self.tabby.model)
+        model_t = self._start_model(wants, unit, switched, results)
         gpus, why = self._get(gpu_t, "gpu", deadline)
         if gpus is None:
             gpus = GpuReport(error=NvmlErrorKind.TIMEOUT, detail=why)
@@ -285,7 +346,7 @@ class Observer:
             else ()
         )
         health, confirmations_failed = judge_probes(health, confirming)
-        model, _ = self._get(model_t, "model", deadline)
+        model = self._model_answer(model_t, deadline, start)
         # The canary goes only to a TabbyAPI that has a model loaded right now: the exl2 build
         # leaks its load lock on a completion sent while no model is loaded, and every
         # completion hangs from then on (notes/tabbyapi.md) - a canary must never cause that.

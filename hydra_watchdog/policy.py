@@ -133,16 +133,28 @@ def decide(
     if rule.settles:
         sit, notes = _settle(sit)
     s, actions, more = rule.then(sit)
+    held = _load_held(rule, sit)
     actions += _power_limits(s, obs, now, config)
     actions += _fallback_route(s, config)
     said = findings + notes + more
     s = changed(
         s,
         findings=tuple(said),
-        wants=_wants(s, obs, now, config),
+        wants=_wants(s, obs, now, config) | held,
         cause=_cause(rule, said, actions),
     )
     return s, tuple(actions)
+
+
+def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:
+    """{Probe.MODEL} when `no_model` held a load back only because the model's answer was not
+    asked this cycle: the next cycle asks, and loads on a fresh "no model"."""
+    model = sit.obs.model
+    if rule.name != "no_model" or model is None or model.fresh:
+        return frozenset()
+    fresh = replace(sit, obs=replace(sit.obs, model=replace(model, fresh=True)))
+    _, would, _ = _no_model(fresh)
+    return frozenset({Probe.MODEL}) if any(isinstance(a, LoadModel) for a in would) else frozenset()
 
 
 def _cause(rule: PlanRule, said: list[Finding], actions: list[Action]) -> str:
@@ -686,6 +698,10 @@ def _no_model(sit: Situation) -> Plan:
                 f"fallback: {m.name} cannot be loaded now ({blocker}"
                 f"{', model folder unusable' if unusable else ''})"
             )
+        if obs.model is None or not obs.model.fresh:
+            # "No model" as of up to a minute ago (observe.py asks seldom while none is
+            # loaded): asked again first, so a model loaded by hand meanwhile is never replaced.
+            return _enter(s, Phase.NO_MODEL, now), cleanup, notes
         vram = (
             f"; VRAM {free / GIB:.1f} GiB free, needs {need / GIB:.1f} GiB"
             if need is not None and free is not None

@@ -7,9 +7,11 @@ from __future__ import annotations
 import socket
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from hydra_watchdog.actions import ActionResult, LoadModel, Reason, ResultStatus
 from hydra_watchdog.adapters.gpu import NvmlGpu
 from hydra_watchdog.adapters.host import HostProbe
 from hydra_watchdog.adapters.procs import ProcScanner
@@ -22,6 +24,7 @@ from hydra_watchdog.observation import (
     Health,
     HostReport,
     HttpResult,
+    Observation,
     Outcome,
     Probe,
     ProcessRole,
@@ -29,6 +32,7 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.observe import (
     MAX_CONFIRMATIONS,
+    MODEL_QUIET,
     Observer,
     confirm_after,
     confirmations,
@@ -36,12 +40,23 @@ from hydra_watchdog.observe import (
 )
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
-from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, tabby_sim  # noqa: F401
+from tests.harness.tabby import (  # noqa: F401
+    ADMIN_KEY,
+    SimProcess,
+    TabbySims,
+    tabby_sim,
+    trusted_listener,
+)
 
 
 def _observer(
-    sim: SimProcess, nvml: NvmlSim, tmp_path: Path, **tabbyapi: Any
+    sim: SimProcess,
+    nvml: NvmlSim,
+    tmp_path: Path,
+    clock: Callable[[], float] = time.monotonic,
+    **tabbyapi: Any,
 ) -> tuple[Observer, Config]:
     key = tmp_path / "admin_key"
     key.write_text(ADMIN_KEY)
@@ -70,6 +85,7 @@ def _observer(
         units=SystemctlUnit(cfg.tabbyapi.unit, root=str(no_systemd)),
         scanner=ProcScanner.from_config(cfg),
         host=HostProbe.from_config(cfg),
+        clock=clock,
     )
     return observer, cfg
 
@@ -382,3 +398,63 @@ def test_a_slow_but_healthy_tabbyapi_answers_its_confirmations_and_stays_healthy
 
 def _answered_health(sim: SimProcess) -> list[dict[str, Any]]:
     return [r for r in sim.requests() if r["path"] == "/health"]
+
+
+# --- /v1/model while no model is loaded (issue 23 item 5) ---------------------------------------
+
+
+def _model_asks(sim: SimProcess, at_least: int = 0) -> int:
+    """GET /v1/model requests the simulator answered (it logs each just after answering)."""
+    deadline = time.monotonic() + 5
+    while True:
+        asked = sum(1 for r in sim.requests() if r["path"] == "/v1/model")
+        if asked >= at_least or time.monotonic() > deadline:
+            return asked
+        time.sleep(0.02)
+
+
+def test_no_model_is_asked_once_a_minute_unless_something_changed(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    sim = tabby_sim.start(flavor="exl2")  # no model loaded: each ask is an ERROR line there
+    now = [1000.0]
+    observer, _ = _observer(sim, nvml_sim, tmp_path, clock=lambda: now[0])
+    first = observer.observe(frozenset())
+    assert first.model is not None and first.model.known and first.model.fresh
+    assert _model_asks(sim, 1) == 1
+
+    for _ in range(5):  # nothing changed: the last answer, not fresh, and no request
+        now[0] += 5.0
+        quiet = observer.observe(frozenset())
+        assert quiet.model is not None and not quiet.model.fresh
+        assert (quiet.model.known, quiet.model.loaded) == (True, None)
+    assert _model_asks(sim) == 1
+
+    now[0] += MODEL_QUIET  # a minute on: asked again
+    assert _fresh(observer.observe(frozenset()))
+    wanted = observer.observe(frozenset({Probe.MODEL}))  # the policy wants it before a load
+    assert _fresh(wanted)
+    load = LoadModel("m1", None, Reason(Rule.NO_MODEL, "test"))
+    ended = ActionResult(load, ResultStatus.FAILED, "cancelled", now[0])
+    assert _fresh(observer.observe(frozenset(), results=(ended,)))  # a load of ours ended
+    assert _model_asks(sim, 4) == 4
+    assert not _fresh(observer.observe(frozenset()))
+
+    # A model loaded by hand is seen at the next ask, within the minute.
+    client = TabbyClient(sim.url, admin_key=ADMIN_KEY, health_timeout=5, gate=trusted_listener)
+    try:
+        done = client.load_model(
+            "m1", timeout=30, on_progress=lambda *_: None, cancel=threading.Event()
+        )
+    finally:
+        client.close()
+    assert done.ok
+    now[0] += MODEL_QUIET
+    seen = observer.observe(frozenset())
+    assert seen.model is not None and seen.model.loaded == "m1" and seen.model.fresh
+    now[0] += 1.0  # with a model loaded, every cycle asks (no ERROR line in TabbyAPI's log)
+    assert _fresh(observer.observe(frozenset()))
+
+
+def _fresh(obs: Observation) -> bool:
+    return obs.model is not None and bool(obs.model.fresh)

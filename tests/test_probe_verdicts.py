@@ -13,6 +13,7 @@ from hydra_watchdog.observation import (
     KeyView,
     Observation,
     Outcome,
+    Probe,
     ProcessInfo,
     ProcessRole,
 )
@@ -22,6 +23,7 @@ from tests.policy_kit import (
     PORT,
     Run,
     canary,
+    config,
     model,
     obs,
     ports,
@@ -94,6 +96,28 @@ def test_a_credential_says_it_is_read_at_start() -> None:
     run.step(obs(2, model=model(None), admin_key=copied))
     finding = next(f for f in run.state.findings if f.rule is Rule.ADMIN_KEY_REJECTED)
     assert "copied at start: restart hydra-watchdog" in finding.message
+
+
+# --- item 5: a "no model" up to a minute old -------------------------------------------------
+
+
+def test_a_load_waits_for_a_fresh_answer_and_asks_for_it() -> None:
+    run = Run()
+    stale = replace(model(None), fresh=False)
+    assert _loads(run.step(obs(0, model=stale))) == []
+    assert Probe.MODEL in run.state.wants
+    assert _loads(run.step(obs(1, model=model(None)))) == ["M"]
+
+
+def test_a_blocked_load_asks_for_no_fresh_answer() -> None:
+    run = Run(cfg=config(model={"fallback": ""}))
+    load = next(a for a in run.step(obs(0, model=model(None))) if isinstance(a, LoadModel))
+    failed = result(load, ResultStatus.FAILED, "not installed", 1, ErrorKind.LOAD_PERMANENT)
+    run.step(obs(1, model=model(None), results=(failed,)))
+    assert run.phase() is Phase.BLOCKED
+    for t in range(2, 20):  # no load would go out: the answer a minute old is good enough
+        assert run.step(obs(t, model=replace(model(None), fresh=False))) == ()
+        assert Probe.MODEL not in run.state.wants
 
 
 # --- item 6: verdicts keyed to TabbyAPI's process --------------------------------------------

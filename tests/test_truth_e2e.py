@@ -14,8 +14,9 @@ import httpx
 import pytest
 
 from hydra_watchdog.events import EventKind
+from hydra_watchdog.observe import MODEL_QUIET
 from hydra_watchdog.report.status import from_json
-from hydra_watchdog.sim.tabby_server import write_control
+from hydra_watchdog.sim.tabby_server import NO_MODEL_LOGGED, write_control
 from hydra_watchdog.states import Phase
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import ADMIN_KEY, API_KEY, wait_for
@@ -154,3 +155,47 @@ def _rejected(node: Node) -> str:
         return next((m for r, m in _findings(node) if r == "admin_key_rejected"), "")
     except (OSError, ValueError):
         return ""
+
+
+# --- issue 23 item 5: TabbyAPI's own log -------------------------------------------------------
+
+
+def _no_model_lines(node: Node) -> int:
+    """The ERROR lines TabbyAPI (the simulator) wrote for "no model" answers."""
+    text = (node.root / "unit.log").read_text(errors="replace")
+    return sum(1 for line in text.splitlines() if line.startswith(NO_MODEL_LOGGED))
+
+
+def test_no_model_is_asked_once_a_minute_while_nothing_changes(
+    sim_node: Node, runner: Daemons
+) -> None:
+    words = "Backend 'exllamav2' selected, but required dependencies are not installed."
+    write_control(sim_node.control, load_error=words)
+    runner.start(sim_node)
+    wait_for(lambda: EventKind.LOAD_FAILED in sim_node.kinds(), WAIT, "the permanent failure")
+    time.sleep(1.0)  # the ask after the load's end
+    before = _no_model_lines(sim_node)
+    time.sleep(5.0)  # 25 cycles at 200 ms: one ERROR line each before
+    assert _no_model_lines(sim_node) - before == 0
+    assert len(sim_node.loads()) == 1
+
+    # A model loaded by hand is still seen within the minute.
+    write_control(sim_node.control)
+    loaded = httpx.post(
+        f"http://127.0.0.1:{sim_node.port}/v1/model/load",
+        json={"model_name": "m2"},
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=30,
+    )
+    assert loaded.status_code == 200
+    by_hand = time.monotonic()
+    wait_for(lambda: _loaded(sim_node) == "m2", MODEL_QUIET + WAIT, "the model loaded by hand")
+    assert time.monotonic() - by_hand <= MODEL_QUIET + 5.0
+    assert len(sim_node.loads()) == 2  # ours, and the one by hand
+
+
+def _loaded(node: Node) -> str | None:
+    try:
+        return from_json((node.runtime_dir / "status.json").read_bytes()).model.loaded
+    except (OSError, ValueError):
+        return None

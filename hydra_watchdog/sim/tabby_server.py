@@ -36,6 +36,7 @@ from typing import Any
 
 GIB = 1 << 30
 NO_MODEL = "No models are currently loaded."
+NO_MODEL_LOGGED = "ERROR:    Sent to request: "  # how TabbyAPI's log line starts
 NO_MODEL_PATH = "Could not find the model path for load. Check model name or config.yml?"
 NO_MODEL_NAME = "A model name was not provided for load."
 _TICK = 0.05  # seconds: how often long waits look at faults and the client
@@ -468,6 +469,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._json(200, {"status": "healthy", "issues": []})
 
     def _no_model(self) -> None:
+        # TabbyAPI logs every such answer at ERROR level: a probe each cycle while no model is
+        # loaded is an ERROR line each cycle in the operator's log (notes/tabbyapi.md).
+        print(f"{NO_MODEL_LOGGED}{NO_MODEL}", flush=True)
         self._json(503 if self.server.node.opts.modern else 400, {"detail": NO_MODEL})
 
     def _model_card(self, _body: object) -> None:
