@@ -123,6 +123,9 @@ class ActionResult:
     detail: str
     finished_at: float  # monotonic
     error_kind: ErrorKind = ErrorKind.NONE  # machine-readable cause (errors.py lists them)
+    # The end of a model load that ran in the background: how long it ran (None: any other
+    # result, e.g. a load refused or that could not start)
+    duration_s: float | None = None
 
     @property
     def succeeded(self) -> bool:

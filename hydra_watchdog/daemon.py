@@ -19,6 +19,7 @@ SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED) and the 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import select
 import signal
@@ -413,13 +414,14 @@ class Daemon:
             )
         leftovers = self.executor.drain()
         if leftovers:
+            # told as the ends of loads they are (load_failed, model_loaded), as in a cycle
             self._tell(
                 narrate(
                     self.state,
                     self.state,
                     (),
-                    leftovers,
-                    self._empty_obs(),
+                    (),
+                    dataclasses.replace(self._empty_obs(), results=leftovers),
                     config=self.config,
                     wall=self.wall(),
                 )

@@ -23,6 +23,7 @@ class EventKind(StrEnum):
     RECOVERED = "recovered"
     LOAD_PROGRESS = "load_progress"
     LOAD_FAILED = "load_failed"  # each failed or cancelled load, with TabbyAPI's error
+    MODEL_LOADED = "model_loaded"  # a load of ours ended with the model confirmed loaded
     ADMIN_KEY_REJECTED = "admin_key_rejected"  # TabbyAPI answered 401/403 to the admin key
     GENERATION_HANG = "generation_hang"  # completions stall or fail while /health is 200
     PAUSED = "paused"

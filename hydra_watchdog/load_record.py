@@ -135,6 +135,14 @@ def read_report(state_dir: Path, load_id: str) -> LoadReport | None:
     return report if report is not None and report.load_id == load_id else None
 
 
+def report_written_at(state_dir: Path) -> float | None:
+    """When the helper last wrote its report (wall clock): for a finished load, when it ended."""
+    try:
+        return (state_dir / REPORT_FILE).stat().st_mtime
+    except OSError:
+        return None
+
+
 def clear(state_dir: Path) -> None:
     """Forget the load: its outcome was reported (or it belonged to another boot). Best effort:
     a record that cannot be removed is said, and read (and judged) again next time."""

@@ -27,6 +27,7 @@ from hydra_watchdog.actions import (
 from hydra_watchdog.config import Config
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.findings import dur
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.rebuild import checks_after_switch, switch_label
@@ -270,19 +271,36 @@ def narrate(
             )
 
     # A load ends cycles after it started: its outcome arrives with the observation.
-    for res in obs.results:
-        if isinstance(res.action, LoadModel) and res.status is ResultStatus.FAILED:
-            add(
-                EventKind.LOAD_FAILED,
-                Severity.ERR,
-                _load_failed_text(res, new, obs.at, wall),
-                rule=Rule.LOAD_FAILED,
-                reason=res.detail,
-                unit=tabby_unit,
-                fields=(("HYDRA_MODEL", res.action.model), ("HYDRA_ERROR_KIND", res.error_kind)),
-            )
+    events.extend(_load_ends(obs, new, wall, tabby_unit))
     events.extend(_result_event(r, phase, tabby_unit, wall) for r in results)
     return tuple(events)
+
+
+def _load_ends(obs: Observation, new: PolicyState, wall: float, unit: str) -> list[Event]:
+    """One event per load that ended since the last cycle: loaded (with how long it took),
+    failed or cancelled (with TabbyAPI's words)."""
+    events = []
+    for res in obs.results:
+        if not isinstance(res.action, LoadModel):
+            continue
+        took = (
+            (("HYDRA_DURATION_S", f"{res.duration_s:.1f}"),) if res.duration_s is not None else ()
+        )
+        model = (("HYDRA_MODEL", res.action.model),)
+        if res.status is ResultStatus.FAILED:
+            kind, severity, rule = EventKind.LOAD_FAILED, Severity.ERR, Rule.LOAD_FAILED
+            message, reason = _load_failed_text(res, new, obs.at, wall), res.detail
+            fields = (*model, ("HYDRA_ERROR_KIND", res.error_kind), *took)
+        elif res.status is ResultStatus.OK and res.duration_s is not None:
+            kind, severity, rule = EventKind.MODEL_LOADED, Severity.NOTICE, res.action.reason.rule
+            message = f"loaded {res.action.model} in {dur(res.duration_s)}: {res.detail}"
+            reason, fields = res.action.reason.evidence, (*model, *took)
+        else:
+            continue
+        events.append(
+            Event(wall, kind, severity, message, new.phase, rule, "", reason, unit, fields)
+        )
+    return events
 
 
 # Findings with a journal catalog entry of their own (by Finding.key).
@@ -307,12 +325,18 @@ def _stop_told(results: Sequence[ActionResult]) -> str:
 def _load_failed_text(res: ActionResult, new: PolicyState, now: float, wall: float) -> str:
     action = res.action
     assert isinstance(action, LoadModel)
+    after = f" after {dur(res.duration_s)}" if res.duration_s is not None else ""
     if res.error_kind == ErrorKind.CANCELLED:
-        return f"load of {action.model} cancelled: {res.detail}"
-    if res.error_kind in (ErrorKind.LOAD_PERMANENT, ErrorKind.UNAUTHORIZED):
-        return f"load of {action.model} failed and will not be retried as is: {res.detail}"
+        return f"load of {action.model} cancelled{after}: {res.detail}"
+    if res.error_kind == ErrorKind.UNAUTHORIZED:
+        return (
+            f"load of {action.model} refused{after}: {res.detail}; no load is sent until the "
+            "admin key changes"
+        )
+    if res.error_kind == ErrorKind.LOAD_PERMANENT:
+        return f"load of {action.model} failed{after} and will not be retried as is: {res.detail}"
     nxt = ""
     if new.next_load_at is not None:
         at = time.strftime("%H:%M:%S", time.localtime(wall + new.next_load_at - now))
         nxt = f"; next attempt at {at}"
-    return f"load of {action.model} failed (attempt {new.load_failures}): {res.detail}{nxt}"
+    return f"load of {action.model} failed{after} (attempt {new.load_failures}): {res.detail}{nxt}"

@@ -543,6 +543,7 @@ def test_load_runs_in_the_background_one_at_a_time(tabby_sim: TabbySims) -> None
     (final,) = _drain_until(loader, 60)
     assert final.status is ResultStatus.OK, final.detail
     assert isinstance(final.action, LoadModel) and final.action.model == "m1"
+    assert final.duration_s is not None and 2.0 <= final.duration_s < 60  # loads for 2 s
     assert loader.progress() is None
     assert len(sim.loads()) == 1  # the refused second load never reached TabbyAPI
 

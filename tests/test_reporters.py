@@ -12,8 +12,16 @@ from typing import Any
 
 import pytest
 
-from hydra_watchdog.actions import ActionResult, Reason, ResultStatus, UnitCommand, UnitVerb
+from hydra_watchdog.actions import (
+    ActionResult,
+    LoadModel,
+    Reason,
+    ResultStatus,
+    UnitCommand,
+    UnitVerb,
+)
 from hydra_watchdog.config import Config, parse_config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.report.log import capture_logs
@@ -277,3 +285,26 @@ def test_sd_notify_says_ready_once_and_status_on_phase_changes(
     assert _received(sock) == []
     reporter.publish(_record(cfg, before=healthy, after=down, dry_run=True))
     assert _received(sock) == ["STATUS=[dry-run] down: refused x3"]
+
+
+def test_metrics_count_the_end_of_every_background_load_by_result(cfg: Config) -> None:
+    """issue 23 item 7: a load is counted as "in_progress" when it starts, and again by how it
+    ended (ok, failed, cancelled) when its outcome arrives cycles later."""
+    metrics = Metrics()
+    reporter = MetricsReporter(metrics)
+    load = LoadModel("m1", None, Reason(Rule.NO_MODEL, "no model"))
+    started = ActionResult(load, ResultStatus.IN_PROGRESS, "loading", 1.0)
+    reporter.publish(_record(cfg, results=(started,)))
+    ends = (
+        ActionResult(load, ResultStatus.OK, "confirmed", 2.0, duration_s=41.5),
+        ActionResult(load, ResultStatus.FAILED, "OOM", 3.0, ErrorKind.LOAD_ERROR, 12.0),
+        ActionResult(load, ResultStatus.FAILED, "cancelled", 4.0, ErrorKind.CANCELLED, 3.0),
+    )
+    # a launch that failed at once was counted with its own cycle: as a result fed back to the
+    # next observation it carries no duration and is not counted again
+    launch_failed = ActionResult(load, ResultStatus.FAILED, "no systemd-run", 1.5)
+    reporter.publish(_record(cfg, observation=obs(12.0, results=(*ends, launch_failed))))
+    page = metrics.exposition().decode()
+    for result, count in (("in_progress", 1), ("ok", 1), ("failed", 1), ("cancelled", 1)):
+        line = f'hydra_watchdog_actions_total{{action="load_model",result="{result}"}} {count}.0'
+        assert line in page, result

@@ -4,6 +4,7 @@ build's load-lock leak. The daemon runs as a subprocess with the demo's stand-in
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import time
@@ -19,7 +20,7 @@ from hydra_watchdog.report.status import from_json
 from hydra_watchdog.sim.tabby_server import NO_MODEL_LOGGED, write_control
 from hydra_watchdog.states import Phase
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
-from tests.harness.tabby import ADMIN_KEY, API_KEY, wait_for
+from tests.harness.tabby import ADMIN_KEY, API_KEY, free_port, wait_for
 from tests.test_daemon import WAIT, Daemons, Node
 
 
@@ -199,3 +200,48 @@ def _loaded(node: Node) -> str | None:
         return from_json((node.runtime_dir / "status.json").read_bytes()).model.loaded
     except (OSError, ValueError):
         return None
+
+
+# --- issue 23 item 7: the end of every load ----------------------------------------------------
+
+
+def _metrics_page(port: int) -> str:
+    return httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
+
+
+def _ended(node: Node, result: str, port: int) -> bool:
+    line = f'hydra_watchdog_actions_total{{action="load_model",result="{result}"}} 1.0'
+    try:
+        return line in _metrics_page(port)
+    except httpx.HTTPError:
+        return False
+
+
+def test_every_load_end_is_an_event_with_its_duration_and_counted(
+    sim_node: Node, runner: Daemons
+) -> None:
+    port = free_port()
+    sim_node.write_config(metrics={"listen": f"127.0.0.1:{port}"})
+    runner.start(sim_node)
+    wait_for(lambda: EventKind.MODEL_LOADED in sim_node.kinds(), WAIT, "the load's end")
+    loaded = next(e for e in sim_node.events() if e.kind is EventKind.MODEL_LOADED)
+    assert re.fullmatch(r"loaded m1 in [0-9.]+m?s: confirmed by /v1/model", loaded.message)
+    took = float(dict(loaded.fields)["HYDRA_DURATION_S"])
+    assert 0.4 <= took < WAIT  # the simulator loads for 0.4 s
+    wait_for(lambda: _ended(sim_node, "ok", port), WAIT, "the load counted as ok")
+    assert _ended(sim_node, "in_progress", port)
+
+    # Unloaded by hand while its backend is gone: the next load fails, told with its duration.
+    words = "Backend 'exllamav2' selected, but required dependencies are not installed."
+    write_control(sim_node.control, load_error=words)
+    unloaded = httpx.post(
+        f"http://127.0.0.1:{sim_node.port}/v1/model/unload",
+        headers={"Authorization": f"Bearer {ADMIN_KEY}"},
+        timeout=10,
+    )
+    assert unloaded.status_code == 200
+    wait_for(lambda: EventKind.LOAD_FAILED in sim_node.kinds(), WAIT, "the failed load's end")
+    failed = next(e for e in sim_node.events() if e.kind is EventKind.LOAD_FAILED)
+    assert re.match(r"load of m1 failed after [0-9.]+m?s and will not be retried", failed.message)
+    assert "HYDRA_DURATION_S" in dict(failed.fields)
+    wait_for(lambda: _ended(sim_node, "failed", port), WAIT, "the load counted as failed")

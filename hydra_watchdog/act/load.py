@@ -71,14 +71,19 @@ class ModelLoader:
             self._progress = LoadProgress(model=action.model, started_at=now)
             tabby, cancel = self.tabby, self._cancel
             self._thread = threading.Thread(
-                target=self._run, args=(action, tabby, cancel), name="model-load", daemon=True
+                target=self._run,
+                args=(action, tabby, cancel, now),
+                name="model-load",
+                daemon=True,
             )
             self._thread.start()
         return ActionResult(
             action, ResultStatus.IN_PROGRESS, f"loading {action.model} in the background", now
         )
 
-    def _run(self, action: LoadModel, tabby: TabbyApi, cancel: threading.Event) -> None:
+    def _run(
+        self, action: LoadModel, tabby: TabbyApi, cancel: threading.Event, started: float
+    ) -> None:
         def on_progress(done: int, total: int) -> None:
             with self._lock:
                 if self._progress is not None:
@@ -102,7 +107,9 @@ class ModelLoader:
                 _FAILURE_KINDS.get(outcome.kind, ErrorKind.LOAD_ERROR),
             )
         with self._lock:
-            self._finished.append(ActionResult(action, status, outcome.detail, self._clock(), kind))
+            now = self._clock()
+            ended = ActionResult(action, status, outcome.detail, now, kind, now - started)
+            self._finished.append(ended)
             self._progress = None
             self._action = None
 
@@ -149,8 +156,9 @@ class ModelLoader:
             kind = _FAILURE_KINDS.get(report.kind, ErrorKind.LOAD_ERROR)
             if report.detail.startswith("cancelled"):
                 kind = ErrorKind.CANCELLED
+        took = helpers.duration(launch, report)
         helpers.forget()
-        return (ActionResult(action, status, detail, self._clock(), kind),)
+        return (ActionResult(action, status, detail, self._clock(), kind, took),)
 
     @property
     def in_flight(self) -> bool:

@@ -47,6 +47,7 @@ from hydra_watchdog.load_record import (
     quarantine,
     read_launch,
     read_report,
+    report_written_at,
     write_launch,
 )
 from hydra_watchdog.printable import printable
@@ -299,6 +300,12 @@ class LoadHelpers:
 
     def report(self, launch: LoadLaunch) -> LoadReport | None:
         return read_report(self.state_dir, launch.load_id)
+
+    def duration(self, launch: LoadLaunch, report: LoadReport | None) -> float:
+        """How long the ended load ran: from its launch to the helper's outcome, or to now when
+        it left none (killed: it ended some time before)."""
+        ended = report_written_at(self.state_dir) if report and report.finished else None
+        return max(0.0, (ended if ended is not None else self._wall()) - launch.started_wall)
 
     def _unit_state(self, unit: str) -> str | None:
         """The unit's ActiveState; None when systemd could not be asked."""

@@ -60,6 +60,7 @@ MESSAGE_IDS: Mapping[EventKind, str] = {
     EventKind.RECOVERED: "8a4636d83e8c4e3081c7c72aa2b8f21d",
     EventKind.LOAD_PROGRESS: "99b279f192224dfba0f8a034cdcd3b54",
     EventKind.LOAD_FAILED: "344da944559344b39c790dd8ec2747d6",
+    EventKind.MODEL_LOADED: "4a5aa72d9b7041bc9b24f32f0936b376",
     EventKind.ADMIN_KEY_REJECTED: "4f002e96e1fe45629a23743b3d52f145",
     EventKind.GENERATION_HANG: "cb6283e32f7144fdb6adc4cd6a4660a6",
     EventKind.PAUSED: "74e9b674ba9e4c4a9e1c1adc1640667c",

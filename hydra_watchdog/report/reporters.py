@@ -34,6 +34,7 @@ from typing import Protocol
 
 from hydra_watchdog.actions import Action, ActionResult, action_name
 from hydra_watchdog.config import Config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event
 from hydra_watchdog.incidents import Tracker, facts, step
 from hydra_watchdog.observation import Observation, Outcome
@@ -254,6 +255,11 @@ class MetricsReporter:
         m.update(record.status)
         for r in record.results:
             m.record_action(action_name(r.action), r.status.value)
+        # The ends of loads that ran in the background (started as "in_progress" cycles ago)
+        for r in record.observation.results:
+            if r.duration_s is not None:
+                cancelled = r.error_kind is ErrorKind.CANCELLED
+                m.record_action(action_name(r.action), "cancelled" if cancelled else r.status.value)
         health = record.observation.health.result
         if health.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR):
             m.observe_health_latency(health.latency_s)
