@@ -257,7 +257,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from hydra_watchdog.states import Phase, Verdict  # noqa: PLC0415
 
     cfg = _config(args)
-    adapters = build_adapters(cfg)
+    adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
     observer = Observer.from_adapters(cfg, adapters)
     # Two passes: the first asks for the expensive probes the rules need, the second runs them.
     # Nothing is executed, so the second pass starts afresh with only the probe requests.
@@ -301,10 +301,11 @@ def cmd_check(args: argparse.Namespace) -> int:
 def cmd_verify(args: argparse.Namespace) -> int:
     """The runbook's post-rebuild verification, step by step."""
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
+    from hydra_watchdog.observation import Outcome  # noqa: PLC0415
     from hydra_watchdog.states import Verdict  # noqa: PLC0415
 
     cfg = _config(args)
-    adapters = build_adapters(cfg)
+    adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
     checks: list[tuple[str, bool, str]] = []
     # ldd in TabbyAPI's environment: its running process's, else its unit's
     host = adapters.host.check(libraries=True, unit=adapters.units.status())
@@ -336,13 +337,17 @@ def cmd_verify(args: argparse.Namespace) -> int:
     adapters.tabby.note_unit(adapters.units.status())
     model = adapters.tabby.model() if health.healthy else None
     loaded = model is not None and bool(model.loaded)
+    # this command holds no key: no verdict on TabbyAPI, nor on the daemon's key
+    keyless = model is not None and model.result.outcome is Outcome.LOCAL_ERROR
     if model is None:
         seen = "not checked"
     elif model.loaded or model.known:
         seen = model.loaded or "none"
+    elif keyless:
+        seen = f"skipped: {model.result.detail}"
     else:
         seen = f"{model.result.outcome.value}: {model.result.detail}"
-    checks.append(("model loaded", loaded, seen))
+    checks.append(("model loaded", loaded or keyless, seen))
     if loaded:
         canary = adapters.tabby.canary(cfg.tabbyapi.canary_deadline)
         r = canary.result
@@ -354,7 +359,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
             )
         )
     else:
-        checks.append(("1-token completion", False, "skipped: no model"))
+        why = "no admin key for this command" if keyless else "no model"
+        checks.append(("1-token completion", keyless, f"skipped: {why}"))
     failed = [c for c in checks if not c[1]]
     for name, good, detail in checks:
         print(f"{'OK  ' if good else 'FAIL'} {name}: {detail}")

@@ -84,8 +84,9 @@ Decide = Callable[[PolicyState, Observation, float, Config], tuple[PolicyState, 
 log = get_logger("hydra_watchdog.daemon")
 
 
-def build_adapters(config: Config) -> Adapters:
-    """The real adapters for this node."""
+def build_adapters(config: Config, *, command: bool = False) -> Adapters:
+    """The real adapters for this node. `command`: for `check` or `verify` run from a shell,
+    whose TabbyAPI client finds the key as the watchdog's unit gets it (adapters/admin_key.py)."""
     from hydra_watchdog.adapters.fallback_route import LiteLlmRoute  # noqa: PLC0415 - heavy
     from hydra_watchdog.adapters.gpu import NvmlGpu  # noqa: PLC0415 - imports at start only
     from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
@@ -98,7 +99,7 @@ def build_adapters(config: Config) -> Adapters:
 
     units = SystemctlUnit(config.tabbyapi.unit)
     return Adapters(
-        tabby=TabbyClient.from_config(config),
+        tabby=TabbyClient.from_config(config, command=command),
         gpu=NvmlGpu.from_config(config),
         units=units,
         scanner=ProcScanner.from_config(config),

@@ -61,40 +61,55 @@ Lookup = Callable[[str], CredentialLookup]
 
 
 def parse_load_credentials(text: str, name: str = CREDENTIAL) -> str | None:
-    """The source of credential `name` from `systemctl show -p LoadCredential` (one
-    `LoadCredential=ID:PATH` line per entry); "" for an entry without a path (systemd then
-    searches its credential stores for ID), None when there is no such entry."""
+    """The source of credential `name` among LoadCredential= entries, one `ID:PATH` a line (as
+    `systemctl show` prints them, `LoadCredential=` first, or as read over D-Bus); the ID itself
+    for an entry without a path (systemd then searches its credential stores for it), None when
+    there is no such entry."""
     for line in text.splitlines():
         key, sep, value = line.partition("=")
-        if key.strip() != "LoadCredential" or not sep:
-            continue
-        ident, _, path = value.strip().partition(":")
+        entry = value if sep and key.strip() == "LoadCredential" else line
+        ident, _, path = entry.strip().partition(":")
         if ident == name:
-            return path
+            return path or ident
     return None
 
 
 def load_credential_source(unit: str, *, root: str = "/") -> CredentialLookup:
-    """Ask systemd for `unit`'s LoadCredential=admin_key source (an absolute path: a relative
-    one, or none, is looked up in the credential stores as systemd would)."""
+    """Ask systemd for `unit`'s LoadCredential=admin_key source: over D-Bus (PID 1's private
+    socket, as root), else `systemctl show` (systemd 252's prints no such property). An absolute
+    path is the source; a bare name is looked up in the credential stores, as systemd does."""
     from hydra_watchdog.adapters.systemd import SystemctlUnit  # noqa: PLC0415 - when asked
+    from hydra_watchdog.adapters.unit_bus import PRIVATE_SOCKET, UnitBus  # noqa: PLC0415
 
-    text, why = SystemctlUnit(unit, timeout=_SHOW_TIMEOUT, root=root, bus=False).show_text(
-        "LoadCredential"
-    )
-    if why:
-        return CredentialLookup(unit, detail=f"{unit} could not be asked: {why}")
+    if not os.path.isdir(os.path.join(root, "run/systemd/system")):
+        return CredentialLookup(unit, detail="systemd is not the init system here")
+    bus = UnitBus(unit, path=os.path.join(root, PRIVATE_SOCKET.lstrip("/")), timeout=_SHOW_TIMEOUT)
+    try:
+        props = bus.read(("LoadCredential",))
+    finally:
+        bus.close()
+    if isinstance(props, dict):
+        text = props.get("LoadCredential", "")
+    else:
+        shown, why = SystemctlUnit(unit, timeout=_SHOW_TIMEOUT, root=root, bus=False).show_text(
+            "LoadCredential"
+        )
+        if why or "[unprintable]" in shown:
+            why = why or "systemctl cannot print LoadCredential="
+            return CredentialLookup(unit, detail=f"{unit} could not be asked ({props}; {why})")
+        text = shown
     path = parse_load_credentials(text)
     if path is None:
         return CredentialLookup(unit, detail=f"{unit} has no LoadCredential={CREDENTIAL}")
     if path.startswith("/"):
         return CredentialLookup(unit, source=path)
-    stored = path or CREDENTIAL
     for store in CREDSTORES:
-        if os.path.exists(os.path.join(root, store.lstrip("/"), stored)):
-            return CredentialLookup(unit, source=os.path.join(store, stored))
+        if os.path.exists(os.path.join(root, store.lstrip("/"), path)):
+            return CredentialLookup(unit, source=os.path.join(store, path))
+    named = CREDENTIAL if path == CREDENTIAL else f"{CREDENTIAL}:{path}"
+    stores = ", ".join(CREDSTORES)
     return CredentialLookup(
-        unit, detail=f"{unit}'s LoadCredential={CREDENTIAL}:{path} is in no credential store"
+        unit, detail=f"{unit}'s LoadCredential={named} is in no credential store ({stores})"
     )
 
 
@@ -115,16 +130,19 @@ def locate(
     *,
     lookup: Lookup | None = None,
     discover: bool = False,
+    unit: str | None = None,
 ) -> KeyLocation:
     """Where the key is (see the module docstring). `lookup` asks systemd for a unit's
     LoadCredential= source (None: systemd is not asked); `discover`: a command from a shell,
-    which looks for the watchdog unit's credential."""
+    which looks for the watchdog unit's credential; `unit`: the service this process runs as
+    (by default read from /proc/self/cgroup)."""
     if admin_key_file:
         return KeyLocation(admin_key_file, f"the file {admin_key_file}")
     creds = environ.get("CREDENTIALS_DIRECTORY", "")
     copy = os.path.join(creds, CREDENTIAL) if creds else ""
     if copy and os.path.isfile(copy):
-        unit = own_unit(environ) if lookup is not None else ""
+        if unit is None:
+            unit = own_unit(environ) if lookup is not None else ""
         found = lookup(unit) if lookup is not None and unit else None
         if found is not None and found.source and os.access(found.source, os.R_OK):
             return KeyLocation(found.source, _credential_label(found))
@@ -135,11 +153,12 @@ def locate(
             where = f"LoadCredential={CREDENTIAL}:{found.source} of {found.unit}"
             if os.access(found.source, os.R_OK):
                 return KeyLocation(found.source, _credential_label(found))
+            why = "which this user cannot read" if os.path.exists(found.source) else "missing"
             return KeyLocation(
                 "",
                 "",
-                hint=f"the watchdog's admin key is its {where}, which this user cannot read: "
-                "run this command as root (sudo), as the daemon reads it",
+                hint=f"the watchdog's admin key is its {where}, {why}: run this command as "
+                "root (sudo), as systemd reads it for the daemon",
             )
         return KeyLocation("", "", hint=_how_to_pass(found.detail))
     return KeyLocation(

@@ -62,6 +62,7 @@ INTERFACE_OF: Mapping[str, str] = {
     "ExecMainStatus": _SERVICE_IF,
     "ExecStart": _SERVICE_IF,
     "WorkingDirectory": _SERVICE_IF,
+    "LoadCredential": _SERVICE_IF,  # read by `check` and `verify` (adapters/admin_key.py)
 }
 _PEER = "org.freedesktop.DBus.Peer"
 # PID 1 (systemd 252, measured in the test namespace: 10 of 15 fresh connections) can leave the
@@ -91,7 +92,10 @@ def as_show_value(value: Any) -> str:
     (empty when unset), a job (uo: its id and object path) as its id (empty for 0: none),
     numbers in decimal, strings as they are, one command (ExecStart's a(sasbttttuii)) as
     `{ path=P ; argv[]=A0 A1 ; ignore_errors=no ; ... }` up to the fields we read (several: empty,
-    as parse_show reads several lines)."""
+    as parse_show reads several lines), pairs of strings (LoadCredential's a(ss)) one
+    "first:second" a line, as newer systemctl prints them (252 prints "[unprintable]")."""
+    if isinstance(value, list) and value and all(_is_pair(v) for v in value):
+        return "\n".join(f"{first}:{second}" for first, second in value)
     if isinstance(value, list):
         if len(value) != 1 or not _is_command(value[0]):
             return ""
@@ -293,6 +297,10 @@ def _values(names: Sequence[str], replies: Sequence[Message]) -> dict[str, str]:
             continue
         out[name] = as_show_value(body[0][1])
     return out
+
+
+def _is_pair(entry: Any) -> bool:
+    return isinstance(entry, tuple) and len(entry) == 2 and all(isinstance(x, str) for x in entry)
 
 
 def _is_command(entry: Any) -> bool:
