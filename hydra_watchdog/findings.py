@@ -12,6 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from hydra_watchdog.config import Config
 from hydra_watchdog.durations import format_duration
+from hydra_watchdog.journal_lines import explaining
 from hydra_watchdog.observation import (
     GpuSnapshot,
     ModelDir,
@@ -323,17 +324,17 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
         )
 
 
-_PID1_MARK = " systemd[1]: "  # journalctl's short-iso: "<time> <host> systemd[1]: <message>"
-
-
 def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     excerpt = obs.host.journal_excerpt
     if excerpt and not obs.health.healthy:
-        # TabbyAPI's own last words (a CUDA OOM, a traceback) before PID 1's lines about the
-        # exit and the stop, which the unit's Result already says and which follow them.
-        own = [line for line in excerpt if _PID1_MARK not in line]
-        last = " | ".join(line.strip() for line in (own or list(excerpt))[-3:])
-        yield Finding(Rule.DOWN, Severity.INFO, f"last log lines: {last[:400]}", subject="journal")
+        # What explains the exit (errors, a traceback's last line) rather than the last lines:
+        # a crash loop repeats its start-up lines once per start (journal_lines.py).
+        lines, errors = explaining(excerpt)
+        label = "that explain the exit" if errors else "(none names an error)"
+        text = " | ".join(lines)
+        yield Finding(
+            Rule.DOWN, Severity.INFO, f"last log lines {label}: {text[:400]}", subject="journal"
+        )
 
 
 def gpus(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:

@@ -245,3 +245,31 @@ def test_every_load_end_is_an_event_with_its_duration_and_counted(
     assert re.match(r"load of m1 failed after [0-9.]+m?s and will not be retried", failed.message)
     assert "HYDRA_DURATION_S" in dict(failed.fields)
     wait_for(lambda: _ended(sim_node, "failed", port), WAIT, "the load counted as failed")
+
+
+# --- issue 23 item 9: the crash loop's diagnosis -----------------------------------------------
+
+
+def test_a_crash_loop_is_explained_by_its_error_not_its_start_up_lines(
+    sim_node: Node, runner: Daemons
+) -> None:
+    crash = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    write_control(sim_node.control, exit_code=1, exit_error=crash)
+    runner.start(sim_node)
+    wait_for(lambda: sim_node.phase() is Phase.BACKOFF, WAIT, "the restart loop")
+    wait_for(lambda: bool(_journal_finding(sim_node)), WAIT, "the journal's diagnosis")
+    said = _journal_finding(sim_node)
+    assert said.startswith("last log lines that explain the exit: ")
+    assert re.search(
+        r"RuntimeError: CUDA error: an illegal memory access was encountered \(\dx\)", said
+    )
+    assert "Uvicorn running on" not in said and "Traceback" not in said
+    result = [m for r, m in _findings(sim_node) if r == "tabbyapi_down" and "Result=" in m]
+    assert result and "Result=exit-code (exit status 1)" in result[0], _findings(sim_node)
+
+
+def _journal_finding(node: Node) -> str:
+    try:
+        return next((m for _, m in _findings(node) if m.startswith("last log lines")), "")
+    except (OSError, ValueError):
+        return ""

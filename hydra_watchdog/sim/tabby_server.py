@@ -47,6 +47,7 @@ class Faults:
     """The control file's keys. Each is read on every request, so a test flips them live."""
 
     exit_code: int | None = None  # the process exits with this code
+    exit_error: str = ""  # ... after a traceback ending in this line (e.g. "RuntimeError: ...")
     refuse: bool = False  # the listening socket is closed: connections are refused
     hang: bool = False  # requests are accepted but never answered
     slow_seconds: float = 0.0  # every answer is delayed this long
@@ -67,6 +68,7 @@ class Faults:
 
 _FAULT_TYPES: dict[str, tuple[type, ...]] = {
     "exit_code": (int,),
+    "exit_error": (str,),
     "only_pid": (int,),
     "refuse": (bool,),
     "hang": (bool,),
@@ -332,6 +334,19 @@ def _oom_text(need: int, free: int) -> str:
     )
 
 
+def _exit(faults: Faults) -> None:
+    """The process ends (exit_code), as a crash: a traceback first when exit_error says one."""
+    if faults.exit_error:
+        frames = (
+            "Traceback (most recent call last):",
+            '  File "/opt/tabbyapi/main.py", line 187, in <module>',
+            "    entrypoint()",
+            faults.exit_error,
+        )
+        print("\n".join(frames), file=sys.stderr, flush=True)
+    os._exit(faults.exit_code if faults.exit_code is not None else 1)
+
+
 def _wait(seconds: float) -> Iterator[None]:
     end = time.monotonic() + seconds
     while (left := end - time.monotonic()) > 0:
@@ -366,7 +381,7 @@ class _Handler(BaseHTTPRequestHandler):
         body = self._read_body()
         faults = self._faults
         if faults.exit_code is not None:
-            os._exit(faults.exit_code)
+            _exit(faults)
         if faults.refuse or faults.hang:
             # refuse: the watcher is about to close the port; hang: never answer.
             if faults.hang:
@@ -768,7 +783,7 @@ class Simulator:
         while not self.stopping.wait(_TICK):
             faults = self.node.faults()
             if faults.exit_code is not None:
-                os._exit(faults.exit_code)
+                _exit(faults)
             server = self._server
             if faults.refuse and server is not None and self._serving.is_set():
                 server.shutdown()

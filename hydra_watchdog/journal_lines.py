@@ -1,0 +1,63 @@
+"""Which lines of TabbyAPI's journal say why it exited (the journal finding, findings.py).
+
+A crash loop leaves the same start-up lines once per start ("Uvicorn running on ..." three
+times) and PID 1's lines about each exit, which the unit's Result= and exit status already say
+(findings.unit_state). What explains an exit is an error: the last line of a Python traceback,
+an ERROR or CRITICAL line, a kill, an out-of-memory. Those are quoted, each once with how often
+it came; where there is none, the last distinct lines are. Pure: no I/O.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import Counter
+from collections.abc import Sequence
+
+PID1_MARK = " systemd[1]: "  # journalctl's short-iso: "<time> <host> systemd[1]: <message>"
+# journalctl -o short-iso: "2026-12-01T19:19:02+0000 host ident[pid]: message"
+_PREFIX = re.compile(r"^\d{4}-\d\d-\d\dT\S+ \S+ [^\s:]+: ")
+_ERROR = re.compile(
+    r"\b(?:ERROR|CRITICAL|FATAL|Fatal|Killed|Aborted)\b|\b\w+(?:Error|Exception)\b|[Ee]rror:"
+    r"|Segmentation fault|core dumped|out of memory"
+)
+# TabbyAPI's answer to one request ("Sent to request: No models are currently loaded."): an
+# ERROR line, but nothing about why the process ended.
+_REQUEST_ERROR = "Sent to request:"
+KEEP = 3
+
+
+def message(line: str) -> str:
+    """The line's message, without journalctl's time, host and identifier."""
+    return _PREFIX.sub("", line, count=1).rstrip()
+
+
+def _explains(text: str) -> bool:
+    # A traceback's frames are indented, and its header names no error: its last line does.
+    return (
+        bool(_ERROR.search(text))
+        and not text[:1].isspace()
+        and not text.startswith("Traceback")
+        and _REQUEST_ERROR not in text
+    )
+
+
+def explaining(excerpt: Sequence[str], keep: int = KEEP) -> tuple[tuple[str, ...], bool]:
+    """(the lines to quote, whether they are errors): TabbyAPI's own lines before PID 1's (the
+    latter only when there is nothing else), its errors before anything else, each distinct
+    line once, the last `keep` of them in order, a repeated one with its count."""
+    own = [line for line in excerpt if PID1_MARK not in line] or list(excerpt)
+    texts = [message(line) for line in own]
+    errors = [t for t in texts if _explains(t)]
+    chosen = errors or [t for t in texts if t.strip()]
+    return _distinct_last(chosen, keep), bool(errors)
+
+
+def _distinct_last(texts: Sequence[str], keep: int) -> tuple[str, ...]:
+    counts = Counter(texts)
+    last: list[str] = []
+    for text in reversed(texts):
+        if text not in last:
+            last.append(text)
+            if len(last) == keep:
+                break
+    return tuple(f"{t} ({counts[t]}x)" if counts[t] > 1 else t for t in reversed(last))

@@ -1,0 +1,62 @@
+"""What the journal finding quotes of TabbyAPI's log (issue 23 item 9): the lines that explain
+an exit, each once, rather than the last lines of a crash loop."""
+
+from __future__ import annotations
+
+from hydra_watchdog.journal_lines import explaining, message
+
+HOST = "2026-12-01T19:19:02+0000 hydra-ai"
+
+
+def _crash_loop(own: tuple[str, ...], starts: int = 3) -> list[str]:
+    """What journalctl shows of `starts` crashes: TabbyAPI's lines, then PID 1's."""
+    lines: list[str] = []
+    for pid in range(100, 100 + starts):
+        lines += [f"{HOST} python[{pid}]: {text}" for text in own]
+        lines += [
+            f"{HOST} systemd[1]: tabbyapi.service: Main process exited, code=exited, "
+            "status=1/FAILURE",
+            f"{HOST} systemd[1]: tabbyapi.service: Failed with result 'exit-code'.",
+            f"{HOST} systemd[1]: tabbyapi.service: Scheduled restart job, restart counter is at 1.",
+        ]
+    return lines
+
+
+def test_a_traceback_is_quoted_by_its_last_line_once_with_its_count() -> None:
+    own = (
+        "INFO:     Uvicorn running on http://127.0.0.1:5000",
+        "Traceback (most recent call last):",
+        '  File "/opt/tabbyapi/main.py", line 187, in <module>',
+        "    entrypoint()",
+        "RuntimeError: CUDA error: an illegal memory access was encountered",
+    )
+    lines, errors = explaining(_crash_loop(own))
+    assert errors
+    assert lines == ("RuntimeError: CUDA error: an illegal memory access was encountered (3x)",)
+
+
+def test_without_an_error_the_last_distinct_lines_each_once() -> None:
+    own = ("INFO:     Loading model m1", "INFO:     Uvicorn running on http://127.0.0.1:5000")
+    lines, errors = explaining(_crash_loop(own))
+    assert not errors
+    assert lines == (
+        "INFO:     Loading model m1 (3x)",
+        "INFO:     Uvicorn running on http://127.0.0.1:5000 (3x)",
+    )
+
+
+def test_per_request_errors_explain_no_exit_and_pid1_speaks_only_alone() -> None:
+    own = (
+        "ERROR:    Sent to request: No models are currently loaded.",
+        "ERROR:    Could not load model: Insufficient VRAM in split for model and cache",
+        "INFO:     Shutting down",
+    )
+    lines, errors = explaining(_crash_loop(own, starts=1))
+    assert errors
+    assert lines == (
+        "ERROR:    Could not load model: Insufficient VRAM in split for model and cache",
+    )
+    pid1_only = [line for line in _crash_loop(own, starts=1) if "systemd[1]" in line]
+    lines, errors = explaining(pid1_only)
+    assert not errors and lines[-1].endswith("restart counter is at 1.")
+    assert message(pid1_only[0]).startswith("tabbyapi.service: Main process exited")
