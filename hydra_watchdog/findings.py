@@ -239,7 +239,9 @@ def port_owners(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findi
                 Rule.FOREIGN_HOLDER,
                 Severity.CRIT,
                 f"port {port} is held by pid {proc.pid} ({one_line(proc.command)}), "
-                "which is not TabbyAPI's: never signalled; free the port by hand",
+                + (_wrong_user(proc, obs, cfg) if proc.wrong_user else "which is not TabbyAPI's")
+                + ": never signalled; "
+                + (_set_user(proc, obs) if proc.wrong_user else "free the port by hand"),
                 subject=f"pid {proc.pid}",
             )
         elif proc.role is ProcessRole.ORPHAN:
@@ -250,6 +252,26 @@ def port_owners(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findi
                 f"({one_line(proc.command)}) outside {obs.unit.name}",
                 subject=f"pid {proc.pid}",
             )
+
+
+def _wrong_user(proc: ProcessInfo, obs: Observation, cfg: Config) -> str:
+    """Whose TabbyAPI it is not: the unit's User= where there is a unit, else tabbyapi.user."""
+    unit = obs.unit
+    expected = (
+        f"{unit.name}'s User= ({unit.user or 'root'})"
+        if unit.exists
+        else f"tabbyapi.user ({cfg.tabbyapi.user})"
+    )
+    return f"TabbyAPI's program run by uid {proc.uid}, not {expected}"
+
+
+def _set_user(proc: ProcessInfo, obs: Observation) -> str:
+    if obs.unit.exists:
+        return f"stop it and start {obs.unit.name}, or set the unit's User= to the user it needs"
+    return (
+        f'if that is how TabbyAPI runs here, set tabbyapi.user = "{proc.uid}" in the config '
+        "and reload the watchdog (SIGHUP)"
+    )
 
 
 def key_withheld(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:

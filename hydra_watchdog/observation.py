@@ -185,6 +185,9 @@ class ProcessInfo:
     listens_on: tuple[int, ...] = ()  # of the ports we watch (port, port+1)
     start_ticks: int = 0  # /proc/PID/stat starttime: clock ticks after boot, the identity
     uid: int | None = None  # its real uid
+    # TabbyAPI's program from its install tree, run by a uid that is not TabbyAPI's
+    # (tabbyapi.user, or the unit's User=): foreign, and most likely a user setting to fix
+    wrong_user: bool = False
 
     @property
     def command(self) -> str:

@@ -213,6 +213,9 @@ class ProcScanner:
                     listens_on=tuple(sorted(listens.get(pid, ()))),
                     start_ticks=ident.start_ticks,
                     uid=ident.uid,
+                    wrong_user=role is ProcessRole.FOREIGN
+                    and ident.uid != uid
+                    and is_tabby_program(ident, self.install_dirs),
                 )
             )
         report = PortReport(port=self.port, listeners=tuple(listeners), full_scan=searched_all)
