@@ -415,11 +415,14 @@ def test_09_restart_loop(chaos: Chaos, cause: str) -> None:
     assert last_stop is None, "the last step made no start attempt"
     assert steps >= (1 if cause == "missing_library" else 2)
 
-    # Back-off resets only after reset_after of health.
+    # Back-off resets only after reset_after of health. Health begins no sooner than the start
+    # that fixed it (the daemon's own record), and before the model is served: `fixed_at` (the
+    # test seeing the model) can lag /health by a load and a cycle or two on a loaded machine.
     node.wait(lambda: node.status()["backoff"]["step"] == 0, 60, node.describe)
     reset = node.first(lambda r: r.rule == "backoff_reset")
     assert reset is not None
-    assert reset.at - node.t0 >= fixed_at + RESET_AFTER - 2 * INTERVAL - 1.0
+    last_start = [r for r in sequence if r.action == "start_unit"][-1]
+    assert reset.at - last_start.at >= RESET_AFTER
     assert node.actions("kill_orphan") == []  # nothing was signalled
     row.restarts = node.restarts_issued()
     assert row.restarts == steps  # exactly the back-off attempts
