@@ -32,6 +32,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default="", help="comma list of fault classes (default all)")
     parser.add_argument("--supervisors", default="", help="comma list (default all three)")
     parser.add_argument("--skip", default="", help="comma list: recovery, overhead")
+    parser.add_argument(
+        "--only",
+        choices=("status",),
+        help="status: only the status command's latency (its daemons running), nothing else",
+    )
     parser.add_argument("--out-dir", type=Path, default=HERE)
     parser.add_argument(
         "--from-json", type=Path, help="only render RESULTS.md/recovery.png from a results.json"
@@ -61,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     command = "python -m bench " + " ".join(shlex.quote(a) for a in (argv or sys.argv[1:]))
     started = time.time()
     inner = [sys.executable, "-m", "bench.inside", IN_NS_RESULT, "--trials", str(trials)]
-    for flag in ("faults", "supervisors", "skip"):
+    for flag in ("faults", "supervisors", "skip", "only"):
         if getattr(args, flag):
             inner += [f"--{flag}", getattr(args, flag)]
     if args.quick:

@@ -28,8 +28,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--faults", default=",".join(FAULTS))
     parser.add_argument("--supervisors", default=",".join(nd.SUPERVISORS))
     parser.add_argument("--skip", default="", help="comma list: recovery, overhead")
+    parser.add_argument("--only", choices=("status",))
     args = parser.parse_args(argv)
     skip = set(filter(None, args.skip.split(",")))
+    if args.only:
+        skip |= {"recovery", "overhead"}
     started = time.monotonic()
     node = nd.build_node(Path(__file__).resolve().parents[1])
     result: dict[str, object] = {"compression": nd.COMPRESSION, "trials": args.trials}
@@ -47,6 +50,11 @@ def main(argv: list[str] | None = None) -> int:
 
         _out("== overhead and latency")
         result["overhead"] = run_overhead(node, _out, quick=args.quick)
+    if args.only == "status":
+        from bench.overhead import run_status_only
+
+        _out("== status latency only")
+        result["overhead"] = run_status_only(node, _out, quick=args.quick)
     result["inside_s"] = time.monotonic() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1))

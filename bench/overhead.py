@@ -269,6 +269,18 @@ ExecStart={node.python} {node.repo}/bench/floor.py {variant} {nd.PORT}
 """
 
 
+def _start(watched: list[Watched]) -> subprocess.CompletedProcess[str]:
+    """A healthy TabbyAPI, then every unit of `watched` (one start job each, in parallel; a
+    Type=notify unit is up after its first cycle), past their first cycles."""
+    nd.systemctl("daemon-reload")
+    nd.systemctl("start", nd.TABBY_UNIT)
+    if not nd.wait_until(lambda: sample(nd.PORT, nd.API_KEY, nd.MAIN_MODEL).healthy, 60, 0.2):
+        raise RuntimeError("TabbyAPI did not serve its model within 60 s")
+    started = nd.systemctl("start", *(w.unit for w in watched))
+    time.sleep(SETTLE_S)
+    return started
+
+
 def healthy_polling(
     node: nd.Node, seconds: float, watched: list[Watched], *, monit: bool = True
 ) -> dict[str, Any]:
@@ -276,13 +288,7 @@ def healthy_polling(
     everyone = [*watched]
     if monit:
         everyone.append(Watched("monit", nd.MONIT_UNIT, float(nd.monit_interval())))
-    nd.systemctl("daemon-reload")
-    nd.systemctl("start", nd.TABBY_UNIT)
-    if not nd.wait_until(lambda: sample(nd.PORT, nd.API_KEY, nd.MAIN_MODEL).healthy, 60, 0.2):
-        raise RuntimeError("TabbyAPI did not serve its model within 60 s")
-    # One start job each, in parallel; a Type=notify unit is up after its first cycle.
-    started = nd.systemctl("start", *(w.unit for w in everyone))
-    time.sleep(SETTLE_S)
+    started = _start(everyone)
     out: dict[str, Any] = {"interval_s": INTERVAL, "supervisors": {}}
     failed: dict[str, str] = {}
     live: list[tuple[Watched, int, Path | None]] = []
@@ -575,6 +581,27 @@ def crowded_window(
     return c
 
 
+def _print_status(status: dict[str, Any], out: Callable[[str], None]) -> None:
+    for k, v in status.items():
+        if isinstance(v, dict):
+            out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+
+
+def run_status_only(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> dict[str, Any]:
+    """`python -m bench --only status`: the status latency of run_overhead alone, against the
+    same daemons (started, past their first cycles), without the windows around it."""
+    node.reset_faults()
+    before = lay_out_before(node)
+    watched = _watched(node, before)
+    try:
+        _start(watched)
+        status = status_latency(node, 20 if quick else 50, watched, before)
+    finally:
+        nd.systemctl("stop", *(w.unit for w in watched))
+    _print_status(status, out)
+    return {"before": before, "status": status}
+
+
 def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> dict[str, Any]:
     result: dict[str, Any] = {}
     node.reset_faults()
@@ -593,9 +620,7 @@ def run_overhead(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> d
         for k, why in p["failed"].items():
             out(f"  {k:<15} not measured: {why}")
         result["status"] = status_latency(node, 20 if quick else 50, watched, before)
-        for k, v in result["status"].items():
-            if isinstance(v, dict):
-                out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+        _print_status(result["status"], out)
     finally:
         nd.systemctl("stop", *(w.unit for w in watched), nd.MONIT_UNIT)
     result["floor"] = floor_window(node, seconds, out)
