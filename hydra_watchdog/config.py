@@ -25,14 +25,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from hydra_watchdog import paths
 from hydra_watchdog.durations import ACCEPTED as DURATION_ACCEPTED
 from hydra_watchdog.durations import format_duration, parse_duration
-from hydra_watchdog.regular_file import UnusableFileError, read_regular
+from hydra_watchdog.regular_file import UnusableFileError, file_identity, read_regular
 
-DEFAULT_CONFIG_PATH = Path("/etc/hydra-watchdog/config.toml")
+DEFAULT_CONFIG_PATH = Path(paths.DEFAULT_CONFIG_PATH)
 EX_CONFIG = 78
-# A config is a few kilobytes; anything far larger (or endless, like /dev/zero) is a wrong path.
-MAX_CONFIG_BYTES = 1 << 20
+MAX_CONFIG_BYTES = paths.MAX_CONFIG_BYTES
 # No timer of ours needs longer; a sane cap also keeps sleeps and timeouts in the C library's range.
 MAX_DURATION = 7 * 86400.0
 MAX_COUNT = 1000  # probes, restarts, attempts: beyond this a "limit" no longer limits anything
@@ -67,7 +67,7 @@ class WatchdogSection:
         "path",
     )
     runtime_dir: str = _opt(
-        "/run/hydra-watchdog",
+        paths.DEFAULT_RUNTIME_DIR,
         "World-readable status (no secrets) for `hydra-watchdog status` as any user.",
         "path",
     )
@@ -289,15 +289,16 @@ class Config:
     metrics: MetricsSection = field(default_factory=MetricsSection)
     nixos: NixosSection = field(default_factory=NixosSection)
     source: str = field(default="(defaults)", compare=False)
-    # SHA-256 of the file's bytes (load_config): `status` trusts the daemon's published view of
-    # its config only for the very same bytes (report/status_quick.py)
+    # SHA-256 of the file's bytes and the file's identity (load_config): `status` trusts the
+    # daemon's published view of its config only for the very same file (report/status_file.py)
     sha256: str = field(default="", compare=False)
+    file_identity: str = field(default="", compare=False)
 
 
 SECTIONS: dict[str, type[Any]] = {
     f.name: f.default_factory  # type: ignore[misc]
     for f in dataclasses.fields(Config)
-    if f.name not in ("source", "sha256")
+    if f.name not in ("source", "sha256", "file_identity")
 }
 
 
@@ -737,7 +738,7 @@ def parse_config(data: Mapping[str, object], source: str = "(inline)") -> Config
 def load_config(path: Path | str) -> Config:
     path = Path(path)
     try:  # a regular file (NixOS links it into the store), bounded: never a FIFO, /dev/zero
-        raw, _ = read_regular(path, MAX_CONFIG_BYTES, follow=True)
+        raw, st = read_regular(path, MAX_CONFIG_BYTES, follow=True)
     except FileNotFoundError:
         raise ConfigError("", f"config file {path} does not exist (pass --config PATH)") from None
     except UnusableFileError as exc:
@@ -765,7 +766,8 @@ def load_config(path: Path | str) -> Config:
     except Exception as exc:  # tomllib's other failures, e.g. a 5,000-digit integer
         raise ConfigError("", f"{path} is not valid TOML: {exc}") from None
     cfg = parse_config(data, source=str(path))
-    return dataclasses.replace(cfg, sha256=hashlib.sha256(raw).hexdigest())
+    digest = hashlib.sha256(raw).hexdigest()
+    return dataclasses.replace(cfg, sha256=digest, file_identity=file_identity(st))
 
 
 # --- rendering ----------------------------------------------------------------------------------

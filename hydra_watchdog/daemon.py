@@ -66,8 +66,8 @@ from hydra_watchdog.report.reporters import (
     reporters,
 )
 from hydra_watchdog.report.sdnotify import Notifier
-from hydra_watchdog.report.status import process_start
 from hydra_watchdog.report.status_file import mark_stopped
+from hydra_watchdog.report.status_view import process_start
 from hydra_watchdog.statefile import (
     DRY_RUN_STATE_FILE,
     STATE_FILE,

@@ -357,15 +357,18 @@ def run_demo(*, fast: bool = False, out: Callable[[str], None] = print) -> int:
         demo = Demo(Path(tmp), out)
         try:
             incidents = demo.run()
-            from hydra_watchdog.report.status import render_human  # noqa: PLC0415
             from hydra_watchdog.report.status_file import read_status  # noqa: PLC0415
+            from hydra_watchdog.report.status_view import judge, render  # noqa: PLC0415
 
             # what `hydra-watchdog status` shows: the status file the daemon published
             report = read_status(demo.cfg.watchdog.runtime_dir)
+            now = time.time()
         finally:
             demo.close()
         if report is not None:
-            out("\n== `hydra-watchdog status` at the end\n" + render_human(report))
+            verdict, why, current = judge(report, wall_now=now, stale_after=report.stale_after)
+            screen = render(report, verdict, why, now=now, current=current)
+            out("\n== `hydra-watchdog status` at the end\n" + screen)
     out(f"\n== summary ({time.monotonic() - started:.0f} s)\n" + _table(incidents))
     failed = [i.name for i in incidents if i.recovered_s is None]
     if failed:

@@ -3,8 +3,8 @@ and the admin key (at start and on reload), the state, pause and load records, t
 a unit's EnvironmentFile=. (Kernel files under /proc and /sys are read by
 adapters/identity.read_bytes, also bounded.)
 
-Its own module, importing only os and stat, because `status`'s quick path (report/status_quick.py)
-reads with it too and must not pay for statefile's imports at every start.
+Its own module, importing only os and stat, because `status` reads with it too and must not pay
+for statefile's imports at every start.
 """
 
 from __future__ import annotations
@@ -12,18 +12,20 @@ from __future__ import annotations
 import os
 import stat
 
-TYPE_CHECKING = False  # not typing's: `status` would pay for importing it
-if TYPE_CHECKING:
-    StrPath = str | os.PathLike[str]
-
 
 class UnusableFileError(ValueError):
     """A path that holds something other than a regular file of ours (a directory, a FIFO, a
     symlink, a file too large)."""
 
 
+def file_identity(st: os.stat_result) -> str:
+    """Which file, in which version: device, inode, size and the times of its last change. Any
+    write changes the ctime, which no user can set back; another file has another inode."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
 def read_regular(
-    path: StrPath, limit: int, *, follow: bool = False, dir_fd: int | None = None
+    path: str | os.PathLike[str], limit: int, *, follow: bool = False, dir_fd: int | None = None
 ) -> tuple[bytes, os.stat_result]:
     """The bytes of a regular file of at most `limit` bytes, and its stat. Follows a symlink only
     when told (`follow`: a config NixOS links into the store), never blocks on a FIFO. With

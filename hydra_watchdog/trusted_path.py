@@ -14,8 +14,8 @@ opened relative to it (read_regular(name, ..., dir_fd=fd)), never by path. Every
 walks again (`trusted_dir`), so a directory that became replaceable while the daemon ran is
 refused at the next read, not trusted from a check made at start.
 
-Its own module, importing only os, stat and contextlib (loaded by every Python at start), for
-`status`'s quick path.
+Its own module, importing only os, stat, contextlib and collections.abc, for `status`, which
+reads the status file through it at every run.
 """
 
 from __future__ import annotations
@@ -24,12 +24,9 @@ import contextlib
 import errno
 import os
 import stat
+from collections.abc import Collection, Iterator
 
-TYPE_CHECKING = False  # not typing's: `status` would pay for importing it
-if TYPE_CHECKING:
-    from collections.abc import Collection, Iterator
-
-    StrPath = str | os.PathLike[str]
+StrPath = str | os.PathLike[str]
 
 _WALK = os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # search right is enough
 _LAST = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC  # listed and fsynced

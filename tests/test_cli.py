@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import shutil
@@ -20,8 +19,10 @@ from hydra_watchdog import __version__, control
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy_state import Finding, PolicyState
-from hydra_watchdog.report.status import build_status, process_start
+from hydra_watchdog.report.status import replace
+from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, write_status
+from hydra_watchdog.report.status_view import process_start
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
@@ -146,7 +147,7 @@ def _publish(cfg: Config, state: PolicyState, *, pid: int, age: float = 0.0) -> 
         pid=pid,
         pid_start=process_start(pid),
     )
-    write_status(cfg.watchdog.runtime_dir, dataclasses.replace(report, heartbeat=wall))
+    write_status(cfg.watchdog.runtime_dir, replace(report, heartbeat=wall))
 
 
 def test_status_without_a_daemon_is_unknown(dirs_config: tuple[Path, Config]) -> None:

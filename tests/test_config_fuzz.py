@@ -39,6 +39,7 @@ from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.adapters.tabby import TabbyClient, read_admin_key
 from hydra_watchdog.config import (
+    SECTIONS,
     Config,
     ConfigError,
     load_config,
@@ -52,7 +53,7 @@ from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.metrics import parse_listen
-from hydra_watchdog.report.status import stale_after
+from hydra_watchdog.report.status_build import stale_after
 from tests import policy_kit as kit
 from tests.test_config import DEVICE_FIELDS, raw_value
 
@@ -220,7 +221,7 @@ _BASES: tuple[dict[str, Any], ...] = (
     tomllib.loads(_EXAMPLE.read_text(encoding="utf-8")),
     {k: dict(v) for k, v in kit.BASE.items()},
 )
-_SECTIONS = [f.name for f in dataclasses.fields(Config) if f.name not in ("source", "sha256")]
+_SECTIONS = list(SECTIONS)  # the config's own list: its bookkeeping fields are not sections
 _SCOPES = {**schema(), "gpu.device": dict(DEVICE_FIELDS)}
 
 

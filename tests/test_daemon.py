@@ -170,7 +170,7 @@ class Node:
 
     def phase(self) -> Phase | None:
         try:
-            return from_json((self.runtime_dir / "status.json").read_bytes()).phase
+            return Phase(from_json((self.runtime_dir / "status.json").read_bytes()).phase)
         except (OSError, ValueError):
             return None
 

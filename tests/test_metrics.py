@@ -15,7 +15,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from hydra_watchdog.observation import Health, HttpResult, ModelStatus, Outcome
 from hydra_watchdog.report.metrics import LATENCY_BUCKETS, Metrics, parse_listen
-from hydra_watchdog.report.status import StatusReport
+from hydra_watchdog.report.status import ModelInfo, PauseInfo, StatusReport, replace
 from hydra_watchdog.states import Phase
 from tests.test_status_report import STATE, build, observation
 
@@ -134,7 +134,7 @@ def test_model_loaded_and_up_follow_the_latest_report(metrics: Metrics) -> None:
     values = samples(metrics.exposition().decode())
     assert values[("hydra_watchdog_tabbyapi_up", ())] == 1
     assert values[("hydra_watchdog_model_loaded", ())] == 0
-    loaded = dataclasses.replace(empty, model=dataclasses.replace(empty.model, loaded="M"))
+    loaded = replace(empty, model=ModelInfo(wanted=empty.model.wanted, loaded="M", known=True))
     metrics.update(loaded)
     assert samples(metrics.exposition().decode())[("hydra_watchdog_model_loaded", ())] == 1
 
@@ -151,9 +151,7 @@ def test_a_local_error_is_no_tabbyapi_up_sample(metrics: Metrics) -> None:
 
 def test_paused_gauge(metrics: Metrics) -> None:
     report = build()
-    metrics.update(
-        dataclasses.replace(report, paused=dataclasses.replace(report.paused, paused=True))
-    )
+    metrics.update(replace(report, paused=PauseInfo(paused=True)))
     assert samples(metrics.exposition().decode())[("hydra_watchdog_paused", ())] == 1
 
 

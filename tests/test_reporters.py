@@ -137,7 +137,7 @@ def test_the_chain_publishes_every_part_and_says_ready_last(cfg: Config) -> None
     saved = _state_file(cfg).load()
     assert (saved.state, saved.events) == (restarted, record.kept)  # the state file
     assert read_status(cfg.watchdog.runtime_dir) == record.status  # the status file
-    assert record.status.phase is Phase.RECOVERING and record.status.pid == os.getpid()
+    assert record.status.phase == Phase.RECOVERING and record.status.pid == os.getpid()
     page = metrics.exposition().decode()  # the metrics page
     assert 'hydra_watchdog_restarts_total{by="watchdog"} 1.0' in page
     assert 'hydra_watchdog_actions_total{action="restart_unit",result="ok"} 1.0' in page

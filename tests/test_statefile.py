@@ -30,7 +30,8 @@ from hydra_watchdog.policy_state import (
     RestartRecord,
     to_jsonable,
 )
-from hydra_watchdog.report.status import build_status, from_json, to_json
+from hydra_watchdog.report.status import from_json, to_json
+from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.statefile import (
     MAX_COUNT,
     MAX_TIME,

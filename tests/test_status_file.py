@@ -7,13 +7,25 @@ import os
 import shutil
 import subprocess
 import tempfile
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from hydra_watchdog.config import load_config
+from hydra_watchdog.paths import DEFAULT_RUNTIME_DIR
+from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.status import StatusReport, from_json
-from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, read_status, write_status
+from hydra_watchdog.report.status_build import build_status
+from hydra_watchdog.report.status_file import (
+    STATUS_FILE,
+    _published_by,
+    find_status,
+    mark_stopped,
+    read_status,
+    write_status,
+)
 from hydra_watchdog.states import Phase
 from hydra_watchdog.trusted_path import UnsafeDirectoryError
 
@@ -99,3 +111,55 @@ def test_read_status_caps_what_it_reads(tmp_path: Path) -> None:
     (tmp_path / STATUS_FILE).mkdir()
     with pytest.raises(ValueError, match="not a regular file"):
         read_status(tmp_path)
+
+
+# --- finding the report without parsing the config (issue 25) ------------------------------------
+
+
+def _daemon_report(config: Path) -> StatusReport:
+    """What the daemon that read `config` publishes (its runtime dir, its view of the file)."""
+    cfg = load_config(config)
+    report = build_status(
+        PolicyState(phase=Phase.HEALTHY), None, cfg, (), wall_now=1.0, mono_now=1.0, pid=1
+    )
+    write_status(cfg.watchdog.runtime_dir, report)
+    return report
+
+
+def test_the_report_of_the_daemon_that_read_this_config_names_its_runtime_dir(
+    tmp_path: Path,
+) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"  # tmpfs\n')
+    _daemon_report(config)
+    assert _published_by(str(config), str(tmp_path / "run"))
+    assert find_status(str(config)) == (str(tmp_path / "run"), "")
+
+
+def test_a_config_changed_since_the_daemon_read_it_is_read_again(tmp_path: Path) -> None:
+    """The same bytes written again: a new ctime, so the daemon's view of the file is not the
+    file's, and status reads the config (which here names another runtime dir)."""
+    config = tmp_path / "config.toml"
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
+    _daemon_report(config)
+    time.sleep(0.01)  # a ctime the filesystem can tell apart
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
+    assert not _published_by(str(config), str(tmp_path / "run"))
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "elsewhere"}"\n')
+    assert find_status(str(config)) == (str(tmp_path / "elsewhere"), "")
+
+
+def test_a_report_moved_from_its_runtime_dir_is_not_the_configs(tmp_path: Path) -> None:
+    config = tmp_path / "config.toml"
+    config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
+    report = _daemon_report(config)
+    write_status(tmp_path / "copy", report)
+    assert not _published_by(str(config), str(tmp_path / "copy"))
+
+
+def test_a_config_that_cannot_be_read_falls_back_to_the_default_runtime_dir(
+    tmp_path: Path,
+) -> None:
+    runtime, note = find_status(str(tmp_path / "missing.toml"))
+    assert runtime == DEFAULT_RUNTIME_DIR
+    assert note.startswith("(config not read: config file") and "using defaults" in note

@@ -1,21 +1,27 @@
-"""`hydra-watchdog status` stays light (issue 15): monitoring runs it every few seconds, so it
-imports no HTTP or NVML client, no process scanner and not the policy. Checked in a fresh
-interpreter after a real `status` run against a real status file written by the daemon's writer."""
+"""`hydra-watchdog status` stays light (issues 15 and 25): monitoring runs it every few seconds,
+so it imports no HTTP or NVML client, no process scanner, not the policy, and none of the modules
+whose import costs more than the rest of the command (the config's schema, tomllib, dataclasses,
+typing). Checked in a fresh interpreter after a real `status` run against a real status file
+written by the daemon's writer. One path: public modules only, no TYPE_CHECKING of our own."""
 
 from __future__ import annotations
 
-import dataclasses
 import json
+import re
 import subprocess
 import sys
 import time
 from pathlib import Path
 
-from hydra_watchdog.cli import COMMANDS, build_parser
+import pytest
+
+from hydra_watchdog.arguments import COMMANDS, build_parser
 from hydra_watchdog.config import Config, load_config
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.report.status import build_status, process_start
+from hydra_watchdog.report.status import replace
+from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.report.status_file import write_status
+from hydra_watchdog.report.status_view import process_start
 from hydra_watchdog.states import Phase
 
 # The issue's list, plus the policy's memory and the observation types: dozens of dataclasses
@@ -37,6 +43,7 @@ from hydra_watchdog.cli import main
 code = main(sys.argv[1:])
 modules = sorted(sys.modules)  # before this probe's own json
 import json
+import re
 print(json.dumps({"code": code, "modules": modules}))
 """
 
@@ -58,11 +65,11 @@ def _heavy(modules: list[str]) -> list[str]:
 
 
 def _status_of_a_live_daemon(
-    tmp_path: Path, *args: str, digest: bool
+    tmp_path: Path, *args: str, loaded: bool
 ) -> tuple[int, list[str], str]:
-    """`status --config F ARGS` after a completed cycle of a live stand-in daemon. `digest`: the
-    report carries the config file's digest, as the daemon that loaded F writes it (the quick
-    path answers only then); otherwise the defaults' (none)."""
+    """`status --config F ARGS` after a completed cycle of a live stand-in daemon. `loaded`: the
+    report names F as the config file its daemon read, as the daemon that loaded F writes it;
+    otherwise it names none (the defaults')."""
     config = tmp_path / "watchdog.toml"
     config.write_text(f'[watchdog]\nruntime_dir = "{tmp_path / "run"}"\n')
     # A live process whose command line names hydra_watchdog stands in for the daemon.
@@ -73,7 +80,7 @@ def _status_of_a_live_daemon(
         report = build_status(
             PolicyState(phase=Phase.HEALTHY, phase_since=time.monotonic()),
             None,
-            load_config(config) if digest else Config(),
+            load_config(config) if loaded else Config(),
             (),
             wall_now=time.time(),
             mono_now=time.monotonic(),
@@ -81,7 +88,7 @@ def _status_of_a_live_daemon(
             pid_start=process_start(daemon.pid),
         )
         # a completed cycle: build_status dates the heartbeat from an observation
-        write_status(tmp_path / "run", dataclasses.replace(report, heartbeat=time.time()))
+        write_status(tmp_path / "run", replace(report, heartbeat=time.time()))
         return _status_modules("--config", str(config), *args)
     finally:
         daemon.kill()
@@ -89,7 +96,7 @@ def _status_of_a_live_daemon(
 
 
 def test_status_of_a_live_daemon_imports_nothing_heavy(tmp_path: Path) -> None:
-    code, modules, out = _status_of_a_live_daemon(tmp_path, "--json", digest=False)
+    code, modules, out = _status_of_a_live_daemon(tmp_path, "--json", loaded=False)
     assert json.loads(out[: out.rindex("\n{")])["verdict"] == "OK", out
     assert code == 0
     assert "hydra_watchdog.report.status" in modules  # the status path really ran
@@ -117,33 +124,64 @@ def test_the_fast_parser_knows_every_command() -> None:
         assert sub_choices is not None and list(sub_choices) == [name]
 
 
-# What the quick path (report/status_quick.py) leaves out: each cost `status` milliseconds.
-NOT_QUICK = (
-    "argparse",
+# What `status` leaves out: each costs it milliseconds, together more than the rest of it.
+NOT_FOR_STATUS = (
     "tomllib",
     "dataclasses",
+    "inspect",
     "typing",
     "logging",
     "pathlib",
     "hashlib",
     "hydra_watchdog.config",
-    "hydra_watchdog.report.status",
-    "hydra_watchdog.report.status_file",
+    "hydra_watchdog.commands",
+    "hydra_watchdog.report.status_build",
     "hydra_watchdog.statefile",
     "hydra_watchdog.jsonable",
     "hydra_watchdog.events",
-    # json imports re, re imports enum, and states holds enums: ~15 ms together (measured)
-    "json",
-    "re",
-    "enum",
     "hydra_watchdog.states",
 )
 
 
-def test_status_of_a_daemon_with_the_same_config_takes_the_quick_path(tmp_path: Path) -> None:
-    code, modules, out = _status_of_a_live_daemon(tmp_path, digest=True)
+@pytest.mark.parametrize("runtime_dir_line", [True, False])
+def test_status_of_a_daemon_with_the_same_config_reads_no_config_schema(
+    tmp_path: Path, runtime_dir_line: bool
+) -> None:
+    """The config file the daemon read leads to its report without being parsed: named by its
+    runtime_dir line, or (no such line) passed with --runtime-dir."""
+    args = () if runtime_dir_line else ("--runtime-dir", str(tmp_path / "run"))
+    code, modules, out = _status_of_a_live_daemon(tmp_path, *args, loaded=True)
     assert out.startswith("OK: healthy"), out
     assert code == 0
-    assert "hydra_watchdog.report.status_quick" in modules
-    assert [m for m in modules if m in NOT_QUICK] == []
+    assert [m for m in modules if m in NOT_FOR_STATUS] == []
     assert _heavy(modules) == []
+
+
+def test_status_of_an_edited_config_reads_it(tmp_path: Path) -> None:
+    """A config that changed since the daemon read it is read: the report's view of it is old."""
+    code, modules, out = _status_of_a_live_daemon(tmp_path, loaded=False)
+    assert out.startswith("OK: healthy"), out
+    assert code == 0
+    assert "hydra_watchdog.config" in modules
+
+
+OUR_STATUS_MODULES = (
+    "cli.py",
+    "paths.py",
+    "printable.py",
+    "regular_file.py",
+    "trusted_path.py",
+    "report",
+)
+
+
+def test_the_status_path_uses_public_modules_only() -> None:
+    """No CPython private module (_json, _sha256) and no TYPE_CHECKING of our own making."""
+    root = Path(__file__).resolve().parent.parent / "hydra_watchdog"
+    for name in OUR_STATUS_MODULES:
+        for path in (
+            sorted((root / name).rglob("*.py")) if (root / name).is_dir() else [root / name]
+        ):
+            text = path.read_text()
+            assert not re.search(r"^\s*(from|import) +_(?!_future__)", text, re.MULTILINE), path
+            assert "TYPE_CHECKING = False" not in text, path

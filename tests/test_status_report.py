@@ -40,16 +40,23 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.report import status
 from hydra_watchdog.report.status import (
-    GIB,
+    PHASES,
     SCHEMA_VERSION,
+    VERDICT_NAMES,
     StatusReport,
-    build_status,
+    from_json,
+    replace,
+    to_json,
+)
+from hydra_watchdog.report.status_build import build_status
+from hydra_watchdog.report.status_view import (
+    GIB,
     daemon_problem,
     evaluate,
-    from_json,
+    judge,
     process_start,
-    render_human,
-    to_json,
+    render,
+    summarize,
 )
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 from tests.harness.tabby import wait_for
@@ -168,6 +175,12 @@ STATE = PolicyState(
 )
 
 
+def screen(report: StatusReport, *, now: float) -> str:
+    """What `status` prints for `report` at `now` (its daemon alive, no colour)."""
+    verdict, why, current = judge(report, wall_now=now, stale_after=60)
+    return render(report, verdict, why, now=now, current=current)
+
+
 def build(
     state: PolicyState = STATE,
     obs: Observation | None = None,
@@ -203,8 +216,8 @@ def test_monotonic_stamps_become_wall_times() -> None:
 
 def test_phase_verdict_and_summary() -> None:
     report = build()
-    assert report.phase is Phase.BACKOFF
-    assert report.verdict is Verdict.CRITICAL
+    assert report.phase == Phase.BACKOFF
+    assert report.verdict == Verdict.CRITICAL
     assert report.summary.startswith("backoff")
     assert "back-off step 2, next start in 60 s" in report.summary
     assert "health refused" in report.summary
@@ -305,7 +318,7 @@ def test_before_the_first_observation() -> None:
     report = build_status(PolicyState(), None, Config(), (), wall_now=WALL, mono_now=MONO, pid=7)
     assert report.heartbeat is None
     assert report.since is None
-    assert report.phase is Phase.UNKNOWN
+    assert report.phase == Phase.UNKNOWN
     assert report.health is None and report.unit is None and report.gpus == ()
     assert evaluate(report, wall_now=WALL, stale_after=60)[0] == Verdict.UNKNOWN
 
@@ -395,7 +408,8 @@ def test_fresh_report_verdict_per_phase(phase: Phase) -> None:
     verdict, why = evaluate(report, wall_now=WALL + 1, stale_after=60)
     assert verdict == phase.verdict
     # the caller prints "<VERDICT>: <why>": a why that repeats the name reads "OK: OK: ..."
-    assert why.startswith(phase.value) and not why.startswith(Verdict(verdict).name)
+    assert why.startswith(phase.value.replace("_", " "))
+    assert not why.startswith(Verdict(verdict).name)
 
 
 def test_verdicts_of_key_phases() -> None:
@@ -412,28 +426,26 @@ def test_verdicts_of_key_phases() -> None:
 # --- render ---------------------------------------------------------------------------------------
 
 
-def test_render_human_shows_what_the_runbook_asks_first() -> None:
+def test_the_screen_shows_what_the_runbook_asks_first() -> None:
     obs = observation(pause=PauseRequest("nixos-rebuild", MONO + 3600))
-    text = render_human(build(obs=obs), now=WALL)
-    assert "BACKOFF [CRITICAL]" in text
-    assert "(5.0 min ago)" in text or "(5 min ago)" in text
-    assert "wanted Midnight-Miqu-70B" in text
-    assert "VRAM used 20.0 GiB, free 12.0 GiB of 32.0 GiB; power limit 400 W (target 450 W)" in text
-    assert "VRAM need:  48.0 GiB in total (estimate)" in text
-    assert "port 5000:  pid 4242 (orphan: python /opt/tabbyapi/main.py)" in text
-    assert "back-off:   step 2" in text and "(in 60 s)" in text
+    text = screen(build(obs=obs), now=WALL)
+    first = text.splitlines()[0]
+    assert first.startswith("CRITICAL: backoff, paused (nixos-rebuild) since ")
+    assert "(5 min ago)" in first and "until " in first and "(in 60 min)" in first
+    assert "Midnight-Miqu-70B wanted (not read this cycle); needs 48.0 GiB (estimate)" in text
+    assert "gpu0 Sim GPU 0: 20.0 of 32.0 GiB used, limit 400 W (target 450 W)" in text
+    assert "Port: 5000 held by pid 4242 (orphan)" in text
+    assert "Orphan: pid 4242, 20.0 GiB on GPU: python /opt/tabbyapi/main.py" in text
+    assert "Back-off: step 2" in text and "(in 60 s)" in text
     assert "3 in the last 10 min (1 by the watchdog, 2 by systemd)" in text
-    assert "paused:     yes, nixos-rebuild" in text
     assert "[warning] port_conflict: port 5000 held by pid 4242" in text
-    assert (
-        "kill orphan 4242 (python /opt/tabbyapi/main.py) "
-        "(because port_conflict: pid 4242 holds port 5000 outside the unit)" in text
-    )
+    assert "kill orphan 4242 (python /opt/tabbyapi/main.py) (because port_conflict: pid" in text
     assert "FAILED restart tabbyapi.service (because tabbyapi_down: refused 3 times)" in text
-    assert "unit:       tabbyapi.service failed/failed, result exit-code, NRestarts 4" in text
+    assert "Unit: tabbyapi.service failed; NRestarts 4, result exit-code" in text
+    assert max(len(line) for line in text.splitlines()) <= 100
 
 
-def test_render_human_of_a_healthy_idle_node() -> None:
+def test_the_screen_of_a_healthy_idle_node() -> None:
     obs = observation(
         health=Health(HttpResult(Outcome.OK, 0.015, status=200), True),
         model=ModelStatus(HttpResult(Outcome.OK, 0.01, 200), "Midnight-Miqu-70B", True),
@@ -441,13 +453,11 @@ def test_render_human_of_a_healthy_idle_node() -> None:
         processes=(),
     )
     state = PolicyState(phase=Phase.HEALTHY, phase_since=MONO - 3600)
-    text = render_human(build(state=state, obs=obs, recent=()), now=WALL)
-    assert "HEALTHY [OK]" in text
-    assert "health:     ok 200 in 15 ms" in text
-    assert "loaded Midnight-Miqu-70B" in text
-    assert "back-off:   none" in text
-    assert "paused:     no" in text
-    assert "last actions" not in text
+    text = screen(build(state=state, obs=obs, recent=()), now=WALL)
+    assert text.startswith("OK: healthy since ")
+    assert "Health: 200 in 15 ms" in text
+    assert "Midnight-Miqu-70B loaded" in text
+    assert "Back-off:" not in text and "Restarts:" not in text and "Actions:" not in text
 
 
 # --- the documented schema ------------------------------------------------------------------------
@@ -472,20 +482,27 @@ def test_schema_doc_lists_every_field_of_every_object() -> None:
     for title, cls in sections.items():
         body = doc.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
         documented = re.findall(r"^\| `(\w+)` \|", body, flags=re.MULTILINE)
-        assert documented == [f.name for f in dataclasses.fields(cls)], title
+        assert documented == list(cls.field_names()), title
+
+
+def test_the_phases_are_the_policys() -> None:
+    assert frozenset(p.value for p in Phase) == PHASES
+    assert tuple(v.name for v in Verdict) == VERDICT_NAMES
 
 
 # --- a dead daemon, ages from now, the heartbeat from the future ---------------------------------
 
 
 def test_a_stopped_daemon_is_unknown_with_the_time_it_stopped() -> None:
-    report = dataclasses.replace(build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY)))
+    report = build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY))
     assert evaluate(report, wall_now=WALL + 1, stale_after=60)[0] == Verdict.OK
-    stopped = dataclasses.replace(report, stopped_at=WALL + 2)
+    stopped = replace(report, stopped_at=WALL + 2)
     verdict, why = evaluate(stopped, wall_now=WALL + 20, stale_after=60)
     assert verdict == Verdict.UNKNOWN
     assert "(pid 1234) stopped at" in why and "(18 s ago)" in why
-    assert "STOPPED at" in render_human(stopped, now=WALL + 20)
+    text = screen(stopped, now=WALL + 20)
+    assert text.splitlines()[1].startswith("Last cycle: ")
+    assert "Health" not in text  # what a stopped daemon last saw is not how things are
 
 
 def test_a_daemon_that_is_gone_is_unknown_at_once() -> None:
@@ -499,25 +516,25 @@ def test_a_daemon_that_is_gone_is_unknown_at_once() -> None:
 @pytest.mark.parametrize("ahead", [11.0, 3600.0, 1e12])
 def test_a_heartbeat_from_the_future_is_unknown(ahead: float) -> None:
     report = build(state=dataclasses.replace(STATE, phase=Phase.HEALTHY))
-    future = dataclasses.replace(report, heartbeat=WALL + ahead)
+    future = replace(report, heartbeat=WALL + ahead)
     verdict, why = evaluate(future, wall_now=WALL, stale_after=60)
     assert verdict == Verdict.UNKNOWN and "in the future" in why
     # a little skew (a clock step by NTP) is tolerated
-    near = dataclasses.replace(report, heartbeat=WALL + 5)
+    near = replace(report, heartbeat=WALL + 5)
     assert evaluate(near, wall_now=WALL, stale_after=60)[0] == Verdict.OK
 
 
 def test_ages_are_computed_from_now_not_from_when_the_file_was_written() -> None:
     report = build()  # generated at WALL, heartbeat WALL - 2, next start at WALL + 60
-    text = render_human(report, now=WALL + 20)
+    text = screen(report, now=WALL + 20)
     assert "last cycle 22 s ago" in text
-    assert "next start in 40 s" in text and "(in 40 s)" in text
-    assert "next start in 40 s" in evaluate(report, wall_now=WALL + 20, stale_after=60)[1]
+    assert "(in 40 s)" in text
+    assert "next start in 40 s" in summarize(report, now=WALL + 20)
 
 
 def test_render_survives_times_that_are_not_dates() -> None:
-    report = dataclasses.replace(build(), since=9e18, stopped_at=-9e18)
-    assert "(not a date)" in render_human(report, now=WALL)
+    report = replace(build(), since=9e18, stopped_at=-9e18)
+    assert "(not a date)" in screen(report, now=WALL)
 
 
 # --- /proc: is the daemon that wrote the report still running? ----------------------------------
@@ -540,7 +557,7 @@ def test_daemon_problem_accepts_a_live_hydra_watchdog_and_its_start() -> None:
         assert report.pid_start is not None
         assert daemon_problem(report) == ""
         # the same pid, another start time: a reused pid
-        reused = dataclasses.replace(report, pid_start=report.pid_start - 1)
+        reused = replace(report, pid_start=report.pid_start - 1)
         assert "now another hydra-watchdog process" in daemon_problem(reused)
     finally:
         proc.kill()
@@ -653,5 +670,5 @@ def test_fuzz_anything_parses_renders_or_is_a_value_error(text: bytes) -> None:
         return
     # what parses must evaluate and render without an exception
     evaluate(report, wall_now=WALL, stale_after=60)
-    render_human(report, now=WALL)
+    screen(report, now=WALL)
     to_json(report)

@@ -111,7 +111,7 @@ class _ReportCollector:
             labels=["state"],
         )
         for phase in Phase:
-            state.add_metric([phase.value], 1.0 if report.phase is phase else 0.0)
+            state.add_metric([phase.value], 1.0 if report.phase == phase.value else 0.0)
         yield state
         yield GaugeMetricFamily(
             f"{PREFIX}_last_cycle_timestamp_seconds",

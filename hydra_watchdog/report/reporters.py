@@ -43,7 +43,8 @@ from hydra_watchdog.printable import printable
 from hydra_watchdog.report.incident_file import IncidentFile
 from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
-from hydra_watchdog.report.status import StatusReport, build_status
+from hydra_watchdog.report.status import StatusReport
+from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.report.status_file import write_status
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase

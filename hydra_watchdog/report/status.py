@@ -1,70 +1,175 @@
-"""The status report: what `hydra-watchdog status` prints and what the metrics page exports.
+"""The status report: its records and its JSON form, the status file `hydra-watchdog status` reads.
 
-The daemon builds one StatusReport per cycle from the policy's memory and the last observation
-(build_status is pure: every clock reading is an argument) and writes it as JSON into its runtime
-dir, where `status` reads it as any user. The JSON form is documented field by field in
-docs/status-schema.md and versioned by `schema`: a reader ignores fields it does not know and
-defaults fields it misses, so adding a field keeps the version; renaming or changing the meaning
-of one bumps it.
+The daemon builds one StatusReport per cycle (report/status_build.py) and writes it as JSON into
+its runtime dir (report/status_file.py), where `status` reads it as any user. The JSON form is
+documented field by field in docs/status-schema.md and versioned by `schema`: a reader ignores
+fields it does not know and defaults fields it misses, so adding a field keeps the version;
+renaming or changing the meaning of one bumps it. All times are wall-clock seconds since the
+epoch: other processes and humans read them.
 
-All times in the report are wall-clock seconds since the epoch, because other processes and
-humans read them; the policy's monotonic stamps are converted with wall_now - mono_now + t.
+The records are declared once, as annotated classes, and `Record` makes the annotations the check
+every report passes, whether the daemon built it or `status` read it from a file: every number
+finite and within 2**63, every string valid UTF-8, every nested value of its declared kind. So a
+report that exists renders without an exception, and a file that is garbage (NaN, huge numbers,
+deep nesting, bad UTF-8) is a ValueError saying what is wrong, never a traceback.
 
-Reading is defensive: `status` is what monitoring trusts, so a file that is garbage (NaN, huge
-numbers, deep nesting, bad UTF-8), a heartbeat from the future, a daemon that stopped (the file
-says so) or whose pid is gone or is no longer hydra-watchdog is UNKNOWN with the reason, never OK.
-This path imports nothing heavy (no policy, no HTTP or NVML client): `status` runs often.
+Why not dataclasses: `status` runs every few seconds from monitoring and imports this module
+each time. Importing dataclasses (which imports inspect) and creating a dozen frozen dataclasses
+cost it more than everything else it does (measured: `python -c pass` 18 ms, plus 17 ms for
+them). The phase is a plain string and the verdict the Nagios exit code, for the same reason
+(states.py's enums cost 3 ms more); status_build.py fills them from states.Phase.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import math
-from collections.abc import Sequence
-from dataclasses import dataclass, field
-from enum import Enum
-from typing import TYPE_CHECKING, Any
-
-from hydra_watchdog import __version__
-from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.jsonable import from_jsonable, to_jsonable
-from hydra_watchdog.report.status_view import (
-    FUTURE_SKEW,
-    GIB,
-    PROC,
-    daemon_problem,
-    evaluate,
-    process_start,
-    render_human,
-    summarize,
-)
-from hydra_watchdog.states import Phase, Verdict
-
-if TYPE_CHECKING:  # the daemon's side (build_status); `status` only reads the file
-    from hydra_watchdog.config import Config, GpuDevice
-    from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation
-    from hydra_watchdog.policy_state import PolicyState
+import sys
+from collections.abc import Callable, Iterator, Mapping
 
 SCHEMA_VERSION = 1
-ACTIONS_KEPT = 10
-_COMMAND_MAX = 200  # a command line is evidence, not a dump
-_ACTION_KINDS = (EventKind.ACTION, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED)
 _MAX_INT = 2**63  # bytes, pids, counts; beyond it a number is garbage (and overflows a float)
-__all__ = [  # judged and rendered in status_view (light, for `status`), re-exported here
-    "FUTURE_SKEW",
-    "GIB",
-    "PROC",
-    "daemon_problem",
-    "evaluate",
-    "process_start",
-    "render_human",
-    "summarize",
-]
+VERDICT_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # states.Verdict, by exit code
+# states.Phase's values (a test keeps them equal), for the same reason
+PHASES = frozenset(
+    {"unknown", "starting", "healthy", "degraded", "no_model", "loading", "down", "recovering"}
+    | {"backoff", "escalated", "blocked", "paused"}
+)
+
+Check = Callable[[object, str], object]
 
 
-@dataclass(frozen=True)
-class HealthInfo:
+def _number(value: object, where: str, *, integer: bool) -> int | float:
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        raise ValueError(f"{where} is not a number")
+    if isinstance(value, float) and (not math.isfinite(value) or integer):
+        raise ValueError(
+            f"{where} = {value!r} is not a usable {'integer' if integer else 'number'}"
+        )
+    if abs(value) > _MAX_INT:
+        raise ValueError(f"{where} = {str(value)[:40]} is not a usable number")
+    return int(value) if integer else float(value)
+
+
+def _text(value: object, where: str) -> str:
+    if not isinstance(value, str):
+        raise ValueError(f"{where} is not text")
+    try:
+        value.encode("utf-8")  # a lone surrogate (from a \\ud800 escape) is not text
+    except UnicodeEncodeError:
+        raise ValueError(f"{where} is not valid UTF-8 text") from None
+    return str(value)  # a StrEnum member becomes its plain value
+
+
+def _flag(value: object, where: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{where} is not true or false")
+    return value
+
+
+_PLAIN: dict[str, Check] = {
+    "str": _text,
+    "bool": _flag,
+    "int": lambda v, where: _number(v, where, integer=True),
+    "float": lambda v, where: _number(v, where, integer=False),
+}
+
+
+def _kind(annotation: str, names: Mapping[str, object]) -> Check:
+    """The check of one annotation: a plain type, a Record, `X | None` or `tuple[X, ...]`."""
+    text = annotation.strip()
+    if text.endswith("| None"):
+        inner = _kind(text[: -len("| None")], names)
+        return lambda v, where: None if v is None else inner(v, where)
+    if text.startswith("tuple[") and text.endswith(", ...]"):
+        item = _kind(text[len("tuple[") : -len(", ...]")], names)
+
+        def items(v: object, where: str) -> tuple[object, ...]:
+            if not isinstance(v, list | tuple):
+                raise ValueError(f"{where} is not a list")
+            return tuple(item(x, f"{where}[{i}]") for i, x in enumerate(v))
+
+        return items
+    if text in _PLAIN:
+        return _PLAIN[text]
+    record = names.get(text)  # the records this module defined above
+    if isinstance(record, type) and issubclass(record, Record):
+        return record.check
+    raise TypeError(f"a status record cannot hold a {text!r}")  # a schema bug: fails at import
+
+
+class Record:
+    """A frozen record whose fields are its class annotations, in order, with their defaults.
+
+    Built with keywords (each value checked, unknown names refused); a nested record may also be
+    given as its JSON object (unknown keys ignored, missing ones defaulted)."""
+
+    _fields: tuple[tuple[str, Check, object], ...] = ()
+
+    def __init_subclass__(cls) -> None:
+        names = vars(sys.modules[cls.__module__])
+        cls._fields = tuple(
+            (name, _kind(annotation, names), getattr(cls, name))
+            # not inspect.get_annotations: importing inspect costs `status` more than it all
+            for name, annotation in cls.__dict__.get("__annotations__", {}).items()  # noqa: RUF063
+        )
+
+    def __init__(self, **values: object) -> None:
+        unknown = set(values) - set(self.field_names())
+        if unknown:
+            raise TypeError(f"{type(self).__name__} has no field {', '.join(sorted(unknown))}")
+        self._set(values, "")
+
+    def _set(self, values: Mapping[str, object], where: str) -> None:
+        for name, check, default in self._fields:
+            here = f"{where}.{name}" if where else name
+            value = check(values[name], here) if name in values else default
+            object.__setattr__(self, name, value)
+
+    @classmethod
+    def field_names(cls) -> tuple[str, ...]:
+        return tuple(name for name, _, _ in cls._fields)
+
+    @classmethod
+    def check(cls, value: object, where: str) -> Record:
+        if isinstance(value, cls):
+            return value
+        if not isinstance(value, dict):
+            raise ValueError(f"{where} is not an object")
+        record: Record = cls.__new__(cls)
+        record._set(value, where)
+        return record
+
+    def values(self) -> Iterator[tuple[str, object]]:
+        return ((name, getattr(self, name)) for name, _, _ in self._fields)
+
+    def to_jsonable(self) -> dict[str, object]:
+        return {name: _jsonable(value) for name, value in self.values()}
+
+    def __setattr__(self, name: str, value: object) -> None:
+        raise AttributeError(f"{type(self).__name__} is frozen")
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Record) or type(other) is not type(self):
+            return NotImplemented
+        return tuple(self.values()) == tuple(other.values())
+
+    def __hash__(self) -> int:
+        return hash(tuple(self.values()))
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({', '.join(f'{k}={v!r}' for k, v in self.values())})"
+
+
+def _jsonable(value: object) -> object:
+    if isinstance(value, Record):
+        return value.to_jsonable()
+    if isinstance(value, tuple):
+        return [_jsonable(v) for v in value]
+    return value
+
+
+class HealthInfo(Record):
     outcome: str = ""  # observation.Outcome value: ok, refused, timeout, http_error, ...
     healthy: bool = False
     status: int | None = None
@@ -72,8 +177,7 @@ class HealthInfo:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class ModelInfo:
+class ModelInfo(Record):
     wanted: str = ""  # the model the watchdog keeps loaded now (the fallback while in use)
     loaded: str | None = None
     known: bool = False  # False: /v1/model was not read (then `loaded` means nothing)
@@ -83,8 +187,7 @@ class ModelInfo:
     vram_needed_source: str = ""  # "config", "estimate" or "" (unknown)
 
 
-@dataclass(frozen=True)
-class LoadInfo:
+class LoadInfo(Record):
     model: str = ""
     started_at: float | None = None
     deadline_at: float | None = None
@@ -92,8 +195,7 @@ class LoadInfo:
     modules: int = 0
 
 
-@dataclass(frozen=True)
-class GpuInfo:
+class GpuInfo(Record):
     index: int = 0
     uuid: str = ""
     name: str = ""
@@ -107,8 +209,7 @@ class GpuInfo:
     errors: tuple[str, ...] = ()  # "what: why" for each read that failed
 
 
-@dataclass(frozen=True)
-class UnitInfo:
+class UnitInfo(Record):
     name: str = ""
     available: bool = False
     active_state: str = ""
@@ -119,24 +220,21 @@ class UnitInfo:
     detail: str = ""
 
 
-@dataclass(frozen=True)
-class ListenerInfo:
+class ListenerInfo(Record):
     port: int = 0
     pid: int | None = None
     role: str = ""  # observation.ProcessRole value when the owner is known
     command: str = ""
 
 
-@dataclass(frozen=True)
-class ProcessEntry:
+class ProcessEntry(Record):
     pid: int = 0
     role: str = ""  # orphan or foreign
     command: str = ""
     gpu_bytes: int = 0
 
 
-@dataclass(frozen=True)
-class ActionEntry:
+class ActionEntry(Record):
     at: float = 0.0
     event: str = ""  # action, action_failed or action_refused
     action: str = ""
@@ -145,8 +243,7 @@ class ActionEntry:
     reason: str = ""
 
 
-@dataclass(frozen=True)
-class BackoffInfo:
+class BackoffInfo(Record):
     step: int = 0
     next_attempt_at: float | None = None
     loop_since: float | None = None
@@ -157,35 +254,32 @@ class BackoffInfo:
     window_s: float = 0.0
 
 
-@dataclass(frozen=True)
-class PauseInfo:
+class PauseInfo(Record):
     paused: bool = False
     reason: str = ""
     until: float | None = None
 
 
-@dataclass(frozen=True)
-class FindingEntry:
+class FindingEntry(Record):
     rule: str = ""
     severity: str = ""
     message: str = ""
 
 
-@dataclass(frozen=True)
-class StatusReport:
+class StatusReport(Record):
     schema: int = SCHEMA_VERSION
     generated_at: float = 0.0
     pid: int = 0
     pid_start: int | None = None  # the daemon's start time (/proc/PID/stat, ticks since boot)
     heartbeat: float | None = None  # wall time of the last completed cycle's observation
     stopped_at: float | None = None  # set by a clean stop: the daemon is gone on purpose
-    phase: Phase = Phase.UNKNOWN
+    phase: str = "unknown"  # a states.Phase value
     since: float | None = None
-    verdict: Verdict = Verdict.UNKNOWN
+    verdict: int = 3  # states.Verdict: the Nagios exit code (0..3, checked by from_json)
     summary: str = ""
     dry_run: bool = False
     health: HealthInfo | None = None
-    model: ModelInfo = field(default_factory=ModelInfo)
+    model: ModelInfo = ModelInfo()
     load: LoadInfo | None = None
     gpus: tuple[GpuInfo, ...] = ()
     gpu_error: str = ""
@@ -193,221 +287,21 @@ class StatusReport:
     listeners: tuple[ListenerInfo, ...] = ()
     processes: tuple[ProcessEntry, ...] = ()
     actions: tuple[ActionEntry, ...] = ()
-    backoff: BackoffInfo = field(default_factory=BackoffInfo)
-    paused: PauseInfo = field(default_factory=PauseInfo)
+    backoff: BackoffInfo = BackoffInfo()
+    paused: PauseInfo = PauseInfo()
     findings: tuple[FindingEntry, ...] = ()
-    # What `status` needs of the daemon's config, so that its quick path (status_quick.py) can
-    # skip reading the config: trusted only when the CLI's config file has the same SHA-256.
+    # What `status` needs of the daemon's config, so that it need not parse the config to find
+    # the report (report/status_file.py): trusted only for the very config file the daemon read.
     version: str = ""  # the daemon's hydra-watchdog version
     config_sha256: str = ""  # of the config file's bytes; "" when not loaded from a file
+    config_file: str = ""  # that file's identity (config.file_identity); "" as above
     runtime_dir: str = ""  # watchdog.runtime_dir
-    stale_after: float = 0.0  # see stale_after(); 0: not published
+    stale_after: float = 0.0  # see status_build.stale_after(); 0: not published
 
 
-def stale_after(cfg: Config) -> float:
-    """A status older than this means the loop is hung or gone: three missed cycles, plus the
-    longest probe deadline a cycle may legitimately wait for."""
-    t = cfg.tabbyapi
-    longest = max(t.health_timeout, t.canary_deadline, cfg.gpu.call_timeout * 2, 10.0)
-    return 3 * cfg.watchdog.interval + longest
-
-
-# --- building (pure) ----------------------------------------------------------------------------
-
-
-def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[int | None, str]:
-    """The need the policy checks (vram.vram_needed), and where it came from."""
-    from hydra_watchdog.vram import vram_needed  # noqa: PLC0415 - keep `status` light
-
-    need = vram_needed(cfg, folder, fallback=fallback)
-    configured = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
-    if need is None:
-        return None, ""
-    return need, "config" if configured is not None else "estimate"
-
-
-def _target(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> float | None:
-    from hydra_watchdog.vram import device_for  # noqa: PLC0415 - keep `status` light
-
-    dev = device_for(snap, devices)
-    return None if dev is None else dev.power_limit_watts
-
-
-def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
-    return GpuInfo(
-        index=snap.index,
-        uuid=snap.uuid,
-        name=snap.name,
-        vram_used_bytes=snap.memory_used,
-        vram_free_bytes=snap.memory_free,
-        vram_total_bytes=snap.memory_total,
-        power_limit_w=snap.power.limit_w,
-        power_target_w=_target(snap, devices),
-        power_usage_w=snap.power.usage_w,
-        temperature_c=snap.temperature_c,
-        errors=tuple(f"{what}: {kind.value}" for what, kind in snap.errors),
-    )
-
-
-def _short(command: str) -> str:
-    return command if len(command) <= _COMMAND_MAX else command[: _COMMAND_MAX - 1] + "…"
-
-
-def build_status(
-    state: PolicyState,
-    obs: Observation | None,
-    cfg: Config,
-    recent: Sequence[Event],
-    *,
-    wall_now: float,
-    mono_now: float,
-    pid: int,
-    pid_start: int | None = None,
-    actions_kept: int = ACTIONS_KEPT,
-) -> StatusReport:
-    """The report of one moment. `recent` are the last events, oldest first."""
-    offset = wall_now - mono_now
-
-    def wall(t: float | None) -> float | None:
-        return None if t is None else offset + t
-
-    fallback_in_use = state.using_fallback and bool(cfg.model.fallback)
-    host = obs.host if obs is not None else None
-    folder = None if host is None else (host.fallback if fallback_in_use else host.model)
-    needed = _needed(cfg, folder, fallback=fallback_in_use)
-    model = ModelInfo(
-        wanted=cfg.model.fallback if fallback_in_use else cfg.model.name,
-        loaded=obs.model.loaded if obs is not None and obs.model is not None else None,
-        known=obs is not None and obs.model is not None and obs.model.known,
-        fallback=cfg.model.fallback,
-        fallback_in_use=fallback_in_use,
-        vram_needed_bytes=needed[0],
-        vram_needed_source=needed[1],
-    )
-
-    load = None
-    if state.load_in_flight:
-        progress = obs.load if obs is not None and obs.load is not None else None
-        started = state.load_started
-        load = LoadInfo(
-            model=state.load_in_flight,
-            started_at=wall(started),
-            deadline_at=wall(None if started is None else started + cfg.model.load_timeout),
-            module=progress.module if progress else 0,
-            modules=progress.modules if progress else 0,
-        )
-
-    health = None
-    unit = None
-    gpus: tuple[GpuInfo, ...] = ()
-    gpu_error = ""
-    listeners: tuple[ListenerInfo, ...] = ()
-    processes: tuple[ProcessEntry, ...] = ()
-    pause = PauseInfo()
-    if obs is not None:
-        r = obs.health.result
-        health = HealthInfo(
-            outcome=r.outcome.value,
-            healthy=obs.health.healthy,
-            status=r.status,
-            latency_s=r.latency_s,
-            detail=r.detail,
-        )
-        u = obs.unit
-        unit = UnitInfo(
-            name=u.name,
-            available=u.available,
-            active_state=u.active_state,
-            sub_state=u.sub_state,
-            result=u.result,
-            n_restarts=u.n_restarts,
-            main_pid=u.main_pid,
-            detail=u.detail,
-        )
-        gpus = tuple(_gpu(s, cfg.gpu.device) for s in obs.gpus.devices)
-        if obs.gpus.error is not None:
-            gpu_error = obs.gpus.error.value + (f": {obs.gpus.detail}" if obs.gpus.detail else "")
-        if obs.port is not None:
-            owned = []
-            for lst in obs.port.listeners:
-                proc = obs.process(lst.pid) if lst.pid is not None else None
-                owned.append(
-                    ListenerInfo(
-                        port=lst.port,
-                        pid=lst.pid,
-                        role=proc.role.value if proc else "",
-                        command=_short(proc.command) if proc else "",
-                    )
-                )
-            listeners = tuple(owned)
-        from hydra_watchdog.observation import ProcessRole  # noqa: PLC0415 - keep `status` light
-
-        processes = tuple(
-            ProcessEntry(p.pid, p.role.value, _short(p.command), p.gpu_bytes)
-            for p in obs.processes
-            if p.role in (ProcessRole.ORPHAN, ProcessRole.FOREIGN)
-        )
-        if obs.pause is not None:
-            pause = PauseInfo(True, obs.pause.reason, wall(obs.pause.until))
-    if state.phase is Phase.PAUSED and not pause.paused:
-        pause = PauseInfo(paused=True)
-
-    from hydra_watchdog.policy_state import RestartOrigin  # noqa: PLC0415 - keep `status` light
-
-    window = cfg.restart_loop.window
-    backoff = BackoffInfo(
-        step=state.backoff_step,
-        next_attempt_at=wall(state.backoff_until),
-        loop_since=wall(state.loop_since),
-        escalated=state.escalated,
-        restarts_in_window=state.restarts_in_window(mono_now, window),
-        restarts_by_watchdog=state.restarts_in_window(mono_now, window, RestartOrigin.WATCHDOG),
-        restarts_by_systemd=state.restarts_in_window(mono_now, window, RestartOrigin.SYSTEMD),
-        window_s=window,
-    )
-    actions = tuple(
-        ActionEntry(
-            at=e.wall,
-            event=e.kind.value,
-            action=e.action,
-            message=e.message,
-            rule=e.rule.value if e.rule else "",
-            reason=e.reason,
-        )
-        for e in recent
-        if e.kind in _ACTION_KINDS
-    )
-    actions = actions[-actions_kept:] if actions_kept > 0 else ()
-    unknown_start = state.phase is Phase.UNKNOWN and state.phase_since == 0.0
-    report = StatusReport(
-        generated_at=wall_now,
-        pid=pid,
-        pid_start=pid_start,
-        heartbeat=wall(obs.at) if obs is not None else None,
-        phase=state.phase,
-        since=None if unknown_start else wall(state.phase_since),
-        verdict=state.phase.verdict,
-        dry_run=cfg.watchdog.dry_run,
-        health=health,
-        model=model,
-        load=load,
-        gpus=gpus,
-        gpu_error=gpu_error,
-        unit=unit,
-        listeners=listeners,
-        processes=processes,
-        actions=actions,
-        backoff=backoff,
-        paused=pause,
-        findings=tuple(
-            FindingEntry(f.rule.value, f.severity.value, f.message) for f in state.findings
-        ),
-        version=__version__,
-        config_sha256=cfg.sha256,
-        runtime_dir=cfg.watchdog.runtime_dir,
-        stale_after=stale_after(cfg),
-    )
-    return dataclasses.replace(report, summary=summarize(report))
+def replace(report: StatusReport, **changes: object) -> StatusReport:
+    """`report` with `changes` (checked as any field is)."""
+    return StatusReport(**{**dict(report.values()), **changes})
 
 
 # --- JSON ---------------------------------------------------------------------------------------
@@ -416,35 +310,11 @@ def build_status(
 def to_json(report: StatusReport) -> str:
     # Compact: json's C encoder serves only indent=None; the status file is rewritten every
     # cycle, and `status --json` prints it indented for people anyway.
-    return json.dumps(to_jsonable(report), separators=(",", ":")) + "\n"
+    return json.dumps(report.to_jsonable(), separators=(",", ":")) + "\n"
 
 
-def _refuse_constant(name: str) -> Any:
+def _refuse_constant(name: str) -> object:
     raise ValueError(f"{name} is not a number a status can hold")
-
-
-def _check_values(value: Any, where: str) -> None:
-    """Every number finite and within _MAX_INT, every string printable as UTF-8: a report that
-    passes renders without an exception."""
-    if isinstance(value, bool | Enum) or value is None:
-        return
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            raise ValueError(f"{where} is not valid UTF-8 text") from None
-    elif isinstance(value, float):
-        if not math.isfinite(value) or abs(value) > _MAX_INT:
-            raise ValueError(f"{where} = {value!r} is not a usable number")
-    elif isinstance(value, int):
-        if abs(value) > _MAX_INT:
-            raise ValueError(f"{where} = {str(value)[:40]}... is not a usable number")
-    elif dataclasses.is_dataclass(value) and not isinstance(value, type):
-        for f in dataclasses.fields(value):
-            _check_values(getattr(value, f.name), f"{where}.{f.name}" if where else f.name)
-    elif isinstance(value, tuple):
-        for item in value:
-            _check_values(item, where)
 
 
 def from_json(text: str | bytes) -> StatusReport:
@@ -470,9 +340,12 @@ def from_json(text: str | bytes) -> StatusReport:
     if schema < 1:
         raise ValueError(f"the status file has an invalid schema {str(schema)[:40]}")
     try:
-        report = from_jsonable(StatusReport, raw)
-        _check_values(report, "")
-    except (TypeError, ValueError, KeyError, OverflowError, RecursionError) as exc:
+        report = StatusReport(**{k: raw[k] for k in StatusReport.field_names() if k in raw})
+        if report.verdict not in range(len(VERDICT_NAMES)):
+            raise ValueError(f"verdict = {report.verdict} is not a Nagios exit code")
+        if report.phase not in PHASES:
+            raise ValueError(f"phase = {report.phase[:40]!r} is not a phase")
+    except (ValueError, TypeError, RecursionError) as exc:
         why = str(exc)[:200]
         raise ValueError(f"the status file does not match schema {SCHEMA_VERSION}: {why}") from None
     return report

@@ -1,41 +1,51 @@
-"""How `hydra-watchdog status` judges and prints a status report: the verdict (evaluate), the
-daemon's liveness (daemon_problem) and the text (render_human, summarize).
+"""How `hydra-watchdog status` judges a status report and shows it: the verdict (evaluate), the
+daemon's liveness (daemon_problem), the one-line summary (summarize, also sd_notify's STATUS) and
+the screen (render).
 
-Split from report/status.py, which holds the report's dataclasses and builds it, so that the
-`status` command's quick path (report/status_quick.py) can use the very same code on the report
-it reads without importing dataclasses, typing or the config schema: monitoring runs `status`
-every few seconds, and each of those costs it milliseconds of start-up. The functions take any
-object shaped like a StatusReport (the dataclass, or status_quick's read-only view of one, whose
-phase is a plain string and verdict a plain int). Verdicts are the Nagios exit codes as ints:
-states.Verdict is an IntEnum, and importing enum alone costs `status` several milliseconds.
+The screen is `systemctl status`'s shape: the verdict and why on the first line (the line a
+Nagios check shows), then each fact once, under a right-aligned label, within 100 columns. A
+report the CLI cannot vouch for (the daemon stopped, is gone, is stale) shows only what it last
+saw and did, dated: never its verdict as if it were current. Every string that came from another
+process (a model id, a command line, an error message) is escaped before it is shown.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 import time
 
-TYPE_CHECKING = False  # not typing's: importing typing alone costs `status` milliseconds
-if TYPE_CHECKING:
-    from hydra_watchdog.report.status import StatusReport
-
-    StrPath = str | os.PathLike[str]
+from hydra_watchdog.printable import printable
+from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, wants_colour, wrap
+from hydra_watchdog.report.status import (
+    VERDICT_NAMES,
+    HealthInfo,
+    ModelInfo,
+    StatusReport,
+    UnitInfo,
+)
 
 GIB = 1024**3
 FUTURE_SKEW = 10.0  # seconds a heartbeat may lie ahead of `now` (clock steps) before it is a lie
 PROC = "/proc"
-# states.Verdict's names by value (a test keeps them equal): the Nagios plugin exit codes.
-VERDICT_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")
 UNKNOWN = 3
 
 
+def _head(report: StatusReport) -> str:
+    """The phase, with the pause's reason when paused (said once)."""
+    phase = report.phase.replace("_", " ")
+    p = report.paused
+    if not p.paused:
+        return phase
+    why = f"paused ({p.reason})" if p.reason else "paused"
+    return why if report.phase == "paused" else f"{phase}, {why}"
+
+
 def summarize(report: StatusReport, *, now: float | None = None) -> str:
-    """One line: the sd_notify STATUS and the first line of `status`."""
+    """One line: the `summary` of status.json and sd_notify's STATUS."""
     now = report.generated_at if now is None else now
-    parts = [str(report.phase)]  # Phase is a StrEnum: its str is its value
-    if report.paused.paused:
-        parts.append(f"paused: {report.paused.reason}" if report.paused.reason else "paused")
+    parts = [_head(report)]
     if report.health is not None:
         h = report.health
         if h.outcome == "ok":
@@ -57,12 +67,15 @@ def summarize(report: StatusReport, *, now: float | None = None) -> str:
     return "; ".join(parts)
 
 
+# --- is the report current? --------------------------------------------------------------------
+
+
 def _read(path: str) -> bytes:
     with open(path, "rb") as handle:
         return handle.read()
 
 
-def process_start(pid: int, proc: StrPath = PROC) -> int | None:
+def process_start(pid: int, proc: str = PROC) -> int | None:
     """A process's start time (field 22 of /proc/PID/stat, clock ticks since boot); None when it
     is gone or unreadable. With the pid it names one process for the life of a boot."""
     try:
@@ -73,7 +86,7 @@ def process_start(pid: int, proc: StrPath = PROC) -> int | None:
         return None
 
 
-def daemon_problem(report: StatusReport, proc: StrPath = PROC) -> str:
+def daemon_problem(report: StatusReport, proc: str = PROC) -> str:
     """Why the daemon that wrote `report` is not running, or "" when it is (or when this user
     cannot tell: /proc mounted with hidepid). Reads only world-readable /proc files."""
     pid = report.pid
@@ -94,11 +107,67 @@ def daemon_problem(report: StatusReport, proc: StrPath = PROC) -> str:
         return f"daemon pid {pid} is gone: hydra-watchdog exited (a zombie, not yet reaped)"
     # An empty cmdline: an exec in progress (or a kernel thread); the start time still decides.
     if cmdline and b"hydra_watchdog" not in cmdline and b"hydra-watchdog" not in cmdline:
-        command = cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip()[:80]
-        return f"daemon pid {pid} is gone: that pid is now another process ({command or '?'})"
+        command = printable(cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip())
+        return f"daemon pid {pid} is gone: that pid is now another process ({command[:80] or '?'})"
     if report.pid_start is not None and process_start(pid, proc) != report.pid_start:
         return f"daemon pid {pid} is gone: that pid is now another hydra-watchdog process"
     return ""
+
+
+def not_current(
+    report: StatusReport, *, wall_now: float, stale_after: float, daemon: str = ""
+) -> str:
+    """Why `report` does not say how things are now ("" when it does): the daemon stopped,
+    `daemon` says it is not running (see daemon_problem), it has not completed a cycle yet, or
+    its last cycle is in the future or older than `stale_after` seconds."""
+    if report.stopped_at is not None:
+        return (
+            f"hydra-watchdog (pid {report.pid}) stopped at {_clock(report.stopped_at, wall_now)} "
+            f"({_ago(report.stopped_at, wall_now)}): nothing is watching TabbyAPI"
+        )
+    if daemon:
+        return daemon
+    if report.heartbeat is None:
+        return f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet"
+    age = wall_now - report.heartbeat
+    if age < -FUTURE_SKEW:
+        return (
+            f"the status file's last cycle is {-age:.0f} s in the future: the clock was set "
+            f"back, or the file was not written by hydra-watchdog (pid {report.pid})"
+        )
+    if age > stale_after:
+        return (
+            f"status is stale: the last cycle was {age:.0f} s ago (limit {stale_after:.0f} s); "
+            f"is hydra-watchdog (pid {report.pid}) hung or stopped?"
+        )
+    return ""
+
+
+def headline(report: StatusReport, now: float) -> str:
+    """What a current report says first: the phase and since when (a pause: until when)."""
+    text = f"{_head(report)} since {_clock(report.since, now)}"
+    if report.since is not None:
+        text += f" ({_ago(report.since, now)})"
+    p = report.paused
+    if p.paused:
+        text += "; " + (
+            f"until {_clock(p.until, now)} ({_ago(p.until, now)})"
+            if p.until is not None
+            else "until `hydra-watchdog resume`"
+        )
+    return text
+
+
+def judge(
+    report: StatusReport, *, wall_now: float, stale_after: float, daemon: str = ""
+) -> tuple[int, str, bool]:
+    """(the Nagios verdict, why, whether the report is current): the report's own verdict,
+    judged by the daemon from its phase, and its headline while it is current (not_current);
+    UNKNOWN and the reason when it is not. Ages are computed from `wall_now`."""
+    problem = not_current(report, wall_now=wall_now, stale_after=stale_after, daemon=daemon)
+    if problem:
+        return UNKNOWN, problem, False
+    return report.verdict, headline(report, wall_now), True
 
 
 def evaluate(
@@ -108,45 +177,30 @@ def evaluate(
     stale_after: float,
     daemon: str = "",
 ) -> tuple[int, str]:
-    """The Nagios verdict (the exit code: the report's own, judged by the daemon from its phase)
-    of a report and one line saying why (without the verdict's name).
-    UNKNOWN when there is no report, the daemon stopped, `daemon` says it is not running (see
-    daemon_problem), no cycle completed yet, the heartbeat is in the future or older than
-    `stale_after` seconds. Ages are computed from `wall_now`."""
+    """judge()'s verdict and why; UNKNOWN when there is no report at all."""
     if report is None:
-        return UNKNOWN, (
-            "no status: hydra-watchdog is not running (or has not written its status yet)"
+        return (
+            UNKNOWN,
+            "no status: hydra-watchdog is not running (or has not written its status yet)",
         )
-    if report.stopped_at is not None:
-        return UNKNOWN, (
-            f"hydra-watchdog (pid {report.pid}) stopped at {_clock(report.stopped_at)} "
-            f"({_ago(report.stopped_at, wall_now)}): nothing is watching TabbyAPI"
-        )
-    if daemon:
-        return UNKNOWN, daemon
-    if report.heartbeat is None:
-        return UNKNOWN, (f"hydra-watchdog (pid {report.pid}) has not completed a cycle yet")
-    age = wall_now - report.heartbeat
-    if age < -FUTURE_SKEW:
-        return UNKNOWN, (
-            f"the status file's last cycle is {-age:.0f} s in the future: the clock was set "
-            f"back, or the file was not written by hydra-watchdog (pid {report.pid})"
-        )
-    if age > stale_after:
-        return UNKNOWN, (
-            f"status is stale: the last cycle was {age:.0f} s ago (limit {stale_after:.0f} s); "
-            f"is hydra-watchdog (pid {report.pid}) hung or stopped?"
-        )
-    return report.verdict, summarize(report, now=wall_now)
+    verdict, why, _ = judge(report, wall_now=wall_now, stale_after=stale_after, daemon=daemon)
+    return verdict, why
 
 
-def _clock(t: float | None) -> str:
+# --- the screen ---------------------------------------------------------------------------------
+
+
+def _clock(t: float | None, now: float, *, full: bool = False) -> str:
+    """A local time: the time of day alone when it falls on `now`'s day."""
     if t is None:
         return "-"
     try:
-        return time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(t))
+        day = time.strftime("%Y-%m-%d", time.localtime(t))
+        shown = time.strftime("%H:%M:%S", time.localtime(t))
+        same = day == time.strftime("%Y-%m-%d", time.localtime(now))
     except (OverflowError, OSError, ValueError):
         return f"{t:.0f} (not a date)"
+    return shown if same and not full else f"{day} {shown}"
 
 
 def _ago(t: float | None, now: float) -> str:
@@ -174,123 +228,195 @@ def _watts(value: float | None) -> str:
     return "?" if value is None else f"{value:g} W"
 
 
-def render_human(report: StatusReport, *, now: float | None = None) -> str:  # noqa: PLR0912, PLR0915
-    """`hydra-watchdog status` for a terminal: everything the runbook asks first. Ages are
-    computed from `now` (default: the current time), not from when the file was written."""
-    now = time.time() if now is None else now
-    daemon = f"pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
-    if report.stopped_at is not None:
-        daemon += f", STOPPED at {_clock(report.stopped_at)}"
-    lines = [
-        f"hydra-watchdog: {str(report.phase).upper()} [{VERDICT_NAMES[report.verdict]}] "
-        f"since {_clock(report.since)} ({_ago(report.since, now)})",
-        f"  {summarize(report, now=now)}",
-        f"daemon:     {daemon}" + (", DRY RUN (actions are only logged)" if report.dry_run else ""),
-    ]
-    if report.health is not None:
-        h = report.health
-        text = f"{h.outcome}" + (f" {h.status}" if h.status else "")
-        text += f" in {h.latency_s * 1000:.0f} ms" + (f" ({h.detail})" if h.detail else "")
-        lines.append(f"health:     {text}")
-    if report.unit is not None:
-        u = report.unit
-        if u.available:
-            restarts = "?" if u.n_restarts is None else str(u.n_restarts)
-            lines.append(
-                f"unit:       {u.name} {u.active_state}/{u.sub_state}, "
-                f"result {u.result or '-'}, NRestarts {restarts}"
-                + (f", MainPID {u.main_pid}" if u.main_pid else "")
-            )
-        else:
-            lines.append(f"unit:       {u.name} (systemd not available: {u.detail or 'unknown'})")
-    m = report.model
-    model = f"wanted {m.wanted or '(none)'}"
-    if m.known:
-        model += f", loaded {m.loaded or '(none)'}"
+_SEVERITY_TONE = {"crit": "bad", "err": "bad", "warning": "warn"}
+Row = tuple[str, str]  # (label, text); text from other processes is escaped when shown
+
+
+def _health(h: HealthInfo) -> str:
+    took = f" in {h.latency_s * 1000:.0f} ms"
+    if h.outcome == "ok":
+        return f"{h.status}{took}"
+    if h.detail and h.outcome in h.detail:  # "connection refused" says "refused" already
+        return h.detail
+    text = h.outcome + (f" {h.status}{took}" if h.status else "")
+    return text + (f": {h.detail}" if h.detail else "")
+
+
+def _model(m: ModelInfo) -> str:
+    if m.known and m.loaded and m.loaded == m.wanted:
+        text = f"{m.loaded} loaded"
+    elif m.known:
+        text = f"{m.loaded or 'none'} loaded, {m.wanted or 'none'} wanted"
+    else:
+        text = f"{m.wanted or 'none'} wanted (not read this cycle)"
     if m.fallback_in_use:
-        model += " (fallback in use)"
-    lines.append(f"model:      {model}")
+        text += " (the fallback)"
+    if m.vram_needed_bytes is not None:
+        text += f"; needs {_gib(m.vram_needed_bytes)} ({m.vram_needed_source})"
+    return text
+
+
+def _unit(u: UnitInfo) -> str:
+    if not u.available:
+        return f"{u.name}: systemd not available ({u.detail or 'no reason given'})"
+    state = u.active_state or "unknown"
+    if u.sub_state and u.sub_state != u.active_state:
+        state += f" ({u.sub_state})"
+    extra = [f"NRestarts {'?' if u.n_restarts is None else u.n_restarts}"]
+    if u.main_pid:
+        extra.append(f"main pid {u.main_pid}")
+    if u.result and u.result != "success":
+        extra.append(f"result {u.result}")
+    return f"{u.name} {state}; {', '.join(extra)}"
+
+
+def _tabby_rows(report: StatusReport, now: float) -> list[Row]:
+    rows: list[Row] = []
+    if report.health is not None:
+        rows.append(("Health", _health(report.health)))
+    rows.append(("Model", _model(report.model)))
     if report.load is not None:
         ld = report.load
-        progress = f" {ld.module}/{ld.modules} modules" if ld.modules else ""
-        lines.append(
-            f"loading:    {ld.model}{progress}, started {_ago(ld.started_at, now)}, "
-            f"gives up at {_clock(ld.deadline_at)}"
+        progress = f", module {ld.module}/{ld.modules}" if ld.modules else ""
+        rows.append(
+            (
+                "Loading",
+                f"{ld.model}{progress}, started {_ago(ld.started_at, now)}, "
+                f"gives up at {_clock(ld.deadline_at, now)}",
+            )
         )
-    if m.vram_needed_bytes is not None:
-        lines.append(f"VRAM need:  {_gib(m.vram_needed_bytes)} in total ({m.vram_needed_source})")
-    if report.gpu_error:
-        lines.append(f"GPUs:       not readable: {report.gpu_error}")
+    if report.unit is not None:
+        rows.append(("Unit", _unit(report.unit)))
+    return rows
+
+
+def _node_rows(report: StatusReport) -> list[Row]:
+    rows: list[Row] = [("GPUs", f"not readable: {report.gpu_error}")] if report.gpu_error else []
     for g in report.gpus:
-        power = f"power limit {_watts(g.power_limit_w)}"
-        if g.power_target_w is not None:
+        power = f"limit {_watts(g.power_limit_w)}"
+        if g.power_target_w is not None and g.power_target_w != g.power_limit_w:
             power += f" (target {_watts(g.power_target_w)})"
-        lines.append(
-            f"gpu{g.index}:       {g.name}: VRAM used {_gib(g.vram_used_bytes)}, "
-            f"free {_gib(g.vram_free_bytes)} of {_gib(g.vram_total_bytes)}; {power}"
-            + (f"; errors: {', '.join(g.errors)}" if g.errors else "")
+        used = "?" if g.vram_used_bytes is None else f"{g.vram_used_bytes / GIB:.1f}"
+        text = f"gpu{g.index} {g.name}: {used} of {_gib(g.vram_total_bytes)} used, {power}" + (
+            f"; errors: {', '.join(g.errors)}" if g.errors else ""
         )
+        rows.append(("" if rows else "GPUs", text))
+    listed = {p.pid for p in report.processes}  # shown below with their command lines
     for lst in report.listeners:
-        owner = f"pid {lst.pid}" if lst.pid is not None else "unknown owner"
-        if lst.role:
+        owner = f"pid {lst.pid}" if lst.pid is not None else "an unknown owner"
+        if lst.role and lst.pid in listed:
+            owner += f" ({lst.role})"
+        elif lst.role:
             owner += f" ({lst.role}: {lst.command})"
-        lines.append(f"port {lst.port}:  {owner}")
-    for proc in report.processes:
-        lines.append(
-            f"{proc.role + ':':<11} pid {proc.pid} {proc.command} ({_gib(proc.gpu_bytes)} on GPU)"
-        )
+        rows.append(("Port", f"{lst.port} held by {owner}"))
+    rows += [
+        (p.role.capitalize() or "Process", f"pid {p.pid}, {_gib(p.gpu_bytes)} on GPU: {p.command}")
+        for p in report.processes
+    ]
+    return rows
+
+
+def _watchdog_rows(report: StatusReport, now: float) -> list[Row]:
+    rows: list[Row] = []
     b = report.backoff
-    if b.step:
-        lines.append(
-            f"back-off:   step {b.step}, next attempt {_clock(b.next_attempt_at)} "
-            f"({_ago(b.next_attempt_at, now)})" + (", ESCALATED" if b.escalated else "")
+    if b.restarts_in_window:
+        rows.append(
+            (
+                "Restarts",
+                f"{b.restarts_in_window} in the last {_span(b.window_s)} "
+                f"({b.restarts_by_watchdog} by the watchdog, {b.restarts_by_systemd} by systemd)",
+            )
         )
-    else:
-        lines.append("back-off:   none")
-    lines.append(
-        f"restarts:   {b.restarts_in_window} in the last {_span(b.window_s)} "
-        f"({b.restarts_by_watchdog} by the watchdog, {b.restarts_by_systemd} by systemd)"
+    if b.step:
+        text = f"step {b.step}, next attempt {_clock(b.next_attempt_at, now)}"
+        text += f" ({_ago(b.next_attempt_at, now)})" if b.next_attempt_at is not None else ""
+        rows.append(("Back-off", text + ("; escalated: a human is needed" if b.escalated else "")))
+    daemon = f"pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
+    rows.append(
+        ("Daemon", daemon + ("; dry run: actions are only logged" if report.dry_run else ""))
     )
-    p = report.paused
-    if p.paused:
-        until = f"until {_clock(p.until)}" if p.until is not None else "until `resume`"
-        lines.append(f"paused:     yes, {p.reason or 'no reason given'}, {until}")
-    else:
-        lines.append("paused:     no")
-    if report.findings:
-        lines.append("findings:")
-        lines.extend(f"  [{f.severity}] {f.rule}: {f.message}" for f in report.findings)
-    if report.actions:
-        lines.append("last actions:")
-        for a in report.actions:
-            outcome = {"action_failed": " FAILED", "action_refused": " REFUSED"}.get(a.event, "")
-            because = f" (because {a.rule}: {a.reason})" if a.reason else ""
-            lines.append(f"  {_clock(a.at)}{outcome} {a.message}{because}")
+    return rows
+
+
+def _facts(report: StatusReport, now: float, style: Style) -> list[str]:
+    """The current report's facts, each once: why, TabbyAPI, the node, the watchdog."""
+    out: list[str] = []
+    for i, f in enumerate(report.findings):
+        tag = style.paint(f"[{f.severity}]", _SEVERITY_TONE.get(f.severity, ""))
+        out += fact("" if i else "Findings", tag + printable(f" {f.rule}: {f.message}"), style)
+    rows = [*_tabby_rows(report, now), *_node_rows(report), *_watchdog_rows(report, now)]
+    for label, text in rows:
+        out += fact(label, printable(text), style)
+    return out + _actions(report, now, style)
+
+
+def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
+    lines: list[str] = []
+    for a in report.actions:
+        outcome = {"action_failed": "FAILED ", "action_refused": "REFUSED "}.get(a.event, "")
+        because = f" (because {a.rule}: {a.reason})" if a.reason else ""
+        text = (
+            f"{_clock(a.at, now)} " + style.paint(outcome, "bad") + printable(a.message + because)
+        )
+        lines.extend(fact("Actions" if not lines else "", text, style))
+    return lines
+
+
+def render(
+    report: StatusReport | None,
+    verdict: int,
+    why: str,
+    *,
+    now: float,
+    current: bool,
+    style: Style | None = None,
+) -> str:
+    """The screen: the verdict and why, then the facts of a `current` report; of one that is not,
+    what it last saw and did, dated."""
+    style = Style(colour=False) if style is None else style
+    name = VERDICT_NAMES[verdict]
+    first = wrap(f"{name}: {printable(why)}", WIDTH)
+    lines = [style.paint(name, name) + first[0][len(name) :]]
+    lines += (
+        [" " * (LABEL + 1) + more for more in wrap(" ".join(first[1:]), WIDTH - LABEL - 1)]
+        if first[1:]
+        else []
+    )
+    if report is not None and current:
+        lines += _facts(report, now, style)
+    elif report is not None and report.heartbeat is not None:
+        seen = (
+            f"{_clock(report.heartbeat, now, full=True)} ({_ago(report.heartbeat, now)}): "
+            f"{_head(report)} ({VERDICT_NAMES[report.verdict]})"
+        )
+        lines += fact("Last cycle", printable(seen), style)
+        lines += _actions(report, now, style)
     return "\n".join(lines) + "\n"
 
 
-def print_status(
+def show_status(
     verdict: int,
     why: str,
     report: StatusReport | None,
-    doc: object,
-    note: str,
     *,
+    current: bool,
+    note: str,
     as_json: bool,
     now: float,
 ) -> int:
-    """What `status` prints, and its exit code; `doc` is the report's JSON form (--json)."""
+    """Print what `status` says, and return its exit code."""
     why = " ".join(why.split())  # one line, whatever the file held
     if as_json:
-        import json  # noqa: PLC0415 - only --json needs it
-
-        name = VERDICT_NAMES[verdict]
-        out = {"verdict": name, "exit_code": int(verdict), "reason": why, "report": doc}
-        print(json.dumps(out, indent=2))
+        doc = None if report is None else report.to_jsonable()
+        out = {
+            "verdict": VERDICT_NAMES[verdict],
+            "exit_code": verdict,
+            "reason": why,
+            "report": doc,
+        }
+        emit(json.dumps(out, indent=2) + "\n")
     else:
-        print(f"{VERDICT_NAMES[verdict]}: {why}")
-        if report is not None:
-            print(render_human(report, now=now))
-        if note:
-            print(note, file=sys.stderr)
-    return int(verdict)
+        emit(render(report, verdict, why, now=now, current=current, style=Style(wants_colour())))
+    if note:
+        print(note, file=sys.stderr)
+    return verdict

@@ -1,0 +1,231 @@
+"""The daemon's side of the status report: one StatusReport per cycle, from the policy's memory
+and the last observation. build_status is pure: every clock reading is an argument; the policy's
+monotonic stamps become wall times with wall_now - mono_now + t.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from hydra_watchdog import __version__
+from hydra_watchdog.config import Config, GpuDevice
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
+from hydra_watchdog.policy_state import PolicyState, RestartOrigin
+from hydra_watchdog.report.status import (
+    ActionEntry,
+    BackoffInfo,
+    FindingEntry,
+    GpuInfo,
+    HealthInfo,
+    ListenerInfo,
+    LoadInfo,
+    ModelInfo,
+    PauseInfo,
+    ProcessEntry,
+    StatusReport,
+    UnitInfo,
+    replace,
+)
+from hydra_watchdog.report.status_view import summarize
+from hydra_watchdog.states import Phase
+from hydra_watchdog.vram import device_for, vram_needed
+
+ACTIONS_KEPT = 10
+_COMMAND_MAX = 200  # a command line is evidence, not a dump
+_ACTION_KINDS = (EventKind.ACTION, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED)
+
+
+def stale_after(cfg: Config) -> float:
+    """A status older than this means the loop is hung or gone: three missed cycles, plus the
+    longest probe deadline a cycle may legitimately wait for."""
+    t = cfg.tabbyapi
+    longest = max(t.health_timeout, t.canary_deadline, cfg.gpu.call_timeout * 2, 10.0)
+    return 3 * cfg.watchdog.interval + longest
+
+
+def _needed(cfg: Config, folder: ModelDir | None, *, fallback: bool) -> tuple[int | None, str]:
+    """The need the policy checks (vram.vram_needed), and where it came from."""
+    need = vram_needed(cfg, folder, fallback=fallback)
+    configured = cfg.model.fallback_vram_required_gib if fallback else cfg.model.vram_required_gib
+    if need is None:
+        return None, ""
+    return need, "config" if configured is not None else "estimate"
+
+
+def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
+    dev = device_for(snap, devices)
+    return GpuInfo(
+        index=snap.index,
+        uuid=snap.uuid,
+        name=snap.name,
+        vram_used_bytes=snap.memory_used,
+        vram_free_bytes=snap.memory_free,
+        vram_total_bytes=snap.memory_total,
+        power_limit_w=snap.power.limit_w,
+        power_target_w=None if dev is None else dev.power_limit_watts,
+        power_usage_w=snap.power.usage_w,
+        temperature_c=snap.temperature_c,
+        errors=tuple(f"{what}: {kind.value}" for what, kind in snap.errors),
+    )
+
+
+def _short(command: str) -> str:
+    return command if len(command) <= _COMMAND_MAX else command[: _COMMAND_MAX - 1] + "…"
+
+
+def build_status(
+    state: PolicyState,
+    obs: Observation | None,
+    cfg: Config,
+    recent: Sequence[Event],
+    *,
+    wall_now: float,
+    mono_now: float,
+    pid: int,
+    pid_start: int | None = None,
+    actions_kept: int = ACTIONS_KEPT,
+) -> StatusReport:
+    """The report of one moment. `recent` are the last events, oldest first."""
+    offset = wall_now - mono_now
+
+    def wall(t: float | None) -> float | None:
+        return None if t is None else offset + t
+
+    fallback_in_use = state.using_fallback and bool(cfg.model.fallback)
+    host = obs.host if obs is not None else None
+    folder = None if host is None else (host.fallback if fallback_in_use else host.model)
+    needed = _needed(cfg, folder, fallback=fallback_in_use)
+    model = ModelInfo(
+        wanted=cfg.model.fallback if fallback_in_use else cfg.model.name,
+        loaded=obs.model.loaded if obs is not None and obs.model is not None else None,
+        known=obs is not None and obs.model is not None and obs.model.known,
+        fallback=cfg.model.fallback,
+        fallback_in_use=fallback_in_use,
+        vram_needed_bytes=needed[0],
+        vram_needed_source=needed[1],
+    )
+
+    load = None
+    if state.load_in_flight:
+        progress = obs.load if obs is not None and obs.load is not None else None
+        started = state.load_started
+        load = LoadInfo(
+            model=state.load_in_flight,
+            started_at=wall(started),
+            deadline_at=wall(None if started is None else started + cfg.model.load_timeout),
+            module=progress.module if progress else 0,
+            modules=progress.modules if progress else 0,
+        )
+
+    health = None
+    unit = None
+    gpus: tuple[GpuInfo, ...] = ()
+    gpu_error = ""
+    listeners: tuple[ListenerInfo, ...] = ()
+    processes: tuple[ProcessEntry, ...] = ()
+    pause = PauseInfo()
+    if obs is not None:
+        r = obs.health.result
+        health = HealthInfo(
+            outcome=r.outcome.value,
+            healthy=obs.health.healthy,
+            status=r.status,
+            latency_s=r.latency_s,
+            detail=r.detail,
+        )
+        u = obs.unit
+        unit = UnitInfo(
+            name=u.name,
+            available=u.available,
+            active_state=u.active_state,
+            sub_state=u.sub_state,
+            result=u.result,
+            n_restarts=u.n_restarts,
+            main_pid=u.main_pid,
+            detail=u.detail,
+        )
+        gpus = tuple(_gpu(s, cfg.gpu.device) for s in obs.gpus.devices)
+        if obs.gpus.error is not None:
+            gpu_error = obs.gpus.error.value + (f": {obs.gpus.detail}" if obs.gpus.detail else "")
+        if obs.port is not None:
+            owned = []
+            for lst in obs.port.listeners:
+                proc = obs.process(lst.pid) if lst.pid is not None else None
+                owned.append(
+                    ListenerInfo(
+                        port=lst.port,
+                        pid=lst.pid,
+                        role=proc.role.value if proc else "",
+                        command=_short(proc.command) if proc else "",
+                    )
+                )
+            listeners = tuple(owned)
+        processes = tuple(
+            ProcessEntry(
+                pid=p.pid, role=p.role.value, command=_short(p.command), gpu_bytes=p.gpu_bytes
+            )
+            for p in obs.processes
+            if p.role in (ProcessRole.ORPHAN, ProcessRole.FOREIGN)
+        )
+        if obs.pause is not None:
+            pause = PauseInfo(paused=True, reason=obs.pause.reason, until=wall(obs.pause.until))
+    if state.phase is Phase.PAUSED and not pause.paused:
+        pause = PauseInfo(paused=True)
+
+    window = cfg.restart_loop.window
+    backoff = BackoffInfo(
+        step=state.backoff_step,
+        next_attempt_at=wall(state.backoff_until),
+        loop_since=wall(state.loop_since),
+        escalated=state.escalated,
+        restarts_in_window=state.restarts_in_window(mono_now, window),
+        restarts_by_watchdog=state.restarts_in_window(mono_now, window, RestartOrigin.WATCHDOG),
+        restarts_by_systemd=state.restarts_in_window(mono_now, window, RestartOrigin.SYSTEMD),
+        window_s=window,
+    )
+    actions = tuple(
+        ActionEntry(
+            at=e.wall,
+            event=e.kind.value,
+            action=e.action,
+            message=e.message,
+            rule=e.rule.value if e.rule else "",
+            reason=e.reason,
+        )
+        for e in recent
+        if e.kind in _ACTION_KINDS
+    )
+    actions = actions[-actions_kept:] if actions_kept > 0 else ()
+    unknown_start = state.phase is Phase.UNKNOWN and state.phase_since == 0.0
+    report = StatusReport(
+        generated_at=wall_now,
+        pid=pid,
+        pid_start=pid_start,
+        heartbeat=wall(obs.at) if obs is not None else None,
+        phase=state.phase.value,
+        since=None if unknown_start else wall(state.phase_since),
+        verdict=int(state.phase.verdict),
+        dry_run=cfg.watchdog.dry_run,
+        health=health,
+        model=model,
+        load=load,
+        gpus=gpus,
+        gpu_error=gpu_error,
+        unit=unit,
+        listeners=listeners,
+        processes=processes,
+        actions=actions,
+        backoff=backoff,
+        paused=pause,
+        findings=tuple(
+            FindingEntry(rule=f.rule.value, severity=f.severity.value, message=f.message)
+            for f in state.findings
+        ),
+        version=__version__,
+        config_sha256=cfg.sha256,
+        config_file=cfg.file_identity,
+        runtime_dir=cfg.watchdog.runtime_dir,
+        stale_after=stale_after(cfg),
+    )
+    return replace(report, summary=summarize(report))
