@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from hydra_watchdog.arguments import COMMANDS, build_parser
+from hydra_watchdog.cli import status_args
 from hydra_watchdog.config import Config, load_config
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.status import replace
@@ -185,3 +186,41 @@ def test_the_status_path_uses_public_modules_only() -> None:
             text = path.read_text()
             assert not re.search(r"^\s*(from|import) +_(?!_future__)", text, re.MULTILINE), path
             assert "TYPE_CHECKING = False" not in text, path
+
+
+SPELLED = [
+    [],
+    ["--json"],
+    ["--config", "/x.toml"],
+    ["--config=/x.toml", "--json"],
+    ["--runtime-dir", "/run/x", "--config", "/x.toml"],
+    ["--runtime-dir=/run/x"],
+]
+LEFT_TO_THE_PARSER = [
+    ["--json", "--json"],
+    ["--js"],
+    ["--conf", "/x"],
+    ["--config"],
+    ["--config", "--json"],
+    ["--json=1"],
+    ["-h"],
+    ["--help"],
+    ["extra"],
+]
+
+
+@pytest.mark.parametrize("argv", SPELLED)
+def test_status_options_spelled_out_are_read_as_the_parser_reads_them(argv: list[str]) -> None:
+    spelled = status_args(argv)
+    args = build_parser("status").parse_args(["status", *argv])
+    assert spelled is not None
+    assert (spelled.config, spelled.runtime_dir, spelled.json) == (
+        args.config,
+        args.runtime_dir,
+        args.json,
+    )
+
+
+@pytest.mark.parametrize("argv", LEFT_TO_THE_PARSER)
+def test_any_other_status_command_line_is_left_to_the_parser(argv: list[str]) -> None:
+    assert status_args(argv) is None
