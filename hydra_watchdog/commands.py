@@ -185,7 +185,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     from hydra_watchdog.policy_state import PolicyState, to_jsonable  # noqa: PLC0415
     from hydra_watchdog.states import Phase, Verdict  # noqa: PLC0415
 
-    cfg = _config(args)
+    cfg = _config(args, code=UNKNOWN)
     adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
     observer = Observer.from_adapters(cfg, adapters)
     # Two passes: the first asks for the expensive probes the rules need, the second runs them.
@@ -233,7 +233,7 @@ def cmd_verify(args: argparse.Namespace) -> int:
     from hydra_watchdog.observation import Outcome  # noqa: PLC0415
     from hydra_watchdog.states import Verdict  # noqa: PLC0415
 
-    cfg = _config(args)
+    cfg = _config(args, code=UNKNOWN)
     adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
     checks: list[tuple[str, bool, str]] = []
     # ldd in TabbyAPI's environment: its running process's, else its unit's

@@ -120,6 +120,27 @@ def test_missing_config_is_ex_config(tmp_path: Path) -> None:
     assert out.returncode == 78 and "does not exist" in out.stderr
 
 
+@pytest.mark.parametrize("body", [None, "[watchdog\n"])
+@pytest.mark.parametrize(
+    ("command", "code"),
+    [("status", 3), ("check", 3), ("verify", 3), ("check-config", 78), ("run", 78)],
+)
+def test_a_config_that_cannot_be_read_is_unknown_to_reports_and_ex_config_to_actors(
+    tmp_path: Path, body: str | None, command: str, code: int
+) -> None:
+    """status, check and verify report: without their config they cannot say (UNKNOWN, 3);
+    run and check-config act on it: EX_CONFIG (78). One line, never a traceback."""
+    path = tmp_path / "config.toml"
+    if body is not None:
+        path.write_text(body)
+    extra = ["--runtime-dir", str(tmp_path)] if command == "status" else []
+    out = cli(command, "--config", str(path), *extra, *(["--once"] if command == "run" else []))
+    assert out.returncode == code, out.stdout + out.stderr
+    said = out.stderr + out.stdout
+    assert "Traceback" not in said
+    assert command == "status" or str(path) in said  # status with --runtime-dir needs none
+
+
 _STANDIN = "import time; time.sleep(600)"
 
 

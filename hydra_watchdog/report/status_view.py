@@ -303,11 +303,14 @@ def _node_rows(report: StatusReport) -> list[Row]:
         rows.append(("" if rows else "GPUs", text))
     listed = {p.pid for p in report.processes}  # shown below with their command lines
     for lst in report.listeners:
-        owner = f"pid {lst.pid}" if lst.pid is not None else "an unknown owner"
-        if lst.role and lst.pid in listed:
-            owner += f" ({lst.role})"
-        elif lst.role:
-            owner += f" ({lst.role}: {lst.command})"
+        if lst.role == "main":
+            owner = f"TabbyAPI (pid {lst.pid})"
+        elif lst.pid is None:
+            owner = "an unknown owner"
+        elif lst.role and lst.pid not in listed:
+            owner = f"pid {lst.pid} ({lst.role}: {lst.command})"
+        else:
+            owner = f"pid {lst.pid}" + (f" ({lst.role})" if lst.role else "")
         rows.append(("Port", f"{lst.port} held by {owner}"))
     rows += [
         (p.role.capitalize() or "Process", f"pid {p.pid}, {_gib(p.gpu_bytes)} on GPU: {p.command}")
@@ -341,7 +344,9 @@ def _watchdog_rows(report: StatusReport, now: float) -> list[Row]:
 def _facts(report: StatusReport, now: float, style: Style) -> list[str]:
     """The current report's facts, each once: why, TabbyAPI, the node, the watchdog."""
     out: list[str] = []
-    for i, f in enumerate(report.findings):
+    # the pause's own finding says what the first line says (paused, why): not twice
+    findings = [f for f in report.findings if not (f.rule == "paused" and report.paused.paused)]
+    for i, f in enumerate(findings):
         tag = style.paint(f"[{f.severity}]", _SEVERITY_TONE.get(f.severity, ""))
         out += fact("" if i else "Findings", tag + printable(f" {f.rule}: {f.message}"), style)
     rows = [*_tabby_rows(report, now), *_node_rows(report), *_watchdog_rows(report, now)]
@@ -386,8 +391,7 @@ def render(
         lines += _facts(report, now, style)
     elif report is not None and report.heartbeat is not None:
         seen = (
-            f"{_clock(report.heartbeat, now, full=True)} ({_ago(report.heartbeat, now)}): "
-            f"{_head(report)} ({VERDICT_NAMES[report.verdict]})"
+            f"{_clock(report.heartbeat, now)} ({_ago(report.heartbeat, now)}): {_head(report)} then"
         )
         lines += fact("Last cycle", printable(seen), style)
         lines += _actions(report, now, style)
