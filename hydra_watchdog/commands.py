@@ -175,127 +175,22 @@ def cmd_resume(args: argparse.Namespace) -> int:
 
 def cmd_check(args: argparse.Namespace) -> int:
     """One real observe + decide cycle: the diagnosis and the plan, never an action."""
-    import json  # noqa: PLC0415
-
-    from hydra_watchdog.actions import describe  # noqa: PLC0415
+    from hydra_watchdog.check import run_check  # noqa: PLC0415
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
-    from hydra_watchdog.observation import Probe  # noqa: PLC0415
-    from hydra_watchdog.observe import Observer  # noqa: PLC0415
-    from hydra_watchdog.policy import decide  # noqa: PLC0415
-    from hydra_watchdog.policy_state import PolicyState, to_jsonable  # noqa: PLC0415
-    from hydra_watchdog.states import Phase, Verdict  # noqa: PLC0415
 
     cfg = _config(args, code=UNKNOWN)
     adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
-    observer = Observer.from_adapters(cfg, adapters)
-    # Two passes: the first asks for the expensive probes the rules need, the second runs them.
-    # Nothing is executed, so the second pass starts afresh with only the probe requests.
-    first, _ = decide(PolicyState(), observer.observe(frozenset()), time.monotonic(), cfg)
-    # /v1/model afresh too: the first pass's "no model" would otherwise be carried (observe.py)
-    wants = first.wants | {Probe.MODEL}
-    obs = observer.observe(wants)
-    state, actions = decide(PolicyState(wants=wants), obs, obs.at, cfg)
-    verdict = Verdict.WARNING if state.phase is Phase.UNKNOWN else state.phase.verdict
-    if args.json:
-        doc = {
-            "verdict": verdict.name,
-            "phase": state.phase.value,
-            "findings": [to_jsonable(f) for f in state.findings],
-            "planned_actions": [
-                {"action": describe(a), "rule": a.reason.rule.value, "reason": a.reason.evidence}
-                for a in actions
-            ],
-            "observation": to_jsonable(obs),
-        }
-        print(json.dumps(doc, indent=2, default=str))
-        return int(verdict)
-    print(f"{verdict.name}: TabbyAPI is {state.phase.value}")
-    h = obs.health.result
-    print(f"  health: {h.outcome.value} {h.status or ''} in {h.latency_s * 1000:.0f} ms")
-    if obs.model is not None:
-        print(f"  model: {obs.model.loaded or 'none loaded'}")
-    print(f"  unit: {obs.unit.name} {obs.unit.active_state or 'unknown'}/{obs.unit.sub_state}")
-    for g in obs.gpus.devices:
-        free = f"{g.memory_free / 2**30:.1f} GiB free" if g.memory_free is not None else "VRAM ?"
-        print(f"  gpu{g.index} {g.name}: {free}, limit {g.power.limit_w} W")
-    for f in state.findings:
-        print(f"  [{f.severity.value}] {f.rule.value}: {f.message}")
-    if not actions:
-        print("planned: nothing")
-    for a in actions:
-        print(f"would {describe(a)}  <- {a.reason.rule.value}: {a.reason.evidence}")
-    return int(verdict)
+    return run_check(cfg, adapters, as_json=args.json)
 
 
 def cmd_verify(args: argparse.Namespace) -> int:
-    """The runbook's post-rebuild verification, step by step."""
+    """The runbook's post-rebuild verification, step by step (verify.py)."""
     from hydra_watchdog.daemon import build_adapters  # noqa: PLC0415
-    from hydra_watchdog.observation import Outcome  # noqa: PLC0415
-    from hydra_watchdog.states import Verdict  # noqa: PLC0415
+    from hydra_watchdog.verify import run_verify  # noqa: PLC0415
 
     cfg = _config(args, code=UNKNOWN)
     adapters = build_adapters(cfg, command=True)  # the key as the watchdog's unit gets it
-    checks: list[tuple[str, bool, str]] = []
-    # ldd in TabbyAPI's environment: its running process's, else its unit's
-    host = adapters.host.check(libraries=True, unit=adapters.units.status())
-    libs = host.missing_libraries
-    if libs is None:
-        # not checkable (no venv configured, no extension found): say so, do not fail on it
-        skipped = f"skipped: {host.libraries_detail or 'no venv configured'}"
-        checks.append(("libraries resolve", True, skipped))
-    else:
-        found = f"{', '.join(libs)} not found" if libs else "all found"
-        checks.append(("libraries resolve", not libs, found))
-    if host.models_dir_ok is None:  # the check could not tell: never a pass
-        checks.append(("models mount", False, host.models_dir_detail or "not checked"))
-    else:
-        mount = host.models_dir_detail or cfg.model.models_dir
-        checks.append(("models mount", host.models_dir_ok, mount))
-    if cfg.model.name:
-        usable = host.model is not None and host.model.usable
-        checks.append(("model dir", usable, host.model.path if host.model else "not checked"))
-    health = adapters.tabby.health()
-    checks.append(
-        (
-            "health",
-            health.healthy,
-            f"{health.result.outcome.value} {health.result.latency_s * 1000:.0f} ms",
-        )
-    )
-    # The admin key goes only to a listener verified against the unit (identity.py).
-    adapters.tabby.note_unit(adapters.units.status())
-    model = adapters.tabby.model() if health.healthy else None
-    loaded = model is not None and bool(model.loaded)
-    # this command holds no key: no verdict on TabbyAPI, nor on the daemon's key
-    keyless = model is not None and model.result.outcome is Outcome.LOCAL_ERROR
-    if model is None:
-        seen = "not checked"
-    elif model.loaded or model.known:
-        seen = model.loaded or "none"
-    elif keyless:
-        seen = f"skipped: {model.result.detail}"
-    else:
-        seen = f"{model.result.outcome.value}: {model.result.detail}"
-    checks.append(("model loaded", loaded or keyless, seen))
-    if loaded:
-        canary = adapters.tabby.canary(cfg.tabbyapi.canary_deadline)
-        r = canary.result
-        checks.append(
-            (
-                "1-token completion",
-                r.outcome.value == "ok",
-                f"{r.outcome.value} {r.latency_s * 1000:.0f} ms",
-            )
-        )
-    else:
-        why = "no admin key for this command" if keyless else "no model"
-        checks.append(("1-token completion", keyless, f"skipped: {why}"))
-    failed = [c for c in checks if not c[1]]
-    for name, good, detail in checks:
-        print(f"{'OK  ' if good else 'FAIL'} {name}: {detail}")
-    verdict = Verdict.CRITICAL if failed else Verdict.OK
-    print(f"{verdict.name}: {len(checks) - len(failed)}/{len(checks)} checks passed")
-    return int(verdict)
+    return run_verify(cfg, adapters)
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

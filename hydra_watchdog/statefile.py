@@ -218,22 +218,28 @@ class StateFile:
     def max_bytes(self) -> int:
         return STATE_BASE_BYTES + self.events_kept * STATE_BYTES_PER_EVENT
 
-    def load(self) -> Persisted:
+    def load(self, *, read_only: bool = False) -> Persisted:
         """The saved state, or a fresh one. Never raises for what is in the file (or what stands
         in its place); raises UnsafeDirectoryError for a state dir it must not trust and
-        PermissionError when this process may not read it."""
+        PermissionError when this process may not read it. `read_only` (`check`, beside a
+        running daemon): nothing is created, cleaned up or moved aside; a file it cannot use
+        reads as a fresh state, with a note saying why."""
         from hydra_watchdog.policy_state import PolicyState  # noqa: PLC0415
 
-        with state_dir(self.dir, create=True) as dir_fd:
-            self._remove_stale_temps(dir_fd)
-            try:
-                raw, _ = read_regular(self.path.name, self.max_bytes, dir_fd=dir_fd)
-            except FileNotFoundError:
-                return Persisted(PolicyState())
-            except UnusableFileError as exc:
-                return self._discard(str(exc), dir_fd)
-            parsed = self._parse(raw)
-            return self._discard(parsed, dir_fd) if isinstance(parsed, str) else parsed
+        try:
+            with state_dir(self.dir, create=not read_only) as dir_fd:
+                if not read_only:
+                    self._remove_stale_temps(dir_fd)
+                try:
+                    raw, _ = read_regular(self.path.name, self.max_bytes, dir_fd=dir_fd)
+                    parsed = self._parse(raw)
+                except UnusableFileError as exc:
+                    parsed = str(exc)
+                if not isinstance(parsed, str):
+                    return parsed
+                return self._unusable(parsed) if read_only else self._discard(parsed, dir_fd)
+        except FileNotFoundError:  # no file, or (read only) no state dir yet
+            return Persisted(PolicyState())
 
     def _parse(self, raw: bytes) -> Persisted | str:
         """What the file holds, or why it cannot be used."""
@@ -291,6 +297,11 @@ class StateFile:
         where = f"quarantined as {moved.name}" if moved else "could not be moved aside"
         note = f"{self.path.name} unusable ({why}); {where}; started with a fresh state"
         return Persisted(PolicyState(), (), (note,))
+
+    def _unusable(self, why: str) -> Persisted:
+        from hydra_watchdog.policy_state import PolicyState  # noqa: PLC0415
+
+        return Persisted(PolicyState(), (), (f"{self.path.name} unusable ({why})",))
 
     def _remove_stale_temps(self, dir_fd: int) -> None:
         # Left by a writer killed between its temp file and the rename. Only old ones: another

@@ -82,6 +82,7 @@ class Node:
     root: Path
     nvml: NvmlSim
     port: int = field(default_factory=free_port)
+    flavor: str = "exl2"  # the TabbyAPI build the simulator plays (sim/tabby_server.py)
 
     def __post_init__(self) -> None:
         self.models = self.root / "models"
@@ -99,13 +100,13 @@ class Node:
         self.config = self.root / "config.toml"
         self.install = self.root / "tabbyapi"
         self.sim_argv = [
-            *lay_out(self.install),
+            *lay_out(self.install, flavor=self.flavor),
             "--port",
             str(self.port),
             "--models-dir",
             str(self.models),
             "--flavor",
-            "exl2",
+            self.flavor,
             "--control",
             str(self.control),
             "--request-log",

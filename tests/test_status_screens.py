@@ -179,14 +179,11 @@ def _capture(tmp_path: Path, nvml: NvmlSim) -> None:
         proc.wait(WAIT)
         _keep(node, "stopped", proc.pid)
         # blocked: today's build (exllamav3) refuses the exl2 model, for good
-        node = Node(tmp_path / "b", nvml)
-        node.sim_argv[node.sim_argv.index("exl2")] = "modern"
+        node = Node(tmp_path / "b", nvml, flavor="modern")
         node.write_config()
-        write_control(
-            node.control,
-            load_error="Models quantized with 'exl2' require the exllamav2 backend, which is no "
-            "longer supported. Please use an exl3 or unquantized model.",
-        )
+        config = node.models / "m1" / "config.json"
+        exl2 = {**json.loads(config.read_text()), "quantization_config": {"quant_method": "exl2"}}
+        config.write_text(json.dumps(exl2))
         proc = runner.start(node)
         wait_for(lambda: node.phase() is Phase.BLOCKED, WAIT, "blocked")
         _cycles(node)

@@ -80,6 +80,13 @@ class ModelList:
     models: tuple[str, ...] = ()
 
 
+def listener_gate(cfg: Config) -> ListenerGate:
+    """The gate that verifies the listener behind tabbyapi.url as TabbyAPI's (identity.py)."""
+    t = cfg.tabbyapi
+    host = urllib.parse.urlsplit(t.url).hostname or ""
+    return ListenerGate(host, t.port, install_dirs=t.cmdline_patterns, user=t.user)
+
+
 class TabbyClient:
     """interfaces.TabbyApi over HTTP, plus list_models(). Safe to share between threads."""
 
@@ -137,12 +144,7 @@ class TabbyClient:
             keys = key_for_process(t.admin_key_file, os.environ, discover=command)
         else:
             keys = AdminKeySource.fixed(*admin_key)
-        gate = ListenerGate(
-            urllib.parse.urlsplit(t.url).hostname or "",
-            t.port,
-            install_dirs=t.cmdline_patterns,
-            user=t.user,
-        )
+        gate = listener_gate(cfg)
         return cls(
             t.url,
             admin_key=None,

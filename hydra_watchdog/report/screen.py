@@ -70,15 +70,18 @@ def wrap(text: str, width: int) -> list[str]:
 
 
 def fact(label: str, values: str | Iterable[str], style: Style, tone: str = "") -> list[str]:
-    """`label:` right-aligned in its column, each value wrapped in the rest of the width; the
-    label is painted in `tone` (the values carry their own colour, if any)."""
+    """`label:` right-aligned in its column, then each value from the next column, wrapped with
+    a hanging indent (so a wrapped value never reads as the next one); the label is painted in
+    `tone` (the values carry their own colour, if any)."""
     out: list[str] = []
     head = f"{label}:" if label else ""
     for value in [values] if isinstance(values, str) else values:
-        for piece in wrap(value, WIDTH - LABEL - 1):
-            shown = style.paint(head, tone) if head else ""
-            out.append(" " * (LABEL - len(head)) + shown + " " + piece)
-            head = ""
+        first, *rest = wrap(value, WIDTH - LABEL - 1)
+        shown = style.paint(head, tone) if head else ""
+        out.append(" " * (LABEL - len(head)) + shown + " " + first)
+        if rest:
+            out += [" " * (LABEL + 3) + line for line in wrap(" ".join(rest), WIDTH - LABEL - 3)]
+        head = ""
     return out
 
 

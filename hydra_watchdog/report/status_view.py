@@ -341,18 +341,20 @@ def _watchdog_rows(report: StatusReport, now: float) -> list[Row]:
     return rows
 
 
-def _facts(report: StatusReport, now: float, style: Style) -> list[str]:
-    """The current report's facts, each once: why, TabbyAPI, the node, the watchdog."""
+def facts(report: StatusReport, now: float, style: Style, *, watchdog: bool = True) -> list[str]:
+    """A current report's facts, each once: why, TabbyAPI, the node, and (`watchdog`) the
+    watchdog's own: restarts, back-off, the daemon, its last actions."""
     out: list[str] = []
     # the pause's own finding says what the first line says (paused, why): not twice
     findings = [f for f in report.findings if not (f.rule == "paused" and report.paused.paused)]
     for i, f in enumerate(findings):
         tag = style.paint(f"[{f.severity}]", _SEVERITY_TONE.get(f.severity, ""))
         out += fact("" if i else "Findings", tag + printable(f" {f.rule}: {f.message}"), style)
-    rows = [*_tabby_rows(report, now), *_node_rows(report), *_watchdog_rows(report, now)]
+    rows = [*_tabby_rows(report, now), *_node_rows(report)]
+    rows += _watchdog_rows(report, now) if watchdog else []
     for label, text in rows:
         out += fact(label, printable(text), style)
-    return out + _actions(report, now, style)
+    return out + (_actions(report, now, style) if watchdog else [])
 
 
 def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
@@ -367,6 +369,14 @@ def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
     return lines
 
 
+def render_first_line(verdict: int, why: str, style: Style) -> list[str]:
+    """`VERDICT: why`, the verdict painted, wrapped under the facts' column when too long."""
+    name = VERDICT_NAMES[verdict]
+    first = wrap(f"{name}: {printable(why)}", WIDTH)
+    rest = wrap(" ".join(first[1:]), WIDTH - LABEL - 3) if first[1:] else []
+    return [style.paint(name, name) + first[0][len(name) :]] + [" " * (LABEL + 3) + r for r in rest]
+
+
 def render(
     report: StatusReport | None,
     verdict: int,
@@ -379,16 +389,9 @@ def render(
     """The screen: the verdict and why, then the facts of a `current` report; of one that is not,
     what it last saw and did, dated."""
     style = Style(colour=False) if style is None else style
-    name = VERDICT_NAMES[verdict]
-    first = wrap(f"{name}: {printable(why)}", WIDTH)
-    lines = [style.paint(name, name) + first[0][len(name) :]]
-    lines += (
-        [" " * (LABEL + 1) + more for more in wrap(" ".join(first[1:]), WIDTH - LABEL - 1)]
-        if first[1:]
-        else []
-    )
+    lines = render_first_line(verdict, why, style)
     if report is not None and current:
-        lines += _facts(report, now, style)
+        lines += facts(report, now, style)
     elif report is not None and report.heartbeat is not None:
         seen = (
             f"{_clock(report.heartbeat, now)} ({_ago(report.heartbeat, now)}): {_head(report)} then"

@@ -19,10 +19,20 @@ runpy.run_module("hydra_watchdog.sim.tabby_server", run_name="__main__", alter_s
 """
 
 
-def lay_out(root: Path | str, python: str = sys.executable) -> list[str]:
-    """Write `<root>/main.py`; the argv prefix that runs the simulator from there."""
+# The backends each build ships (adapters/backend.py tells the build by them): the exl2-era
+# builds both, today's ExLlamaV3 only (notes/tabbyapi.md).
+BACKENDS = {"exl2": ("exllamav2", "exllamav3"), "modern": ("exllamav3",)}
+
+
+def lay_out(root: Path | str, python: str = sys.executable, *, flavor: str = "exl2") -> list[str]:
+    """Write `<root>/main.py` and the backends' folders of the `flavor` build; the argv prefix
+    that runs the simulator from there."""
     tree = Path(root)
     tree.mkdir(parents=True, exist_ok=True)
     main = tree / "main.py"
     main.write_text(LAUNCHER, encoding="utf-8")
+    for backend in BACKENDS[flavor]:
+        package = tree / "backends" / backend
+        package.mkdir(parents=True, exist_ok=True)
+        (package / "__init__.py").write_text("", encoding="utf-8")
     return [python, str(main)]

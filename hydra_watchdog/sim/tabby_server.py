@@ -233,6 +233,15 @@ class Node:
         except (OSError, ValueError, AttributeError):
             return GIB
 
+    def quant_method(self, name: str) -> str:
+        """The folder's config.json quantization_config.quant_method ("" unquantized)."""
+        try:
+            config = json.loads((self.model_dir(name) / "config.json").read_text("utf-8"))
+            method = config.get("quantization_config", {}).get("quant_method", "")
+            return method if isinstance(method, str) else ""
+        except (OSError, ValueError, AttributeError):
+            return ""
+
     def _nvml(self) -> Any:
         return importlib.import_module("hydra_watchdog.sim.nvml_state")
 
@@ -290,6 +299,13 @@ class Node:
         folder = self.model_dir(name)
         if not (folder / "config.json").is_file():
             yield _error(f"No config.json found in model directory {folder}")
+            return
+        method = self.quant_method(name)
+        if self.opts.modern and method in ("exl2", "gptq"):  # today's build: ExLlamaV3 only
+            yield _error(
+                f"Models quantized with '{method}' require the exllamav2 backend, which is no "
+                "longer supported. Please use an exl3 or unquantized model."
+            )
             return
         need = self.vram_need(name)
         split: list[tuple[int, int]] = []

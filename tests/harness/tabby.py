@@ -173,7 +173,7 @@ class TabbySims:
         write_control(control, **(faults or {}))
         asked = port if port is not None else free_port()
         argv = [
-            *lay_out(root / "tabbyapi"),
+            *lay_out(root / "tabbyapi", flavor=flavor),
             "--port",
             str(asked),
             "--models-dir",

@@ -1,0 +1,169 @@
+"""`hydra-watchdog verify`: the runbook's post-rebuild verification, step by step.
+
+Each check is OK, FAIL or SKIP, and says why. A check that did not run is never OK: it is SKIP
+with the reason, and a SKIP that matters (the check applies here but could not run) makes the
+verdict WARNING; a SKIP that does not (the ExLlamaV2 extension on a TabbyAPI that runs ExLlamaV3)
+leaves it as it is. Any FAIL is CRITICAL (exit 2), a SKIP that matters WARNING (exit 1).
+
+The checks follow the backend the running TabbyAPI serves the model with (adapters/backend.py),
+and /health counts only when the listener that answered is TabbyAPI's, verified as the admin key's
+requests are (identity.ListenerGate): a squatter's 200 is a FAIL that names it.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+
+from hydra_watchdog.adapters.backend import Backend, detect
+from hydra_watchdog.adapters.tabby import listener_gate
+from hydra_watchdog.config import Config
+from hydra_watchdog.interfaces import Adapters
+from hydra_watchdog.observation import HostReport, Outcome
+from hydra_watchdog.printable import printable
+from hydra_watchdog.report.screen import WIDTH, Style, emit, wants_colour, wrap
+from hydra_watchdog.report.status import VERDICT_NAMES
+
+OK, SKIP, FAIL = "OK", "SKIP", "FAIL"
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    result: str  # OK, SKIP or FAIL
+    detail: str
+    matters: bool = True  # for a SKIP: the check applies here but could not run
+
+
+def verdict(checks: list[Check]) -> int:
+    if any(c.result == FAIL for c in checks):
+        return 2
+    return 1 if any(c.result == SKIP and c.matters for c in checks) else 0
+
+
+def _backend(backend: Backend) -> Check:
+    if not backend.name:
+        return Check("backend", SKIP, f"cannot tell: {backend.how}")
+    return Check("backend", OK, f"{backend.name} ({backend.how})")
+
+
+def _libraries(cfg: Config, backend: Backend, host: HostReport | None) -> Check:
+    """The ExLlamaV2 extension's libraries: the runbook's NixOS-rebuild failure."""
+    if backend.name == "exllamav3":
+        return Check(
+            "libraries", SKIP, "not used: the exllamav3 backend has no such extension", False
+        )
+    if host is None or host.missing_libraries is None:
+        why = host.libraries_detail if host is not None else "not checked"
+        if not cfg.tabbyapi.venv:
+            return Check("libraries", SKIP, "no tabbyapi.venv configured: set it to check them")
+        if backend.name == "exllamav2" and "no ExLlamaV2 extension" in why:
+            return Check("libraries", FAIL, f"{why}: every exllamav2 load fails")
+        result = (
+            FAIL if backend.name == "exllamav2" and not os.path.isdir(cfg.tabbyapi.venv) else SKIP
+        )
+        return Check("libraries", result, why or "not checked")
+    if host.missing_libraries:
+        return Check("libraries", FAIL, f"{', '.join(host.missing_libraries)} not found")
+    return Check("libraries", OK, f"all found ({host.libraries_detail})")
+
+
+def _model_dir(cfg: Config, backend: Backend, host: HostReport) -> Check:
+    m = host.model
+    if not cfg.model.name:
+        return Check("model dir", SKIP, "no model configured (model.name)", False)
+    if m is None:
+        return Check("model dir", SKIP, "not checked")
+    if not m.usable:
+        return Check("model dir", FAIL, f"{m.path}: {m.detail or 'not usable'}")
+    if backend.problem:
+        return Check("model dir", FAIL, f"{m.path}: TabbyAPI cannot load it: {backend.problem}")
+    return Check("model dir", OK, m.path)
+
+
+def run_checks(cfg: Config, adapters: Adapters) -> list[Check]:
+    unit = adapters.units.status()
+    model_dir = os.path.join(cfg.model.models_dir, cfg.model.name)
+    backend = detect(cfg.tabbyapi.cmdline_patterns, cfg.tabbyapi.venv, model_dir)
+    # ldd in TabbyAPI's environment (its running process's, else its unit's); only where the
+    # ExLlamaV2 extension is TabbyAPI's
+    host = adapters.host.check(libraries=backend.name != "exllamav3", unit=unit)
+    checks = [_backend(backend), _libraries(cfg, backend, host)]
+    if host.models_dir_ok is None:
+        checks.append(Check("models mount", SKIP, host.models_dir_detail or "not checked"))
+    else:
+        mount = host.models_dir_detail or cfg.model.models_dir
+        checks.append(Check("models mount", OK if host.models_dir_ok else FAIL, mount))
+    checks.append(_model_dir(cfg, backend, host))
+    gate = listener_gate(cfg)
+    gate.set_unit(unit)
+    health = adapters.tabby.health()
+    listener = gate.check()
+    h = health.result
+    took = f"in {h.latency_s * 1000:.0f} ms"
+    if health.healthy and listener.ok:
+        checks.append(Check("health", OK, f"{h.status} {took} from TabbyAPI (pid {listener.pid})"))
+    elif health.healthy:
+        checks.append(Check("health", FAIL, f"{h.status} {took}, but {listener.detail}"))
+    else:
+        said = h.outcome.value + (f" {h.status}" if h.status else "")
+        checks.append(
+            Check("health", FAIL, f"{said} {took}" + (f": {h.detail}" if h.detail else ""))
+        )
+    if checks[-1].result != OK:
+        checks.append(Check("model loaded", SKIP, "not asked: /health failed", False))
+        checks.append(Check("1-token completion", SKIP, "not sent: /health failed", False))
+        return checks
+    # The admin key goes only to a listener verified against the unit (identity.py).
+    adapters.tabby.note_unit(unit)
+    model = adapters.tabby.model()
+    # LOCAL_ERROR: this command holds no key (adapters/admin_key.py); its detail says how to pass
+    # one. No verdict on TabbyAPI, nor on the daemon's key.
+    keyless = model.result.outcome is Outcome.LOCAL_ERROR
+    if model.loaded:
+        checks.append(Check("model loaded", OK, model.loaded))
+    elif model.known:
+        checks.append(Check("model loaded", FAIL, "none"))
+    elif keyless:
+        checks.append(Check("model loaded", SKIP, model.result.detail))
+    else:
+        checks.append(
+            Check("model loaded", FAIL, f"{model.result.outcome.value}: {model.result.detail}")
+        )
+    if keyless:
+        checks.append(Check("1-token completion", SKIP, "not sent: no admin key for this command"))
+        return checks
+    if not model.loaded:
+        checks.append(Check("1-token completion", SKIP, "not sent: no model loaded", False))
+        return checks
+    r = adapters.tabby.canary(cfg.tabbyapi.canary_deadline).result
+    ok = r.outcome is Outcome.OK
+    said = f"{r.outcome.value} in {r.latency_s * 1000:.0f} ms" + ("" if ok else f": {r.detail}")
+    checks.append(Check("1-token completion", OK if ok else FAIL, said))
+    return checks
+
+
+def screen(checks: list[Check], style: Style) -> str:
+    code = verdict(checks)
+    name = VERDICT_NAMES[code]
+    failed = sum(c.result == FAIL for c in checks)
+    skipped = sum(c.result == SKIP for c in checks)
+    said = f"{len(checks) - failed - skipped} of {len(checks)} checks passed"
+    said += f", {failed} failed" if failed else ""
+    said += f", {skipped} skipped" if skipped else ""
+    lines = [f"{style.paint(name, name)}: {said}"]
+    tone = {OK: "good", FAIL: "FAIL", SKIP: "SKIP"}
+    for c in checks:
+        head = style.paint(
+            f"{c.result:<4}", tone[c.result] if c.result != SKIP or c.matters else "dim"
+        )
+        text = wrap(printable(f"{c.name}: {c.detail}"), WIDTH - 7)
+        lines.append(f"  {head} {text[0]}")
+        lines += [f"{'':7}{more}" for more in text[1:]]
+    return "\n".join(lines) + "\n"
+
+
+def run_verify(cfg: Config, adapters: Adapters) -> int:
+    checks = run_checks(cfg, adapters)
+    emit(screen(checks, Style(wants_colour())))
+    return verdict(checks)
