@@ -1,11 +1,13 @@
 """The world-readable status file: written atomically, readable by any user, never into a dir
-others can write, marked stopped on a clean stop, read with a cap."""
+others can write, marked stopped on a clean stop, read with a cap, believed only as the daemon
+wrote it (owner, mode, no symlink, a trusted runtime dir), found without parsing the config."""
 
 from __future__ import annotations
 
 import os
 import shutil
 import subprocess
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -16,7 +18,7 @@ import pytest
 from hydra_watchdog.config import load_config
 from hydra_watchdog.paths import DEFAULT_RUNTIME_DIR
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.report.status import StatusReport, from_json
+from hydra_watchdog.report.status import StatusReport, from_json, to_json
 from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.report.status_file import (
     STATUS_FILE,
@@ -28,6 +30,7 @@ from hydra_watchdog.report.status_file import (
 )
 from hydra_watchdog.states import Phase
 from hydra_watchdog.trusted_path import UnsafeDirectoryError
+from tests.harness.adversary import NOBODY, SYSTEM_PYTHON, as_nobody
 
 
 @pytest.fixture
@@ -163,3 +166,96 @@ def test_a_config_that_cannot_be_read_falls_back_to_the_default_runtime_dir(
     runtime, note = find_status(str(tmp_path / "missing.toml"))
     assert runtime == DEFAULT_RUNTIME_DIR
     assert note.startswith("(config not read: config file") and "using defaults" in note
+
+
+# --- a forged status is not believed (issue 22, item 5, the reader's side) ----------------------
+
+FORGER = r"""
+import json, os, sys
+os.makedirs(sys.argv[1], exist_ok=True)
+with open(os.path.join(sys.argv[1], "status.json"), "w") as out:
+    out.write(sys.stdin.read())
+"""
+
+
+def _forged(pid: int) -> str:
+    """A fresh, plausible OK from a live process that calls itself hydra_watchdog."""
+    now = time.time()
+    report = StatusReport(
+        pid=pid, phase="healthy", verdict=0, heartbeat=now, since=now, stale_after=60.0
+    )
+    return to_json(report)
+
+
+def _status(runtime: Path) -> subprocess.CompletedProcess[str]:
+    """`status --runtime-dir RUNTIME`, its screen's wrapped lines joined again."""
+    out = subprocess.run(
+        [sys.executable, "-m", "hydra_watchdog", "status", "--runtime-dir", str(runtime)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    out.stdout = " ".join(out.stdout.split())
+    return out
+
+
+@pytest.fixture
+def standin() -> Iterator[int]:
+    """A live process whose command line names hydra_watchdog (a forger can run one too)."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)", "hydra_watchdog"])
+    yield proc.pid
+    proc.kill()
+    proc.wait()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to switch to an unprivileged user")
+def test_a_status_in_another_users_directory_is_not_believed(
+    shared_dir: Path, standin: int
+) -> None:
+    """uid 65534 writes a fresh OK into a directory of its own, where runtime_dir points (the
+    swapped-in directory of issue 22): root's `status` says UNKNOWN and why, not OK."""
+    theirs = shared_dir / "theirs"
+    theirs.mkdir()
+    os.chown(theirs, NOBODY, NOBODY)
+    forge = subprocess.run(
+        as_nobody([SYSTEM_PYTHON, "-c", FORGER, str(theirs / "run")]),
+        input=_forged(standin),
+        text=True,
+        capture_output=True,
+        check=False,
+    )
+    assert forge.returncode == 0, forge.stderr
+    assert (theirs / "run" / STATUS_FILE).stat().st_uid == NOBODY
+    out = _status(theirs / "run")
+    assert out.returncode == 3, out.stdout
+    assert "not trusted: runtime dir" in out.stdout and "owned by uid 65534" in out.stdout
+    assert "healthy" not in out.stdout
+
+
+def test_a_status_file_someone_else_owns_or_can_write_is_not_believed(
+    shared_dir: Path, standin: int
+) -> None:
+    runtime = shared_dir / "run"
+    runtime.mkdir(mode=0o755)
+    path = runtime / STATUS_FILE
+    path.write_text(_forged(standin))
+    assert _status(runtime).returncode == 0  # the daemon's own file: believed
+    os.chown(path, NOBODY, NOBODY)  # planted by another user
+    out = _status(runtime)
+    assert out.returncode == 3 and "the status file is owned by uid 65534" in out.stdout
+    os.chown(path, 0, 0)
+    path.chmod(0o666)
+    out = _status(runtime)
+    assert out.returncode == 3 and "writable by others (mode 0666)" in out.stdout
+
+
+def test_a_runtime_dir_reached_through_a_symlink_is_not_followed(
+    shared_dir: Path, standin: int
+) -> None:
+    real = shared_dir / "real"
+    real.mkdir()
+    (real / STATUS_FILE).write_text(_forged(standin))
+    (shared_dir / "link").symlink_to(real)
+    out = _status(shared_dir / "link")
+    assert out.returncode == 3 and "is a symlink" in out.stdout
