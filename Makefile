@@ -9,10 +9,13 @@ STAMP := $(VENV)/.installed
 
 .PHONY: demo test fuzz lint bench alerts dashboard chaos venv system-deps clean
 
+# pip shows what it fetches and installs (the first run takes a minute or two, most of it here).
 $(STAMP): pyproject.toml
+	@echo "== $(VENV): hydra-watchdog and its dev tools (pip's progress below; once per checkout)"
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e '.[dev,bench]'
+	$(BIN)/python -m pip install --progress-bar on --upgrade pip
+	$(BIN)/python -m pip install --progress-bar on -e '.[dev,bench]'
+	@echo "== $(VENV) ready"
 	touch $@
 
 venv: $(STAMP)

@@ -4,7 +4,8 @@ The node: the TabbyAPI simulator as a real HTTP server on a free loopback port, 
 libnvidia-ml.so.1 (two GPUs like hydra-ai) loaded by the real pynvml binding, and a stand-in
 "unit" (sim/unit.py) that restarts the simulator like systemd's Restart=on-failure. The daemon is
 the production Daemon with production adapters; only the unit manager is the stand-in, so no
-GPU, no systemd and no root are needed. Intervals are compressed to fractions of a second.
+GPU, no systemd and no root are needed. Intervals are compressed to fractions of a second;
+`--fast` halves every one of them again (the daemon's, the simulator's and the incidents').
 """
 
 from __future__ import annotations
@@ -22,7 +23,10 @@ from pathlib import Path
 
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.config import Config, parse_config
+from hydra_watchdog.durations import parse_duration
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.printable import printable
+from hydra_watchdog.report.screen import WIDTH, wrap
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.states import Phase
 
@@ -31,6 +35,12 @@ FALLBACK_MODEL = "Llama-3.1-8B-exl2-6.0bpw"
 GIB = 1024**3
 ADMIN_KEY = "demo-admin-key-not-secret"
 INCIDENT_LIMIT = 25.0  # seconds an incident may take before the demo calls it unrecovered
+FAST = 0.5  # `--fast`: every duration of the demo, times this
+
+
+def scaled(scale: float, text: str) -> str:
+    """A duration of the demo's config (`500ms`, `2m`), times `scale`."""
+    return f"{round(parse_duration(text) * scale * 1000)}ms"
 
 
 def _free_port() -> int:
@@ -50,22 +60,25 @@ def _free_port() -> int:
 
 @dataclass
 class Incident:
+    key: str  # a word for the summary line
     name: str
     runbook: str
     detected_s: float | None = None
     recovered_s: float | None = None
-    restarts: int = 0
+    restarts: int = 0  # TabbyAPI's restarts in the incident, by anyone
+    by_watchdog: int = 0  # of them, started by the watchdog (the rest: the unit's Restart=)
     actions: list[str] = field(default_factory=list)
 
 
 class DemoNode:
     """Builds the simulated node in a temporary directory."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, scale: float = 1.0) -> None:
         from hydra_watchdog.sim import nvml_state  # noqa: PLC0415
         from hydra_watchdog.sim.nvml_build import build_nvml_sim  # noqa: PLC0415
 
         self.root = root
+        self.scale = scale
         self.port = _free_port()
         self.models = root / "models"
         self.install = root / "tabbyapi"
@@ -91,14 +104,14 @@ class DemoNode:
             *lay_out(self.install),
             "--port", str(port), "--models-dir", str(self.models), "--tokens", str(self.tokens),
             "--control", str(self.control), "--nvml-state", str(self.nvml_state),
-            "--load-seconds", "1.0", "--modules", "8", *extra,
+            "--load-seconds", f"{self.scale:g}", "--modules", "8", *extra,
         ]  # fmt: skip
 
     def config(self) -> Config:
         return parse_config(
             {
                 "watchdog": {
-                    "interval": "500ms",
+                    "interval": scaled(self.scale, "500ms"),
                     "state_dir": str(self.root / "state"),
                     "runtime_dir": str(self.root / "run"),
                 },
@@ -106,13 +119,13 @@ class DemoNode:
                     "url": f"http://127.0.0.1:{self.port}",
                     "unit": "tabbyapi.service",
                     "admin_key_file": str(self.key_file),
-                    "health_timeout": "1500ms",
-                    "slow_threshold": "1s",
+                    "health_timeout": scaled(self.scale, "1500ms"),
+                    "slow_threshold": scaled(self.scale, "1s"),
                     "slow_probes": 3,
                     "failures_before_down": 2,
-                    "startup_grace": "4s",
-                    "canary_interval": "10s",
-                    "canary_deadline": "3s",
+                    "startup_grace": scaled(self.scale, "4s"),
+                    "canary_interval": scaled(self.scale, "10s"),
+                    "canary_deadline": scaled(self.scale, "3s"),
                     "venv": "",
                     # TabbyAPI's install tree, as /opt/tabbyapi on hydra-ai: the simulators
                     # run from it (sim/install.py), as whoever runs the demo
@@ -123,18 +136,18 @@ class DemoNode:
                     "name": MAIN_MODEL,
                     "models_dir": str(self.models),
                     "vram_required_gib": 40.0,
-                    "load_timeout": "30s",
+                    "load_timeout": scaled(self.scale, "30s"),
                     "max_load_attempts": 2,
                     "fallback": FALLBACK_MODEL,
                     "fallback_vram_required_gib": 8.0,
                 },
                 "restart_loop": {
                     "max_restarts": 3,
-                    "window": "30s",
-                    "backoff_initial": "2s",
-                    "backoff_max": "8s",
-                    "reset_after": "5s",
-                    "escalate_after": "2m",
+                    "window": scaled(self.scale, "30s"),
+                    "backoff_initial": scaled(self.scale, "2s"),
+                    "backoff_max": scaled(self.scale, "8s"),
+                    "reset_after": scaled(self.scale, "5s"),
+                    "escalate_after": scaled(self.scale, "2m"),
                 },
                 "gpu": {
                     "nvml_library": str(self.library),
@@ -143,7 +156,7 @@ class DemoNode:
                         {"index": 1, "power_limit_watts": 300},
                     ],
                 },
-                "orphans": {"term_grace": "1s"},
+                "orphans": {"term_grace": scaled(self.scale, "1s")},
                 "metrics": {"listen": ""},
             },
             source="demo",
@@ -159,7 +172,9 @@ def _post(url: str) -> None:
 
 
 class Demo:
-    def __init__(self, root: Path, out: Callable[[str], None] = print) -> None:
+    def __init__(
+        self, root: Path, out: Callable[[str], None] = print, *, scale: float = 1.0
+    ) -> None:
         from hydra_watchdog.adapters.fallback_route import LiteLlmRoute  # noqa: PLC0415
         from hydra_watchdog.adapters.gpu import NvmlGpu  # noqa: PLC0415
         from hydra_watchdog.adapters.gpu_reset import NvidiaSmiReset  # noqa: PLC0415
@@ -173,10 +188,14 @@ class Demo:
         from hydra_watchdog.sim.unit import SimUnit  # noqa: PLC0415
 
         self.out = out
-        self.node = DemoNode(root)
+        self.scale = scale
+        self.node = DemoNode(root, scale)
         self.cfg = self.node.config()
         self.unit = SimUnit(
-            "tabbyapi.service", self.node.sim_argv(self.node.port), log_path=root / "tabbyapi.log"
+            "tabbyapi.service",
+            self.node.sim_argv(self.node.port),
+            log_path=root / "tabbyapi.log",
+            restart_sec=0.5 * scale,
         )
         adapters = Adapters(
             tabby=TabbyClient.from_config(self.cfg),
@@ -200,7 +219,10 @@ class Demo:
         if event.kind is EventKind.LOAD_PROGRESS:
             return
         rule = f" [{event.rule.value}]" if event.rule else ""
-        self.out(f"  {now:6.1f}s  {event.kind.value:<15}{rule} {event.message}")
+        first, *rest = wrap(printable(f"{event.kind.value:<15}{rule} {event.message}"), WIDTH - 11)
+        self.out(f"  {now:6.1f}s  {first}")
+        if rest:
+            self.out("\n".join(" " * 13 + line for line in wrap(" ".join(rest), WIDTH - 13)))
 
     # --- incident driver ------------------------------------------------------------------------
 
@@ -216,12 +238,13 @@ class Demo:
             time.sleep(0.05)
         return None
 
-    def incident(self, name: str, runbook: str, inject: Callable[[], None],
+    def incident(self, key: str, name: str, runbook: str, inject: Callable[[], None],
                  detected: Callable[[], bool], fix: Callable[[], None] | None = None,
                  fix_after: Callable[[], bool] | None = None) -> Incident:  # fmt: skip
         self.out(f"\n== {name}  (runbook: {runbook})")
-        inc = Incident(name, runbook)
+        inc = Incident(key, name, runbook)
         mark = len(self.events)
+        restarted = self.unit.auto_restarts
         start = time.monotonic()
         inject()
         inc.detected_s = self._wait(detected, INCIDENT_LIMIT)
@@ -236,7 +259,8 @@ class Demo:
             if e.kind is EventKind.ACTION and e.action:
                 inc.actions.append(e.action)
                 if e.action in ("restart_unit", "start_unit"):
-                    inc.restarts += 1
+                    inc.by_watchdog += 1
+        inc.restarts = inc.by_watchdog + self.unit.auto_restarts - restarted
         return inc
 
     def run(self) -> list[Incident]:
@@ -244,8 +268,9 @@ class Demo:
         from hydra_watchdog.sim.tabby_server import write_control  # noqa: PLC0415
 
         node = self.node
-        self.out(f"simulated node in {node.root}: TabbyAPI sim on 127.0.0.1:{node.port}, "
-                 "2 simulated GPUs (RTX 5090 32 GiB, RTX 4090 24 GiB)")  # fmt: skip
+        fast = f"; every duration x{self.scale:g} (--fast)" if self.scale != 1 else ""
+        self.out(f"simulated node in {node.root}: TabbyAPI sim on 127.0.0.1:{node.port},\n"
+                 f"2 simulated GPUs (RTX 5090 32 GiB, RTX 4090 24 GiB){fast}")  # fmt: skip
         self.unit.command(UnitVerb.START)
         self.thread.start()
         incidents: list[Incident] = []
@@ -255,6 +280,7 @@ class Demo:
 
         incidents.append(
             self.incident(
+                "boot",
                 "boot: no model, power limits at defaults",
                 "TabbyAPINoModel + preventive power limits",
                 lambda: None,
@@ -268,7 +294,9 @@ class Demo:
             self._wait(lambda: self.unit.status().main_pid != pid, 5)
             write_control(node.control)
 
-        incidents.append(self.incident("crash (exit 1)", "TabbyAPIDown", crash, not_serving))
+        incidents.append(
+            self.incident("crash", "crash (exit 1)", "TabbyAPIDown", crash, not_serving)
+        )
 
         def leak() -> None:
             import subprocess  # noqa: PLC0415
@@ -284,16 +312,23 @@ class Demo:
 
         incidents.append(
             self.incident(
-                "leaked VRAM + model unloaded", "TabbyAPINoModel / orphans", leak, not_serving
+                "leak",
+                "leaked VRAM + model unloaded",
+                "TabbyAPINoModel / orphans",
+                leak,
+                not_serving,
             )
         )
 
+        slow_s, threshold = 1.2 * self.scale, self.cfg.tabbyapi.slow_threshold
+
         def slow() -> None:
-            write_control(node.control, slow_seconds=1.2)
+            write_control(node.control, slow_seconds=slow_s)
 
         incidents.append(
             self.incident(
-                "slow health (1.2 s > 1 s)",
+                "slow",
+                f"slow health ({slow_s:g} s > {threshold:g} s)",
                 "TabbyAPISlowHealthCheck",
                 slow,
                 lambda: self.daemon.state.phase is Phase.DEGRADED,
@@ -306,13 +341,16 @@ class Demo:
             time.sleep(0.2)
             write_control(node.control)  # the 503 stays: TabbyAPI never clears it
 
-        incidents.append(self.incident("sticky /health 503", "TabbyAPIDown", sticky, not_serving))
+        incidents.append(
+            self.incident("sticky", "sticky /health 503", "TabbyAPIDown", sticky, not_serving)
+        )
 
         def loop() -> None:
             write_control(node.control, exit_code=1)
 
         incidents.append(
             self.incident(
+                "loop",
                 "restart loop (crashes at every start)",
                 "TabbyAPIRestartLoop",
                 loop,
@@ -322,7 +360,7 @@ class Demo:
             )
         )
         # back-off resets only after reset_after of health
-        self._wait(lambda: self.daemon.state.backoff_step == 0, 15)
+        self._wait(lambda: self.daemon.state.backoff_step == 0, 15 * self.scale)
         return incidents
 
     def close(self) -> None:
@@ -337,24 +375,25 @@ class Demo:
 
 
 def _table(incidents: list[Incident]) -> str:
-    rows = [("incident", "runbook", "detected", "healthy again", "restarts", "actions")]
+    rows = [("incident", "detected", "healthy again", "restarts", "actions")]
     for i in incidents:
         seen = "-" if i.detected_s is None else f"{i.detected_s:.1f}s"
         healed = "NOT RECOVERED" if i.recovered_s is None else f"{i.recovered_s:.1f}s"
+        # every restart of TabbyAPI, as status counts them: the watchdog's and the unit's own
+        by = f" ({i.by_watchdog} by the watchdog)" if i.restarts else ""
         acts = ", ".join(dict.fromkeys(i.actions)) or "none"
-        rows.append((i.name, i.runbook, seen, healed, str(i.restarts), acts))
+        rows.append((i.key, seen, healed, f"{i.restarts}{by}", acts))
     widths = [max(len(r[c]) for r in rows) for c in range(len(rows[0]))]
-    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)) for r in rows]
+    lines = ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
     lines.insert(1, "  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def run_demo(*, fast: bool = False, out: Callable[[str], None] = print) -> int:
-    """Runs every scripted incident; exit 0 when each recovered."""
-    del fast  # the timings are already compressed; kept for the CLI's --fast flag
+    """Runs every scripted incident; exit 0 when each recovered. `fast`: every duration halved."""
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="hydra-demo-") as tmp:
-        demo = Demo(Path(tmp), out)
+        demo = Demo(Path(tmp), out, scale=FAST if fast else 1.0)
         try:
             incidents = demo.run()
             from hydra_watchdog.report.status_file import read_status  # noqa: PLC0415
@@ -374,6 +413,6 @@ def run_demo(*, fast: bool = False, out: Callable[[str], None] = print) -> int:
     if failed:
         out(f"\nnot recovered: {', '.join(failed)}")
         return 1
-    out("\nevery incident recovered; actions per incident: " + ", ".join(
-        f"{i.name.split(' ')[0]}={len(i.actions)}" for i in incidents))  # fmt: skip
+    counts = ", ".join(f"{i.key}={len(i.actions)}" for i in incidents)
+    out(f"\nevery incident recovered; actions per incident: {counts}")
     return 0

@@ -331,8 +331,11 @@ def _watchdog_rows(report: StatusReport, now: float) -> list[Row]:
             )
         )
     if b.step:
-        text = f"step {b.step}, next attempt {_clock(b.next_attempt_at, now)}"
-        text += f" ({_ago(b.next_attempt_at, now)})" if b.next_attempt_at is not None else ""
+        text = f"step {b.step}, " + (
+            f"next attempt {_clock(b.next_attempt_at, now)} ({_ago(b.next_attempt_at, now)})"
+            if b.next_attempt_at is not None
+            else "no attempt pending"
+        )
         rows.append(("Back-off", text + ("; escalated: a human is needed" if b.escalated else "")))
     daemon = f"pid {report.pid}, last cycle {_ago(report.heartbeat, now)}"
     rows.append(

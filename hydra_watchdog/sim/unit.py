@@ -50,6 +50,7 @@ class SimUnit:
         self._active, self._sub = "inactive", "dead"
         self._result, self._status = "success", 0
         self._n_restarts = 0
+        self.auto_restarts = 0  # every Restart= restart since the stand-in began (never zeroed)
         self._entered: float | None = None
         self._invocation = ""
         self._stopping = False
@@ -169,6 +170,7 @@ class SimUnit:
             if self._closed or self._sub != "auto-restart":
                 return
             self._n_restarts += 1
+            self.auto_restarts += 1
             self._spawn()
 
     def _cancel_restart(self) -> None:
