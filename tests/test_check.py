@@ -7,8 +7,6 @@ from __future__ import annotations
 import os
 import re
 import shutil
-import subprocess
-import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +18,7 @@ from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.statefile import STATE_FILE, StateFile
 from hydra_watchdog.states import Phase
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims
-from tests.test_cli import write_config
+from tests.test_cli import cli, write_config
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "check"
 REGEN = os.environ.get("HYDRA_GOLDEN") == "regen"
@@ -61,13 +59,7 @@ def _one_cycle(tmp_path: Path, sim: SimProcess) -> None:
         "metrics": {"listen": ""},
     }
     config = write_config(tmp_path / "config.toml", tables)
-    out = subprocess.run(
-        [sys.executable, "-m", "hydra_watchdog", "check", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    out = cli("check", "--config", str(config))
     assert out.returncode == 1, out.stdout + out.stderr
     assert out.stdout.startswith("WARNING: loading (one cycle's view)\n"), out.stdout
     assert (

@@ -31,6 +31,7 @@ from hydra_watchdog.report.status_file import (
 from hydra_watchdog.states import Phase
 from hydra_watchdog.trusted_path import UnsafeDirectoryError
 from tests.harness.adversary import NOBODY, SYSTEM_PYTHON, as_nobody
+from tests.test_cli import cli
 
 
 @pytest.fixture
@@ -189,13 +190,7 @@ def _forged(pid: int) -> str:
 
 def _status(runtime: Path) -> subprocess.CompletedProcess[str]:
     """`status --runtime-dir RUNTIME`, its screen's wrapped lines joined again."""
-    out = subprocess.run(
-        [sys.executable, "-m", "hydra_watchdog", "status", "--runtime-dir", str(runtime)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
+    out = cli("status", "--runtime-dir", str(runtime))
     out.stdout = " ".join(out.stdout.split())
     return out
 

@@ -10,7 +10,6 @@ import json
 import os
 import re
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +18,7 @@ import pytest
 from hydra_watchdog.adapters.backend import configured_backend, detect
 from tests.harness.adversary import Squatter
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims, free_port
-from tests.test_cli import write_config
+from tests.test_cli import cli, write_config
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "verify"
 REGEN = os.environ.get("HYDRA_GOLDEN") == "regen"
@@ -47,13 +46,7 @@ def _config(tmp_path: Path, url: str, install: Path, models: Path, **tabby: Any)
 
 
 def verify(config: Path) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "hydra_watchdog", "verify", "--config", str(config)],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    return cli("verify", "--config", str(config))
 
 
 def golden(name: str, out: subprocess.CompletedProcess[str], *stable: tuple[str, str]) -> None:
