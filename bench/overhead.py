@@ -383,7 +383,23 @@ def status_latency(
         for name, v in times.items()
     }
     out["compileall_exit"] = done.returncode
+    out["status_read_the_config"] = status_read_the_config(
+        [node.python, "-X", "importtime", *commands["hydra-watchdog status"]], env
+    )
     return out
+
+
+# What `status` imports only when its config leads it nowhere else (report/status_file.py): a
+# figure taken while it does is not what a user with the daemon's own config gets.
+CONFIG_PATH_MODULES = ("hydra_watchdog.config", "tomllib", "dataclasses")
+
+
+def status_read_the_config(argv: list[str], env: dict[str, str]) -> list[str]:
+    """The modules of CONFIG_PATH_MODULES one more run of `argv` imported (none: the report was
+    found from the daemon's view of the config, as on a node)."""
+    ran = subprocess.run(argv, capture_output=True, check=False, timeout=30, env=env, text=True)
+    seen = {line.rsplit("|", 1)[-1].strip() for line in ran.stderr.splitlines()}
+    return [m for m in CONFIG_PATH_MODULES if m in seen]
 
 
 @contextlib.contextmanager
@@ -585,6 +601,9 @@ def _print_status(status: dict[str, Any], out: Callable[[str], None]) -> None:
     for k, v in status.items():
         if isinstance(v, dict):
             out(f"  {k:<34} median {v['median_ms']:.0f} ms, p95 {v['p95_ms']:.0f} ms")
+    if status.get("status_read_the_config"):
+        read = ", ".join(status["status_read_the_config"])
+        out(f"  status read its config ({read}): not the figure a node's status has")
 
 
 def run_status_only(node: nd.Node, out: Callable[[str], None], *, quick: bool) -> dict[str, Any]:

@@ -290,6 +290,13 @@ def status_section(st: dict[str, Any]) -> tuple[list[str], list[str]]:
     for k, v in st.items():
         if isinstance(v, dict) and v.get("exit") and v.get("output"):
             lines += [f"`{k}` exited {v['exit']}: `{v['output']}`", ""]
+    if st.get("status_read_the_config"):
+        lines += [
+            "`hydra-watchdog status` read its config here (it imported "
+            f"{', '.join(st['status_read_the_config'])}): its report did not name the config "
+            "file status was given, so this figure is not the one a node's status has.",
+            "",
+        ]
     med = st["hydra-watchdog status"]["median_ms"]
     ref = st["systemctl status tabbyapi"]["median_ms"]
     floor = st.get("python -c pass")
