@@ -58,7 +58,7 @@ def _libraries(cfg: Config, backend: Backend, host: HostReport | None) -> Check:
         if not cfg.tabbyapi.venv:
             return Check("libraries", SKIP, "no tabbyapi.venv configured: set it to check them")
         if backend.name == "exllamav2" and "no ExLlamaV2 extension" in why:
-            return Check("libraries", FAIL, f"{why}: every exllamav2 load fails")
+            return Check("libraries", FAIL, f"{why}: exllamav2 cannot load a model from this venv")
         result = (
             FAIL if backend.name == "exllamav2" and not os.path.isdir(cfg.tabbyapi.venv) else SKIP
         )
