@@ -161,12 +161,19 @@ def test_a_report_moved_from_its_runtime_dir_is_not_the_configs(tmp_path: Path) 
     assert not _published_by(str(config), str(tmp_path / "copy"))
 
 
+@pytest.mark.parametrize(
+    ("name", "why"), [("missing.toml", "does not exist"), ("fifo", "not a regular file (mode p")]
+)
 def test_a_config_that_cannot_be_read_falls_back_to_the_default_runtime_dir(
-    tmp_path: Path,
+    tmp_path: Path, name: str, why: str
 ) -> None:
-    runtime, note = find_status(str(tmp_path / "missing.toml"))
+    config = tmp_path / name
+    if name == "fifo":
+        os.mkfifo(config)  # read without blocking, refused: not a regular file
+    runtime, note = find_status(str(config))
     assert runtime == DEFAULT_RUNTIME_DIR
     assert note.startswith("(config not read: config file") and "using defaults" in note
+    assert why in note
 
 
 # --- a forged status is not believed (issue 22, item 5, the reader's side) ----------------------
