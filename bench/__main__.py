@@ -13,6 +13,7 @@ import os
 import shlex
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Any
@@ -37,7 +38,12 @@ def main(argv: list[str] | None = None) -> int:
         choices=("status",),
         help="status: only the status command's latency (its daemons running), nothing else",
     )
-    parser.add_argument("--out-dir", type=Path, default=HERE)
+    parser.add_argument(
+        "--out-dir",
+        type=Path,
+        help="where RESULTS.md and results.json go (default bench/; with --only, a temp dir: a "
+        "partial run never replaces the committed results)",
+    )
     parser.add_argument(
         "--from-json", type=Path, help="only render RESULTS.md/recovery.png from a results.json"
     )
@@ -52,6 +58,8 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(
                 f"--{flag}: unknown {', '.join(map(repr, unknown))}; known: {', '.join(known)}"
             )
+    if args.out_dir is None:
+        args.out_dir = Path(tempfile.mkdtemp(prefix="hydra-bench-")) if args.only else HERE
     args.out_dir.mkdir(parents=True, exist_ok=True)
     if args.from_json is not None:
         saved = json.loads(args.from_json.read_text())

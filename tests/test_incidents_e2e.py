@@ -42,7 +42,7 @@ def test_the_daemon_keeps_each_incident_with_its_actions_and_recovery(tmp_path: 
     try:
         demo.unit.command(UnitVerb.START)
         demo.thread.start()
-        boot = demo.incident("boot", "", lambda: None, lambda: demo.daemon.cycles > 0)
+        boot = demo.incident("boot", "boot", "", lambda: None, lambda: demo.daemon.cycles > 0)
         assert boot.recovered_s is not None
 
         def crash() -> None:
@@ -51,7 +51,7 @@ def test_the_daemon_keeps_each_incident_with_its_actions_and_recovery(tmp_path: 
             demo._wait(lambda: demo.unit.status().main_pid != pid, 5)
             write_control(demo.node.control)
 
-        inc = demo.incident("crash", "", crash, lambda: not demo._serving())
+        inc = demo.incident("crash", "crash", "", crash, lambda: not demo._serving())
         assert inc.recovered_s is not None
         first, second = incidents(config)
         assert first["alert"] == "TabbyAPINoModel" and second["alert"] == "TabbyAPIDown"
