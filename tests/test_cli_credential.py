@@ -121,6 +121,7 @@ def test_without_a_key_to_read_the_commands_say_how_to_pass_it_never_critical(
     assert "CRITICAL" not in out and "FAIL" not in out, out
     assert "SKIP model loaded:" in out and "SKIP 1-token completion:" in out, out
     said = " ".join(out.split())  # the screen wraps at 100 columns
+    assert "..." not in said, out  # how to pass the key is said whole
     assert "LoadCredential=admin_key" in said, out
     # what to do: the path is named (root reads it; gone here), or no store holds the name
     assert "run this command as root (sudo)" in said or "in no credential store" in said, out

@@ -500,9 +500,9 @@ class TabbyClient:
                 # This command's own lack, not TabbyAPI's verdict on the daemon's key.
                 how = self._keys.location.hint or "run this command as root, as the daemon runs"
                 why = f"{view.problem}: {how}" if view.problem else how
-                return result(
-                    reply, Outcome.LOCAL_ERROR, self._scrub(f"{detail}; not checked: {why}")
-                )
+                # the server's words are cut, never how to pass the key (ours, said whole)
+                said = f"{self._scrub(detail)}; not checked: {printable(why)}"
+                return result(reply, Outcome.LOCAL_ERROR, said)
             if view.problem:
                 detail += f" ({view.problem})"
             elif not key:
