@@ -148,12 +148,12 @@ def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
     if s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
         yield completions_stalled(s, cfg)
     elif s.canary_verdict is CanaryVerdict.UNVERIFIED:
+        after = s.canary_wait or "TabbyAPI's last restart or model load"
         yield Finding(
-            Rule.GENERATION_HANG,
+            Rule.CANARY_PENDING,
             Severity.NOTICE,
-            "no 1-token completion has passed since TabbyAPI's last restart or model load: "
-            "not called healthy until one does",
-            subject="unverified",
+            f"waiting for a 1-token completion to pass after {after}: not called healthy "
+            "until one does",
         )
 
 
@@ -328,7 +328,10 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
     unit = obs.unit
     if not unit.available:
         yield Finding(
-            Rule.DOWN, Severity.WARNING, f"systemd unavailable: {unit.detail}", subject="systemd"
+            Rule.SYSTEMD_UNAVAILABLE,
+            Severity.WARNING,
+            f"systemd unavailable: {unit.detail}; TabbyAPI's unit can be neither read nor "
+            "restarted",
         )
     elif not unit.exists:
         yield Finding(Rule.DOWN, Severity.CRIT, f"unit {unit.name} does not exist", subject="unit")
@@ -493,6 +496,27 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
         f"{trigger}: not restarting, a restart would fail ({', '.join(libraries)} not found) "
         "and TabbyAPI's process still runs; rebuild the venv, then restart it by hand",
         subject="deferred",
+    )
+
+
+def library_check_awaited(detail: str, misses: int) -> Finding:
+    tried = f" ({misses} cycle(s) without it)" if misses else ""
+    return Finding(
+        Rule.LIBRARY_CHECK,
+        Severity.WARNING,
+        f"no (re)start before this outage's library check (ldd on TabbyAPI's ExLlamaV2 "
+        f"extension): not run yet{tried}: {detail[:160]}",
+        subject="awaited",
+    )
+
+
+def library_check_skipped(detail: str, misses: int) -> Finding:
+    return Finding(
+        Rule.LIBRARY_CHECK,
+        Severity.WARNING,
+        f"(re)starting without this outage's library check: it could not run in {misses} "
+        f"cycle(s) ({detail[:160]})",
+        subject="skipped",
     )
 
 

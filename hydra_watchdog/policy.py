@@ -80,6 +80,9 @@ from hydra_watchdog.vram import GIB, snapshot_for, vram_free, vram_needed
 
 POWER_RETRY_AFTER = 3600.0  # a refused power limit is retried hourly, not every cycle
 POWER_TOLERANCE_W = 1.0  # drivers round limits; smaller differences are not drift
+# Cycles that asked for the library check and got none (the host check hangs) before a start
+# goes ahead without it: a check that cannot run never blocks recovery for ever.
+LIBRARY_CHECK_TRIES = 3
 
 Plan = tuple[PolicyState, list[Action], list[Finding]]
 
@@ -109,7 +112,7 @@ def decide(
     """One step of the runbook. Pure: same inputs, same outputs; `config.watchdog.dry_run` is
     deliberately never read here, so a dry run decides exactly as a real one."""
     s = _absorb_results(state, obs, now, config)
-    s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the invocation
+    s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the process
     s, counted = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
     r = config.restart_loop
@@ -120,29 +123,31 @@ def decide(
     if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
         until_in = None if obs.pause.until is None else obs.pause.until - now
         paused = say.paused(obs.pause.reason, until_in)
-        s = changed(_enter(s, Phase.PAUSED, now), findings=(paused, *findings), wants=frozenset())
+        s = changed(
+            _enter(s, Phase.PAUSED, now),
+            findings=(paused, *findings),
+            wants=frozenset(),
+            cause=paused.message,
+        )
         return s, ()
 
     cleanup: tuple[Action, ...] = ()
     if config.orphans.enabled:
         killable = [p for p in orphans_in_the_way(obs) if p.pid not in s.unkillable]
         cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM"))
-    sit = Situation(s, obs, now, config, tuple(findings), cleanup)
+    # The remedy may name what decided it (_because); otherwise _cause finds it.
+    sit = Situation(changed(s, cause=""), obs, now, config, tuple(findings), cleanup)
     rule = next(r for r in PLAN if r.when(sit))
     notes: list[Finding] = []
     if rule.settles:
         sit, notes = _settle(sit)
     s, actions, more = rule.then(sit)
+    cause = s.cause or _cause(rule, findings, notes + more, actions, cleanup)
     held = _load_held(rule, sit)
     actions += _power_limits(s, obs, now, config)
     actions += _fallback_route(s, config)
     said = findings + notes + more
-    s = changed(
-        s,
-        findings=tuple(said),
-        wants=_wants(s, obs, now, config) | held,
-        cause=_cause(rule, said, actions),
-    )
+    s = changed(s, findings=tuple(said), wants=_wants(s, obs, now, config) | held, cause=cause)
     return s, tuple(actions)
 
 
@@ -157,13 +162,33 @@ def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:
     return frozenset({Probe.MODEL}) if any(isinstance(a, LoadModel) for a in would) else frozenset()
 
 
-def _cause(rule: PlanRule, said: list[Finding], actions: list[Action]) -> str:
-    """What a change of phase this cycle is told with: the finding of the deciding rule, else
-    the evidence of its first action (never an unrelated finding that happens to be first)."""
-    mine = [f for f in said if f.rule in rule.rules]
+def _cause(
+    rule: PlanRule,
+    said: list[Finding],
+    more: list[Finding],
+    actions: list[Action],
+    cleanup: tuple[Action, ...],
+) -> str:
+    """What a change of phase this cycle is told with: the deciding rule's own note of this
+    cycle, else its standing finding, else the evidence of its first action (the orphan
+    cleanup that goes ahead of every rule only when it did nothing else); never an unrelated
+    finding that happens to be first."""
+    mine = [f for f in (*more, *said) if f.rule in rule.rules]
     if mine:
         return mine[0].message
-    return actions[0].reason.evidence if actions else ""
+    own = [a for a in actions if a not in cleanup] or actions
+    return own[0].reason.evidence if own else ""
+
+
+def _because(s: PolicyState, sit: Situation, rule: Rule, subject: str | None = None) -> PolicyState:
+    """The standing finding of `rule` (and `subject`) decided this cycle: a change of phase
+    cites it."""
+    found = (f for f in sit.findings if f.rule is rule and subject in (None, f.subject))
+    return _cite(s, next(found, None))
+
+
+def _cite(s: PolicyState, finding: Finding | None) -> PolicyState:
+    return s if finding is None else changed(s, cause=finding.message)
 
 
 # --- 1. absorb ---------------------------------------------------------------------------------
@@ -173,13 +198,13 @@ _NOT_RUN = (ResultStatus.FAILED, ResultStatus.REFUSED, ResultStatus.SKIPPED)
 
 
 def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -> PolicyState:
-    final_load: ActionResult | None = None
+    final_load: tuple[ActionResult, LoadModel] | None = None
     for res in obs.results:
         action = res.action
         if isinstance(action, LoadModel) and res.status is not ResultStatus.IN_PROGRESS:
-            final_load = res
+            final_load = res, action
         elif isinstance(action, UnitCommand) and action.verb in (UnitVerb.START, UnitVerb.RESTART):
-            s = _absorb_start(s, res, now, cfg)
+            s = _absorb_start(s, res, action, now, cfg)
         elif isinstance(action, KillOrphan) and res.error_kind == ErrorKind.UNKILLABLE:
             s = changed(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.OK:
@@ -209,35 +234,38 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
 
     if final_load is not None:
         s = changed(s, load_in_flight="", load_started=None)
-        action = final_load.action
-        if final_load.succeeded:
+        ended, load = final_load
+        if ended.succeeded:
             # A model just loaded has served nothing yet: a canary runs before "healthy".
-            s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
-        elif final_load.error_kind == ErrorKind.UNAUTHORIZED:
+            s = _unverified(s, f"the load of {load.model}")
+        elif ended.error_kind == ErrorKind.UNAUTHORIZED:
             # Not the model's fault and no back-off can fix it: admin_key_rejected says so, and
             # no load goes out with this key again (situation.key_refused).
             s = changed(
                 s,
-                last_load_error=final_load.detail,
+                last_load_error=ended.detail,
                 next_load_at=None,
                 key_refused=obs.admin_key.stamp if obs.admin_key is not None else "",
-                key_refused_detail=final_load.detail,
+                key_refused_detail=ended.detail,
             )
-        elif final_load.error_kind == ErrorKind.LOAD_PERMANENT and isinstance(action, LoadModel):
+        elif ended.error_kind == ErrorKind.LOAD_PERMANENT:
             # No back-off either: waiting cannot change it, and the fallback may go at once.
             s = changed(
                 s,
                 next_load_at=None,
                 permanent=(
-                    *(p for p in s.permanent if p.model != action.model),
+                    *(p for p in s.permanent if p.model != load.model),
                     PermanentFailure(
-                        action.model, final_load.detail, _load_mark(obs, cfg, action.model)
+                        load.model,
+                        ended.detail,
+                        repr(cfg.model),
+                        _folder_mtime(obs, cfg, load.model),
                     ),
                 ),
-                last_load_error=final_load.detail,
+                last_load_error=ended.detail,
             )
         else:
-            s = _load_failed(s, now, cfg, final_load.detail)
+            s = _load_failed(s, now, cfg, ended.detail)
     elif s.load_in_flight and obs.load is None:
         # The actuator reports progress for as long as a load runs; silence means it is gone
         # (the daemon was restarted mid-load). Count it, so a vanishing load cannot loop.
@@ -247,7 +275,9 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
     return s
 
 
-def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) -> PolicyState:
+def _absorb_start(
+    s: PolicyState, res: ActionResult, action: UnitCommand, now: float, cfg: Config
+) -> PolicyState:
     """Only a (re)start that ran counts: one that was skipped, refused or failed gives back its
     place in the budget, and a back-off attempt that never ran is tried again at the same step."""
     if res.status in _NOT_RUN:
@@ -259,22 +289,32 @@ def _absorb_start(s: PolicyState, res: ActionResult, now: float, cfg: Config) ->
         if s.backoff_step > 0 and s.backoff_until is None:
             s = changed(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
         return s
-    if res.status is ResultStatus.OK and s.canary_verdict in (
-        CanaryVerdict.STALLED,
-        CanaryVerdict.FAILED,
-    ):
-        # A new process: the old verdict no longer describes it, but only a canary that passes
-        # may say it recovered.
-        s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
+    if res.status is ResultStatus.OK:
+        # A new process: whatever was said of the old one, only a canary that passes may say
+        # it serves (README: a passing canary after any restart).
+        s = _unverified(s, f"the watchdog's {action.verb.value} of {action.unit}")
     return s
 
 
-def _load_mark(obs: Observation, cfg: Config, model: str) -> str:
-    """What a permanent load failure depends on besides TabbyAPI's process (whose replacement
-    clears them all: _count_restarts): the model config and the folder."""
+def _unverified(s: PolicyState, after: str) -> PolicyState:
+    """A restart or a load: TabbyAPI is called healthy again only once a canary passes. A
+    wait already under way keeps what it follows."""
+    if s.canary_verdict is CanaryVerdict.UNVERIFIED:
+        return s
+    return changed(s, canary_verdict=CanaryVerdict.UNVERIFIED, canary_wait=after)
+
+
+def _folder_mtime(obs: Observation, cfg: Config, model: str) -> float | None:
     folder = obs.host.fallback if model == cfg.model.fallback else obs.host.model
-    mtime = folder.mtime if folder is not None else None
-    return f"{cfg.model!r}|{mtime}"
+    return folder.mtime if folder is not None else None
+
+
+def _still_permanent(p: PermanentFailure, obs: Observation, cfg: Config) -> bool:
+    """Nothing it depended on besides TabbyAPI's process (whose replacement ends them all) is
+    seen to change: the model config, the folder (its mtime, when it can be read now). What
+    cannot be read this cycle (the host check timed out, the mount lost) has not changed."""
+    mtime = _folder_mtime(obs, cfg, p.model)
+    return p.config == repr(cfg.model) and (mtime is None or mtime == p.folder)
 
 
 def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> PolicyState:
@@ -325,16 +365,15 @@ def _count_restarts(
         invocation_id=invocation,
         tabby_process=process,
     )
-    if fresh and s.load_failures:
-        # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try.
-        s = changed(s, load_failures=0, next_load_at=None, last_load_error="")
-    if fresh and s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
-        s = changed(s, canary_verdict=CanaryVerdict.UNVERIFIED)
     if fresh:
-        # What a process refused (a permanent load error, a key) the next one may take.
+        # A new TabbyAPI process starts with empty VRAM: the main model deserves a fresh try,
+        # and it serves nothing until a canary passes, whoever restarted it. What the old one
+        # refused (a permanent load error, a key) the new one may take.
+        s = changed(s, load_failures=0, next_load_at=None, last_load_error="")
         s = changed(s, permanent=(), key_refused=None)
+        s = _unverified(s, "TabbyAPI's restart (a new process)")
     # Config or folder changed: such a failure may not hold any more.
-    holding = tuple(p for p in s.permanent if _load_mark(obs, cfg, p.model) == p.mark)
+    holding = tuple(p for p in s.permanent if _still_permanent(p, obs, cfg))
     if holding != s.permanent:
         s = changed(s, permanent=holding)
     return s, notes
@@ -353,9 +392,15 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             verdict = None  # the model went away meanwhile: no word on generation
         if verdict is not None:  # withheld, refused, our own failure: no word on generation
             s = changed(s, canary_verdict=verdict, canary_detail=obs.canary.result.detail)
+        if verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED) and s.trouble_since is None:
+            s = changed(s, trouble_since=now)  # an outage too, though /health says 200
     if obs.host.libraries_checked:
         missing = obs.host.missing_libraries or ()  # unknown never blocks a restart
-        s = changed(s, missing_libraries=tuple(missing), libraries_checked_at=now)
+        s = changed(s, missing_libraries=tuple(missing), libraries_checked_at=now, library_misses=0)
+    elif s.trouble_since is None:
+        s = changed(s, library_misses=0)
+    elif Probe.LIBRARIES in s.wants:
+        s = changed(s, library_misses=s.library_misses + 1)  # asked for, and it did not run
     if obs.model is not None and obs.model.loaded:
         s = changed(s, next_load_at=None, last_load_error="")
         if obs.model.loaded == cfg.model.name:
@@ -498,7 +543,10 @@ def _restart_or_loop(
             [say.cannot_act(rule, evidence, sit.unit.detail)],
         )
     if sit.blocking:
-        return _enter(s, Phase.BLOCKED, sit.now), before, []
+        return _enter(_cite(s, sit.blocking[0]), Phase.BLOCKED, sit.now), before, []
+    wait = _library_wait(sit)
+    if wait is not None:
+        return _enter(s, Phase.DOWN, sit.now), before, [wait]
     r = sit.cfg.restart_loop
     ran = s.restarts_in_window(sit.now, r.window, RestartOrigin.WATCHDOG)
     if sit.in_restart_loop or (not sit.budget_left and ran >= r.max_restarts):
@@ -509,7 +557,7 @@ def _restart_or_loop(
         note = say.starts_not_running(evidence, len(sit.s.start_attempts) - ran)
         return _enter(s, Phase.BLOCKED, sit.now), before, [note]
     s, start = _start_actions(sit, s, rule, evidence, stopped=stopped)
-    return s, before + start, []
+    return s, before + start, _unchecked_start(sit)
 
 
 def _start_actions(
@@ -609,10 +657,13 @@ def _backoff(sit: Situation) -> Plan:
         if not sit.unit.available:
             notes.append(say.backoff_deferred(f": systemd cannot be asked ({sit.unit.detail})"))
             return _enter(s, waiting, now), cleanup, notes
+        wait = _library_wait(sit)
+        if wait is not None:
+            return _enter(s, waiting, now), cleanup, [*notes, wait]
         s = changed(s, backoff_until=None)
         evidence = f"back-off step {s.backoff_step} elapsed: one start attempt"
         s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
-        return s, cleanup + start, notes
+        return s, cleanup + start, notes + _unchecked_start(sit)
 
     # An attempt was made: starting inside the grace is fine, anything else failed the step
     # (completions still failing on the new process too). Without systemd to ask, whether it
@@ -651,9 +702,9 @@ def _no_model(sit: Situation) -> Plan:
     if s.load_in_flight:
         return _enter(s, Phase.LOADING, now), cleanup, []
     if host.models_dir_ok is False:
-        return _enter(s, Phase.BLOCKED, now), cleanup, []  # the finding names the mount
+        return _enter(_because(s, sit, Rule.MODELS_MOUNT), Phase.BLOCKED, now), cleanup, []
     if s.next_load_at is not None and now < s.next_load_at:
-        return _enter(s, Phase.NO_MODEL, now), cleanup, []
+        return _enter(_because(s, sit, Rule.LOAD_FAILED), Phase.NO_MODEL, now), cleanup, []
 
     free = vram_free(obs.gpus, cfg.gpu.device)
     main_failed = s.permanent_failure(m.name)
@@ -670,15 +721,21 @@ def _no_model(sit: Situation) -> Plan:
         [(m.fallback, True)] if fallback_usable else []
     )
     notes: list[Finding] = []
-    if not candidates:
-        return _enter(s, Phase.BLOCKED if not main_usable else Phase.NO_MODEL, now), cleanup, []
+    if not candidates:  # neither the main model (unusable) nor a fallback can be loaded
+        s = (
+            _because(s, sit, Rule.LOAD_FAILED, f"permanent {m.name}")
+            if main_failed is not None
+            else _because(s, sit, Rule.MODELS_MOUNT)
+        )
+        return _enter(s, Phase.BLOCKED, now), cleanup, []
     vram_refused = False
     for name, is_fallback in candidates:
         need = vram_needed(cfg, host.fallback if is_fallback else host.model, fallback=is_fallback)
         if need is not None and free is not None and free < need:
             leaked = [p for p in sit.orphans_in_the_way if p.gpu_bytes > 0]
-            if leaked and cfg.orphans.enabled:
-                return _enter(s, Phase.NO_MODEL, now), cleanup, notes  # cleanup first; re-check
+            if leaked and cfg.orphans.enabled:  # cleanup first; re-check
+                s = changed(s, cause=cleanup[0].reason.evidence) if cleanup else s
+                return _enter(s, Phase.NO_MODEL, now), cleanup, notes
             others = [p for p in obs.processes if p.gpu_bytes > 0 and p.role is ProcessRole.FOREIGN]
             notes.append(say.vram_refused(name, need, free, others, fallback=is_fallback))
             vram_refused = vram_refused or not is_fallback
@@ -719,6 +776,7 @@ def _no_model(sit: Situation) -> Plan:
             else "",
         )
         load = LoadModel(name, need, Reason(rule, why + vram))
+        s = changed(s, cause=load.reason.evidence)
         return _enter(s, Phase.LOADING, now), [*cleanup, load], notes
     return _enter(s, Phase.BLOCKED, now), cleanup, notes
 
@@ -778,8 +836,15 @@ def _down_evidence(sit: Situation) -> str:
     return f"unreachable for {sit.s.failures} probes ({sit.s.last_failure}); unit {state}"
 
 
+def _check_libraries_first(sit: Situation) -> Plan:
+    """Nothing is stopped, killed or started before this outage's library check: a restart
+    that cannot succeed would only stop what runs and loop."""
+    wait = _library_wait(sit)
+    return _enter(sit.s, Phase.DOWN, sit.now), list(sit.cleanup), [wait] if wait else []
+
+
 def _blocked(sit: Situation) -> Plan:
-    s = _enter(sit.s, Phase.DOWN, sit.now)
+    s = _enter(_cite(sit.s, sit.blocking[0]), Phase.DOWN, sit.now)
     return _enter(s, Phase.BLOCKED, sit.now), list(sit.cleanup), []
 
 
@@ -868,6 +933,28 @@ def _libraries_checked(sit: Situation) -> bool:
     missing library would only turn the restart into a loop)."""
     checked, since = sit.s.libraries_checked_at, sit.s.trouble_since
     return checked is not None and (since is None or checked >= since)
+
+
+def _library_wait(sit: Situation) -> Finding | None:
+    """No (re)start, on any path, before this outage's library check; but a check that cannot
+    run (the host check hangs) is waited for LIBRARY_CHECK_TRIES cycles, not for ever."""
+    if not sit.cfg.tabbyapi.venv or _libraries_checked(sit):
+        return None
+    if sit.s.library_misses >= LIBRARY_CHECK_TRIES:
+        return None
+    return say.library_check_awaited(_library_detail(sit), sit.s.library_misses)
+
+
+def _library_detail(sit: Situation) -> str:
+    host = sit.obs.host
+    return host.libraries_detail or host.models_dir_detail or "asked for the next cycle"
+
+
+def _unchecked_start(sit: Situation) -> list[Finding]:
+    """A (re)start that goes ahead without this outage's library check says so."""
+    if not sit.cfg.tabbyapi.venv or _libraries_checked(sit):
+        return []
+    return [say.library_check_skipped(_library_detail(sit), sit.s.library_misses)]
 
 
 def _blocker(s: PolicyState, cfg: Config, failed: object, usable: bool, vram_refused: bool) -> str:
@@ -966,7 +1053,8 @@ PLAN: tuple[PlanRule, ...] = (
         _stay(Phase.BLOCKED),
     ),
     # The running TabbyAPI is the last one that works until the venv is rebuilt: no restart for
-    # anything short of its process being gone. A model load is no restart: those go on.
+    # anything short of its process being gone. A model load is no restart: those go on, and
+    # the rules below that could restart (an orphan, the back-off, a hang) stand aside too.
     PlanRule(
         "restart_will_fail",
         "Library path issues after a NixOS rebuild",
@@ -981,14 +1069,21 @@ PLAN: tuple[PlanRule, ...] = (
         "orphan_on_port",
         ORPHANS,
         (Rule.PORT_CONFLICT, Rule.ORPHAN_CLEANUP),
-        lambda x: bool(x.orphans_on_port) and bool(x.cleanup) and x.s.backoff_step == 0,
+        lambda x: (
+            bool(x.orphans_on_port)
+            and bool(x.cleanup)
+            and x.s.backoff_step == 0
+            and not x.will_fail
+        ),
         _orphan_on_port,
     ),
     PlanRule(
         "backoff",
         LOOP,
         (Rule.RESTART_LOOP, Rule.BACKOFF_ATTEMPT, Rule.ESCALATION),
-        lambda x: x.s.backoff_step > 0 and (not x.healthy or _completions_fail(x)),
+        lambda x: (
+            x.s.backoff_step > 0 and (not x.healthy or _completions_fail(x)) and not x.will_fail
+        ),
         _backoff,
     ),
     # TabbyAPI answers /health.
@@ -996,7 +1091,7 @@ PLAN: tuple[PlanRule, ...] = (
         "generation_hang",
         SLOW,
         (Rule.GENERATION_HANG,),
-        lambda x: x.healthy and _completions_fail(x),
+        lambda x: x.healthy and _completions_fail(x) and not x.will_fail,
         _generation_hang,
         settles=True,
     ),
@@ -1027,7 +1122,7 @@ PLAN: tuple[PlanRule, ...] = (
     PlanRule(
         "unverified",
         SLOW,
-        (Rule.GENERATION_HANG,),
+        (Rule.CANARY_PENDING,),
         lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
         _stay(Phase.RECOVERING),
         settles=True,
@@ -1097,9 +1192,9 @@ PLAN: tuple[PlanRule, ...] = (
     PlanRule(
         "check_libraries_first",
         "Library path issues after a NixOS rebuild",
-        (Rule.MISSING_LIBRARIES,),
-        lambda x: bool(x.cfg.tabbyapi.venv) and not _libraries_checked(x),
-        _stay(Phase.DOWN),
+        (Rule.LIBRARY_CHECK,),
+        lambda x: _library_wait(x) is not None,
+        _check_libraries_first,
     ),
     PlanRule(
         "restart_loop",

@@ -41,9 +41,14 @@ class CanaryVerdict(StrEnum):
 
 @dataclass(frozen=True)
 class PermanentFailure:
+    """A load that retrying cannot fix, and what it depended on when it failed: it holds until
+    one of them is seen to change (what cannot be read this cycle has not changed). A new
+    TabbyAPI process ends them all (policy._count_restarts)."""
+
     model: str
     detail: str  # TabbyAPI's words
-    mark: str  # what it depends on: the model config, the folder's mtime, TabbyAPI's process
+    config: str = ""  # the model config
+    folder: float | None = None  # the model folder's mtime (None: not read then)
 
 
 @dataclass(frozen=True)
@@ -95,8 +100,9 @@ class PolicyState:
     last_canary_at: float | None = None
     canary_verdict: CanaryVerdict = CanaryVerdict.NONE
     canary_detail: str = ""
+    canary_wait: str = ""  # what an UNVERIFIED verdict follows: "the load of M", "a restart"...
     observed_at: float | None = None  # the previous observation's time
-    trouble_since: float | None = None  # the first unhealthy observation of this episode
+    trouble_since: float | None = None  # the first unhealthy observation (or failing canary)
     cause: str = ""  # what the last decision rests on (a finding, or its action's evidence)
     # restarts and the loop
     restarts: tuple[RestartRecord, ...] = ()  # those that ran, inside restart_loop.window
@@ -133,6 +139,7 @@ class PolicyState:
     # ExLlamaV2 libraries the last check found missing: remembered until a fresh check says fixed
     missing_libraries: tuple[str, ...] = ()
     libraries_checked_at: float | None = None
+    library_misses: int = 0  # cycles of this outage that asked for the check and got none
     unkillable: tuple[int, ...] = ()  # orphans that survived SIGKILL (start ticks ignored: pid)
     # power limits that failed (no permission, invalid...): reported once, retried only after
     # POWER_RETRY_AFTER, never every cycle

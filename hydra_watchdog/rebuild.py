@@ -16,7 +16,7 @@ from dataclasses import replace
 
 from hydra_watchdog.durations import format_duration
 from hydra_watchdog.observation import Observation, Outcome
-from hydra_watchdog.policy_state import PolicyState, SystemSwitch
+from hydra_watchdog.policy_state import CanaryVerdict, PolicyState, SystemSwitch
 from hydra_watchdog.situation import process_replaced, tabby_runs
 
 
@@ -24,7 +24,9 @@ def track(s: PolicyState, obs: Observation, now: float) -> PolicyState:
     s = _track_system(s, obs, now)
     s = _track_libraries(s, obs)
     if obs.health.healthy:
-        return replace(s, trouble_since=None) if s.trouble_since is not None else s
+        # Completions that fail are trouble too, though /health says 200 (policy._track_health).
+        failing = s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED)
+        return replace(s, trouble_since=None) if s.trouble_since is not None and not failing else s
     if obs.health.result.outcome is not Outcome.LOCAL_ERROR and s.trouble_since is None:
         return replace(s, trouble_since=now)
     return s

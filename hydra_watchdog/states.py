@@ -59,6 +59,8 @@ class Rule(StrEnum):
     STARTING = "tabbyapi_starting"  # refused inside startup_grace while the unit is active
     STICKY_UNHEALTHY = "sticky_unhealthy"  # /health 503 never clears: restart
     GENERATION_HANG = "generation_hang"  # /health 200, completions stall or fail (the canary)
+    # a restart or a load: no 1-token completion has passed since, so not yet called healthy
+    CANARY_PENDING = "canary_pending"
     NO_MODEL = "no_model"  # RUNBOOK: TabbyAPINoModel
     VRAM_CHECK = "vram_check"  # RUNBOOK: Before Loading Large Models
     LOAD_FAILED = "load_failed"
@@ -72,6 +74,8 @@ class Rule(StrEnum):
     ORPHAN_CLEANUP = "orphan_cleanup"  # RUNBOOK: Clear orphan processes
     FULL_RECOVERY = "full_recovery"  # RUNBOOK: Full Service Recovery
     MISSING_LIBRARIES = "missing_libraries"  # RUNBOOK: Library path issues after NixOS rebuild
+    # this outage's library check: awaited before any (re)start, or it could not run
+    LIBRARY_CHECK = "library_check"
     # the running TabbyAPI keeps its old libraries, but its extension now misses some: a restart
     # would fail (after a NixOS rebuild); only a real outage is acted on
     RESTART_WILL_FAIL = "restart_will_fail"
@@ -86,6 +90,7 @@ class Rule(StrEnum):
     PAUSED = "paused"  # maintenance mode
     RECOVERED = "recovered"
     WATCHDOG_IMPAIRED = "watchdog_impaired"  # its own fds/memory/threads ran out: no evidence
+    SYSTEMD_UNAVAILABLE = "systemd_unavailable"  # PID 1 cannot be asked: no unit commands
 
 
 class Severity(StrEnum):

@@ -269,10 +269,13 @@ def test_the_fallback_is_degraded_and_the_main_model_is_retried_when_it_can_be()
     run.step(obs(31.5, model=model("F"), canary=canary(Outcome.OK)))
     assert run.state.phase is Phase.DEGRADED
     assert Rule.FALLBACK_MODEL in _rules(run)
-    # A new TabbyAPI process: the failures that forced the fallback are forgotten: retry M.
+    # A new TabbyAPI process: the failures that forced the fallback are forgotten: retry M,
+    # once a canary has passed on it (a new process serves nothing until one does).
     fresh = unit()
     fresh = type(fresh)(**{**fresh.__dict__, "invocation_id": "inv-2"})
-    acts = run.step(obs(32, model=model("F"), unit=fresh))
+    assert not run.step(obs(32, model=model("F"), unit=fresh))
+    assert run.phase() is Phase.RECOVERING
+    acts = run.step(obs(33, model=model("F"), unit=fresh, canary=canary(Outcome.OK)))
     assert [a.model for a in acts if isinstance(a, LoadModel)] == ["M"]
 
 
