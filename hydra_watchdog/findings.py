@@ -350,7 +350,7 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
 
 
 def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
-    excerpt = obs.host.journal_excerpt
+    excerpt = s.journal
     if excerpt and not obs.health.healthy:
         # What explains the exit (errors, a traceback's last line) rather than the last lines:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).

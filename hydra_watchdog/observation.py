@@ -307,6 +307,9 @@ class PauseRequest:
     reason: str
     until: float | None  # monotonic; None: until `resume`
 
+    def active(self, now: float) -> bool:
+        return self.until is None or self.until > now
+
 
 @dataclass(frozen=True)
 class LoadProgress:

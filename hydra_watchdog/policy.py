@@ -50,6 +50,7 @@ from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.findings import diagnose
 from hydra_watchdog.observation import (
     ActiveState,
+    GpuSnapshot,
     Observation,
     Outcome,
     Probe,
@@ -115,14 +116,14 @@ def decide(
     s = rebuild.track(s, obs, now)  # before _count_restarts: it compares the process
     s, counted = _count_restarts(s, obs, now, config)
     s = _track_health(s, obs, now, config)
-    r = config.restart_loop
-    if s.loop_since is not None and not s.escalated and now - s.loop_since >= r.escalate_after:
+    s = _power_back_on_target(s, obs, config)
+    pause = obs.pause if obs.pause is not None and obs.pause.active(now) else None
+    if pause is None and _loop_unresolved(s, obs, now, config):
         s = changed(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
     findings = diagnose(s, obs, config) + counted
 
-    if obs.pause is not None and (obs.pause.until is None or obs.pause.until > now):
-        until_in = None if obs.pause.until is None else obs.pause.until - now
-        paused = say.paused(obs.pause.reason, until_in)
+    if pause is not None:
+        paused = say.paused(pause.reason, None if pause.until is None else pause.until - now)
         s = changed(
             _enter(s, Phase.PAUSED, now),
             findings=(paused, *findings),
@@ -144,8 +145,9 @@ def decide(
     s, actions, more = rule.then(sit)
     cause = s.cause or _cause(rule, findings, notes + more, actions, cleanup)
     held = _load_held(rule, sit)
-    actions += _power_limits(s, obs, now, config)
-    actions += _fallback_route(s, config)
+    if rule.sees:  # an impaired watchdog acts on nothing, preventive steps included
+        actions += _power_limits(s, obs, now, config)
+        actions += _fallback_route(s, config)
     said = findings + notes + more
     s = changed(s, findings=tuple(said), wants=_wants(s, obs, now, config) | held, cause=cause)
     return s, tuple(actions)
@@ -160,6 +162,20 @@ def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:
     fresh = replace(sit, obs=replace(sit.obs, model=replace(model, fresh=True)))
     _, would, _ = _no_model(fresh)
     return frozenset({Probe.MODEL}) if any(isinstance(a, LoadModel) for a in would) else frozenset()
+
+
+def _loop_unresolved(s: PolicyState, obs: Observation, now: float, cfg: Config) -> bool:
+    """A restart loop escalates once it has gone on for escalate_after and TabbyAPI still
+    fails: not on the cycle after it recovered (the back-off stands until reset_after), not
+    while the watchdog sees nothing."""
+    if s.loop_since is None or s.escalated or now - s.loop_since < cfg.restart_loop.escalate_after:
+        return False
+    if obs.health.result.outcome is Outcome.LOCAL_ERROR:
+        return False
+    return not obs.health.healthy or s.canary_verdict in (
+        CanaryVerdict.STALLED,
+        CanaryVerdict.FAILED,
+    )
 
 
 def _cause(
@@ -337,16 +353,25 @@ def _count_restarts(
         if seen is not None:
             # A manual restart or reset-failed zeroes NRestarts: then all n are new.
             delta = n if n < seen else n - seen
-            at = now
-            # Since the last observation that read NRestarts (the watchdog away, a late cycle,
-            # the unit gone from systemd for a while): they happened at some time in that gap.
-            # Dated to its start, so a slow series cannot pass for a burst.
+            # They happened since the last observation that read NRestarts, when exactly is
+            # not known: dated to that observation, never later than they were (a restart
+            # dated late would stay in the window longer than it is, and "N restarts within"
+            # would say more than happened). The last one is dated by the unit's own
+            # ActiveEnterTimestamp when that falls in the gap.
             last = s.nrestarts_at
-            gap = None if last is None else now - last
-            if delta and last is not None and gap is not None and gap > 2 * cfg.watchdog.interval:
-                at = last
-                notes.append(say.restarts_seen_late(delta, gap))
-            records += [RestartRecord(at, RestartOrigin.SYSTEMD)] * delta
+            earlier = last if last is not None else now
+            latest = earlier
+            entered = obs.unit.active_enter_mono
+            if entered is not None and earlier < entered <= now:
+                latest = entered
+            if delta and last is not None and now - last > 2 * cfg.watchdog.interval:
+                # The watchdog away, a late cycle, the unit gone from systemd for a while:
+                # dated to the gap's start, so a slow series cannot pass for a burst.
+                latest = last
+                notes.append(say.restarts_seen_late(delta, now - last))
+            if delta:
+                records += [RestartRecord(earlier, RestartOrigin.SYSTEMD)] * (delta - 1)
+                records.append(RestartRecord(latest, RestartOrigin.SYSTEMD))
         seen = n
         s = changed(s, nrestarts_at=now)
     window = cfg.restart_loop.window
@@ -402,15 +427,19 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
     elif Probe.LIBRARIES in s.wants:
         s = changed(s, library_misses=s.library_misses + 1)  # asked for, and it did not run
     if obs.model is not None and obs.model.loaded:
-        s = changed(s, next_load_at=None, last_load_error="")
+        s = changed(s, last_load_error="")
         if obs.model.loaded == cfg.model.name:
-            s = changed(s, load_failures=0, using_fallback=False)
+            s = changed(s, load_failures=0, using_fallback=False, next_load_at=None)
+        # (on the fallback, the main model's back-off stands: its retries keep to it)
+    if obs.host.journal_excerpt is not None:
+        s = changed(s, journal=obs.host.journal_excerpt)  # stands until the next read
     if health.result.outcome is Outcome.LOCAL_ERROR:
         return s  # the watchdog could not probe: no evidence either way, streaks stay as they are
     if health.healthy:
         slow = health.result.latency_s > t.slow_threshold
         return changed(
             s,
+            journal=(),
             failures=0,
             last_failure="",
             slow_streak=s.slow_streak + 1 if slow else 0,
@@ -457,7 +486,9 @@ class PlanRule:
     """One runbook rule: when `when` holds (and no earlier rule did), `then` decides.
 
     `settles`: the rule acts on a TabbyAPI that answers; before it decides, a back-off that has
-    seen `reset_after` of health is reset and the recovery grace is closed (`_settle`)."""
+    seen `reset_after` of health is reset and the recovery grace is closed (`_settle`).
+    `sees`: False for the one rule under which the watchdog is blind (impaired): then not even
+    the preventive steps (power limits, the fallback route) are taken."""
 
     name: str
     runbook: str  # the README table's runbook section it encodes ("": the watchdog's caution)
@@ -465,6 +496,7 @@ class PlanRule:
     when: Callable[[Situation], bool]
     then: Callable[[Situation], Plan]
     settles: bool = False
+    sees: bool = True
 
 
 def _enter(s: PolicyState, phase: Phase, now: float) -> PolicyState:
@@ -972,9 +1004,13 @@ def _blocker(s: PolicyState, cfg: Config, failed: object, usable: bool, vram_ref
 
 def _main_retry_due(sit: Situation) -> bool:
     s, cfg, host = sit.s, sit.cfg, sit.obs.host
-    main_usable = host.model is None or host.model.usable
+    # The fallback serves: the main model is tried only on a folder seen usable on a mount
+    # seen in place (never on a guess), and not before its load back-off is over.
+    main_usable = host.models_dir_ok is True and host.model is not None and host.model.usable
     failed = s.permanent_failure(cfg.model.name) is not None
     if not main_usable or failed or s.load_in_flight or s.escalated or key_refused(s, sit.obs):
+        return False
+    if s.next_load_at is not None and sit.now < s.next_load_at:
         return False
     # The main model must fit once the fallback gives its VRAM back (a load replaces it):
     # retrying a load that cannot fit would only thrash between the two.
@@ -1036,6 +1072,7 @@ PLAN: tuple[PlanRule, ...] = (
         (Rule.WATCHDOG_IMPAIRED,),
         lambda x: x.obs.health.result.outcome is Outcome.LOCAL_ERROR,
         _stay(Phase.UNKNOWN, cleanup=False),
+        sees=False,
     ),
     # Nothing to restart, or nothing that may be restarted around.
     PlanRule(
@@ -1224,10 +1261,10 @@ PLAN: tuple[PlanRule, ...] = (
 # --- 5. always ---------------------------------------------------------------------------------
 
 
-def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[Action]:
-    """Preventive: enforce configured power limits at start and whenever they drift (a driver
-    reload or GPU reset loses them), clamped to the card's constraints."""
-    actions: list[Action] = []
+def _power_targets(obs: Observation, cfg: Config) -> list[tuple[GpuSnapshot, float, float, float]]:
+    """(GPU, its limit now, the configured limit, that clamped to the card's constraints) for
+    each configured limit whose GPU was read."""
+    found = []
     for dev in cfg.gpu.device:
         if dev.power_limit_watts is None:
             continue
@@ -1239,24 +1276,46 @@ def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
             target = max(target, gpu.power.min_w)
         if gpu.power.max_w is not None:
             target = min(target, gpu.power.max_w)
-        if abs(gpu.power.limit_w - target) <= POWER_TOLERANCE_W:
+        found.append((gpu, gpu.power.limit_w, dev.power_limit_watts, target))
+    return found
+
+
+def _power_back_on_target(s: PolicyState, obs: Observation, cfg: Config) -> PolicyState:
+    """A GPU whose limit is on target again, by whatever means (set by hand, restored by the
+    driver), has nothing left to retry or to say: its hold goes."""
+    if not (s.power_denied or s.power_held):
+        return s
+    on_target = {
+        gpu.index
+        for gpu, limit, _, target in _power_targets(obs, cfg)
+        if abs(limit - target) <= POWER_TOLERANCE_W
+    }
+    return changed(
+        s,
+        power_denied=tuple(d for d in s.power_denied if d.gpu_index not in on_target),
+        power_held=tuple(d for d in s.power_held if d.gpu_index not in on_target),
+    )
+
+
+def _power_limits(s: PolicyState, obs: Observation, now: float, cfg: Config) -> list[Action]:
+    """Preventive: enforce configured power limits at start and whenever they drift (a driver
+    reload or GPU reset loses them), clamped to the card's constraints."""
+    actions: list[Action] = []
+    for gpu, limit, wanted, target in _power_targets(obs, cfg):
+        if abs(limit - target) <= POWER_TOLERANCE_W:
             continue
         if any(
             d.gpu_index == gpu.index and d.until > now for d in (*s.power_denied, *s.power_held)
         ):
             continue
-        clamped = (
-            ""
-            if target == dev.power_limit_watts
-            else f" (clamped from {dev.power_limit_watts:g} W)"
-        )
+        clamped = "" if target == wanted else f" (clamped from {wanted:g} W)"
         actions.append(
             SetPowerLimit(
                 gpu.index,
                 target,
                 Reason(
                     Rule.POWER_LIMIT,
-                    f"gpu{gpu.index} limit {gpu.power.limit_w:g} W, target {target:g} W{clamped}",
+                    f"gpu{gpu.index} limit {limit:g} W, target {target:g} W{clamped}",
                 ),
             )
         )

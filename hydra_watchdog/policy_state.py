@@ -140,6 +140,7 @@ class PolicyState:
     missing_libraries: tuple[str, ...] = ()
     libraries_checked_at: float | None = None
     library_misses: int = 0  # cycles of this outage that asked for the check and got none
+    journal: tuple[str, ...] = ()  # this outage's last journal lines read (not read each cycle)
     unkillable: tuple[int, ...] = ()  # orphans that survived SIGKILL (start ticks ignored: pid)
     # power limits that failed (no permission, invalid...): reported once, retried only after
     # POWER_RETRY_AFTER, never every cycle
@@ -162,7 +163,8 @@ class PolicyState:
         return next((p for p in self.permanent if p.model == model), None)
 
     def restarts_in_window(self, now: float, window: float, by: RestartOrigin | None = None) -> int:
-        return sum(1 for r in self.restarts if now - r.at <= window and (by is None or r.by == by))
+        """Restarts less than `window` ago (as the window is trimmed)."""
+        return sum(1 for r in self.restarts if now - r.at < window and (by is None or r.by == by))
 
     def rebased(self) -> PolicyState:
         """After a reboot: monotonic stamps are meaningless. Keep the back-off step (a loop

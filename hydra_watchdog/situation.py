@@ -192,5 +192,5 @@ class Situation:
         """The (re)starts the watchdog issued within the window, whether or not they ran (a
         start that keeps failing is not hammered), stay below max_restarts."""
         r = self.cfg.restart_loop
-        issued = sum(1 for at in self.s.start_attempts if self.now - at <= r.window)
+        issued = sum(1 for at in self.s.start_attempts if self.now - at < r.window)
         return issued < r.max_restarts

@@ -6,25 +6,46 @@ A story fails on the policy before its fix: each test names the line that was wr
 from __future__ import annotations
 
 import dataclasses
+import itertools
 
-from hydra_watchdog.actions import Action, LoadModel, UnitCommand, UnitVerb
+from hydra_watchdog.actions import (
+    Action,
+    LoadModel,
+    ResultStatus,
+    SetPowerLimit,
+    UnitCommand,
+    UnitVerb,
+)
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import EventKind
 from hydra_watchdog.narrate import narrate
-from hydra_watchdog.observation import Observation, Outcome, ProcessRole, UnitStatus
+from hydra_watchdog.observation import (
+    GpuReport,
+    Health,
+    HttpResult,
+    NvmlErrorKind,
+    Observation,
+    Outcome,
+    ProcessRole,
+    UnitStatus,
+)
 from hydra_watchdog.policy import LIBRARY_CHECK_TRIES
-from hydra_watchdog.policy_state import CanaryVerdict
+from hydra_watchdog.policy_state import CanaryVerdict, PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.states import Phase, Rule
 from tests.policy_kit import (
     PORT,
     Run,
     canary,
     config,
+    gpus,
     host,
     model,
     obs,
+    paused,
     ports,
     proc,
     refused,
+    result,
     unit,
 )
 
@@ -235,3 +256,182 @@ def test_a_full_recovery_stops_nothing_before_the_library_check() -> None:
     assert run.state.phase is Phase.DOWN
     acts = run.step(obs(4, **{**down, "host": host(missing_libraries=())}))
     assert [a.verb for a in acts if isinstance(a, UnitCommand)] == [UnitVerb.STOP, UnitVerb.START]
+
+
+# --- an impaired watchdog acts on nothing; the power finding clears once on target ---------------
+
+
+def test_an_impaired_watchdog_sets_no_power_limit_and_checks_no_route() -> None:
+    """Old: `_power_limits` ran after the impaired rule (179 hits)."""
+    run = Run(cfg=config(fallback_route={"url": "http://127.0.0.1:4000"}))
+    run.step(obs(0))
+    blind = Health(HttpResult(Outcome.LOCAL_ERROR, 0.0, None, "out of descriptors (EMFILE)"), False)
+    for t in range(1, 5):
+        assert run.step(obs(t, health=blind, gpus=gpus(limit0=575.0))) == ()
+    assert run.state.phase is Phase.UNKNOWN
+    acts = run.step(obs(5, gpus=gpus(limit0=575.0)))  # seeing again: the drift is mended
+    assert [(a.gpu_index, a.watts) for a in acts if isinstance(a, SetPowerLimit)] == [(0, 450.0)]
+
+
+def test_the_power_finding_clears_once_the_limit_is_back_on_target() -> None:
+    """Old: "setting the power limit ... failed; retried hourly" stood for hours after the
+    limit was put back by hand (or restored, or the refusal was for a drift that went)."""
+    run = Run()
+    acts = run.step(obs(0, gpus=gpus(limit0=575.0)))
+    denied = result(acts[0], ResultStatus.FAILED, "NoPermission", 0.1, ErrorKind.NO_PERMISSION)
+    run.step(obs(1, gpus=gpus(limit0=575.0), results=(denied,)))
+    assert [f.rule for f in run.state.findings] == [Rule.POWER_LIMIT]
+    run.step(obs(2, gpus=gpus(limit0=450.0)))  # set by hand
+    assert run.state.findings == () and run.state.power_denied == ()
+    # Should it drift again, it is mended at once (and a refusal said again).
+    acts = run.step(obs(3, gpus=gpus(limit0=575.0)))
+    assert [a.watts for a in acts if isinstance(a, SetPowerLimit)] == [450.0]
+
+
+def test_an_unread_gpu_keeps_its_power_hold() -> None:
+    run = Run()
+    acts = run.step(obs(0, gpus=gpus(limit0=575.0)))
+    denied = result(acts[0], ResultStatus.FAILED, "NoPermission", 0.1, ErrorKind.NO_PERMISSION)
+    run.step(obs(1, gpus=gpus(limit0=575.0), results=(denied,)))
+    run.step(obs(2, gpus=GpuReport(error=NvmlErrorKind.DRIVER_NOT_LOADED, detail="gone")))
+    assert [d.gpu_index for d in run.state.power_denied] == [0]
+
+
+# --- no escalation the cycle after "recovered", nor during a pause -------------------------------
+
+
+def _long_loop() -> Run:
+    return Run(
+        state=PolicyState(
+            phase=Phase.RECOVERING, backoff_step=3, loop_since=0.0, recovery_started=190.0
+        )
+    )
+
+
+def test_no_escalation_the_cycle_after_recovered() -> None:
+    """Old: `escalated` was set from loop_since before health was looked at."""
+    run = _long_loop()
+    assert recovered(run, obs(199, canary=canary(Outcome.OK)))
+    assert not recovered(run, obs(200))
+    assert not run.state.escalated and run.state.phase is Phase.HEALTHY
+    assert not [f for f in run.state.findings if f.rule is Rule.ESCALATION]
+
+
+def test_no_escalation_during_a_pause() -> None:
+    run = _long_loop()
+    for t in range(199, 400, 10):
+        run.step(obs(t, health=refused(), unit=unit("inactive", "dead"), pause=paused()))
+        assert not run.state.escalated
+    run.step(obs(400, health=refused(), unit=unit("inactive", "dead")))  # resumed, still down
+    assert run.state.escalated
+
+
+# --- while the fallback serves ------------------------------------------------------------------
+
+
+def _on_the_fallback(run: Run, blocker: str = "vram") -> None:
+    run.state = dataclasses.replace(
+        run.state,
+        phase=Phase.DEGRADED,
+        using_fallback=True,
+        fallback_blocker=blocker,
+        main_retry_at=10_000.0,
+        canary_verdict=CanaryVerdict.OK,
+    )
+
+
+def test_the_main_model_is_not_loaded_with_the_models_mount_missing() -> None:
+    """Old: while the fallback served, the main model was loaded with the mount gone."""
+    run = Run()
+    _on_the_fallback(run)
+    gone = host(models_dir_ok=False, models_dir_detail="not a mount point")
+    for t in range(0, 5):
+        assert not run.step(obs(t, model=model("F"), host=gone))
+    hung = host(models_dir_ok=None, models_dir_detail="not checked: timed out", model=None)
+    assert not run.step(obs(5, model=model("F"), host=hung))
+    acts = run.step(obs(6, model=model("F")))  # back: the blocker (VRAM) cleared, retry
+    assert [a.model for a in acts if isinstance(a, LoadModel)] == ["M"]
+
+
+def test_a_failing_retry_of_the_main_model_keeps_to_the_load_back_off() -> None:
+    """Old: next_load_at was cleared whenever any model was loaded, so a retry that failed
+    was sent again as soon as the fallback served again (every cycle)."""
+    run = Run()
+    _on_the_fallback(run)
+    loads: list[float] = []
+    t = 0.0
+    while t < 120:
+        acts = run.step(obs(t, model=model("F")))
+        for load in (a for a in acts if isinstance(a, LoadModel)):
+            failed = load.model == "M"
+            if failed:
+                loads.append(t)
+            status = ResultStatus.FAILED if failed else ResultStatus.OK
+            run.step(obs(t + 0.5, model=model(None), results=(result(load, status, "OOM"),)))
+        t += 1
+    gaps = [b - a for a, b in itertools.pairwise(loads)]
+    assert len(loads) >= 2 and all(gap >= 5 for gap in gaps), loads
+    assert gaps == sorted(gaps)  # it backs off: the waits grow
+
+
+# --- minor: announced once; counted alike ---------------------------------------------------------
+
+
+def test_the_journal_finding_stands_between_reads() -> None:
+    """Old: the last log lines went with the cycles that did not read the journal, and came
+    back as news with the next read."""
+    run = Run()
+    down = {"health": refused(), "unit": unit("failed", "failed", result="exit-code")}
+    read = host(journal_excerpt=("CUDA out of memory",))
+    run.step(obs(0, host=read, **down))
+    first = [f for f in run.state.findings if f.subject == "journal"]
+    assert first
+    for t in range(1, 4):
+        prev = run.state
+        o = obs(t, **down)  # not read this cycle
+        acts = run.step(o)
+        assert [f for f in run.state.findings if f.subject == "journal"] == first
+        assert not [
+            e
+            for e in narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+            if e.message.startswith("last log lines")
+        ]
+    run.step(obs(4))
+    assert not [f for f in run.state.findings if f.subject == "journal"]
+
+
+def test_a_systemd_restart_is_dated_by_the_unit_not_by_the_cycle_that_saw_it() -> None:
+    """Old: a restart that happened at 0.5 s, seen at 1 s, was "within 1m" until 61 s: at
+    60.7 s, "2 restarts within 1m" with only 1 in it."""
+    run = Run()
+    run.step(obs(0, unit=unit(n=0)))
+    run.step(obs(1, unit=invocation(unit(n=1, enter=0.5), "inv-2")))
+    assert [r.at for r in run.state.restarts] == [0.5]
+    assert run.state.restarts_in_window(60.4, 60.0) == 1
+    assert run.state.restarts_in_window(60.6, 60.0) == 0
+
+
+def test_a_restart_exactly_a_window_ago_has_left_it() -> None:
+    """Counted as the window is trimmed (`< window`): `status`, between two cycles, reads a
+    state whose records were trimmed at the last cycle (the budget and the trim already
+    agreed within a cycle, where the trim runs first)."""
+    state = PolicyState(restarts=(RestartRecord(0.0, RestartOrigin.SYSTEMD),))
+    assert state.restarts_in_window(59.9, 60.0) == 1
+    assert state.restarts_in_window(60.0, 60.0) == 0
+
+
+# --- issue 23 item 11: what two surviving mutants showed untested -------------------------------
+# (check_libraries_first dropped from PLAN: test_a_full_recovery_stops_nothing_before_the_...)
+
+
+def test_a_fresh_process_drops_the_old_load_back_off() -> None:
+    """A new TabbyAPI process starts with empty VRAM: its first load goes at once, not at the
+    back-off deadline the old process earned (a mutant that kept next_load_at survived)."""
+    run = Run()
+    load = next(a for a in run.step(obs(0, model=model(None))) if isinstance(a, LoadModel))
+    failed = result(load, ResultStatus.FAILED, "CUDA out of memory", 1, ErrorKind.LOAD_ERROR)
+    run.step(obs(1, model=model(None), results=(failed,)))
+    assert run.state.next_load_at is not None and run.state.next_load_at > 2
+    assert not run.step(obs(2, model=model(None)))  # the same process: it waits
+    acts = run.step(obs(3, model=model(None), unit=invocation(unit(enter=2.5), "inv-2")))
+    assert [a.model for a in acts if isinstance(a, LoadModel)] == ["M"]
