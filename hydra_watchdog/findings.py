@@ -25,7 +25,15 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
 from hydra_watchdog.printable import one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
-from hydra_watchdog.situation import in_unit, key_refused, port_holders, tabby_runs, unit_up
+from hydra_watchdog.situation import (
+    LIBRARY_CHECK_TRIES,
+    in_unit,
+    key_refused,
+    library_check_due,
+    port_holders,
+    tabby_runs,
+    unit_up,
+)
 from hydra_watchdog.states import Rule, Severity
 from hydra_watchdog.vram import GIB
 
@@ -79,12 +87,29 @@ def missing_libraries(s: PolicyState, obs: Observation, cfg: Config) -> Iterable
     # Remembered from the last check (it runs only when troubled): known missing until a fresh
     # check says fixed. A running TabbyAPI that has them mapped already is restart_will_fail's.
     if s.missing_libraries and not (s.will_fail and tabby_runs(obs)):
+        # The last check's word stands while no check can run: said, so a rebuilt venv that
+        # the watchdog cannot see yet is not taken for one it ignores.
+        stale = f" (no check can run now: {_library_detail(obs)})" if s.library_misses else ""
         yield Finding(
             Rule.MISSING_LIBRARIES,
             Severity.CRIT,
             "TabbyAPI's ExLlamaV2 extension cannot load: "
             f"{', '.join(s.missing_libraries)} not found (a NixOS rebuild changed library "
-            f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until fixed",
+            f"paths? rebuild the venv {cfg.tabbyapi.venv}); not restarting until a check "
+            f"says fixed{stale}",
+        )
+
+
+def library_check(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    """This outage's library check could not run in LIBRARY_CHECK_TRIES cycles that asked for
+    it: (re)starts no longer wait for it (policy._library_wait), and that is said."""
+    if library_check_due(s, cfg) and s.library_misses >= LIBRARY_CHECK_TRIES:
+        yield Finding(
+            Rule.LIBRARY_CHECK,
+            Severity.WARNING,
+            f"the library check could not run in {s.library_misses} cycles "
+            f"({_library_detail(obs)}): (re)starts go ahead without it",
+            subject="skipped",
         )
 
 
@@ -147,7 +172,7 @@ def unkillable(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
 def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     if s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
         yield completions_stalled(s, cfg)
-    elif s.canary_verdict is CanaryVerdict.UNVERIFIED:
+    elif s.canary_verdict is CanaryVerdict.UNVERIFIED and obs.health.healthy:
         after = s.canary_wait or "TabbyAPI's last restart or model load"
         yield Finding(
             Rule.CANARY_PENDING,
@@ -178,14 +203,23 @@ def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
             if failed is not None
             else "escalated"
             if s.escalated
-            else f"{m.name} failed to load {s.load_failures}x"
+            else _FALLBACK_BECAUSE.get(s.fallback_blocker, "").format(m=m.name, n=s.load_failures)
         )
         yield Finding(
             Rule.FALLBACK_MODEL,
             Severity.WARNING,
-            f"serving the fallback model {m.fallback}, not {m.name} ({why}); "
-            f"{m.name} is tried again when that clears, or hourly",
+            f"serving the fallback model {m.fallback}, not {m.name}"
+            + (f" ({why}); {m.name} is tried again when that clears, or hourly" if why else "")
+            + ("" if why else f"; {m.name} is tried again hourly"),
         )
+
+
+# Why the fallback was loaded (PolicyState.fallback_blocker), in words.
+_FALLBACK_BECAUSE = {
+    "failures": "{m} failed to load {n}x",
+    "unusable": "{m}'s folder was unusable",
+    "vram": "{m} did not fit in the free VRAM",
+}
 
 
 def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
@@ -434,6 +468,7 @@ FINDERS: tuple[Finder, ...] = (
     escalation,
     models_mount,
     missing_libraries,
+    library_check,
     admin_key,
     generation,
     restart_will_fail,
@@ -499,24 +534,19 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
     )
 
 
-def library_check_awaited(detail: str, misses: int) -> Finding:
+def _library_detail(obs: Observation) -> str:
+    host = obs.host
+    return (host.libraries_detail or host.models_dir_detail or "asked for the next cycle")[:160]
+
+
+def library_check_awaited(misses: int, obs: Observation) -> Finding:
     tried = f" ({misses} cycle(s) without it)" if misses else ""
     return Finding(
         Rule.LIBRARY_CHECK,
         Severity.WARNING,
         f"no (re)start before this outage's library check (ldd on TabbyAPI's ExLlamaV2 "
-        f"extension): not run yet{tried}: {detail[:160]}",
+        f"extension): not run yet{tried}: {_library_detail(obs)}",
         subject="awaited",
-    )
-
-
-def library_check_skipped(detail: str, misses: int) -> Finding:
-    return Finding(
-        Rule.LIBRARY_CHECK,
-        Severity.WARNING,
-        f"(re)starting without this outage's library check: it could not run in {misses} "
-        f"cycle(s) ({detail[:160]})",
-        subject="skipped",
     )
 
 

@@ -68,9 +68,11 @@ from hydra_watchdog.policy_state import (
 )
 from hydra_watchdog.printable import one_line
 from hydra_watchdog.situation import (
+    LIBRARY_CHECK_TRIES,
     Situation,
     auto_restarting,
     key_refused,
+    library_check_due,
     orphans_in_the_way,
     process_replaced,
     starting,
@@ -81,9 +83,6 @@ from hydra_watchdog.vram import GIB, snapshot_for, vram_free, vram_needed
 
 POWER_RETRY_AFTER = 3600.0  # a refused power limit is retried hourly, not every cycle
 POWER_TOLERANCE_W = 1.0  # drivers round limits; smaller differences are not drift
-# Cycles that asked for the library check and got none (the host check hangs) before a start
-# goes ahead without it: a check that cannot run never blocks recovery for ever.
-LIBRARY_CHECK_TRIES = 3
 
 Plan = tuple[PolicyState, list[Action], list[Finding]]
 
@@ -312,10 +311,10 @@ def _absorb_start(
     return s
 
 
-def _unverified(s: PolicyState, after: str) -> PolicyState:
-    """A restart or a load: TabbyAPI is called healthy again only once a canary passes. A
-    wait already under way keeps what it follows."""
-    if s.canary_verdict is CanaryVerdict.UNVERIFIED:
+def _unverified(s: PolicyState, after: str, *, keep: bool = False) -> PolicyState:
+    """A restart or a load: TabbyAPI is called healthy again only once a canary passes.
+    `keep`: what this follows does not replace what a wait already under way follows."""
+    if keep and s.canary_verdict is CanaryVerdict.UNVERIFIED:
         return s
     return changed(s, canary_verdict=CanaryVerdict.UNVERIFIED, canary_wait=after)
 
@@ -396,7 +395,14 @@ def _count_restarts(
         # refused (a permanent load error, a key) the new one may take.
         s = changed(s, load_failures=0, next_load_at=None, last_load_error="")
         s = changed(s, permanent=(), key_refused=None)
-        s = _unverified(s, "TabbyAPI's restart (a new process)")
+        # (the watchdog's own start, seen done this cycle, has said so already)
+        own = any(
+            isinstance(r.action, UnitCommand)
+            and r.action.verb in (UnitVerb.START, UnitVerb.RESTART)
+            and r.status is ResultStatus.OK
+            for r in obs.results
+        )
+        s = _unverified(s, "TabbyAPI's restart (a new process)", keep=own)
     # Config or folder changed: such a failure may not hold any more.
     holding = tuple(p for p in s.permanent if _still_permanent(p, obs, cfg))
     if holding != s.permanent:
@@ -453,6 +459,10 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
         healthy_since=None,
         slow_streak=0,
     )
+    if health.result.outcome is Outcome.REFUSED:
+        # Nothing listens on the port: whatever answers there next has started since (a
+        # restart the watchdog may not tell by its process, e.g. without systemd).
+        s = _unverified(s, "TabbyAPI's start", keep=True)
     if starting(s, obs, now, cfg):
         return changed(s, failures=0, last_failure="")
     failed = 1 + obs.confirmations_failed  # the first probe and its confirmations (observe.py)
@@ -589,7 +599,7 @@ def _restart_or_loop(
         note = say.starts_not_running(evidence, len(sit.s.start_attempts) - ran)
         return _enter(s, Phase.BLOCKED, sit.now), before, [note]
     s, start = _start_actions(sit, s, rule, evidence, stopped=stopped)
-    return s, before + start, _unchecked_start(sit)
+    return s, before + start, []
 
 
 def _start_actions(
@@ -695,7 +705,7 @@ def _backoff(sit: Situation) -> Plan:
         s = changed(s, backoff_until=None)
         evidence = f"back-off step {s.backoff_step} elapsed: one start attempt"
         s, start = _start_actions(sit, s, Rule.BACKOFF_ATTEMPT, evidence, stopped=False)
-        return s, cleanup + start, notes + _unchecked_start(sit)
+        return s, cleanup + start, notes
 
     # An attempt was made: starting inside the grace is fine, anything else failed the step
     # (completions still failing on the new process too). Without systemd to ask, whether it
@@ -960,33 +970,13 @@ def _serving_fallback(sit: Situation) -> bool:
     return model is not None and bool(m.fallback) and model.loaded == m.fallback != m.name
 
 
-def _libraries_checked(sit: Situation) -> bool:
-    """A library check ran in this episode of trouble: a restart never comes before it (a
-    missing library would only turn the restart into a loop)."""
-    checked, since = sit.s.libraries_checked_at, sit.s.trouble_since
-    return checked is not None and (since is None or checked >= since)
-
-
 def _library_wait(sit: Situation) -> Finding | None:
-    """No (re)start, on any path, before this outage's library check; but a check that cannot
-    run (the host check hangs) is waited for LIBRARY_CHECK_TRIES cycles, not for ever."""
-    if not sit.cfg.tabbyapi.venv or _libraries_checked(sit):
-        return None
-    if sit.s.library_misses >= LIBRARY_CHECK_TRIES:
-        return None
-    return say.library_check_awaited(_library_detail(sit), sit.s.library_misses)
-
-
-def _library_detail(sit: Situation) -> str:
-    host = sit.obs.host
-    return host.libraries_detail or host.models_dir_detail or "asked for the next cycle"
-
-
-def _unchecked_start(sit: Situation) -> list[Finding]:
-    """A (re)start that goes ahead without this outage's library check says so."""
-    if not sit.cfg.tabbyapi.venv or _libraries_checked(sit):
-        return []
-    return [say.library_check_skipped(_library_detail(sit), sit.s.library_misses)]
+    """No (re)start, on any path, before this outage's library check (a missing library would
+    only turn the restart into a loop); but a check that cannot run (the host check hangs) is
+    waited for LIBRARY_CHECK_TRIES cycles, not for ever (then library_check says so)."""
+    if library_check_due(sit.s, sit.cfg) and sit.s.library_misses < LIBRARY_CHECK_TRIES:
+        return say.library_check_awaited(sit.s.library_misses, sit.obs)
+    return None
 
 
 def _blocker(s: PolicyState, cfg: Config, failed: object, usable: bool, vram_refused: bool) -> str:

@@ -26,6 +26,16 @@ from hydra_watchdog.states import Rule
 
 # Causes a restart cannot fix and would only turn into a loop (or a port-hopping storm).
 BLOCKING_RULES = frozenset({Rule.FOREIGN_HOLDER, Rule.MISSING_LIBRARIES, Rule.UNKILLABLE_ORPHAN})
+# Cycles that asked for the library check and got none (the host check hangs) before a start
+# goes ahead without it: a check that cannot run never blocks recovery for ever.
+LIBRARY_CHECK_TRIES = 3
+
+
+def library_check_due(s: PolicyState, cfg: Config) -> bool:
+    """A venv is configured and no library check ran in this episode of trouble (or ever):
+    a (re)start waits for one."""
+    checked, since = s.libraries_checked_at, s.trouble_since
+    return bool(cfg.tabbyapi.venv) and (checked is None or (since is not None and checked < since))
 
 
 def unit_up(unit: UnitStatus) -> bool:

@@ -327,7 +327,7 @@ def test_one_start_per_backoff_step_and_recovery_resets_after_healthy_time() -> 
     assert len(run.step(obs(100, **stopped))) == 1
     for t in range(101, 105):  # starting, inside grace: no second start
         assert run.step(obs(t, health=refused(), unit=unit(enter=100.5))) == ()
-    run.step(obs(105))
+    run.step(obs(105, canary=canary(Outcome.OK)))  # a started TabbyAPI: after a canary
     assert run.state.phase is Phase.HEALTHY and run.state.backoff_step == 3
     run.step(obs(134))
     assert run.state.backoff_step == 3  # 29 s healthy: not yet

@@ -16,6 +16,7 @@ from tests.policy_kit import (
     Run,
     canary,
     config,
+    gpus,
     model,
     obs,
     ok_results,
@@ -125,3 +126,18 @@ def test_a_pause_is_told_with_the_pause_not_the_last_cause() -> None:
     assert run.state.cause.startswith("unreachable")
     events = told(run, dataclasses.replace(obs(4, health=refused()), pause=paused()))
     assert change(events).message == "recovering -> paused: paused until resumed: maintenance"
+
+
+def test_the_fallback_finding_says_why_it_was_loaded() -> None:
+    """Was "serving the fallback model F, not M (M failed to load 0x)" when M did not fit."""
+    run = Run()
+    crowded = gpus(free0=10.0, free1=5.0)  # M needs 20 GiB, F 8
+    acts = run.step(obs(0, model=model(None), gpus=crowded))
+    [load] = [a for a in acts if isinstance(a, LoadModel)]
+    assert load.model == "F"
+    run.step(obs(5, model=model("F"), gpus=crowded, results=(result(load, ResultStatus.OK),)))
+    [said] = [f.message for f in run.state.findings if f.rule is Rule.FALLBACK_MODEL]
+    assert said == (
+        "serving the fallback model F, not M (M did not fit in the free VRAM); "
+        "M is tried again when that clears, or hourly"
+    )

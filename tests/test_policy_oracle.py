@@ -22,6 +22,8 @@ from tests.oracle.oracle import (
     BY_NAME,
     CFG,
     INVARIANTS,
+    STORIES,
+    STORY_BY_NAME,
     Campaign,
     Step,
     run_campaign,
@@ -136,6 +138,62 @@ def test_a_trace_shifted_in_time_decides_identically(campaign: Campaign) -> None
 
 def test_never_ok_while_tabbyapi_demonstrably_fails(campaign: Campaign) -> None:
     holds(campaign, "verdict_not_ok_in_trouble")
+
+
+# --- issue 23 item 12: what an independent model of the node found ------------------------------
+
+
+def test_any_restart_needs_a_passing_canary(campaign: Campaign) -> None:
+    holds(campaign, "restart_needs_canary")
+
+
+def test_no_start_before_this_outages_library_check(campaign: Campaign) -> None:
+    holds(campaign, "library_check_before_start")
+
+
+def test_a_check_that_cannot_run_never_blocks_recovery(campaign: Campaign) -> None:
+    holds(campaign, "startable_is_started")
+
+
+def test_an_impaired_watchdog_acts_on_nothing(campaign: Campaign) -> None:
+    holds(campaign, "impaired_acts_on_nothing")
+
+
+def test_the_power_finding_clears_on_target(campaign: Campaign) -> None:
+    holds(campaign, "power_finding_on_target")
+
+
+def test_a_permanent_failure_is_not_retried_as_is(campaign: Campaign) -> None:
+    holds(campaign, "permanent_not_retried_as_is")
+
+
+def test_no_escalation_once_resolved_or_while_paused(campaign: Campaign) -> None:
+    holds(campaign, "no_escalation_when_resolved")
+
+
+def test_main_model_retries_on_the_fallback(campaign: Campaign) -> None:
+    holds(campaign, "main_retry_on_fallback")
+
+
+def test_restart_claims_are_true(campaign: Campaign) -> None:
+    holds(campaign, "restart_claims_true")
+
+
+def test_no_finding_flickers(campaign: Campaign) -> None:
+    holds(campaign, "no_flicker")
+
+
+@pytest.mark.parametrize("name", [s.name for s in STORIES])
+def test_each_story_of_issue_23_holds_every_invariant(name: str) -> None:
+    """Issue 23 item 12: each class the independent model found, as its minimal trace; it
+    broke its invariant on the policy before the fix (and no other may break now)."""
+    s = STORY_BY_NAME[name]
+    trace = run_trace(s.steps)
+    for inv in INVARIANTS:
+        failure = inv.check(trace)
+        if failure is not None:
+            pytest.fail(f"{s.name}:\n" + story(inv, s.steps), pytrace=False)
+    assert BY_NAME[s.invariant] in INVARIANTS
 
 
 def test_every_invariant_has_a_test() -> None:

@@ -48,6 +48,7 @@ from hydra_watchdog.observation import (
     Probe,
     ProcessInfo,
     ProcessRole,
+    SystemLink,
     UnitStatus,
 )
 
@@ -99,6 +100,19 @@ class Truth:
     serving: str | None
     main_loadable: bool  # nothing blocks the main model: mount, folder, its own load
     paused: bool
+    libs_missing: bool  # a start now would fail (the running process keeps what it mapped)
+    host_hung: bool  # the host check (folders, libraries) does not answer
+    main_folder_version: int  # changes when the main model's folder is mended
+    main_folder_usable: bool  # mounted and there
+    fallback_folder_usable: bool
+    limit0: float  # gpu0's power limit now
+    systemd: bool
+    unit_exists: bool
+    auto_restart_pending: bool
+    start_refused: bool
+    in_the_way: bool  # an orphan or a foreign process on the port or holding VRAM
+    crashy: bool
+    impaired: bool
     starts: tuple[tuple[float, str], ...]  # (at, "watchdog" | "systemd"): every start that ran
     text: str
 
@@ -138,9 +152,17 @@ class Node:
     load_action: LoadModel | None = None
     # host
     libs_missing: bool = False
+    system_generation: int = 41  # the NixOS system link; a switch moves it
     mount_ok: bool = True
     main_folder_ok: bool = True
+    main_folder_version: int = 1  # its mtime, in effect: mended folders are new
+    fallback_folder_ok: bool = True
     main_load_fails: bool = False  # e.g. a corrupt shard: the main model cannot load
+    main_unsupported: bool = False  # a permanent load error: "no longer supported"
+    main_busy: bool = False  # loads of the main model fail at once (HTTP 503), nothing unloaded
+    stale_copies: bool = False  # the model folders show though the mount is gone
+    host_hung: bool = False  # the host check times out (a hung NFS mount)
+    key: str = "admin"  # the key the watchdog sends: "admin", "api" (reads only), "wrong"
     crashy: bool = False  # dies CRASH_AFTER_S after every start (cause: libs or config)
     crash_times: list[float] = field(default_factory=list)  # scheduled single crashes
     # processes
@@ -148,6 +170,7 @@ class Node:
     foreign: list[Proc] = field(default_factory=list)
     next_pid: int = 1000
     port_moved: bool = False  # TabbyAPI found 5000 busy at start and took 5001
+    _seen_generation: int = 41  # the system link the observer read last
     # GPUs, power, routes, the watchdog's own world
     limit0: float = 450.0
     power_refused: bool = False
@@ -194,9 +217,26 @@ class Node:
             self.mount_ok
             and self.main_folder_ok
             and not self.main_load_fails
+            and not self.main_unsupported
+            and not self.main_busy
+            and not self.host_hung  # the watchdog cannot see the folder
+            and self.key == "admin"
             and GPU0_TOTAL - sum(p.gpu_bytes for p in (*self.orphans, *self.foreign))
             >= MAIN_GIB * GIB,
             self.pause is not None,
+            self.libs_missing,
+            self.host_hung,
+            self.main_folder_version,
+            self._folder_ok(self.cfg.model.name),
+            self._folder_ok(self.cfg.model.fallback),
+            self.limit0,
+            self.systemd,
+            self.unit_exists,
+            self.auto_restart_at is not None,
+            self.start_refused,
+            bool(self.orphans or self.foreign),
+            self.crashy,
+            self.impaired,
             tuple(self.starts),
             self.describe(),
         )
@@ -221,6 +261,20 @@ class Node:
             bits.append("mount gone")
         if self.main_load_fails:
             bits.append("main model unloadable")
+        if self.main_unsupported:
+            bits.append("main model unsupported (permanent)")
+        if self.main_busy:
+            bits.append("main loads refused (busy)")
+        if self.stale_copies and not self.mount_ok:
+            bits.append("stale copies under the mount point")
+        if not self.main_folder_ok:
+            bits.append("main folder gone")
+        if not self.fallback_folder_ok:
+            bits.append("fallback folder gone")
+        if self.host_hung:
+            bits.append("host check hangs")
+        if self.key != "admin":
+            bits.append(f"key={self.key}")
         if self.running:
             bits.append(f"model={self.loaded}" + (f" loading {self.load[0]}" if self.load else ""))
         bits += [f"orphan {p.pid}{' unkillable' if p.unkillable else ''}" for p in self.orphans]
@@ -255,19 +309,50 @@ class Node:
                 self.crashy = True
             case "libs_gone":
                 self.libs_missing = self.crashy = True
+            case "switch_libs":
+                # nixos-rebuild switch moved the libraries: the running process keeps the ones
+                # it mapped; the next start fails
+                self.system_generation += 1
+                self.libs_missing = True
             case "fix":
                 self.crashy = self.libs_missing = False
             case "mount_gone":
                 self.mount_ok = False
+            case "mount_gone_stale":
+                # /mnt/models is no mount point, but the folders show (copies left on the root
+                # file system): the mount check says so, the folders look usable
+                self.mount_ok, self.stale_copies = False, True
             case "mount_back":
-                self.mount_ok = True
+                self.mount_ok, self.stale_copies = True, False
             case "main_bad":
                 self.main_load_fails = True
             case "main_good":
-                self.main_load_fails = False
+                self.main_load_fails = self.main_unsupported = False
                 self.main_folder_ok = True
+                self.main_folder_version += 1
             case "main_folder_gone":
                 self.main_folder_ok = False
+            case "main_unsupported":
+                self.main_unsupported = True
+            case "main_busy":
+                self.main_busy = True
+            case "main_idle":
+                self.main_busy = False
+            case "fallback_folder_gone":
+                self.fallback_folder_ok = False
+            case "fallback_folder_back":
+                self.fallback_folder_ok = True
+            case "host_hang":
+                self.host_hung = True
+            case "host_ok":
+                self.host_hung = False
+            case "key_api" | "key_wrong" | "key_admin":
+                self.key = event.removeprefix("key_")
+            case "human_restart":
+                if self.systemd and self.unit_exists:  # `systemctl restart tabbyapi` by hand
+                    self._gone()
+                    self.n_restarts = 0
+                    self._start("human")
             case "orphan_vram" | "orphan_port" | "orphan_stuck":
                 self.next_pid += 1
                 self.orphans.append(
@@ -303,6 +388,8 @@ class Node:
                 self.foreign.clear()
             case "power_drift":
                 self.limit0 = 575.0
+            case "power_reset":
+                self.limit0 = 450.0  # put back by hand (nvidia-smi -pl), or a driver default
             case "power_refuse":
                 self.power_refused = True
             case "power_allow":
@@ -389,16 +476,22 @@ class Node:
         assert self.load is not None
         name, _ = self.load
         self.load = None
-        ok = self.running and self.mount_ok and self._fits(name)
+        ok = self.running and self._folder_ok(name) and self._fits(name)
         if name == self.cfg.model.name:
-            ok = ok and self.main_folder_ok and not self.main_load_fails
+            ok = ok and not self.main_load_fails
         if ok:
             self.loaded = name
         if self.load_known and self.load_action is not None:
             status = ResultStatus.OK if ok else ResultStatus.FAILED
             detail = f"{name} loaded" if ok else f"loading {name} failed: CUDA out of memory"
-            self.pending.append(ActionResult(self.load_action, status, detail, self.t))
+            kind = ErrorKind.NONE if ok else ErrorKind.LOAD_ERROR
+            self.pending.append(ActionResult(self.load_action, status, detail, self.t, kind))
         self.load_known, self.load_action = False, None
+
+    def _folder_ok(self, name: str) -> bool:
+        if not self.mount_ok:
+            return False
+        return self.main_folder_ok if name == self.cfg.model.name else self.fallback_folder_ok
 
     def _fits(self, name: str) -> bool:
         need = (MAIN_GIB if name == self.cfg.model.name else FALLBACK_GIB) * GIB
@@ -446,7 +539,8 @@ class Node:
         # TabbyAPI loads its startup model (the main one) itself, when it can
         main = self.cfg.model.name
         self.loaded = None
-        if self.mount_ok and self.main_folder_ok and not self.main_load_fails:
+        self.crashy = self.crashy or self.libs_missing  # a switch's missing libraries bite now
+        if self._folder_ok(main) and not self.main_load_fails and not self.main_unsupported:
             self.loaded = main if self._fits(main) else None
         self._load_broken()  # a restart (stop + start) ends a load in flight as well
         self.load = None
@@ -511,8 +605,21 @@ class Node:
             case LoadModel(model=name):
                 if not (self.ready and self.port_owner == "tabby"):
                     return self._result(a, ResultStatus.FAILED, "TabbyAPI does not answer")
+                if self.key != "admin":
+                    return self._result(
+                        a, ResultStatus.FAILED, "HTTP 401: Invalid admin key", "unauthorized"
+                    )
                 if self.load is not None:
                     return self._result(a, ResultStatus.REFUSED, "a load is running")
+                if not self._folder_ok(name):
+                    detail = f"HTTP 400: Could not find the model path for {name}"
+                    return self._result(a, ResultStatus.FAILED, detail, "load_permanent")
+                if name == self.cfg.model.name and self.main_unsupported:
+                    detail = "HTTP 400: exl2 models are no longer supported"
+                    return self._result(a, ResultStatus.FAILED, detail, "load_permanent")
+                if name == self.cfg.model.name and self.main_busy:
+                    detail = "HTTP 503: the server is busy"  # before anything was unloaded
+                    return self._result(a, ResultStatus.FAILED, detail, "load_error")
                 self.load, self.load_known, self.load_action = (name, self.t + LOAD_S), True, a
                 self.loaded = None  # TabbyAPI unloads the current model first
                 return self._result(a, ResultStatus.IN_PROGRESS, "accepted")
@@ -551,6 +658,9 @@ class Node:
         # ... and sends the canary only to a model it saw loaded in that very cycle
         if health.healthy and Probe.CANARY in wants and model.loaded:
             canary = Canary(self._canary())
+        # A moved system link makes the observer run the library check in that very cycle.
+        switched = self.system_generation != self._seen_generation
+        self._seen_generation = self.system_generation
         pause = self.pause
         if pause is not None and pause.until is not None and pause.until <= self.t:
             pause = None
@@ -558,7 +668,9 @@ class Node:
             at=self.t,
             health=health,
             unit=self._unit(),
-            host=self._host(wants, checked=Probe.LIBRARIES in wants or not health.healthy),
+            host=self._host(
+                wants, checked=Probe.LIBRARIES in wants or not health.healthy or switched
+            ),
             model=model,
             canary=canary,
             gpus=self._gpus(),
@@ -569,6 +681,11 @@ class Node:
             else None,
             results=results,
             pause=pause,
+            system=SystemLink(
+                "/run/current-system",
+                f"/nix/store/{self.system_generation}-nixos-system",
+                self.system_generation,
+            ),
         )
 
     def _health(self) -> Health:
@@ -597,10 +714,15 @@ class Node:
     def _model(self, health: Health) -> ModelStatus:
         if not health.healthy:
             return ModelStatus(HttpResult(health.result.outcome, 3.0, None), None, known=False)
+        if self.key == "wrong":  # neither an admin key nor an API key: 401 on any keyed read
+            detail = "HTTP 401: Invalid API key"
+            return ModelStatus(HttpResult(Outcome.UNAUTHORIZED, 0.01, 401, detail), None, False)
         return ModelStatus(HttpResult(Outcome.OK, 0.02, 200), self.loaded, known=True)
 
     def _canary(self) -> HttpResult:
         deadline = self.cfg.tabbyapi.canary_deadline
+        if self.key == "wrong":
+            return HttpResult(Outcome.UNAUTHORIZED, 0.01, 401, "HTTP 401: Invalid API key")
         if self.gen_hang:
             return HttpResult(Outcome.TIMEOUT, deadline, None, "deadline passed")
         if self.canary_error == "500":
@@ -641,8 +763,19 @@ class Node:
 
     def _host(self, wants: frozenset[Probe], *, checked: bool) -> HostReport:
         """`checked`: the library check ran (asked for, or - as the observer does - in an
-        unhealthy cycle, so that no restart comes before it)."""
-        main_usable = self.mount_ok and self.main_folder_ok
+        unhealthy cycle, so that no restart comes before it, or after a switch). A hung host
+        check answers nothing: neither the folders nor the libraries."""
+        if self.host_hung:
+            journal_hung: tuple[str, ...] | None = None
+            if Probe.JOURNAL in wants:
+                journal_hung = ("Started.",)
+            return HostReport(
+                models_dir_ok=None,
+                models_dir_detail="not checked: the host check did not answer within 12 s",
+                journal_excerpt=journal_hung,
+            )
+        seen = self.stale_copies and not self.mount_ok  # the copies, not the mount
+        main_usable = self._folder_ok(self.cfg.model.name) or (seen and self.main_folder_ok)
         main = ModelDir(
             "M",
             "/mnt/models/M",
@@ -650,14 +783,19 @@ class Node:
             has_config=main_usable,
             weight_files=3 if main_usable else 0,
             size_bytes=21 * GIB,
+            mtime=1.7e9 + self.main_folder_version if main_usable else None,
+        )
+        fallback_usable = self._folder_ok(self.cfg.model.fallback) or (
+            seen and self.fallback_folder_ok
         )
         fallback = ModelDir(
             "F",
             "/mnt/models/F",
-            exists=self.mount_ok,
-            has_config=self.mount_ok,
-            weight_files=1 if self.mount_ok else 0,
+            exists=fallback_usable,
+            has_config=fallback_usable,
+            weight_files=1 if fallback_usable else 0,
             size_bytes=4 * GIB,
+            mtime=1.7e9 if fallback_usable else None,
         )
         libs: tuple[str, ...] | None = None
         if checked:

@@ -123,6 +123,22 @@ EVENTS: tuple[tuple[str, int], ...] = (
     ("impaired", 1),
     ("unimpaired", 2),
     ("crashes_in_gap", 1),
+    # issue 23 item 12: permanent failures, 401s, restart_will_fail, missing folders, a hung
+    # host check, a restart by hand
+    ("switch_libs", 1),
+    ("main_unsupported", 1),
+    ("fallback_folder_gone", 1),
+    ("fallback_folder_back", 1),
+    ("host_hang", 1),
+    ("host_ok", 2),
+    ("key_api", 1),
+    ("key_wrong", 1),
+    ("key_admin", 2),
+    ("human_restart", 2),
+    ("power_reset", 1),
+    ("mount_gone_stale", 1),
+    ("main_busy", 1),
+    ("main_idle", 1),
 )
 _NAMES = [e for e, _ in EVENTS]
 _WEIGHTS = [w for _, w in EVENTS]
@@ -144,7 +160,7 @@ def generate(seed: int, length: int) -> tuple[Step, ...]:
         event = rng.choices(_NAMES, _WEIGHTS)[0]
         arg = 0.0
         if event == "late":
-            arg = rng.choice((2.0, 5.0, 30.0, 90.0))
+            arg = rng.choice((1.5, 1.75, 2.0, 5.0, 30.0, 90.0))
         elif event == "gap":
             arg = rng.choice((600.0, 3600.0, 7200.0, 4000.0))
         elif event == "watchdog_down":
@@ -177,6 +193,7 @@ class Record:
     events: tuple[Event, ...]
     node: Truth  # the model after the actions ran
     reloaded: bool  # the watchdog was down (state persisted and reloaded) before this cycle
+    before: Truth  # the model as observed, before the actions ran
 
 
 @dataclass
@@ -217,6 +234,7 @@ def run_trace(
         node.advance(_clock(step))
         obs = node.observe(state.wants)
         prev = state
+        before = node.truth()
         state, actions = decide(prev, obs, obs.at, cfg)
         results = node.execute(actions)
         events = narrate(prev, state, actions, results, obs, config=cfg, wall=0.0)
@@ -233,6 +251,7 @@ def run_trace(
                 events,
                 node.truth(),
                 reloaded,
+                before,
             )
         )
     return trace
@@ -639,6 +658,267 @@ def check_verdict_not_ok_in_trouble(trace: Trace) -> tuple[int, str] | None:
     return None
 
 
+# --- issue 23 item 12: what an independent model of the node found --------------------------------
+
+_FAILING = (Outcome.TIMEOUT, Outcome.HTTP_ERROR, Outcome.BAD_BODY)
+
+
+def _new_starts(rec: Record, prev_count: int) -> tuple[int, int]:
+    """(starts that happened before this cycle's observation, starts its actions made)."""
+    by_actions = sum(
+        1
+        for r in rec.results
+        if isinstance(r.action, UnitCommand)
+        and r.action.verb in (UnitVerb.START, UnitVerb.RESTART)
+        and r.succeeded
+    )
+    return len(rec.node.starts) - prev_count - by_actions, by_actions
+
+
+def check_restart_needs_canary(trace: Trace) -> tuple[int, str] | None:
+    """After any restart (the watchdog's, systemd's, a human's), neither HEALTHY nor
+    "recovered" before a canary passed on the new process (README: a passing canary after any
+    restart or load; the runbook's full recovery ends with a test completion)."""
+    pending, count = False, 0
+    for rec in trace.records:
+        seen, made = _new_starts(rec, count)
+        count = len(rec.node.starts)
+        pending = pending or seen > 0
+        c = rec.obs.canary
+        if c is not None and c.result.outcome is Outcome.OK:
+            pending = False
+        if pending and rec.new.phase is Phase.HEALTHY:
+            return rec.index, "HEALTHY after a restart, and no canary has passed since"
+        if pending and _kinds(rec, EventKind.RECOVERED):
+            return rec.index, "'recovered' after a restart, and no canary has passed since"
+        pending = pending or made > 0
+    return None
+
+
+def check_library_check_before_start(trace: Trace) -> tuple[int, str] | None:
+    """No (re)start on any path (a generation hang included) without a library check in this
+    outage, unless the host check cannot run (its wait is bounded: startable_is_started).
+    An outage: /health fails, or the last canary failed, until both are well again."""
+    trouble_at: int | None = None
+    checked_since: int | None = None
+    failing = False
+    count = 0
+    for rec in trace.records:
+        o = rec.obs
+        seen, made = _new_starts(rec, count)
+        count = len(rec.node.starts)
+        if seen:
+            failing = False  # a new process: the old verdict is not about it
+        if o.canary is not None and o.canary.result.outcome is not Outcome.LOCAL_ERROR:
+            failing = o.canary.result.outcome in _FAILING
+        blind = o.health.result.outcome is Outcome.LOCAL_ERROR
+        if not blind and (not o.health.healthy or failing):
+            trouble_at = rec.index if trouble_at is None else trouble_at
+        elif not blind:
+            trouble_at = checked_since = None
+        if o.host.libraries_checked and trouble_at is not None:
+            checked_since = rec.index
+        started = _starts(rec.actions)
+        if (
+            started
+            and trouble_at is not None
+            and checked_since is None
+            and not rec.before.host_hung
+        ):
+            return rec.index, (
+                f"{describe(started[0])} with no library check since the outage began at "
+                f"step {trouble_at}"
+            )
+        if made:
+            failing = False
+    return None
+
+
+# A failed unit with nothing in the way is started within this (a check that cannot run never
+# blocks recovery for ever): generous, since a budget spent on starts that did not run waits
+# for them to leave the window.
+STARTABLE_BOUND = CFG.restart_loop.window + 10.0
+
+
+def _startable(n: Truth, rec: Record) -> bool:
+    return (
+        n.systemd
+        and n.unit_exists
+        and not n.running
+        and not n.auto_restart_pending
+        and not n.start_refused
+        and not n.in_the_way
+        and not n.libs_missing
+        and not n.crashy
+        and not n.impaired
+        and not n.paused
+        and rec.prev.backoff_step == 0
+        and rec.new.backoff_step == 0
+    )
+
+
+def check_startable_is_started(trace: Trace) -> tuple[int, str] | None:
+    """(A library a check found missing blocks until a check says fixed: issue 13 item 6, the
+    missing_library_blocks invariant; that is no check waiting to run.)"""
+    since: float | None = None
+    known_missing = False
+    for rec in trace.records:
+        libs = rec.obs.host.missing_libraries
+        if libs is not None:
+            known_missing = bool(libs)
+        if known_missing or not _startable(rec.before, rec) or _starts(rec.actions):
+            since = None
+            continue
+        since = rec.at if since is None else since
+        if rec.at - since > STARTABLE_BOUND:
+            return rec.index, (
+                f"TabbyAPI's unit is down with nothing in the way for {rec.at - since:g}s "
+                f"and not started ({rec.before.text})"
+            )
+    return None
+
+
+def check_impaired_acts_on_nothing(trace: Trace) -> tuple[int, str] | None:
+    """The README: an impaired watchdog (out of descriptors) takes no action at all."""
+    for rec in trace.records:
+        if rec.obs.health.result.outcome is Outcome.LOCAL_ERROR and rec.actions:
+            return rec.index, f"impaired, yet {describe(rec.actions[0])}"
+    return None
+
+
+POWER_TARGET0 = 450.0  # ORACLE_CONFIG's gpu0 limit, inside the model card's 150-600 W
+
+
+def check_power_finding_on_target(trace: Trace) -> tuple[int, str] | None:
+    """A refused power limit's finding goes once the limit is on target again, by any means."""
+    for rec in trace.records:
+        g0 = next((g for g in rec.obs.gpus.devices if g.index == 0), None)
+        if g0 is None or g0.power.limit_w is None or abs(g0.power.limit_w - POWER_TARGET0) > 1:
+            continue
+        stale = [
+            f
+            for f in rec.new.findings
+            if f.rule is Rule.POWER_LIMIT and f.subject == "gpu0" and "failed" in f.message
+        ]
+        if stale:
+            return rec.index, f"{stale[0].message!r} while gpu0's limit is {g0.power.limit_w:g} W"
+    return None
+
+
+def _folder_state(n: Truth, model: str) -> tuple[bool, int]:
+    if model == CFG.model.name:
+        return n.main_folder_usable, n.main_folder_version
+    return n.fallback_folder_usable, 0
+
+
+def check_permanent_not_retried_as_is(trace: Trace) -> tuple[int, str] | None:
+    """A load that failed for good is sent again only once something it depends on changed:
+    TabbyAPI's process, the model's folder (the config is fixed in a trace). What the watchdog
+    cannot see this cycle (systemd, the host check, the mount) has not changed."""
+    failed: dict[str, tuple[int, tuple[bool, int]]] = {}
+    for rec in trace.records:
+        for r in rec.obs.results:
+            if isinstance(r.action, LoadModel) and r.error_kind.value == "load_permanent":
+                failed[r.action.model] = (rec.before.pid, _folder_state(rec.before, r.action.model))
+        for a in rec.actions:
+            if not isinstance(a, LoadModel) or a.model not in failed:
+                continue
+            pid, folder = failed.pop(a.model)
+            if pid == rec.before.pid and folder == _folder_state(rec.before, a.model):
+                return rec.index, (
+                    f"{describe(a)} again after it failed for good, on the same process "
+                    f"(pid {pid}) and folder"
+                )
+    return None
+
+
+def check_no_escalation_when_resolved(trace: Trace) -> tuple[int, str] | None:
+    """Escalation ("a human is needed") neither while paused nor once TabbyAPI serves."""
+    for rec in trace.records:
+        if not rec.new.escalated or rec.prev.escalated:
+            continue
+        p = rec.obs.pause
+        if p is not None and (p.until is None or p.until > rec.at):
+            return rec.index, "escalated during a pause"
+        c = rec.obs.canary
+        failing = c is not None and c.result.outcome in _FAILING
+        if rec.obs.health.healthy and rec.before.serving is not None and not failing:
+            return rec.index, f"escalated while TabbyAPI serves {rec.before.serving}"
+    return None
+
+
+def check_main_retry_on_fallback(trace: Trace) -> tuple[int, str] | None:
+    """While the fallback serves: the main model is not loaded with the models mount missing
+    (or unread), and a retry that failed is not sent again before backoff_initial."""
+    main, fallback = CFG.model.name, CFG.model.fallback
+    failed_at: float | None = None
+    for rec in trace.records:
+        for r in rec.obs.results:
+            if isinstance(r.action, LoadModel) and r.action.model == main:
+                transient = r.status is ResultStatus.FAILED and r.error_kind.value == "load_error"
+                failed_at = rec.at if transient else None if r.succeeded else failed_at
+        m = rec.obs.model
+        on_fallback = m is not None and m.loaded == fallback
+        for a in rec.actions:
+            if not (isinstance(a, LoadModel) and a.model == main and on_fallback):
+                continue
+            if rec.obs.host.models_dir_ok is not True:
+                return rec.index, (
+                    f"{describe(a)} while the fallback serves and the models dir is "
+                    f"{rec.obs.host.models_dir_detail or rec.obs.host.models_dir_ok}"
+                )
+            if failed_at is not None and rec.at - failed_at < CFG.restart_loop.backoff_initial:
+                return rec.index, f"{describe(a)} {rec.at - failed_at:g}s after it failed"
+    return None
+
+
+_CLAIM = re.compile(r"^(\d+) restarts within")
+
+
+def check_restart_claims_true(trace: Trace) -> tuple[int, str] | None:
+    """Every "N restarts within <window>" said (findings too, not only the loop event) has N
+    restarts in the window."""
+    window = CFG.restart_loop.window
+    for rec in trace.records:
+        for f in rec.new.findings:
+            m = _CLAIM.match(f.message)
+            if m and int(m.group(1)) > rec.before.restarts_within(window):
+                return rec.index, (
+                    f"{f.message!r}, but {rec.before.restarts_within(window)} restarts ran in "
+                    "the window"
+                )
+    return None
+
+
+def check_no_flicker(trace: Trace) -> tuple[int, str] | None:
+    """A finding is not announced again after it went for a cycle or two while neither the
+    node nor the phase changed (the journal's lines, a steady VRAM refusal)."""
+    recs = trace.records
+    for i, rec in enumerate(recs):
+        for ev in _kinds(rec, EventKind.DIAGNOSIS):
+            if ev.rule in (Rule.PAUSED, Rule.RESTART_LOOP):
+                continue  # a pause and a loop's steps are told per change
+            key = (ev.rule, _NUM.sub("#", ev.message))
+            for back in (2, 3):
+                if i - back < 0:
+                    continue
+                window = recs[i - back : i + 1]
+                if len({(r.node.text, r.new.phase) for r in window}) != 1:
+                    continue  # the node or the watchdog's view of it changed meanwhile
+                if any(r.reloaded or r.step.event != "tick" for r in window[1:]):
+                    continue
+                had = {(f.rule, _NUM.sub("#", f.message)) for f in recs[i - back].new.findings}
+                between = {
+                    (f.rule, _NUM.sub("#", f.message)) for r in window[1:-1] for f in r.new.findings
+                }
+                if key in had and key not in between:
+                    return (
+                        rec.index,
+                        f"announced again after a gap, nothing changed: {ev.message!r}",
+                    )
+    return None
+
+
 INVARIANTS: tuple[Invariant, ...] = (
     Invariant(
         "restarts_that_ran",
@@ -763,8 +1043,223 @@ INVARIANTS: tuple[Invariant, ...] = (
         "never OK while TabbyAPI demonstrably fails",
         check_verdict_not_ok_in_trouble,
     ),
+    Invariant(
+        "restart_needs_canary",
+        "issue 23 item 12",
+        "HEALTHY and 'recovered' after any restart only after a passing canary",
+        check_restart_needs_canary,
+    ),
+    Invariant(
+        "library_check_before_start",
+        "issue 23 item 12",
+        "no (re)start on any path before this outage's library check",
+        check_library_check_before_start,
+    ),
+    Invariant(
+        "startable_is_started",
+        "issue 23 item 12",
+        "a check that cannot run never blocks recovery for ever",
+        check_startable_is_started,
+    ),
+    Invariant(
+        "impaired_acts_on_nothing",
+        "issue 23 item 12",
+        "an impaired watchdog takes no action, not even a power limit",
+        check_impaired_acts_on_nothing,
+    ),
+    Invariant(
+        "power_finding_on_target",
+        "issue 23 item 12",
+        "the power finding clears once the limit is on target by any means",
+        check_power_finding_on_target,
+    ),
+    Invariant(
+        "permanent_not_retried_as_is",
+        "issue 23 item 12",
+        "a permanent load failure is retried only once what it depends on changed",
+        check_permanent_not_retried_as_is,
+    ),
+    Invariant(
+        "no_escalation_when_resolved",
+        "issue 23 item 12",
+        "no escalation while paused or once TabbyAPI serves",
+        check_no_escalation_when_resolved,
+    ),
+    Invariant(
+        "main_retry_on_fallback",
+        "issue 23 item 12",
+        "on the fallback: no main load without the mount, nor before its back-off",
+        check_main_retry_on_fallback,
+    ),
+    Invariant(
+        "restart_claims_true",
+        "issue 23 item 12",
+        "'N restarts within' is true wherever it is said",
+        check_restart_claims_true,
+    ),
+    Invariant(
+        "no_flicker",
+        "issue 23 item 12",
+        "a finding is not announced again after a gap while nothing changed",
+        check_no_flicker,
+    ),
 )
 BY_NAME = {inv.name: inv for inv in INVARIANTS}
+
+
+# --- issue 23 item 12's stories: each class the independent model found, as a minimal trace ------
+# (found on the policy before the fix, shrunk by `shrink`; each fails its invariant there)
+
+
+def _ticks(n: int) -> list[Step]:
+    return [Step("tick")] * n
+
+
+@dataclass(frozen=True)
+class Story:
+    name: str
+    invariant: str  # the invariant it broke
+    steps: tuple[Step, ...]
+
+
+STORIES: tuple[Story, ...] = (
+    # "recovered" and HEALTHY after a restart with no canary, whoever restarted
+    Story("systemd_restart_no_canary", "restart_needs_canary", (Step("crash"), Step("gap", 600))),
+    Story(
+        "human_restart_no_canary",
+        "restart_needs_canary",
+        (Step("tick"), Step("human_restart"), *_ticks(6)),
+    ),
+    # a restart while restart_will_fail stands: a failing canary, then the model unloaded
+    Story(
+        "will_fail_generation_hang",
+        "missing_library_blocks",
+        (Step("switch_libs"), Step("canary_500"), Step("lose_model")),
+    ),
+    # a generation-hang restart with no library check in this outage
+    Story(
+        "generation_hang_unchecked",
+        "library_check_before_start",
+        (Step("canary_body"), Step("gen_hang")),
+    ),
+    # a failed unit never started while the host check hangs
+    Story(
+        "host_check_hangs",
+        "startable_is_started",
+        (Step("host_hang"), Step("break"), Step("gap", 600), Step("fix"), *_ticks(72)),
+    ),
+    # an impaired watchdog sets a power limit
+    Story(
+        "impaired_power_limit", "impaired_acts_on_nothing", (Step("impaired"), Step("power_drift"))
+    ),
+    # the power finding stays once the limit is back on target by other means
+    Story(
+        "power_back_by_hand",
+        "power_finding_on_target",
+        (Step("power_refuse"), Step("power_drift"), Step("power_reset")),
+    ),
+    # a permanent load error forgotten when systemd goes, the host check hangs, the mount goes
+    Story(
+        "permanent_systemd_gone",
+        "permanent_not_retried_as_is",
+        (
+            Step("main_unsupported"),
+            Step("lose_model"),
+            *_ticks(4),
+            Step("systemd_gone"),
+            Step("tick"),
+        ),
+    ),
+    Story(
+        "permanent_host_hangs",
+        "permanent_not_retried_as_is",
+        (Step("main_unsupported"), Step("lose_model"), *_ticks(4), Step("host_hang"), Step("tick")),
+    ),
+    Story(
+        "permanent_mount_lost",
+        "permanent_not_retried_as_is",
+        (
+            Step("main_unsupported"),
+            Step("lose_model"),
+            *_ticks(4),
+            Step("mount_gone"),
+            Step("mount_back"),
+            Step("tick"),
+        ),
+    ),
+    # escalation the cycle after "recovered", and during a pause
+    Story(
+        "escalated_after_recovery",
+        "no_escalation_when_resolved",
+        (
+            Step("break"),
+            *_ticks(8),
+            Step("fix"),
+            Step("late", 2),
+            Step("gen_hang"),
+            *_ticks(3),
+            Step("human_restart"),
+            Step("gap", 600),
+        ),
+    ),
+    Story(
+        "escalated_while_paused",
+        "no_escalation_when_resolved",
+        (Step("break"), *_ticks(14), Step("pause"), Step("gap", 600)),
+    ),
+    # while the fallback serves: the main model loaded with the mount missing; a failing retry
+    # sent every cycle
+    Story(
+        "main_loaded_without_mount",
+        "main_retry_on_fallback",
+        (
+            Step("foreign_vram"),
+            Step("lose_model"),
+            *_ticks(3),
+            Step("mount_gone_stale"),
+            Step("foreign_gone"),
+        ),
+    ),
+    Story(
+        "main_retry_every_cycle",
+        "main_retry_on_fallback",
+        (
+            Step("foreign_vram"),
+            Step("lose_model"),
+            Step("gap", 600),
+            Step("main_busy"),
+            Step("foreign_gone"),
+            Step("tick"),
+        ),
+    ),
+    # minor: the journal finding re-announced; "4 restarts within 1m" at the window's edge
+    Story(
+        "journal_re_announced",
+        "no_flicker",
+        (Step("crash"), *_ticks(5), Step("canary_body"), Step("break"), *_ticks(14)),
+    ),
+    Story(
+        "restart_claim_at_the_edge",
+        "restart_claims_true",
+        (
+            Step("crash"),
+            Step("late", 1.5),
+            Step("late", 30),
+            Step("crash"),
+            Step("late", 5),
+            Step("late", 5),
+            Step("crash"),
+            Step("late", 5),
+            Step("late", 5),
+            Step("late", 1.75),
+            *_ticks(3),
+            Step("crash"),
+            Step("tick"),
+            Step("crash"),
+        ),
+    ),
+)
+STORY_BY_NAME = {s.name: s for s in STORIES}
 
 
 # --- shrinking and the story --------------------------------------------------------------------
@@ -775,24 +1270,37 @@ def fails(inv: Invariant, steps: Sequence[Step]) -> tuple[int, str] | None:
 
 
 def shrink(inv: Invariant, steps: Sequence[Step], budget: int = 400) -> tuple[Step, ...]:
-    """Drop steps (chunks first, then one by one) while the invariant still fails."""
+    """Drop steps (chunks first, then one by one) while the invariant still fails; then turn
+    each event that only stands for the time it takes into a plain tick, and drop again."""
     current = list(steps)
     first = fails(inv, current)
     if first is not None:
         current = current[: first[0] + 1]
-    chunk = max(len(current) // 2, 1)
     tries = 0
-    while chunk >= 1 and tries < budget:
-        i, changed = 0, False
-        while i < len(current) and tries < budget:
-            candidate = current[:i] + current[i + chunk :]
-            tries += 1
-            if candidate and fails(inv, candidate) is not None:
-                current, changed = candidate, True
-            else:
-                i += chunk
-        if not changed:
-            chunk //= 2
+
+    def drop(chunk: int) -> None:
+        nonlocal current, tries
+        while chunk >= 1 and tries < budget:
+            i, changed = 0, False
+            while i < len(current) and tries < budget:
+                candidate = current[:i] + current[i + chunk :]
+                tries += 1
+                if candidate and fails(inv, candidate) is not None:
+                    current, changed = candidate, True
+                else:
+                    i += chunk
+            if not changed:
+                chunk //= 2
+
+    drop(max(len(current) // 2, 1))
+    for i, step in enumerate(current):
+        if step.event == "tick" or tries >= budget:
+            continue
+        candidate = [*current[:i], Step("tick"), *current[i + 1 :]]
+        tries += 1
+        if fails(inv, candidate) is not None:
+            current = candidate
+    drop(1)
     return tuple(current)
 
 
