@@ -124,6 +124,19 @@ def test_without_systemd_a_new_process_on_the_port_needs_a_canary() -> None:
     assert run.phase() is Phase.HEALTHY
 
 
+def test_what_answers_after_a_closed_port_was_started_since() -> None:
+    """Refused: nothing listened. What answers next was started since, even where it cannot
+    be told apart by its process (no systemd, no listener seen): a canary first."""
+    run = Run()
+    nosd = {"unit": unit(available=False, enter=None), "port": ports(), "processes": ()}
+    run.step(obs(0, **nosd))
+    for t in range(1, 4):
+        run.step(obs(t, health=refused(), **nosd))
+    assert not recovered(run, obs(4, **nosd))
+    assert run.state.phase is Phase.RECOVERING
+    assert recovered(run, obs(5, canary=canary(Outcome.OK), **nosd))
+
+
 # --- no restart while restart_will_fail stands, nor before this outage's library check ----------
 
 
