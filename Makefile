@@ -7,7 +7,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test fuzz lint bench alerts dashboard chaos venv system-deps clean
+.PHONY: demo test fuzz mutants lint bench alerts dashboard chaos venv system-deps clean
 
 # pip shows what it fetches and installs (the first run takes a minute or two, most of it here).
 $(STAMP): pyproject.toml
@@ -41,6 +41,17 @@ fuzz: venv
 		$(BIN)/pytest -p no:cacheprovider -s tests/test_policy_oracle.py
 	$(BIN)/pytest --hypothesis-profile=fuzz -m hypothesis tests
 
+# Mutation testing of the policy (issue 23 item 11; not in CI, long on two cores): mutmut
+# mutates policy.py, situation.py and findings.py ([tool.mutmut] in pyproject.toml), runs the
+# policy's fast tests and an oracle campaign of MUTANT_TRACES traces against each mutant, and
+# lists the survivors. MUTANTS picks some, e.g. MUTANTS='hydra_watchdog.policy.x__backoff*'.
+MUTANTS ?=
+MUTANT_TRACES ?= 40
+mutants: venv
+	$(BIN)/python -m pip install -q -e '.[mutants]'
+	HYDRA_ORACLE_TRACES=$(MUTANT_TRACES) $(BIN)/mutmut run --max-children 2 $(MUTANTS)
+	$(BIN)/mutmut results | grep -v ': not checked$$' || true
+
 chaos: venv system-deps
 	$(BIN)/pytest -m chaos tests/chaos
 
@@ -62,4 +73,4 @@ dashboard: venv
 	$(BIN)/python -m dashboards.hydra_watchdog --write
 
 clean:
-	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache .hypothesis mutants
