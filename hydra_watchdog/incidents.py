@@ -63,8 +63,9 @@ class IncidentOutcome(StrEnum):
     HUMAN = "human"  # a human was needed at some point (or paused the watchdog)
 
 
-# Findings that say what is wrong in general words (by name: "canary_pending", a canary awaited
-# after a restart, is a rule of newer policies); any other finding names a cause.
+# Findings that say what is wrong in general words, or what the watchdog waits for or cannot
+# do (a canary awaited after a restart, this outage's library check, no systemd to ask); any
+# other finding names a cause.
 GENERIC_RULES = frozenset(
     {
         Rule.DOWN.value,
@@ -78,7 +79,9 @@ GENERIC_RULES = frozenset(
         Rule.PAUSED.value,
         Rule.POWER_LIMIT.value,
         Rule.FALLBACK_ROUTE.value,
-        "canary_pending",
+        Rule.CANARY_PENDING.value,
+        Rule.LIBRARY_CHECK.value,
+        Rule.SYSTEMD_UNAVAILABLE.value,
     }
 )
 # Causes that no restart, kill or load of the watchdog can fix.
@@ -212,7 +215,7 @@ def _cause(state: PolicyState) -> tuple[str, str]:
         if cited is None:
             return state.cause, ""
         if cited.rule is Rule.GENERATION_HANG and not _hung(state):
-            return state.cause, "canary_pending"  # the name newer policies give this wait
+            return state.cause, Rule.CANARY_PENDING.value  # a state an older policy wrote
         return state.cause, cited.rule.value
     first: Finding | None = state.findings[0] if state.findings else None
     return (first.message, first.rule.value) if first else ("", "")
