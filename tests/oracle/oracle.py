@@ -477,13 +477,20 @@ def check_main_model_retried(trace: Trace) -> tuple[int, str] | None:
     return None
 
 
-# 6. A known-missing library blocks restarts until a fresh check says fixed.
-def check_missing_library_blocks(trace: Trace) -> tuple[int, str] | None:
-    known_missing = False
-    for rec in trace.records:
+def _known_missing(records: Sequence[Record]) -> list[bool]:
+    """Per record: the last library check seen so far found libraries missing."""
+    known, out = False, []
+    for rec in records:
         libs = rec.obs.host.missing_libraries
         if libs is not None:
-            known_missing = bool(libs)
+            known = bool(libs)
+        out.append(known)
+    return out
+
+
+# 6. A known-missing library blocks restarts until a fresh check says fixed.
+def check_missing_library_blocks(trace: Trace) -> tuple[int, str] | None:
+    for rec, known_missing in zip(trace.records, _known_missing(trace.records), strict=True):
         started = _starts(rec.actions)
         if known_missing and started:
             return rec.index, (
@@ -761,11 +768,7 @@ def check_startable_is_started(trace: Trace) -> tuple[int, str] | None:
     """(A library a check found missing blocks until a check says fixed: issue 13 item 6, the
     missing_library_blocks invariant; that is no check waiting to run.)"""
     since: float | None = None
-    known_missing = False
-    for rec in trace.records:
-        libs = rec.obs.host.missing_libraries
-        if libs is not None:
-            known_missing = bool(libs)
+    for rec, known_missing in zip(trace.records, _known_missing(trace.records), strict=True):
         if known_missing or not _startable(rec.before, rec) or _starts(rec.actions):
             since = None
             continue
