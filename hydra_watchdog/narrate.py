@@ -194,7 +194,16 @@ def narrate(
     # A phase change is told with what the deciding rule rests on (PolicyState.cause), never
     # with whatever finding happens to come first.
     cited = next((f for f in new.findings if f.message == new.cause), None)
-    rule: Rule | None = cited.rule if cited else (actions[0].reason.rule if actions else None)
+    acted = next((a for a in actions if a.reason.evidence == new.cause), None)
+    rule: Rule | None = (
+        cited.rule
+        if cited
+        else acted.reason.rule
+        if acted
+        else actions[0].reason.rule
+        if actions
+        else None
+    )
     evidence = new.cause or new.last_failure or ""
     if prev.phase != new.phase:
         change = f"{prev.phase.value} -> {new.phase.value}"

@@ -219,7 +219,7 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
         if isinstance(action, LoadModel) and res.status is not ResultStatus.IN_PROGRESS:
             final_load = res, action
         elif isinstance(action, UnitCommand) and action.verb in (UnitVerb.START, UnitVerb.RESTART):
-            s = _absorb_start(s, res, action, now, cfg)
+            s = _absorb_start(s, res, action)
         elif isinstance(action, KillOrphan) and res.error_kind == ErrorKind.UNKILLABLE:
             s = changed(s, unkillable=tuple(sorted({*s.unkillable, action.pid})))
         elif isinstance(action, SetPowerLimit) and res.status is ResultStatus.OK:
@@ -290,20 +290,16 @@ def _absorb_results(s: PolicyState, obs: Observation, now: float, cfg: Config) -
     return s
 
 
-def _absorb_start(
-    s: PolicyState, res: ActionResult, action: UnitCommand, now: float, cfg: Config
-) -> PolicyState:
+def _absorb_start(s: PolicyState, res: ActionResult, action: UnitCommand) -> PolicyState:
     """Only a (re)start that ran counts: one that was skipped, refused or failed gives back its
-    place in the budget, and a back-off attempt that never ran is tried again at the same step."""
+    place in the budget (a back-off attempt that never ran is then tried again at the same
+    step: _backoff finds that the unit never came up)."""
     if res.status in _NOT_RUN:
         mine = [i for i, r in enumerate(s.restarts) if r.by is RestartOrigin.WATCHDOG]
         restarts = s.restarts
         if mine:
             restarts = s.restarts[: mine[-1]] + s.restarts[mine[-1] + 1 :]
-        s = changed(s, restarts=restarts, recovery_started=None)
-        if s.backoff_step > 0 and s.backoff_until is None:
-            s = changed(s, backoff_until=now + backoff_delay(s.backoff_step, cfg))
-        return s
+        return changed(s, restarts=restarts, recovery_started=None)
     if res.status is ResultStatus.OK:
         # A new process: whatever was said of the old one, only a canary that passes may say
         # it serves (README: a passing canary after any restart).
@@ -376,8 +372,7 @@ def _count_restarts(
     window = cfg.restart_loop.window
     kept = tuple(r for r in records if now - r.at < window)
     attempts = tuple(at for at in s.start_attempts if now - at < window)
-    if attempts != s.start_attempts:
-        s = changed(s, start_attempts=attempts)
+    s = changed(s, start_attempts=attempts)
     fresh = process_replaced(s, obs)
     invocation, process = obs.unit.invocation_id, tabby_process(obs)
     if not fresh:  # not knowing now is no change: the process last seen stays
@@ -881,8 +876,8 @@ def _down_evidence(sit: Situation) -> str:
 def _check_libraries_first(sit: Situation) -> Plan:
     """Nothing is stopped, killed or started before this outage's library check: a restart
     that cannot succeed would only stop what runs and loop."""
-    wait = _library_wait(sit)
-    return _enter(sit.s, Phase.DOWN, sit.now), list(sit.cleanup), [wait] if wait else []
+    wait = say.library_check_awaited(sit.s.library_misses, sit.obs)  # due: the rule's `when`
+    return _enter(sit.s, Phase.DOWN, sit.now), list(sit.cleanup), [wait]
 
 
 def _blocked(sit: Situation) -> Plan:

@@ -11,6 +11,7 @@ import itertools
 from hydra_watchdog.actions import (
     Action,
     LoadModel,
+    Reason,
     ResultStatus,
     SetPowerLimit,
     UnitCommand,
@@ -22,17 +23,25 @@ from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import (
     GpuReport,
     Health,
+    HostReport,
     HttpResult,
+    ModelDir,
     NvmlErrorKind,
     Observation,
     Outcome,
     ProcessRole,
     UnitStatus,
 )
-from hydra_watchdog.policy_state import CanaryVerdict, PolicyState, RestartOrigin, RestartRecord
+from hydra_watchdog.policy_state import (
+    CanaryVerdict,
+    PolicyState,
+    RestartOrigin,
+    RestartRecord,
+)
 from hydra_watchdog.situation import LIBRARY_CHECK_TRIES
 from hydra_watchdog.states import Phase, Rule
 from tests.policy_kit import (
+    MAIN,
     PORT,
     Run,
     canary,
@@ -41,11 +50,14 @@ from tests.policy_kit import (
     host,
     model,
     obs,
+    ok_results,
     paused,
     ports,
     proc,
     refused,
     result,
+    sticky,
+    timeout,
     unit,
 )
 
@@ -197,6 +209,10 @@ def test_a_generation_hang_restart_waits_for_this_outages_library_check() -> Non
     assert "libraries" in {p.value for p in run.state.wants}
     [wait] = [f for f in run.state.findings if f.rule is Rule.LIBRARY_CHECK]
     assert "no (re)start before this outage's library check" in wait.message
+    run2 = Run(cfg=VENV, state=run.state)
+    run2.step(obs(100.5, host=unchecked))  # asked for, not run
+    [wait] = [f for f in run2.state.findings if f.rule is Rule.LIBRARY_CHECK]
+    assert "not run yet (1 cycle(s) without it)" in wait.message
     # The check runs and finds them gone under the running process: never restarted.
     for t in range(101, 110):
         assert not starts(run.step(obs(t, host=LIBS_GONE if t == 101 else unchecked)))
@@ -449,3 +465,195 @@ def test_a_fresh_process_drops_the_old_load_back_off() -> None:
     assert not run.step(obs(2, model=model(None)))  # the same process: it waits
     acts = run.step(obs(3, model=model(None), unit=invocation(unit(enter=2.5), "inv-2")))
     assert [a.model for a in acts if isinstance(a, LoadModel)] == ["M"]
+
+
+# --- issue 23 item 11: the survivors of `make mutants`, each a missing test --------------------
+
+BIG = 1.0e7  # a node up for months: arithmetic that only holds near t=0 shows here
+
+
+def test_a_back_off_attempt_that_did_not_run_is_tried_again_at_the_same_step() -> None:
+    run = Run(state=PolicyState(phase=Phase.BACKOFF, backoff_step=1, backoff_until=1.0))
+    stopped = {"health": refused(), "unit": unit("inactive", "dead")}
+    [start] = starts(run.step(obs(1, **stopped)))
+    refused_ = result(start, ResultStatus.REFUSED, "job failed: dependency", 1.5)
+    run.step(obs(2, results=(refused_,), **stopped))
+    assert run.state.backoff_step == 1 and run.state.backoff_until == 2 + 5.0
+    assert run.state.recovery_started is None and run.state.restarts == ()
+    assert not any(starts(run.step(obs(t, **stopped))) for t in range(3, 7))
+    assert starts(run.step(obs(7, **stopped))) and run.state.backoff_step == 1
+
+
+def test_a_start_that_did_not_run_gives_back_only_its_own_place() -> None:
+    mine = RestartRecord(0.0, RestartOrigin.WATCHDOG)
+    theirs = RestartRecord(0.5, RestartOrigin.SYSTEMD)
+    start = UnitCommand(UnitVerb.START, "tabbyapi.service", Reason(Rule.DOWN, "down"))
+    run = Run(state=PolicyState(restarts=(mine, theirs), start_attempts=(0.0,)))
+    run.step(obs(1, results=(result(start, ResultStatus.FAILED, "job failed", 0.5),)))
+    assert run.state.restarts == (theirs,)
+
+
+def test_the_process_told_by_systemd_is_told_again_without_it() -> None:
+    """The pid and start ticks kept from systemd's MainPID tell the same process (and another
+    one) once systemd cannot be asked any more."""
+    main = proc(100, ProcessRole.MAIN, listens=(PORT,))
+    run = Run()
+    run.step(obs(0, processes=(main,)))
+    nosd = unit(available=False, enter=None)
+    as_listener = dataclasses.replace(main, role=ProcessRole.ORPHAN)
+    same = Run(state=run.state)
+    same.step(obs(1, unit=nosd, processes=(as_listener,)))
+    assert same.state.phase is Phase.HEALTHY  # the same process
+    other = dataclasses.replace(as_listener, pid=101, start_ticks=5000)
+    run.step(obs(1, unit=nosd, port=ports((PORT, 101)), processes=(other,)))
+    assert run.state.phase is Phase.RECOVERING  # restarted as systemd went: a canary first
+
+
+def test_a_listener_whose_owner_is_unseen_is_no_identity() -> None:
+    run = Run()
+    nosd = {"unit": unit(available=False, enter=None), "port": ports((PORT, None))}
+    run.step(obs(0, processes=(), **nosd))
+    assert run.state.tabby_process == "" and run.state.phase is Phase.HEALTHY
+
+
+def test_a_loop_escalates_at_escalate_after_not_before_nor_while_blind() -> None:
+    down = {"health": refused(), "unit": unit("inactive", "dead")}
+    young = PolicyState(phase=Phase.BACKOFF, backoff_step=1, backoff_until=1e9, loop_since=0.0)
+    run = Run(state=young)
+    run.step(obs(119.9, **down))
+    assert not run.state.escalated
+    run.step(obs(120.0, **down))
+    assert run.state.escalated
+    blind = Health(HttpResult(Outcome.LOCAL_ERROR, 0.0, None, "EMFILE"), False)
+    run = Run(state=young)
+    run.step(obs(200, health=blind, unit=unit("inactive", "dead")))
+    assert not run.state.escalated
+
+
+def test_a_restart_behind_an_orphan_cleanup_cites_the_restart() -> None:
+    orphan = proc(300, ProcessRole.ORPHAN, gpu_gib=4.0)
+    run = Run()
+    prev = run.state
+    o = obs(0, health=sticky(), processes=(MAIN, orphan))
+    acts = run.step(o)
+    assert [a.kind for a in acts] == ["kill_orphan", "unit"]
+    change = next(
+        e
+        for e in narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+        if e.kind is EventKind.STATE_CHANGED
+    )
+    assert change.rule is Rule.STICKY_UNHEALTHY and "/health 503 unhealthy" in change.message
+
+
+def test_a_change_with_nothing_to_cite_cites_nothing() -> None:
+    run = Run()
+    run.step(obs(0, health=refused(), unit=unit(enter=-1.0)))
+    assert run.state.phase is Phase.STARTING and run.state.cause == ""
+
+
+def test_the_back_off_wait_cites_the_failed_load_not_another_warning() -> None:
+    no_nvml = GpuReport(error=NvmlErrorKind.LIBRARY_NOT_FOUND, detail="libnvidia-ml.so.1")
+    run = Run()
+    load = next(
+        a for a in run.step(obs(0, model=model(None), gpus=no_nvml)) if isinstance(a, LoadModel)
+    )
+    failed = result(load, ResultStatus.FAILED, "CUDA out of memory", 1, ErrorKind.LOAD_ERROR)
+    run.step(obs(1, model=model(None), gpus=no_nvml, results=(failed,)))
+    assert run.state.phase is Phase.NO_MODEL
+    assert run.state.cause.startswith("model load failed 1x: CUDA out of memory")
+
+
+def test_the_fallback_lost_soon_after_it_loaded_waits_for_the_back_off() -> None:
+    """The main model's back-off stands on the fallback; losing the fallback inside it waits,
+    with nothing failed to cite."""
+    run = Run(state=PolicyState(load_failures=5))  # past max_load_attempts: the fallback
+    load = next(a for a in run.step(obs(0, model=model(None))) if isinstance(a, LoadModel))
+    assert load.model == "F"
+    run.step(obs(1, model=model("F"), results=(result(load, ResultStatus.OK, "loaded", 1),)))
+    assert not run.step(obs(2, model=model(None)))
+    assert run.state.phase is Phase.NO_MODEL and run.state.cause == ""
+
+
+def test_a_mended_model_folder_ends_a_permanent_failure() -> None:
+    def folder(mtime: float) -> HostReport:
+        return host(model=ModelDir("M", "/mnt/models/M", True, True, 3, 21 << 30, mtime=mtime))
+
+    run = Run(cfg=config(model={"fallback": ""}))
+    load = next(
+        a
+        for a in run.step(obs(0, model=model(None), host=folder(100.0)))
+        if isinstance(a, LoadModel)
+    )
+    bad = result(load, ResultStatus.FAILED, "no longer supported", 1, ErrorKind.LOAD_PERMANENT)
+    run.step(obs(1, model=model(None), host=folder(100.0), results=(bad,)))
+    assert run.state.permanent and not run.step(obs(2, model=model(None), host=folder(100.0)))
+    acts = run.step(obs(3, model=model(None), host=folder(200.0)))  # the folder was replaced
+    assert run.state.permanent == () and [a.model for a in acts if isinstance(a, LoadModel)]
+
+
+def test_restarts_seen_late_and_on_time_at_any_uptime() -> None:
+    """With a 5 s interval: a gap of 10 s is on time, one of 10.5 s is late (dated to its
+    start, and said); a restart seen the instant it happened is dated then."""
+    run = Run(cfg=config(watchdog={"interval": 5}))
+    run.step(obs(BIG, unit=unit(n=0)))
+    run.step(obs(BIG + 10, unit=unit(n=1, enter=BIG + 10)))
+    assert [r.at - BIG for r in run.state.restarts] == [10.0]
+    assert not [f for f in run.state.findings if f.subject == "late"]
+    run.step(obs(BIG + 20.5, unit=unit(n=3, enter=BIG + 19)))
+    assert [r.at - BIG for r in run.state.restarts] == [10.0, 10.0, 10.0]
+    [late] = [f for f in run.state.findings if f.subject == "late"]
+    assert late.message.startswith("2 restart(s) by systemd happened while the watchdog was not")
+
+
+def test_a_queued_job_after_the_watchdogs_restart_holds_it_back_at_any_uptime() -> None:
+    run = Run()
+    for t in (0.0, 1.0, 2.0):
+        acts = run.step(obs(BIG + t, health=timeout()))
+    waiting = unit("inactive", "dead", job=7)
+    done = ok_results(acts, BIG + 2)
+    assert not run.step(obs(BIG + 2 + 9.9, health=refused(), unit=waiting, results=done))
+    assert starts(run.step(obs(BIG + 2 + 10.0, health=refused(), unit=waiting)))
+
+
+def test_the_library_wait_counts_the_cycles_without_a_check() -> None:
+    run = Run(cfg=VENV)
+    down = {"health": refused(), "unit": unit("failed", "failed", result="exit-code")}
+    run.step(obs(0, host=HUNG, **down))
+    assert run.state.phase is Phase.DOWN and run.state.phase_since == 0
+    run.step(obs(1, host=HUNG, **down))
+    run.step(obs(2, host=HUNG, **down))
+    [wait] = [f for f in run.state.findings if f.rule is Rule.LIBRARY_CHECK]
+    assert "not run yet (2 cycle(s) without it)" in wait.message
+
+
+def test_the_budget_frees_after_the_window_at_any_uptime() -> None:
+    run = Run(state=PolicyState(start_attempts=(BIG, BIG + 1, BIG + 2)))
+    down = {"health": refused(), "unit": unit("failed", "failed", result="exit-code")}
+    assert not starts(run.step(obs(BIG + 30, **down)))  # three issued within the window
+    assert starts(run.step(obs(BIG + 60.5, **down)))  # the first has left it
+
+
+def test_the_wait_after_the_watchdogs_own_restart_names_it() -> None:
+    """Its result and the new process are seen in the same cycle: the watchdog's own words
+    stand ("TabbyAPI's restart (a new process)" is for restarts it did not make)."""
+    run = Run()
+    acts = run.step(obs(0, health=sticky()))
+    fresh = invocation(unit(enter=0.5), "inv-2")
+    run.step(obs(1, unit=fresh, results=ok_results(acts, 0.5)))
+    [wait] = [f for f in run.state.findings if f.rule is Rule.CANARY_PENDING]
+    assert "after the watchdog's restart of tabbyapi.service:" in wait.message
+    other = Run()
+    other.step(obs(0))
+    other.step(obs(1, unit=invocation(unit(enter=0.5), "inv-2")))
+    [wait] = [f for f in other.state.findings if f.rule is Rule.CANARY_PENDING]
+    assert "after TabbyAPI's restart (a new process):" in wait.message
+
+
+def test_a_dry_runs_power_hold_goes_once_the_limit_is_on_target() -> None:
+    run = Run()
+    [setter] = run.step(obs(0, gpus=gpus(limit0=575.0)))
+    dry = result(setter, ResultStatus.DRY_RUN, "would set gpu0 power limit to 450 W", 0.1)
+    run.step(obs(1, gpus=gpus(limit0=575.0), results=(dry,)))
+    assert [h.gpu_index for h in run.state.power_held] == [0]
+    run.step(obs(2, gpus=gpus(limit0=450.0)))
+    assert run.state.power_held == ()
