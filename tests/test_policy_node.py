@@ -38,7 +38,7 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.situation import LIBRARY_CHECK_TRIES
+from hydra_watchdog.situation import LIBRARY_CHECK_TRIES, process_identity
 from hydra_watchdog.states import Phase, Rule
 from tests.policy_kit import (
     MAIN,
@@ -657,3 +657,8 @@ def test_a_dry_runs_power_hold_goes_once_the_limit_is_on_target() -> None:
     assert [h.gpu_index for h in run.state.power_held] == [0]
     run.step(obs(2, gpus=gpus(limit0=450.0)))
     assert run.state.power_held == ()
+
+
+def test_a_main_process_not_seen_by_the_scan_has_no_start_ticks() -> None:
+    seen = process_identity(obs(0, processes=()), PORT)
+    assert seen == ProcessId("inv", 100, 0)  # ticks unread: never compared
