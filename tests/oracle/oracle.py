@@ -819,12 +819,17 @@ def check_permanent_not_retried_as_is(trace: Trace) -> tuple[int, str] | None:
     TabbyAPI's process, the model's folder (the config is fixed in a trace). What the watchdog
     cannot see this cycle (systemd, the host check, the mount) has not changed."""
     failed: dict[str, tuple[int, tuple[bool, int]]] = {}
+    sent: dict[str, tuple[int, tuple[bool, int]]] = {}  # the process and folder a load met
     for rec in trace.records:
         for r in rec.obs.results:
             if isinstance(r.action, LoadModel) and r.error_kind.value == "load_permanent":
-                failed[r.action.model] = (rec.before.pid, _folder_state(rec.before, r.action.model))
+                # (its result may arrive after TabbyAPI was restarted: it failed where it went)
+                failed[r.action.model] = sent[r.action.model]
         for a in rec.actions:
-            if not isinstance(a, LoadModel) or a.model not in failed:
+            if not isinstance(a, LoadModel):
+                continue
+            sent[a.model] = (rec.before.pid, _folder_state(rec.before, a.model))
+            if a.model not in failed:
                 continue
             pid, folder = failed.pop(a.model)
             if pid == rec.before.pid and folder == _folder_state(rec.before, a.model):
