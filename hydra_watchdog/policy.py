@@ -325,7 +325,14 @@ def _still_permanent(p: PermanentFailure, obs: Observation, cfg: Config) -> bool
     seen to change: the model config, the folder (its mtime, when it can be read now). What
     cannot be read this cycle (the host check timed out, the mount lost) has not changed."""
     mtime = _folder_mtime(obs, cfg, p.model)
-    return p.config == repr(cfg.model) and (mtime is None or mtime == p.folder)
+    return p.config == repr(cfg.model) and (mtime is None or p.folder is None or mtime == p.folder)
+
+
+def _folder_seen(p: PermanentFailure, obs: Observation, cfg: Config) -> PermanentFailure:
+    """A folder not read when the load failed is taken as it is first seen after: what it
+    looked like then is unknown, so that first sight is no change."""
+    mtime = _folder_mtime(obs, cfg, p.model)
+    return replace(p, folder=mtime) if p.folder is None and mtime is not None else p
 
 
 def _load_failed(s: PolicyState, now: float, cfg: Config, detail: str) -> PolicyState:
@@ -399,7 +406,7 @@ def _count_restarts(
         )
         s = _unverified(s, "TabbyAPI's restart (a new process)", keep=own)
     # Config or folder changed: such a failure may not hold any more.
-    holding = tuple(p for p in s.permanent if _still_permanent(p, obs, cfg))
+    holding = tuple(_folder_seen(p, obs, cfg) for p in s.permanent if _still_permanent(p, obs, cfg))
     if holding != s.permanent:
         s = changed(s, permanent=holding)
     return s, notes
