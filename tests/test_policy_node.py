@@ -38,7 +38,7 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.situation import LIBRARY_CHECK_TRIES, process_identity
+from hydra_watchdog.situation import LIBRARY_CHECK_TRIES, tabby_process
 from hydra_watchdog.states import Phase, Rule
 from tests.policy_kit import (
     MAIN,
@@ -659,23 +659,6 @@ def test_a_dry_runs_power_hold_goes_once_the_limit_is_on_target() -> None:
     assert run.state.power_held == ()
 
 
-def test_a_main_process_not_seen_by_the_scan_has_no_start_ticks() -> None:
-    seen = process_identity(obs(0, processes=()), PORT)
-    assert seen == ProcessId("inv", 100, 0)  # ticks unread: never compared
-
-
-def test_a_permanent_failure_met_while_the_folder_was_unread_holds_once_it_is_read() -> None:
-    """make fuzz: a load failed for good while the host check hung (no mtime); the check
-    answered again with the same folder, and the load was sent again as is."""
-    folder = ModelDir("M", "/mnt/models/M", True, True, 3, 21 << 30, mtime=100.0)
-    run = Run(cfg=config(model={"fallback": ""}))
-    load = next(
-        a for a in run.step(obs(0, model=model(None), host=HUNG)) if isinstance(a, LoadModel)
-    )
-    bad = result(load, ResultStatus.FAILED, "no longer supported", 1, ErrorKind.LOAD_PERMANENT)
-    run.step(obs(1, model=model(None), host=HUNG, results=(bad,)))
-    for t in range(2, 6):
-        assert not run.step(obs(t, model=model(None), host=host(model=folder)))
-    assert [p.folder for p in run.state.permanent] == [100.0]
-    changed_folder = dataclasses.replace(folder, mtime=200.0)
-    assert run.step(obs(6, model=model(None), host=host(model=changed_folder)))
+def test_a_main_process_not_seen_by_the_scan_is_no_identity() -> None:
+    assert tabby_process(obs(0, processes=())) == ""  # unread: never compared
+    assert tabby_process(obs(0)) == "100@1100"
