@@ -172,7 +172,13 @@ def unkillable(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
 def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     if s.canary_verdict in (CanaryVerdict.STALLED, CanaryVerdict.FAILED):
         yield completions_stalled(s, cfg)
-    elif s.canary_verdict is CanaryVerdict.UNVERIFIED and obs.health.healthy:
+    elif (
+        s.canary_verdict is CanaryVerdict.UNVERIFIED
+        and obs.health.healthy
+        and obs.model is not None
+        and bool(obs.model.loaded)
+    ):
+        # (the canary goes only to a loaded model: before that, the load's findings speak)
         after = s.canary_wait or "TabbyAPI's last restart or model load"
         yield Finding(
             Rule.CANARY_PENDING,
