@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from logging_journald import JournaldTransport
 
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.report import journal
@@ -342,6 +343,33 @@ def test_journald_vanishing_later_falls_back_per_record(tmp_path: Path) -> None:
     log_event(make_event(message="still said somewhere"))
     assert "still said somewhere" in console.getvalue()
     assert "hydra_reason='3 probes refused in 15 s'" in console.getvalue()
+
+
+def _older_transport(socket_path: str | None = None) -> Any:
+    """logging-journald's transport as an older release made it: no `connected` argument. (No
+    older package can be installed beside the current one; the signature is what differs.)"""
+    return JournaldTransport(socket_path)
+
+
+def test_a_transport_that_raises_anything_falls_back_to_the_console_said_once(
+    journal_socket: tuple[str, socket.socket], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Any exception from the transport (here the TypeError of an older logging-journald), not
+    only OSError: the record reaches the console, and why the journal failed is said once."""
+    path, _sock = journal_socket
+    monkeypatch.setattr(journal, "JournaldTransport", _older_transport)
+    console = io.StringIO()
+    configure_logging(journal=True, socket_path=path, stream=console)
+    log_event(make_event(message="first record"))
+    log_event(make_event(message="second record"))
+    lines = console.getvalue().splitlines()
+    assert len(lines) == 3, lines
+    assert lines[0] == (
+        "<4>cannot log to journald (TypeError: _older_transport() got an unexpect...): "
+        "records go to stderr"
+    )
+    assert lines[1].startswith("<5>first record  ")
+    assert lines[2].startswith("<5>second record  ")
 
 
 def test_writer_survives_a_restarted_journald(journal_socket: tuple[str, socket.socket]) -> None:

@@ -19,6 +19,7 @@ the console on stderr instead.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import socket
@@ -31,7 +32,7 @@ from logging_journald import JournaldTransport
 from structlog.typing import EventDict, WrappedLogger
 
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import one_line, printable
 from hydra_watchdog.report.log import (
     ConsoleLogger,
     bridge_stdlib,
@@ -194,6 +195,7 @@ class JournalWriter:
 
     def __init__(self, path: str = JOURNAL_SOCKET) -> None:
         self.path = path
+        self.failure = ""  # why the last send failed ("" after one that went out)
         self._transport: JournaldTransport | None = None
         self._lock = threading.Lock()
 
@@ -213,9 +215,13 @@ class JournalWriter:
                     self._transport = JournaldTransport(self.path, connected=False)
                     self._transport.socket.settimeout(_SEND_TIMEOUT_S)
                 self._transport.send(fields)
-            except (OSError, ValueError):
+            except Exception as exc:
+                # OSError (journald gone), ValueError, or what a transport of another
+                # version raises (an older logging-journald takes no `connected`: TypeError).
                 self._close_locked()
+                self.failure = f"{type(exc).__name__}: {exc}"
                 return False
+            self.failure = ""
         return True
 
     def close(self) -> None:
@@ -224,7 +230,8 @@ class JournalWriter:
 
     def _close_locked(self) -> None:
         if self._transport is not None:
-            self._transport.socket.close()
+            with contextlib.suppress(Exception):
+                self._transport.socket.close()
             self._transport = None
 
 
@@ -258,16 +265,25 @@ def _console_line(fields: Sequence[tuple[str, str]]) -> str:
 
 
 class JournalLogger:
-    """structlog's logger under journald: sends each record's fields; when journald is gone it
-    writes the record to the console instead."""
+    """structlog's logger under journald: sends each record's fields; when a send fails it writes
+    the record to the console instead, and why once (again when the reason changes, or after
+    journald took a record in between)."""
 
     def __init__(self, writer: JournalWriter, fallback: ConsoleLogger) -> None:
         self._writer = writer
         self._fallback = fallback
+        self._said = ""  # the failure last said on the console
 
     def msg(self, fields: Sequence[tuple[str, str]]) -> None:
-        if not self._writer.send(fields):
-            self._fallback.msg(_console_line(fields))
+        if self._writer.send(fields):
+            self._said = ""
+            return
+        why = self._writer.failure
+        if why != self._said:
+            self._said = why
+            said = one_line(why, 48)  # the line within 100 columns
+            self._fallback.msg(f"<4>cannot log to journald ({said}): records go to stderr")
+        self._fallback.msg(_console_line(fields))
 
     debug = info = warning = error = critical = msg
 
