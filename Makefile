@@ -33,7 +33,7 @@ test: venv system-deps
 
 # Exploration, beside `make test`: the policy oracle (issue 13) on many more seeded traces
 # (FUZZ_TRACES and FUZZ_SEED pick how many and which), then every hypothesis test drawing at
-# random, 10 times its own number of examples (the fuzz profile).
+# random (the fuzz profile: 1000 examples where a test sets no number of its own).
 FUZZ_TRACES ?= 20000
 FUZZ_SEED ?= 13000
 fuzz: venv
