@@ -89,7 +89,7 @@ def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> Pa
     except FileNotFoundError:
         return None
     except UnusableFileError as exc:
-        move_aside(path, f"not a pause request: {exc}", dir_fd=dir_fd)
+        move_aside(path, f"not a pause request: {exc}", then="not paused", dir_fd=dir_fd)
         return None
     euid = os.geteuid()
     if st.st_uid != euid or st.st_mode & 0o022:
@@ -98,8 +98,8 @@ def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> Pa
             path,
             dir_fd=dir_fd,
             why=f"not written by `hydra-watchdog pause`: owned by uid {st.st_uid} with mode "
-            f"{stat.S_IMODE(st.st_mode):04o} (wanted uid {euid}, not group/other-writable); "
-            f"not paused",
+            f"{stat.S_IMODE(st.st_mode):04o} (wanted uid {euid}, not group/other-writable)",
+            then="not paused",
         )
         return None
     try:
@@ -117,7 +117,7 @@ def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> Pa
         ):
             raise TypeError(f"'until_wall' is {str(until)[:40]!r}, not a time or null")
     except (ValueError, TypeError, RecursionError) as exc:
-        move_aside(path, f"not a pause request: {exc}"[:200], dir_fd=dir_fd)
+        move_aside(path, f"not a pause request: {exc}"[:200], then="not paused", dir_fd=dir_fd)
         return None
     if until is None:
         return PauseRequest(reason=reason, until=None)

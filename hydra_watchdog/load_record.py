@@ -162,6 +162,11 @@ def quarantine(state_dir: Path, why: str) -> None:
     once, never acted on (act/load_launch.py judges it)."""
     try:
         with private_dir(state_dir) as dir_fd:
-            move_aside(state_dir / LAUNCH_FILE, f"not a load of ours: {why}", dir_fd=dir_fd)
+            move_aside(
+                state_dir / LAUNCH_FILE,
+                f"not a load of ours: {why}",
+                then="nothing it names is acted on",
+                dir_fd=dir_fd,
+            )
     except OSError as exc:
         log.warning("cannot move aside %s: %s", state_dir / LAUNCH_FILE, exc)

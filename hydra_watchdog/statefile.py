@@ -158,11 +158,17 @@ def write_atomic(path: Path, data: bytes, mode: int, *, dir_fd: int | None = Non
 
 
 def move_aside(
-    path: Path, why: str, *, wall: float | None = None, dir_fd: int | None = None
+    path: Path,
+    why: str,
+    *,
+    then: str = "started afresh",
+    wall: float | None = None,
+    dir_fd: int | None = None,
 ) -> Path | None:
-    """Keep a file we cannot use as evidence (`<name>.corrupt-<ts>`) and warn; None if even that
-    failed (then the caller goes on without it: the next write replaces it). With `dir_fd`,
-    `path.name` in that directory (write_atomic)."""
+    """Keep a file we cannot use as evidence (`<name>.corrupt-<ts>`) and warn, saying what the
+    caller does without it (`then`: the state starts afresh, a load record is never acted on);
+    None if even that failed (then the caller goes on without it: the next write replaces it).
+    With `dir_fd`, `path.name` in that directory (write_atomic)."""
     stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime(time.time() if wall is None else wall))
     name = path.name if dir_fd is not None else str(path)
     target = f"{name}.corrupt-{stamp}"
@@ -176,7 +182,7 @@ def move_aside(
         log.warning("%s is unusable (%s) and could not be moved aside: %s", path, why, exc)
         return None
     moved = path.with_name(os.path.basename(target))
-    log.warning("%s is unusable (%s); moved it to %s and started afresh", path, why, moved)
+    log.warning("%s is unusable (%s); moved it to %s; %s", path, why, moved, then)
     return moved
 
 

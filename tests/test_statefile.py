@@ -22,6 +22,7 @@ from hypothesis import strategies as st
 
 from hydra_watchdog.config import Config
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.load_record import LAUNCH_FILE, quarantine
 from hydra_watchdog.policy_state import (
     STATE_VERSION,
     Finding,
@@ -186,6 +187,25 @@ def test_corrupt_file_is_moved_aside_with_a_warning(
     assert aside[0].read_bytes() == content
     assert not (d / STATE_FILE).exists()
     assert any("moved it to" in r.getMessage() for r in caplog.records)
+
+
+def test_each_file_moved_aside_says_what_happens_without_it(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The state starts afresh; a load record that names what is not our helper does not: it is
+    never acted on, and the log line says that, not "started afresh"."""
+    d = tmp_path / "st"
+    d.mkdir(mode=0o700)
+    (d / STATE_FILE).write_bytes(b"garbage")
+    StateFile(d, events_kept=5, boot_id=BOOT).load()
+    (d / LAUNCH_FILE).write_bytes(b"{}")
+    quarantine(d, "pid 1 is not our helper")
+    said = [r.getMessage() for r in caplog.records if "moved it to" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].endswith("started afresh"), said[0]
+    assert f"{LAUNCH_FILE} is unusable (not a load of ours: pid 1 is not our helper)" in said[1]
+    assert "afresh" not in said[1], said[1]
+    assert said[1].endswith("; nothing it names is acted on"), said[1]
 
 
 def _quarantined(d: Path) -> list[Path]:

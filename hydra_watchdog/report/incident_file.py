@@ -64,6 +64,6 @@ class IncidentFile:
             write_atomic(self.path, data, 0o600, dir_fd=dir_fd)
 
     def _discard(self, why: str, dir_fd: int) -> Loaded:
-        moved = move_aside(self.path, why, dir_fd=dir_fd)
+        moved = move_aside(self.path, why, then="the incidents restart", dir_fd=dir_fd)
         where = f"set aside as {moved.name}" if moved else "could not be moved aside"
         return Loaded(Tracker(), f"{self.path.name} unusable ({why}); {where}; incidents restart")
