@@ -117,7 +117,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         code: int = getattr(commands, "cmd_" + args.command.replace("-", "_"))(args)
     except commands.CliError as exc:
-        print(f"hydra-watchdog: {exc}", file=sys.stderr)
+        from hydra_watchdog.printable import wrapped  # noqa: PLC0415 - see the module's doc
+
+        print(wrapped(f"hydra-watchdog: {exc}"), file=sys.stderr)
         return exc.code
     except KeyboardInterrupt:
         return 130

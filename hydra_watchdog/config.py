@@ -697,10 +697,10 @@ def _check_own_names(cfg: Config) -> None:
     if within_dir(state, runtime) or within_dir(runtime, state):
         raise ConfigError(
             "watchdog.state_dir",
-            f"{_show(w.state_dir)} is watchdog.runtime_dir or shares a tree with it "
-            f"({_show(w.runtime_dir)}): state is root's alone and kept, the runtime folder "
-            "world-readable and removed when the watchdog stops; give each its own, like "
-            "/var/lib/hydra-watchdog and /run/hydra-watchdog",
+            f"{_show(w.state_dir)} is watchdog.runtime_dir ({_show(w.runtime_dir)}) or shares a "
+            "tree with it: the state is root's and kept, the runtime dir world-readable and "
+            "removed at stop; give each its own, like /var/lib/hydra-watchdog and "
+            "/run/hydra-watchdog",
         )
 
 

@@ -53,6 +53,7 @@ from hydra_watchdog.observation import (
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide as policy_decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.printable import wrapped
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.report.journal import configure_logging, log_event
 from hydra_watchdog.report.log import get_logger
@@ -479,17 +480,17 @@ def run_daemon(
         config = load_config(path)
         check_host(config)
     except ConfigError as exc:
-        print(f"hydra-watchdog: {exc}", file=sys.stderr)
+        print(wrapped(f"hydra-watchdog: {exc}"), file=sys.stderr)
         return EX_CONFIG
     try:  # before anything reads pause.json or the state from a dir someone else prepared
         ensure_private_dir(Path(config.watchdog.state_dir))
         ensure_public_dir(Path(config.watchdog.runtime_dir))
     except OSError as exc:  # UnsafeDirectoryError names the component; 78: no restart loop
-        print(f"hydra-watchdog: refusing to start: {exc}", file=sys.stderr)
+        print(wrapped(f"hydra-watchdog: refusing to start: {exc}"), file=sys.stderr)
         return EX_CONFIG
     unusable = unusable_key_file(config.tabbyapi.admin_key_file)
     if unusable:
-        print(f"hydra-watchdog: refusing to start: {unusable}", file=sys.stderr)
+        print(wrapped(f"hydra-watchdog: refusing to start: {unusable}"), file=sys.stderr)
         return EX_CONFIG
     configure_logging()
     adapters = adapter_factory(config)

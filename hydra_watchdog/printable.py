@@ -32,3 +32,17 @@ def one_line(text: str, limit: int = 100) -> str:
     """`text` escaped (see printable), then cut to `limit` characters."""
     shown = printable(text)
     return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+
+
+WIDTH = 100  # every line the watchdog prints fits in this many columns
+
+
+def wrapped(text: str, width: int = WIDTH, indent: str = "  ") -> str:
+    """`text` escaped (see printable), as lines of at most `width` characters, the lines after
+    the first indented: a refusal on a terminal, the key first and the value it quotes whole
+    where it fits on a line. Never a word cut but one longer than a line (a long path)."""
+    import textwrap  # noqa: PLC0415 - only a command that refuses something pays for it
+
+    return textwrap.fill(
+        printable(text), width=width, subsequent_indent=indent, break_on_hyphens=False
+    )

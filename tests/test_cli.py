@@ -25,6 +25,7 @@ from hydra_watchdog.report.status_file import STATUS_FILE, mark_stopped, write_s
 from hydra_watchdog.report.status_view import process_start
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase, Rule, Severity
+from tests.harness.lines import unwrapped
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "config.example.toml"
@@ -439,7 +440,7 @@ def test_run_refuses_a_state_dir_another_user_created_first(
     config = _safe_run_config(tmp_path, state, tmp_path / "run")
     out = cli("run", "--once", "--config", str(config))
     assert out.returncode == 78, out.stdout + out.stderr
-    assert f"state dir {state} is owned by uid 65534, not by uid 0" in out.stderr
+    assert f"state dir {state} is owned by uid 65534, not by uid 0" in unwrapped(out.stderr)
     assert "Traceback" not in out.stderr
     # never repaired and trusted: still theirs, nothing of ours written into it
     assert (state.stat().st_uid, state.stat().st_mode & 0o777) == (65534, 0o700)
@@ -456,7 +457,7 @@ def test_run_refuses_a_world_writable_runtime_dir(tmp_path: Path) -> None:
     config = _safe_run_config(tmp_path, tmp_path / "state", run)
     out = cli("run", "--once", "--config", str(config))
     assert out.returncode == 78, out.stdout + out.stderr
-    assert f"runtime dir {run} is writable by others (mode 1777)" in out.stderr
+    assert f"runtime dir {run} is writable by others (mode 1777)" in unwrapped(out.stderr)
     assert list(run.iterdir()) == []
 
 

@@ -55,6 +55,7 @@ from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.report.metrics import parse_listen
 from hydra_watchdog.report.status_build import stale_after
 from tests import policy_kit as kit
+from tests.harness.lines import unwrapped
 from tests.test_config import DEVICE_FIELDS, raw_value
 
 # --- what the daemon builds from a config ------------------------------------------------------
@@ -436,4 +437,4 @@ def test_run_refuses_what_check_config_refuses(tmp_path: Path) -> None:
         check=False,
     )
     assert out.returncode == 78, out.stderr
-    assert "tabbyapi.user: 'hw-no-such-user' is no user on this machine" in out.stderr
+    assert "tabbyapi.user: 'hw-no-such-user' is no user on this machine" in unwrapped(out.stderr)

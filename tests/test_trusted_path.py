@@ -22,6 +22,7 @@ from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase
 from hydra_watchdog.trusted_path import UnsafeDirectoryError, open_trusted_dir
 from tests.harness.adversary import NOBODY, SYSTEM_PYTHON, as_nobody, plant, public_dir
+from tests.harness.lines import unwrapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as uid 65534")
 EX_CONFIG = 78
@@ -144,7 +145,7 @@ def test_the_daemon_refuses_to_start_under_a_parent_others_can_write(top: Path, 
     assert done.returncode == EX_CONFIG, done.stderr[-2000:]
     what = key.replace("_", " ")
     assert f"refusing to start: {what} {shared}/dir: {shared} is writable by others" in (
-        done.stderr
+        unwrapped(done.stderr)
     ), done.stderr
     assert "Traceback" not in done.stderr
 

@@ -21,6 +21,7 @@ from hydra_watchdog.adapters.loader_env import unit_env
 from hydra_watchdog.adapters.tabby import read_admin_key
 from hydra_watchdog.load_record import LAUNCH_FILE, read_launch
 from tests.harness.adversary import plant, public_dir
+from tests.harness.lines import unwrapped
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as uid 65534")
 EX_CONFIG = 78
@@ -77,7 +78,8 @@ def test_a_config_that_is_not_a_regular_file_is_refused_at_once(
     done = cli(command, *extra, "--config", path)
     assert done.returncode == EX_CONFIG, done.stdout + done.stderr
     kind = "p" if planted == "fifo" else "c"
-    assert f"config file {path} cannot be read: not a regular file (mode {kind}rw" in done.stderr
+    said = unwrapped(done.stderr)
+    assert f"config file {path} cannot be read: not a regular file (mode {kind}rw" in said
     assert "Traceback" not in done.stderr
 
 
@@ -104,7 +106,7 @@ def test_an_admin_key_file_that_is_not_a_regular_file_stops_run_at_start(
     assert done.returncode == EX_CONFIG, done.stderr[-2000:]
     kind = "p" if planted == "fifo" else "c"
     said = f"refusing to start: tabbyapi.admin_key_file {key} is unusable: not a regular file"
-    assert f"{said} (mode {kind}rw" in done.stderr, done.stderr
+    assert f"{said} (mode {kind}rw" in unwrapped(done.stderr), done.stderr
     assert "Traceback" not in done.stderr and "MemoryError" not in done.stderr
 
 
