@@ -13,7 +13,9 @@ WATCHDOG=1 is sent from this loop itself, never from a helper thread: if the loo
 must notice and restart us. An exception inside one cycle is logged and the next cycle runs.
 SIGTERM ends the loop after the current step; a model load in flight goes on in its helper
 process (act/load_launch.py) for the next watchdog to pick up, the state is persisted, exit 0.
-SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED) and the old one stays.
+SIGHUP reloads the config; an invalid one is rejected (CONFIG_REJECTED) and the old one stays,
+as is one that `run` would refuse at start (an untrusted state or runtime dir, a key file that
+can never hold a key).
 """
 
 from __future__ import annotations
@@ -328,6 +330,9 @@ class Daemon:
         try:
             new = load_config(self.config_path)
             check_host(new)
+            refused = start_refusal(new)  # what `run` refuses at start, a reload refuses too
+            if refused:
+                raise ConfigError("", refused)
             adapters = self.adapter_factory(new)
             try:
                 # The running loader carries over: a load in flight finishes on the client it
@@ -448,6 +453,18 @@ class Daemon:
         )
 
 
+def start_refusal(config: Config) -> str:
+    """Why `run` must not start (exit 78), or must not take `config` on a reload: a state or
+    runtime dir that a component of its path lets another user replace (made here when missing,
+    as the daemon would), or an admin key file that can never hold a key. "" when none."""
+    try:  # before anything reads pause.json or the state from a dir someone else prepared
+        ensure_private_dir(Path(config.watchdog.state_dir))
+        ensure_public_dir(Path(config.watchdog.runtime_dir))
+    except OSError as exc:  # UnsafeDirectoryError names the component
+        return str(exc)
+    return unusable_key_file(config.tabbyapi.admin_key_file)
+
+
 def unusable_key_file(path: str) -> str:
     """Why the configured admin key file can never hold a key (a FIFO, a device, a directory,
     too large), or "". Refused at start like a bad config; one that is missing or unreadable is
@@ -482,15 +499,9 @@ def run_daemon(
     except ConfigError as exc:
         print(wrapped(f"hydra-watchdog: {exc}"), file=sys.stderr)
         return EX_CONFIG
-    try:  # before anything reads pause.json or the state from a dir someone else prepared
-        ensure_private_dir(Path(config.watchdog.state_dir))
-        ensure_public_dir(Path(config.watchdog.runtime_dir))
-    except OSError as exc:  # UnsafeDirectoryError names the component; 78: no restart loop
-        print(wrapped(f"hydra-watchdog: refusing to start: {exc}"), file=sys.stderr)
-        return EX_CONFIG
-    unusable = unusable_key_file(config.tabbyapi.admin_key_file)
-    if unusable:
-        print(wrapped(f"hydra-watchdog: refusing to start: {unusable}"), file=sys.stderr)
+    refused = start_refusal(config)
+    if refused:  # 78: no restart loop
+        print(wrapped(f"hydra-watchdog: refusing to start: {refused}"), file=sys.stderr)
         return EX_CONFIG
     configure_logging()
     adapters = adapter_factory(config)
