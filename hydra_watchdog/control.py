@@ -15,23 +15,21 @@ status file, lives in report/status_file.py.)
 from __future__ import annotations
 
 import json
-import logging
 import math
 import os
 import stat
 import time
 from pathlib import Path
 
-from hydra_watchdog.observation import PauseRequest, local_failure
+from hydra_watchdog.observation import PauseRequest
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
+from hydra_watchdog.trusted_path import UnsafeDirectoryError
 from hydra_watchdog.trusted_path import state_dir as private_dir
 
 PAUSE_FILE = "pause.json"
 PAUSE_VERSION = 1
 PAUSE_MAX_BYTES = 64 * 1024  # a reason typed by a human
-
-log = logging.getLogger(__name__)
 
 
 def pause(state_dir: Path | str, reason: str, until_wall: float | None) -> None:
@@ -64,23 +62,24 @@ def read_pause(state_dir: Path | str, wall_now: float, mono_now: float) -> Pause
 
     A file we cannot understand pauses nothing (the watchdog keeps guarding TabbyAPI rather than
     going quiet on garbage); it is moved aside with a warning so the warning is not repeated
-    every cycle. A file we could not read for lack of descriptors or memory is the watchdog's
-    own failure, not the file's: it may well be a pause for a driver upgrade, so it pauses, with
-    the reason saying why, until it can be read.
+    every cycle. A pause state we cannot read at all is another matter: a state dir that became
+    untrusted while the daemon ran (a component another user can now replace: UnsafeDirectoryError
+    names it), one we may not search, or our own lack of descriptors or memory. An operator's
+    pause for a driver upgrade may stand there unread, so the daemon observes only and acts on
+    nothing until it can read it again (`unreadable`: the policy's finding says why, once).
     """
     path = Path(state_dir) / PAUSE_FILE
     try:
         with private_dir(state_dir) as dir_fd:
             return _read_pause(path, dir_fd, wall_now, mono_now)
     except FileNotFoundError:
-        return None  # no state dir yet: nothing paused
-    except OSError as exc:  # UnsafeDirectoryError (it names the component), EACCES...
-        if local_failure(exc):
-            why = f"{path} exists but cannot be read ({exc.strerror or exc}); observing only"
-            log.error("%s", why)
-            return PauseRequest(reason=why, until=None)
-        log.warning("cannot read %s: %s; not paused", path, exc)
-        return None
+        return None  # no state dir (and no pause in it): nothing paused
+    except OSError as exc:
+        if isinstance(exc, UnsafeDirectoryError):  # it names the component
+            why = f"{path} not read: {exc}"
+        else:
+            why = f"{path} cannot be read ({exc.strerror or exc})"
+        return PauseRequest(reason=f"{why}; observing only", until=None, unreadable=True)
 
 
 def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> PauseRequest | None:

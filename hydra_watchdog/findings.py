@@ -556,8 +556,10 @@ def library_check_awaited(misses: int, obs: Observation) -> Finding:
     )
 
 
-def paused(reason: str, until_in: float | None) -> Finding:
+def paused(reason: str, until_in: float | None, *, unreadable: bool = False) -> Finding:
     # No countdown: an unchanged pause says the same thing every cycle (status has its end).
+    if unreadable:  # a finding of its own (key, severity): told even where a pause stood before
+        return Finding(Rule.PAUSED, Severity.ERR, reason, subject="unreadable")
     until = "until resumed" if until_in is None else "until it expires"
     return Finding(Rule.PAUSED, Severity.NOTICE, f"paused {until}: {reason}")
 

@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from hydra_watchdog.regular_file import read_regular
+from hydra_watchdog.said_once import SaidOnce, failure_key
 from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
 from hydra_watchdog.trusted_path import UnsafeDirectoryError
 from hydra_watchdog.trusted_path import state_dir as private_dir
@@ -38,8 +39,8 @@ _LIMIT = 64 * 1024  # bytes; each file is a few hundred
 _MODE = 0o600
 
 log = logging.getLogger(__name__)
-# The last refusal warned about: a cycle reads the records several times, and says it once.
-_last_refusal = [""]
+# A cycle reads the records several times (progress, drain, report): a refusal is said once.
+_refused = SaidOnce()
 
 
 @dataclass(frozen=True)
@@ -93,12 +94,11 @@ def _write(state_dir: Path, name: str, record: LoadLaunch | LoadReport) -> None:
 def _read(state_dir: Path, name: str, kind: type[_T]) -> _T | None:
     try:
         with private_dir(state_dir) as dir_fd:
-            _last_refusal[0] = ""  # trusted again: a new refusal is said again
+            _refused.worked()  # trusted again: a new refusal is said again
             raw, _ = read_regular(name, _LIMIT, dir_fd=dir_fd)
         data: Any = parse_json(raw)
     except UnsafeDirectoryError as exc:  # never read from a dir another user could swap in
-        if str(exc) != _last_refusal[0]:
-            _last_refusal[0] = str(exc)
+        if _refused.failed(failure_key(exc)):
             log.warning("load records not read: %s", exc)
         return None
     except (OSError, ValueError):

@@ -306,6 +306,9 @@ class SystemLink:
 class PauseRequest:
     reason: str
     until: float | None  # monotonic; None: until `resume`
+    # No operator's pause but the watchdog's: the pause state could not be read or trusted (an
+    # operator's pause may stand there), so it observes only until it can read it again.
+    unreadable: bool = False
 
     def active(self, now: float) -> bool:
         return self.until is None or self.until > now

@@ -122,7 +122,8 @@ def decide(
     findings = diagnose(s, obs, config) + counted
 
     if pause is not None:
-        paused = say.paused(pause.reason, None if pause.until is None else pause.until - now)
+        until_in = None if pause.until is None else pause.until - now
+        paused = say.paused(pause.reason, until_in, unreadable=pause.unreadable)
         s = changed(
             _enter(s, Phase.PAUSED, now),
             findings=(paused, *findings),

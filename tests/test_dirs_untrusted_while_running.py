@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import os
 import socket
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
 
+from hydra_watchdog import control
 from hydra_watchdog.actions import Action
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.config import Config, load_config
@@ -27,8 +28,9 @@ from hydra_watchdog.daemon import Daemon, build_adapters
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
+from hydra_watchdog.report.log import capture_logs
 from hydra_watchdog.report.sdnotify import Notifier
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.adversary import plant, public_dir
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to act as uid 65534")
@@ -94,6 +96,51 @@ def node() -> Iterator[Node]:
             yield n
         finally:
             parent.chmod(0o755)
+
+
+def _said(records: Sequence[Mapping[str, Any]], text: str) -> int:
+    return sum(1 for r in records if r.get("event") == text)
+
+
+def test_a_state_dir_swapped_while_running_keeps_an_operators_pause(node: Node) -> None:
+    """Paused by the operator; then root opens the parent to others by mistake and uid 65534
+    swaps in a state dir of its own, with no pause.json. Before, the pause read as 'not paused'
+    and the daemon went back to acting. Now: it observes only, one finding names the component,
+    and the state and status.json that cannot be written are each said once, for three cycles;
+    once mended, the operator's pause is read again and each write is said to work again."""
+    daemon = node.daemon()
+    control.pause(node.state, "driver upgrade", None)
+    daemon.cycle()
+    assert daemon.state.phase is Phase.PAUSED
+
+    node.parent.chmod(0o777)
+    plant('mv "$1/state" "$1/old" && mkdir -m 700 "$1/state"', str(node.parent))
+    node.told.clear()
+    with capture_logs() as records:
+        for _ in range(3):
+            daemon.cycle()
+            assert daemon.state.phase is Phase.PAUSED
+    assert node.planned[-3:] == [(), (), ()]
+    unreadable = [e for e in node.told if e.rule is Rule.PAUSED and e.severity is Severity.ERR]
+    assert len(unreadable) == 1, [e.message for e in node.told]
+    assert f"{node.parent} is writable by others" in unreadable[0].message
+    assert unreadable[0].message.endswith("; observing only")
+    assert _said(records, "cannot persist the state") == 1, records
+    assert _said(records, "cannot write status.json") == 1, records
+
+    plant('rm -r "$1/state"', str(node.parent))
+    (node.parent / "old").rename(node.state)
+    node.parent.chmod(0o755)
+    with capture_logs() as records:
+        daemon.cycle()
+        daemon.cycle()
+    assert daemon.state.phase is Phase.PAUSED
+    assert [f.message for f in daemon.state.findings if f.rule is Rule.PAUSED] == [
+        "paused until resumed: driver upgrade"
+    ]
+    assert _said(records, "the state is persisted again") == 1, records
+    assert _said(records, "status.json is written again") == 1, records
+    daemon.close()
 
 
 @pytest.mark.parametrize("key", ["state_dir", "runtime_dir"])

@@ -15,7 +15,8 @@ results, the events told) and each reporter publishes its part of it, in this or
 The order matters: the state is on disk before the outside world hears of it, and READY=1 comes
 last, so that `systemctl start` returns only once `status` has a file to read. A reporter that
 fails is logged and the next one still runs: one broken output (a full disk, a journal that went
-away) never silences the others or stops the loop.
+away) never silences the others or stops the loop. A write retried every cycle is said once while
+it fails (again when why changes), and once when it works again (said_once.py).
 
 Persisting the intent *before* acting is not a report but a safety step of the cycle, and stays
 in daemon.py (it uses StateFileReporter.save, so both saves share the skip-when-unchanged rule).
@@ -46,6 +47,7 @@ from hydra_watchdog.report.metrics import Metrics
 from hydra_watchdog.report.status import StatusReport
 from hydra_watchdog.report.status_build import build_status
 from hydra_watchdog.report.status_file import write_status
+from hydra_watchdog.said_once import SaidOnce, failure_key
 from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase
 
@@ -159,6 +161,7 @@ class StateFileReporter:
         self._saved_events = saved_events
         self._clock = clock
         self._saved_at = clock()
+        self._failing = SaidOnce()
 
     def publish(self, record: CycleRecord) -> None:
         self.save(record.after, record.kept)
@@ -173,8 +176,11 @@ class StateFileReporter:
         try:
             self.file.save(state, events)
         except OSError as exc:  # a full disk must not stop the watchdog; retried next cycle
-            log.error("cannot persist the state", error=str(exc), path=str(self.file.path))
+            if self._failing.failed(failure_key(exc)):
+                log.error("cannot persist the state", error=str(exc), path=str(self.file.path))
             return
+        if self._failing.worked():
+            log.info("the state is persisted again", path=str(self.file.path))
         self._saved, self._saved_events, self._saved_at = key, events, now
 
 
@@ -189,18 +195,13 @@ class IncidentReporter:
         self.tracker = Tracker()
         self._file: IncidentFile | None = None
         self._unsaved = False
+        self._unread = SaidOnce()
+        self._failing = SaidOnce()
 
     def publish(self, record: CycleRecord) -> None:
         file = IncidentFile(record.config.watchdog.state_dir, dry_run=record.dry_run)
         if self._file is None or file.path != self._file.path:
-            try:
-                loaded = file.load()
-            except OSError as exc:  # retried next cycle; the incident is tracked meanwhile
-                log.error("cannot read the incidents", error=str(exc), path=str(file.path))
-            else:
-                if loaded.note:
-                    log.warning(loaded.note, path=str(file.path))
-                self.tracker, self._file = loaded.tracker, file
+            self._read(file)
         cycle = facts(
             record.before,
             record.after,
@@ -215,25 +216,52 @@ class IncidentReporter:
             self._unsaved = True
         self.tracker = tracker
         if self._unsaved and self._file is not None:
-            try:
-                self._file.save(tracker)
-                self._unsaved = False
-            except OSError as exc:  # a full disk: retried next cycle
-                log.error("cannot save the incidents", error=str(exc), path=str(file.path))
+            self._save(self._file)
         if self.metrics is not None:
             if closed is not None:
                 self.metrics.record_incident(closed)
             self.metrics.set_open_incident(tracker.open)
 
+    def _read(self, file: IncidentFile) -> None:
+        try:
+            loaded = file.load()
+        except OSError as exc:  # retried next cycle; the incident is tracked meanwhile
+            if self._unread.failed(failure_key(exc)):
+                log.error("cannot read the incidents", error=str(exc), path=str(file.path))
+            return
+        self._unread.worked()
+        if loaded.note:
+            log.warning(loaded.note, path=str(file.path))
+        self.tracker, self._file = loaded.tracker, file
+
+    def _save(self, file: IncidentFile) -> None:
+        try:
+            file.save(self.tracker)
+        except OSError as exc:  # a full disk: retried next cycle
+            if self._failing.failed(failure_key(exc)):
+                log.error("cannot save the incidents", error=str(exc), path=str(file.path))
+            return
+        self._unsaved = False
+        if self._failing.worked():
+            log.info("the incidents are saved again", path=str(file.path))
+
 
 class StatusFileReporter:
     """status.json in the runtime dir, for `hydra-watchdog status` as any user."""
 
+    def __init__(self) -> None:
+        self._failing = SaidOnce()
+
     def publish(self, record: CycleRecord) -> None:
+        runtime_dir = record.config.watchdog.runtime_dir
         try:
-            write_status(record.config.watchdog.runtime_dir, record.status)
+            write_status(runtime_dir, record.status)
         except OSError as exc:
-            log.warning("cannot write status.json", error=str(exc))
+            if self._failing.failed(failure_key(exc)):
+                log.warning("cannot write status.json", error=str(exc))
+            return
+        if self._failing.worked():
+            log.info("status.json is written again", runtime_dir=runtime_dir)
 
 
 def new_restarts(prev: PolicyState, new: PolicyState) -> list[str]:
