@@ -340,6 +340,52 @@ def test_a_wrappers_child_is_learned_from_the_units_cgroup(node: Node) -> None:
     assert roles[orphan] is ProcessRole.ORPHAN  # remembered while the unit is down
 
 
+def test_the_same_path_in_another_mount_namespace_is_another_program(node: Node) -> None:
+    """A root process in a mount namespace of its own (what RootDirectory= or a container that
+    shares our PID namespace gives) where another tree is bound over the install tree: its
+    `python3 <tree>/main.py` names TabbyAPI's program as text but runs another file. TabbyAPI's
+    unit has no User= (root), so uid, PID namespace and path all match: it is foreign all the
+    same. Beside it, TabbyAPI's real orphan, in our namespace, is still one."""
+    tree, port = node.tree, free_port()
+    other = tree.parent / "other-tree"
+    lay_out_tree(other)  # a main.py of its own: the same text, another file
+    assert os.stat(other / "main.py").st_ino != os.stat(tree / "main.py").st_ino
+    orphan = node.start(
+        [SYSTEM_PYTHON, str(tree / "main.py"), "--hold", *node.holder_args("orphan")], "orphan"
+    )
+    # Its pid file and signal log sit outside the tree, which the bind mount hides in there.
+    run = tree.parent / "run-other"
+    run.mkdir()
+    inside = [SYSTEM_PYTHON, str(tree / "main.py"), "--hold", str(run / "log"), str(run / "pid")]
+    bound = subprocess.Popen(
+        ["unshare", "--mount", "--propagation", "private", "/bin/sh", "-c",
+         'mount --bind "$0" "$1" && shift && exec "$@"', str(other), str(tree), *inside],
+        start_new_session=True,
+    )  # fmt: skip
+    node.started.append(bound)
+    deadline = time.monotonic() + 30
+    while not (run / "pid").exists():
+        assert bound.poll() is None, f"the bound process exited: {bound.returncode}"
+        assert time.monotonic() < deadline, "the bound process did not start"
+        time.sleep(0.02)
+    assert int((run / "pid").read_text()) == bound.pid
+    assert os.readlink(f"/proc/{bound.pid}/ns/mnt") != os.readlink("/proc/self/ns/mnt")
+    nvml_state.set_process(node.nvml.state, 0, orphan, 8 * GIB)
+    nvml_state.set_process(node.nvml.state, 1, bound.pid, 8 * GIB)
+
+    unit = tabby_unit(
+        active_state="failed",
+        exec_path=SYSTEM_PYTHON,
+        exec_argv=(SYSTEM_PYTHON, "main.py", "--port", str(port)),
+        working_directory=str(tree),
+    )
+    for down in (unit, UnitStatus(name="tabbyapi.service", available=False)):
+        _, found = ProcScanner(port, [str(tree)]).scan(down, node.gpus(), full=False)
+        roles = {p.pid: p.role for p in found}
+        assert roles[orphan] is ProcessRole.ORPHAN, down
+        assert roles[bound.pid] is ProcessRole.FOREIGN, down
+
+
 # --- under real systemd: the daemon's own cycle signals no process of the tree's but TabbyAPI's --
 
 PORT = 5720

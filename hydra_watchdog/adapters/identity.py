@@ -207,7 +207,8 @@ def within(path: str, roots: Iterable[str]) -> bool:
 #   a generic tool (`/usr/bin/env`, `/bin/sleep`) makes no other use of that tool TabbyAPI's;
 # * without a unit (`is_tabby_program`): a program inside the install tree.
 # A process merely started from inside the tree (its cwd), or running another file of the tree
-# (a `job.py` beside `main.py`), is not TabbyAPI's.
+# (a `job.py` beside `main.py`), is not TabbyAPI's. Nor is one whose program, named alike, is
+# another file in its own mount namespace (`same_program_file`).
 
 
 @dataclass(frozen=True)
@@ -327,6 +328,36 @@ def runs_program(ident: ProcIdentity, programs: Collection[str]) -> bool:
     through symlinks, which whoever owns them could point elsewhere meanwhile)."""
     found = program(ident)
     return found is not None and found in programs
+
+
+def _file_id(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except (OSError, ValueError):
+        return None
+    return st.st_dev, st.st_ino
+
+
+def same_program_file(ident: ProcIdentity, proc_root: str = "/proc") -> bool:
+    """The process's program, as the process sees it (through its root, in its own mount
+    namespace), is the file systemd sees at that path (PID 1's root): the same (st_dev, st_ino).
+    A program path is text: a root process in another mount namespace (a service with
+    RootDirectory=, a container sharing our PID namespace) may run its own /opt/tabbyapi/main.py,
+    another file. The watchdog's own namespace is no reference (its unit's ProtectHome= hides
+    what TabbyAPI's may see); where it may not read PID 1's root (not root), it is used instead.
+    False when either side cannot be read: never TabbyAPI's on a guess."""
+    found = program(ident)
+    if found is None:
+        return False
+    theirs = _file_id(f"{proc_root}/{ident.pid}/root{found}")
+    try:
+        os.stat(f"{proc_root}/1/root/")
+        systemds = _file_id(f"{proc_root}/1/root{found}")
+    except PermissionError:
+        systemds = _file_id(found)
+    except OSError:
+        return False
+    return theirs is not None and theirs == systemds
 
 
 def tabby_uid(unit: UnitStatus | None, configured_user: str) -> tuple[int | None, str]:

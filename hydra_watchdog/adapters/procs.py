@@ -49,6 +49,7 @@ from hydra_watchdog.adapters.identity import (
     read_identity,
     read_text,
     runs_program,
+    same_program_file,
     socket_owners,
     tabby_uid,
     unit_cgroup_members,
@@ -117,7 +118,8 @@ class ProcScanner:
     Roles (identity.py has the rules): MAIN and UNIT come from systemd (MainPID, the unit's
     cgroup). An ORPHAN runs TabbyAPI's own program (the one the unit's ExecStart= runs, or one
     seen in its cgroup; without a unit, a program of the install tree: `install_dirs`, the
-    config's cmdline_patterns), as TabbyAPI's uid, in our PID namespace, outside the unit.
+    config's cmdline_patterns), the very file systemd sees there (identity.same_program_file),
+    as TabbyAPI's uid, in our PID namespace, outside the unit.
     Everything else is FOREIGN: reported, never signalled."""
 
     def __init__(
@@ -259,6 +261,7 @@ class ProcScanner:
                 if programs is None
                 else runs_program(ident, programs)
             )
+            and (self.proc_root != "/proc" or same_program_file(ident))
             and not self._is_self(ident)
         ):
             return ProcessRole.ORPHAN
