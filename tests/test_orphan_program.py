@@ -13,6 +13,7 @@ TabbyAPI's very program (never TabbyAPI's: another uid).
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -37,6 +38,7 @@ from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import parse_exec, parse_show
 from hydra_watchdog.config import GpuDevice
 from hydra_watchdog.observation import GpuReport, ProcessRole, UnitStatus
+from hydra_watchdog.seen_programs import SEEN_FILE
 from hydra_watchdog.sim import nvml_state
 from tests.harness.adversary import SYSTEM_PYTHON, as_nobody, public_dir
 from tests.harness.nvml import NvmlSim
@@ -340,6 +342,79 @@ def test_a_wrappers_child_is_learned_from_the_units_cgroup(node: Node) -> None:
     assert roles[orphan] is ProcessRole.ORPHAN  # remembered while the unit is down
 
 
+def _state_dir(node: Node) -> Path:
+    state = node.tree.parent / "state"
+    state.mkdir(mode=0o700)
+    return state
+
+
+def test_the_programs_seen_in_the_units_cgroup_survive_a_watchdog_restart(node: Node) -> None:
+    """The wrapper's child, seen in the unit's cgroup by one watchdog, is kept in the state dir:
+    the next watchdog (a new scanner), started while the unit is down, still knows a leftover
+    `python3 main.py` for TabbyAPI's orphan, not a foreign process."""
+    tree, port, python = node.tree, free_port(), "python3"
+    state = _state_dir(node)
+    main = node.start([python, str(tree / "main.py"), "--hold", *node.holder_args("main")], "main")
+    start_sh = {"exec_path": str(tree / "start.sh"), "exec_argv": (str(tree / "start.sh"),)}
+    up = tabby_unit(active_state="active", main_pid=main, invocation_id="ab" * 16, **start_sh)
+    down = tabby_unit(active_state="failed", **start_sh)
+    gpus = node.gpus()
+    ProcScanner(port, [str(tree)], state_dir=str(state)).scan(up, gpus, full=False)
+    kept = json.loads((state / SEEN_FILE).read_text())
+    assert kept["unit"] == "tabbyapi.service"
+    assert kept["programs"] == [{"program": str(tree / "main.py"), "invocation": "ab" * 16}]
+    assert (state / SEEN_FILE).stat().st_mode & 0o777 == 0o600
+
+    os.killpg(main, signal.SIGKILL)
+    orphan = node.start([python, "main.py", "--hold", *node.holder_args("orphan")], "orphan")
+    nvml_state.set_process(node.nvml.state, 0, orphan, 8 * GIB)
+    restarted = ProcScanner(port, [str(tree)], state_dir=str(state))
+    roles = {p.pid: p.role for p in restarted.scan(down, node.gpus(), full=False)[1]}
+    assert roles[orphan] is ProcessRole.ORPHAN
+    # The same restart without the state dir (what a watchdog kept in memory only): foreign.
+    _, found = ProcScanner(port, [str(tree)]).scan(down, node.gpus(), full=False)
+    forgot = {p.pid: p.role for p in found}
+    assert forgot[orphan] is ProcessRole.FOREIGN
+
+
+def test_a_restored_program_passes_every_other_orphan_check(node: Node) -> None:
+    """What the file restores is a name only: a program outside the install tree names no
+    orphan (root's `sleep`), TabbyAPI's program run by uid 65534 is still foreign, a file kept
+    for another unit is not used, and one that is not ours is set aside."""
+    tree, port = node.tree, free_port()
+    state = _state_dir(node)
+    sleeper = subprocess.Popen(["/usr/bin/sleep", "600"], cwd=tree, start_new_session=True)
+    node.started.append(sleeper)
+    nobody = node.start(
+        as_nobody([SYSTEM_PYTHON, str(tree / "main.py"), "--hold", *node.holder_args("nobody")]),
+        "nobody",
+    )
+    orphan = node.start(
+        [SYSTEM_PYTHON, str(tree / "main.py"), "--hold", *node.holder_args("orphan")], "orphan"
+    )
+    for gpu, pid in enumerate((sleeper.pid, nobody, orphan)):
+        nvml_state.set_process(node.nvml.state, gpu % 2, pid, 8 * GIB)
+    start_sh = {"exec_path": str(tree / "start.sh"), "exec_argv": (str(tree / "start.sh"),)}
+    down = tabby_unit(active_state="failed", **start_sh)
+
+    def roles(programs: list[str], unit: str = "tabbyapi.service") -> dict[int, ProcessRole]:
+        rows = [{"program": p, "invocation": ""} for p in programs]
+        (state / SEEN_FILE).write_text(json.dumps({"version": 1, "unit": unit, "programs": rows}))
+        scanner = ProcScanner(port, [str(tree)], state_dir=str(state))
+        return {p.pid: p.role for p in scanner.scan(down, node.gpus(), full=False)[1]}
+
+    found = roles(["/usr/bin/sleep", str(tree / "main.py")])
+    assert found[sleeper.pid] is ProcessRole.FOREIGN  # outside the tree: never TabbyAPI's
+    assert found[nobody] is ProcessRole.FOREIGN  # another uid
+    assert found[orphan] is ProcessRole.ORPHAN
+    assert roles([str(tree / "main.py")], unit="other.service")[orphan] is ProcessRole.FOREIGN
+    (state / SEEN_FILE).write_text('{"version": 1, "unit": "tabbyapi.service", "programs": 7}')
+    scanner = ProcScanner(port, [str(tree)], state_dir=str(state))
+    found = {p.pid: p.role for p in scanner.scan(down, node.gpus(), full=False)[1]}
+    assert found[orphan] is ProcessRole.FOREIGN
+    assert [p.name.split(".corrupt-")[0] for p in state.glob("*.corrupt-*")] == [SEEN_FILE]
+
+
 def test_the_same_path_in_another_mount_namespace_is_another_program(node: Node) -> None:
     """A root process in a mount namespace of its own (what RootDirectory= or a container that
     shares our PID namespace gives) where another tree is bound over the install tree: its
@@ -538,6 +613,65 @@ def test_the_daemon_under_a_unit_signals_only_tabbyapis_orphans(
             assert inside.alive(pids[name]), (name, said)
         main = int(ns.show(unit, "MainPID")["MainPID"])
         assert main > 0 and inside.alive(main)
+    finally:
+        for proc in inside.spawned:
+            SystemdNamespace.kill_spawned(proc)
+        ns.reset_unit(unit, remove=True)
+        ns.run(["rm", "-rf", NS_TREE, RUN, NS_SIM, "/var/lib/hw-orphans-state"])
+
+
+@pytest.mark.systemd
+def test_a_wrapped_units_orphan_is_still_known_after_a_watchdog_restart(
+    systemd_ns: SystemdNamespace, nvml_sim_library: Path
+) -> None:
+    """TabbyAPI's unit runs a wrapper (ExecStart=<tree>/launch.sh, which execs `python
+    main.py`, as NixOS's .tabbyapi-wrapped does). One watchdog sees main.py in the unit's
+    cgroup; the unit stops, a leftover `python3 main.py` holds the port; a new watchdog process
+    (a restart) still knows it for TabbyAPI's orphan and signals it, where it took it for a
+    foreign holder before (BLOCKED)."""
+    ns = systemd_ns
+    unit = "hw-orphans-tabby.service"
+    inside = Inside(ns)
+    tree = inside.host(NS_TREE)
+    lay_out_tree(tree)
+    launch = tree / "launch.sh"
+    launch.write_text(
+        f"#!/bin/sh\nexec {sys.executable} main.py --port {PORT} --models-dir {NS_TREE}/models\n"
+    )
+    launch.chmod(0o755)
+    run = inside.host(RUN)
+    run.mkdir(mode=0o1777, exist_ok=True)
+    run.chmod(0o1777)
+    inside.host(NS_SIM).mkdir(parents=True, exist_ok=True)
+    shutil.copy(nvml_sim_library, inside.host(f"{NS_SIM}/libnvidia-ml.so.1"))
+    nvml_state.write_state(inside.host(f"{NS_SIM}/nvml.state"), nvml_state.default_state())
+    ns.write_file("/etc/hydra-watchdog/hw-orphans.toml", DAEMON_CONFIG)
+    ns.install_unit(unit, f"[Service]\nWorkingDirectory={NS_TREE}\nExecStart={NS_TREE}/launch.sh\n")
+    env = {**os.environ, nvml_state.STATE_ENV: f"{NS_SIM}/nvml.state"}
+    watchdog = [sys.executable, "-m", "hydra_watchdog", "run", "--once", "--config",
+                "/etc/hydra-watchdog/hw-orphans.toml"]  # fmt: skip
+    try:
+        assert ns.systemctl("start", unit).returncode == 0
+        ns.wait_for(
+            lambda: ns.run(["curl", "-sf", f"http://127.0.0.1:{PORT}/health"]).returncode == 0,
+            what="the unit's TabbyAPI answering",
+        )
+        first = ns.run(watchdog, cwd=str(REPO), env=env, timeout=120)
+        assert first.returncode == 0, first.stderr[-3000:]
+        kept = json.loads(inside.host(f"/var/lib/hw-orphans-state/{SEEN_FILE}").read_text())
+        invocation = ns.show(unit, "InvocationID")["InvocationID"]
+        assert kept["programs"] == [{"program": f"{NS_TREE}/main.py", "invocation": invocation}]
+
+        assert ns.systemctl("stop", unit).returncode == 0
+        python = ["env", f"PATH={SYSTEM_PATH}", "python3"]
+        orphan = inside.start(
+            [*python, "main.py", "--hold", *inside.args("orphan", PORT)], "orphan"
+        )
+        second = ns.run(watchdog, cwd=str(REPO), env=env, timeout=120)  # a new process
+        said = second.stderr + second.stdout
+        assert second.returncode == 0, said[-3000:]
+        ns.wait_for(lambda: not inside.alive(orphan), what="the orphan killed")
+        assert inside.signals("orphan") == [f"{orphan} {int(signal.SIGTERM)}"], said[-3000:]
     finally:
         for proc in inside.spawned:
             SystemdNamespace.kill_spawned(proc)

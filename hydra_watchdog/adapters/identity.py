@@ -202,7 +202,8 @@ def within(path: str, roots: Iterable[str]) -> bool:
 # A process is TabbyAPI's when its program is TabbyAPI's own program:
 # * with a unit (`unit_programs`): the program the unit's ExecStart= runs (its executable, or the
 #   script its interpreter runs, relative to WorkingDirectory=), and the program of any process
-#   seen in the unit's cgroup (what a wrapper script such as start.sh exec'd or started); each
+#   seen in the unit's cgroup (what a wrapper script such as start.sh exec'd or started; kept
+#   across watchdog restarts, seen_programs.py); each
 #   only while it lies inside the install tree (tabbyapi.cmdline_patterns), so a unit that runs
 #   a generic tool (`/usr/bin/env`, `/bin/sleep`) makes no other use of that tool TabbyAPI's;
 # * without a unit (`is_tabby_program`): a program inside the install tree.

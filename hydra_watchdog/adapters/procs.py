@@ -26,6 +26,7 @@ that got the PID of a process seen before between two cycles.
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from collections.abc import Callable, Iterable, Sequence
@@ -33,6 +34,7 @@ from typing import TYPE_CHECKING
 
 import psutil
 
+from hydra_watchdog import seen_programs
 from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     all_pids,
@@ -64,12 +66,14 @@ from hydra_watchdog.observation import (
     ProcessRole,
     UnitStatus,
 )
+from hydra_watchdog.said_once import SaidOnce, failure_key
 
 if TYPE_CHECKING:
     from hydra_watchdog.config import Config
 
 RESCAN_EVERY = 60.0  # seconds: every process's command line is read again at least this often
-MAX_SEEN_PROGRAMS = 16  # programs remembered from the unit's cgroup (a wrapper, its child...)
+
+log = logging.getLogger(__name__)
 
 
 def parse_listeners(text: str, ports: Iterable[int]) -> dict[int, int]:
@@ -131,7 +135,10 @@ class ProcScanner:
         proc_root: str = "/proc",
         cgroup_root: str = "/sys/fs/cgroup",
         clock: Callable[[], float] = time.monotonic,
+        state_dir: str | None = None,
     ) -> None:
+        """`state_dir`: where the programs seen in the unit's cgroup are kept across restarts
+        (seen_programs.py); None keeps them in memory only."""
         self.port = port
         self.install_dirs = tuple(p for p in install_dirs if p)
         self.user = user
@@ -144,12 +151,17 @@ class ProcScanner:
         self._btime: float | None = None
         self._own_service: str | None = None  # the watchdog's own .service cgroup ("" if none)
         self._own_ns = own_pid_namespace() if self.proc_root == "/proc" else None
-        self._seen_programs: dict[str, None] = {}  # run in the unit's cgroup, oldest first
+        # program -> the unit's InvocationID when last seen in its cgroup, oldest first
+        self._seen_programs: dict[str, str] = {}
+        self._state_dir = state_dir
+        self._restored = state_dir is None  # read back from the state dir (once it could be)
+        self._keeping = SaidOnce()  # the file's read or write failing, said once
+        self._unkept = False  # the set changed since it was last written
 
     @classmethod
     def from_config(cls, config: Config) -> ProcScanner:
         t = config.tabbyapi
-        return cls(t.port, t.cmdline_patterns, user=t.user)
+        return cls(t.port, t.cmdline_patterns, user=t.user, state_dir=config.watchdog.state_dir)
 
     # -- the scan ---------------------------------------------------------------------------
 
@@ -227,18 +239,57 @@ class ProcScanner:
         self, unit: UnitStatus, inside: Sequence[ProcIdentity]
     ) -> frozenset[str] | None:
         """TabbyAPI's own programs (identity.unit_programs): ExecStart's, and those seen run in
-        the unit's cgroup, remembered (the latest MAX_SEEN_PROGRAMS) for when the unit is down,
-        as it is when an orphan is most likely. None without a unit: the install tree decides."""
+        the unit's cgroup, remembered (the latest seen_programs.MAX_SEEN) for when the unit is
+        down, as it is when an orphan is most likely, and kept in the state dir for a watchdog
+        restarted meanwhile. None without a unit: the install tree decides."""
         if not unit.exists:
             return None
+        self._restore(unit.name)
+        before = dict(self._seen_programs)
         for ident in inside:
             found = program(ident)
             if found is not None and within(found, self.install_dirs):
                 self._seen_programs.pop(found, None)
-                self._seen_programs[found] = None  # the latest last
-        while len(self._seen_programs) > MAX_SEEN_PROGRAMS:
+                self._seen_programs[found] = unit.invocation_id  # the latest last
+        while len(self._seen_programs) > seen_programs.MAX_SEEN:
             del self._seen_programs[next(iter(self._seen_programs))]
+        if self._seen_programs != before:  # a new program, or a new invocation
+            self._unkept = True
+        if self._unkept and self._restored and self._state_dir is not None:
+            self._keep(self._state_dir, unit.name)
         return unit_programs(unit, self._seen_programs, self.install_dirs)
+
+    def _restore(self, unit: str) -> None:
+        """The programs a watchdog before this one saw, older than any seen since; tried each
+        cycle until the state dir can be read (never written over before that)."""
+        if self._restored or self._state_dir is None:
+            return
+        try:
+            restored = seen_programs.restore(self._state_dir, unit)
+        except OSError as exc:  # UnsafeDirectoryError names the component
+            if self._keeping.failed(failure_key(exc)):
+                log.warning("the programs seen in %s not read: %s", unit, exc)
+            return
+        self._keeping.worked()
+        if restored.note:
+            log.warning("%s: %s", seen_programs.SEEN_FILE, restored.note)
+        seen_now = self._seen_programs
+        self._seen_programs = {s.program: s.invocation for s in restored.seen}
+        for name, invocation in seen_now.items():
+            self._seen_programs.pop(name, None)
+            self._seen_programs[name] = invocation
+        self._restored = True
+
+    def _keep(self, state_dir: str, unit: str) -> None:
+        seen = tuple(seen_programs.Seen(p, i) for p, i in self._seen_programs.items())
+        try:
+            seen_programs.keep(state_dir, unit, seen)
+        except OSError as exc:  # a full disk: the set stays in memory, tried again next cycle
+            if self._keeping.failed(failure_key(exc)):
+                log.warning("the programs seen in %s not kept: %s", unit, exc)
+            return
+        self._unkept = False
+        self._keeping.worked()
 
     def _role(
         self,
