@@ -20,7 +20,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.harness.systemd_fixtures import booted_systemd
+from tests.harness.systemd_fixtures import own_systemd
 from tests.harness.systemd_ns import REPO, SystemdNamespace
 
 pytestmark = [pytest.mark.systemd]
@@ -137,11 +137,10 @@ def run_block(
 
 
 @pytest.fixture(scope="module")
-def runs() -> Iterator[Runs]:
+def runs(host_tmp_marker: Path) -> Iterator[Runs]:
     # A systemd of its own: the block installs units, /opt and /usr/local/bin into its overlay,
-    # which the session's shared namespace must not see.
-    ns = booted_systemd()
-    try:
+    # which the session's shared namespace must not see. With the harness's safety nets.
+    with own_systemd(host_tmp_marker) as ns:
         wheels = build_wheelhouse()
         copy_checkout(ns)
         block = readme_block()
@@ -151,8 +150,6 @@ def runs() -> Iterator[Runs]:
         state_after = ns.show("hydra-watchdog.service", "ActiveState").get("ActiveState", "")
         ok = run_block(ns, block, wheels, KEY)
         yield Runs(ns, unset, empty, key_after, state_after, ok)
-    finally:
-        ns.shutdown()
 
 
 def transcript(proc: subprocess.CompletedProcess[str]) -> str:

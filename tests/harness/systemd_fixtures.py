@@ -5,6 +5,7 @@ Register with `pytest_plugins = ["tests.harness.systemd_fixtures"]` in tests/con
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 from collections.abc import Iterator
@@ -45,15 +46,19 @@ def booted_systemd() -> SystemdNamespace:
     return ns
 
 
-@pytest.fixture(scope="session")
-def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
+@contextlib.contextmanager
+def own_systemd(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
+    """A freshly booted systemd for the length of a `with`, with the harness's safety nets: the
+    caller holds `host_tmp_marker` (the host's /tmp is checked at the session's end), and the
+    shutdown must leave nothing behind (its PID 1, its temp folder, its private cgroups). For
+    the session's one namespace and for a test that must have a systemd of its own."""
+    assert host_tmp_marker.exists(), "the host's /tmp was emptied before this systemd booted"
     ns = booted_systemd()
     try:
         yield ns
     finally:
         pid, cgroup, tmp_dir = ns.pid, ns.cgroup_name, ns.log_path.parent
         ns.shutdown()
-    # The life cycle is checked here, once, rather than by booting a second systemd in a test.
     leftovers = [
         str(p)
         for p in (
@@ -66,3 +71,10 @@ def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
     ]
     if leftovers:
         raise AssertionError(f"systemd namespace shutdown left behind: {leftovers}")
+    assert host_tmp_marker.exists(), "the host's /tmp was emptied while this systemd ran"
+
+
+@pytest.fixture(scope="session")
+def systemd_ns(host_tmp_marker: Path) -> Iterator[SystemdNamespace]:
+    with own_systemd(host_tmp_marker) as ns:
+        yield ns
