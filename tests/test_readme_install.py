@@ -1,9 +1,13 @@
-"""The README's "Install on Debian 12" block, run as written, as root, on a fresh systemd (booted
-in a namespace on a copy-on-write copy of this machine's root), from a checkout of the project,
-with no network: pip takes the packages from a local wheelhouse built here beforehand.
+"""The README's "Install on Debian 12" block, pasted as written into an interactive bash, as
+root, on a fresh systemd (booted in a namespace on a copy-on-write copy of this machine's root,
+with the harness's safety nets: tests/harness/systemd_fixtures.own_systemd), from a checkout of
+the project, with no network: pip takes the packages from a local wheelhouse built here
+beforehand.
 
-The block is taken from README.md itself, so the README cannot drift from what works. EDITOR=true
-stands in for the operator's edit (the example config is installed unedited).
+The block is taken from README.md itself, so the README cannot drift from what works. It is fed
+whole to `bash --norc -i` on stdin, as a paste reaches an operator's shell: there a failing line
+does not end the shell, so the block itself must stop what follows a failure. EDITOR=true stands
+in for the operator's edit (the example config is installed unedited).
 """
 
 from __future__ import annotations
@@ -45,12 +49,6 @@ def readme_block() -> str:
     return section.split("```bash\n", 1)[1].split("\n```", 1)[0] + "\n"
 
 
-def key_line(block: str) -> str:
-    lines = [line for line in block.splitlines() if "TABBY_ADMIN_KEY" in line]
-    assert len(lines) == 1, lines
-    return lines[0]
-
-
 # --- the wheelhouse: everything `pip install .` needs, fetched here (CI has PyPI), never inside --
 
 
@@ -86,12 +84,22 @@ def build_wheelhouse() -> Path:
 # --- the namespace -------------------------------------------------------------------------------
 
 
+# What the block installs or writes, none of which may exist after a refused run.
+WRITTEN = (
+    KEY_FILE,
+    "/opt/hydra-watchdog",
+    "/usr/local/bin/hydra-watchdog",
+    "/etc/systemd/system/hydra-watchdog.service",
+    "/etc/hydra-watchdog",
+)
+
+
 @dataclass(frozen=True)
 class Runs:
     ns: SystemdNamespace
     unset: subprocess.CompletedProcess[str]  # the block with TABBY_ADMIN_KEY unset
-    empty: subprocess.CompletedProcess[str]  # its key line with TABBY_ADMIN_KEY=""
-    key_after_refusals: bool  # whether a key file existed after those two
+    empty: subprocess.CompletedProcess[str]  # the block with TABBY_ADMIN_KEY=""
+    written_after_refusals: list[str]  # of WRITTEN, what existed after those two
     state_after_refusals: str  # the unit's ActiveState then
     ok: subprocess.CompletedProcess[str]  # the block with the key set
 
@@ -131,25 +139,27 @@ def run_block(
     }
     if key is not None:
         env["TABBY_ADMIN_KEY"] = key
-    # -e: stop at the first failing command, as an operator would. (nsenter's --wd opens its
-    # folder before it enters the mount namespace, so env changes into the checkout instead.)
-    return ns.run(["env", "-C", CHECKOUT, "bash", "-e", "-c", script], env=env, timeout=900)
+    # An interactive shell reading the paste from stdin: no -e, no rc file; it exits at the end
+    # of the input with the status of the block's last command. (nsenter's --wd opens its folder
+    # before it enters the mount namespace, so env changes into the checkout instead.)
+    argv = ["env", "-C", CHECKOUT, "bash", "--norc", "-i"]
+    return ns.run(argv, input=script, env=env, timeout=900)
 
 
 @pytest.fixture(scope="module")
 def runs(host_tmp_marker: Path) -> Iterator[Runs]:
     # A systemd of its own: the block installs units, /opt and /usr/local/bin into its overlay,
-    # which the session's shared namespace must not see. With the harness's safety nets.
+    # which the session's shared namespace must not see.
     with own_systemd(host_tmp_marker) as ns:
         wheels = build_wheelhouse()
         copy_checkout(ns)
         block = readme_block()
         unset = run_block(ns, block, wheels, None)
-        empty = run_block(ns, key_line(block), wheels, "")
-        key_after = ns.run(["test", "-e", KEY_FILE]).returncode == 0
+        empty = run_block(ns, block, wheels, "")
+        written = [path for path in WRITTEN if ns.run(["test", "-e", path]).returncode == 0]
         state_after = ns.show("hydra-watchdog.service", "ActiveState").get("ActiveState", "")
         ok = run_block(ns, block, wheels, KEY)
-        yield Runs(ns, unset, empty, key_after, state_after, ok)
+        yield Runs(ns, unset, empty, written, state_after, ok)
 
 
 def transcript(proc: subprocess.CompletedProcess[str]) -> str:
@@ -221,14 +231,28 @@ def test_files_have_the_modes_the_readme_promises(runs: Runs) -> None:
     assert config == (REPO / "config.example.toml").read_text(encoding="utf-8")
 
 
-def test_an_unset_key_stops_the_block_before_anything_starts(runs: Runs) -> None:
-    assert runs.unset.returncode != 0, transcript(runs.unset)
-    assert "TABBY_ADMIN_KEY" in runs.unset.stderr, transcript(runs.unset)
-    assert not runs.key_after_refusals, "a key file was written without a key"
+# bash's own words for `${TABBY_ADMIN_KEY:?...}` failing (the pasted lines, echoed by the
+# interactive shell, hold `TABBY_ADMIN_KEY:?` instead).
+REFUSED = "TABBY_ADMIN_KEY: is unset or empty"
+
+
+@pytest.mark.parametrize("case", ["unset", "empty"])
+def test_a_missing_key_stops_the_pasted_block_before_anything_is_written(
+    runs: Runs, case: str
+) -> None:
+    """Pasted whole with the key unset, then empty: the block stops at its first step. Nothing
+    is installed or written, and no unit starts (with no key file, LoadCredential= fails it)."""
+    run = runs.unset if case == "unset" else runs.empty
+    assert run.returncode != 0, transcript(run)
+    assert REFUSED in run.stderr, transcript(run)
+    assert runs.written_after_refusals == [], "written without a key"
     assert runs.state_after_refusals == "inactive"
 
 
-def test_an_empty_key_is_refused_too(runs: Runs) -> None:
-    assert runs.empty.returncode != 0, transcript(runs.empty)
-    assert "TABBY_ADMIN_KEY" in runs.empty.stderr, transcript(runs.empty)
-    assert not runs.key_after_refusals, "a key file was written without a key"
+def test_the_block_is_one_subshell_that_checks_the_key_first() -> None:
+    """What makes a paste safe, as an operator reads it: one `( set -e` ... `)` around every
+    step, the key checked before any of them."""
+    lines = readme_block().splitlines()
+    assert lines[0] == "( set -e" and lines[-1] == ")", lines
+    assert lines[1].startswith(': "${TABBY_ADMIN_KEY:?'), lines[1]
+    assert sum("TABBY_ADMIN_KEY" in line for line in lines) == 2  # checked, then written
