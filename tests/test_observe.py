@@ -42,6 +42,7 @@ from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.states import Rule
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
+from tests.harness.raw_http import RawServer, reply
 from tests.harness.tabby import (  # noqa: F401
     ADMIN_KEY,
     SimProcess,
@@ -262,6 +263,16 @@ def test_judge_probes_counts_failed_confirmations_and_any_healthy_answer_wins() 
     assert judge_probes(hung, (None, hung)) == (hung, 1)
 
 
+def _probing(url: str, observer: Observer, cfg: Config) -> Observer:
+    """`observer` probing the test's own server at `url`, taken as TabbyAPI unchecked (no
+    install tree of TabbyAPI's holds the test's process; the gate is tested in
+    test_identity.py)."""
+    observer.tabby = TabbyClient(
+        url, admin_key=None, health_timeout=cfg.tabbyapi.health_timeout, gate=trusted_listener
+    )
+    return observer
+
+
 class _HangingServer:
     """A real HTTP server on 127.0.0.1 that reads every request and never answers (TabbyAPI's
     hang): it records each request line with the client port of the connection it came on."""
@@ -458,3 +469,23 @@ def test_no_model_is_asked_once_a_minute_unless_something_changed(
 
 def _fresh(obs: Observation) -> bool:
     return obs.model is not None and bool(obs.model.fresh)
+
+
+def test_json_nested_too_deeply_is_a_bad_answer_not_a_timeout(
+    tabby_sim: TabbySims, nvml_sim: NvmlSim, tmp_path: Path
+) -> None:
+    """json.loads gives up on nesting deeper than the interpreter recurses (RecursionError):
+    a /health answer like that is malformed (BAD_BODY, as any other garbage), never a probe
+    that "crashed" and so counted as a timeout."""
+    sim = tabby_sim.start(flavor="exl2", startup_model="m1")
+    deep = b'{"status":' + b"[" * 100_000 + b"]" * 100_000 + b"}"
+    with RawServer(default=reply(200, "application/json", deep)) as server:
+        observer, cfg = _observer(sim, nvml_sim, tmp_path, url=server.url)
+        observer = _probing(server.url, observer, cfg)
+        try:
+            obs = observer.observe(frozenset())
+        finally:
+            observer.close()
+        assert server.seen  # it was asked
+    assert (obs.health.result.outcome, obs.health.result.status) == (Outcome.BAD_BODY, 200)
+    assert "nested too deeply" in obs.health.result.detail

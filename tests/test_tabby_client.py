@@ -400,6 +400,9 @@ def raw() -> Iterator[RawServer]:
         yield server
 
 
+DEEP = b'{"status":' + b"[" * 100_000 + b"]" * 100_000 + b"}"  # 200 kB, within JSON_LIMIT
+
+
 def test_bad_answers_are_typed(raw: RawServer) -> None:
     client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener)
     try:
@@ -422,6 +425,9 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
                 Outcome.BAD_BODY,
                 None,
             ),
+            # nested deeper than json recurses (RecursionError): malformed like the rest
+            (reply(200, "application/json", DEEP), Outcome.BAD_BODY, 200),
+            (reply(503, "application/json", DEEP), Outcome.BAD_BODY, 503),
             (
                 Script(
                     (
@@ -448,6 +454,11 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
         assert (odd.result.outcome, odd.known) == (Outcome.HTTP_ERROR, False)
         raw.default = reply(200, "application/json", b'{"choices": []}')
         assert client.canary(1.0).result.outcome is Outcome.BAD_BODY
+        raw.default = reply(200, "application/json", DEEP)
+        assert client.canary(1.0).result.outcome is Outcome.BAD_BODY
+        assert client.model().result.outcome is Outcome.BAD_BODY
+        raw.default = reply(422, "application/json", DEEP)  # error_detail reads it too
+        assert client.model().result.outcome is Outcome.HTTP_ERROR
         raw.default = reply(200, "application/json", b"x" * (1 << 21))
         assert client.health().result.outcome is Outcome.BAD_BODY
         missing = {"type": "missing", "loc": ["body", "model_name"], "msg": "Field required"}
@@ -458,6 +469,20 @@ def test_bad_answers_are_typed(raw: RawServer) -> None:
         )
         raw.default = reply(200, "application/json", b"{}")
         assert "not an event stream" in load(client, "m1").detail
+    finally:
+        client.close()
+
+
+def test_a_load_event_nested_too_deeply_is_skipped_like_other_garbage(raw: RawServer) -> None:
+    """An event json cannot read without recursing past its limit is one more event that is
+    neither progress nor error: the stream goes on to TabbyAPI's own error event."""
+    deep = b"[" * 20_000 + b"]" * 20_000  # within SSE_MAX_LINE; json gives up at ~1000
+    error = json.dumps({"error": {"message": "CUDA out of memory"}}).encode()
+    stream = b"data: " + deep + b"\n\ndata: " + error + b"\n\n"
+    raw.default = reply(200, "text/event-stream", stream)
+    client = TabbyClient(raw.url, admin_key=ADMIN_KEY, health_timeout=1.0, gate=trusted_listener)
+    try:
+        assert load(client, "m1") == LoadOutcome(False, "CUDA out of memory")
     finally:
         client.close()
 

@@ -219,12 +219,15 @@ def result(reply: Reply, outcome: Outcome, detail: str = "") -> HttpResult:
 
 
 def json_object(reply: Reply) -> tuple[dict[str, Any] | None, str]:
-    """The body as a JSON object, or (None, why not)."""
+    """The body as a JSON object, or (None, why not). JSON nested deeper than the interpreter
+    recurses (RecursionError) is as malformed as any other: a bad answer, never a crash."""
     ctype = reply.content_type.split(";")[0].strip().lower()
     if ctype != "application/json" and not ctype.endswith("+json"):
         return None, f"HTTP {reply.status} with content type {ctype or 'none'!r}, not JSON"
     try:
         body = json.loads(reply.body)
+    except RecursionError:
+        return None, f"HTTP {reply.status} with JSON nested too deeply ({len(reply.body)} bytes)"
     except ValueError:
         return None, f"HTTP {reply.status} with malformed JSON ({len(reply.body)} bytes)"
     if not isinstance(body, dict):

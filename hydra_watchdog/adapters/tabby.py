@@ -196,7 +196,7 @@ class TabbyClient:
         if reply.status == 503 and state == "unhealthy":
             issues = _issue_descriptions(body.get("issues"))
             if issues is None:
-                why = "503 'unhealthy' whose 'issues' is not a list"
+                why = "503 'unhealthy' whose 'issues' is not a list of issues"
                 return Health(result(reply, Outcome.BAD_BODY, why), healthy=False)
             detail = "unhealthy (sticky until restart): " + ("; ".join(issues) or "no issue text")
             issue_text = tuple(self._scrub(i) for i in issues)
@@ -530,7 +530,7 @@ class _LoadProgress:
         """The error message when `data` is an error event, else None."""
         try:
             event = json.loads(data)
-        except ValueError:
+        except (ValueError, RecursionError):  # garbage, or nested deeper than json recurses
             self.ignored += 1
             return None
         if not isinstance(event, dict):
@@ -582,6 +582,8 @@ _PERMANENT_LOAD_ERRORS = (
 
 
 def _issue_descriptions(issues: object) -> tuple[str, ...] | None:
+    """The issues' words; None when `issues` is not a list of them (one nested too deeply for
+    json to write again included)."""
     if issues is None:
         return ()
     if not isinstance(issues, list):
@@ -589,5 +591,8 @@ def _issue_descriptions(issues: object) -> tuple[str, ...] | None:
     out = []
     for issue in issues:
         text = issue.get("description") if isinstance(issue, dict) else issue
-        out.append(text if isinstance(text, str) else json.dumps(text))
+        try:
+            out.append(text if isinstance(text, str) else json.dumps(text))
+        except (ValueError, RecursionError):
+            return None
     return tuple(out)
