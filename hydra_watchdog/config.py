@@ -139,6 +139,11 @@ class TabbyAPISection:
     )
 
     @property
+    def host(self) -> str:
+        """The URL's host as written (an IPv6 address without brackets, `localhost` unresolved)."""
+        return urllib.parse.urlsplit(self.url).hostname or ""
+
+    @property
     def port(self) -> int:
         parsed = urllib.parse.urlsplit(self.url)
         return parsed.port or 80  # http:// only (see _url)

@@ -32,7 +32,7 @@ from collections.abc import Collection, Iterable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from hydra_watchdog.config import resolve_uid
+from hydra_watchdog.config import Config, resolve_uid
 from hydra_watchdog.observation import UnitStatus
 from hydra_watchdog.printable import one_line
 
@@ -391,16 +391,36 @@ class ListenSocket:
     address: str  # as bound: "127.0.0.1", "0.0.0.0", "::1", "::"
     uid: int  # the socket's creator (its fsuid)
     cookie: int = 0  # sock_diag's 64-bit socket cookie, never reused (0: read from /proc/net)
+    # IPV6_V6ONLY of an IPv6 socket, from sock_diag (INET_DIAG_SKV6ONLY); None: not known
+    # (/proc/net has no such flag)
+    v6only: bool | None = None
 
     def accepts(self, target: str) -> bool:
-        """Whether a connection to `target` (an IP) may reach this socket. An IPv6 wildcard may
-        take IPv4 too (unless IPV6_V6ONLY, which we do not see): counted, to be safe."""
-        if self.address == target:
+        """Whether a connection to `target` (an IP) can reach this socket: one bound to that
+        address (a v4-mapped IPv6 one stands for its IPv4 address) or to its family's wildcard.
+        An IPv6 wildcard takes IPv4 too unless IPV6_V6ONLY; where that is not known (read from
+        /proc/net) it is counted as taking it: a listener is never left out on a guess."""
+        bound = _unmapped(self.address)
+        if bound == target:
             return True
-        v6 = ":" in target
         if self.address == "::":
-            return True
-        return self.address == "0.0.0.0" and not v6  # noqa: S104 - a bound address, read
+            return ":" in target or self.v6only is not True
+        return bound == "0.0.0.0" and ":" not in target  # noqa: S104 - a bound address, read
+
+
+def connect_targets(host: str) -> tuple[str, ...]:
+    """The addresses TabbyAPI's URL host stands for, never resolved (a name can be made to
+    point elsewhere): an IP address is itself; `localhost` is 127.0.0.1, where TabbyAPI
+    listens by default, and ::1 only where the verified TabbyAPI listens there and nothing
+    at 127.0.0.1 (ListenerGate.check)."""
+    host = host.strip("[]")
+    return ("127.0.0.1", "::1") if host == "localhost" else (host,)
+
+
+def reaching(sockets: Iterable[ListenSocket], target: str) -> tuple[ListenSocket, ...]:
+    """Those of `sockets` that can take a connection to `target`: a socket bound to another
+    address of the port, or an IPV6_V6ONLY wildcard for an IPv4 target, takes none."""
+    return tuple(s for s in sockets if s.accepts(target))
 
 
 def netlink_sockets(ports: Iterable[int]) -> list[ListenSocket] | None:
@@ -458,8 +478,28 @@ def _read_diag_dump(sock: socket.socket, wanted: set[int], found: list[ListenSoc
                 low, high = struct.unpack_from("=II", data, body + 44)  # id.idiag_cookie[2]
                 if state == _TCP_LISTEN_STATE and port in wanted and inode:
                     address = socket.inet_ntop(family, raw)
-                    found.append(ListenSocket(inode, port, address, uid, low | high << 32))
+                    v6only = _v6only(data, body + _DIAG_MSG_LEN, off + length, family)
+                    found.append(ListenSocket(inode, port, address, uid, low | high << 32, v6only))
             off += (length + 3) & ~3
+
+
+_INET_DIAG_SKV6ONLY = 11  # a u8 attribute the kernel adds to every IPv6 LISTEN socket's answer
+_RTA_HDR = struct.Struct("=HH")
+
+
+def _v6only(data: bytes, start: int, end: int, family: int) -> bool | None:
+    """IPV6_V6ONLY from the attributes after a socket's inet_diag_msg (data[start:end]): False
+    for an IPv4 socket, None when an IPv6 socket's answer does not carry it."""
+    if family != socket.AF_INET6:
+        return False
+    while start + _RTA_HDR.size <= end:
+        length, kind = _RTA_HDR.unpack_from(data, start)
+        if length < _RTA_HDR.size or start + length > end:
+            return None
+        if kind == _INET_DIAG_SKV6ONLY and length > _RTA_HDR.size:
+            return data[start + _RTA_HDR.size] != 0
+        start += (length + 3) & ~3
+    return None
 
 
 _NLM_F_REQUEST = 0x1
@@ -788,7 +828,7 @@ class ListenerGate:
         proc_root: str = "/proc",
         cgroup_root: str = "/sys/fs/cgroup",
     ) -> None:
-        self.host = host.strip("[]")
+        self.targets = connect_targets(host)
         self.port = port
         self.install_dirs = tuple(install_dirs)
         self.user = user
@@ -798,32 +838,52 @@ class ListenerGate:
         self._vouched: _Vouched | None = None  # the last verdict that let a request go
         self._lock = threading.Lock()
 
+    @classmethod
+    def from_config(cls, cfg: Config) -> ListenerGate:
+        """The gate for the listener behind tabbyapi.url."""
+        t = cfg.tabbyapi
+        return cls(t.host, t.port, install_dirs=t.cmdline_patterns, user=t.user)
+
     def set_unit(self, unit: UnitStatus) -> None:
         with self._lock:
             self._unit = unit
 
-    def _targets(self) -> tuple[str, ...]:
-        if self.host == "localhost":
-            return ("127.0.0.1", "::1")  # in that order, as resolvers answer here
-        return (self.host,)
-
     def check(self) -> ListenerCheck:
+        """The verdict on the listeners that can take a connection to the URL's address: one
+        bound elsewhere on the port (another address, an IPV6_V6ONLY wildcard for IPv4) is
+        nobody a request could reach. For `localhost`, ::1 is judged only while nothing
+        listens at 127.0.0.1, and taken only for the verified TabbyAPI: another user's socket
+        there is a bystander, never the reason TabbyAPI is withheld or called down."""
         with self._lock:
             unit, vouched = self._unit, self._vouched
         sockets = listen_sockets((self.port,), self.proc_root)
-        for target in self._targets():
-            reaching = tuple(s for s in sockets if s.accepts(target))
-            if reaching:
-                if vouched is not None and vouched.still_holds(
-                    unit, target, reaching, self.proc_root
-                ):
-                    return vouched.check
-                check, holders = self._verify(target, reaching, unit)
-                fresh = _Vouched(unit, target, reaching, holders, check)
-                with self._lock:
-                    self._vouched = fresh if check.ok and unit is not None else None
+        first, *others = self.targets
+        taking = reaching(sockets, first)
+        if taking:
+            return self._judge(first, taking, unit, vouched)
+        for other in others:
+            taking = reaching(sockets, other)
+            check = self._judge(other, taking, unit, vouched) if taking else None
+            if check is not None and check.ok:
                 return check
         return ListenerCheck(False, f"nothing listens on port {self.port}; not sent", refused=True)
+
+    def _judge(
+        self,
+        target: str,
+        taking: tuple[ListenSocket, ...],
+        unit: UnitStatus | None,
+        vouched: _Vouched | None,
+    ) -> ListenerCheck:
+        """The verdict on `taking`, the listeners of `target`: the vouched one while it still
+        holds, else verified afresh (and vouched for when it passes)."""
+        if vouched is not None and vouched.still_holds(unit, target, taking, self.proc_root):
+            return vouched.check
+        check, holders = self._verify(target, taking, unit)
+        fresh = _Vouched(unit, target, taking, holders, check)
+        with self._lock:
+            self._vouched = fresh if check.ok and unit is not None else None
+        return check
 
     def _verify(
         self, target: str, reaching: Sequence[ListenSocket], unit: UnitStatus | None

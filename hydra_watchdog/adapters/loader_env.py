@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import os
 import shlex
-import urllib.parse
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Protocol
@@ -203,10 +202,8 @@ def verified_listener(gate_factory: Callable[[], ListenerGateLike]) -> ListenerP
 
 def tabby_environment(config: Config, unit_env: UnitEnvReader) -> TabbyEnvironment:
     """The resolver for this node: the unit's MainPID, the verified listener, the unit file."""
-    t = config.tabbyapi
 
     def gate() -> ListenerGate:
-        host = urllib.parse.urlsplit(t.url).hostname or ""
-        return ListenerGate(host, t.port, install_dirs=t.cmdline_patterns, user=t.user)
+        return ListenerGate.from_config(config)
 
     return TabbyEnvironment(unit_env=unit_env, listener_pid=verified_listener(gate))

@@ -39,6 +39,7 @@ from hydra_watchdog.adapters.identity import (
     ProcIdentity,
     all_pids,
     cgroup_paths,
+    connect_targets,
     find_owners,
     in_cgroup,
     is_tabby_program,
@@ -47,6 +48,7 @@ from hydra_watchdog.adapters.identity import (
     own_pid_namespace,
     parse_proc_net,
     program,
+    reaching,
     read_cmdline,
     read_identity,
     read_text,
@@ -124,7 +126,12 @@ class ProcScanner:
     seen in its cgroup; without a unit, a program of the install tree: `install_dirs`, the
     config's cmdline_patterns), the very file systemd sees there (identity.same_program_file),
     as TabbyAPI's uid, in our PID namespace, outside the unit.
-    Everything else is FOREIGN: reported, never signalled."""
+    Everything else is FOREIGN: reported, never signalled.
+
+    A listener holds the port only when it can take a connection to TabbyAPI's address (the
+    URL's `host`; 127.0.0.1 for `localhost`), as the credential gate counts them
+    (identity.reaching): a socket bound to another address of the port, or an IPV6_V6ONLY
+    wildcard beside an IPv4 URL, is in nobody's way."""
 
     def __init__(
         self,
@@ -132,6 +139,7 @@ class ProcScanner:
         install_dirs: Sequence[str],
         *,
         user: str = "root",
+        host: str = "127.0.0.1",
         proc_root: str = "/proc",
         cgroup_root: str = "/sys/fs/cgroup",
         clock: Callable[[], float] = time.monotonic,
@@ -142,6 +150,7 @@ class ProcScanner:
         self.port = port
         self.install_dirs = tuple(p for p in install_dirs if p)
         self.user = user
+        self.address = connect_targets(host)[0]
         self.proc_root = proc_root.rstrip("/") or "/"
         self.cgroup_root = cgroup_root
         self._clock = clock
@@ -161,7 +170,13 @@ class ProcScanner:
     @classmethod
     def from_config(cls, config: Config) -> ProcScanner:
         t = config.tabbyapi
-        return cls(t.port, t.cmdline_patterns, user=t.user, state_dir=config.watchdog.state_dir)
+        return cls(
+            t.port,
+            t.cmdline_patterns,
+            user=t.user,
+            host=t.host,
+            state_dir=config.watchdog.state_dir,
+        )
 
     # -- the scan ---------------------------------------------------------------------------
 
@@ -172,7 +187,7 @@ class ProcScanner:
         self, unit: UnitStatus, gpus: GpuReport, *, full: bool
     ) -> tuple[PortReport, tuple[ProcessInfo, ...]]:
         ports = (self.port, self.port + 1)
-        sockets = listen_sockets(ports, self.proc_root)
+        sockets = reaching(listen_sockets(ports, self.proc_root), self.address)
         main_pid = unit.main_pid if unit.main_pid and unit.main_pid > 0 else None
         pids = all_pids(self.proc_root)
         pattern_pids = self._mentioning(pids)

@@ -26,7 +26,6 @@ import os
 import socket
 import threading
 import time
-import urllib.parse
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -82,9 +81,7 @@ class ModelList:
 
 def listener_gate(cfg: Config) -> ListenerGate:
     """The gate that verifies the listener behind tabbyapi.url as TabbyAPI's (identity.py)."""
-    t = cfg.tabbyapi
-    host = urllib.parse.urlsplit(t.url).hostname or ""
-    return ListenerGate(host, t.port, install_dirs=t.cmdline_patterns, user=t.user)
+    return ListenerGate.from_config(cfg)
 
 
 class TabbyClient:
