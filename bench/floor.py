@@ -8,8 +8,9 @@ beside hydra-watchdog and monit, so its cgroup's CPU per cycle is measured the s
   body parsed as JSON (no HTTP parser at all: what no client facing a squatter should be);
 - h11: the same exchange through h11, the parser httpcore uses;
 - httpcore: httpcore's connection pool, the layer `exchange` sends to;
-- exchange: hydra-watchdog's own /health probe (TabbyClient.health over http_deadline.exchange),
-  what a cycle's /health costs in the daemon, less the thread hand-off.
+- exchange: hydra-watchdog's own /health probe (TabbyClient.health over http_deadline.exchange,
+  on a connection its gate vetted as the unit's TabbyAPI: the unit's status read once), what a
+  cycle's /health costs in the daemon, less the thread hand-off.
 
     python bench/floor.py VARIANT PORT
 """
@@ -95,16 +96,21 @@ def _httpcore(port: int) -> Callable[[], bool]:
     return probe
 
 
+TABBY_UNIT = "tabbyapi.service"  # bench/node.py's
+
+
 def _exchange(port: int) -> Callable[[], bool]:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from hydra_watchdog.adapters.identity import ListenerCheck
+    from hydra_watchdog.adapters.identity import ListenerGate
+    from hydra_watchdog.adapters.systemd import SystemctlUnit
     from hydra_watchdog.adapters.tabby import TabbyClient
 
-    def nothing_verified() -> ListenerCheck:  # /health carries no key and asks no gate
-        return ListenerCheck(False, "no key is sent from here")
-
+    # /health is believed only from the verified TabbyAPI: the gate judges its listener by the
+    # unit's cgroup (read once: TabbyAPI is up for the whole window) when a connection is made.
+    gate = ListenerGate("127.0.0.1", port, install_dirs=(), user="root")
+    gate.set_unit(SystemctlUnit(TABBY_UNIT).status())
     client = TabbyClient(
-        f"http://127.0.0.1:{port}", admin_key=None, health_timeout=2.0, gate=nothing_verified
+        f"http://127.0.0.1:{port}", admin_key=None, health_timeout=2.0, gate=gate.check
     )
     return lambda: client.health().healthy
 

@@ -314,6 +314,23 @@ def _set_user(proc: ProcessInfo, obs: Observation) -> str:
     )
 
 
+def unverified_health(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
+    """/health not asked: the port's listener (or a new connection's far end) is not verified as
+    TabbyAPI. Told here unless the scan names the port's holder (port_owners tells of it: a
+    foreign holder, or an orphan the plan removes)."""
+    health = obs.health.result
+    if health.outcome is not Outcome.WITHHELD:
+        return
+    if any(p is not None for p in port_holders(obs, cfg.tabbyapi.port)):
+        return
+    yield Finding(
+        Rule.FOREIGN_HOLDER,
+        Severity.CRIT,
+        f"{health.detail}; no evidence about TabbyAPI either way, nothing is done on it",
+        subject="health",
+    )
+
+
 def key_withheld(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
     withheld = [
         probe.result.detail
@@ -479,6 +496,7 @@ FINDERS: tuple[Finder, ...] = (
     generation,
     restart_will_fail,
     port_owners,
+    unverified_health,
     unkillable,
     key_withheld,
     moved_port,

@@ -19,6 +19,13 @@ inside NVML, a wedged systemctl) must not hang the loop: its answer is replaced 
 out" outcome, and while its lane is still stuck the probe is not started again (a hung probe
 costs one thread, never one per cycle; no probe costs a new thread per cycle).
 
+/health is evidence only from the verified TabbyAPI: a new connection is vetted against this
+cycle's unit status (the gate judges the port's listener by it, adapters/identity.py), so the
+probe starts once that status is in, or after at most unit_wait(health_timeout) with the last
+cycle's (a unit read that slow must not delay the probe: a vet it fails is WITHHELD, no evidence
+either way, never a failure); in the first cycle, with no status before it, as late as the probe
+can still end within the cycle's deadline.
+
 A /health probe that hangs is confirmed within the same cycle: once the first probe has gone
 unanswered for confirm_after(health_timeout), `failures_before_down - 1` confirming probes (at
 most MAX_CONFIRMATIONS) go out at once, each a GET /health on its own connection (never the one
@@ -91,6 +98,13 @@ def confirm_after(health_timeout: float) -> float:
     alarm costs); every probe of the cycle has failed by 1.1 x health_timeout, about when a
     single probe would have, and a TabbyAPI that is merely slow answers them all."""
     return min(CONFIRM_AFTER, health_timeout / 10)
+
+
+def unit_wait(health_timeout: float) -> float:
+    """How long the /health probe waits for this cycle's unit status before it starts with the
+    last one: as long as a first probe may go unanswered (confirm_after). A D-Bus read takes a
+    millisecond; a read this slow (a wedged systemctl) must not take the probe's time."""
+    return confirm_after(health_timeout)
 
 
 def confirmations(failures_before_down: int) -> int:
@@ -183,6 +197,7 @@ class Observer:
         self._model: ModelStatus | None = None
         self._model_at = 0.0
         self._model_process: tuple[str, int | None] = ("", None)
+        self._unit_noted = False  # the client's gate has had a unit status to judge by
 
     @classmethod
     def from_adapters(
@@ -202,7 +217,8 @@ class Observer:
         """The longest deadline among the probes a cycle with `wants` runs."""
         cfg = self.config
         health = cfg.tabbyapi.health_timeout
-        longest = max(health + confirm_after(health), cfg.gpu.call_timeout * 2, SUBPROCESS_DEADLINE)
+        probes = unit_wait(health) + health + confirm_after(health)  # see observe()
+        longest = max(probes, cfg.gpu.call_timeout * 2, SUBPROCESS_DEADLINE)
         if Probe.CANARY in wants:
             longest = max(longest, cfg.tabbyapi.canary_deadline)
         return longest
@@ -228,8 +244,9 @@ class Observer:
         return task.get(deadline, self._clock)
 
     def _confirm_if_late(self, first: _Task[Health], start: float) -> list[_Task[Health]]:
-        """The confirming probes, started once the first one has gone unanswered for
-        confirm_after (at once if the cycle got here later than that); none if it answered."""
+        """The confirming probes, started once the first one (started at `start`) has gone
+        unanswered for confirm_after (at once if the cycle got here later than that); none if
+        it answered."""
         count = confirmations(self.config.tabbyapi.failures_before_down)
         if first.call is None or count == 0:
             return []  # no first probe went out: nothing to confirm
@@ -285,6 +302,27 @@ class Observer:
         self._model, self._model_at = model, start
         return model
 
+    def _start_health(
+        self, unit_t: _Task[UnitStatus], start: float, deadline: float
+    ) -> tuple[_Task[Health], float]:
+        """The cycle's first /health probe and when it started. Its new connections are vetted
+        against this cycle's unit status: it goes once that is in (handed to the client's gate
+        first), or with the last cycle's after unit_wait at most. Before any status was handed
+        over there is none to vet by: it waits as long as the probe can still end in time."""
+        health = self.config.tabbyapi.health_timeout
+        late = start + unit_wait(health)
+        if not self._unit_noted:
+            late = max(late, deadline - _SLACK - health - confirm_after(health))
+        if unit_t.call is not None and unit_t.call.wait(late - self._clock()):
+            unit, _ = unit_t.get(late, self._clock)
+            if unit is not None:
+                self._note_unit(unit)
+        return self._start("health", self.tabby.health), self._clock()
+
+    def _note_unit(self, unit: UnitStatus) -> None:
+        self.tabby.note_unit(unit)
+        self._unit_noted = True
+
     def observe(
         self,
         wants: frozenset[Probe] = frozenset(),
@@ -298,25 +336,25 @@ class Observer:
         deadline = start + self.deadline(wants) + _SLACK
         devices = cfg.gpu.device
 
-        health_t = self._start("health", self.tabby.health)
         unit_t = self._start("unit", self.units.status)
         gpu_t = self._start("gpu", lambda: self.gpu.read(devices))
-        # A `nixos-rebuild switch` (the system link moved): the library check runs in this very
-        # cycle; the models folder, health and model are checked every cycle anyway.
-        system, switched = self.system.read()
-        libraries = Probe.LIBRARIES in wants or switched
         journal_t = (
             self._start("journal", lambda: self.units.journal(JOURNAL_LINES))
             if Probe.JOURNAL in wants
             else None
         )
+        # A `nixos-rebuild switch` (the system link moved): the library check runs in this very
+        # cycle; the models folder, health and model are checked every cycle anyway.
+        system, switched = self.system.read()
+        libraries = Probe.LIBRARIES in wants or switched
+        health_t, health_started = self._start_health(unit_t, start, deadline)
 
         unit, why = self._get(unit_t, "unit", deadline)
         if unit is None:
             unit = UnitStatus(name=cfg.tabbyapi.unit, available=False, detail=why)
         # Requests that carry the admin key wait for this cycle's unit status: the client's
         # gate verifies the port's listener against it right before each one.
-        self.tabby.note_unit(unit)
+        self._note_unit(unit)
         # ldd runs in the environment of the unit's process, so the host check waits for it.
         unit_seen = unit
         host_t = self._start("host", lambda: self.host.check(libraries=libraries, unit=unit_seen))
@@ -336,7 +374,7 @@ class Observer:
         if scanned is not None:
             port, processes = scanned
 
-        confirm_t = self._confirm_if_late(health_t, start)
+        confirm_t = self._confirm_if_late(health_t, health_started)
         health, why = self._get(health_t, "health", deadline)
         if health is None:
             health = Health(_http_failed(why, self._clock() - start, health_t), healthy=False)

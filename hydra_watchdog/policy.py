@@ -444,6 +444,10 @@ def _track_health(s: PolicyState, obs: Observation, now: float, cfg: Config) -> 
         s = changed(s, journal=obs.host.journal_excerpt)  # stands until the next read
     if health.result.outcome is Outcome.LOCAL_ERROR:
         return s  # the watchdog could not probe: no evidence either way, streaks stay as they are
+    if health.result.outcome is Outcome.WITHHELD:
+        # not asked: the port's listener is not verified as TabbyAPI. Its say is no evidence
+        # about TabbyAPI (never a failure toward a restart), and no healthy time either.
+        return changed(s, healthy_since=None, slow_streak=0)
     if health.healthy:
         slow = health.result.latency_s > t.slow_threshold
         return changed(
@@ -1106,6 +1110,16 @@ PLAN: tuple[PlanRule, ...] = (
             and not x.will_fail
         ),
         _orphan_on_port,
+    ),
+    # /health not asked (WITHHELD): whoever holds the port is not verified as TabbyAPI, so
+    # nothing it says, and nothing it keeps from TabbyAPI, is evidence to restart, stop or load
+    # on (findings.unverified_health says who). Orphan cleanup, verified by /proc, goes on.
+    PlanRule(
+        "health_unverified",
+        "Port conflict with a foreign process",
+        (Rule.FOREIGN_HOLDER,),
+        lambda x: x.obs.health.result.outcome is Outcome.WITHHELD,
+        _stay(Phase.BLOCKED),
     ),
     PlanRule(
         "backoff",

@@ -97,6 +97,8 @@ def run_checks(cfg: Config, adapters: Adapters) -> list[Check]:
     checks.append(_model_dir(cfg, backend, host))
     gate = listener_gate(cfg)
     gate.set_unit(unit)
+    # Every request goes only to a listener verified against the unit, /health too (identity.py).
+    adapters.tabby.note_unit(unit)
     health = adapters.tabby.health()
     listener = gate.check()
     h = health.result
@@ -114,8 +116,6 @@ def run_checks(cfg: Config, adapters: Adapters) -> list[Check]:
         checks.append(Check("model loaded", SKIP, "not asked: /health failed", False))
         checks.append(Check("1-token completion", SKIP, "not sent: /health failed", False))
         return checks
-    # The admin key goes only to a listener verified against the unit (identity.py).
-    adapters.tabby.note_unit(unit)
     model = adapters.tabby.model()
     # LOCAL_ERROR: this command holds no key (adapters/admin_key.py); its detail says how to pass
     # one. No verdict on TabbyAPI, nor on the daemon's key.

@@ -57,6 +57,8 @@ units = []
 
 def factory(cfg):
     real = build_adapters(cfg)
+    if spec["sim_argv"] is None:  # no unit at all: systemd is not PID 1 here
+        return real
     if not units:  # one stand-in unit for the daemon's life, also across SIGHUP reloads
         units.append(SimUnit(cfg.tabbyapi.unit, spec["sim_argv"],
                              log_path=Path(spec["unit_log"]), restart_sec=0.3))
@@ -235,11 +237,14 @@ class Daemons:
         env: dict[str, str] | None = None,
         log_name: str = "daemon.log",
         hang_file: Path | None = None,
+        unit: bool = True,
     ) -> subprocess.Popen[bytes]:
+        """`unit=False`: no stand-in unit, the real adapters alone (no systemd to ask here);
+        the test runs TabbyAPI itself."""
         spec = {
             "config": str(node.config),
             "dry_run": dry_run,
-            "sim_argv": node.sim_argv,
+            "sim_argv": node.sim_argv if unit else None,
             "unit_log": str(node.root / "unit.log"),
             "start_unit": start_unit,
             "hang_file": str(hang_file) if hang_file else "",

@@ -39,7 +39,14 @@ from hydra_watchdog.config import OrphansSection, parse_config
 from hydra_watchdog.observation import GpuReport, Outcome, ProcessRole, UnitStatus
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.states import Rule
-from tests.harness.adversary import SQUATTER, SYSTEM_PYTHON, Squatter, as_nobody, public_dir
+from tests.harness.adversary import (
+    KEEPER,
+    SQUATTER,
+    SYSTEM_PYTHON,
+    Squatter,
+    as_nobody,
+    public_dir,
+)
 from tests.harness.systemd_ns import SystemdNamespace
 from tests.harness.tabby import ADMIN_KEY, TabbySims, free_port, wait_for
 
@@ -87,11 +94,13 @@ def _client(url: str, key_file: Path, install: Path | str, user: str = "root") -
 
 
 def _assert_no_key(squatter: Squatter) -> None:
+    """Nothing reached the squatter: no key, and no request at all (not even /health, whose
+    answer would be its say on TabbyAPI's health)."""
     squatter.stop()
     text = squatter.transcript()
     assert ADMIN_KEY not in text
     assert "authorization" not in text.lower()
-    assert all(r.startswith("REQUEST GET /health ") for r in squatter.requests()), text
+    assert squatter.requests() == [], text
 
 
 # --- the credential gate ------------------------------------------------------------------------
@@ -109,7 +118,7 @@ def test_a_squatter_gets_no_key_and_no_say(
     client = _client(f"http://127.0.0.1:{port}", key_file, tmp_path / "tabbyapi")
     with Squatter.start("127.0.0.1", port) as squatter:
         client.note_unit(unit)
-        health = client.health()  # unauthenticated: may go anywhere
+        health = client.health()  # no key, but its answer would be the squatter's say
         model = client.model()
         canary = client.canary(2.0)
         load = client.load_model(
@@ -117,14 +126,15 @@ def test_a_squatter_gets_no_key_and_no_say(
         )
         client.close()
         _assert_no_key(squatter)
-    assert health.healthy  # the squatter did answer /health
+    assert not health.healthy and health.result.outcome is Outcome.WITHHELD, health
+    assert f"held by pid {squatter.pid}, uid 65534" in health.result.detail
+    assert health.result.detail.endswith(": not TabbyAPI")  # /health carries no key to withhold
     for result in (model.result, canary.result):
         assert result.outcome is Outcome.WITHHELD
         assert f"held by pid {squatter.pid}, uid 65534" in result.detail
         assert "not TabbyAPI; admin key withheld" in result.detail
     assert not model.known
     assert not load.ok and load.detail.startswith("load not sent:")
-    assert len(squatter.requests()) == 1
 
 
 def test_a_main_pid_come_round_to_a_squatter_gets_no_key(key_file: Path, tmp_path: Path) -> None:
@@ -219,67 +229,43 @@ def test_a_verdict_is_reused_only_while_its_listener_is_the_same(
     assert sum(1 for r in sim.requests() if r["path"] == "/v1/model") == 2
 
 
-# A squatter that answers on one connection and keeps it, but lets go of the port at once, so
-# that TabbyAPI can start there (it sets SO_REUSEADDR, as uvicorn does): what a kept-alive
-# connection from an earlier /health probe leads to.
-KEEPING_SQUATTER = r"""
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-s = socket.socket()
-s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-s.bind((host, port))
-s.listen(16)
-print("ready", flush=True)
-c, _ = s.accept()
-s.close()
-print("released", flush=True)
-body = b'{"status":"healthy","issues":[],"id":"m1","choices":[{"index":0,"text":"x"}]}'
-data = b""
-while True:
-    chunk = c.recv(65536)
-    if not chunk:
-        break
-    data += chunk
-    while b"\r\n\r\n" in data:
-        head, _, data = data.partition(b"\r\n\r\n")
-        print("REQUEST " + head.decode(errors="replace").replace("\r\n", " | "), flush=True)
-        c.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
-                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
-"""
-
-
-def test_a_connection_a_squatter_kept_never_carries_the_key(
+def test_a_squatters_kept_connection_gets_no_say_and_no_key(
     tabby_sim: TabbySims, key_file: Path
 ) -> None:
-    """/health goes to whoever listens, and its connection is kept alive. A squatter answers it,
-    lets go of the port but not of the connection, and TabbyAPI starts on the port: the gate
-    verifies TabbyAPI, and the key must still never go over the squatter's connection (requests
-    with the key have a pool of their own, every connection vetted once made)."""
-    port = free_port()
-    install = tabby_sim.tmp / f"sim{len(tabby_sim.started)}" / "tabbyapi"  # the next sim's
-    client = _client(f"http://127.0.0.1:{port}", key_file, install)
+    """Issue 22 item 1, at the client: TabbyAPI restarts, a uid 65534 squatter takes the free
+    port, gets the next /health's connection, lets go of the port and keeps the connection;
+    TabbyAPI takes its port back. Every connection is vetted once made (the listener and its
+    far end): the squatter's is closed before a byte goes over it, so its sticky 503 is never
+    read (WITHHELD: no evidence), and every later request, /health and keyed alike, reaches the
+    new TabbyAPI."""
+    first = tabby_sim.start(startup_model="m1")
+    port = first.port
+    # both simulators' install trees (sim0/tabbyapi, sim1/tabbyapi) are TabbyAPI's
+    client = _client(f"http://127.0.0.1:{port}", key_file, tabby_sim.tmp)
     client.note_unit(NO_SYSTEMD)
-    with public_dir() as folder:
-        script = folder / "squatter.py"
-        script.write_text(KEEPING_SQUATTER)
-        script.chmod(0o644)
-        with Squatter.start("127.0.0.1", port, script=script) as squatter:
-            try:
-                assert client.health().healthy  # the squatter's answer, on a kept connection
-                wait_for(lambda: "released" in squatter.transcript(), 10, "the port let go")
-                sim = tabby_sim.start(startup_model="m1", port=port)
-                assert (sim.port, sim.install_dir) == (port, install)
-                model = client.model()
-                canary = client.canary(5.0)
-                again = client.health()  # still the squatter's connection: no key on it
-            finally:
-                client.close()
+    try:
+        assert client.health().healthy  # a kept-alive connection to the first TabbyAPI
+        first.stop()
+        with Squatter.start("127.0.0.1", port, source=KEEPER, args=("10",)) as squatter:
+            taken = client.health()  # the kept connection is gone: a new one, to the squatter
+            wait_for(lambda: "released" in squatter.transcript(), 10, "the port let go")
+            gone = client.health()  # nobody listens: the kernel refuses
+            sim = tabby_sim.start(startup_model="m1", port=port)
+            assert sim.port == port
+            healthy = [client.health() for _ in range(3)]
+            model = client.model()
+            canary = client.canary(5.0)
             _assert_no_key(squatter)
+    finally:
+        client.close()
+    assert taken.result.outcome is Outcome.WITHHELD, taken.result
+    # the gate named the squatter, or (it let go of the port first) the connection's far end
+    assert "uid 65534" in taken.result.detail, taken.result
+    assert (gone.result.outcome, gone.healthy) == (Outcome.REFUSED, False), gone.result
+    assert all(h.healthy for h in healthy), healthy
     assert model.loaded == "m1", model.result
     assert canary.result.outcome is Outcome.OK, canary.result
-    assert again.healthy
-    assert len(squatter.requests()) == 2
-    assert [r["path"] for r in sim.requests()].count("/v1/model") == 1
+    assert [r["path"] for r in sim.requests()].count("/health") == 3
 
 
 def _connected(host: str, port: int) -> socket.socket:
@@ -801,7 +787,7 @@ def test_gate_under_real_systemd(systemd_ns: SystemdNamespace) -> None:
         ns.wait_for(withheld, what=lambda: f"the squatter seen ({verdict})")
         assert not verdict["ok"]
         assert f"not in {tabby}" in verdict["detail"]
-        assert "admin key withheld" in verdict["detail"]
+        assert verdict["detail"].endswith("): not TabbyAPI")  # the caller says what it withheld
     finally:
         ns.reset_unit(squat, remove=True)
         ns.reset_unit(tabby, remove=True)

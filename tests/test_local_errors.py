@@ -64,9 +64,10 @@ from hydra_watchdog.adapters.procs import ProcScanner
 from hydra_watchdog.adapters.systemd import SystemctlUnit
 from hydra_watchdog.adapters.tabby import TabbyClient
 
-url, models, no_systemd = sys.argv[1], sys.argv[2], sys.argv[3]
+url, models, no_systemd, install = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4]
 cfg = parse_config({
-    "tabbyapi": {"url": url, "health_timeout": "3s", "venv": "", "failures_before_down": 1},
+    "tabbyapi": {"url": url, "health_timeout": "3s", "venv": "", "failures_before_down": 1,
+                 "cmdline_patterns": [install]},
     "model": {"name": "m1", "models_dir": models},
     "gpu": {"nvml_library": "/nonexistent/libnvidia-ml.so.1"},
 })
@@ -147,7 +148,7 @@ def test_a_probe_thread_that_cannot_start_is_a_local_error_and_nothing_is_done(
     sim = tabby_sim.start()
     no_systemd = tmp_path / "root"
     no_systemd.mkdir()
-    out = _child(_NO_THREADS, sim.url, str(sim.models_dir), str(no_systemd))
+    out = _child(_NO_THREADS, sim.url, str(sim.models_dir), str(no_systemd), str(sim.install_dir))
     assert out["first"] == "ok"
     assert "can't start new thread" in out["refused"]  # the limit really stops threads
     outcome, detail = out["health"]

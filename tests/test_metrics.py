@@ -139,10 +139,20 @@ def test_model_loaded_and_up_follow_the_latest_report(metrics: Metrics) -> None:
     assert samples(metrics.exposition().decode())[("hydra_watchdog_model_loaded", ())] == 1
 
 
-def test_a_local_error_is_no_tabbyapi_up_sample(metrics: Metrics) -> None:
+@pytest.mark.parametrize(
+    ("outcome", "why"),
+    [
+        (Outcome.LOCAL_ERROR, "out of file descriptors"),
+        # issue 22: the port's listener is not verified as TabbyAPI, /health was not sent
+        (Outcome.WITHHELD, "port 5000 held by pid 9, uid 65534 (...): not TabbyAPI"),
+    ],
+)
+def test_a_probe_not_made_is_no_tabbyapi_up_sample(
+    metrics: Metrics, outcome: Outcome, why: str
+) -> None:
     # Issue 10: out of descriptors, the watchdog did not ask TabbyAPI; a 0 would fire
     # TabbyAPIDown (hydra_watchdog_tabbyapi_up == 0 for 1m).
-    blind = Health(HttpResult(Outcome.LOCAL_ERROR, 0.0, None, "out of file descriptors"), False)
+    blind = Health(HttpResult(outcome, 0.0, None, why), False)
     metrics.update(build(obs=observation(health=blind)))
     values = samples(metrics.exposition().decode())
     assert ("hydra_watchdog_tabbyapi_up", ()) not in values

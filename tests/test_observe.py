@@ -331,6 +331,7 @@ def test_a_hang_is_confirmed_by_probes_on_their_own_connections_in_the_same_cycl
     sim = tabby_sim.start(flavor="exl2", startup_model="m1")
     server = _HangingServer()
     observer, cfg = _observer(sim, nvml_sim, tmp_path, url=server.url, failures_before_down=3)
+    observer = _probing(server.url, observer, cfg)
     try:
         obs = observer.observe(frozenset())
         health = server.requests("GET /health HTTP/1.1")
@@ -357,7 +358,8 @@ def test_failures_before_down_1_sends_no_confirmation(
 ) -> None:
     sim = tabby_sim.start(flavor="exl2", startup_model="m1")
     server = _HangingServer()
-    observer, _ = _observer(sim, nvml_sim, tmp_path, url=server.url, failures_before_down=1)
+    observer, cfg = _observer(sim, nvml_sim, tmp_path, url=server.url, failures_before_down=1)
+    observer = _probing(server.url, observer, cfg)
     try:
         obs = observer.observe(frozenset())
         assert len(server.requests("GET /health HTTP/1.1")) == 1

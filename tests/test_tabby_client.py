@@ -726,7 +726,7 @@ def test_a_listener_that_moved_while_connecting_gets_no_key(raw: RawServer) -> N
         verified,
         sockets=(ListenSocket(inode=2, port=raw.port, address="127.0.0.1", uid=0, cookie=12),),
     )
-    refused = ListenerCheck(False, "port held by pid 9 (not TabbyAPI): admin key withheld")
+    refused = ListenerCheck(False, "port held by pid 9 (not TabbyAPI)")
     script: list[ListenerCheck | Exception] = []
 
     def gate() -> ListenerCheck:
@@ -742,7 +742,7 @@ def test_a_listener_that_moved_while_connecting_gets_no_key(raw: RawServer) -> N
     try:
         cases: list[tuple[ListenerCheck | Exception, str]] = [
             (moved, "the port's listener changed while connecting; admin key withheld"),
-            (refused, refused.detail),
+            (refused, f"{refused.detail}; admin key withheld"),
             (RuntimeError("bug"), "listener check failed (RuntimeError: bug); admin key withheld"),
         ]
         for again, why in cases:

@@ -157,12 +157,13 @@ class _DeadlineBackend(httpcore.NetworkBackend):
 class DeadlineTransport(httpx.HTTPTransport):
     """httpx's transport over a pool of our own: every connection under the deadline backend.
 
-    vetted=True: a pool for requests that carry a credential. Each new connection is vetted once
-    it is established, before a byte of the request goes out (the request's scope must bring a
-    `vet`; without one nothing connects), and such a pool is never shared with requests that
-    were not vetted. A kept-alive connection was accepted by whoever listened when it was made:
-    one opened by an unchecked request (a /health probe) to a squatter, who then let go of the
-    port but not of the connection, would otherwise carry the key to it."""
+    vetted=True: a pool for requests that carry a credential or whose answers decide what is
+    done. Each new connection is vetted once it is established, before a byte of the request
+    goes out (the request's scope must bring a `vet`; without one nothing connects), and such a
+    pool is never shared with requests that were not vetted. A kept-alive connection was
+    accepted by whoever listened when it was made: one opened unchecked to a squatter, who then
+    let go of the port but not of the connection, would otherwise carry the key to it, and
+    bring back its answers (a 503 'unhealthy' for every /health) as TabbyAPI's."""
 
     def __init__(self, *, vetted: bool = False) -> None:
         # verify=False: the context httpx builds here serves only the pool replaced below, and
@@ -192,13 +193,15 @@ class DeadlineTransport(httpx.HTTPTransport):
 
 @dataclass(frozen=True)
 class Reply:
-    """One complete HTTP answer, or `failure` when none came back."""
+    """One complete HTTP answer, or `failure` when none came back (`unconnected`: no connection
+    was made for it: refused, or no answer to the handshake within the deadline)."""
 
     latency_s: float
     status: int = 0
     content_type: str = ""
     body: bytes = b""
     failure: HttpResult | None = None
+    unconnected: bool = False
 
 
 def new_client(transport: DeadlineTransport | None = None) -> httpx.Client:
@@ -274,9 +277,11 @@ def failed(
     detail: str,
     scrub: Callable[[str], str],
     status: int | None = None,
+    *,
+    unconnected: bool = False,
 ) -> Reply:
     res = HttpResult(outcome, time.monotonic() - started, status, scrub(detail))
-    return Reply(res.latency_s, failure=res)
+    return Reply(res.latency_s, failure=res, unconnected=unconnected)
 
 
 def _local(
@@ -412,12 +417,13 @@ def _exchange(
                 _header(resp.headers, b"content-type"),
                 bytes(data),
             )
-    except httpcore.TimeoutException:
+    except httpcore.TimeoutException as exc:
         why = f"no complete answer from {shown} within {budget:g} s"
-        return failed(started, Outcome.TIMEOUT, why, scrub)
+        connecting = isinstance(exc, httpcore.ConnectTimeout)
+        return failed(started, Outcome.TIMEOUT, why, scrub, unconnected=connecting)
     except httpcore.ConnectError as exc:
         return _local(started, shown, exc, scrub) or failed(
-            started, Outcome.REFUSED, f"{shown}: {describe(exc, scrub)}", scrub
+            started, Outcome.REFUSED, f"{shown}: {describe(exc, scrub)}", scrub, unconnected=True
         )
     except httpcore.LocalProtocolError as exc:
         # h11 would not write our own request (e.g. a control character in a header): never

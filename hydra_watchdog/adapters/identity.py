@@ -736,10 +736,11 @@ def find_owners(
 
 @dataclass(frozen=True)
 class ListenerCheck:
-    """The verdict on the listener behind TabbyAPI's URL, taken just before a request with a key.
+    """The verdict on the listener behind TabbyAPI's URL, taken before a request to it.
 
     ok: send, to `address` (the IP verified; a name like `localhost` is never resolved again).
-    refused: nothing listens there (the request could only be refused: not sent either).
+    refused: nothing listens there (`address`: where a connection would be refused).
+    `detail` says what was found; the caller says what it did about it (withheld, not sent).
     """
 
     ok: bool
@@ -866,7 +867,8 @@ class ListenerGate:
             check = self._judge(other, taking, unit, vouched) if taking else None
             if check is not None and check.ok:
                 return check
-        return ListenerCheck(False, f"nothing listens on port {self.port}; not sent", refused=True)
+        nobody = f"nothing listens on port {self.port}"
+        return ListenerCheck(False, nobody, address=first, refused=True)
 
     def _judge(
         self,
@@ -889,9 +891,8 @@ class ListenerGate:
         self, target: str, reaching: Sequence[ListenSocket], unit: UnitStatus | None
     ) -> tuple[ListenerCheck, tuple[tuple[int, int], ...]]:
         """The verdict, and (pid, start ticks) of each socket's holder it rests on."""
-        withheld = "not TabbyAPI; admin key withheld"
         if unit is None:
-            return ListenerCheck(False, "TabbyAPI's unit not read yet; admin key withheld"), ()
+            return ListenerCheck(False, "TabbyAPI's unit not read yet"), ()
         by_unit = unit.available and unit.exists
         members: set[int] = set()
         if by_unit:
@@ -908,13 +909,13 @@ class ListenerGate:
                 return ListenerCheck(
                     False,
                     f"port {sock.port} ({sock.address}) is held by a process of uid {sock.uid} "
-                    f"that cannot be seen: {withheld}",
+                    "that cannot be seen: not TabbyAPI",
                 ), ()
             pid = holders[0]
             verified = pid
             ident = read_identity(pid, self.proc_root)
             if ident is None:
-                why = f"port {sock.port}: pid {pid} vanished; {withheld}"
+                why = f"port {sock.port}: pid {pid} vanished; not verified as TabbyAPI"
                 return ListenerCheck(False, why), ()
             holders_seen.append((pid, ident.start_ticks))
             if by_unit:
@@ -936,7 +937,7 @@ class ListenerGate:
                 why = f"not {uid_name}'s TabbyAPI from {', '.join(self.install_dirs)}"
             if not ok:
                 return ListenerCheck(
-                    False, f"port {sock.port} held by {describe(ident)} ({why}): {withheld}"
+                    False, f"port {sock.port} held by {describe(ident)} ({why}): not TabbyAPI"
                 ), ()
         verdict = ListenerCheck(
             True,

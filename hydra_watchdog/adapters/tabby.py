@@ -1,17 +1,19 @@
 """TabbyAPI over HTTP: kept-alive connections, a hard total deadline per request, typed outcomes.
 
-An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py: two
-pools that never share a connection, one for /health and one for the requests with the key, whose
-every new connection is vetted before a byte goes over it (TabbyClient._vet). A request goes to
-its pool directly; a model load streams through an httpx client on the keyed one. The
-bounded event-stream parser of a model load in adapters/sse.py; the LiteLLM fallback route, which
-is another host, has its own adapter (adapters/fallback_route.py).
+An adapter (interfaces.TabbyApi). The deadline transport lives in adapters/http_deadline.py: one
+pool for every request to TabbyAPI, /health included, whose every new connection is vetted before
+a byte goes over it (TabbyClient._vet: the port's listener and the connection's far end must be
+the verified TabbyAPI's). A request goes to the pool directly; a model load streams through an
+httpx client on it. The bounded event-stream parser of a model load in adapters/sse.py; the
+LiteLLM fallback route, which is another host, has its own adapter (adapters/fallback_route.py).
 
 Nothing here raises for anything the server or the network does: every method returns a typed
 outcome (observation.Outcome) with the measured latency. The admin key goes out only in the
 Authorization header of requests to TabbyAPI, and only after the listener on its port was
-verified as TabbyAPI (adapters/identity.py): a local user who binds the port while TabbyAPI is down
-gets nothing but unauthenticated /health probes. Every detail string is scrubbed of the key
+verified as TabbyAPI (adapters/identity.py). /health carries no key, but what it reads decides
+restarts: it too goes only over connections vetted as TabbyAPI's, so a local user who binds the
+port while TabbyAPI is down gets nothing, not even a say (WITHHELD: no evidence either way, see
+TabbyClient.health). Every detail string is scrubbed of the key
 (before it is cut to length, so no piece of the key survives a cut) and has its control
 characters escaped.
 
@@ -45,6 +47,7 @@ from hydra_watchdog.adapters.http_deadline import (
     describe,
     error_detail,
     exchange,
+    failed,
     json_object,
     new_client,
     result,
@@ -118,11 +121,13 @@ class TabbyClient:
         self._command = command
         self._load_lock = threading.Lock()
         self._pins: dict[str, str] = {}  # verified address -> base URL pinned to it
-        # Two pools that never share a connection: /health (no key, whoever answers) and the
-        # requests with the key, whose every connection the gate vets once it is made.
-        self._open = DeadlineTransport()
-        self._keyed = DeadlineTransport(vetted=True)
-        self._http = new_client(self._keyed)  # a load's event stream, on the keyed pool
+        # Where TabbyAPI was last verified (the gate's address): /health goes there. None: the
+        # gate is asked first.
+        self._verified_at: str | None = None
+        # One pool for every request: the gate vets each connection once it is made, so a
+        # kept-alive one only ever reaches the verified TabbyAPI's socket.
+        self._pool = DeadlineTransport(vetted=True)
+        self._http = new_client(self._pool)  # a load's event stream
 
     @classmethod
     def from_config(
@@ -173,13 +178,14 @@ class TabbyClient:
         return f"TabbyClient({self.base_url!r}, admin_key=<{key}>)"
 
     def close(self) -> None:
-        self._http.close()  # and the keyed pool under it
-        self._open.close()
+        self._http.close()  # and the pool under it
 
     # --- probes ---------------------------------------------------------------------------------
 
     def health(self) -> Health:
-        reply = self._fetch("GET", "/health", self.health_timeout, auth=False)
+        """GET /health, evidence only from the verified TabbyAPI (see _health_reply): WITHHELD
+        when the port's listener, or a new connection's far end, is not TabbyAPI's."""
+        reply = self._health_reply()
         if reply.failure is not None:
             return Health(reply.failure, healthy=False)
         if reply.status not in (200, 503):
@@ -378,22 +384,80 @@ class TabbyClient:
 
     # --- plumbing -------------------------------------------------------------------------------
 
+    def _check(self) -> ListenerCheck:
+        """The gate's verdict now (a gate that fails is a refusal, never a pass); an address
+        verified is where /health goes from now on."""
+        try:
+            check = self._gate()
+        except Exception as exc:  # a bug in the gate must withhold, never send
+            return ListenerCheck(False, f"listener check failed ({self._describe(exc)})")
+        if check.ok:
+            self._verified_at = check.address
+        return check
+
     def _authorized(self, path: str, started: float) -> _Authorized | HttpResult:
         """(URL pinned to the verified address, auth headers, the vet for a new connection), or
         why nothing may be sent: a request to TabbyAPI's API goes out only once its listener is
         verified as TabbyAPI (identity.ListenerGate), key or no key: a squatter gets neither the
         key nor a say."""
-        try:
-            check = self._gate()
-        except Exception as exc:  # a bug in the gate must withhold, never send
-            check = ListenerCheck(False, f"listener check failed ({self._describe(exc)})")
+        check = self._check()
         if not check.ok:
             outcome = Outcome.REFUSED if check.refused else Outcome.WITHHELD
+            then = "not sent" if check.refused else "admin key withheld"
             latency = time.monotonic() - started
-            return HttpResult(outcome, latency, None, self._scrub(check.detail))
+            return HttpResult(outcome, latency, None, self._scrub(f"{check.detail}; {then}"))
         key = self._keys.current()[0]
         headers = {"Authorization": f"Bearer {key}"} if key else {}
-        return self._pinned(check.address) + path, headers, self._vet(check)
+        return self._pinned(check.address) + path, headers, self._vet(check, keyed=True)
+
+    def _health_reply(self) -> Reply:
+        """GET /health within health_timeout, over a connection vetted as TabbyAPI's.
+
+        The gate is not asked for every probe: a kept-alive connection was vetted when it was
+        made, and its far end is the verified TabbyAPI's socket whoever listens on the port now;
+        a new one is vetted before the request goes (the gate, and its far end). It goes to the
+        address TabbyAPI was last verified at (the gate is asked first while there is none).
+        A failure to connect is then put to the gate: refused or unanswered where nothing else
+        listens is TabbyAPI's failure (the kernel's word, no impostor involved), and a
+        TabbyAPI found listening (again, or at `localhost`'s other address) is asked once more;
+        where another listener holds the port, WITHHELD: its say is no evidence either way."""
+        started = time.monotonic()
+        shown = self._shown("/health")
+        address = self._verified_at
+        if address is None:
+            first = self._check()
+            if not first.ok and not (first.refused and first.address):
+                return self._not_sent(shown, first, started)
+            address = first.address
+        reply = self._health_at(address, shown, started)
+        if reply.failure is None or not reply.unconnected:
+            return reply
+        check = self._check()
+        if not check.ok and not check.refused:
+            return self._not_sent(shown, check, started)
+        if check.ok and (check.address != address or reply.failure.outcome is Outcome.REFUSED):
+            return self._health_at(check.address, shown, started)
+        return reply
+
+    def _health_at(self, address: str, shown: str, started: float) -> Reply:
+        return exchange(
+            self._pool,
+            "GET",
+            self._pinned(address) + "/health",
+            shown=shown,
+            headers={},
+            body=None,
+            started=started,
+            budget=self.health_timeout,
+            scrub=self._scrub,
+            vet=self._vet(None, keyed=False),
+        )
+
+    def _not_sent(self, shown: str, check: ListenerCheck, started: float) -> Reply:
+        """The gate's refusal as a /health failure: REFUSED where nothing listens, else
+        WITHHELD (the port's listener is not verified as TabbyAPI)."""
+        outcome = Outcome.REFUSED if check.refused else Outcome.WITHHELD
+        return failed(started, outcome, f"{shown} not sent: {check.detail}", self._scrub)
 
     def _pinned(self, address: str) -> str:
         """The base URL with its host replaced by the verified address (kept per address)."""
@@ -406,33 +470,48 @@ class TabbyClient:
             self._pins[address] = pinned
         return pinned
 
-    def _vet(self, verified: ListenerCheck) -> Callable[[socket.socket], str]:
-        """The check of a connection just made for a request `verified` let go, before a byte
-        goes over it: the gate again, which must name the very same listening sockets, and the
-        far end of this connection, which the kernel made from a listener and gave that
-        listener's uid, must have the uid of the sockets verified. Anything else (another
-        listener, a far end of another user, one that cannot be seen, a failed check) keeps the
-        request, and the key, from that connection."""
+    def _vet(
+        self, verified: ListenerCheck | None, *, keyed: bool
+    ) -> Callable[[socket.socket], str]:
+        """The check of a connection just made, before a byte goes over it: the gate again,
+        which must verify the very address the connection went to (and, for a request that
+        `verified` let go, the very same listening sockets), and the far end of this connection,
+        which the kernel made from a listener and gave that listener's uid, must have the uid
+        of the sockets verified. Anything else (another listener, a far end of another user,
+        one that cannot be seen, a failed check) keeps the request, and the key, from that
+        connection."""
 
         def vet(conn: socket.socket) -> str:
-            withheld = "admin key withheld"
-            try:
-                again = self._gate()
-            except Exception as exc:
-                return f"listener check failed ({self._describe(exc)}); {withheld}"
-            if not again.ok:
-                return again.detail or f"listener check refused; {withheld}"
-            # as sets: the same sockets, whatever order the kernel lists them in
-            if again.address != verified.address or set(again.sockets) != set(verified.sockets):
-                return f"the port's listener changed while connecting; {withheld}"
-            uids = {s.uid for s in verified.sockets}
-            far = far_end_uid(conn)
-            if far is None or far not in uids:
-                seen = "cannot be seen" if far is None else f"belongs to uid {far}"
-                return f"the far end of the new connection {seen}, not {sorted(uids)}; {withheld}"
-            return ""
+            why = self._not_tabbyapi(verified, conn)
+            return f"{why}; admin key withheld" if why and keyed else why
 
         return vet
+
+    def _not_tabbyapi(self, verified: ListenerCheck | None, conn: socket.socket) -> str:
+        """Why `conn` is not a connection to the verified TabbyAPI ("" when it is)."""
+        again = self._check()
+        if again.refused:  # connected, yet nothing listens: its taker has let go of the port
+            far = far_end_uid(conn)
+            taker = "cannot be seen" if far is None else f"belongs to uid {far}"
+            return f"{again.detail} now; the far end of the new connection {taker}"
+        if not again.ok:
+            return again.detail or "listener check refused"
+        try:
+            peer = str(conn.getpeername()[0]).removeprefix("::ffff:")
+        except OSError:
+            peer = ""
+        changed = verified is not None and (
+            # as sets: the same sockets, whatever order the kernel lists them in
+            again.address != verified.address or set(again.sockets) != set(verified.sockets)
+        )
+        if changed or peer != again.address:
+            return "the port's listener changed while connecting"
+        uids = {s.uid for s in again.sockets}
+        far = far_end_uid(conn)
+        if far is None or far not in uids:
+            seen = "cannot be seen" if far is None else f"belongs to uid {far}"
+            return f"the far end of the new connection {seen}, not {sorted(uids)}"
+        return ""
 
     def _redact(self, text: str) -> str:
         for key in self._keys.seen():  # the key sent, and those held before it
@@ -448,35 +527,26 @@ class TabbyClient:
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._scrub)
 
-    def _fetch(
-        self,
-        method: str,
-        path: str,
-        budget: float,
-        *,
-        body: object = None,
-        auth: bool = True,
-    ) -> Reply:
-        """One request within `budget` seconds in total, the body read up to JSON_LIMIT bytes."""
-        started = time.monotonic()
-        url = self.base_url + path
+    def _shown(self, path: str) -> str:
+        """The URL as a detail may name it (credentials redacted)."""
         try:
-            shown = redact_url(url)
+            return redact_url(self.base_url + path)
         except ValueError:  # e.g. an unclosed "[" of an IPv6 host: the request will say more
-            shown = "the configured URL"
-        headers: dict[str, str] = {}
-        transport, vet = self._open, None
-        if auth:
-            authorized = self._authorized(path, started)
-            if isinstance(authorized, HttpResult):
-                return Reply(authorized.latency_s, failure=authorized)
-            url, headers, vet = authorized
-            transport = self._keyed
+            return "the configured URL"
+
+    def _fetch(self, method: str, path: str, budget: float, *, body: object = None) -> Reply:
+        """One request to TabbyAPI's API within `budget` seconds in total, the body read up to
+        JSON_LIMIT bytes; sent only once the gate let it go (_authorized)."""
+        started = time.monotonic()
+        authorized = self._authorized(path, started)
+        if isinstance(authorized, HttpResult):
+            return Reply(authorized.latency_s, failure=authorized)
+        url, headers, vet = authorized
         return exchange(
-            transport,
+            self._pool,
             method,
             url,
-            shown=shown,
+            shown=self._shown(path),
             headers=headers,
             body=body,
             started=started,

@@ -38,6 +38,8 @@ INCIDENT_BUCKETS = (1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0, 300.0, 600.0, 1800.0
 RULE_NAMES = frozenset(r.value for r in Rule)
 # What generate_latest() writes (named here: older prometheus_client releases lack the constant).
 TEXT_FORMAT = "text/plain; version=0.0.4; charset=utf-8"
+# /health outcomes that say nothing about TabbyAPI: no tabbyapi_up sample for them.
+_NO_EVIDENCE = (Outcome.LOCAL_ERROR, Outcome.WITHHELD)
 
 
 @dataclass(frozen=True)
@@ -128,9 +130,10 @@ class _ReportCollector:
             "1 when actions are only logged, never executed.",
             value=1.0 if report.dry_run else 0.0,
         )
-        # A probe the watchdog itself could not make (out of descriptors...) says nothing about
+        # A probe the watchdog itself could not make (out of descriptors...), or did not make
+        # (WITHHELD: the port's listener is not verified as TabbyAPI), says nothing about
         # TabbyAPI: no sample rather than a 0 that fires TabbyAPIDown.
-        if report.health is not None and report.health.outcome != Outcome.LOCAL_ERROR:
+        if report.health is not None and report.health.outcome not in _NO_EVIDENCE:
             yield GaugeMetricFamily(
                 f"{PREFIX}_tabbyapi_up",
                 "1 if TabbyAPI's /health answered healthy in the last cycle.",

@@ -52,6 +52,8 @@ from hydra_watchdog.statefile import StateFile
 from hydra_watchdog.states import Phase
 
 log = get_logger("hydra_watchdog.report")
+# /health outcomes whose latency is not TabbyAPI's answering time (none came, or none was asked).
+_NO_LATENCY = (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR, Outcome.WITHHELD)
 
 
 @dataclass(frozen=True)
@@ -290,7 +292,7 @@ class MetricsReporter:
                 cancelled = r.error_kind is ErrorKind.CANCELLED
                 m.record_action(action_name(r.action), "cancelled" if cancelled else r.status.value)
         health = record.observation.health.result
-        if health.outcome not in (Outcome.REFUSED, Outcome.TIMEOUT, Outcome.LOCAL_ERROR):
+        if health.outcome not in _NO_LATENCY:
             m.observe_health_latency(health.latency_s)
 
 

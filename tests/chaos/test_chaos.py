@@ -25,6 +25,8 @@ from tests.chaos.conftest import (
     PORT,
     POWER_TARGETS,
     RESET_AFTER,
+    RESTART_ACTIONS,
+    SIM_DIR,
     STATE_DIR,
     STORE_LIB,
     TABBY_UNIT,
@@ -35,6 +37,7 @@ from tests.chaos.conftest import (
     Row,
     chaos_config,
 )
+from tests.harness.adversary import KEEPER, SYSTEM_PYTHON, as_nobody
 
 pytestmark = [pytest.mark.chaos, pytest.mark.systemd]
 
@@ -322,6 +325,52 @@ def test_08_port_held_by_foreign(chaos: Chaos) -> None:
     assert node.listening(PORT) == int(node.show()["MainPID"])
     row.restarts = node.restarts_issued()
     assert row.restarts == 1, ONE_RESTART
+
+
+KEEPER_PATH = "/opt/hw-keeper.py"
+
+
+def test_08b_port_squatted_while_tabbyapi_restarts(chaos: Chaos) -> None:
+    """Issue 22 item 1: an unprivileged user (uid 65534) takes :5000 while TabbyAPI restarts (it
+    loads its startup model before it opens the port), keeps the connection the watchdog's next
+    /health makes, lets go of the port, and answers TabbyAPI's sticky 503 on that connection
+    from then on. TabbyAPI takes its port back. The connection is vetted once made (listener
+    and far end): closed before a byte goes over it, so the 503 is never read: no restart, no
+    stop, no restart loop; TabbyAPI serves throughout."""
+    node, row = chaos
+    log = f"{SIM_DIR}/keeper.log"
+    node.ns.write_file(KEEPER_PATH, KEEPER)
+    node.set_env(STARTUP_MODEL=MAIN)  # as on hydra-ai: the model loads before the port opens
+    node.faults(load_seconds=2.5)
+    hold = 1.5  # seconds the squatter keeps the port at most: TabbyAPI's load takes 2.5
+    nobody = " ".join(as_nobody([SYSTEM_PYTHON, KEEPER_PATH, "127.0.0.1", str(PORT), str(hold)]))
+    squatter = node.spawn(["sh", "-c", f"exec {nobody} > {log} 2>&1"], KEEPER_PATH)
+    before = node.show()
+    assert node.systemctl("restart", TABBY_UNIT).returncode == 0  # the operator restarts it
+    restarted = node.show()
+    assert restarted["MainPID"] not in ("0", before["MainPID"])
+    said = node.host_path(log)
+    node.wait(lambda: "released" in said.read_text(), 30, "the squatter to take and free :5000")
+    main = int(restarted["MainPID"])
+    node.wait(lambda: node.listening(PORT) == main, 30, "TabbyAPI back on its port")
+    _cycles(node, 2)  # a status from after TabbyAPI took its port back, not the one before
+    row.recovered_s = node.wait(node.serving, 60, node.describe)
+    _cycles(node, 10)
+    transcript = said.read_text()
+    assert transcript.startswith("ready\n"), transcript  # it did hold the port
+    assert "REQUEST" not in transcript, transcript  # not a byte went over its connection
+    assert node.alive(squatter)  # never signalled
+    commands = [r for r in node.actions() if r.action in (*RESTART_ACTIONS, "stop_unit")]
+    assert commands == [], [r.fields for r in commands]
+    assert node.actions("kill_orphan") == []
+    after = node.show()
+    assert (after["MainPID"], after["ActiveState"]) == (restarted["MainPID"], "active"), after
+    assert after["NRestarts"] == before["NRestarts"], (before, after)
+    assert not any(f["rule"] in ("restart_loop", "sticky_unhealthy") for f in node.findings())
+    foreign = node.first(lambda r: r.rule == "foreign_holder")
+    row.detected_s = _seconds(node, foreign)  # seen while it held the port (if a cycle fell then)
+    row.restarts = node.restarts_issued()
+    assert row.restarts == 0
 
 
 # --- TabbyAPIRestartLoop -----------------------------------------------------------------------

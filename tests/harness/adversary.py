@@ -56,6 +56,52 @@ while True:
 """
 
 
+# Takes the port as soon as it is free (a restart frees it: the real TabbyAPI keeps it closed for
+# minutes while it loads its startup model), keeps the first connection it gets and lets go of
+# the port at once (or after HOLD seconds without one), so that TabbyAPI can take it back (it
+# sets SO_REUSEADDR, as uvicorn does). Every request on the kept connection gets TabbyAPI's
+# sticky 503: read as TabbyAPI's, it would have the watchdog restart a TabbyAPI that is fine,
+# again and again. Prints ready (bound), connection, released, REQUEST ..., closed.
+#   python3 keeper.py HOST PORT [HOLD]
+KEEPER = r"""
+import socket, sys, time
+host, port = sys.argv[1], int(sys.argv[2])
+hold = float(sys.argv[3]) if len(sys.argv) > 3 else None
+s = socket.socket()
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+while True:
+    try:
+        s.bind((host, port))
+        break
+    except OSError:
+        time.sleep(0.002)
+s.listen(16)
+print("ready", flush=True)
+s.settimeout(hold)
+try:
+    c, _ = s.accept()
+    print("connection", flush=True)
+except TimeoutError:
+    c = None
+s.close()
+print("released", flush=True)
+body = b'{"status":"unhealthy","issues":[{"description":"CUDA error: illegal memory access"}]}'
+data = b""
+while c is not None:
+    chunk = c.recv(65536)
+    if not chunk:
+        break
+    data += chunk
+    while b"\r\n\r\n" in data:
+        head, _, data = data.partition(b"\r\n\r\n")
+        print("REQUEST " + head.decode(errors="replace").replace("\r\n", " | "), flush=True)
+        c.sendall(b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: application/json\r\n"
+                  b"Content-Length: %d\r\n\r\n" % len(body) + body)
+print("closed", flush=True)
+time.sleep(3600)
+"""
+
+
 def as_nobody(argv: list[str]) -> list[str]:
     return ["setpriv", f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups", *argv]
 
@@ -82,12 +128,20 @@ class Squatter:
     @classmethod
     @contextlib.contextmanager
     def start(
-        cls, host: str, port: int, *, script: Path | None = None, user: bool = True
+        cls,
+        host: str,
+        port: int,
+        *,
+        script: Path | None = None,
+        source: str = SQUATTER,
+        args: tuple[str, ...] = (),
+        user: bool = True,
     ) -> Iterator[Squatter]:
         """Listen on host:port as nobody (`user=False`: as root), running `script` if given
-        (a file holding SQUATTER: its path then names the program), else `python3 -c`."""
-        program = [SYSTEM_PYTHON, str(script)] if script else [SYSTEM_PYTHON, "-c", SQUATTER]
-        argv = [*program, host, str(port)]
+        (a file holding SQUATTER: its path then names the program), else `python3 -c source`
+        (SQUATTER, or KEEPER with `args` (HOLD,))."""
+        program = [SYSTEM_PYTHON, str(script)] if script else [SYSTEM_PYTHON, "-c", source]
+        argv = [*program, host, str(port), *args]
         proc = subprocess.Popen(
             as_nobody(argv) if user else argv,
             stdout=subprocess.PIPE,
