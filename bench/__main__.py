@@ -89,6 +89,11 @@ def main(argv: list[str] | None = None) -> int:
     # The raw figures first: a report that fails to render can be redone with --from-json.
     raw = args.out_dir / "results.json"
     finished = time.time()
+    from bench.report import machine
+
+    # The machine and the commit measured, kept with the figures: --from-json renders them later,
+    # from another commit, and must still name the code that ran.
+    data["machine"] = machine()
     saved = {"command": command, "started": started, "finished": finished, "data": data}
     raw.write_text(json.dumps(saved, indent=1))
     return _render(data, args.out_dir, command, started, finished)

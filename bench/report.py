@@ -185,12 +185,14 @@ def polling_section(p: dict[str, Any], before: dict[str, Any]) -> tuple[list[str
     targets: list[str] = []
     h, m = sups.get("after"), sups.get("monit")
     if h and m:
+        # Informative since issue 15's decision: the CPU target is the node-like window's
+        # (crowded_section), where a node's hundreds of processes are running.
         targets.append(
-            f"- CPU per healthy cycle (hydra-watchdog at a {h['interval_s']:g} s interval, monit "
-            f"at {m['interval_s']:g} s): hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms ≤ monit "
-            f"{m['cpu_ms_per_cycle']:.2f} ms: "
-            + _verdict(h["cpu_ms_per_cycle"] <= m["cpu_ms_per_cycle"])
-            + f" ({h['cpu_ms_per_cycle'] / max(m['cpu_ms_per_cycle'], 1e-9):.1f}x monit; at the "
+            f"- informative, not the target: in the bare namespace (a handful of processes; "
+            f"hydra-watchdog at a {h['interval_s']:g} s interval, monit at "
+            f"{m['interval_s']:g} s), hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms, monit "
+            f"{m['cpu_ms_per_cycle']:.2f} ms per cycle "
+            f"({h['cpu_ms_per_cycle'] / max(m['cpu_ms_per_cycle'], 1e-9):.1f}x monit; at the "
             f"production 5 s interval {h['cpu_ms_per_cycle'] / 50:.3f}% of one core)"
         )
     if h:
@@ -258,7 +260,7 @@ def crowded_section(c: dict[str, Any]) -> list[str]:
         "The namespace above runs a handful of processes, a node hundreds. monit's `check "
         "process … matching` walks every process each cycle; hydra-watchdog's scan reads the "
         "command lines of new processes each cycle and all of them every 60 s. Measured as "
-        "above; informative: the target is the window above's.",
+        "above; the CPU target is this window's (a node runs hundreds of processes).",
         ("", "CPU / cycle", "RSS"),
     )
     for name, v in sups.items():
@@ -300,9 +302,11 @@ def status_section(st: dict[str, Any]) -> tuple[list[str], list[str]]:
     med = st["hydra-watchdog status"]["median_ms"]
     ref = st["systemctl status tabbyapi"]["median_ms"]
     floor = st.get("python -c pass")
+    # Issue 15's decision: status is measured against a bare `python -c pass`; systemctl's
+    # figure stays beside it, informative.
     target = (
-        f"- `hydra-watchdog status` median {med:.0f} ms ≤ 3x `systemctl status` median "
-        f"(3 x {ref:.1f} = {3 * ref:.0f} ms): " + _verdict(med <= 3 * ref)
+        f"- informative, not the target: `hydra-watchdog status` median {med:.0f} ms, "
+        f"`systemctl status` {ref:.1f} ms ({med / max(ref, 1e-9):.1f}x)"
     )
     if not floor:
         return lines, [target]
@@ -334,10 +338,13 @@ def overhead_sections(ov: dict[str, Any]) -> tuple[list[str], list[str]]:
         sups = _supervisors(ov["crowded"])
         h, m = sups.get("after"), sups.get("monit")
         if h and m:
+            # The reference host of issue 15's decision: node-like, hundreds of processes.
+            added = ov["crowded"].get("added_processes")
             targets.append(
-                f"- informative, not the target: with {ov['crowded'].get('added_processes')} "
-                f"more processes on the host, hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms, "
-                f"monit {m['cpu_ms_per_cycle']:.2f} ms per cycle"
+                f"- CPU per healthy cycle on a node-like host ({added} more processes): "
+                f"hydra-watchdog {h['cpu_ms_per_cycle']:.2f} ms ≤ monit "
+                f"{m['cpu_ms_per_cycle']:.2f} ms: "
+                + _verdict(h["cpu_ms_per_cycle"] <= m["cpu_ms_per_cycle"])
             )
     st = ov.get("status")
     if st:
@@ -474,7 +481,7 @@ def write_report(
         f"{(finished - started) / 60:.1f} min, {data['trials']} trial(s) per cell"
         + (" (a peer's cell may stop earlier, see Recovery)." if data.get("recovery") else "."),
         "",
-        *machine(),
+        *(data.get("machine") or machine()),
         "",
         "## Set-up",
         "",
