@@ -194,8 +194,6 @@ def narrate(
             folded = finding.message  # the restart_loop record below says it, with the stop
             continue  # as it happened
         kind = _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS)
-        if pausing and finding.rule is Rule.PAUSED:
-            kind = EventKind.PAUSED  # the pause's own record carries its finding
         add(kind, finding.severity, finding.message, rule=finding.rule, reason=finding.message,
             unit=tabby_unit)  # fmt: skip
 
@@ -230,7 +228,7 @@ def narrate(
             unit=tabby_unit,
             fields=(("HYDRA_PREV_STATE", prev.phase.value),),
         )
-        if pausing and not any(e.kind is EventKind.PAUSED for e in events):
+        if pausing:
             why = obs.pause.reason if obs.pause else ""
             add(
                 EventKind.PAUSED,
