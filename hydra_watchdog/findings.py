@@ -23,7 +23,7 @@ from hydra_watchdog.observation import (
     ProcessRole,
 )
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
@@ -150,7 +150,7 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
             Severity.CRIT,
-            f"TabbyAPI refused a model load with {where} ({s.key_refused_detail[:160]}){kind}; "
+            f"TabbyAPI refused a model load with {where} ({cut(s.key_refused_detail, 160)}){kind}; "
             f"no load is sent until the key changes or TabbyAPI restarts; put admin_key from "
             f"TabbyAPI's api_tokens.yml there: {reread}",
         )
@@ -196,7 +196,7 @@ def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
             f"{dur(cfg.tabbyapi.canary_deadline)} deadline"
         )
     else:
-        text = f"completions fail while /health is 200: {s.canary_detail[:160] or 'an error'}"
+        text = f"completions fail while /health is 200: {cut(s.canary_detail, 160) or 'an error'}"
     return Finding(Rule.GENERATION_HANG, Severity.CRIT, text, subject="canary")
 
 
@@ -205,7 +205,7 @@ def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
     if model is not None and m.fallback and model.loaded == m.fallback != m.name:
         failed = s.permanent_failure(m.name)
         why = (
-            f"{m.name} cannot succeed: {failed.detail[:120]}"
+            f"{m.name} cannot succeed: {cut(failed.detail, 120)}"
             if failed is not None
             else "escalated"
             if s.escalated
@@ -233,7 +233,7 @@ def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.CRIT,
-            f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
+            f"{failed.model} cannot be loaded: {cut(failed.detail, 200)} (TabbyAPI's words; "
             "not retried until the config, the model folder or TabbyAPI's process changes)",
             subject=f"permanent {failed.model}",
         )
@@ -415,7 +415,7 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         label = "that explain the exit" if errors else "(none names an error)"
         text = " | ".join(lines)
         yield Finding(
-            Rule.DOWN, Severity.INFO, f"last log lines {label}: {text[:400]}", subject="journal"
+            Rule.DOWN, Severity.INFO, f"last log lines {label}: {cut(text, 400)}", subject="journal"
         )
 
 
@@ -467,7 +467,7 @@ def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.ERR,
-            f"model load failed {s.load_failures}x: {s.last_load_error[:200]}",
+            f"model load failed {s.load_failures}x: {cut(s.last_load_error, 200)}",
         )
 
 
@@ -476,7 +476,7 @@ def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.FALLBACK_ROUTE,
             Severity.INFO if s.fallback_route_ok else Severity.ERR,
-            s.fallback_route_detail[:200],
+            cut(s.fallback_route_detail, 200),
         )
 
 
@@ -560,7 +560,7 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
 
 def _library_detail(obs: Observation) -> str:
     host = obs.host
-    return (host.libraries_detail or host.models_dir_detail or "asked for the next cycle")[:160]
+    return cut(host.libraries_detail or host.models_dir_detail or "asked for the next cycle", 160)
 
 
 def library_check_awaited(misses: int, obs: Observation) -> Finding:

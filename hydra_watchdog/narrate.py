@@ -30,6 +30,7 @@ from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.findings import dur
 from hydra_watchdog.observation import LoadProgress, Observation
 from hydra_watchdog.policy_state import Finding, PolicyState
+from hydra_watchdog.printable import cut
 from hydra_watchdog.rebuild import checks_after_switch, switch_label
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 
@@ -328,7 +329,7 @@ def _stop_told(results: Sequence[ActionResult]) -> str:
         return "the unit was not running"
     if stops[-1].status in (ResultStatus.OK, ResultStatus.DRY_RUN):
         return "unit stopped" if stops[-1].status is ResultStatus.OK else "unit would be stopped"
-    return f"the stop did not happen ({stops[-1].status.value}: {stops[-1].detail[:120]})"
+    return f"the stop did not happen ({stops[-1].status.value}: {cut(stops[-1].detail, 120)})"
 
 
 def _load_failed_text(res: ActionResult, new: PolicyState, now: float, wall: float) -> str:

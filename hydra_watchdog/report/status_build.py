@@ -12,6 +12,7 @@ from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin
+from hydra_watchdog.printable import cut
 from hydra_watchdog.report.status import (
     ActionEntry,
     BackoffInfo,
@@ -71,7 +72,7 @@ def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
 
 
 def _short(command: str) -> str:
-    return command if len(command) <= _COMMAND_MAX else command[: _COMMAND_MAX - 1] + "…"
+    return cut(command, _COMMAND_MAX)
 
 
 def build_status(
