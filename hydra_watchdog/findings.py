@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from hydra_watchdog.config import Config
 from hydra_watchdog.durations import format_duration
-from hydra_watchdog.journal_lines import explaining
+from hydra_watchdog.journal_lines import explaining, request_errors
 from hydra_watchdog.observation import (
     GpuSnapshot,
     ModelDir,
@@ -412,11 +412,28 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         # What explains the exit (errors, a traceback's last line) rather than the last lines:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).
         lines, errors = explaining(excerpt)
-        label = "that explain the exit" if errors else "(none names an error)"
-        text = " | ".join(lines)
-        yield Finding(
-            Rule.DOWN, Severity.INFO, f"last log lines {label}: {cut(text, 400)}", subject="journal"
-        )
+        polls = request_errors(excerpt)
+        # While a restart loop stands, these lines say why it loops (the back-off's finding).
+        rule = Rule.RESTART_LOOP if s.backoff_step else Rule.DOWN
+        if errors:
+            text = f"last log lines that explain the exit: {cut(' | '.join(lines), 400)}"
+        elif lines:
+            left_out = f"; {_polls(polls)} left out" if polls else ""
+            text = f"last log lines (none names an error{left_out}): "
+            text += cut(" | ".join(lines), 400)
+        elif polls:
+            text = (
+                f"last log lines: only {_polls(polls)} (a /v1/model poll while no model is "
+                "loaded writes one), nothing about the exit"
+            )
+        else:
+            return  # a traceback's header and frames alone: nothing that says more
+        yield Finding(rule, Severity.INFO, text, subject="journal")
+
+
+def _polls(n: int) -> str:
+    # TabbyAPI's "Sent to request: ..." lines: one request's failure, not the process's.
+    return f"{n} per-request ERROR line{'s' if n != 1 else ''}"
 
 
 def gpus(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
