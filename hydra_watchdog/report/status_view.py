@@ -363,14 +363,15 @@ def facts(report: StatusReport, now: float, style: Style, *, watchdog: bool = Tr
 
 
 def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
+    """One entry per action: when, the rule that decided it, what was done and what came of it.
+    The rule's reason is in the journal (and the findings): repeated on every line, it buried
+    the actions (and an orphan's command line, which the action names, came twice)."""
     lines: list[str] = []
     for a in report.actions:
         outcome = {"action_failed": "FAILED ", "action_refused": "REFUSED "}.get(a.event, "")
-        because = f" (because {a.rule}: {a.reason})" if a.reason else ""
-        text = (
-            f"{_clock(a.at, now)} " + style.paint(outcome, "bad") + printable(a.message + because)
-        )
-        lines.extend(fact("Actions" if not lines else "", text, style))
+        rule = f"[{a.rule}] " if a.rule else ""
+        text = f"{_clock(a.at, now)} {printable(rule)}" + style.paint(outcome, "bad")
+        lines.extend(fact("Actions" if not lines else "", text + printable(a.message), style))
     return lines
 
 
