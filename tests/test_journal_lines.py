@@ -89,8 +89,7 @@ def _journal_said(own: tuple[str, ...], backoff_step: int = 0) -> Finding:
 def test_the_finding_leaves_out_the_poll_answers_and_says_so() -> None:
     said = _journal_said((POLL, UVICORN)).message
     assert said == (
-        "last log lines (none names an error; 5 per-request ERROR lines left out): "
-        f"{UVICORN} (5x)"
+        f"last log lines (none names an error; 5 per-request ERROR lines left out): {UVICORN} (5x)"
     )
 
 
