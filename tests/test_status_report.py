@@ -477,6 +477,15 @@ def test_each_action_is_one_entry_without_its_reason_repeated() -> None:
     assert max(len(line) for line in lines) <= 100
 
 
+def test_without_systemd_tabbyapis_own_process_is_never_shown_as_an_orphan() -> None:
+    """Issue 23 item 5: with no unit to ask, the scanner calls every process of TabbyAPI's
+    program outside a unit an orphan; the one on TabbyAPI's port is TabbyAPI itself."""
+    no_unit = UnitStatus(name="tabbyapi.service", available=False, detail="systemd unavailable")
+    text = screen(build(obs=observation(unit=no_unit)), now=WALL)
+    assert "Port: 5000 held by TabbyAPI (pid 4242)" in text, text
+    assert "Orphan:" not in text and "(orphan)" not in text, text
+
+
 def test_the_screen_of_a_healthy_idle_node() -> None:
     obs = observation(
         health=Health(HttpResult(Outcome.OK, 0.015, status=200), True),
