@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from hydra_watchdog.config import Config
 from hydra_watchdog.durations import format_duration
-from hydra_watchdog.journal_lines import explaining
+from hydra_watchdog.journal_lines import explaining, request_errors
 from hydra_watchdog.observation import (
     GpuSnapshot,
     ModelDir,
@@ -23,7 +23,7 @@ from hydra_watchdog.observation import (
     ProcessRole,
 )
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
@@ -150,7 +150,7 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
             Severity.CRIT,
-            f"TabbyAPI refused a model load with {where} ({s.key_refused_detail[:160]}){kind}; "
+            f"TabbyAPI refused a model load with {where} ({cut(s.key_refused_detail, 160)}){kind}; "
             f"no load is sent until the key changes or TabbyAPI restarts; put admin_key from "
             f"TabbyAPI's api_tokens.yml there: {reread}",
         )
@@ -196,7 +196,7 @@ def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
             f"{dur(cfg.tabbyapi.canary_deadline)} deadline"
         )
     else:
-        text = f"completions fail while /health is 200: {s.canary_detail[:160] or 'an error'}"
+        text = f"completions fail while /health is 200: {cut(s.canary_detail, 160) or 'an error'}"
     return Finding(Rule.GENERATION_HANG, Severity.CRIT, text, subject="canary")
 
 
@@ -205,7 +205,7 @@ def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
     if model is not None and m.fallback and model.loaded == m.fallback != m.name:
         failed = s.permanent_failure(m.name)
         why = (
-            f"{m.name} cannot succeed: {failed.detail[:120]}"
+            f"{m.name} cannot succeed: {cut(failed.detail, 120)}"
             if failed is not None
             else "escalated"
             if s.escalated
@@ -233,7 +233,7 @@ def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.CRIT,
-            f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
+            f"{failed.model} cannot be loaded: {cut(failed.detail, 200)} (TabbyAPI's words; "
             "not retried until the config, the model folder or TabbyAPI's process changes)",
             subject=f"permanent {failed.model}",
         )
@@ -412,11 +412,28 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         # What explains the exit (errors, a traceback's last line) rather than the last lines:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).
         lines, errors = explaining(excerpt)
-        label = "that explain the exit" if errors else "(none names an error)"
-        text = " | ".join(lines)
-        yield Finding(
-            Rule.DOWN, Severity.INFO, f"last log lines {label}: {text[:400]}", subject="journal"
-        )
+        polls = request_errors(excerpt)
+        # While a restart loop stands, these lines say why it loops (the back-off's finding).
+        rule = Rule.RESTART_LOOP if s.backoff_step else Rule.DOWN
+        if errors:
+            text = f"last log lines that explain the exit: {cut(' | '.join(lines), 400)}"
+        elif lines:
+            left_out = f"; {_polls(polls)} left out" if polls else ""
+            text = f"last log lines (none names an error{left_out}): "
+            text += cut(" | ".join(lines), 400)
+        elif polls:
+            text = (
+                f"last log lines: only {_polls(polls)} (a /v1/model poll while no model is "
+                "loaded writes one), nothing about the exit"
+            )
+        else:
+            return  # a traceback's header and frames alone: nothing that says more
+        yield Finding(rule, Severity.INFO, text, subject="journal")
+
+
+def _polls(n: int) -> str:
+    # TabbyAPI's "Sent to request: ..." lines: one request's failure, not the process's.
+    return f"{n} per-request ERROR line{'s' if n != 1 else ''}"
 
 
 def gpus(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
@@ -467,7 +484,7 @@ def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.ERR,
-            f"model load failed {s.load_failures}x: {s.last_load_error[:200]}",
+            f"model load failed {s.load_failures}x: {cut(s.last_load_error, 200)}",
         )
 
 
@@ -476,7 +493,7 @@ def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.FALLBACK_ROUTE,
             Severity.INFO if s.fallback_route_ok else Severity.ERR,
-            s.fallback_route_detail[:200],
+            cut(s.fallback_route_detail, 200),
         )
 
 
@@ -560,7 +577,7 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
 
 def _library_detail(obs: Observation) -> str:
     host = obs.host
-    return (host.libraries_detail or host.models_dir_detail or "asked for the next cycle")[:160]
+    return cut(host.libraries_detail or host.models_dir_detail or "asked for the next cycle", 160)
 
 
 def library_check_awaited(misses: int, obs: Observation) -> Finding:

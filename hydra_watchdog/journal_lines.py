@@ -44,12 +44,24 @@ def _explains(text: str) -> bool:
 def explaining(excerpt: Sequence[str], keep: int = KEEP) -> tuple[tuple[str, ...], bool]:
     """(the lines to quote, whether they are errors): TabbyAPI's own lines before PID 1's (the
     latter only when there is nothing else), its errors before anything else, each distinct
-    line once, the last `keep` of them in order, a repeated one with its count."""
+    line once, the last `keep` of them in order, a repeated one with its count. Without an
+    error, no line that names one either (a request's ERROR line, a traceback's frame): what is
+    quoted then is truly "none names an error"."""
     own = [line for line in excerpt if PID1_MARK not in line] or list(excerpt)
     texts = [message(line) for line in own]
     errors = [t for t in texts if _explains(t)]
-    chosen = errors or [t for t in texts if t.strip()]
+    chosen = errors or [t for t in texts if t.strip() and not _names_error(t)]
     return _distinct_last(chosen, keep), bool(errors)
+
+
+def request_errors(excerpt: Sequence[str]) -> int:
+    """How many lines are TabbyAPI's ERROR answers to one request: while no model is loaded,
+    each of the watchdog's own /v1/model polls writes one. They say nothing about an exit."""
+    return sum(_REQUEST_ERROR in line for line in excerpt)
+
+
+def _names_error(text: str) -> bool:
+    return bool(_ERROR.search(text)) or "error" in text.lower()
 
 
 def _distinct_last(texts: Sequence[str], keep: int) -> tuple[str, ...]:

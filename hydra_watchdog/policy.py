@@ -66,7 +66,7 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
     Situation,
@@ -489,9 +489,9 @@ def _health_text(obs: Observation) -> str:
     r = obs.health.result
     text = r.outcome.value + (f" {r.status}" if r.status else "")
     if obs.health.unhealthy_issues:
-        text += f" ({obs.health.unhealthy_issues[-1][:120]})"
+        text += f" ({cut(obs.health.unhealthy_issues[-1], 120)})"
     elif r.detail:
-        text += f" ({r.detail[:120]})"
+        text += f" ({cut(r.detail, 120)})"
     return text
 
 
@@ -793,7 +793,7 @@ def _no_model(sit: Situation) -> Plan:
         why = "healthy but no model loaded"
         if is_fallback:
             blocker = (
-                "it cannot succeed: " + main_failed.detail[:120]
+                "it cannot succeed: " + cut(main_failed.detail, 120)
                 if main_failed is not None
                 else "escalated"
                 if s.escalated
@@ -860,7 +860,7 @@ def _job_running(sit: Situation) -> Plan:
 
 def _sticky_unhealthy(sit: Situation) -> Plan:
     issues = sit.obs.health.unhealthy_issues
-    issue = issues[-1][:160] if issues else "no detail"
+    issue = cut(issues[-1], 160) if issues else "no detail"
     evidence = f"/health 503 unhealthy (sticky until restart): {issue}"
     return _restart_or_loop(sit, sit.s, Rule.STICKY_UNHEALTHY, evidence, list(sit.cleanup))
 

@@ -124,7 +124,10 @@ def test_a_forged_line_in_argv_stays_escaped_on_the_console(
     assert "\\n[fake] ALL OK\\n\\x1b[2J" in out
     assert "\x1b" not in out and "\r" not in out
     assert not any(line.lstrip().startswith("[fake]") for line in out.splitlines())
-    assert len(out.splitlines()) == len(events)  # one record, one line
+    # one record, one entry: a wrapped record goes on under its message, never at the margin
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(heads) == len(events)
+    assert all(line.startswith(" " * 32) for line in out.splitlines() if line not in heads)
 
 
 def test_a_forged_line_in_argv_stays_escaped_in_the_journal_message(

@@ -29,6 +29,7 @@ from hydra_watchdog.adapters.loader_env import EnvLookup, parse_env_files_proper
 from hydra_watchdog.adapters.unit_bus import PRIVATE_SOCKET, UnitBus
 from hydra_watchdog.interfaces import CommandOutcome
 from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.printable import cut
 
 PROPERTIES = (
     "LoadState",
@@ -202,7 +203,7 @@ class SystemctlUnit:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
-            return f"`{' '.join(argv[:3])}` did not return within {timeout:g} s"
+            return f"`{cut(' '.join(argv), 60)}` did not return within {timeout:g} s"
         return subprocess.CompletedProcess(full, proc.returncode, out, err)
 
     def close(self) -> None:
