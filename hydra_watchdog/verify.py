@@ -60,7 +60,8 @@ def _no_model_loaded(cfg: Config) -> Check:
     report = daemon.report
     who = f"hydra-watchdog (pid {report.pid})"
     if report.dry_run:
-        return Check("model loaded", FAIL, f"none, and nothing will load {name}: {who} is a dry run")
+        said = f"none, and nothing will load {name}: {who} is a dry run"
+        return Check("model loaded", FAIL, said)
     if report.phase == Phase.LOADING and report.load is not None:
         ld = report.load
         done = f", {ld.module}/{ld.modules} modules" if ld.modules else ""

@@ -38,9 +38,7 @@ def _one_line(out: subprocess.CompletedProcess[str]) -> str:
     return re.sub(r"\s+", " ", out.stdout)
 
 
-def test_check_during_the_daemons_load_says_it_is_in_progress(
-    node: Node, daemons: Daemons
-) -> None:
+def test_check_during_the_daemons_load_says_it_is_in_progress(node: Node, daemons: Daemons) -> None:
     _loading(node, daemons)
     status = cli("status", "--config", str(node.config), env=_env(node))
     check = cli("check", "--config", str(node.config), env=_env(node))

@@ -11,6 +11,7 @@ from hydra_watchdog.observation import Canary, HttpResult, KeyView, Outcome, Pro
 from hydra_watchdog.policy_state import CanaryVerdict, PolicyState
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
 from tests.policy_kit import MAIN, Run, canary, config, model, obs, unit
+from tests.test_probe_verdicts import _refused_once
 from tests.test_rebuild_policy import NEW, _switched_with_broken_libraries
 from tests.test_status_report import build
 
@@ -106,8 +107,6 @@ def _key(stamp: str) -> KeyView:
 
 
 def _refused_then_loaded_by_hand() -> Run:
-    from tests.test_probe_verdicts import _refused_once  # noqa: PLC0415 - its scenario
-
     run = Run()
     _refused_once(run)
     run.step(obs(2, model=model("M"), admin_key=_key("a"), canary=canary(Outcome.OK)))
@@ -144,8 +143,6 @@ def test_a_canary_refused_401_with_a_model_loaded_is_not_ok() -> None:
 
 
 def test_a_refused_key_with_no_model_loaded_stays_critical() -> None:
-    from tests.test_probe_verdicts import _refused_once  # noqa: PLC0415 - its scenario
-
     run = Run()
     _refused_once(run)
     run.step(obs(2, model=model(None), admin_key=_key("a")))
@@ -153,4 +150,3 @@ def test_a_refused_key_with_no_model_loaded_stays_critical() -> None:
     assert run.phase() is Phase.BLOCKED
     [key] = [f for f in run.state.findings if f.rule is Rule.ADMIN_KEY_REJECTED]
     assert key.severity is Severity.CRIT and "serves" not in key.message
-
