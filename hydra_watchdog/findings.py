@@ -27,6 +27,7 @@ from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
+    canary_impossible,
     in_unit,
     key_refused,
     library_check_due,
@@ -129,11 +130,16 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         ),
         None,
     )
+    # What a refused key blocks is loads: with a model loaded TabbyAPI serves, and only a lost
+    # model could not be loaded again (WARNING); with none loaded, nothing serves (CRIT).
+    serving = obs.model.loaded if obs.model is not None and obs.model.known else None
+    severity = Severity.WARNING if serving else Severity.CRIT
+    lost = f" ({serving} serves; were it lost, none could be loaded)" if serving else ""
     if refused is not None:
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
-            Severity.CRIT,
-            f"TabbyAPI rejected the admin key ({refused.detail}): loads are impossible "
+            severity,
+            f"TabbyAPI rejected the admin key ({refused.detail}): loads are impossible{lost} "
             f"until it matches admin_key in TabbyAPI's api_tokens.yml; {reread}",
         )
     elif key_refused(s, obs):
@@ -149,10 +155,10 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         )
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
-            Severity.CRIT,
+            severity,
             f"TabbyAPI refused a model load with {where} ({cut(s.key_refused_detail, 160)}){kind}; "
-            f"no load is sent until the key changes or TabbyAPI restarts; put admin_key from "
-            f"TabbyAPI's api_tokens.yml there: {reread}",
+            f"no load is sent{lost} until the key changes or TabbyAPI restarts; put admin_key "
+            f"from TabbyAPI's api_tokens.yml there: {reread}",
         )
 
 
@@ -185,6 +191,19 @@ def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
             Severity.NOTICE,
             f"waiting for a 1-token completion to pass after {after}: not called healthy "
             "until one does",
+        )
+    elif (
+        s.canary_verdict is CanaryVerdict.UNVERIFIED
+        and obs.health.healthy
+        and canary_impossible(obs, cfg)
+    ):
+        after = s.canary_wait or "TabbyAPI's last restart or model load"
+        yield Finding(
+            Rule.CANARY_PENDING,
+            Severity.NOTICE,
+            f"canary SKIP after {after}: no model is configured (model.name) and none is "
+            "loaded, so no 1-token completion can be sent; healthy on /health alone",
+            subject="skipped",
         )
 
 

@@ -71,6 +71,7 @@ from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
     Situation,
     auto_restarting,
+    canary_impossible,
     key_refused,
     library_check_due,
     orphans_in_the_way,
@@ -951,10 +952,12 @@ def _restart_will_fail(sit: Situation) -> Plan:
     running TabbyAPI still has them mapped: a hang, a 503 or an unreachable port is not worth
     trading a live process for one that cannot start. Only a real outage (the process gone:
     this rule no longer holds) is remediated, and then the fresh library check blocks a start
-    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process)."""
+    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process).
+    What would have been restarted (a hang, a 503, an unreachable port) is then left to a
+    human, and said so: BLOCKED, not a warning that waits for nothing."""
     trigger = _restart_trigger(sit)
     notes = [say.restart_deferred(trigger, sit.will_fail)] if trigger else []
-    phase = Phase.DEGRADED if sit.healthy else Phase.DOWN
+    phase = Phase.BLOCKED if trigger else Phase.DEGRADED if sit.healthy else Phase.DOWN
     return _enter(sit.s, phase, sit.now), list(sit.cleanup), notes
 
 
@@ -1163,12 +1166,37 @@ PLAN: tuple[PlanRule, ...] = (
         _stay(Phase.BLOCKED),
         settles=True,
     ),
+    # A refused key with a model loaded: TabbyAPI serves, but a lost model could not be loaded
+    # again (nor, on a 401 canary, generation checked). Not OK while that finding stands.
+    PlanRule(
+        "key_rejected_serving",
+        NO_MODEL,
+        (Rule.ADMIN_KEY_REJECTED,),
+        lambda x: x.healthy and any(f.rule is Rule.ADMIN_KEY_REJECTED for f in x.findings),
+        _stay(Phase.DEGRADED),
+        settles=True,
+    ),
     PlanRule(
         "unverified",
         SLOW,
         (Rule.CANARY_PENDING,),
-        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
+        lambda x: (
+            x.healthy
+            and x.s.canary_verdict is CanaryVerdict.UNVERIFIED
+            and not canary_impossible(x.obs, x.cfg)
+        ),
         _stay(Phase.RECOVERING),
+        settles=True,
+    ),
+    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
+    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
+    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
+    PlanRule(
+        "canary_impossible",
+        SLOW,
+        (Rule.CANARY_PENDING,),
+        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
+        _stay(Phase.HEALTHY),
         settles=True,
     ),
     PlanRule(
