@@ -20,7 +20,7 @@ from __future__ import annotations
 import heapq
 import re
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 PID1_MARK = " systemd[1]: "  # journalctl's short-iso: "<time> <host> systemd[1]: <message>"
 # journalctl -o short-iso(-precise): "2026-12-01T19:19:02[.123456]+0000 host ident[pid]: message"
@@ -79,18 +79,9 @@ def latest(own: Sequence[str], pid1: Sequence[str], keep: int) -> tuple[str, ...
     """The last `keep` lines of TabbyAPI's own and PID 1's (less its notes on the unit's files),
     oldest first. Each read is in journal order; they are joined by their timestamps, which
     journalctl wrote in one zone and to the microsecond (short-iso-precise, --utc), so comparing
-    them as text orders them. At equal times TabbyAPI's line comes first."""
+    them as text orders them. At equal times TabbyAPI's line comes first. A message's indented
+    continuation lines have no timestamp (""): the merge, which compares the next line of each
+    read, takes them at once after the line they continue."""
     said = [line for line in pid1 if not UNIT_FILE_NOTE.search(line)]
-    merged = heapq.merge(_stamped(own), _stamped(said), key=lambda pair: pair[0])
-    lines = [line for _, line in merged]
-    return tuple(lines[-keep:]) if keep > 0 else ()
-
-
-def _stamped(lines: Sequence[str]) -> Iterator[tuple[str, str]]:
-    """(timestamp, line); a message's continuation lines (indented, no timestamp of their own)
-    keep the time of the line they continue, so a merge never splits them from it."""
-    stamp = ""
-    for line in lines:
-        if _PREFIX.match(line):
-            stamp = line.split(" ", 1)[0]
-        yield stamp, line
+    merged = list(heapq.merge(own, said, key=lambda line: line.split(" ", 1)[0]))
+    return tuple(merged[-keep:]) if keep > 0 else ()
