@@ -4,7 +4,7 @@ an exit, each once, rather than the last lines of a crash loop."""
 from __future__ import annotations
 
 from hydra_watchdog.findings import journal
-from hydra_watchdog.journal_lines import explaining, message, request_errors
+from hydra_watchdog.journal_lines import explaining, latest, message, request_errors
 from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.states import Rule
 from tests.policy_kit import config, obs, refused
@@ -105,3 +105,48 @@ def test_the_lines_are_filed_under_the_restart_loop_while_it_stands() -> None:
     in_loop = _journal_said((UVICORN, crash), backoff_step=1)
     assert in_loop.rule is Rule.RESTART_LOOP
     assert in_loop.message == f"last log lines that explain the exit: {crash} (5x)"
+
+
+def _at(second: int, micro: int, ident: str, text: str) -> str:
+    """A line as journalctl --utc -o short-iso-precise writes it."""
+    return f"2026-12-01T19:19:{second:02d}.{micro:06d}+00:00 hydra-ai {ident}: {text}"
+
+
+NOTE = (
+    "/etc/systemd/system/tabbyapi.service.d/10-hydra-watchdog.conf:28: Unknown key "
+    "'RestartSteps' in section [Service], ignoring."
+)
+
+
+def test_pid1s_notes_on_the_unit_files_are_dropped_and_never_take_a_place() -> None:
+    """The restart loop once stopped: PID 1's last 50 lines are its notes on the unit's files
+    (one each load); TabbyAPI's error still comes out, and is what the finding quotes."""
+    own = [
+        _at(1, 0, "python[100]", "INFO: Loading model m1"),
+        _at(1, 400_000, "python[100]", "ERROR: CUDA out of memory. Tried to allocate 20.00 GiB."),
+    ]
+    exit_lines = [
+        _at(1, 500_000, "systemd[1]", "tabbyapi.service: Failed with result 'exit-code'.")
+    ]
+    notes = [_at(2, i, "systemd[1]", NOTE) for i in range(49)]
+    excerpt = latest(own, exit_lines + notes, 50)
+    assert excerpt == (*own, *exit_lines)
+    lines, errors = explaining(excerpt)
+    assert errors and lines == ("ERROR: CUDA out of memory. Tried to allocate 20.00 GiB.",)
+
+
+def test_the_two_reads_are_joined_by_time_and_cut_to_the_last_lines() -> None:
+    own = [
+        _at(1, 0, "python[100]", "Traceback (most recent call last):"),
+        '                                              File "main.py", line 1',  # continued
+        _at(3, 0, "python[101]", "INFO: Loading model m1"),
+    ]
+    pid1 = [
+        _at(1, 0, "systemd[1]", "tabbyapi.service: Main process exited, status=1/FAILURE"),
+        _at(2, 0, "systemd[1]", "tabbyapi.service: Scheduled restart job."),
+        _at(4, 0, "systemd[1]", "tabbyapi.service: Failed with result 'exit-code'."),
+    ]
+    # At the same microsecond TabbyAPI's line comes first, with its continuation.
+    assert latest(own, pid1, 10) == (own[0], own[1], pid1[0], pid1[1], own[2], pid1[2])
+    assert latest(own, pid1, 2) == (own[2], pid1[2])
+    assert latest(own, pid1, 0) == ()
