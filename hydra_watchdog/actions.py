@@ -11,6 +11,7 @@ from enum import StrEnum
 from typing import ClassVar
 
 from hydra_watchdog.errors import ErrorKind
+from hydra_watchdog.printable import one_line
 from hydra_watchdog.states import Rule
 
 
@@ -95,7 +96,7 @@ def describe(action: Action) -> str:
         case SetPowerLimit(gpu_index=i, watts=w):
             return f"set gpu{i} power limit to {w:g} W"
         case KillOrphan(pid=pid, cmdline=cmd):
-            return f"kill orphan {pid} ({' '.join(cmd)[:80]})"
+            return f"kill orphan {pid} ({one_line(' '.join(cmd), 80)})"
         case UnitCommand(verb=verb, unit=unit):
             return f"{verb.value} {unit}"
         case LoadModel(model=model):

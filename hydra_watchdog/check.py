@@ -17,7 +17,7 @@ import time
 from hydra_watchdog.actions import Action, describe
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import Adapters
-from hydra_watchdog.observation import Observation, Probe
+from hydra_watchdog.observation import LoadProgress, Observation, Probe
 from hydra_watchdog.observe import Observer
 from hydra_watchdog.policy import decide
 from hydra_watchdog.policy_state import PolicyState, to_jsonable
@@ -74,15 +74,28 @@ def daemon_memory(cfg: Config, daemon: Daemon) -> tuple[PolicyState | None, str]
     return persisted.state, "; ".join(persisted.notes)
 
 
+def daemons_load(memory: PolicyState, report: StatusReport | None) -> LoadProgress | None:
+    """The load the daemon has in flight, as its memory and status say: check's own cycle has
+    no load actuator, and a load in the memory with no progress is one the policy counts lost."""
+    if not memory.load_in_flight:
+        return None
+    started = memory.load_started if memory.load_started is not None else time.monotonic()
+    shown = report.load if report is not None else None
+    if shown is None or shown.model != memory.load_in_flight:
+        return LoadProgress(memory.load_in_flight, started)
+    return LoadProgress(memory.load_in_flight, started, shown.module, shown.modules)
+
+
 def one_cycle(
-    cfg: Config, observer: Observer, memory: PolicyState
+    cfg: Config, observer: Observer, memory: PolicyState, load: LoadProgress | None = None
 ) -> tuple[PolicyState, tuple[Action, ...], Observation]:
     """Observe and decide once from `memory`, acting on nothing. Two passes: the first asks for
-    the expensive probes the rules need, the second runs them."""
-    first, _ = decide(memory, observer.observe(frozenset()), time.monotonic(), cfg)
+    the expensive probes the rules need, the second runs them. `load`: the daemon's load in
+    flight (daemons_load), which the decision must see as going on."""
+    first, _ = decide(memory, observer.observe(frozenset(), load=load), time.monotonic(), cfg)
     # /v1/model afresh too: the first pass's "no model" would otherwise be carried (observe.py)
     wants = first.wants | {Probe.MODEL}
-    obs = observer.observe(wants)
+    obs = observer.observe(wants, load=load)
     state, actions = decide(dataclasses.replace(memory, wants=wants), obs, obs.at, cfg)
     return state, tuple(actions), obs
 
@@ -91,9 +104,9 @@ def run_check(cfg: Config, adapters: Adapters, *, as_json: bool) -> int:
     now = time.time()
     daemon, absent = running_daemon(cfg, now)
     memory, unread = (None, "") if daemon is None else daemon_memory(cfg, daemon)
-    state, actions, obs = one_cycle(
-        cfg, Observer.from_adapters(cfg, adapters), memory or PolicyState()
-    )
+    start = memory or PolicyState()
+    load = daemons_load(start, daemon.report if daemon is not None else None)
+    state, actions, obs = one_cycle(cfg, Observer.from_adapters(cfg, adapters), start, load)
     if daemon is not None:
         verdict, why = daemon.verdict, daemon.why
         view = f"the daemon's (pid {daemon.report.pid})"
@@ -106,7 +119,6 @@ def run_check(cfg: Config, adapters: Adapters, *, as_json: bool) -> int:
         why = f"{state.phase.value.replace('_', ' ')} (one cycle's view)"
         view = f"one cycle's, without a daemon's memory: {absent}"
     # what is, not what the plan would start: a load it plans is not in flight
-    start = memory or PolicyState()
     seen = dataclasses.replace(
         state, load_in_flight=start.load_in_flight, load_started=start.load_started
     )

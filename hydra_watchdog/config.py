@@ -28,6 +28,7 @@ from typing import Any
 from hydra_watchdog import paths
 from hydra_watchdog.durations import ACCEPTED as DURATION_ACCEPTED
 from hydra_watchdog.durations import format_duration, parse_duration
+from hydra_watchdog.printable import CUT, cut
 from hydra_watchdog.regular_file import UnusableFileError, file_identity, read_regular
 
 DEFAULT_CONFIG_PATH = Path(paths.DEFAULT_CONFIG_PATH)
@@ -319,6 +320,7 @@ SHOWN_MAX = 60  # characters of a quoted value in a message: every line stays re
 _REPR = reprlib.Repr()
 _REPR.maxstring = _REPR.maxother = SHOWN_MAX
 _REPR.maxlevel = 3
+_REPR.fillvalue = CUT  # what it leaves out, marked as every cut is (printable.cut)
 
 
 def _show(value: object) -> str:
@@ -327,7 +329,7 @@ def _show(value: object) -> str:
     raise RecursionError, a nested list of strings would run to thousands of characters, and a
     1 MiB string would flood the journal."""
     text = _REPR.repr(value)
-    return text if len(text) <= SHOWN_MAX else text[: SHOWN_MAX - 3] + "..."
+    return cut(text, SHOWN_MAX)
 
 
 # A key as the schema spells them; any other (unknown) key is shown quoted and cut (_show).

@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 
 from hydra_watchdog.observation import PauseRequest
+from hydra_watchdog.printable import cut
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
 from hydra_watchdog.trusted_path import UnsafeDirectoryError
@@ -107,16 +108,16 @@ def _read_pause(path: Path, dir_fd: int, wall_now: float, mono_now: float) -> Pa
             raise TypeError("not a JSON object")
         reason, until = doc.get("reason"), doc.get("until_wall")
         if not isinstance(reason, str):
-            raise TypeError(f"'reason' is {str(reason)[:40]!r}, not a string")
+            raise TypeError(f"'reason' is {cut(str(reason), 40)!r}, not a string")
         if until is not None and (
             isinstance(until, bool)
             or not isinstance(until, int | float)
             or not math.isfinite(until)
             or abs(until) > 1e12
         ):
-            raise TypeError(f"'until_wall' is {str(until)[:40]!r}, not a time or null")
+            raise TypeError(f"'until_wall' is {cut(str(until), 40)!r}, not a time or null")
     except (ValueError, TypeError, RecursionError) as exc:
-        move_aside(path, f"not a pause request: {exc}"[:200], then="not paused", dir_fd=dir_fd)
+        move_aside(path, cut(f"not a pause request: {exc}", 200), then="not paused", dir_fd=dir_fd)
         return None
     if until is None:
         return PauseRequest(reason=reason, until=None)

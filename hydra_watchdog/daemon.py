@@ -193,6 +193,8 @@ class Daemon:
         self.state = loaded.state
         self.events: deque[Event] = deque(loaded.events, maxlen=config.watchdog.events_kept)
         self.journal = JournalReporter(emit)
+        self._pid = os.getpid()
+        self._pid_start = process_start(self._pid)
         self.state_file = StateFileReporter(
             self.statefile,
             saved=loaded.state if not loaded.notes else None,
@@ -204,8 +206,6 @@ class Daemon:
             notifier=self.notifier,
             metrics=metrics,
         )
-        self._pid = os.getpid()
-        self._pid_start = process_start(self._pid)
         self._pending: tuple[ActionResult, ...] = ()  # results for the next observation
         self._prev_load: LoadProgress | None = None
         # Set from signal handlers, which run on the main thread between bytecodes: plain flags
@@ -214,15 +214,19 @@ class Daemon:
         self._reload = False
         self._wake_r, self._wake_w = os.pipe2(os.O_NONBLOCK | os.O_CLOEXEC)
         self.cycles = 0  # completed ones
-        self._record(
-            EventKind.STARTED,
-            Severity.NOTICE,
-            f"watchdog started (config {config.source}{', dry run' if self.dry_run else ''})",
-        )
+        self._stop_why = ""  # what asked the loop to end (request_stop)
+        self._record(EventKind.STARTED, Severity.NOTICE, self._started_text())
         for note in loaded.notes:
             self._record(EventKind.DIAGNOSIS, Severity.WARNING, note)
 
     # --- events -----------------------------------------------------------------------------
+
+    def _started_text(self) -> str:
+        """What the kind's name does not say: who, watching what, from which config, and
+        whether it acts."""
+        cfg = self.config
+        acts = "dry run: acts on nothing" if self.dry_run else "acts on it"
+        return f"pid {self._pid} watches {cfg.tabbyapi.unit} ({acts}); config {cfg.source}"
 
     def _record(self, kind: EventKind, severity: Severity, message: str, reason: str = "") -> None:
         self._tell((Event(self.wall(), kind, severity, message, self.state.phase, reason=reason),))
@@ -314,7 +318,9 @@ class Daemon:
             with contextlib.suppress(OSError):
                 os.read(self._wake_r, 4096)
 
-    def request_stop(self) -> None:
+    def request_stop(self, why: str = "asked to stop") -> None:
+        """`why`: what asked, for the stop's record ("SIGTERM")."""
+        self._stop_why = self._stop_why or why
         self._stop = True
         self._wake_up()
 
@@ -398,6 +404,7 @@ class Daemon:
             if now >= next_cycle:
                 self._safe_cycle()
                 if once:
+                    self._stop_why = "one cycle run (--once)"
                     break
                 # Fixed rate from the cycle's start; an overrun starts the next one at once. A
                 # probe that just failed is confirmed sooner (issue 15: detection).
@@ -412,7 +419,8 @@ class Daemon:
 
     def shutdown(self) -> int:
         self.notifier.stopping()
-        self._record(EventKind.STOPPING, Severity.NOTICE, "watchdog stopping")
+        why = self._stop_why or "asked to stop"
+        self._record(EventKind.STOPPING, Severity.NOTICE, f"pid {self._pid} stops: {why}")
         if not self.executor.shutdown(SHUTDOWN_LOAD_WAIT):
             self._record(
                 EventKind.ACTION_FAILED,
@@ -523,8 +531,8 @@ def run_daemon(
     if not daemon.dry_run:  # loads outlive us in a helper; a dry run never loads nor adopts one
         daemon.executor.loader.helpers = LoadHelpers.from_config(path, config)
 
-    def on_term(_signum: int, _frame: FrameType | None) -> None:
-        daemon.request_stop()
+    def on_term(signum: int, _frame: FrameType | None) -> None:
+        daemon.request_stop(signal.Signals(signum).name)
 
     def on_hup(_signum: int, _frame: FrameType | None) -> None:
         daemon.request_reload()

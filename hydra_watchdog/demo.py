@@ -70,6 +70,17 @@ class Incident:
     actions: list[str] = field(default_factory=list)
 
 
+def event_lines(seconds: float, event: Event) -> list[str]:
+    """One event as the demo prints it: the time, the kind, the [rule], the message, wrapped
+    within the screen's width."""
+    rule = f" [{event.rule.value}]" if event.rule else ""
+    first, *rest = wrap(printable(f"{event.kind.value:<15}{rule} {event.message}"), WIDTH - 11)
+    lines = [f"  {seconds:6.1f}s  {first}"]
+    if rest:
+        lines += [" " * 13 + line for line in wrap(" ".join(rest), WIDTH - 13)]
+    return lines
+
+
 class DemoNode:
     """Builds the simulated node in a temporary directory."""
 
@@ -216,13 +227,8 @@ class Demo:
     def _emit(self, event: Event) -> None:
         now = time.monotonic() - self.t0
         self.events.append((now, event))
-        if event.kind is EventKind.LOAD_PROGRESS:
-            return
-        rule = f" [{event.rule.value}]" if event.rule else ""
-        first, *rest = wrap(printable(f"{event.kind.value:<15}{rule} {event.message}"), WIDTH - 11)
-        self.out(f"  {now:6.1f}s  {first}")
-        if rest:
-            self.out("\n".join(" " * 13 + line for line in wrap(" ".join(rest), WIDTH - 13)))
+        if event.kind is not EventKind.LOAD_PROGRESS:
+            self.out("\n".join(event_lines(now, event)))
 
     # --- incident driver ------------------------------------------------------------------------
 
@@ -364,7 +370,7 @@ class Demo:
         return incidents
 
     def close(self) -> None:
-        self.daemon.request_stop()
+        self.daemon.request_stop("the demo is over")
         self.thread.join(15)
         self.unit.stop_all()
         for orphan in self.orphans:

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 from hydra_watchdog.config import Config
 from hydra_watchdog.durations import format_duration
-from hydra_watchdog.journal_lines import explaining
+from hydra_watchdog.journal_lines import explaining, request_errors
 from hydra_watchdog.observation import (
     GpuSnapshot,
     ModelDir,
@@ -23,10 +23,11 @@ from hydra_watchdog.observation import (
     ProcessRole,
 )
 from hydra_watchdog.policy_state import CanaryVerdict, Finding, PolicyState
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.rebuild import ago, switch_before_trouble, switch_label
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
+    canary_impossible,
     in_unit,
     key_refused,
     library_check_due,
@@ -129,11 +130,16 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         ),
         None,
     )
+    # What a refused key blocks is loads: with a model loaded TabbyAPI serves, and only a lost
+    # model could not be loaded again (WARNING); with none loaded, nothing serves (CRIT).
+    serving = obs.model.loaded if obs.model is not None and obs.model.known else None
+    severity = Severity.WARNING if serving else Severity.CRIT
+    lost = f" ({serving} serves; were it lost, none could be loaded)" if serving else ""
     if refused is not None:
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
-            Severity.CRIT,
-            f"TabbyAPI rejected the admin key ({refused.detail}): loads are impossible "
+            severity,
+            f"TabbyAPI rejected the admin key ({refused.detail}): loads are impossible{lost} "
             f"until it matches admin_key in TabbyAPI's api_tokens.yml; {reread}",
         )
     elif key_refused(s, obs):
@@ -149,10 +155,10 @@ def admin_key(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding
         )
         yield Finding(
             Rule.ADMIN_KEY_REJECTED,
-            Severity.CRIT,
-            f"TabbyAPI refused a model load with {where} ({s.key_refused_detail[:160]}){kind}; "
-            f"no load is sent until the key changes or TabbyAPI restarts; put admin_key from "
-            f"TabbyAPI's api_tokens.yml there: {reread}",
+            severity,
+            f"TabbyAPI refused a model load with {where} ({cut(s.key_refused_detail, 160)}){kind}; "
+            f"no load is sent{lost} until the key changes or TabbyAPI restarts; put admin_key "
+            f"from TabbyAPI's api_tokens.yml there: {reread}",
         )
 
 
@@ -186,6 +192,19 @@ def generation(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
             f"waiting for a 1-token completion to pass after {after}: not called healthy "
             "until one does",
         )
+    elif (
+        s.canary_verdict is CanaryVerdict.UNVERIFIED
+        and obs.health.healthy
+        and canary_impossible(obs, cfg)
+    ):
+        after = s.canary_wait or "TabbyAPI's last restart or model load"
+        yield Finding(
+            Rule.CANARY_PENDING,
+            Severity.NOTICE,
+            f"canary SKIP after {after}: no model is configured (model.name) and none is "
+            "loaded, so no 1-token completion can be sent; healthy on /health alone",
+            subject="skipped",
+        )
 
 
 def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
@@ -196,7 +215,7 @@ def completions_stalled(s: PolicyState, cfg: Config) -> Finding:
             f"{dur(cfg.tabbyapi.canary_deadline)} deadline"
         )
     else:
-        text = f"completions fail while /health is 200: {s.canary_detail[:160] or 'an error'}"
+        text = f"completions fail while /health is 200: {cut(s.canary_detail, 160) or 'an error'}"
     return Finding(Rule.GENERATION_HANG, Severity.CRIT, text, subject="canary")
 
 
@@ -205,7 +224,7 @@ def fallback_model(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
     if model is not None and m.fallback and model.loaded == m.fallback != m.name:
         failed = s.permanent_failure(m.name)
         why = (
-            f"{m.name} cannot succeed: {failed.detail[:120]}"
+            f"{m.name} cannot succeed: {cut(failed.detail, 120)}"
             if failed is not None
             else "escalated"
             if s.escalated
@@ -233,7 +252,7 @@ def permanent_load(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.CRIT,
-            f"{failed.model} cannot be loaded: {failed.detail[:200]} (TabbyAPI's words; "
+            f"{failed.model} cannot be loaded: {cut(failed.detail, 200)} (TabbyAPI's words; "
             "not retried until the config, the model folder or TabbyAPI's process changes)",
             subject=f"permanent {failed.model}",
         )
@@ -412,11 +431,28 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         # What explains the exit (errors, a traceback's last line) rather than the last lines:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).
         lines, errors = explaining(excerpt)
-        label = "that explain the exit" if errors else "(none names an error)"
-        text = " | ".join(lines)
-        yield Finding(
-            Rule.DOWN, Severity.INFO, f"last log lines {label}: {text[:400]}", subject="journal"
-        )
+        polls = request_errors(excerpt)
+        # While a restart loop stands, these lines say why it loops (the back-off's finding).
+        rule = Rule.RESTART_LOOP if s.backoff_step else Rule.DOWN
+        if errors:
+            text = f"last log lines that explain the exit: {cut(' | '.join(lines), 400)}"
+        elif lines:
+            left_out = f"; {_polls(polls)} left out" if polls else ""
+            text = f"last log lines (none names an error{left_out}): "
+            text += cut(" | ".join(lines), 400)
+        elif polls:
+            text = (
+                f"last log lines: only {_polls(polls)} (a /v1/model poll while no model is "
+                "loaded writes one), nothing about the exit"
+            )
+        else:
+            return  # a traceback's header and frames alone: nothing that says more
+        yield Finding(rule, Severity.INFO, text, subject="journal")
+
+
+def _polls(n: int) -> str:
+    # TabbyAPI's "Sent to request: ..." lines: one request's failure, not the process's.
+    return f"{n} per-request ERROR line{'s' if n != 1 else ''}"
 
 
 def gpus(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
@@ -467,7 +503,7 @@ def load_failed(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findi
         yield Finding(
             Rule.LOAD_FAILED,
             Severity.ERR,
-            f"model load failed {s.load_failures}x: {s.last_load_error[:200]}",
+            f"model load failed {s.load_failures}x: {cut(s.last_load_error, 200)}",
         )
 
 
@@ -476,7 +512,7 @@ def fallback_route(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Fi
         yield Finding(
             Rule.FALLBACK_ROUTE,
             Severity.INFO if s.fallback_route_ok else Severity.ERR,
-            s.fallback_route_detail[:200],
+            cut(s.fallback_route_detail, 200),
         )
 
 
@@ -560,7 +596,7 @@ def restart_deferred(trigger: str, libraries: Sequence[str]) -> Finding:
 
 def _library_detail(obs: Observation) -> str:
     host = obs.host
-    return (host.libraries_detail or host.models_dir_detail or "asked for the next cycle")[:160]
+    return cut(host.libraries_detail or host.models_dir_detail or "asked for the next cycle", 160)
 
 
 def library_check_awaited(misses: int, obs: Observation) -> Finding:

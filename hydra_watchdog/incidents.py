@@ -174,7 +174,7 @@ def alert_for(state: PolicyState, obs: Observation) -> AlertClass | None:
         return AlertClass.RESTART_LOOP
     if phase in (Phase.DOWN, Phase.RECOVERING, Phase.BLOCKED) and not obs.health.healthy:
         return AlertClass.DOWN
-    if phase in (Phase.DOWN, Phase.RECOVERING) and _hung(state):
+    if phase in (Phase.DOWN, Phase.RECOVERING, Phase.BLOCKED) and _hung(state):
         # /health answers but no completion does (tabbyAPI#428): down for every client
         return AlertClass.DOWN
     if phase in (Phase.NO_MODEL, Phase.LOADING, Phase.BLOCKED):

@@ -28,7 +28,8 @@ from hydra_watchdog.config import Config
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.findings import dur
-from hydra_watchdog.observation import LoadProgress, Observation
+from hydra_watchdog.observation import LoadProgress, Observation, Outcome
+from hydra_watchdog.policy import backoff_delay
 from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.rebuild import checks_after_switch, switch_label
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
@@ -139,10 +140,13 @@ def narrate(
     wall: float | None = None,
     prev_load: LoadProgress | None = None,
 ) -> tuple[Event, ...]:
-    """The events of one cycle, in the order they happened: new findings, the phase change (and
-    what it means: paused, restart loop, recovered, escalated), load progress, then one event per
-    action result. `actions` (the decision) name the rule of a phase change that has no finding;
-    `prev_load` is the previous cycle's Observation.load, for the progress steps."""
+    """The events of one cycle: the ends of loads, new findings, then the phase change, each
+    record of evidence before the change it led to (the restart loop and the recovery in their
+    own records), escalation, load progress, then one event per action result. Each text is
+    said once: the state_changed line names the transition and its [rule] (_deciding), and its
+    evidence only where no record of the cycle said it. `actions` (the decision) name the rule
+    of a phase change that has no finding; `prev_load` is the previous cycle's
+    Observation.load, for the progress steps."""
     wall = time.time() if wall is None else wall
     tabby_unit = config.tabbyapi.unit
     phase = new.phase
@@ -177,46 +181,54 @@ def narrate(
             ),
         )
 
-    fresh = _fresh_findings(prev.findings, new.findings)
-    for finding in fresh:
-        add(
-            _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS),
-            finding.severity,
-            finding.message,
-            rule=finding.rule,
-            reason=finding.message,
-            unit=tabby_unit,
-        )
+    # A load ends cycles after it started: its outcome arrives with the observation, and is
+    # told before the change of phase it led to (loading -> recovering).
+    events.extend(_load_ends(obs, new, wall, tabby_unit))
+
+    changing = prev.phase != new.phase
+    looped = changing and new.backoff_step > prev.backoff_step
+    pausing = changing and new.phase is Phase.PAUSED
+    folded = ""  # a finding's text that a record of its own says in its words
+    for finding in _fresh_findings(prev.findings, new.findings):
+        if looped and finding.key == _LOOP_STOPPED:
+            folded = finding.message  # the restart_loop record below says it, with the stop
+            continue  # as it happened
+        kind = _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS)
+        add(kind, finding.severity, finding.message, rule=finding.rule, reason=finding.message,
+            unit=tabby_unit)  # fmt: skip
 
     # A NixOS switch shortly before the outage: said in the loop and escalation records too.
     changed = next((f.message for f in new.findings if f.rule is Rule.SYSTEM_SWITCHED), "")
     also = f"; {changed}" if changed else ""
-    # A phase change is told with what the deciding rule rests on (PolicyState.cause), never
-    # with whatever finding happens to come first.
-    cited = next((f for f in new.findings if f.message == new.cause), None)
-    acted = next((a for a in actions if a.reason.evidence == new.cause), None)
-    rule: Rule | None = (
-        cited.rule
-        if cited
-        else acted.reason.rule
-        if acted
-        else actions[0].reason.rule
-        if actions
-        else None
-    )
-    evidence = new.cause or new.last_failure or ""
-    if prev.phase != new.phase:
+    rule, evidence = _deciding(prev, new, actions, obs)
+    if changing:
+        # Said once: the records that state the evidence come first (the fresh finding, the
+        # load's end, the loop, the recovery); the state_changed line after them names the
+        # transition and the [rule] that decided it, and adds the evidence only when none of
+        # this cycle's records said it. Every record keeps its journald fields (HYDRA_REASON).
+        if looped:
+            add(
+                EventKind.RESTART_LOOP,
+                Severity.CRIT,
+                _loop_text(new, obs, config, results) + also,
+                rule=Rule.RESTART_LOOP,
+                reason=evidence,
+                unit=tabby_unit,
+            )
+        if rule is Rule.RECOVERED:
+            add(EventKind.RECOVERED, Severity.NOTICE, evidence, rule=rule, unit=tabby_unit)
+        said = evidence == folded or any(evidence in e.message for e in events)
         change = f"{prev.phase.value} -> {new.phase.value}"
         add(
             EventKind.STATE_CHANGED,
             _BY_VERDICT[new.phase.verdict],
-            f"{change}: {evidence}" if evidence else change,
+            f"{change}: {evidence}" if evidence and not said else change,
             rule=rule,
             reason=evidence,
             unit=tabby_unit,
             fields=(("HYDRA_PREV_STATE", prev.phase.value),),
         )
-        if new.phase is Phase.PAUSED:
+        if pausing:
             why = obs.pause.reason if obs.pause else ""
             add(
                 EventKind.PAUSED,
@@ -231,28 +243,6 @@ def narrate(
                 Severity.NOTICE,
                 f"resumed; now {new.phase.value}",
                 rule=Rule.PAUSED,
-            )
-        if new.backoff_step > prev.backoff_step:
-            window = config.restart_loop.window
-            add(
-                EventKind.RESTART_LOOP,
-                Severity.CRIT,
-                f"restart loop: {new.restarts_in_window(obs.at, window)} restarts within "
-                f"{window:g}s; {_stop_told(results)}, back-off step {new.backoff_step}{also}",
-                rule=Rule.RESTART_LOOP,
-                reason=evidence,
-                unit=tabby_unit,
-            )
-        if new.phase is Phase.HEALTHY and (
-            prev.phase in _TROUBLE
-            or (prev.phase is Phase.STARTING and prev.recovery_started is not None)
-        ):
-            add(
-                EventKind.RECOVERED,
-                Severity.NOTICE,
-                f"recovered: healthy again after {prev.phase.value}",
-                rule=Rule.RECOVERED,
-                unit=tabby_unit,
             )
     if new.escalated and not prev.escalated:  # once per escalation, not per back-off step
         add(
@@ -279,8 +269,6 @@ def narrate(
                 fields=(("HYDRA_MODEL", load.model), ("HYDRA_PROGRESS_PCT", str(now_pct))),
             )
 
-    # A load ends cycles after it started: its outcome arrives with the observation.
-    events.extend(_load_ends(obs, new, wall, tabby_unit))
     events.extend(_result_event(r, phase, tabby_unit, wall) for r in results)
     return tuple(events)
 
@@ -319,16 +307,89 @@ _FINDING_KINDS = {
 }
 
 
-def _stop_told(results: Sequence[ActionResult]) -> str:
-    """What became of this cycle's stop, as it happened (not as it was planned)."""
+# The restart-loop finding of the cycle that stops the unit (findings.restart_loop): the loop's
+# own record tells it then, so it is not told twice.
+_LOOP_STOPPED = (Rule.RESTART_LOOP, "stopped")
+
+# The runbook rule a phase stands for, for a change of phase that cites no finding and no
+# action (policy.decide left `cause` empty): DOWN is TabbyAPIDown whichever PLAN rule entered it
+# (_down, _systemd_restarting, _job_running...); STARTING and RECOVERING without a cause wait
+# inside startup_grace (_starting, _job_running); BACKOFF is the restart loop's wait.
+_PHASE_RULES = {
+    Phase.DOWN: Rule.DOWN,
+    Phase.STARTING: Rule.STARTING,
+    Phase.RECOVERING: Rule.STARTING,
+    Phase.BACKOFF: Rule.RESTART_LOOP,
+    Phase.ESCALATED: Rule.ESCALATION,
+    Phase.NO_MODEL: Rule.NO_MODEL,
+    Phase.LOADING: Rule.NO_MODEL,
+    Phase.PAUSED: Rule.PAUSED,
+}
+
+
+def recovered(prev: PolicyState, new: PolicyState) -> bool:
+    """Healthy again after trouble, or after a start the watchdog issued."""
+    return new.phase is Phase.HEALTHY and (
+        prev.phase in _TROUBLE
+        or (prev.phase is Phase.STARTING and prev.recovery_started is not None)
+    )
+
+
+def _deciding(
+    prev: PolicyState, new: PolicyState, actions: Sequence[Action], obs: Observation
+) -> tuple[Rule | None, str]:
+    """The rule that decided this cycle's phase, and the evidence it rests on. The policy's
+    `cause` (a finding's text, or an action's evidence) names it when there is one; a change to
+    healthy is the recovery (after trouble) or the clearing of the rule that held the phase
+    before; otherwise the phase's own runbook rule (_PHASE_RULES)."""
+    if recovered(prev, new):
+        took = dur(max(0.0, obs.at - prev.phase_since))
+        return Rule.RECOVERED, f"healthy again after {took} in {prev.phase.value}: {_proof(obs)}"
+    if new.cause:
+        cited = next((f for f in new.findings if f.message == new.cause), None)
+        if cited is not None:
+            return cited.rule, new.cause
+        acted = next((a for a in actions if a.reason.evidence == new.cause), None)
+        if acted is not None:
+            return acted.reason.rule, new.cause
+    if new.phase is Phase.HEALTHY and prev.phase is not Phase.HEALTHY:
+        held = next((f.rule for f in prev.findings if f.message == prev.cause), None)
+        held = held or _PHASE_RULES.get(prev.phase)
+        if held is not None:
+            return held, f"cleared; {_health_said(obs)}"
+    rule = _PHASE_RULES.get(new.phase) or (actions[0].reason.rule if actions else None)
+    return rule, new.cause or new.last_failure
+
+
+def _health_said(obs: Observation) -> str:
+    r = obs.health.result
+    return f"/health answered {r.status or r.outcome.value} in {r.latency_s * 1000:.0f} ms"
+
+
+def _proof(obs: Observation) -> str:
+    """What shows TabbyAPI serves this cycle: the canary that passed, else /health."""
+    canary = obs.canary
+    if canary is not None and canary.result.outcome is Outcome.OK:
+        return f"a 1-token completion passed in {canary.result.latency_s * 1000:.0f} ms"
+    return _health_said(obs)
+
+
+def _loop_text(
+    new: PolicyState, obs: Observation, config: Config, results: Sequence[ActionResult]
+) -> str:
+    """The restart loop as it stands after this cycle's actions: the count, the back-off, and
+    the stop only where no action line tells it (the unit was not running)."""
+    r = config.restart_loop
+    step = new.backoff_step
     stops = [
-        r for r in results if isinstance(r.action, UnitCommand) and r.action.verb is UnitVerb.STOP
+        x for x in results if isinstance(x.action, UnitCommand) and x.action.verb is UnitVerb.STOP
     ]
-    if not stops:
-        return "the unit was not running"
-    if stops[-1].status in (ResultStatus.OK, ResultStatus.DRY_RUN):
-        return "unit stopped" if stops[-1].status is ResultStatus.OK else "unit would be stopped"
-    return f"the stop did not happen ({stops[-1].status.value}: {stops[-1].detail[:120]})"
+    idle = "" if stops else "; the unit was not running"
+    return (
+        f"restart loop: {new.restarts_in_window(obs.at, r.window)} restarts within "
+        f"{dur(r.window)} (max {r.max_restarts}){idle}; back-off step {step}, next start "
+        f"attempt in {dur(backoff_delay(step, config))}"
+    )
 
 
 def _load_failed_text(res: ActionResult, new: PolicyState, now: float, wall: float) -> str:

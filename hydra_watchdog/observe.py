@@ -74,6 +74,7 @@ from hydra_watchdog.observation import (
     UnitStatus,
     local_failure,
 )
+from hydra_watchdog.printable import cut
 
 T = TypeVar("T")
 T_co = TypeVar("T_co", covariant=True)
@@ -156,7 +157,7 @@ class _Task(Generic[T_co]):
         local = local_failure(error) if isinstance(error, Exception) else ""
         if local:
             return None, f"{self.name} probe not run: {local}"
-        return None, f"{self.name} probe crashed: {f'{type(error).__name__}: {error}'[:300]}"
+        return None, f"{self.name} probe crashed: {cut(f'{type(error).__name__}: {error}', 300)}"
 
     @property
     def local(self) -> bool:

@@ -66,11 +66,12 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
     Situation,
     auto_restarting,
+    canary_impossible,
     key_refused,
     library_check_due,
     orphans_in_the_way,
@@ -489,9 +490,9 @@ def _health_text(obs: Observation) -> str:
     r = obs.health.result
     text = r.outcome.value + (f" {r.status}" if r.status else "")
     if obs.health.unhealthy_issues:
-        text += f" ({obs.health.unhealthy_issues[-1][:120]})"
+        text += f" ({cut(obs.health.unhealthy_issues[-1], 120)})"
     elif r.detail:
-        text += f" ({r.detail[:120]})"
+        text += f" ({cut(r.detail, 120)})"
     return text
 
 
@@ -793,7 +794,7 @@ def _no_model(sit: Situation) -> Plan:
         why = "healthy but no model loaded"
         if is_fallback:
             blocker = (
-                "it cannot succeed: " + main_failed.detail[:120]
+                "it cannot succeed: " + cut(main_failed.detail, 120)
                 if main_failed is not None
                 else "escalated"
                 if s.escalated
@@ -860,7 +861,7 @@ def _job_running(sit: Situation) -> Plan:
 
 def _sticky_unhealthy(sit: Situation) -> Plan:
     issues = sit.obs.health.unhealthy_issues
-    issue = issues[-1][:160] if issues else "no detail"
+    issue = cut(issues[-1], 160) if issues else "no detail"
     evidence = f"/health 503 unhealthy (sticky until restart): {issue}"
     return _restart_or_loop(sit, sit.s, Rule.STICKY_UNHEALTHY, evidence, list(sit.cleanup))
 
@@ -951,10 +952,12 @@ def _restart_will_fail(sit: Situation) -> Plan:
     running TabbyAPI still has them mapped: a hang, a 503 or an unreachable port is not worth
     trading a live process for one that cannot start. Only a real outage (the process gone:
     this rule no longer holds) is remediated, and then the fresh library check blocks a start
-    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process)."""
+    that would fail. Orphans are still cleaned up (they are not TabbyAPI's running process).
+    What would have been restarted (a hang, a 503, an unreachable port) is then left to a
+    human, and said so: BLOCKED, not a warning that waits for nothing."""
     trigger = _restart_trigger(sit)
     notes = [say.restart_deferred(trigger, sit.will_fail)] if trigger else []
-    phase = Phase.DEGRADED if sit.healthy else Phase.DOWN
+    phase = Phase.BLOCKED if trigger else Phase.DEGRADED if sit.healthy else Phase.DOWN
     return _enter(sit.s, phase, sit.now), list(sit.cleanup), notes
 
 
@@ -1163,12 +1166,37 @@ PLAN: tuple[PlanRule, ...] = (
         _stay(Phase.BLOCKED),
         settles=True,
     ),
+    # A refused key with a model loaded: TabbyAPI serves, but a lost model could not be loaded
+    # again (nor, on a 401 canary, generation checked). Not OK while that finding stands.
+    PlanRule(
+        "key_rejected_serving",
+        NO_MODEL,
+        (Rule.ADMIN_KEY_REJECTED,),
+        lambda x: x.healthy and any(f.rule is Rule.ADMIN_KEY_REJECTED for f in x.findings),
+        _stay(Phase.DEGRADED),
+        settles=True,
+    ),
     PlanRule(
         "unverified",
         SLOW,
         (Rule.CANARY_PENDING,),
-        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
+        lambda x: (
+            x.healthy
+            and x.s.canary_verdict is CanaryVerdict.UNVERIFIED
+            and not canary_impossible(x.obs, x.cfg)
+        ),
         _stay(Phase.RECOVERING),
+        settles=True,
+    ),
+    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
+    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
+    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
+    PlanRule(
+        "canary_impossible",
+        SLOW,
+        (Rule.CANARY_PENDING,),
+        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
+        _stay(Phase.HEALTHY),
         settles=True,
     ),
     PlanRule(

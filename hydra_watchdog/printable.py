@@ -28,10 +28,25 @@ def printable(text: str) -> str:
     return text.translate(_ESCAPES)
 
 
+CUT = "…"  # marks where a value was cut; "..." can be part of a true value (a path, a range)
+
+
+def cut(text: str, limit: int) -> str:
+    """`text` whole if it fits in `limit` characters, else cut to fit and marked with CUT: after
+    the last whole word when that keeps at least half, else mid-word. Never an unmarked cut, so a
+    cut value ("--port 570" of "--port 57065") never reads as another, whole one."""
+    if len(text) <= limit:
+        return text
+    kept = text[: limit - len(CUT)]
+    space = kept.rfind(" ")
+    if space >= limit // 2:
+        kept = kept[: space + 1]  # the space stays: "--port …", the flag whole, its value not
+    return kept + CUT
+
+
 def one_line(text: str, limit: int = 100) -> str:
-    """`text` escaped (see printable), then cut to `limit` characters."""
-    shown = printable(text)
-    return shown if len(shown) <= limit else shown[: limit - 3] + "..."
+    """`text` escaped (see printable), then cut to `limit` characters (see cut)."""
+    return cut(printable(text), limit)
 
 
 WIDTH = 100  # every line the watchdog prints fits in this many columns

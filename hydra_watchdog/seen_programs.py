@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from hydra_watchdog.printable import cut
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.statefile import move_aside, parse_json, write_atomic
 from hydra_watchdog.trusted_path import state_dir as private_dir
@@ -74,7 +75,9 @@ def _parse(raw: bytes, unit: str) -> tuple[Seen, ...]:
         program = row.get("program") if isinstance(row, dict) else None
         invocation = row.get("invocation", "") if isinstance(row, dict) else None
         if not _usable(program) or not isinstance(invocation, str):
-            raise ValueError(f"a program that is not an absolute, normalised path: {row!r:.80}")
+            raise ValueError(
+                f"a program that is not an absolute, normalised path: {cut(repr(row), 80)}"
+            )
         seen.append(Seen(str(program), invocation[:MAX_INVOCATION]))
     return tuple(seen) if kept == unit else ()
 
@@ -91,7 +94,7 @@ def restore(state_dir: Path | str, unit: str) -> Restored:
             except FileNotFoundError:
                 return Restored()
             except (UnusableFileError, ValueError, TypeError, RecursionError) as exc:
-                why = f"not a list of programs seen: {exc}"[:200]
+                why = cut(f"not a list of programs seen: {exc}", 200)
                 move_aside(path, why, then="the programs are learned afresh", dir_fd=dir_fd)
                 return Restored(note=why)
     except FileNotFoundError:

@@ -117,6 +117,13 @@ def key_refused(s: PolicyState, obs: Observation) -> bool:
     return obs.admin_key is None or obs.admin_key.stamp == s.key_refused
 
 
+def canary_impossible(obs: Observation, cfg: Config) -> bool:
+    """No canary can be sent: no model is configured (model.name is empty: the watchdog only
+    watches) and TabbyAPI says none is loaded (the canary goes only to a loaded model)."""
+    model = obs.model
+    return not cfg.model.name and model is not None and model.known and model.loaded is None
+
+
 def start_reference(s: PolicyState, obs: Observation) -> float | None:
     stamps = [t for t in (s.recovery_started, obs.unit.active_enter_mono) if t is not None]
     return max(stamps) if stamps else None

@@ -36,6 +36,7 @@ from typing import TYPE_CHECKING, Any
 
 from hydra_watchdog.events import Event
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
+from hydra_watchdog.printable import cut
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.trusted_path import open_trusted_dir, state_dir
 
@@ -108,7 +109,7 @@ def _check_ranges(value: Any, where: str) -> None:
             raise ValueError(f"{where} = {value!r} is out of range")
     elif isinstance(value, int):
         if not 0 <= value <= MAX_COUNT:
-            raise ValueError(f"{where} = {str(value)[:40]} is out of range")
+            raise ValueError(f"{where} = {cut(str(value), 40)} is out of range")
     elif dataclasses.is_dataclass(value) and not isinstance(value, type):
         for f in dataclasses.fields(value):
             _check_ranges(getattr(value, f.name), f"{where}.{f.name}")
@@ -255,7 +256,7 @@ class StateFile:
             doc = parse_json(raw)
             version = doc["version"] if isinstance(doc, dict) else None
             if not isinstance(version, int) or isinstance(version, bool):
-                raise ValueError(f"no integer 'version' (got {str(version)[:40]})")
+                raise ValueError(f"no integer 'version' (got {cut(str(version), 40)})")
             if version > STATE_VERSION:
                 return f"version {version} is newer than this watchdog's"
             state = from_jsonable(PolicyState, doc["state"])
@@ -274,7 +275,7 @@ class StateFile:
             RecursionError,
             OverflowError,
         ) as exc:
-            return f"corrupt: {type(exc).__name__}: {exc}"[:300]
+            return cut(f"corrupt: {type(exc).__name__}: {exc}", 300)
         if boot_id != self.boot_id or not self.boot_id:
             note = "state from another boot: monotonic times dropped, back-off step kept"
             return Persisted(state.rebased(), events, (note,), rebased=True)

@@ -3,7 +3,9 @@
 Each check is OK, FAIL or SKIP, and says why. A check that did not run is never OK: it is SKIP
 with the reason, and a SKIP that matters (the check applies here but could not run) makes the
 verdict WARNING; a SKIP that does not (the ExLlamaV2 extension on a TabbyAPI that runs ExLlamaV3)
-leaves it as it is. Any FAIL is CRITICAL (exit 2), a SKIP that matters WARNING (exit 1).
+leaves it as it is. Any FAIL is CRITICAL (exit 2), a SKIP that matters WARNING (exit 1), and so
+is WAIT: not there yet, with something under way that brings it (no model loaded while the
+daemon loads the configured one, read from its status file).
 
 The checks follow the backend the running TabbyAPI serves the model with (adapters/backend.py),
 and /health counts only when the listener that answered is TabbyAPI's, verified as the admin key's
@@ -13,24 +15,28 @@ requests are (identity.ListenerGate): a squatter's 200 is a FAIL that names it.
 from __future__ import annotations
 
 import os
+import time
 from dataclasses import dataclass
 
 from hydra_watchdog.adapters.backend import Backend, detect
 from hydra_watchdog.adapters.tabby import listener_gate
+from hydra_watchdog.check import running_daemon
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observation import HostReport, Outcome
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import one_line, printable
 from hydra_watchdog.report.screen import WIDTH, Style, emit, wants_colour, wrap
 from hydra_watchdog.report.status import VERDICT_NAMES
+from hydra_watchdog.states import Phase
 
 OK, SKIP, FAIL = "OK", "SKIP", "FAIL"
+WAIT = "WAIT"  # not there yet, and something under way brings it (the daemon's model load)
 
 
 @dataclass(frozen=True)
 class Check:
     name: str
-    result: str  # OK, SKIP or FAIL
+    result: str  # OK, SKIP, WAIT or FAIL
     detail: str
     matters: bool = True  # for a SKIP: the check applies here but could not run
 
@@ -38,7 +44,37 @@ class Check:
 def verdict(checks: list[Check]) -> int:
     if any(c.result == FAIL for c in checks):
         return 2
-    return 1 if any(c.result == SKIP and c.matters for c in checks) else 0
+    waits = any(c.result == WAIT for c in checks)
+    return 1 if waits or any(c.result == SKIP and c.matters for c in checks) else 0
+
+
+def _no_model_loaded(cfg: Config) -> Check:
+    """TabbyAPI has no model: CRITICAL only when nothing will load one. A model configured and
+    a daemon loading it, or about to (its phase, from its status file, read only), is WAIT."""
+    name = cfg.model.name
+    if not name:
+        return Check("model loaded", SKIP, "none, and no model is configured (model.name)", False)
+    daemon, absent = running_daemon(cfg, time.time())
+    if daemon is None:
+        return Check("model loaded", FAIL, f"none, and nothing will load {name}: {absent}")
+    report = daemon.report
+    who = f"hydra-watchdog (pid {report.pid})"
+    if report.dry_run:
+        said = f"none, and nothing will load {name}: {who} is a dry run"
+        return Check("model loaded", FAIL, said)
+    if report.phase == Phase.LOADING and report.load is not None:
+        ld = report.load
+        done = f", {ld.module}/{ld.modules} modules" if ld.modules else ""
+        return Check("model loaded", WAIT, f"none yet: {who} is loading {ld.model}{done}")
+    # the daemon's first finding says why (its cause), as `status` lists it first
+    cause = one_line(report.findings[0].message, 160) if report.findings else ""
+    if report.phase == Phase.NO_MODEL:
+        why = f" ({cause})" if cause else ""
+        return Check("model loaded", WAIT, f"none yet: {who} loads {name} when due{why}")
+    why = f": {cause}" if cause else ""
+    return Check(
+        "model loaded", FAIL, f"none, and nothing will load {name}: {who} is {report.phase}{why}"
+    )
 
 
 def _backend(backend: Backend) -> Check:
@@ -123,7 +159,7 @@ def run_checks(cfg: Config, adapters: Adapters) -> list[Check]:
     if model.loaded:
         checks.append(Check("model loaded", OK, model.loaded))
     elif model.known:
-        checks.append(Check("model loaded", FAIL, "none"))
+        checks.append(_no_model_loaded(cfg))
     elif keyless:
         checks.append(Check("model loaded", SKIP, model.result.detail))
     else:
@@ -148,11 +184,14 @@ def screen(checks: list[Check], style: Style) -> str:
     name = VERDICT_NAMES[code]
     failed = sum(c.result == FAIL for c in checks)
     skipped = sum(c.result == SKIP for c in checks)
-    said = f"{len(checks) - failed - skipped} of {len(checks)} checks passed"
+    passed = sum(c.result == OK for c in checks)
+    said = f"{passed} of {len(checks)} checks passed"
     said += f", {failed} failed" if failed else ""
     said += f", {skipped} skipped" if skipped else ""
+    waiting = sum(c.result == WAIT for c in checks)
+    said += f", {waiting} not yet" if waiting else ""
     lines = [f"{style.paint(name, name)}: {said}"]
-    tone = {OK: "good", FAIL: "FAIL", SKIP: "SKIP"}
+    tone = {OK: "good", FAIL: "FAIL", SKIP: "SKIP", WAIT: "warn"}
     for c in checks:
         head = style.paint(
             f"{c.result:<4}", tone[c.result] if c.result != SKIP or c.matters else "dim"

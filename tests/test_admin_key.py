@@ -6,6 +6,7 @@ answer about a unit's LoadCredential= is the one seam (the namespace test asks r
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 import pytest
@@ -145,3 +146,21 @@ def test_a_401_without_a_key_is_the_daemons_problem_but_only_a_commands_lack(
         assert result.outcome is Outcome.LOCAL_ERROR and hint in result.detail
     else:
         assert result.outcome is Outcome.UNAUTHORIZED and hint in result.detail
+
+
+def test_the_daemon_keeps_its_credentials_copy_when_the_source_is_no_file(tmp_path: Path) -> None:
+    """LoadCredential=admin_key:SOURCE may be an AF_UNIX socket or a directory (issue 23 review,
+    M7): systemd read it into the copy; the watchdog reads the copy, never the socket."""
+    creds = tmp_path / "creds"
+    creds.mkdir()
+    (creds / "admin_key").write_text("copy")
+    env = {"CREDENTIALS_DIRECTORY": str(creds), "INVOCATION_ID": "x"}
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(str(tmp_path / "key.sock"))
+        for source in (tmp_path / "key.sock", creds):
+            where = locate("", env, lookup=_lookup(str(source)), unit="hydra-watchdog.service")
+            # before: the socket's path, whose read fails: no key, and a rejected-key CRIT
+            assert (where.path, where.live) == (str(creds / "admin_key"), False), source
+    finally:
+        sock.close()

@@ -10,6 +10,7 @@ there, as an operator would run them."""
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -36,8 +37,13 @@ def node(
 ) -> Iterator[SystemdNamespace]:
     """The README's unit takes the key from a path; a bare name is looked up in systemd's
     credential stores (/etc/credstore/admin_key)."""
-    ns = systemd_ns
     credential: str = request.param
+    yield from _laid_out(systemd_ns, credential)
+
+
+def _laid_out(ns: SystemdNamespace, credential: str) -> Iterator[SystemdNamespace]:
+    """TabbyAPI's simulator running as tabbyapi.service, the watchdog's unit installed with
+    LoadCredential=`credential` (never started), the key in the file it names."""
     key_file = KEY_FILE if ":" in credential else "/etc/credstore/admin_key"
     laid = ns.python(
         "from hydra_watchdog.sim.install import lay_out\n"
@@ -130,3 +136,52 @@ def test_without_a_key_to_read_the_commands_say_how_to_pass_it_never_critical(
     doc = json.loads(out)
     assert not [f for f in doc["findings"] if f["rule"] == "admin_key_rejected"], out
     assert doc["verdict"] != "CRITICAL" and code != 2, out
+
+
+# --- issue 23 review M7: a source that is no regular file ---------------------------------------
+
+
+SOCKET = "/run/hw-credential/admin_key.sock"
+_BIND = (
+    "import os, socket, sys\n"
+    "os.makedirs(os.path.dirname(sys.argv[1]), exist_ok=True)\n"
+    "socket.socket(socket.AF_UNIX, socket.SOCK_STREAM).bind(sys.argv[1])\n"
+)
+
+
+@pytest.mark.parametrize(
+    ("source", "kind"),
+    [("/etc/hydra-watchdog/keys", "a directory"), (SOCKET, "an AF_UNIX socket")],
+    ids=["directory", "socket"],
+)
+def test_a_credential_source_that_is_no_file_is_never_read_and_says_how_to_pass_the_key(
+    systemd_ns: SystemdNamespace, source: str, kind: str
+) -> None:
+    """LoadCredential=admin_key:SOURCE may name a directory (systemd loads each file in it) or
+    an AF_UNIX socket (systemd reads the key from it at the unit's start): a command from a root
+    shell reads neither, and says so with how to pass the key, never "run this as root"."""
+    laid = _laid_out(systemd_ns, f"admin_key:{source}")
+    node = next(laid)
+    try:
+        if kind == "a directory":
+            node.write_file(f"{source}/admin_key", ADMIN_KEY + "\n", 0o600)
+        else:
+            bound = node.run([sys.executable, "-c", _BIND, source])
+            assert bound.returncode == 0, bound.stderr
+        code, out = _cli(node, "verify")
+        said = " ".join(out.split())
+        assert "Traceback" not in out and "CRITICAL" not in out and "FAIL" not in out, out
+        # before: "... cannot be read (not a regular file ...): run this command as root, as
+        # the daemon runs" -- said to root, of a source no command can read
+        assert f"LoadCredential=admin_key:{source} of hydra-watchdog.service, {kind}" in said, out
+        assert "set tabbyapi.admin_key_file to a file holding the key" in said, out
+        assert "as root" not in said and "cannot be read" not in said, out
+        assert code == 1, out
+        code, out = _cli(node, "check", "--json")
+        doc = json.loads(out)
+        assert not [f for f in doc["findings"] if f["rule"] == "admin_key_rejected"], out
+        assert doc["verdict"] != "CRITICAL" and code != 2, out
+    finally:
+        for _ in laid:  # the fixture's teardown
+            pass
+        node.run(["rm", "-rf", os.path.dirname(SOCKET)])

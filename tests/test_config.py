@@ -840,7 +840,7 @@ def test_a_quoted_value_is_cut(data: dict[str, Any]) -> None:
         parse_config(data)
     message = str(caught.value)
     assert len(message) < 400, message
-    assert "..." in message  # cut, and said to be
+    assert "…" in message  # cut, and said to be
 
 
 @pytest.mark.parametrize(

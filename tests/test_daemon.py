@@ -371,6 +371,10 @@ def test_loads_the_missing_model_reports_and_stops_cleanly(
         assert _exit_code(proc) == 0
         assert node.kinds()[-1] is EventKind.STOPPING
         assert notify.lines("STOPPING=1") == ["STOPPING=1"]
+        # Issue 23: the text says what the kind's name does not: who, and why it stops.
+        started = next(e for e in node.events() if e.kind is EventKind.STARTED)
+        assert started.message.startswith(f"pid {proc.pid} watches tabbyapi.service")
+        assert node.events()[-1].message == f"pid {proc.pid} stops: SIGTERM"
     finally:
         notify.close()
 

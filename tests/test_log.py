@@ -31,6 +31,17 @@ def _stamped(line: str) -> str:
     return rest
 
 
+def unwrapped(text: str) -> list[str]:
+    """The console's records, each on one line again (a wrapped one goes on indented)."""
+    records: list[str] = []
+    for line in text.splitlines():
+        if line.startswith(" ") and records:
+            records[-1] += " " + line.lstrip()
+        else:
+            records.append(line)
+    return records
+
+
 def test_console_line_shows_level_message_and_fields_quoted_and_escaped() -> None:
     console = io.StringIO()
     configure_logging(journal=False, stream=console)
@@ -46,7 +57,7 @@ def test_console_line_shows_level_message_and_fields_quoted_and_escaped() -> Non
     )
     # A short message is padded, so the fields of successive lines start in one column.
     get_logger("test").info("started", pid=7)
-    first, second = console.getvalue().splitlines()
+    first, second = unwrapped(console.getvalue())
     assert _stamped(first) == (
         "[warning  ] restart tabbyapi.service\\n[fake] ok "
         "attempt=2 command='nc\\x1b[2J' hydra_reason='3 probes refused in 15 s' hydra_state=down"

@@ -88,8 +88,10 @@ def test_entering_backoff_is_a_restart_loop() -> None:
     before = PolicyState(phase=Phase.DOWN, restarts=restarts)
     after = replace(before, phase=Phase.BACKOFF, backoff_step=1)
     events = narrate(before, after, (), (), _obs(), config=CFG, wall=1.0)
-    assert _kinds(events) == [EventKind.STATE_CHANGED, EventKind.RESTART_LOOP]
-    loop = events[1]
+    # the loop's record first, then the change it decided (said once: not the evidence again)
+    assert _kinds(events) == [EventKind.RESTART_LOOP, EventKind.STATE_CHANGED]
+    loop, change = events
+    assert change.message == "down -> backoff" and change.rule is Rule.RESTART_LOOP
     assert loop.severity is Severity.CRIT and loop.rule is Rule.RESTART_LOOP
     assert "4 restarts" in loop.message and "step 1" in loop.message
 
@@ -222,3 +224,34 @@ def test_a_second_gpus_finding_beside_the_first_is_news() -> None:
     told = narrate(denied(0), denied(0, 1), (), (), _obs(), config=CFG)
     assert [e.message for e in told] == ["gpu1: setting 450 W failed"]
     assert narrate(denied(0, 1), denied(0, 1), (), (), _obs(), config=CFG) == ()
+
+
+def test_a_change_citing_a_fresh_finding_says_its_text_once() -> None:
+    """Issue 23: the diagnosis, then the change it decided with its [rule] but not the text
+    again; journald still gets the evidence as the change's HYDRA_REASON."""
+    slow = Finding(Rule.SLOW_HEALTH, Severity.WARNING, "/health took 1201 ms (> 1000 ms)")
+    before = PolicyState(phase=Phase.HEALTHY)
+    after = PolicyState(phase=Phase.DEGRADED, findings=(slow,), cause=slow.message)
+    diagnosis, change = narrate(before, after, (), (), _obs(), config=CFG, wall=1.0)
+    assert (diagnosis.kind, diagnosis.message) == (EventKind.DIAGNOSIS, slow.message)
+    assert (change.kind, change.rule) == (EventKind.STATE_CHANGED, Rule.SLOW_HEALTH)
+    assert (change.message, change.reason) == ("healthy -> degraded", slow.message)
+
+
+def test_a_change_with_no_cause_cites_the_rule_of_its_phase() -> None:
+    """healthy -> down with no finding cited is TabbyAPIDown; degraded -> healthy names the
+    rule that held the phase, now cleared, with what /health says."""
+    (down,) = narrate(
+        PolicyState(phase=Phase.HEALTHY),
+        PolicyState(phase=Phase.DOWN, last_failure="refused"),
+        (),
+        (),
+        _obs(),
+        config=CFG,
+    )
+    assert (down.rule, down.message) == (Rule.DOWN, "healthy -> down: refused")
+    slow = Finding(Rule.SLOW_HEALTH, Severity.WARNING, "/health took 1201 ms (> 1000 ms)")
+    degraded = PolicyState(phase=Phase.DEGRADED, findings=(slow,), cause=slow.message)
+    (cleared,) = narrate(degraded, PolicyState(phase=Phase.HEALTHY), (), (), _obs(), config=CFG)
+    assert cleared.rule is Rule.SLOW_HEALTH
+    assert cleared.message == "degraded -> healthy: cleared; /health answered 200 in 10 ms"

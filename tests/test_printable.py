@@ -124,7 +124,10 @@ def test_a_forged_line_in_argv_stays_escaped_on_the_console(
     assert "\\n[fake] ALL OK\\n\\x1b[2J" in out
     assert "\x1b" not in out and "\r" not in out
     assert not any(line.lstrip().startswith("[fake]") for line in out.splitlines())
-    assert len(out.splitlines()) == len(events)  # one record, one line
+    # one record, one entry: a wrapped record goes on under its message, never at the margin
+    heads = [line for line in out.splitlines() if not line.startswith(" ")]
+    assert len(heads) == len(events)
+    assert all(line.startswith(" " * 32) for line in out.splitlines() if line not in heads)
 
 
 def test_a_forged_line_in_argv_stays_escaped_in_the_journal_message(
@@ -141,7 +144,11 @@ def test_a_forged_line_in_argv_stays_escaped_in_the_journal_message(
             log_event(event)
         records = [as_dict(parse_native(journald.recv(1 << 20))) for _ in events]
     told = [r for r in records if r.get("HYDRA_RULE") == Rule.FOREIGN_HOLDER.value]
-    assert told and all(f"pid {proc.pid}" in r["MESSAGE"] for r in told)
+    # Said once (narrate): the finding's record tells the holder; the state change after it
+    # names the transition and keeps the evidence in HYDRA_REASON.
+    said = [r for r in told if f"pid {proc.pid}" in r["MESSAGE"]]
+    assert said and all(f"pid {proc.pid}" in r.get("HYDRA_REASON", "") for r in told)
     for record in told:
-        assert "\n" not in record["MESSAGE"] and "\x1b" not in record["MESSAGE"]
-        assert "\\n[fake] ALL OK\\n\\x1b[2J" in record["MESSAGE"]
+        for text in (record["MESSAGE"], record.get("HYDRA_REASON", "")):
+            assert "\n" not in text and "\x1b" not in text
+        assert "\\n[fake] ALL OK\\n\\x1b[2J" in record["HYDRA_REASON"]

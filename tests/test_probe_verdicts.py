@@ -86,7 +86,8 @@ def test_a_refused_key_blocks_nothing_while_a_model_is_loaded() -> None:
     run = Run()
     _refused_once(run)
     run.step(obs(2, model=model("M"), admin_key=_key("a"), canary=canary(Outcome.OK)))
-    assert run.phase() is Phase.HEALTHY
+    # not BLOCKED: TabbyAPI serves; a WARNING, as its finding is (a lost model stays lost)
+    assert run.phase() is Phase.DEGRADED
 
 
 def test_a_credential_says_it_is_read_at_start() -> None:

@@ -58,7 +58,7 @@ def test_no_restart_for_a_sticky_503_or_unreachable_port_while_the_process_runs(
             assert run.step(obs(t, system=NEW, health=bad)) == ()
         deferred = [f for f in run.state.findings if f.rule is Rule.RESTART_WILL_FAIL]
         assert any("not restarting" in f.message for f in deferred), deferred
-        assert run.state.phase is Phase.DOWN
+        assert run.state.phase is Phase.BLOCKED  # left to a human: "restart it by hand"
 
 
 def test_without_the_libraries_problem_the_same_503_restarts() -> None:

@@ -38,6 +38,7 @@ from hydra_watchdog.observation import (
     UnitStatus,
 )
 from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin, RestartRecord
+from hydra_watchdog.printable import one_line
 from hydra_watchdog.report import status
 from hydra_watchdog.report.status import (
     PHASES,
@@ -439,10 +440,50 @@ def test_the_screen_shows_what_the_runbook_asks_first() -> None:
     assert "Back-off: step 2" in text and "(in 60 s)" in text
     assert "3 in the last 10 min (1 by the watchdog, 2 by systemd)" in text
     assert "[warning] port_conflict: port 5000 held by pid 4242" in text
-    assert "kill orphan 4242 (python /opt/tabbyapi/main.py) (because port_conflict: pid" in text
-    assert "FAILED restart tabbyapi.service (because tabbyapi_down: refused 3 times)" in text
+    assert "[port_conflict] kill orphan 4242 (python /opt/tabbyapi/main.py)" in text
+    assert "[tabbyapi_down] FAILED restart tabbyapi.service" in text
     assert "Unit: tabbyapi.service failed; NRestarts 4, result exit-code" in text
     assert max(len(line) for line in text.splitlines()) <= 100
+
+
+def test_each_action_is_one_entry_without_its_reason_repeated() -> None:
+    """Issue 23 item 3: an action's entry is when, [rule], what and what came of it; the rule's
+    reason is in the journal, and the orphan's command line (in the action) is said once."""
+    command = "/srv/venv/bin/python /srv/tabbyapi/main.py --port 57065 --models-dir /srv/models"
+    kill = event(
+        EventKind.ACTION,
+        f"kill orphan 3001 ({one_line(command, 80)}): pid 3001 exited after SIGTERM",
+        WALL - 90,
+        rule=Rule.ORPHAN_CLEANUP,
+        action="kill_orphan",
+        reason=f"orphan holds the port or VRAM: pid 3001 {one_line(command)}",
+    )
+    load = event(
+        EventKind.ACTION,
+        "load model m1: started",
+        WALL - 80,
+        rule=Rule.NO_MODEL,
+        action="load_model",
+        reason="healthy but no model loaded; VRAM 54.3 GiB free, needs 40.0 GiB",
+    )
+    lines = screen(build(recent=(kill, load)), now=WALL).splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("   Actions: "))
+    entries = lines[start:]
+    assert entries[-1].endswith("[no_model] load model m1: started"), entries
+    text = " ".join(line.strip() for line in entries)
+    assert text.count("/srv/tabbyapi/main.py") == 1, entries
+    assert "because" not in text and "VRAM 54.3 GiB free" not in text
+    assert "[orphan_cleanup] kill orphan 3001 (" in text
+    assert max(len(line) for line in lines) <= 100
+
+
+def test_without_systemd_tabbyapis_own_process_is_never_shown_as_an_orphan() -> None:
+    """Issue 23 item 5: with no unit to ask, the scanner calls every process of TabbyAPI's
+    program outside a unit an orphan; the one on TabbyAPI's port is TabbyAPI itself."""
+    no_unit = UnitStatus(name="tabbyapi.service", available=False, detail="systemd unavailable")
+    text = screen(build(obs=observation(unit=no_unit)), now=WALL)
+    assert "Port: 5000 held by TabbyAPI (pid 4242)" in text, text
+    assert "Orphan:" not in text and "(orphan)" not in text, text
 
 
 def test_the_screen_of_a_healthy_idle_node() -> None:

@@ -312,6 +312,41 @@ def test_journal_leaves_out_pid1s_notes_on_the_unit_files(
 
 
 @pytest.mark.systemd
+def test_pid1s_notes_cannot_crowd_the_units_last_lines_out(
+    systemd_ns: SystemdNamespace, unit_name: str
+) -> None:
+    """The chaos restart loop's flake: once the unit is stopped, every read of its state loads
+    it again, and PID 1 notes each unknown key at each load. More notes than the excerpt has
+    lines must still leave the unit's own last line, which says why it exited, in it."""
+    token = uuid.uuid4().hex
+    assert systemd_ns.systemctl("log-target", "journal").returncode == 0
+    systemd_ns.install_unit(
+        unit_name,
+        f"[Service]\nType=oneshot\nExecStart=/bin/sh -c 'echo ERROR: {token} >&2; exit 1'\n"
+        f"NoSuchKey{token[:6]}=1\n",
+    )
+    unit = adapter(systemd_ns, unit_name)
+    assert unit.command(UnitVerb.START).ok
+    wait_status(unit, systemd_ns, lambda st: st.result == "exit-code", "the unit failed")
+    systemd_ns.wait_for(lambda: any(token in line for line in unit.journal(5)), what="output")
+    assert systemd_ns.systemctl("reset-failed", unit_name).returncode == 0  # unloadable now
+    note = f"NoSuchKey{token[:6]}"
+
+    def notes() -> int:  # each `systemctl show` of the unloaded unit loads it: one note more
+        systemd_ns.systemctl("show", "-p", "LoadState", unit_name)
+        raw = systemd_ns.journalctl("-q", "-n", "20", "_PID=1", f"UNIT={unit_name}").stdout
+        return raw.count(note)
+
+    systemd_ns.wait_for(lambda: notes() >= 20, what="20 of PID 1's notes after the unit's exit")
+    # PID 1's last lines are all notes: one window for both would hold nothing else.
+    pid1 = systemd_ns.journalctl("-q", "-n", "10", "_PID=1", f"UNIT={unit_name}").stdout
+    assert pid1.count(note) == 10, pid1
+    lines = unit.journal(10)
+    assert any(f"ERROR: {token}" in line for line in lines), lines
+    assert not any(note in line for line in lines), lines
+
+
+@pytest.mark.systemd
 def test_command_is_bounded_by_its_timeout(systemd_ns: SystemdNamespace, unit_name: str) -> None:
     systemd_ns.install_unit(
         unit_name,

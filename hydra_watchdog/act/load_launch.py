@@ -50,7 +50,7 @@ from hydra_watchdog.load_record import (
     report_written_at,
     write_launch,
 )
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import cut, one_line
 from hydra_watchdog.statefile import read_boot_id
 from hydra_watchdog.trusted_path import state_dir as private_dir
 
@@ -195,7 +195,7 @@ class LoadHelpers:
             return launch  # it may well have started: the unit's state says so from now on
         if done.returncode != 0:
             clear(self.state_dir)
-            why = first_line(done.stderr)[:200] or f"exit status {done.returncode}"
+            why = cut(first_line(done.stderr), 200) or f"exit status {done.returncode}"
             return f"systemd-run could not start the load helper {unit}: {why}"
         return launch
 
@@ -261,7 +261,7 @@ class LoadHelpers:
         ours, or a process that has ended (its outcome is then collected as usual)."""
         if launch.unit:
             if launch.unit != unit_name(launch.model):
-                return f"its unit {launch.unit[:80]!r} is not {unit_name(launch.model)}"
+                return f"its unit {cut(launch.unit, 80)!r} is not {unit_name(launch.model)}"
             return ""
         ident = read_identity(launch.pid) if launch.pid > 0 else None
         if ident is None or ident.start_ticks != launch.start_ticks:
@@ -273,7 +273,7 @@ class LoadHelpers:
         if (ident.uid, ident.euid) != (os.getuid(), os.geteuid()):
             return f"pid {ident.pid} runs as uid {ident.euid}, not as this watchdog"
         if not runs_helper(ident.cmdline, launch.load_id, self.state_dir):
-            return f"pid {ident.pid} is not its load helper ({printable(ident.command)[:80]})"
+            return f"pid {ident.pid} is not its load helper ({one_line(ident.command, 80)})"
         return ""
 
     def _is_helper(self, launch: LoadLaunch) -> bool:

@@ -20,6 +20,7 @@ digest of the key: the policy remembers a rejected key by it.
 from __future__ import annotations
 
 import os
+import stat
 import threading
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
@@ -144,15 +145,25 @@ def locate(
         if unit is None:
             unit = own_unit(environ) if lookup is not None else ""
         found = lookup(unit) if lookup is not None and unit else None
-        if found is not None and found.source and os.access(found.source, os.R_OK):
+        if found is not None and _readable_file(found.source):
             return KeyLocation(found.source, _credential_label(found))
+        # (a socket or a directory source: only systemd reads it; its copy is the key)
         return KeyLocation(copy, f"the systemd credential '{CREDENTIAL}'", live=False)
     if discover and lookup is not None:
         found = lookup(WATCHDOG_UNIT)
         if found.source:
             where = f"LoadCredential={CREDENTIAL}:{found.source} of {found.unit}"
-            if os.access(found.source, os.R_OK):
+            if _readable_file(found.source):
                 return KeyLocation(found.source, _credential_label(found))
+            kind = _not_a_file(found.source)
+            if kind:
+                return KeyLocation(
+                    "",
+                    "",
+                    hint=f"the watchdog's admin key is its {where}, {kind}, which only systemd "
+                    "reads (at the unit's start): for this command, set tabbyapi.admin_key_file "
+                    "to a file holding the key",
+                )
             why = "which this user cannot read" if os.path.exists(found.source) else "missing"
             return KeyLocation(
                 "",
@@ -167,6 +178,27 @@ def locate(
         hint="no admin key configured: set tabbyapi.admin_key_file, or give the watchdog's unit "
         f"LoadCredential={CREDENTIAL}:FILE",
     )
+
+
+def _readable_file(path: str) -> bool:
+    """A regular file (a link to one too) this user may read: the only source read as a key.
+    A LoadCredential= source may also be a directory or an AF_UNIX socket (systemd.exec(5))."""
+    return bool(path) and os.path.isfile(path) and os.access(path, os.R_OK)
+
+
+def _not_a_file(path: str) -> str:
+    """What stands at `path` when it is there and no regular file ("" : a file, or nothing)."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return ""
+    if stat.S_ISREG(mode):
+        return ""
+    if stat.S_ISDIR(mode):
+        return "a directory"
+    if stat.S_ISSOCK(mode):
+        return "an AF_UNIX socket"
+    return f"not a regular file (mode {stat.filemode(mode)})"
 
 
 def _credential_label(found: CredentialLookup) -> str:

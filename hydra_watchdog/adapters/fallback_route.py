@@ -20,14 +20,14 @@ from hydra_watchdog.adapters.http_deadline import (
 )
 from hydra_watchdog.config import redact_url
 from hydra_watchdog.observation import HttpResult, Outcome
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import cut, printable
 
 _DETAIL_MAX = 300
 
 
 def _scrub(text: str) -> str:
     text = printable(text)
-    return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+    return cut(text, _DETAIL_MAX)
 
 
 def _status_result(reply: Reply) -> HttpResult:

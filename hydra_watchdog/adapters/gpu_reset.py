@@ -11,6 +11,7 @@ from collections.abc import Sequence
 
 from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.interfaces import ResetOutcome
+from hydra_watchdog.printable import cut
 
 _OUTPUT_MAX = 300
 
@@ -32,7 +33,7 @@ class NvidiaSmiReset:
             return ResetOutcome(False, f"GPU reset took over {timeout:g}s", ErrorKind.TIMEOUT)
         except OSError as exc:
             return ResetOutcome(False, f"cannot run {program}: {exc}", ErrorKind.EXEC_FAILED)
-        output = " ".join((proc.stdout + " " + proc.stderr).split())[:_OUTPUT_MAX]
+        output = cut(" ".join((proc.stdout + " " + proc.stderr).split()), _OUTPUT_MAX)
         if proc.returncode != 0:
             detail = f"exit {proc.returncode}: {output}"
             return ResetOutcome(False, detail, ErrorKind.COMMAND_FAILED)

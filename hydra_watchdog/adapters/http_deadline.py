@@ -29,6 +29,7 @@ import httpcore
 import httpx
 
 from hydra_watchdog.observation import HttpResult, Outcome, local_failure
+from hydra_watchdog.printable import cut
 
 JSON_LIMIT = 1 << 20  # bytes; TabbyAPI's answers are a few hundred bytes
 CANCEL_POLL = 0.1  # seconds between cancel checks while a load stream is quiet
@@ -252,7 +253,7 @@ def error_detail(reply: Reply, redact: Callable[[str], str]) -> str:
     body, _ = json_object(reply)
     if body is None:
         text = " ".join(redact(reply.body.decode("utf-8", "replace")).split())
-        return text if len(text) <= _EXCERPT_MAX else text[: _EXCERPT_MAX - 3] + "..."
+        return cut(text, _EXCERPT_MAX)
     detail = body.get("detail")
     if isinstance(detail, str):
         return detail

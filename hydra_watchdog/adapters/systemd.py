@@ -28,7 +28,9 @@ from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.adapters.loader_env import EnvLookup, parse_env_files_property, unit_env
 from hydra_watchdog.adapters.unit_bus import PRIVATE_SOCKET, UnitBus
 from hydra_watchdog.interfaces import CommandOutcome
+from hydra_watchdog.journal_lines import latest
 from hydra_watchdog.observation import UnitStatus
+from hydra_watchdog.printable import cut
 
 PROPERTIES = (
     "LoadState",
@@ -46,11 +48,6 @@ PROPERTIES = (
     "ExecStart",
     "WorkingDirectory",
 )
-
-# PID 1 on the unit's files ("/etc/.../10-hydra-watchdog.conf:28: Unknown key ..., ignoring"),
-# logged again at every load of the unit: nothing about how TabbyAPI ran, and on systemd < 254
-# (which does not know RestartSteps=) they would push its last lines out of an excerpt.
-_UNIT_FILE_NOTE = re.compile(r"systemd\[1\]: /\S+:\d+: ")
 
 BUS_RETRY = 30.0  # seconds on `systemctl show` after the bus failed, before trying it again
 BUS_TIMEOUT = 2.0  # seconds for one read over the bus; then `systemctl show` (self.timeout)
@@ -202,7 +199,7 @@ class SystemctlUnit:
             out, err = proc.communicate(timeout=timeout)
         except subprocess.TimeoutExpired:
             kill_group(proc)
-            return f"`{' '.join(argv[:3])}` did not return within {timeout:g} s"
+            return f"`{cut(' '.join(argv), 60)}` did not return within {timeout:g} s"
         return subprocess.CompletedProcess(full, proc.returncode, out, err)
 
     def close(self) -> None:
@@ -309,18 +306,33 @@ class SystemctlUnit:
         one line saying why (an excerpt is for humans; an empty one would hide the reason)."""
         if lines <= 0:
             return ()
-        argv = ["journalctl", "--no-pager", "-q", "-o", "short-iso", "-n", str(lines)]
         # Not `-u`: it also matches records that name the unit in OBJECT_SYSTEMD_UNIT, which
         # are the watchdog's own (journal.py), so each excerpt would quote the last one. The
-        # unit's own output, or systemd (PID 1) about the unit (exit codes, kills).
-        matches = [f"_SYSTEMD_UNIT={self.unit}", "+", "_PID=1", f"UNIT={self.unit}"]
-        proc = self._run([*argv, *matches], self.timeout)
+        # unit's own output, and systemd (PID 1) about the unit (exit codes, kills), each in
+        # its own window: PID 1's notes on the unit's files can flood its window, never
+        # TabbyAPI's (journal_lines.latest).
+        end = self._clock() + self.timeout
+        own = self._journal_read(lines, [f"_SYSTEMD_UNIT={self.unit}"], end)
+        if isinstance(own, str):
+            return (own,)
+        pid1 = self._journal_read(lines, ["_PID=1", f"UNIT={self.unit}"], end)
+        if isinstance(pid1, str):
+            return (pid1,)
+        return latest(own, pid1, lines)
+
+    def _journal_read(
+        self, lines: int, matches: Sequence[str], end: float
+    ) -> tuple[str, ...] | str:
+        """The last `lines` entries that `matches` select, or a line saying why not. UTC and
+        microseconds, so that two reads' timestamps compare as text."""
+        argv = ["journalctl", "--no-pager", "-q", "--utc", "-o", "short-iso-precise"]
+        left = max(end - self._clock(), 0.1)  # one budget for both reads of an excerpt
+        proc = self._run([*argv, "-n", str(lines), *matches], left)
         if isinstance(proc, str):
-            return (f"[journal unavailable: {proc}]",)
+            return f"[journal unavailable: {proc}]"
         if proc.returncode != 0:
-            return (f"[journal unavailable: {first_line(proc.stderr) or proc.returncode}]",)
-        said = [line for line in proc.stdout.splitlines() if not _UNIT_FILE_NOTE.search(line)]
-        return tuple(said[-lines:])
+            return f"[journal unavailable: {first_line(proc.stderr) or proc.returncode}]"
+        return tuple(proc.stdout.splitlines())
 
 
 def kill_group(proc: subprocess.Popen[str] | subprocess.Popen[bytes]) -> None:

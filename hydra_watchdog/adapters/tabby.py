@@ -65,7 +65,7 @@ from hydra_watchdog.observation import (
     Outcome,
     UnitStatus,
 )
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import cut, printable
 
 _DETAIL_MAX = 300
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
@@ -522,7 +522,7 @@ class TabbyClient:
         """Text from the server or the network made fit for a detail: the key replaced first
         (a cut made before could leave a piece of it), control characters escaped, then cut."""
         text = printable(self._redact(text))
-        return text if len(text) <= _DETAIL_MAX else text[: _DETAIL_MAX - 3] + "..."
+        return cut(text, _DETAIL_MAX)
 
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._scrub)

@@ -16,6 +16,7 @@ from pathlib import Path
 
 from hydra_watchdog.incidents import Tracker
 from hydra_watchdog.jsonable import from_jsonable, to_jsonable
+from hydra_watchdog.printable import cut
 from hydra_watchdog.regular_file import UnusableFileError, read_regular
 from hydra_watchdog.statefile import _check_ranges, move_aside, parse_json, write_atomic
 from hydra_watchdog.trusted_path import state_dir
@@ -54,7 +55,7 @@ class IncidentFile:
                 tracker = from_jsonable(Tracker, doc["tracker"])
                 _check_ranges(tracker, "tracker")
             except (ValueError, TypeError, KeyError, AttributeError, RecursionError) as exc:
-                return self._discard(f"corrupt: {type(exc).__name__}: {exc}"[:300], dir_fd)
+                return self._discard(cut(f"corrupt: {type(exc).__name__}: {exc}", 300), dir_fd)
             return Loaded(tracker)
 
     def save(self, tracker: Tracker) -> None:

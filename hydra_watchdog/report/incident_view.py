@@ -10,9 +10,19 @@ from typing import Any
 
 from hydra_watchdog.incidents import Incident
 from hydra_watchdog.jsonable import to_jsonable
-from hydra_watchdog.printable import one_line
+from hydra_watchdog.printable import WIDTH, printable
+from hydra_watchdog.report.screen import wrap
 
-WIDTH = 100
+_HANG = 12  # "  cause     ", "  21:03:52  ": a wrapped line goes on under the text
+
+
+def _hanging(head: str, text: str) -> list[str]:
+    """`head` and `text` within WIDTH columns, the lines after the first under the text (so a
+    wrapped line never reads as the next entry); nothing cut."""
+    first, *rest = wrap(head + printable(text), WIDTH)
+    if not rest:
+        return [first]
+    return [first, *(" " * _HANG + line for line in wrap(" ".join(rest), WIDTH - _HANG))]
 
 
 def _clock(wall: float) -> str:
@@ -47,11 +57,11 @@ def render(incidents: list[Incident], *, now: float, since_text: str) -> list[st
         cause = inc.cause or "none found"
         if inc.cause_rule:
             cause = f"[{inc.cause_rule}] {cause}"
-        lines.append(one_line(f"  cause     {cause}", WIDTH))
+        lines += _hanging("  cause     ", cause)
         if inc.actions_dropped:
             lines.append(f"  ({inc.actions_dropped} earlier actions not kept)")
         for a in inc.actions:
-            lines.append(one_line(f"  {_clock(a.at)}  {a.action} {a.result}: {a.detail}", WIDTH))
+            lines += _hanging(f"  {_clock(a.at)}  ", f"{a.action} {a.result}: {a.detail}")
         if not inc.actions and not inc.actions_dropped:
             lines.append("  no action taken")
         if inc.recovered is not None:

@@ -32,7 +32,7 @@ from logging_journald import JournaldTransport
 from structlog.typing import EventDict, WrappedLogger
 
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.printable import one_line, printable
+from hydra_watchdog.printable import WIDTH, one_line, printable
 from hydra_watchdog.report.log import (
     ConsoleLogger,
     bridge_stdlib,
@@ -317,7 +317,8 @@ def configure_logging(
     with _state_lock:
         old, _writer = _writer, writer
         if writer is None:
-            configure(chain(*console_chain(out), expand=[add_event_fields]), console, level)
+            wrapped = ConsoleLogger(out, width=WIDTH)  # not the journal's: wrapped for a reader
+            configure(chain(*console_chain(out), expand=[add_event_fields]), wrapped, level)
         else:
             logger = JournalLogger(writer, console)
             configure(chain(render_journal, expand=[add_event_fields]), logger, level)

@@ -198,14 +198,61 @@ def console_chain(stream: TextIO, environ: Mapping[str, str] = os.environ) -> li
     ]
 
 
+_SGR = re.compile(r"\x1b\[[0-9;]*m")  # the renderer's colours: no width on the screen
+# "2026-12-01 18:10:31 [warning  ] ": a wrapped record goes on under its message
+HANGING = 32
+
+
+def _visible(text: str) -> int:
+    return len(_SGR.sub("", text))
+
+
+def _pieces(word: str, width: int) -> list[str]:
+    """`word` cut into pieces of at most `width` visible characters (a colour code stays whole
+    in its piece)."""
+    pieces, piece, seen = [], "", 0
+    for part in re.split(f"({_SGR.pattern})", word):
+        if _SGR.fullmatch(part):
+            piece += part
+            continue
+        for ch in part:
+            if seen == width:
+                pieces.append(piece)
+                piece, seen = "", 0
+            piece += ch
+            seen += 1
+    return [*pieces, piece]
+
+
+def wrap_record(line: str, width: int = 100, indent: int = HANGING) -> str:
+    """A rendered record within `width` columns: broken at spaces, each line after the first
+    indented under the message (so a wrapped record never reads as the next one)."""
+    if _visible(line) <= width:
+        return line
+    room = width - indent
+    out = [""]
+    for word in line.split(" "):
+        for piece in _pieces(word, room) if _visible(word) > room else [word]:
+            if not out[-1] or _visible(out[-1]) + 1 + _visible(piece) <= width:
+                out[-1] += (" " if out[-1] else "") + piece
+            else:
+                out.append(" " * indent + piece)
+    return "\n".join(out)
+
+
 class ConsoleLogger:
     """structlog's logger for the console: prints each rendered record to `stream`, or to
-    whatever sys.stderr is at the time of the call."""
+    whatever sys.stderr is at the time of the call; within `width` columns when given (a
+    terminal or a file, not a journal stream, where each line is a record)."""
 
-    def __init__(self, stream: TextIO | None = None) -> None:
+    def __init__(self, stream: TextIO | None = None, width: int | None = None) -> None:
         self._stream = stream
+        self._width = width
 
     def msg(self, line: str) -> None:
+        if self._width is not None:
+            head, newline, trace = line.partition("\n")  # a traceback's rows stay as they are
+            line = wrap_record(head, self._width) + newline + trace
         print(line, file=sys.stderr if self._stream is None else self._stream, flush=True)
 
     debug = info = warning = error = critical = msg
@@ -226,7 +273,7 @@ def configure(processors: Sequence[Processor], logger: WrappedLogger, level: int
     Logger.min_level = level
 
 
-configure(chain(*console_chain(sys.stderr)), ConsoleLogger(), logging.INFO)
+configure(chain(*console_chain(sys.stderr)), ConsoleLogger(width=100), logging.INFO)
 
 
 @contextlib.contextmanager

@@ -40,7 +40,7 @@ from hydra_watchdog.events import Event
 from hydra_watchdog.incidents import Tracker, facts, step
 from hydra_watchdog.observation import Observation, Outcome
 from hydra_watchdog.policy_state import PolicyState
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import cut, printable
 from hydra_watchdog.report.incident_file import IncidentFile
 from hydra_watchdog.report.log import get_logger
 from hydra_watchdog.report.metrics import Metrics
@@ -311,7 +311,7 @@ def status_line(state: PolicyState, dry_run: bool) -> str:
         head += f": {state.findings[0].message}"
     elif state.last_failure and state.phase is not Phase.HEALTHY:
         head += f": {state.last_failure}"
-    return ("[dry-run] " if dry_run else "") + head[:200]
+    return ("[dry-run] " if dry_run else "") + cut(head, 200)
 
 
 class SdNotifyReporter:

@@ -27,6 +27,8 @@ import math
 import sys
 from collections.abc import Callable, Iterator, Mapping
 
+from hydra_watchdog.printable import cut
+
 SCHEMA_VERSION = 1
 _MAX_INT = 2**63  # bytes, pids, counts; beyond it a number is garbage (and overflows a float)
 VERDICT_NAMES = ("OK", "WARNING", "CRITICAL", "UNKNOWN")  # states.Verdict, by exit code
@@ -47,7 +49,7 @@ def _number(value: object, where: str, *, integer: bool) -> int | float:
             f"{where} = {value!r} is not a usable {'integer' if integer else 'number'}"
         )
     if abs(value) > _MAX_INT:
-        raise ValueError(f"{where} = {str(value)[:40]} is not a usable number")
+        raise ValueError(f"{where} = {cut(str(value), 40)} is not a usable number")
     return int(value) if integer else float(value)
 
 
@@ -324,7 +326,7 @@ def from_json(text: str | bytes) -> StatusReport:
     except RecursionError:
         raise ValueError("the status file is not valid JSON (nested too deeply)") from None
     except (ValueError, UnicodeDecodeError) as exc:
-        raise ValueError(f"the status file is not valid JSON ({str(exc)[:200]})") from None
+        raise ValueError(f"the status file is not valid JSON ({cut(str(exc), 200)})") from None
     if not isinstance(raw, dict):
         raise ValueError("the status file does not hold a JSON object")
     schema = raw.get("schema")
@@ -334,18 +336,18 @@ def from_json(text: str | bytes) -> StatusReport:
         )
     if schema > SCHEMA_VERSION:
         raise ValueError(
-            f"the status file uses schema {str(schema)[:40]}; this hydra-watchdog reads schema "
+            f"the status file uses schema {cut(str(schema), 40)}; this hydra-watchdog reads schema "
             f"{SCHEMA_VERSION}: upgrade the CLI to match the daemon"
         )
     if schema < 1:
-        raise ValueError(f"the status file has an invalid schema {str(schema)[:40]}")
+        raise ValueError(f"the status file has an invalid schema {cut(str(schema), 40)}")
     try:
         report = StatusReport(**{k: raw[k] for k in StatusReport.field_names() if k in raw})
         if report.verdict not in range(len(VERDICT_NAMES)):
             raise ValueError(f"verdict = {report.verdict} is not a Nagios exit code")
         if report.phase not in PHASES:
-            raise ValueError(f"phase = {report.phase[:40]!r} is not a phase")
+            raise ValueError(f"phase = {cut(report.phase, 40)!r} is not a phase")
     except (ValueError, TypeError, RecursionError) as exc:
-        why = str(exc)[:200]
+        why = cut(str(exc), 200)
         raise ValueError(f"the status file does not match schema {SCHEMA_VERSION}: {why}") from None
     return report

@@ -10,8 +10,15 @@ from collections.abc import Sequence
 from hydra_watchdog import __version__
 from hydra_watchdog.config import Config, GpuDevice
 from hydra_watchdog.events import Event, EventKind
-from hydra_watchdog.observation import GpuSnapshot, ModelDir, Observation, ProcessRole
+from hydra_watchdog.observation import (
+    GpuSnapshot,
+    ModelDir,
+    Observation,
+    ProcessInfo,
+    ProcessRole,
+)
 from hydra_watchdog.policy_state import PolicyState, RestartOrigin
+from hydra_watchdog.printable import cut
 from hydra_watchdog.report.status import (
     ActionEntry,
     BackoffInfo,
@@ -28,6 +35,7 @@ from hydra_watchdog.report.status import (
     replace,
 )
 from hydra_watchdog.report.status_view import summarize
+from hydra_watchdog.situation import tabby_process
 from hydra_watchdog.states import Phase
 from hydra_watchdog.vram import device_for, vram_needed
 
@@ -70,8 +78,21 @@ def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
     )
 
 
+def _tabby_without_unit(obs: Observation) -> int | None:
+    """TabbyAPI's own process where no unit can be asked (the scanner calls every process of
+    TabbyAPI's program outside a unit ORPHAN): never shown as an orphan of itself."""
+    if obs.unit.available:
+        return None
+    found = tabby_process(obs)
+    return int(found.partition("@")[0]) if found else None
+
+
+def _role(proc: ProcessInfo, tabby: int | None) -> str:
+    return ProcessRole.MAIN.value if proc.pid == tabby else proc.role.value
+
+
 def _short(command: str) -> str:
-    return command if len(command) <= _COMMAND_MAX else command[: _COMMAND_MAX - 1] + "…"
+    return cut(command, _COMMAND_MAX)
 
 
 def build_status(
@@ -148,6 +169,7 @@ def build_status(
         gpus = tuple(_gpu(s, cfg.gpu.device) for s in obs.gpus.devices)
         if obs.gpus.error is not None:
             gpu_error = obs.gpus.error.value + (f": {obs.gpus.detail}" if obs.gpus.detail else "")
+        tabby = _tabby_without_unit(obs)
         if obs.port is not None:
             owned = []
             for lst in obs.port.listeners:
@@ -156,7 +178,7 @@ def build_status(
                     ListenerInfo(
                         port=lst.port,
                         pid=lst.pid,
-                        role=proc.role.value if proc else "",
+                        role=_role(proc, tabby) if proc else "",
                         command=_short(proc.command) if proc else "",
                     )
                 )
@@ -166,7 +188,7 @@ def build_status(
                 pid=p.pid, role=p.role.value, command=_short(p.command), gpu_bytes=p.gpu_bytes
             )
             for p in obs.processes
-            if p.role in (ProcessRole.ORPHAN, ProcessRole.FOREIGN)
+            if p.role in (ProcessRole.ORPHAN, ProcessRole.FOREIGN) and p.pid != tabby
         )
         if obs.pause is not None:
             pause = PauseInfo(paused=True, reason=obs.pause.reason, until=wall(obs.pause.until))

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from hydra_watchdog.printable import printable
+from hydra_watchdog.printable import cut, printable
 from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, wants_colour, wrap
 from hydra_watchdog.report.status import (
     VERDICT_NAMES,
@@ -108,7 +108,9 @@ def daemon_problem(report: StatusReport, proc: str = PROC) -> str:
     # An empty cmdline: an exec in progress (or a kernel thread); the start time still decides.
     if cmdline and b"hydra_watchdog" not in cmdline and b"hydra-watchdog" not in cmdline:
         command = printable(cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip())
-        return f"daemon pid {pid} is gone: that pid is now another process ({command[:80] or '?'})"
+        return (
+            f"daemon pid {pid} is gone: that pid is now another process ({cut(command, 80) or '?'})"
+        )
     if report.pid_start is not None and process_start(pid, proc) != report.pid_start:
         return f"daemon pid {pid} is gone: that pid is now another hydra-watchdog process"
     return ""
@@ -361,14 +363,15 @@ def facts(report: StatusReport, now: float, style: Style, *, watchdog: bool = Tr
 
 
 def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
+    """One entry per action: when, the rule that decided it, what was done and what came of it.
+    The rule's reason is in the journal (and the findings): repeated on every line, it buried
+    the actions (and an orphan's command line, which the action names, came twice)."""
     lines: list[str] = []
     for a in report.actions:
         outcome = {"action_failed": "FAILED ", "action_refused": "REFUSED "}.get(a.event, "")
-        because = f" (because {a.rule}: {a.reason})" if a.reason else ""
-        text = (
-            f"{_clock(a.at, now)} " + style.paint(outcome, "bad") + printable(a.message + because)
-        )
-        lines.extend(fact("Actions" if not lines else "", text, style))
+        rule = f"[{a.rule}] " if a.rule else ""
+        text = f"{_clock(a.at, now)} {printable(rule)}" + style.paint(outcome, "bad")
+        lines.extend(fact("Actions" if not lines else "", text + printable(a.message), style))
     return lines
 
 
