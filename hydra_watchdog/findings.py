@@ -432,8 +432,10 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).
         lines, errors = explaining(excerpt)
         polls = request_errors(excerpt)
-        # While a restart loop stands, these lines say why it loops (the back-off's finding).
-        rule = Rule.RESTART_LOOP if s.backoff_step else Rule.DOWN
+        # Filed under tabbyapi_down even while a restart loop stands: they say why TabbyAPI is
+        # down, and decide nothing. Under the loop's rule, _cause would cite them for the
+        # back-off's own start ("[restart_loop] backoff -> recovering: last log lines …").
+        rule = Rule.DOWN
         if errors:
             text = f"last log lines that explain the exit: {cut(' | '.join(lines), 400)}"
         elif lines:

@@ -99,11 +99,13 @@ def test_only_poll_answers_are_said_to_explain_nothing() -> None:
     assert said.endswith("nothing about the exit")
 
 
-def test_the_lines_are_filed_under_the_restart_loop_while_it_stands() -> None:
+def test_the_lines_are_filed_under_tabbyapi_down_even_in_a_restart_loop() -> None:
+    """They say why TabbyAPI is down and decide nothing (test_policy: the back-off's start
+    cites backoff_attempt, not these lines)."""
     crash = "RuntimeError: CUDA error: an illegal memory access was encountered"
     assert _journal_said((UVICORN, crash)).rule is Rule.DOWN
     in_loop = _journal_said((UVICORN, crash), backoff_step=1)
-    assert in_loop.rule is Rule.RESTART_LOOP
+    assert in_loop.rule is Rule.DOWN
     assert in_loop.message == f"last log lines that explain the exit: {crash} (5x)"
 
 

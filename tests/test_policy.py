@@ -905,3 +905,26 @@ def test_changed_copies_only_when_a_field_gets_a_new_value() -> None:
     assert moved is not state
     assert moved.failures == state.failures + 1
     assert moved == dataclasses_replace(state, failures=state.failures + 1)
+
+
+def test_the_backoff_attempt_cites_its_own_rule_not_the_journal_lines() -> None:
+    """The start after a back-off step is decided by backoff_attempt: the state change cites it,
+    not the journal's lines (which say why TabbyAPI is down, and are filed under tabbyapi_down).
+    The demo said `[restart_loop] backoff -> recovering: last log lines …` when they were filed
+    under the loop."""
+    run = Run()
+    down = dict(health=refused())
+    crash = "RuntimeError: CUDA error: an illegal memory access was encountered"
+    excerpt = (f"2026-12-01T19:19:02+0000 hydra-ai python[7]: {crash}",)
+    run.step(obs(0, unit=unit(n=0)))
+    for i, t in enumerate((5, 10, 15, 20), start=1):
+        run.step(obs(t, unit=unit("activating", "auto-restart", n=i), **down))
+    assert run.state.phase is Phase.BACKOFF
+    stopped = unit("inactive", "dead", n=4)
+    run.step(obs(22, unit=stopped, host=host(journal_excerpt=excerpt), **down))
+    said = [f for f in run.state.findings if "last log lines" in f.message]
+    assert said and all(f.rule is Rule.DOWN for f in said)
+    attempt = run.step(obs(25, unit=stopped, **down))
+    assert [a.reason.rule for a in only(UnitCommand, attempt)] == [Rule.BACKOFF_ATTEMPT]
+    assert run.phase() is Phase.RECOVERING
+    assert run.state.cause == only(UnitCommand, attempt)[0].reason.evidence
