@@ -194,6 +194,8 @@ def narrate(
             folded = finding.message  # the restart_loop record below says it, with the stop
             continue  # as it happened
         kind = _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS)
+        if pausing and finding.rule is Rule.PAUSED:
+            kind = EventKind.PAUSED  # the pause's own record says its finding, once
         add(kind, finding.severity, finding.message, rule=finding.rule, reason=finding.message,
             unit=tabby_unit)  # fmt: skip
 
@@ -228,7 +230,7 @@ def narrate(
             unit=tabby_unit,
             fields=(("HYDRA_PREV_STATE", prev.phase.value),),
         )
-        if pausing:
+        if pausing and not any(e.kind is EventKind.PAUSED for e in events):
             why = obs.pause.reason if obs.pause else ""
             add(
                 EventKind.PAUSED,
@@ -241,7 +243,7 @@ def narrate(
             add(
                 EventKind.RESUMED,
                 Severity.NOTICE,
-                f"resumed; now {new.phase.value}",
+                "resumed: acts again",  # the state change above says the phase
                 rule=Rule.PAUSED,
             )
     if new.escalated and not prev.escalated:  # once per escalation, not per back-off step

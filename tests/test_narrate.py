@@ -31,6 +31,7 @@ from hydra_watchdog.observation import (
 )
 from hydra_watchdog.policy_state import Finding, PolicyState, RestartOrigin, RestartRecord
 from hydra_watchdog.states import Phase, Rule, Severity
+from tests import policy_kit as kit
 
 CFG = Config()
 UNIT = CFG.tabbyapi.unit
@@ -255,3 +256,22 @@ def test_a_change_with_no_cause_cites_the_rule_of_its_phase() -> None:
     (cleared,) = narrate(degraded, PolicyState(phase=Phase.HEALTHY), (), (), _obs(), config=CFG)
     assert cleared.rule is Rule.SLOW_HEALTH
     assert cleared.message == "degraded -> healthy: cleared; /health answered 200 in 10 ms"
+
+
+def test_a_pause_and_its_end_are_each_said_once() -> None:
+    """The pause's finding is the pause's own record (not a diagnosis, then a state change,
+    then "paused: why" again); the resume names no phase the state change already named."""
+    run = kit.Run()
+    why = "maintenance: driver update by alice"
+    lines: list[Event] = []
+    for t, pause in ((0, None), (5, PauseRequest(why, 3600.0)), (10, PauseRequest(why, 3600.0))):
+        before, o = run.state, kit.obs(t, unit=kit.unit(n=0), pause=pause)
+        acts = run.step(o)
+        lines += narrate(before, run.state, acts, (), o, config=CFG, wall=1e9 + t)
+    before, o = run.state, kit.obs(15, unit=kit.unit(n=0))
+    acts = run.step(o)
+    back = narrate(before, run.state, acts, (), o, config=CFG, wall=1e9 + 15)
+    assert sum(why in e.message for e in lines) == 1
+    assert next(e.kind for e in lines if e.rule is Rule.PAUSED) is EventKind.PAUSED
+    resumed = next(e for e in back if e.kind is EventKind.RESUMED)
+    assert run.state.phase.value not in resumed.message

@@ -70,7 +70,10 @@ def test_the_wait_after_a_load_names_the_load() -> None:
     events = told(run, obs(5, results=(result(load, ResultStatus.OK, "loaded", 5),)))
     [wait] = [e for e in events if e.kind is EventKind.DIAGNOSIS]
     assert wait.rule is Rule.CANARY_PENDING and "after the load of M:" in wait.message
-    assert change(events).message == f"loading -> recovering: {wait.message}"
+    # said once: the finding's record says it; the change names its rule, and keeps the
+    # evidence for journald (HYDRA_REASON)
+    assert change(events).message == "loading -> recovering"
+    assert (change(events).rule, change(events).reason) == (Rule.CANARY_PENDING, wait.message)
 
 
 def test_systemd_unavailable_is_its_own_rule_not_tabbyapi_down() -> None:
@@ -103,7 +106,10 @@ def test_a_failed_load_is_cited_not_the_nvml_warning() -> None:
     assert run.state.phase is Phase.BLOCKED
     blocked = change(events)
     assert blocked.rule is Rule.LOAD_FAILED
-    assert blocked.message.startswith("loading -> blocked: M cannot be loaded: Could not find")
+    assert blocked.message == "loading -> blocked"  # the load_failed record before it says why
+    assert blocked.reason.startswith("M cannot be loaded: Could not find")
+    said = [e for e in events if e.kind is not EventKind.STATE_CHANGED]
+    assert any(blocked.reason in e.message for e in said)
 
 
 def test_an_unload_is_told_with_the_load_not_the_nvml_warning() -> None:
@@ -125,7 +131,11 @@ def test_a_pause_is_told_with_the_pause_not_the_last_cause() -> None:
         run.step(obs(t, health=refused()))
     assert run.state.cause.startswith("unreachable")
     events = told(run, dataclasses.replace(obs(4, health=refused()), pause=paused()))
-    assert change(events).message == "recovering -> paused: paused until resumed: maintenance"
+    pause = change(events)
+    assert (pause.message, pause.rule) == ("recovering -> paused", Rule.PAUSED)
+    assert pause.reason == "paused until resumed: maintenance"
+    [said] = [e for e in events if e.kind is EventKind.PAUSED]
+    assert said.message == pause.reason
 
 
 def test_the_fallback_finding_says_why_it_was_loaded() -> None:
