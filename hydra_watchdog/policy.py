@@ -1188,17 +1188,6 @@ PLAN: tuple[PlanRule, ...] = (
         _stay(Phase.RECOVERING),
         settles=True,
     ),
-    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
-    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
-    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
-    PlanRule(
-        "canary_impossible",
-        SLOW,
-        (Rule.CANARY_PENDING,),
-        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
-        _stay(Phase.HEALTHY),
-        settles=True,
-    ),
     PlanRule(
         "fallback_serving",
         NO_MODEL,
@@ -1213,6 +1202,22 @@ PLAN: tuple[PlanRule, ...] = (
         (Rule.SLOW_HEALTH,),
         lambda x: x.healthy and x.s.slow_streak >= x.cfg.tabbyapi.slow_probes,
         _stay(Phase.DEGRADED),
+        settles=True,
+    ),
+    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
+    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
+    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
+    # After slow: the skipped canary settles nothing a slow /health says.
+    PlanRule(
+        "canary_impossible",
+        SLOW,
+        (Rule.CANARY_PENDING,),
+        lambda x: (
+            x.healthy
+            and x.s.canary_verdict is CanaryVerdict.UNVERIFIED
+            and canary_impossible(x.obs, x.cfg)
+        ),
+        _stay(Phase.HEALTHY),
         settles=True,
     ),
     PlanRule(
