@@ -48,9 +48,15 @@ def verdict(checks: list[Check]) -> int:
     return 1 if waits or any(c.result == SKIP and c.matters for c in checks) else 0
 
 
+# The daemon's phases in which it loads nothing: a cause it must not fix, a pause, a human needed.
+# In any other its no_model rule loads the configured model once it sees none loaded (a status
+# written a cycle ago may still say starting, recovering, down or healthy).
+_WILL_NOT_LOAD = frozenset({Phase.BLOCKED, Phase.PAUSED, Phase.ESCALATED})
+
+
 def _no_model_loaded(cfg: Config) -> Check:
-    """TabbyAPI has no model: CRITICAL only when nothing will load one. A model configured and
-    a daemon loading it, or about to (its phase, from its status file, read only), is WAIT."""
+    """TabbyAPI has no model: CRITICAL only when nothing will load one (no daemon, a dry run,
+    or a daemon blocked, paused or escalated). A daemon loading it, or that will, is WAIT."""
     name = cfg.model.name
     if not name:
         return Check("model loaded", SKIP, "none, and no model is configured (model.name)", False)
@@ -71,10 +77,12 @@ def _no_model_loaded(cfg: Config) -> Check:
     if report.phase == Phase.NO_MODEL:
         why = f" ({cause})" if cause else ""
         return Check("model loaded", WAIT, f"none yet: {who} loads {name} when due{why}")
-    why = f": {cause}" if cause else ""
-    return Check(
-        "model loaded", FAIL, f"none, and nothing will load {name}: {who} is {report.phase}{why}"
-    )
+    if report.phase in _WILL_NOT_LOAD or report.paused.paused:
+        why = f": {cause}" if cause else ""
+        said = f"none, and nothing will load {name}: {who} is {report.phase}{why}"
+        return Check("model loaded", FAIL, said)
+    said = f"none yet: {who} is {report.phase}; it loads {name} once it sees none"
+    return Check("model loaded", WAIT, said)
 
 
 def _backend(backend: Backend) -> Check:
