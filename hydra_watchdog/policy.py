@@ -967,8 +967,9 @@ def _model_missing(sit: Situation) -> bool:
 
 
 def _key_rejected(sit: Situation) -> bool:
-    """TabbyAPI refuses the admin key: the model probe's 401, or a load's while a load is
-    wanted (with a model loaded, a key that cannot load blocks nothing)."""
+    """TabbyAPI refuses the admin key, as the key_rejected rule (BLOCKED) reads it: the model
+    probe's 401, or a load's refusal while a load is wanted. A load's refusal with a model
+    loaded is not this (no load is held back): key_rejected_serving makes that DEGRADED."""
     model = sit.obs.model
     if model is not None and model.result.outcome is Outcome.UNAUTHORIZED:
         return True
