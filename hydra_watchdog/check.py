@@ -5,7 +5,9 @@ While a daemon runs, check decides from the daemon's memory (its state file, rea
 changing anything: back-off, load attempts, errors TabbyAPI called permanent) and says the
 daemon's verdict, so that it agrees with `status`; its own cycle adds what it sees now and what
 the daemon's next cycle would do. Without a daemon there is no memory to start from: the view is
-one cycle's, and the screen says so (a load that failed for good looks like a load to try).
+one cycle's, and the screen says so (a load that failed for good looks like a load to try); the
+phase is the one seen, never what its plan would make it, and no model loaded with no daemon to
+load one is CRITICAL, as verify says.
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ import dataclasses
 import json
 import time
 
-from hydra_watchdog.actions import Action, describe
+from hydra_watchdog.actions import Action, LoadModel, describe
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observation import LoadProgress, Observation, Probe
@@ -34,7 +36,7 @@ from hydra_watchdog.report.status_view import (
     render_first_line,
 )
 from hydra_watchdog.statefile import DRY_RUN_STATE_FILE, STATE_FILE, StateFile
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Verdict
 
 
 @dataclasses.dataclass(frozen=True)
@@ -100,6 +102,25 @@ def one_cycle(
     return state, tuple(actions), obs
 
 
+def _as_seen(state: PolicyState, actions: tuple[Action, ...], obs: Observation) -> Phase:
+    """Without a daemon nothing check plans is carried out: a load it plans is not "loading",
+    the phase is the one seen (no model, or the fallback serving while the main model is due)."""
+    if state.phase is not Phase.LOADING or not any(isinstance(a, LoadModel) for a in actions):
+        return state.phase
+    return Phase.DEGRADED if obs.model is not None and obs.model.loaded else Phase.NO_MODEL
+
+
+def _without_daemon(phase: Phase, actions: tuple[Action, ...]) -> tuple[int, str]:
+    """The verdict of one cycle's view. No model loaded with none running to load one is
+    CRITICAL, as verify says it (verify._no_model_loaded)."""
+    said = f"{phase.value.replace('_', ' ')} (one cycle's view)"
+    if phase is not Phase.NO_MODEL:
+        return (UNKNOWN if phase is Phase.UNKNOWN else int(phase.verdict)), said
+    loads = [a.model for a in actions if isinstance(a, LoadModel)]
+    would = f"a daemon would load {loads[0]}, but none runs" if loads else "no daemon loads one"
+    return int(Verdict.CRITICAL), f"{said}: {would}"
+
+
 def run_check(cfg: Config, adapters: Adapters, *, as_json: bool) -> int:
     now = time.time()
     daemon, absent = running_daemon(cfg, now)
@@ -115,8 +136,8 @@ def run_check(cfg: Config, adapters: Adapters, *, as_json: bool) -> int:
         elif state.phase.value != daemon.report.phase:
             view += f"; this cycle's observation makes it {state.phase.value}"
     else:
-        verdict = UNKNOWN if state.phase is Phase.UNKNOWN else int(state.phase.verdict)
-        why = f"{state.phase.value.replace('_', ' ')} (one cycle's view)"
+        state = dataclasses.replace(state, phase=_as_seen(state, actions, obs))
+        verdict, why = _without_daemon(state.phase, actions)
         view = f"one cycle's, without a daemon's memory: {absent}"
     # what is, not what the plan would start: a load it plans is not in flight
     seen = dataclasses.replace(

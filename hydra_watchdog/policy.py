@@ -967,8 +967,9 @@ def _model_missing(sit: Situation) -> bool:
 
 
 def _key_rejected(sit: Situation) -> bool:
-    """TabbyAPI refuses the admin key: the model probe's 401, or a load's while a load is
-    wanted (with a model loaded, a key that cannot load blocks nothing)."""
+    """TabbyAPI refuses the admin key, as the key_rejected rule (BLOCKED) reads it: the model
+    probe's 401, or a load's refusal while a load is wanted. A load's refusal with a model
+    loaded is not this (no load is held back): key_rejected_serving makes that DEGRADED."""
     model = sit.obs.model
     if model is not None and model.result.outcome is Outcome.UNAUTHORIZED:
         return True
@@ -1188,17 +1189,6 @@ PLAN: tuple[PlanRule, ...] = (
         _stay(Phase.RECOVERING),
         settles=True,
     ),
-    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
-    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
-    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
-    PlanRule(
-        "canary_impossible",
-        SLOW,
-        (Rule.CANARY_PENDING,),
-        lambda x: x.healthy and x.s.canary_verdict is CanaryVerdict.UNVERIFIED,
-        _stay(Phase.HEALTHY),
-        settles=True,
-    ),
     PlanRule(
         "fallback_serving",
         NO_MODEL,
@@ -1213,6 +1203,22 @@ PLAN: tuple[PlanRule, ...] = (
         (Rule.SLOW_HEALTH,),
         lambda x: x.healthy and x.s.slow_streak >= x.cfg.tabbyapi.slow_probes,
         _stay(Phase.DEGRADED),
+        settles=True,
+    ),
+    # No model configured and none loaded: no canary can be sent (it goes only to a loaded
+    # model), so waiting for one would never end. Healthy on /health alone, and said so; a
+    # model loaded by hand later gets its canary (the verdict stays UNVERIFIED until then).
+    # After slow: the skipped canary settles nothing a slow /health says.
+    PlanRule(
+        "canary_impossible",
+        SLOW,
+        (Rule.CANARY_PENDING,),
+        lambda x: (
+            x.healthy
+            and x.s.canary_verdict is CanaryVerdict.UNVERIFIED
+            and canary_impossible(x.obs, x.cfg)
+        ),
+        _stay(Phase.HEALTHY),
         settles=True,
     ),
     PlanRule(

@@ -23,7 +23,7 @@ from hydra_watchdog.adapters.tabby import listener_gate
 from hydra_watchdog.check import running_daemon
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import Adapters
-from hydra_watchdog.observation import HostReport, Outcome
+from hydra_watchdog.observation import HostReport, ModelStatus, Outcome
 from hydra_watchdog.printable import one_line, printable
 from hydra_watchdog.report.screen import WIDTH, Style, emit, wants_colour, wrap
 from hydra_watchdog.report.status import VERDICT_NAMES
@@ -48,9 +48,15 @@ def verdict(checks: list[Check]) -> int:
     return 1 if waits or any(c.result == SKIP and c.matters for c in checks) else 0
 
 
+# The daemon's phases in which it loads nothing: a cause it must not fix, a pause, a human needed.
+# In any other its no_model rule loads the configured model once it sees none loaded (a status
+# written a cycle ago may still say starting, recovering, down or healthy).
+_WILL_NOT_LOAD = frozenset({Phase.BLOCKED, Phase.PAUSED, Phase.ESCALATED})
+
+
 def _no_model_loaded(cfg: Config) -> Check:
-    """TabbyAPI has no model: CRITICAL only when nothing will load one. A model configured and
-    a daemon loading it, or about to (its phase, from its status file, read only), is WAIT."""
+    """TabbyAPI has no model: CRITICAL only when nothing will load one (no daemon, a dry run,
+    or a daemon blocked, paused or escalated). A daemon loading it, or that will, is WAIT."""
     name = cfg.model.name
     if not name:
         return Check("model loaded", SKIP, "none, and no model is configured (model.name)", False)
@@ -71,10 +77,12 @@ def _no_model_loaded(cfg: Config) -> Check:
     if report.phase == Phase.NO_MODEL:
         why = f" ({cause})" if cause else ""
         return Check("model loaded", WAIT, f"none yet: {who} loads {name} when due{why}")
-    why = f": {cause}" if cause else ""
-    return Check(
-        "model loaded", FAIL, f"none, and nothing will load {name}: {who} is {report.phase}{why}"
-    )
+    if report.phase in _WILL_NOT_LOAD or report.paused.paused:
+        why = f": {cause}" if cause else ""
+        said = f"none, and nothing will load {name}: {who} is {report.phase}{why}"
+        return Check("model loaded", FAIL, said)
+    said = f"none yet: {who} is {report.phase}; it loads {name} once it sees none"
+    return Check("model loaded", WAIT, said)
 
 
 def _backend(backend: Backend) -> Check:
@@ -83,24 +91,33 @@ def _backend(backend: Backend) -> Check:
     return Check("backend", OK, f"{backend.name} ({backend.how})")
 
 
-def _libraries(cfg: Config, backend: Backend, host: HostReport | None) -> Check:
-    """The ExLlamaV2 extension's libraries: the runbook's NixOS-rebuild failure."""
+def _libraries(cfg: Config, backend: Backend, host: HostReport | None, serving: str = "") -> Check:
+    """The ExLlamaV2 extension's libraries: the runbook's NixOS-rebuild failure. `serving`: the
+    model TabbyAPI serves now; its running process keeps the libraries it mapped at its start,
+    so what is missing fails a restart or a reload, not what runs."""
     if backend.name == "exllamav3":
         return Check(
             "libraries", SKIP, "not used: the exllamav3 backend has no such extension", False
         )
+    fails = (
+        f"a restart or reload would fail; the running process still serves {serving}"
+        if serving
+        else ""
+    )
     if host is None or host.missing_libraries is None:
         why = host.libraries_detail if host is not None else "not checked"
         if not cfg.tabbyapi.venv:
             return Check("libraries", SKIP, "no tabbyapi.venv configured: set it to check them")
         if backend.name == "exllamav2" and "no ExLlamaV2 extension" in why:
-            return Check("libraries", FAIL, f"{why}: exllamav2 cannot load a model from this venv")
+            fails = fails or "exllamav2 cannot load a model from this venv"
+            return Check("libraries", FAIL, f"{why}: {fails}")
         result = (
             FAIL if backend.name == "exllamav2" and not os.path.isdir(cfg.tabbyapi.venv) else SKIP
         )
         return Check("libraries", result, why or "not checked")
     if host.missing_libraries:
-        return Check("libraries", FAIL, f"{', '.join(host.missing_libraries)} not found")
+        missing = f"{', '.join(host.missing_libraries)} not found"
+        return Check("libraries", FAIL, f"{missing}: {fails}" if fails else missing)
     return Check("libraries", OK, f"all found ({host.libraries_detail})")
 
 
@@ -156,27 +173,35 @@ def run_checks(cfg: Config, adapters: Adapters) -> list[Check]:
     # LOCAL_ERROR: this command holds no key (adapters/admin_key.py); its detail says how to pass
     # one. No verdict on TabbyAPI, nor on the daemon's key.
     keyless = model.result.outcome is Outcome.LOCAL_ERROR
-    if model.loaded:
-        checks.append(Check("model loaded", OK, model.loaded))
-    elif model.known:
-        checks.append(_no_model_loaded(cfg))
-    elif keyless:
-        checks.append(Check("model loaded", SKIP, model.result.detail))
-    else:
-        checks.append(
-            Check("model loaded", FAIL, f"{model.result.outcome.value}: {model.result.detail}")
-        )
+    checks.append(_model_loaded(cfg, model))
     if keyless:
         checks.append(Check("1-token completion", SKIP, "not sent: no admin key for this command"))
         return checks
     if not model.loaded:
         checks.append(Check("1-token completion", SKIP, "not sent: no model loaded", False))
         return checks
+    checks.append(_completion(cfg, adapters))
+    if checks[-1].result == OK:  # it serves: a library FAIL says what a restart would meet
+        libraries = _libraries(cfg, backend, host, serving=model.loaded)
+        checks = [libraries if c.name == libraries.name else c for c in checks]
+    return checks
+
+
+def _model_loaded(cfg: Config, model: ModelStatus) -> Check:
+    if model.loaded:
+        return Check("model loaded", OK, model.loaded)
+    if model.known:
+        return _no_model_loaded(cfg)
+    if model.result.outcome is Outcome.LOCAL_ERROR:  # no key for this command: see run_checks
+        return Check("model loaded", SKIP, model.result.detail)
+    return Check("model loaded", FAIL, f"{model.result.outcome.value}: {model.result.detail}")
+
+
+def _completion(cfg: Config, adapters: Adapters) -> Check:
     r = adapters.tabby.canary(cfg.tabbyapi.canary_deadline).result
     ok = r.outcome is Outcome.OK
     said = f"{r.outcome.value} in {r.latency_s * 1000:.0f} ms" + ("" if ok else f": {r.detail}")
-    checks.append(Check("1-token completion", OK if ok else FAIL, said))
-    return checks
+    return Check("1-token completion", OK if ok else FAIL, said)
 
 
 def screen(checks: list[Check], style: Style) -> str:

@@ -4,6 +4,7 @@ The screen is golden (tests/golden/check/), regenerated with HYDRA_GOLDEN=regen.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -60,8 +61,16 @@ def _one_cycle(tmp_path: Path, sim: SimProcess) -> None:
     }
     config = write_config(tmp_path / "config.toml", tables)
     out = cli("check", "--config", str(config))
-    assert out.returncode == 1, out.stdout + out.stderr
-    assert out.stdout.startswith("WARNING: loading (one cycle's view)\n"), out.stdout
+    # before: "WARNING: loading", a load check only plans, beside verify's CRITICAL (review-1
+    # item 1): the phase as seen, what a daemon would do, and verify's verdict on the same node
+    assert out.stdout.startswith(
+        "CRITICAL: no model (one cycle's view): a daemon would load m1, but none runs\n"
+    ), out.stdout
+    verified = cli("verify", "--config", str(config))
+    assert "FAIL model loaded: none, and nothing will load m1" in verified.stdout, verified.stdout
+    assert out.returncode == verified.returncode == 2, out.stdout + out.stderr
+    doc = json.loads(cli("check", "--json", "--config", str(config)).stdout)
+    assert (doc["verdict"], doc["phase"]) == ("CRITICAL", "no_model"), doc
     assert (
         "View: one cycle's, without a daemon's memory: hydra-watchdog is not running" in out.stdout
     )

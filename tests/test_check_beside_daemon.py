@@ -13,11 +13,15 @@ import re
 import subprocess
 from pathlib import Path
 
+import pytest
+
+from hydra_watchdog.config import load_config
+from hydra_watchdog.policy_state import Finding, PolicyState
 from hydra_watchdog.sim.tabby_server import write_control
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Rule, Severity
 from tests.harness.nvml import NvmlSim, nvml_sim, nvml_sim_library  # noqa: F401
 from tests.harness.tabby import TabbySims, tabby_sim, wait_for  # noqa: F401
-from tests.test_cli import cli
+from tests.test_cli import _publish, cli, standin  # noqa: F401
 from tests.test_daemon import WAIT, Daemons, Node, daemons, node  # noqa: F401
 from tests.test_verify import _config, unwrapped, verify
 
@@ -99,3 +103,41 @@ def test_verify_with_no_model_configured_or_loaded_skips_the_model(
     assert "SKIP model loaded: none, and no model is configured (model.name)" in said, out.stdout
     assert "FAIL" not in said, out.stdout
     assert out.returncode == 1, out.stdout  # WARNING: the backend and libraries SKIPs that matter
+
+
+# review-1 item 3: the daemon's phase as its status file says it, a cycle behind what verify sees
+
+
+@pytest.mark.parametrize(
+    ("phase", "result"),
+    [
+        (Phase.STARTING, "WAIT"),
+        (Phase.RECOVERING, "WAIT"),
+        (Phase.DOWN, "WAIT"),
+        (Phase.HEALTHY, "WAIT"),
+        (Phase.BLOCKED, "FAIL"),
+        (Phase.PAUSED, "FAIL"),
+        (Phase.ESCALATED, "FAIL"),
+    ],
+)
+def test_verify_with_no_model_fails_only_when_the_daemon_will_not_load_it(
+    tmp_path: Path, tabby_sim: TabbySims, standin: int, phase: Phase, result: str
+) -> None:
+    sim = tabby_sim.start(flavor="modern")  # healthy, no model loaded
+    config = _config(tmp_path, sim.url, sim.install_dir, sim.models_dir)
+    cause = Finding(Rule.DOWN, Severity.CRIT, "refused (the port)")
+    _publish(load_config(config), PolicyState(phase=phase, findings=(cause,)), pid=standin)
+    out = verify(config)
+    [said] = [ln for ln in unwrapped(out).splitlines() if "model loaded:" in ln]
+    # before: "FAIL model loaded: none, and nothing will load m1" for any phase but loading and
+    # no_model, though the daemon's no_model rule loads m1 on its next cycle
+    assert said.split()[0] == result, out.stdout
+    who = f"hydra-watchdog (pid {standin}) is {phase.value}"
+    if result == "WAIT":
+        assert said == f"  WAIT model loaded: none yet: {who}; it loads m1 once it sees none"
+        assert out.returncode == 1, out.stdout
+    else:
+        assert (
+            said == f"  FAIL model loaded: none, and nothing will load m1: {who}: {cause.message}"
+        )
+        assert out.returncode == 2, out.stdout

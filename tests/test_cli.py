@@ -271,10 +271,10 @@ def test_check_plans_but_never_acts(tmp_path: Path, tabby_sim: TabbySims) -> Non
     path = _sim_config(tmp_path, sim.url, sim.models_dir)
     out = cli("check", "--json", "--config", str(path))
     doc = json.loads(out.stdout)
-    assert doc["phase"] == "loading"
+    assert doc["phase"] == "no_model"  # as seen: the load is only planned, nothing loads
     assert [a["rule"] for a in doc["planned_actions"]] == ["no_model"]
     assert doc["planned_actions"][0]["action"] == "load model m1"
-    assert out.returncode == 1
+    assert out.returncode == 2  # no daemon to load it: CRITICAL, as verify says
     assert sim.loads() == []  # planned, never executed
     assert ADMIN_KEY not in out.stdout + out.stderr
     text = cli("check", "--config", str(path)).stdout

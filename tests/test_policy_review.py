@@ -10,7 +10,7 @@ from hydra_watchdog.incidents import AlertClass, alert_for, human_needed
 from hydra_watchdog.observation import Canary, HttpResult, KeyView, Outcome, Probe
 from hydra_watchdog.policy_state import CanaryVerdict, PolicyState
 from hydra_watchdog.states import Phase, Rule, Severity, Verdict
-from tests.policy_kit import MAIN, Run, canary, config, model, obs, unit
+from tests.policy_kit import MAIN, Run, canary, config, model, obs, ok, unit
 from tests.test_probe_verdicts import _refused_once
 from tests.test_rebuild_policy import NEW, _switched_with_broken_libraries
 from tests.test_status_report import build
@@ -66,6 +66,24 @@ def test_with_no_model_configured_a_model_loaded_by_hand_gets_its_canary() -> No
     run.step(obs(3, **_restarted_by_hand(1, "X"), canary=canary(Outcome.OK)))
     assert run.phase() is Phase.HEALTHY
     assert not [f for f in run.state.findings if f.rule is Rule.CANARY_PENDING]
+
+
+def test_with_no_model_configured_or_loaded_slow_health_is_a_warning_not_ok() -> None:
+    """The canary SKIP settles nothing a slow /health says: review-1 item 2 (canary_impossible
+    sat before slow and settled HEALTHY under a slow_health warning)."""
+    run = Run(cfg=WATCH_ONLY)
+    run.step(obs(0, model=model(None)))
+    for t in range(1, 8):  # restarted by hand (the canary is owed), then /health at 2.5 s
+        run.step(obs(t, **_restarted_by_hand(1, None), health=ok(latency=2.5)))
+    assert run.state.canary_verdict is CanaryVerdict.UNVERIFIED
+    [slow] = [f for f in run.state.findings if f.rule is Rule.SLOW_HEALTH]
+    assert "took 2500 ms" in slow.message
+    assert run.phase() is Phase.DEGRADED and run.phase().verdict is Verdict.WARNING
+    _assert_verdict_covers_findings(run.state)
+    for t in range(8, 11):  # fast again: healthy on /health alone, the canary still skipped
+        run.step(obs(t, **_restarted_by_hand(1, None)))
+    assert run.phase() is Phase.HEALTHY
+    assert run.state.canary_verdict is CanaryVerdict.UNVERIFIED
 
 
 # --- H2: a hang while a restart would fail ---------------------------------------------------

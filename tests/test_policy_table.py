@@ -62,9 +62,9 @@ def test_plan_names_are_unique_and_the_last_rule_catches_all() -> None:
         "key_rejected",
         "key_rejected_serving",
         "unverified",
-        "canary_impossible",
         "fallback_serving",
         "slow",
+        "canary_impossible",
         "model_unknown",
         "healthy",
     ]

@@ -111,6 +111,8 @@ def test_a_missing_exllamav2_extension_fails_the_libraries(
     out = verify(_config(tmp_path, sim.url, sim.install_dir, sim.models_dir, venv=str(venv)))
     assert out.returncode == 2, out.stdout
     assert "FAIL libraries: no ExLlamaV2 extension" in unwrapped(out)
+    # before: "exllamav2 cannot load a model from this venv", above "OK model loaded: m1"
+    assert "a restart or reload would fail; the running process still serves m1" in unwrapped(out)
     golden("exl2-build-without-its-extension", out, *_stable(tmp_path, sim))
 
 
