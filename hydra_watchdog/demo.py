@@ -24,7 +24,7 @@ from pathlib import Path
 from hydra_watchdog.actions import UnitVerb
 from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.durations import parse_duration
-from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.events import Event, EventKind, headline
 from hydra_watchdog.printable import printable
 from hydra_watchdog.report.screen import WIDTH, wrap
 from hydra_watchdog.sim.install import lay_out
@@ -73,8 +73,7 @@ class Incident:
 def event_lines(seconds: float, event: Event) -> list[str]:
     """One event as the demo prints it: the time, the kind, the [rule], the message, wrapped
     within the screen's width."""
-    rule = f" [{event.rule.value}]" if event.rule else ""
-    first, *rest = wrap(printable(f"{event.kind.value:<15}{rule} {event.message}"), WIDTH - 11)
+    first, *rest = wrap(printable(headline(event)), WIDTH - 11)
     lines = [f"  {seconds:6.1f}s  {first}"]
     if rest:
         lines += [" " * 13 + line for line in wrap(" ".join(rest), WIDTH - 13)]

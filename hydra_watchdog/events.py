@@ -45,3 +45,10 @@ class Event:
     reason: str = ""  # the evidence
     unit: str = ""  # set on records about TabbyAPI's unit (-> OBJECT_SYSTEMD_UNIT)
     fields: tuple[tuple[str, str], ...] = ()  # extra journald fields: GPU_INDEX, TARGET_PID, ...
+
+
+def headline(event: Event) -> str:
+    """An event as a reader sees it on a screen (the demo, the daemon's console): its kind, the
+    [rule] that decided it, its message."""
+    rule = f" [{event.rule.value}]" if event.rule else ""
+    return f"{event.kind.value:<15}{rule} {event.message}"

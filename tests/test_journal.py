@@ -317,8 +317,9 @@ def test_auto_uses_console_when_journal_stream_is_another_file(
         log_event(make_event())
         stderr.seek(0)
         line = stderr.read()
-    assert "restart tabbyapi.service" in line
-    assert "hydra_state=down" in line
+    # The console's line: the level, the kind and the [rule] (not journald's fields).
+    assert "[notice   ] action          [tabbyapi_down] restart tabbyapi.service" in line
+    assert "target_pid=4242" in line
     assert "message_id" not in line
     sock.settimeout(0.2)
     with pytest.raises(TimeoutError):

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import logging
 import os
+import re
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -13,9 +14,26 @@ from typing import Any
 import pytest
 import structlog
 
+from hydra_watchdog.actions import (
+    ActionResult,
+    KillOrphan,
+    LoadModel,
+    Reason,
+    ResultStatus,
+    SetPowerLimit,
+    UnitCommand,
+    UnitVerb,
+)
+from hydra_watchdog.errors import ErrorKind
+from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.narrate import narrate
+from hydra_watchdog.printable import printable
 from hydra_watchdog.report import log
-from hydra_watchdog.report.journal import configure_logging
-from hydra_watchdog.report.log import capture_logs, get_logger
+from hydra_watchdog.report.journal import configure_logging, event_fields, log_event
+from hydra_watchdog.report.log import HANGING, capture_logs, get_logger
+from hydra_watchdog.states import Rule, Severity
+from tests.policy_kit import Run, obs
+from tests.test_narration_voice import _story
 
 
 @pytest.fixture(autouse=True)
@@ -184,3 +202,86 @@ def test_capture_logs_records_event_dicts_and_restores_the_sink() -> None:
     assert console.getvalue() == ""
     get_logger("test").info("back on the console")
     assert "back on the console" in console.getvalue()
+
+
+# The console's level names: syslog's, spelled out where the console already spelled them.
+_LEVEL_OF = {
+    Severity.DEBUG: "debug",
+    Severity.INFO: "info",
+    Severity.NOTICE: "notice",
+    Severity.WARNING: "warning",
+    Severity.ERR: "error",
+    Severity.CRIT: "critical",
+}
+_FIELD = re.compile(r" ([a-z_]+)=('(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\S+)")
+
+
+def _actions_events() -> list[Event]:
+    """What narrate tells of actions beside the story's: their extra fields (pid, GPU, watts,
+    result, error kind) and each result's kind."""
+    run = Run()
+    orphan = Reason(Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM: pid 4242 python main.py")
+    hot = Reason(Rule.POWER_LIMIT, "gpu1 at 91 C")
+    down = Reason(Rule.DOWN, "refused")
+    kill = KillOrphan(4242, 77, ("python", "main.py"), 1000, orphan)
+    limit = SetPowerLimit(1, 250.0, hot)
+    restart = UnitCommand(UnitVerb.RESTART, "tabbyapi.service", down)
+    load = LoadModel("M", 4 << 30, Reason(Rule.NO_MODEL, "healthy but no model loaded"))
+    results = (
+        ActionResult(kill, ResultStatus.OK, "gone after SIGTERM", 5.0),
+        ActionResult(
+            limit, ResultStatus.FAILED, "NVML: no permission", 5.0, ErrorKind.NO_PERMISSION
+        ),
+        ActionResult(restart, ResultStatus.REFUSED, "the unit's MainPID changed", 5.0),
+    )
+    failed = ActionResult(
+        load, ResultStatus.FAILED, "out of memory on gpu0", 5.0, ErrorKind.LOAD_ERROR, duration_s=2
+    )
+    o = obs(5, results=(failed,))
+    return list(narrate(run.state, run.state, (), results, o, config=run.cfg, wall=5.0))
+
+
+def _console_records(events: list[Event]) -> list[str]:
+    console = io.StringIO()
+    configure_logging(journal=False, stream=console, level=logging.DEBUG)
+    for event in events:
+        log_event(event)
+    lines = console.getvalue().splitlines()
+    assert all(len(line) <= 100 for line in lines), [ln for ln in lines if len(ln) > 100]
+    for line in lines:  # a wrapped record goes on under its message, never at the margin
+        if line.startswith(" "):
+            assert line.startswith(" " * HANGING) and line[HANGING] != " ", line
+    return unwrapped(console.getvalue())
+
+
+def test_the_console_says_an_event_as_the_demo_does_once_at_its_severity(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Console lines (no journald: a terminal, a container) of the demo story and of action
+    results: the [rule] before the message, the level the event's severity, and no field that
+    repeats what the line says; journald's fields stay as they were."""
+    monkeypatch.setenv("NO_COLOR", "1")
+    events = [e for _, e in _story()] + _actions_events()
+    assert {EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED, EventKind.LOAD_FAILED} <= {
+        e.kind for e in events
+    }
+    records = _console_records(events)
+    assert len(records) == len(events)
+    told = ""  # the messages of the records before: a field that repeats one says it twice
+    for event, record in zip(events, records, strict=True):
+        level, _, rest = _stamped(record).partition("] ")
+        message = printable(event.message)
+        said = f"[{event.rule.value}] {message}" if event.rule else message
+        assert level == f"[{_LEVEL_OF[event.severity]:<9}", record
+        assert rest.startswith(event.kind.value) and said in rest, record
+        line = level + rest.split(message, 1)[0] + message  # what the line says before fields
+        for key, value in _FIELD.findall(rest.split(message, 1)[1]):
+            text = value[1:-1] if value[:1] in "'\"" else value
+            assert text not in line, f"{key}={value} repeats {record!r}"
+            assert text not in told, f"{key}={value} repeats a record before {record!r}"
+        told += line + "\n"
+        journald = dict(event_fields(event))  # every field still there for journalctl
+        assert journald["HYDRA_EVENT"] == event.kind.value
+        assert journald["HYDRA_SEVERITY"] == event.severity.value
+        assert journald.get("HYDRA_REASON", "") == event.reason
+        assert journald.get("HYDRA_RULE") == (event.rule.value if event.rule else None)

@@ -54,7 +54,7 @@ def test_the_console_wraps_a_long_record_under_its_message() -> None:
     lines = console.getvalue().splitlines()
     _within(lines, HANGING)
     _whole(lines, message)
-    assert "hydra_rule=orphan_cleanup" in console.getvalue()
+    assert lines[0].split("] ", 1)[1].startswith("action          [orphan_cleanup] kill orphan")
 
 
 def test_the_incidents_view_wraps_a_long_cause_and_action() -> None:

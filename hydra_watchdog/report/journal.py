@@ -31,7 +31,7 @@ from typing import Any, TextIO
 from logging_journald import JournaldTransport
 from structlog.typing import EventDict, WrappedLogger
 
-from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.events import Event, EventKind, headline
 from hydra_watchdog.printable import WIDTH, one_line, printable
 from hydra_watchdog.report.log import (
     ConsoleLogger,
@@ -150,6 +150,66 @@ def add_event_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict
     event = event_dict.pop(_EVENT_KEY, None)
     if isinstance(event, Event):
         event_dict.update(event_dict_of(event))
+    return event_dict
+
+
+# --- the event dict on the console (pure) ------------------------------------------------------
+
+# The console's level of each severity: journald's notice has no logger method of its own.
+CONSOLE_LEVELS: Mapping[Severity, str] = {
+    Severity.DEBUG: "debug",
+    Severity.INFO: "info",
+    Severity.NOTICE: "notice",
+    Severity.WARNING: "warning",
+    Severity.ERR: "error",
+    Severity.CRIT: "critical",
+}
+# Fields the console line already says. The kind and the [rule] lead its message and the
+# severity is its level (headline); the phases are what the state_changed lines say, the unit
+# what the watchdog_started line names; the action, its result, a load's duration and its
+# percentage are in the message's words, and the error kind is the class of the error the
+# message quotes (for queries and alerts). journald keeps them all.
+_CONSOLE_SAID = frozenset(
+    {
+        "hydra_event", "hydra_rule", "hydra_severity", "hydra_state", "hydra_prev_state",
+        "unit", "hydra_action", "hydra_verb", "hydra_result", "hydra_duration_s",
+        "hydra_progress_pct", "hydra_error_kind",
+    }
+)  # fmt: skip
+# Kinds whose evidence (HYDRA_REASON) is the decision's, told by a record before them (narrate
+# says each text once): a state change by the record of the cycle that said it, or in its own
+# message; an action and the end of a load by the diagnosis or state change that led to them;
+# the loop and the escalation in their own words.
+_EVIDENCE_TOLD = frozenset(
+    {
+        EventKind.STATE_CHANGED, EventKind.ACTION, EventKind.ACTION_FAILED,
+        EventKind.ACTION_REFUSED, EventKind.MODEL_LOADED, EventKind.LOAD_FAILED,
+        EventKind.RESTART_LOOP, EventKind.ESCALATED,
+    }
+)  # fmt: skip
+
+
+def console_dict_of(event: Event) -> dict[str, Any]:
+    """An Event's part of the event dict on the console (no journald: a terminal, a
+    container): the line the demo prints (kind, [rule], message) at the level of its severity,
+    and only the fields that say more than that line."""
+    message = headline(event)
+    kw: dict[str, Any] = {"event": message, "level": CONSOLE_LEVELS[event.severity]}
+    for key, value in event_dict_of(event).items():
+        if key in kw or key in _CONSOLE_SAID or key in ("message_id", "priority"):
+            continue
+        if key == "hydra_reason" and event.kind in _EVIDENCE_TOLD:
+            continue
+        if str(value) not in message:
+            kw[key] = value
+    return kw
+
+
+def add_console_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict) -> EventDict:
+    """The console's add_event_fields: the Event passed as `hydra=` as console_dict_of says it."""
+    event = event_dict.pop(_EVENT_KEY, None)
+    if isinstance(event, Event):
+        event_dict.update(console_dict_of(event))
     return event_dict
 
 
@@ -318,7 +378,7 @@ def configure_logging(
         old, _writer = _writer, writer
         if writer is None:
             wrapped = ConsoleLogger(out, width=WIDTH)  # not the journal's: wrapped for a reader
-            configure(chain(*console_chain(out), expand=[add_event_fields]), wrapped, level)
+            configure(chain(*console_chain(out), expand=[add_console_fields]), wrapped, level)
         else:
             logger = JournalLogger(writer, console)
             configure(chain(render_journal, expand=[add_event_fields]), logger, level)

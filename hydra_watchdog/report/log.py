@@ -6,7 +6,9 @@ chain (`chain`):
 
 1. structlog's add_log_level and format_exc_info: `level` ("exception" logs as "error") and
    `exception`, the formatted traceback;
-2. the sink's expanders (journal.py's add_event_fields: an Event's HYDRA_* fields);
+2. the sink's expanders (journal.py's add_event_fields: an Event's HYDRA_* fields; on the
+   console add_console_fields: its kind, [rule] and message at its severity, as the demo
+   prints it, with only the fields that line does not say);
 3. scrub_secrets: a value under a key that names a secret, URL credentials and bearer tokens in
    any text become "[redacted]";
 4. escape_controls: the message and each row of the traceback escaped by printable(), so one
@@ -170,6 +172,7 @@ def console_renderer(colours: bool) -> ConsoleRenderer:
     the lines under it."""
     styles = ConsoleRenderer.get_default_column_styles(colours)
     levels = ConsoleRenderer.get_default_level_styles(colours)
+    levels["notice"] = levels["info"]  # an event's severity (journal.py); the logger has none
     reset = styles.reset
     return ConsoleRenderer(
         columns=[
