@@ -120,7 +120,8 @@ def decide(
     pause = obs.pause if obs.pause is not None and obs.pause.active(now) else None
     if pause is None and _loop_unresolved(s, obs, now, config):
         s = changed(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
-    findings = diagnose(s, obs, config) + counted
+    found = diagnose(s, obs, config)
+    findings = found + counted
 
     if pause is not None:
         until_in = None if pause.until is None else pause.until - now
@@ -144,7 +145,8 @@ def decide(
     if rule.settles:
         sit, notes = _settle(sit)
     s, actions, more = rule.then(sit)
-    cause = s.cause or _cause(rule, findings, notes + more, actions, cleanup)
+    # The restarts counted late are bookkeeping: no change of phase rests on them.
+    cause = s.cause or _cause(rule, found, notes + more, actions, cleanup)
     held = _load_held(rule, sit)
     if rule.sees:  # an impaired watchdog acts on nothing, preventive steps included
         actions += _power_limits(s, obs, now, config)

@@ -605,6 +605,26 @@ def test_restarts_seen_late_and_on_time_at_any_uptime() -> None:
     assert late.message.startswith("2 restart(s) by systemd happened while the watchdog was not")
 
 
+def test_restarts_seen_late_are_no_loop_and_no_cause_of_the_outage() -> None:
+    """Review 1 item 6: the note on restarts seen late named a restart loop before one existed
+    ("[restart_loop] healthy -> down"), and the down rule could cite it as the outage's cause.
+    It is a tabbyapi_down note that no change of phase rests on."""
+    run = Run(cfg=config(tabbyapi={"failures_before_down": 1}))
+    run.step(obs(0, unit=unit(n=0)))
+    prev = run.state
+    o = obs(10, health=refused(), unit=unit(n=1))  # away 10 s; the unit runs, /health refuses
+    acts = run.step(o)
+    [late] = [f for f in run.state.findings if f.subject == "late"]
+    assert late.rule is Rule.DOWN
+    assert run.state.phase is Phase.RECOVERING and run.state.cause != late.message  # restarted
+    [change] = [
+        e
+        for e in narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+        if e.kind is EventKind.STATE_CHANGED
+    ]
+    assert change.rule is Rule.DOWN and "not looking" not in change.message, change.message
+
+
 def test_a_queued_job_after_the_watchdogs_restart_holds_it_back_at_any_uptime() -> None:
     run = Run()
     for t in (0.0, 1.0, 2.0):
