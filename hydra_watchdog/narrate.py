@@ -189,10 +189,16 @@ def narrate(
     looped = changing and new.backoff_step > prev.backoff_step
     pausing = changing and new.phase is Phase.PAUSED
     folded = ""  # a finding's text that a record of its own says in its words
+    # The previous cycle entered this back-off step: its record said the step and its delay.
+    stepped = new.backoff_step == prev.backoff_step and any(
+        f.key == _LOOP_STOPPED for f in prev.findings
+    )
     for finding in _fresh_findings(prev.findings, new.findings):
         if looped and finding.key == _LOOP_STOPPED:
             folded = finding.message  # the restart_loop record below says it, with the stop
             continue  # as it happened
+        if stepped and finding.key == _LOOP_WAITING:
+            continue  # it stands for status; told, it would repeat the loop's record
         kind = _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS)
         if pausing and finding.rule is Rule.PAUSED:
             kind = EventKind.PAUSED  # the pause's own record says its finding, once
@@ -312,6 +318,8 @@ _FINDING_KINDS = {
 # The restart-loop finding of the cycle that stops the unit (findings.restart_loop): the loop's
 # own record tells it then, so it is not told twice.
 _LOOP_STOPPED = (Rule.RESTART_LOOP, "stopped")
+# The wait of the step that finding entered (findings.backoff_waiting): the same step and delay.
+_LOOP_WAITING = (Rule.RESTART_LOOP, "waiting")
 
 # The runbook rule a phase stands for, for a change of phase that cites no finding and no
 # action (policy.decide left `cause` empty): DOWN is TabbyAPIDown whichever PLAN rule entered it

@@ -74,6 +74,8 @@ def _story() -> list[tuple[float, Event]]:
     for i, t in enumerate((30, 31, 32, 33)):
         looping = unit("activating", "auto-restart", result="exit-code", n=2 + i)
         step(obs(t, health=refused(), unit=dataclasses.replace(looping, invocation_id=f"l{i}")))
+    # the back-off's wait is over: one start attempt
+    step(obs(37, health=refused(), unit=unit("inactive", "dead", n=5)))
     return told
 
 
@@ -150,6 +152,15 @@ def test_no_line_names_the_restart_loop_before_its_own_record() -> None:
     assert [e.message for e in told[:first] if e.rule is Rule.RESTART_LOOP] == []
     crash = [e for e in told[:first] if e.message.startswith("healthy -> down")][-1]
     assert (crash.rule, crash.message) == (Rule.DOWN, "healthy -> down: refused")
+
+
+def test_the_back_off_is_told_by_the_loop_record_then_by_the_attempt() -> None:
+    """Review 1 item 7: no diagnosis between them repeats the step and its delay."""
+    told = [e for _, e in _story()]
+    loop = next(i for i, e in enumerate(told) if e.kind is EventKind.RESTART_LOOP)
+    attempt = next(i for i, e in enumerate(told) if e.rule is Rule.BACKOFF_ATTEMPT)
+    between = [e.message for e in told[loop:attempt] if e.kind is EventKind.DIAGNOSIS]
+    assert between == []
 
 
 @pytest.mark.slow
