@@ -66,7 +66,7 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.printable import cut, one_line
+from hydra_watchdog.printable import cut
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
     Situation,
@@ -137,7 +137,7 @@ def decide(
     cleanup: tuple[Action, ...] = ()
     if config.orphans.enabled:
         killable = [p for p in orphans_in_the_way(obs) if p.pid not in s.unkillable]
-        cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM"))
+        cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan"))
     # The remedy may name what decided it (_because); otherwise _cause finds it.
     sit = Situation(changed(s, cause=""), obs, now, config, tuple(findings), cleanup)
     rule = next(r for r in PLAN if r.when(sit))
@@ -546,16 +546,24 @@ def backoff_delay(step: int, cfg: Config) -> float:
 
 
 def _kill(procs: list[ProcessInfo], rule: Rule, why: str) -> list[Action]:
+    # The reason says what the orphan holds; its command line is said by the orphan's finding
+    # and the kill's own line, not a third time by the change of phase that cites this reason.
     return [
         KillOrphan(
             p.pid,
             p.start_ticks,
             p.cmdline,
             p.uid,
-            Reason(rule, f"{why}: pid {p.pid} {one_line(p.command, 80)}"),
+            Reason(rule, f"{why} pid {p.pid} holds {_held(p)}"),
         )
         for p in procs
     ]
+
+
+def _held(p: ProcessInfo) -> str:
+    ports = [f"port {port}" for port in p.listens_on]
+    vram = [f"{p.gpu_bytes / GIB:.1f} GiB VRAM"] if p.gpu_bytes else []
+    return " and ".join(ports + vram) or "nothing"
 
 
 def _settle(sit: Situation) -> tuple[Situation, list[Finding]]:
@@ -909,7 +917,7 @@ def _full_recovery(sit: Situation) -> Plan:
     before: list[Action] = []
     if sit.unit_up or auto_restarting(sit.unit):
         before.append(UnitCommand(UnitVerb.STOP, sit.unit.name, reason))
-    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit")
+    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit:")
     if sit.cfg.gpu_reset.enabled:
         # Only GPUs where an orphan leaked memory, and only when every user is TabbyAPI's
         # (the actuator re-checks right before the reset).

@@ -625,6 +625,27 @@ def test_restarts_seen_late_are_no_loop_and_no_cause_of_the_outage() -> None:
     assert change.rule is Rule.DOWN and "not looking" not in change.message, change.message
 
 
+def test_an_orphans_command_line_is_said_by_its_finding_not_by_the_change() -> None:
+    """Review 1 item 9: the state change quoted the orphan's command line after the diagnosis
+    had; it cites what the orphan holds. The diagnosis (and the kill's own line) keep it."""
+    command = "/opt/tabbyapi/venv/bin/python /opt/tabbyapi/main.py --port 5001"
+    orphan = proc(300, ProcessRole.ORPHAN, command, gpu_gib=30.0)
+    run = Run()
+    run.step(obs(0, canary=canary(Outcome.OK)))
+    prev = run.state
+    o = obs(
+        1,
+        model=model(None),
+        processes=(MAIN, orphan),
+        gpus=gpus(free0=2.0, free1=10.0, procs0=((300, 30.0),)),
+    )
+    acts = run.step(o)
+    told = narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+    [change] = [e for e in told if e.kind is EventKind.STATE_CHANGED]
+    assert change.message.endswith(": orphan pid 300 holds 30.0 GiB VRAM"), change.message
+    assert [e.kind for e in told if command in e.message] == [EventKind.DIAGNOSIS]
+
+
 def test_a_queued_job_after_the_watchdogs_restart_holds_it_back_at_any_uptime() -> None:
     run = Run()
     for t in (0.0, 1.0, 2.0):
