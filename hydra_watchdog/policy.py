@@ -153,7 +153,16 @@ def decide(
         actions += _fallback_route(s, config)
     said = findings + notes + more
     s = changed(s, findings=tuple(said), wants=_wants(s, obs, now, config) | held, cause=cause)
-    return s, tuple(actions)
+    return changed(s, down_told=_down_told(s)), tuple(actions)
+
+
+def _down_told(s: PolicyState) -> tuple[Finding, ...]:
+    """PolicyState.down_told after this cycle's findings: () once the outage is over."""
+    if s.trouble_since is None:
+        return ()
+    told = {f.key: f for f in s.down_told}
+    told.update((f.key, f) for f in s.findings if f.rule is Rule.DOWN)
+    return tuple(told.values())
 
 
 def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:

@@ -646,6 +646,40 @@ def test_an_orphans_command_line_is_said_by_its_finding_not_by_the_change() -> N
     assert [e.kind for e in told if command in e.message] == [EventKind.DIAGNOSIS]
 
 
+def test_the_units_result_is_told_once_an_outage_unless_it_changes() -> None:
+    """Review 1 item 8: a crash, systemd's restart comes up for a moment, the same crash: the
+    Result diagnosis went for a cycle and was told again in the same words. A new Result is
+    news; so is the next outage's."""
+    run = Run()
+    run.step(obs(0, canary=canary(Outcome.OK)))
+    told: list[str] = []
+
+    def step(o: Observation) -> None:
+        prev = run.state
+        acts = run.step(o)
+        events = narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+        told.extend(e.message for e in events if e.kind is EventKind.DIAGNOSIS)
+
+    def crashed(n: int, result: str = "exit-code") -> UnitStatus:
+        return unit("activating", "auto-restart", result=result, n=n)
+
+    step(obs(1, health=refused(), unit=crashed(0)))
+    step(obs(2, health=refused(), unit=unit("activating", "start", n=1, enter=2)))
+    step(obs(3, health=refused(), unit=crashed(1)))
+    step(obs(4, health=refused(), unit=unit("activating", "start", n=2, enter=4)))
+    step(obs(5, health=refused(), unit=crashed(2, "signal")))
+    said = [m for m in told if "Result=" in m]
+    assert said == [
+        "tabbyapi.service is activating/auto-restart, Result=exit-code (exit status 1)",
+        "tabbyapi.service is activating/auto-restart, Result=signal (killed by a signal)",
+    ]
+    step(obs(6, unit=unit(n=3, enter=6)))
+    step(obs(7, unit=unit(n=3, enter=6), canary=canary(Outcome.OK)))
+    assert run.state.phase is Phase.HEALTHY and run.state.down_told == ()
+    step(obs(8, health=refused(), unit=crashed(3)))
+    assert [m for m in told if "Result=" in m][2:] == said[:1]  # the next outage's
+
+
 def test_a_queued_job_after_the_watchdogs_restart_holds_it_back_at_any_uptime() -> None:
     run = Run()
     for t in (0.0, 1.0, 2.0):
