@@ -421,7 +421,7 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
             Rule.DOWN,
             Severity.ERR,
             f"{unit.name} is {unit.active_state}/{unit.sub_state}, Result={unit.result}{cause}",
-            subject="result",
+            subject=f"result {unit.result}",  # another Result is news, told at once
         )
 
 

@@ -157,8 +157,10 @@ def decide(
 
 
 def _down_told(s: PolicyState) -> tuple[Finding, ...]:
-    """PolicyState.down_told after this cycle's findings: () once the outage is over."""
-    if s.trouble_since is None:
+    """PolicyState.down_told after this cycle's findings: () once TabbyAPI is healthy again.
+    A /health 200 for a moment in a restart loop (a start that crashes a second later) ends
+    no outage: until a canary passes, the phase is not HEALTHY."""
+    if s.phase is Phase.HEALTHY:
         return ()
     told = {f.key: f for f in s.down_told}
     told.update((f.key, f) for f in s.findings if f.rule is Rule.DOWN)

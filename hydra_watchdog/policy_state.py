@@ -158,8 +158,8 @@ class PolicyState:
     will_fail: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
     # This outage's tabbyapi_down findings, the last of each key: one that went (the unit came
-    # up for a moment) and comes back in the same words is not news (narrate). Cleared with
-    # trouble_since.
+    # up for a moment) and comes back in the same words is not news (narrate). Cleared when
+    # the phase is HEALTHY again.
     down_told: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
 
