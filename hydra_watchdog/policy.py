@@ -156,15 +156,18 @@ def decide(
     return changed(s, down_told=_down_told(s)), tuple(actions)
 
 
+# Distinct words kept per outage: the unit's states and Results, the journal's excerpts.
+DOWN_TOLD_KEPT = 16
+
+
 def _down_told(s: PolicyState) -> tuple[Finding, ...]:
     """PolicyState.down_told after this cycle's findings: () once TabbyAPI is healthy again.
     A /health 200 for a moment in a restart loop (a start that crashes a second later) ends
     no outage: until a canary passes, the phase is not HEALTHY."""
     if s.phase is Phase.HEALTHY:
         return ()
-    told = {f.key: f for f in s.down_told}
-    told.update((f.key, f) for f in s.findings if f.rule is Rule.DOWN)
-    return tuple(told.values())
+    told = [*s.down_told, *(f for f in s.findings if f.rule is Rule.DOWN and f not in s.down_told)]
+    return tuple(told[-DOWN_TOLD_KEPT:])
 
 
 def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:

@@ -664,6 +664,8 @@ def test_the_units_result_is_told_once_an_outage_unless_it_changes() -> None:
         return unit("activating", "auto-restart", result=result, n=n)
 
     step(obs(1, health=refused(), unit=crashed(0)))
+    stopped = unit("inactive", "dead", result="exit-code", n=1)  # the same finding, new words
+    step(obs(1.5, health=refused(), unit=stopped))
     step(obs(2, health=refused(), unit=unit("activating", "start", n=1, enter=2)))
     step(obs(3, health=refused(), unit=crashed(1)))
     step(obs(4, unit=unit(n=2, enter=4)))  # /health 200 for a moment: no canary passed yet
