@@ -421,7 +421,7 @@ def unit_state(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Findin
             Rule.DOWN,
             Severity.ERR,
             f"{unit.name} is {unit.active_state}/{unit.sub_state}, Result={unit.result}{cause}",
-            subject="result",
+            subject=f"result {unit.result}",  # another Result is news, told at once
         )
 
 
@@ -689,8 +689,11 @@ def vram_refused(
 
 
 def restarts_seen_late(n: int, gap: float) -> Finding:
+    # Filed under tabbyapi_down: it says the unit went down (and came back) unseen, not that a
+    # loop stands; under restart_loop it named a loop before one existed ("[restart_loop]
+    # healthy -> down").
     return Finding(
-        Rule.RESTART_LOOP,
+        Rule.DOWN,
         Severity.NOTICE,
         f"{n} restart(s) by systemd happened while the watchdog was not looking ({dur(gap)} "
         "since the last observation): when exactly is unknown; dated to the start of that gap",

@@ -123,6 +123,27 @@ def _fresh_findings(old: Sequence[Finding], new: Sequence[Finding]) -> list[Find
     return fresh
 
 
+def _news(prev: PolicyState, new: PolicyState, *, looped: bool) -> tuple[list[Finding], str]:
+    """The fresh findings to tell as records of their own, and the text of the one that the
+    restart_loop record of this cycle says instead ("" : none)."""
+    folded = ""
+    # The previous cycle entered this back-off step: its record said the step and its delay.
+    stepped = new.backoff_step == prev.backoff_step and any(
+        f.key == _LOOP_STOPPED for f in prev.findings
+    )
+    news = []
+    for finding in _fresh_findings(prev.findings, new.findings):
+        if looped and finding.key == _LOOP_STOPPED:
+            folded = finding.message  # the restart_loop record says it, with the stop as it
+            continue  # happened
+        if stepped and finding.key == _LOOP_WAITING:
+            continue  # it stands for status; told, it would repeat the loop's record
+        if finding in prev.down_told:
+            continue  # told earlier in this outage, in the same words
+        news.append(finding)
+    return news, folded
+
+
 def _percent(load: LoadProgress | None) -> int:
     if load is None or load.modules <= 0:
         return 0
@@ -188,11 +209,8 @@ def narrate(
     changing = prev.phase != new.phase
     looped = changing and new.backoff_step > prev.backoff_step
     pausing = changing and new.phase is Phase.PAUSED
-    folded = ""  # a finding's text that a record of its own says in its words
-    for finding in _fresh_findings(prev.findings, new.findings):
-        if looped and finding.key == _LOOP_STOPPED:
-            folded = finding.message  # the restart_loop record below says it, with the stop
-            continue  # as it happened
+    news, folded = _news(prev, new, looped=looped)
+    for finding in news:
         kind = _FINDING_KINDS.get(finding.key, EventKind.DIAGNOSIS)
         if pausing and finding.rule is Rule.PAUSED:
             kind = EventKind.PAUSED  # the pause's own record says its finding, once
@@ -312,6 +330,8 @@ _FINDING_KINDS = {
 # The restart-loop finding of the cycle that stops the unit (findings.restart_loop): the loop's
 # own record tells it then, so it is not told twice.
 _LOOP_STOPPED = (Rule.RESTART_LOOP, "stopped")
+# The wait of the step that finding entered (findings.backoff_waiting): the same step and delay.
+_LOOP_WAITING = (Rule.RESTART_LOOP, "waiting")
 
 # The runbook rule a phase stands for, for a change of phase that cites no finding and no
 # action (policy.decide left `cause` empty): DOWN is TabbyAPIDown whichever PLAN rule entered it

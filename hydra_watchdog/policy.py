@@ -66,7 +66,7 @@ from hydra_watchdog.policy_state import (
     RestartOrigin,
     RestartRecord,
 )
-from hydra_watchdog.printable import cut, one_line
+from hydra_watchdog.printable import cut
 from hydra_watchdog.situation import (
     LIBRARY_CHECK_TRIES,
     Situation,
@@ -120,7 +120,8 @@ def decide(
     pause = obs.pause if obs.pause is not None and obs.pause.active(now) else None
     if pause is None and _loop_unresolved(s, obs, now, config):
         s = changed(s, escalated=True)  # the runbook's Escalation: a loop unresolved this long
-    findings = diagnose(s, obs, config) + counted
+    found = diagnose(s, obs, config)
+    findings = found + counted
 
     if pause is not None:
         until_in = None if pause.until is None else pause.until - now
@@ -136,7 +137,7 @@ def decide(
     cleanup: tuple[Action, ...] = ()
     if config.orphans.enabled:
         killable = [p for p in orphans_in_the_way(obs) if p.pid not in s.unkillable]
-        cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan holds the port or VRAM"))
+        cleanup = tuple(_kill(killable, Rule.ORPHAN_CLEANUP, "orphan"))
     # The remedy may name what decided it (_because); otherwise _cause finds it.
     sit = Situation(changed(s, cause=""), obs, now, config, tuple(findings), cleanup)
     rule = next(r for r in PLAN if r.when(sit))
@@ -144,14 +145,29 @@ def decide(
     if rule.settles:
         sit, notes = _settle(sit)
     s, actions, more = rule.then(sit)
-    cause = s.cause or _cause(rule, findings, notes + more, actions, cleanup)
+    # The restarts counted late are bookkeeping: no change of phase rests on them.
+    cause = s.cause or _cause(rule, found, notes + more, actions, cleanup)
     held = _load_held(rule, sit)
     if rule.sees:  # an impaired watchdog acts on nothing, preventive steps included
         actions += _power_limits(s, obs, now, config)
         actions += _fallback_route(s, config)
     said = findings + notes + more
     s = changed(s, findings=tuple(said), wants=_wants(s, obs, now, config) | held, cause=cause)
-    return s, tuple(actions)
+    return changed(s, down_told=_down_told(s)), tuple(actions)
+
+
+# Distinct words kept per outage: the unit's states and Results, the journal's excerpts.
+DOWN_TOLD_KEPT = 16
+
+
+def _down_told(s: PolicyState) -> tuple[Finding, ...]:
+    """PolicyState.down_told after this cycle's findings: () once TabbyAPI is healthy again.
+    A /health 200 for a moment in a restart loop (a start that crashes a second later) ends
+    no outage: until a canary passes, the phase is not HEALTHY."""
+    if s.phase is Phase.HEALTHY:
+        return ()
+    told = [*s.down_told, *(f for f in s.findings if f.rule is Rule.DOWN and f not in s.down_told)]
+    return tuple(told[-DOWN_TOLD_KEPT:])
 
 
 def _load_held(rule: PlanRule, sit: Situation) -> frozenset[Probe]:
@@ -544,16 +560,24 @@ def backoff_delay(step: int, cfg: Config) -> float:
 
 
 def _kill(procs: list[ProcessInfo], rule: Rule, why: str) -> list[Action]:
+    # The reason says what the orphan holds; its command line is said by the orphan's finding
+    # and the kill's own line, not a third time by the change of phase that cites this reason.
     return [
         KillOrphan(
             p.pid,
             p.start_ticks,
             p.cmdline,
             p.uid,
-            Reason(rule, f"{why}: pid {p.pid} {one_line(p.command, 80)}"),
+            Reason(rule, f"{why} pid {p.pid} holds {_held(p)}"),
         )
         for p in procs
     ]
+
+
+def _held(p: ProcessInfo) -> str:
+    ports = [f"port {port}" for port in p.listens_on]
+    vram = [f"{p.gpu_bytes / GIB:.1f} GiB VRAM"] if p.gpu_bytes else []
+    return " and ".join(ports + vram) or "nothing"
 
 
 def _settle(sit: Situation) -> tuple[Situation, list[Finding]]:
@@ -907,7 +931,7 @@ def _full_recovery(sit: Situation) -> Plan:
     before: list[Action] = []
     if sit.unit_up or auto_restarting(sit.unit):
         before.append(UnitCommand(UnitVerb.STOP, sit.unit.name, reason))
-    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit")
+    before += _kill(holders, Rule.FULL_RECOVERY, "orphan outside the unit:")
     if sit.cfg.gpu_reset.enabled:
         # Only GPUs where an orphan leaked memory, and only when every user is TabbyAPI's
         # (the actuator re-checks right before the reset).

@@ -157,6 +157,10 @@ class PolicyState:
     last_switch: SystemSwitch | None = None
     will_fail: tuple[str, ...] = ()
     findings: tuple[Finding, ...] = ()
+    # This outage's tabbyapi_down findings (their last policy.DOWN_TOLD_KEPT words): one that
+    # went (the unit came up for a moment) and comes back in the same words is not news
+    # (narrate). Cleared when the phase is HEALTHY again.
+    down_told: tuple[Finding, ...] = ()
     wants: frozenset[Probe] = frozenset()  # expensive probes for the next cycle
 
     def permanent_failure(self, model: str) -> PermanentFailure | None:

@@ -210,6 +210,20 @@ def test_a_finding_with_new_numbers_is_not_news() -> None:
     assert _kinds(narrate(wait(598), worse, (), (), _obs(), config=CFG)) == [EventKind.DIAGNOSIS]
 
 
+def test_the_wait_of_a_back_off_step_its_loop_record_told_is_not_told_again() -> None:
+    """Review 1 item 7: "restart loop: ... back-off step 1, next start attempt in 5s", then at
+    the next cycle "back-off step 1: one start attempt after 5s". The wait stands for status;
+    it is told only where no loop record of the previous cycle said its step."""
+    stopped = Finding(Rule.RESTART_LOOP, Severity.CRIT, "4 restarts: stopped; step 1", "stopped")
+    waiting = Finding(Rule.RESTART_LOOP, Severity.CRIT, "back-off step 1: one start", "waiting")
+    entered = PolicyState(phase=Phase.BACKOFF, backoff_step=1, findings=(stopped,))
+    waits = replace(entered, findings=(waiting,))
+    assert narrate(entered, waits, (), (), _obs(), config=CFG) == ()
+    assert waits.findings == (waiting,)  # it stands: status shows it
+    earlier = replace(entered, backoff_step=0)  # no record of this step before: news
+    assert _kinds(narrate(earlier, waits, (), (), _obs(), config=CFG)) == [EventKind.DIAGNOSIS]
+
+
 def test_a_second_gpus_finding_beside_the_first_is_news() -> None:
     """Same text but for the GPU's digit: not the first one with new numbers."""
 

@@ -25,6 +25,7 @@ from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import Observation, Outcome
 from hydra_watchdog.report.screen import WIDTH
+from hydra_watchdog.states import Rule
 from tests.policy_kit import Run, canary, loading, model, obs, ok, refused, unit
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "narration" / "demo-story.txt"
@@ -73,6 +74,8 @@ def _story() -> list[tuple[float, Event]]:
     for i, t in enumerate((30, 31, 32, 33)):
         looping = unit("activating", "auto-restart", result="exit-code", n=2 + i)
         step(obs(t, health=refused(), unit=dataclasses.replace(looping, invocation_id=f"l{i}")))
+    # the back-off's wait is over: one start attempt
+    step(obs(37, health=refused(), unit=unit("inactive", "dead", n=5)))
     return told
 
 
@@ -139,6 +142,25 @@ def test_a_load_is_told_before_the_change_it_led_to() -> None:
     loaded = kinds.index(EventKind.MODEL_LOADED)
     change = next(e for e in told if e.message.startswith("loading -> recovering"))
     assert loaded < told.index(change)
+
+
+def test_no_line_names_the_restart_loop_before_its_own_record() -> None:
+    """Review 1 item 6: the note on restarts seen late was filed under restart_loop, and the
+    crash before the loop read "[restart_loop] healthy -> down"."""
+    told = [e for _, e in _story()]
+    first = next(i for i, e in enumerate(told) if e.kind is EventKind.RESTART_LOOP)
+    assert [e.message for e in told[:first] if e.rule is Rule.RESTART_LOOP] == []
+    crash = [e for e in told[:first] if e.message.startswith("healthy -> down")][-1]
+    assert (crash.rule, crash.message) == (Rule.DOWN, "healthy -> down: refused")
+
+
+def test_the_back_off_is_told_by_the_loop_record_then_by_the_attempt() -> None:
+    """Review 1 item 7: no diagnosis between them repeats the step and its delay."""
+    told = [e for _, e in _story()]
+    loop = next(i for i, e in enumerate(told) if e.kind is EventKind.RESTART_LOOP)
+    attempt = next(i for i, e in enumerate(told) if e.rule is Rule.BACKOFF_ATTEMPT)
+    between = [e.message for e in told[loop:attempt] if e.kind is EventKind.DIAGNOSIS]
+    assert between == []
 
 
 @pytest.mark.slow

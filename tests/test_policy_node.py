@@ -605,6 +605,86 @@ def test_restarts_seen_late_and_on_time_at_any_uptime() -> None:
     assert late.message.startswith("2 restart(s) by systemd happened while the watchdog was not")
 
 
+def test_restarts_seen_late_are_no_loop_and_no_cause_of_the_outage() -> None:
+    """Review 1 item 6: the note on restarts seen late named a restart loop before one existed
+    ("[restart_loop] healthy -> down"), and the down rule could cite it as the outage's cause.
+    It is a tabbyapi_down note that no change of phase rests on."""
+    run = Run(cfg=config(tabbyapi={"failures_before_down": 1}))
+    run.step(obs(0, unit=unit(n=0)))
+    prev = run.state
+    o = obs(10, health=refused(), unit=unit(n=1))  # away 10 s; the unit runs, /health refuses
+    acts = run.step(o)
+    [late] = [f for f in run.state.findings if f.subject == "late"]
+    assert late.rule is Rule.DOWN
+    assert run.state.phase is Phase.RECOVERING and run.state.cause != late.message  # restarted
+    [change] = [
+        e
+        for e in narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+        if e.kind is EventKind.STATE_CHANGED
+    ]
+    assert change.rule is Rule.DOWN and "not looking" not in change.message, change.message
+
+
+def test_an_orphans_command_line_is_said_by_its_finding_not_by_the_change() -> None:
+    """Review 1 item 9: the state change quoted the orphan's command line after the diagnosis
+    had; it cites what the orphan holds. The diagnosis (and the kill's own line) keep it."""
+    command = "/opt/tabbyapi/venv/bin/python /opt/tabbyapi/main.py --port 5001"
+    orphan = proc(300, ProcessRole.ORPHAN, command, gpu_gib=30.0)
+    run = Run()
+    run.step(obs(0, canary=canary(Outcome.OK)))
+    prev = run.state
+    o = obs(
+        1,
+        model=model(None),
+        processes=(MAIN, orphan),
+        gpus=gpus(free0=2.0, free1=10.0, procs0=((300, 30.0),)),
+    )
+    acts = run.step(o)
+    told = narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+    [change] = [e for e in told if e.kind is EventKind.STATE_CHANGED]
+    assert change.message.endswith(": orphan pid 300 holds 30.0 GiB VRAM"), change.message
+    assert [e.kind for e in told if command in e.message] == [EventKind.DIAGNOSIS]
+
+
+def test_the_units_result_is_told_once_an_outage_unless_it_changes() -> None:
+    """Review 1 item 8: a crash, systemd's restart comes up for a moment, the same crash: the
+    Result diagnosis went for a cycle and was told again in the same words. Another Result is
+    news at once; so is the next outage's (a canary passed), not a /health 200 for a moment."""
+    run = Run()
+    run.step(obs(0, canary=canary(Outcome.OK)))
+    told: list[str] = []
+
+    def step(o: Observation) -> None:
+        prev = run.state
+        acts = run.step(o)
+        events = narrate(prev, run.state, acts, (), o, config=run.cfg, wall=0.0)
+        told.extend(e.message for e in events if e.kind is EventKind.DIAGNOSIS)
+
+    def crashed(n: int, result: str = "exit-code") -> UnitStatus:
+        return unit("activating", "auto-restart", result=result, n=n)
+
+    step(obs(1, health=refused(), unit=crashed(0)))
+    stopped = unit("inactive", "dead", result="exit-code", n=1)  # the same finding, new words
+    step(obs(1.5, health=refused(), unit=stopped))
+    step(obs(2, health=refused(), unit=unit("activating", "start", n=1, enter=2)))
+    step(obs(3, health=refused(), unit=crashed(1)))
+    step(obs(4, unit=unit(n=2, enter=4)))  # /health 200 for a moment: no canary passed yet
+    assert run.state.phase is not Phase.HEALTHY and run.state.trouble_since is None
+    step(obs(5, health=refused(), unit=crashed(2)))
+    step(obs(5.5, health=refused(), unit=crashed(2, "signal")))
+    said = [m for m in told if "Result=" in m]
+    assert said == [
+        "tabbyapi.service is activating/auto-restart, Result=exit-code (exit status 1)",
+        "tabbyapi.service is activating/auto-restart, Result=signal (killed by a signal)",
+    ]
+    step(obs(6, unit=unit(n=3, enter=6)))
+    step(obs(7, unit=unit(n=3, enter=6), canary=canary(Outcome.OK)))
+    well = run.state  # (a name of its own: mypy narrowed run.state.phase above)
+    assert well.phase is Phase.HEALTHY and well.down_told == ()
+    step(obs(8, health=refused(), unit=crashed(3)))
+    assert [m for m in told if "Result=" in m][2:] == said[:1]  # the next outage's
+
+
 def test_a_queued_job_after_the_watchdogs_restart_holds_it_back_at_any_uptime() -> None:
     run = Run()
     for t in (0.0, 1.0, 2.0):
