@@ -573,6 +573,8 @@ def test_library_not_found(nvml_sim: NvmlSim, library: str) -> None:  # noqa: F8
     assert result["names"] == []
     hint = "check gpu.nvml_library" if library else "set gpu.nvml_library"
     assert hint in str(result["detail"])
+    if library:  # the loader's error names the file the attempt names: once (review 1 item 13)
+        assert str(result["detail"]).count(library) == 1, result
 
 
 def test_a_garbage_state_file_never_raises(gpu: NvmlGpu, nvml_sim: NvmlSim) -> None:  # noqa: F811

@@ -15,8 +15,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from hydra_watchdog.actions import ActionResult, LoadModel, Reason, ResultStatus
 from hydra_watchdog.config import Config, parse_config
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
+from hydra_watchdog.narrate import narrate
 from hydra_watchdog.observation import (
     GpuReport,
     GpuSnapshot,
@@ -442,7 +445,7 @@ def test_the_screen_shows_what_the_runbook_asks_first() -> None:
     assert "[warning] port_conflict: port 5000 held by pid 4242" in text
     assert "[port_conflict] kill orphan 4242 (python /opt/tabbyapi/main.py)" in text
     assert "[tabbyapi_down] FAILED restart tabbyapi.service" in text
-    assert "Unit: tabbyapi.service failed; NRestarts 4, result exit-code" in text
+    assert "Unit: tabbyapi.service failed; result exit-code, NRestarts 4 (systemd's" in text
     assert max(len(line) for line in text.splitlines()) <= 100
 
 
@@ -475,6 +478,89 @@ def test_each_action_is_one_entry_without_its_reason_repeated() -> None:
     assert "because" not in text and "VRAM 54.3 GiB free" not in text
     assert "[orphan_cleanup] kill orphan 3001 (" in text
     assert max(len(line) for line in lines) <= 100
+
+
+def _load_told(model: str, result: tuple[ResultStatus, ErrorKind, float] | None) -> list[Event]:
+    """The events the daemon tells (narrate) for a load it starts, then, a cycle later, for its
+    end: `result` is how it ended (None: it still runs)."""
+    load = LoadModel(model, None, Reason(Rule.NO_MODEL, "healthy but no model loaded"))
+    state, cfg = PolicyState(phase=Phase.LOADING), config()
+    started = ActionResult(load, ResultStatus.IN_PROGRESS, "started", MONO)
+    told = list(narrate(state, state, (load,), (started,), observation(), config=cfg, wall=WALL))
+    if result is not None:
+        status_, kind, took = result
+        ended = ActionResult(load, status_, "TabbyAPI said so", MONO, kind, took)
+        obs = observation(results=(ended,))
+        told += narrate(state, state, (), (), obs, config=cfg, wall=WALL + took)
+    return told
+
+
+def test_a_loads_entry_says_how_it_ended() -> None:
+    """Review 1 item 10: the load's own record says "started"; how it ended (loaded, failed,
+    cancelled) comes cycles later as its own event, and the load's entry carries it."""
+    recent = [
+        *_load_told("m1", (ResultStatus.OK, ErrorKind.NONE, 0.6)),
+        *_load_told("m1", (ResultStatus.FAILED, ErrorKind.CANCELLED, 3.0)),
+        *_load_told("m1", (ResultStatus.FAILED, ErrorKind.LOAD_PERMANENT, 0.4)),
+        *_load_told("m2", None),
+    ]
+    report = build(recent=tuple(recent))
+    ends = [(a.message, a.outcome, a.duration_s) for a in report.actions]
+    assert ends == [
+        ("load model m1: started", "ok", 0.6),
+        ("load model m1: started", "cancelled", 3.0),
+        ("load model m1: started", "failed", 0.4),
+        ("load model m2: started", "", None),
+    ]
+    assert report.actions[0].ended_at == WALL + 0.6
+    text = screen(from_json(to_json(report)), now=WALL + 5)
+    assert "[no_model] load model m1: started; loaded in 0.6 s\n" in text, text
+    assert "[no_model] load model m1: started; cancelled after 3.0 s\n" in text, text
+    assert "[no_model] load model m1: started; FAILED after 0.4 s\n" in text, text
+    assert "[no_model] load model m2: started\n" in text, text
+
+
+def test_actions_cut_for_room_are_counted_on_the_screen() -> None:
+    """Review 1 item 11: the status keeps the last actions; the ones cut are said, not lost."""
+    report = build(actions_kept=1)
+    assert [a.action for a in report.actions] == ["restart_unit"]
+    assert report.actions_not_shown == 1
+    lines = screen(report, now=WALL).splitlines()
+    first = lines.index("   Actions: (1 earlier not shown: `hydra-watchdog events`)")
+    assert "FAILED restart tabbyapi.service" in lines[first + 1], lines
+    assert build().actions_not_shown == 0
+    assert "earlier not shown" not in screen(build(), now=WALL)
+
+
+def test_nrestarts_is_labelled_as_systemds_count_since_a_commanded_start() -> None:
+    """Review 1 item 12: NRestarts (reset by any start systemd is told to do, the watchdog's
+    too) beside the Restarts row (both kinds, in a window): each says whose and since when."""
+    text = " ".join(screen(build(), now=WALL).split())
+    assert "Restarts: 3 in the last 10 min (1 by the watchdog, 2 by systemd)" in text, text
+    assert "NRestarts 4 (systemd's, since the last start by hand or by the watchdog)" in text
+
+
+def test_a_fact_row_points_to_the_finding_that_says_it() -> None:
+    """Review 1 item 13: systemd's and NVML's absence are findings; the Unit and GPUs rows
+    point to them instead of saying them again. A row no finding speaks for says it itself."""
+    no_unit = UnitStatus(name="tabbyapi.service", available=False, detail="no /run/systemd/system")
+    no_nvml = GpuReport(error=NvmlErrorKind.LIBRARY_NOT_FOUND, detail="load /x.so: cannot open")
+    obs = observation(unit=no_unit, gpus=no_nvml)
+    text = " ".join(screen(build(obs=obs), now=WALL).split())
+    assert "Unit: tabbyapi.service: systemd not available (no /run/systemd/system)" in text, text
+    assert "GPUs: not readable: library_not_found: load /x.so: cannot open" in text, text
+    findings = (
+        Finding(Rule.SYSTEMD_UNAVAILABLE, Severity.WARNING, "systemd: no /run/systemd/system"),
+        Finding(Rule.VRAM_CHECK, Severity.WARNING, f"NVML (library_not_found: {no_nvml.detail})"),
+    )
+    state = PolicyState(phase=Phase.HEALTHY, findings=findings)
+    text = " ".join(screen(build(state=state, obs=obs), now=WALL).split())
+    assert (
+        "Unit: tabbyapi.service: systemd not available (see the systemd_unavailable finding)"
+        in (text)
+    ), text
+    assert "GPUs: not readable (see the vram_check finding)" in text, text
+    assert text.count("no /run/systemd/system") == text.count("cannot open") == 1, text
 
 
 def test_without_systemd_tabbyapis_own_process_is_never_shown_as_an_orphan() -> None:

@@ -125,6 +125,9 @@ def classify(exc: BaseException, what: str) -> NvmlFailure:
         text = str(exc)
     except Exception:  # pynvml's __str__ calls into the library, which may be the problem
         text = type(exc).__name__
+    subject = what.rpartition(" ")[2]  # "load /lib/libnvidia-ml.so.1": the file
+    if subject and text.startswith(f"{subject}: "):  # ctypes names it again: said once
+        text = text[len(subject) + 2 :]
     suffix = f" (NVML code {code})" if isinstance(code, int) else ""
     return NvmlFailure(
         kind=kind,

@@ -243,6 +243,11 @@ class ActionEntry(Record):
     message: str = ""
     rule: str = ""
     reason: str = ""
+    # How an action that runs on after its event (a model load) ended, from its end event: ok,
+    # failed or cancelled; "" while it runs, when its end is not known, or for other actions.
+    outcome: str = ""
+    ended_at: float | None = None
+    duration_s: float | None = None  # how long it ran, as the end event says
 
 
 class BackoffInfo(Record):
@@ -289,6 +294,7 @@ class StatusReport(Record):
     listeners: tuple[ListenerInfo, ...] = ()
     processes: tuple[ProcessEntry, ...] = ()
     actions: tuple[ActionEntry, ...] = ()
+    actions_not_shown: int = 0  # earlier actions of the kept events, cut from `actions`
     backoff: BackoffInfo = BackoffInfo()
     paused: PauseInfo = PauseInfo()
     findings: tuple[FindingEntry, ...] = ()

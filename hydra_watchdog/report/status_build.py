@@ -8,7 +8,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 from hydra_watchdog import __version__
+from hydra_watchdog.actions import LoadModel, ResultStatus
 from hydra_watchdog.config import Config, GpuDevice
+from hydra_watchdog.errors import ErrorKind
 from hydra_watchdog.events import Event, EventKind
 from hydra_watchdog.observation import (
     GpuSnapshot,
@@ -42,6 +44,7 @@ from hydra_watchdog.vram import device_for, vram_needed
 ACTIONS_KEPT = 10
 _COMMAND_MAX = 200  # a command line is evidence, not a dump
 _ACTION_KINDS = (EventKind.ACTION, EventKind.ACTION_FAILED, EventKind.ACTION_REFUSED)
+_LOAD = LoadModel.kind  # actions.action_name of a load
 
 
 def stale_after(cfg: Config) -> float:
@@ -93,6 +96,53 @@ def _role(proc: ProcessInfo, tabby: int | None) -> str:
 
 def _short(command: str) -> str:
     return cut(command, _COMMAND_MAX)
+
+
+_LOAD_ENDS = {EventKind.MODEL_LOADED: "ok", EventKind.LOAD_FAILED: "failed"}
+
+
+def _load_end(end: Event) -> tuple[str, float | None]:
+    """How a load ended (ok, failed or cancelled) and how long it ran, from its end event."""
+    fields = dict(end.fields)
+    outcome = _LOAD_ENDS[end.kind]
+    if fields.get("HYDRA_ERROR_KIND") == ErrorKind.CANCELLED.value:
+        outcome = "cancelled"
+    try:
+        took = float(fields["HYDRA_DURATION_S"])
+    except (KeyError, ValueError):
+        took = None
+    return outcome, took
+
+
+def _action_entries(recent: Sequence[Event]) -> tuple[ActionEntry, ...]:
+    """The actions among `recent`, oldest first; a load's entry with how it ended. Its "started"
+    event is all the action's own record says; the load's end comes cycles later, as a
+    model_loaded or load_failed event (one load at a time: the next end of the same model)."""
+    entries: list[ActionEntry] = []
+    running: dict[str, int] = {}  # a model -> the index of its load's entry, until it ends
+    for e in recent:
+        fields = dict(e.fields)
+        model = fields.get("HYDRA_MODEL", "")
+        if e.kind in _LOAD_ENDS and model in running:
+            outcome, took = _load_end(e)
+            i = running.pop(model)
+            ended = {"outcome": outcome, "ended_at": e.wall, "duration_s": took}
+            entries[i] = ActionEntry(**{**dict(entries[i].values()), **ended})
+        if e.kind not in _ACTION_KINDS:
+            continue
+        if e.action == _LOAD and fields.get("HYDRA_RESULT") == ResultStatus.IN_PROGRESS.value:
+            running[model] = len(entries)
+        entries.append(
+            ActionEntry(
+                at=e.wall,
+                event=e.kind.value,
+                action=e.action,
+                message=e.message,
+                rule=e.rule.value if e.rule else "",
+                reason=e.reason,
+            )
+        )
+    return tuple(entries)
 
 
 def build_status(
@@ -206,19 +256,8 @@ def build_status(
         restarts_by_systemd=state.restarts_in_window(mono_now, window, RestartOrigin.SYSTEMD),
         window_s=window,
     )
-    actions = tuple(
-        ActionEntry(
-            at=e.wall,
-            event=e.kind.value,
-            action=e.action,
-            message=e.message,
-            rule=e.rule.value if e.rule else "",
-            reason=e.reason,
-        )
-        for e in recent
-        if e.kind in _ACTION_KINDS
-    )
-    actions = actions[-actions_kept:] if actions_kept > 0 else ()
+    every = _action_entries(recent)
+    actions = every[-actions_kept:] if actions_kept > 0 else ()
     unknown_start = state.phase is Phase.UNKNOWN and state.phase_since == 0.0
     report = StatusReport(
         generated_at=wall_now,
@@ -238,6 +277,7 @@ def build_status(
         listeners=listeners,
         processes=processes,
         actions=actions,
+        actions_not_shown=len(every) - len(actions),
         backoff=backoff,
         paused=pause,
         findings=tuple(

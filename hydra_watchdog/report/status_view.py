@@ -20,6 +20,7 @@ from hydra_watchdog.printable import cut, printable
 from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, wants_colour, wrap
 from hydra_watchdog.report.status import (
     VERDICT_NAMES,
+    ActionEntry,
     HealthInfo,
     ModelInfo,
     StatusReport,
@@ -258,17 +259,28 @@ def _model(m: ModelInfo) -> str:
     return text
 
 
-def _unit(u: UnitInfo) -> str:
+def _found(report: StatusReport, text: str) -> str:
+    """The rule of a finding that already says `text` ("" when none does): a fact row then
+    points to it instead of saying it again."""
+    if not text:
+        return ""
+    return next((f.rule for f in report.findings if text in f.message), "")
+
+
+def _unit(u: UnitInfo, said_by: str) -> str:
     if not u.available:
-        return f"{u.name}: systemd not available ({u.detail or 'no reason given'})"
+        why = f"see the {said_by} finding" if said_by else u.detail or "no reason given"
+        return f"{u.name}: systemd not available ({why})"
     state = u.active_state or "unknown"
     if u.sub_state and u.sub_state != u.active_state:
         state += f" ({u.sub_state})"
-    extra = [f"NRestarts {'?' if u.n_restarts is None else u.n_restarts}"]
-    if u.main_pid:
-        extra.append(f"main pid {u.main_pid}")
+    extra = [f"main pid {u.main_pid}"] if u.main_pid else []
     if u.result and u.result != "success":
         extra.append(f"result {u.result}")
+    # systemd's count of its Restart= restarts, reset by any start it is told to do (a human's
+    # or the watchdog's): the Restarts row counts both kinds, so both are true side by side
+    count = "?" if u.n_restarts is None else u.n_restarts
+    extra.append(f"NRestarts {count} (systemd's, since the last start by hand or by the watchdog)")
     return f"{u.name} {state}; {', '.join(extra)}"
 
 
@@ -288,12 +300,16 @@ def _tabby_rows(report: StatusReport, now: float) -> list[Row]:
             )
         )
     if report.unit is not None:
-        rows.append(("Unit", _unit(report.unit)))
+        rows.append(("Unit", _unit(report.unit, _found(report, report.unit.detail))))
     return rows
 
 
 def _node_rows(report: StatusReport) -> list[Row]:
-    rows: list[Row] = [("GPUs", f"not readable: {report.gpu_error}")] if report.gpu_error else []
+    rows: list[Row] = []
+    if report.gpu_error:
+        said_by = _found(report, report.gpu_error)
+        text = f" (see the {said_by} finding)" if said_by else f": {report.gpu_error}"
+        rows.append(("GPUs", "not readable" + text))
     for g in report.gpus:
         power = f"limit {_watts(g.power_limit_w)}"
         if g.power_target_w is not None and g.power_target_w != g.power_limit_w:
@@ -363,16 +379,36 @@ def facts(report: StatusReport, now: float, style: Style, *, watchdog: bool = Tr
 
 
 def _actions(report: StatusReport, now: float, style: Style) -> list[str]:
-    """One entry per action: when, the rule that decided it, what was done and what came of it.
-    The rule's reason is in the journal (and the findings): repeated on every line, it buried
-    the actions (and an orphan's command line, which the action names, came twice)."""
+    """One entry per action: when, the rule that decided it, what was done and what came of it
+    (a load: how it ended). The rule's reason is in the journal (and the findings): repeated on
+    every line, it buried the actions (and an orphan's command line, which the action names,
+    came twice). Actions cut for room are counted, never silently dropped."""
     lines: list[str] = []
+    if report.actions_not_shown:
+        cut_off = f"({report.actions_not_shown} earlier not shown: `hydra-watchdog events`)"
+        lines += fact("Actions", cut_off, style)
     for a in report.actions:
         outcome = {"action_failed": "FAILED ", "action_refused": "REFUSED "}.get(a.event, "")
         rule = f"[{a.rule}] " if a.rule else ""
         text = f"{_clock(a.at, now)} {printable(rule)}" + style.paint(outcome, "bad")
-        lines.extend(fact("Actions" if not lines else "", text + printable(a.message), style))
+        text += printable(a.message) + _ended(a, now, style)
+        lines.extend(fact("Actions" if not lines else "", text, style))
     return lines
+
+
+_ENDS = {"ok": ("loaded", "in", ""), "failed": ("FAILED", "after", "bad")}
+_ENDS["cancelled"] = ("cancelled", "after", "warn")
+
+
+def _ended(a: ActionEntry, now: float, style: Style) -> str:
+    """How an action that ran on (a load) ended, as its end event said; "" while it runs."""
+    if a.outcome not in _ENDS:
+        return ""
+    word, join, tone = _ENDS[a.outcome]
+    if a.duration_s is not None:
+        took = f"{a.duration_s:.1f} s" if a.duration_s < 120 else _span(a.duration_s)
+        return f"; {style.paint(word, tone)} {join} {took}"
+    return f"; {style.paint(word, tone)} at {_clock(a.ended_at, now)}"
 
 
 def render_first_line(verdict: int, why: str, style: Style) -> list[str]:
