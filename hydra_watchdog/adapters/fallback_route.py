@@ -20,14 +20,13 @@ from hydra_watchdog.adapters.http_deadline import (
 )
 from hydra_watchdog.config import redact_url
 from hydra_watchdog.observation import HttpResult, Outcome
-from hydra_watchdog.printable import cut, printable
+from hydra_watchdog.printable import one_line
 
 _DETAIL_MAX = 300
 
 
 def _scrub(text: str) -> str:
-    text = printable(text)
-    return cut(text, _DETAIL_MAX)
+    return one_line(text, _DETAIL_MAX)
 
 
 def _status_result(reply: Reply) -> HttpResult:

@@ -65,7 +65,7 @@ from hydra_watchdog.observation import (
     Outcome,
     UnitStatus,
 )
-from hydra_watchdog.printable import cut, printable
+from hydra_watchdog.printable import one_line, printable
 
 _DETAIL_MAX = 300
 _NO_MODEL = "No models"  # TabbyAPI: "No models are currently loaded."
@@ -521,8 +521,7 @@ class TabbyClient:
     def _scrub(self, text: str) -> str:
         """Text from the server or the network made fit for a detail: the key replaced first
         (a cut made before could leave a piece of it), control characters escaped, then cut."""
-        text = printable(self._redact(text))
-        return cut(text, _DETAIL_MAX)
+        return one_line(self._redact(text), _DETAIL_MAX)
 
     def _describe(self, exc: BaseException) -> str:
         return describe(exc, self._scrub)

@@ -16,7 +16,7 @@ import os
 import sys
 import time
 
-from hydra_watchdog.printable import cut, printable
+from hydra_watchdog.printable import one_line, printable
 from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, wants_colour, wrap
 from hydra_watchdog.report.status import (
     VERDICT_NAMES,
@@ -108,10 +108,8 @@ def daemon_problem(report: StatusReport, proc: str = PROC) -> str:
         return f"daemon pid {pid} is gone: hydra-watchdog exited (a zombie, not yet reaped)"
     # An empty cmdline: an exec in progress (or a kernel thread); the start time still decides.
     if cmdline and b"hydra_watchdog" not in cmdline and b"hydra-watchdog" not in cmdline:
-        command = printable(cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip())
-        return (
-            f"daemon pid {pid} is gone: that pid is now another process ({cut(command, 80) or '?'})"
-        )
+        command = one_line(cmdline.replace(b"\0", b" ").decode("utf-8", "replace").strip(), 80)
+        return f"daemon pid {pid} is gone: that pid is now another process ({command or '?'})"
     if report.pid_start is not None and process_start(pid, proc) != report.pid_start:
         return f"daemon pid {pid} is gone: that pid is now another hydra-watchdog process"
     return ""
