@@ -26,7 +26,7 @@ from hydra_watchdog.config import Config, parse_config
 from hydra_watchdog.durations import parse_duration
 from hydra_watchdog.events import Event, EventKind, headline
 from hydra_watchdog.printable import printable
-from hydra_watchdog.report.screen import WIDTH, wrap
+from hydra_watchdog.report.screen import WIDTH, hanging
 from hydra_watchdog.sim.install import lay_out
 from hydra_watchdog.states import Phase
 
@@ -73,11 +73,8 @@ class Incident:
 def event_lines(seconds: float, event: Event) -> list[str]:
     """One event as the demo prints it: the time, the kind, the [rule], the message, wrapped
     within the screen's width."""
-    first, *rest = wrap(printable(headline(event)), WIDTH - 11)
-    lines = [f"  {seconds:6.1f}s  {first}"]
-    if rest:
-        lines += [" " * 13 + line for line in wrap(" ".join(rest), WIDTH - 13)]
-    return lines
+    first, *rest = hanging(printable(headline(event)), WIDTH - 11, 13)
+    return [f"  {seconds:6.1f}s  {first}", *rest]
 
 
 class DemoNode:

@@ -11,7 +11,7 @@ from typing import Any
 from hydra_watchdog.incidents import Incident
 from hydra_watchdog.jsonable import to_jsonable
 from hydra_watchdog.printable import WIDTH, printable
-from hydra_watchdog.report.screen import wrap
+from hydra_watchdog.report.screen import hanging
 
 _HANG = 12  # "  cause     ", "  21:03:52  ": a wrapped line goes on under the text
 
@@ -19,10 +19,7 @@ _HANG = 12  # "  cause     ", "  21:03:52  ": a wrapped line goes on under the t
 def _hanging(head: str, text: str) -> list[str]:
     """`head` and `text` within WIDTH columns, the lines after the first under the text (so a
     wrapped line never reads as the next entry); nothing cut."""
-    first, *rest = wrap(head + printable(text), WIDTH)
-    if not rest:
-        return [first]
-    return [first, *(" " * _HANG + line for line in wrap(" ".join(rest), WIDTH - _HANG))]
+    return hanging(head + printable(text), WIDTH, _HANG)
 
 
 def _clock(wall: float) -> str:

@@ -69,6 +69,15 @@ def wrap(text: str, width: int) -> list[str]:
     return lines
 
 
+def hanging(text: str, first: int, indent: int) -> list[str]:
+    """`text` wrapped, its first line within `first` columns, the lines after it indented by
+    `indent` within WIDTH: a hanging indent, so a wrapped line never reads as the next entry."""
+    head, *rest = wrap(text, first)
+    if not rest:
+        return [head]
+    return [head, *(" " * indent + line for line in wrap(" ".join(rest), WIDTH - indent))]
+
+
 def fact(label: str, values: str | Iterable[str], style: Style, tone: str = "") -> list[str]:
     """`label:` right-aligned in its column, then each value from the next column, wrapped with
     a hanging indent (so a wrapped value never reads as the next one); the label is painted in
@@ -76,11 +85,10 @@ def fact(label: str, values: str | Iterable[str], style: Style, tone: str = "") 
     out: list[str] = []
     head = f"{label}:" if label else ""
     for value in [values] if isinstance(values, str) else values:
-        first, *rest = wrap(value, WIDTH - LABEL - 1)
+        first, *rest = hanging(value, WIDTH - LABEL - 1, LABEL + 3)
         shown = style.paint(head, tone) if head else ""
         out.append(" " * (LABEL - len(head)) + shown + " " + first)
-        if rest:
-            out += [" " * (LABEL + 3) + line for line in wrap(" ".join(rest), WIDTH - LABEL - 3)]
+        out += rest
         head = ""
     return out
 

@@ -17,7 +17,7 @@ import sys
 import time
 
 from hydra_watchdog.printable import one_line, printable
-from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, wants_colour, wrap
+from hydra_watchdog.report.screen import LABEL, WIDTH, Style, emit, fact, hanging, wants_colour
 from hydra_watchdog.report.status import (
     VERDICT_NAMES,
     ActionEntry,
@@ -412,9 +412,8 @@ def _ended(a: ActionEntry, now: float, style: Style) -> str:
 def render_first_line(verdict: int, why: str, style: Style) -> list[str]:
     """`VERDICT: why`, the verdict painted, wrapped under the facts' column when too long."""
     name = VERDICT_NAMES[verdict]
-    first = wrap(f"{name}: {printable(why)}", WIDTH)
-    rest = wrap(" ".join(first[1:]), WIDTH - LABEL - 3) if first[1:] else []
-    return [style.paint(name, name) + first[0][len(name) :]] + [" " * (LABEL + 3) + r for r in rest]
+    first, *rest = hanging(f"{name}: {printable(why)}", WIDTH, LABEL + 3)
+    return [style.paint(name, name) + first[len(name) :], *rest]
 
 
 def render(
