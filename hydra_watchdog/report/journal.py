@@ -155,15 +155,9 @@ def add_event_fields(_logger: WrappedLogger, _method: str, event_dict: EventDict
 
 # --- the event dict on the console (pure) ------------------------------------------------------
 
-# The console's level of each severity: journald's notice has no logger method of its own.
-CONSOLE_LEVELS: Mapping[Severity, str] = {
-    Severity.DEBUG: "debug",
-    Severity.INFO: "info",
-    Severity.NOTICE: "notice",
-    Severity.WARNING: "warning",
-    Severity.ERR: "error",
-    Severity.CRIT: "critical",
-}
+# The console's level of each severity: the logger method's (_SEVERITY_METHOD), but notice, which
+# has no method of its own and is shown as itself.
+CONSOLE_LEVELS: Mapping[Severity, str] = {**_SEVERITY_METHOD, Severity.NOTICE: "notice"}
 # Fields the console line already says. The kind and the [rule] lead its message and the
 # severity is its level (headline); the phases are what the state_changed lines say, the unit
 # what the watchdog_started line names; the action, its result, a load's duration and its
