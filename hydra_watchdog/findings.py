@@ -431,11 +431,7 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
         # What explains the exit (errors, a traceback's last line) rather than the last lines:
         # a crash loop repeats its start-up lines once per start (journal_lines.py).
         lines, errors = explaining(excerpt)
-        polls = request_errors(excerpt)
-        # Filed under tabbyapi_down even while a restart loop stands: they say why TabbyAPI is
-        # down, and decide nothing. Under the loop's rule, _cause would cite them for the
-        # back-off's own start ("[restart_loop] backoff -> recovering: last log lines …").
-        rule = Rule.DOWN
+        polls = 0 if errors else request_errors(excerpt)
         if errors:
             text = f"last log lines that explain the exit: {cut(' | '.join(lines), 400)}"
         elif lines:
@@ -449,7 +445,10 @@ def journal(s: PolicyState, obs: Observation, cfg: Config) -> Iterable[Finding]:
             )
         else:
             return  # a traceback's header and frames alone: nothing that says more
-        yield Finding(rule, Severity.INFO, text, subject="journal")
+        # Filed under tabbyapi_down even while a restart loop stands: they say why TabbyAPI is
+        # down, and decide nothing. Under the loop's rule, _cause would cite them for the
+        # back-off's own start ("[restart_loop] backoff -> recovering: last log lines …").
+        yield Finding(Rule.DOWN, Severity.INFO, text, subject="journal")
 
 
 def _polls(n: int) -> str:
