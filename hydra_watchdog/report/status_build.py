@@ -121,6 +121,8 @@ def _action_entries(recent: Sequence[Event]) -> tuple[ActionEntry, ...]:
     entries: list[ActionEntry] = []
     running: dict[str, int] = {}  # a model -> the index of its load's entry, until it ends
     for e in recent:
+        if e.kind not in _ACTION_KINDS and e.kind not in _LOAD_ENDS:
+            continue  # most events: neither an action nor a load's end
         fields = dict(e.fields)
         model = fields.get("HYDRA_MODEL", "")
         if e.kind in _LOAD_ENDS and model in running:
