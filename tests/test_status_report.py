@@ -566,10 +566,13 @@ def test_a_fact_row_points_to_the_finding_that_says_it() -> None:
 def test_without_systemd_tabbyapis_own_process_is_never_shown_as_an_orphan() -> None:
     """Issue 23 item 5: with no unit to ask, the scanner calls every process of TabbyAPI's
     program outside a unit an orphan; the one on TabbyAPI's port is TabbyAPI itself."""
-    no_unit = UnitStatus(name="tabbyapi.service", available=False, detail="systemd unavailable")
-    text = screen(build(obs=observation(unit=no_unit)), now=WALL)
-    assert "Port: 5000 held by TabbyAPI (pid 4242)" in text, text
-    assert "Orphan:" not in text and "(orphan)" not in text, text
+    no_systemd = UnitStatus(name="tabbyapi.service", available=False, detail="no systemd")
+    # systemd runs, but no tabbyapi.service: TabbyAPI started by hand on a systemd host
+    no_unit = UnitStatus(name="tabbyapi.service", available=True, load_state="not-found")
+    for unit in (no_systemd, no_unit):
+        text = screen(build(obs=observation(unit=unit)), now=WALL)
+        assert "Port: 5000 held by TabbyAPI (pid 4242)" in text, text
+        assert "Orphan:" not in text and "(orphan)" not in text, text
 
 
 def test_the_screen_of_a_healthy_idle_node() -> None:

@@ -82,9 +82,10 @@ def _gpu(snap: GpuSnapshot, devices: Sequence[GpuDevice]) -> GpuInfo:
 
 
 def _tabby_without_unit(obs: Observation) -> int | None:
-    """TabbyAPI's own process where no unit can be asked (the scanner calls every process of
-    TabbyAPI's program outside a unit ORPHAN): never shown as an orphan of itself."""
-    if obs.unit.available:
+    """TabbyAPI's own process where no unit can be asked (no systemd, or no such unit: the
+    scanner calls every process of TabbyAPI's program outside a unit ORPHAN): never shown as an
+    orphan of itself. The same test as situation.tabby_process's."""
+    if obs.unit.exists:
         return None
     found = tabby_process(obs)
     return int(found.partition("@")[0]) if found else None
