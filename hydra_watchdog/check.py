@@ -16,7 +16,7 @@ import dataclasses
 import json
 import time
 
-from hydra_watchdog.actions import Action, LoadModel, describe
+from hydra_watchdog.actions import Action, LoadModel, UnitCommand, UnitVerb, describe
 from hydra_watchdog.config import Config
 from hydra_watchdog.interfaces import Adapters
 from hydra_watchdog.observation import LoadProgress, Observation, Probe
@@ -102,9 +102,17 @@ def one_cycle(
     return state, tuple(actions), obs
 
 
+def _starts(actions: tuple[Action, ...]) -> list[UnitCommand]:
+    starts = (UnitVerb.RESTART, UnitVerb.START)
+    return [a for a in actions if isinstance(a, UnitCommand) and a.verb in starts]
+
+
 def _as_seen(state: PolicyState, actions: tuple[Action, ...], obs: Observation) -> Phase:
     """Without a daemon nothing check plans is carried out: a load it plans is not "loading",
-    the phase is the one seen (no model, or the fallback serving while the main model is due)."""
+    the phase is the one seen (no model, or the fallback serving while the main model is due);
+    a (re)start it plans is no recovery under way: TabbyAPI is down."""
+    if state.phase in (Phase.RECOVERING, Phase.STARTING) and _starts(actions):
+        return Phase.DOWN
     if state.phase is not Phase.LOADING or not any(isinstance(a, LoadModel) for a in actions):
         return state.phase
     return Phase.DEGRADED if obs.model is not None and obs.model.loaded else Phase.NO_MODEL
@@ -114,6 +122,10 @@ def _without_daemon(phase: Phase, actions: tuple[Action, ...]) -> tuple[int, str
     """The verdict of one cycle's view. No model loaded with none running to load one is
     CRITICAL, as verify says it (verify._no_model_loaded)."""
     said = f"{phase.value.replace('_', ' ')} (one cycle's view)"
+    starts = _starts(actions)
+    if phase is Phase.DOWN and starts:
+        verb = starts[0].verb.value
+        return int(phase.verdict), f"{said}: a daemon would {verb} {starts[0].unit}, but none runs"
     if phase is not Phase.NO_MODEL:
         return (UNKNOWN if phase is Phase.UNKNOWN else int(phase.verdict)), said
     loads = [a.model for a in actions if isinstance(a, LoadModel)]

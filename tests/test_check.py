@@ -15,10 +15,12 @@ from typing import Any
 
 import pytest
 
+from hydra_watchdog.check import _as_seen, _without_daemon
 from hydra_watchdog.policy_state import PolicyState
 from hydra_watchdog.statefile import STATE_FILE, StateFile
-from hydra_watchdog.states import Phase
+from hydra_watchdog.states import Phase, Verdict
 from tests.harness.tabby import ADMIN_KEY, SimProcess, TabbySims
+from tests.policy_kit import Run, obs, sticky, unit
 from tests.test_cli import cli, write_config
 
 GOLDEN = Path(__file__).resolve().parent / "golden" / "check"
@@ -104,3 +106,19 @@ def test_the_daemons_memory_is_read_without_changing_anything(tmp_path: Path) ->
     assert loaded.notes and "state.json unusable" in loaded.notes[0]
     assert sorted(p.name for p in state_dir.iterdir()) == before
     assert (state_dir / STATE_FILE).read_text() == "{corrupt"
+
+
+def test_without_a_daemon_a_restart_check_only_plans_is_no_recovery() -> None:
+    """Review: without a daemon, check planned a restart for a sticky 503 and called TabbyAPI
+    `recovering` (WARNING), while verify said FAIL health (CRITICAL). Nothing restarts it: it
+    is down, and check says what a daemon would do."""
+    run = Run()
+    run.step(obs(0, unit=unit(n=0)))
+    o = obs(1, health=sticky(), unit=unit(n=0))
+    actions = run.step(o)
+    assert run.state.phase is Phase.RECOVERING  # the daemon's phase: its restart is under way
+    seen = _as_seen(run.state, actions, o)
+    assert seen is Phase.DOWN
+    verdict, why = _without_daemon(seen, actions)
+    assert verdict == int(Verdict.CRITICAL)
+    assert why == "down (one cycle's view): a daemon would restart tabbyapi.service, but none runs"
