@@ -394,6 +394,8 @@ class _Handler(BaseHTTPRequestHandler):
         self._result = ""
         self._model: str | None = node.loaded
         started = time.time()
+        self._logged = False
+        self._request = (started, method, self.path.split("?", 1)[0])
         body = self._read_body()
         faults = self._faults
         if faults.exit_code is not None:
@@ -406,7 +408,7 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if faults.slow_seconds > 0:
             time.sleep(faults.slow_seconds)
-        path = self.path.split("?", 1)[0]
+        path = self._request[2]
         routes = {
             ("GET", "/health"): self._health,
             ("GET", "/v1/model"): self._model_card,
@@ -431,15 +433,24 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             self.close_connection = True  # the client went away mid-answer
             self._result = self._result or "client gone"
-        if self._status:
-            node.log(
-                time=started,
-                method=method,
-                path=path,
-                status=self._status,
-                model=self._model,
-                result=self._result,
-            )
+        self._log_request()
+
+    def _log_request(self) -> None:
+        """One line of the request log per answered request. A whole answer (_send) is logged
+        before its bytes go out, so a client that read it finds its line; a stream's, once its
+        outcome is known."""
+        if self._logged or not self._status:
+            return
+        self._logged = True
+        started, method, path = self._request
+        self.server.node.log(
+            time=started,
+            method=method,
+            path=path,
+            status=self._status,
+            model=self._model,
+            result=self._result,
+        )
 
     def _read_body(self) -> object:
         try:
@@ -710,6 +721,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _send(self, status: int, body: bytes, ctype: str) -> None:
         head = self._head(status, [("content-type", ctype), ("content-length", str(len(body)))])
+        self._log_request()
         self._write(head + body)
 
     def _start_chunked(self, status: int, ctype: str) -> None:
