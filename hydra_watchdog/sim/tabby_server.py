@@ -625,6 +625,7 @@ class _Handler(BaseHTTPRequestHandler):
             self._result += " (client gone)"
             self.close_connection = True
             return
+        self._log_request()  # its outcome is known: logged before the end the client waits for
         self._try_chunk(b"")
 
     def _hostile_load(self, mode: str) -> None:
