@@ -349,7 +349,7 @@ _PHASE_RULES = {
 }
 
 
-def recovered(prev: PolicyState, new: PolicyState) -> bool:
+def _recovered(prev: PolicyState, new: PolicyState) -> bool:
     """Healthy again after trouble, or after a start the watchdog issued."""
     return new.phase is Phase.HEALTHY and (
         prev.phase in _TROUBLE
@@ -364,7 +364,7 @@ def _deciding(
     `cause` (a finding's text, or an action's evidence) names it when there is one; a change to
     healthy is the recovery (after trouble) or the clearing of the rule that held the phase
     before; otherwise the phase's own runbook rule (_PHASE_RULES)."""
-    if recovered(prev, new):
+    if _recovered(prev, new):
         took = dur(max(0.0, obs.at - prev.phase_since))
         return Rule.RECOVERED, f"healthy again after {took} in {prev.phase.value}: {_proof(obs)}"
     if new.cause:
