@@ -294,8 +294,10 @@ class LoadHelpers:
             state = self._unit_state(launch.unit)
             return state is None or state in _RUNNING
         child = self._child
-        if child is not None and child.pid == launch.pid and child.poll() is not None:
-            return False  # our own child, now reaped
+        if child is not None and child.pid == launch.pid:
+            # Our own child ended only once reaped: an exiting one reads as gone in /proc (its
+            # command line empties before it is a zombie) while it still runs its exit.
+            return child.poll() is None
         return self._is_helper(launch)
 
     def report(self, launch: LoadLaunch) -> LoadReport | None:
